@@ -1,0 +1,396 @@
+"""The `sidecar` command (SPEC §6).
+
+Thin: each subcommand parses arguments, calls the library, and raises. Only
+`main()` turns errors into exit codes: 0 ok, 1 user error (one message on
+stderr), 2 usage error (argparse). Secret values come from stdin only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import re
+import secrets as _random
+import sys
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+from sidecar import __version__
+from sidecar.crypto import Sealer, generate_private_key, parse_public_key, write_private_key
+from sidecar.errors import ConfigError, UserError, VaultError
+from sidecar.secret import Secret
+from sidecar.vault import (
+    AccessKeyEntry,
+    AttachedEntry,
+    attached_slot,
+    create_vault,
+    edit_vault,
+    hash_access_key,
+    new_access_key,
+    now_iso,
+    read_vault,
+    secret_slot,
+)
+
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+def _name(kind: str) -> Callable[[str], str]:
+    def conv(value: str) -> str:
+        if not _NAME.match(value):
+            raise argparse.ArgumentTypeError(
+                f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (max 64)"
+            )
+        return value
+
+    return conv
+
+
+def _usd(value: str) -> float:
+    try:
+        amount = float(value)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an amount in USD, got {value!r}") from None
+    if amount < 0 or amount != amount or amount == float("inf"):
+        raise argparse.ArgumentTypeError("expected a non-negative amount in USD")
+    return amount
+
+
+def _read_stdin_secret(what: str) -> Secret:
+    if sys.stdin is None or sys.stdin.isatty():
+        print(f"Reading {what} from standard input (end with Ctrl-D):", file=sys.stderr)
+    value = sys.stdin.read().strip() if sys.stdin is not None else ""
+    if not value:
+        raise UserError(f"no {what} on standard input")
+    return Secret(value)
+
+
+def _out(line: str = "") -> None:
+    sys.stdout.write(line + "\n")
+
+
+# --------------------------------------------------------------------------- commands
+
+
+def cmd_keygen(args: argparse.Namespace) -> None:
+    from sidecar.crypto import Opener
+
+    key = generate_private_key()
+    write_private_key(Path(args.private_key), key)
+    _out(Opener(key).public_key)
+
+
+def cmd_vault_init(args: argparse.Namespace) -> None:
+    create_vault(Path(args.vault), args.public_key.strip())
+    print(f"created {args.vault}", file=sys.stderr)
+
+
+def cmd_secret_set(args: argparse.Namespace) -> None:
+    value = _read_stdin_secret(f"the value of {args.namespace}/{args.name}")
+    with edit_vault(Path(args.vault)) as doc:
+        sealed = Sealer(doc.recipient).seal(secret_slot(args.namespace, args.name), value)
+        doc.secrets.setdefault(args.namespace, {})[args.name] = sealed
+    print(f"sealed secrets/{args.namespace}/{args.name}", file=sys.stderr)
+
+
+def cmd_secret_list(args: argparse.Namespace) -> None:
+    doc = read_vault(Path(args.vault))
+    for ns in sorted(doc.secrets):
+        for name in sorted(doc.secrets[ns]):
+            _out(f"{ns}\t{name}")
+
+
+def cmd_access_key_create(args: argparse.Namespace) -> None:
+    token = new_access_key()
+    with edit_vault(Path(args.vault)) as doc:
+        if args.name in doc.access_keys:
+            raise UserError(f"access key {args.name!r} already exists")
+        doc.access_keys[args.name] = AccessKeyEntry(
+            hash=hash_access_key(token.reveal()),
+            created_at=now_iso(),
+            credits_usd=args.credits,
+            allowed_providers=sorted(set(args.allow_provider or [])),
+            allowed_models=sorted(set(args.allow_model or [])),
+        )
+    # The one and only time an access key is shown: stdout, alone, for scripts.
+    _out(token.reveal())
+
+
+def cmd_access_key_revoke(args: argparse.Namespace) -> None:
+    with edit_vault(Path(args.vault)) as doc:
+        entry = doc.access_keys.get(args.name)
+        if entry is None:
+            raise UserError(f"no access key named {args.name!r}")
+        if not entry.revoked:
+            entry.revoked = True
+            entry.revoked_at = now_iso()
+    print(f"revoked {args.name}", file=sys.stderr)
+
+
+def cmd_access_key_set_credits(args: argparse.Namespace) -> None:
+    with edit_vault(Path(args.vault)) as doc:
+        entry = doc.access_keys.get(args.name)
+        if entry is None:
+            raise UserError(f"no access key named {args.name!r}")
+        entry.credits_usd = args.usd
+    print(f"{args.name}: credits grant set to {args.usd:.2f} USD", file=sys.stderr)
+
+
+def cmd_access_key_list(args: argparse.Namespace) -> None:
+    doc = read_vault(Path(args.vault))
+    _out("NAME\tSTATUS\tCREDITS_USD\tPROVIDERS\tMODELS\tATTACHED\tCREATED\tREVOKED")
+    for name in sorted(doc.access_keys):
+        e = doc.access_keys[name]
+        _out(
+            "\t".join(
+                [
+                    name,
+                    "revoked" if e.revoked else "active",
+                    f"{e.credits_usd:.2f}",
+                    ",".join(e.allowed_providers) or "*",
+                    ",".join(e.allowed_models) or "*",
+                    str(len(e.attached)),
+                    e.created_at,
+                    e.revoked_at or "-",
+                ]
+            )
+        )
+
+
+def cmd_provider_key_attach(args: argparse.Namespace) -> None:
+    value = _read_stdin_secret(f"the {args.provider} key")
+    with edit_vault(Path(args.vault)) as doc:
+        entry = doc.access_keys.get(args.access_key)
+        if entry is None:
+            raise UserError(f"no access key named {args.access_key!r}")
+        key_id = args.id or f"{args.provider}-{_random.token_hex(4)}"
+        if any(a.id == key_id for a in entry.attached):
+            raise UserError(f"{args.access_key} already has a key with id {key_id!r}")
+        sealed = Sealer(doc.recipient).seal(attached_slot(args.access_key, key_id), value)
+        entry.attached.append(AttachedEntry(key_id, args.provider, now_iso(), sealed))
+    _out(key_id)
+
+
+def cmd_provider_key_detach(args: argparse.Namespace) -> None:
+    with edit_vault(Path(args.vault)) as doc:
+        entry = doc.access_keys.get(args.access_key)
+        if entry is None:
+            raise UserError(f"no access key named {args.access_key!r}")
+        kept = [a for a in entry.attached if a.id != args.id]
+        if len(kept) == len(entry.attached):
+            raise UserError(f"{args.access_key} has no attached key with id {args.id!r}")
+        entry.attached = kept
+    print(f"detached {args.id} from {args.access_key}", file=sys.stderr)
+
+
+def cmd_provider_key_list(args: argparse.Namespace) -> None:
+    doc = read_vault(Path(args.vault))
+    if args.access_key and args.access_key not in doc.access_keys:
+        raise UserError(f"no access key named {args.access_key!r}")
+    _out("ACCESS_KEY\tID\tPROVIDER\tATTACHED_AT")
+    for name in sorted(doc.access_keys):
+        if args.access_key and name != args.access_key:
+            continue
+        for a in sorted(doc.access_keys[name].attached, key=lambda a: a.attached_at, reverse=True):
+            _out(f"{name}\t{a.id}\t{a.provider}\t{a.attached_at}")
+
+
+def cmd_check(args: argparse.Namespace) -> None:
+    from sidecar.check import run_check
+
+    problems = run_check(Path(args.config))
+    if problems:
+        raise UserError(f"{len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+    print(f"{args.config}: ok", file=sys.stderr)
+
+
+def cmd_migrate(args: argparse.Namespace) -> None:
+    from sidecar.migrate import migrate
+
+    for line in migrate(Path(args.config), args.access_key or []):
+        print(line, file=sys.stderr)
+
+
+def cmd_serve(args: argparse.Namespace) -> None:
+    from sidecar.server import serve_forever
+
+    if args.config is None:
+        from sidecar.demo import run_demo
+
+        run_demo(Path(args.demo_dir))
+        return
+    serve_forever(Path(args.config))
+
+
+def cmd_mock_provider(args: argparse.Namespace) -> None:
+    import asyncio
+
+    from sidecar.config import parse_host_port
+    from sidecar.mock_provider import run
+
+    try:
+        addr = parse_host_port(args.listen)
+    except ValueError as exc:
+        raise UserError(f"--listen: {exc}") from None
+    print(f"mock provider listening on http://{addr}", file=sys.stderr)
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(run(addr.host, addr.port))
+
+
+# --------------------------------------------------------------------------- parser
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="sidecar",
+        description="AI gateway sidecar: apps send an access key, the sidecar picks the provider key.",
+    )
+    p.add_argument("--version", action="version", version=f"sidecar {__version__}")
+    sub = p.add_subparsers(dest="command", metavar="COMMAND", required=True)
+
+    def vault_arg(sp: argparse.ArgumentParser) -> None:
+        sp.add_argument("--vault", required=True, metavar="PATH", help="the vault file (JSON)")
+
+    s = sub.add_parser("serve", help="run the proxy and the admin server",
+                       description="Run the proxy and the admin server. Without --config, run the "
+                       "self-contained demo (mock provider, demo vault and access key).")  # fmt: skip
+    s.add_argument("--config", metavar="PATH", help="config file (YAML); omit for the demo")
+    s.add_argument("--demo-dir", default=".demo", metavar="DIR", help=argparse.SUPPRESS)
+    s.set_defaults(func=cmd_serve)
+
+    s = sub.add_parser("keygen", help="create the pod's key pair",
+                       description="Write a new private key (mode 0600) and print its public key.")  # fmt: skip
+    s.add_argument(
+        "--private-key", required=True, metavar="PATH", help="where to write the private key"
+    )
+    s.set_defaults(func=cmd_keygen)
+
+    v = sub.add_parser("vault", help="vault file commands").add_subparsers(
+        dest="vault_command", metavar="COMMAND", required=True
+    )
+    s = v.add_parser("init", help="create an empty vault sealed to a public key",
+                     description="Create an empty vault whose values will be sealed to PUBLIC_KEY.")  # fmt: skip
+    vault_arg(s)
+    s.add_argument(
+        "--public-key", required=True, metavar="KEY", help="base64 public key from `keygen`"
+    )
+    s.set_defaults(func=cmd_vault_init)
+
+    sec = sub.add_parser("secret", help="secrets referenced from the config").add_subparsers(
+        dest="secret_command", metavar="COMMAND", required=True
+    )
+    s = sec.add_parser("set", help="seal stdin as secrets/NS/NAME",
+                       description="Seal the value read from stdin into the vault as NS/NAME, for "
+                       "${secrets.get('NS', 'NAME')} references. Needs only the public key.")  # fmt: skip
+    vault_arg(s)
+    s.add_argument("namespace", metavar="NS", type=_name("namespace"))
+    s.add_argument("name", metavar="NAME", type=_name("name"))
+    s.set_defaults(func=cmd_secret_set)
+    s = sec.add_parser("list", help="list secret names (never values)")
+    vault_arg(s)
+    s.set_defaults(func=cmd_secret_list)
+
+    ak = sub.add_parser("access-key", help="access keys given to applications").add_subparsers(
+        dest="ak_command", metavar="COMMAND", required=True
+    )
+    s = ak.add_parser("create", help="create an access key and print it once",
+                      description="Create an access key. It is printed once on stdout and stored "
+                      "only as a hash.")  # fmt: skip
+    vault_arg(s)
+    s.add_argument("name", metavar="NAME", type=_name("access key name"))
+    s.add_argument(
+        "--credits",
+        type=_usd,
+        default=0.0,
+        metavar="USD",
+        help="credit grant for managed keys (default 0)",
+    )
+    s.add_argument(
+        "--allow-provider", action="append", metavar="P", help="restrict to provider P (repeatable)"
+    )
+    s.add_argument(
+        "--allow-model",
+        action="append",
+        metavar="M",
+        help="restrict to model M, `*` suffix allowed (repeatable)",
+    )
+    s.set_defaults(func=cmd_access_key_create)
+    s = ak.add_parser("revoke", help="revoke an access key (effective at the next reload)")
+    vault_arg(s)
+    s.add_argument("name", metavar="NAME")
+    s.set_defaults(func=cmd_access_key_revoke)
+    s = ak.add_parser("set-credits", help="set an access key's credit grant in USD",
+                      description="Set the credit grant. Remaining credits = grant - spent (the ledger keeps spend).")  # fmt: skip
+    vault_arg(s)
+    s.add_argument("name", metavar="NAME")
+    s.add_argument("usd", metavar="USD", type=_usd)
+    s.set_defaults(func=cmd_access_key_set_credits)
+    s = ak.add_parser("list", help="names, scopes, credits, dates (never hashes or keys)")
+    vault_arg(s)
+    s.set_defaults(func=cmd_access_key_list)
+
+    pk = sub.add_parser(
+        "provider-key", help="provider keys attached to one access key"
+    ).add_subparsers(dest="pk_command", metavar="COMMAND", required=True)
+    s = pk.add_parser("attach", help="seal stdin and attach it to an access key",
+                      description="Seal the provider key read from stdin and attach it to an access "
+                      "key. The newest attached key of a provider is tried first. Prints the key id.")  # fmt: skip
+    vault_arg(s)
+    s.add_argument("--access-key", required=True, metavar="NAME")
+    s.add_argument("--provider", required=True, metavar="P", type=_name("provider"))
+    s.add_argument(
+        "--id", metavar="ID", type=_name("key id"), help="non-secret id (default: generated)"
+    )
+    s.set_defaults(func=cmd_provider_key_attach)
+    s = pk.add_parser("detach", help="remove an attached key")
+    vault_arg(s)
+    s.add_argument("--access-key", required=True, metavar="NAME")
+    s.add_argument("--id", required=True, metavar="ID")
+    s.set_defaults(func=cmd_provider_key_detach)
+    s = pk.add_parser("list", help="attached key ids, providers and times (never values)")
+    vault_arg(s)
+    s.add_argument("--access-key", metavar="NAME")
+    s.set_defaults(func=cmd_provider_key_list)
+
+    s = sub.add_parser("migrate", help="move policy keys of built-in providers onto access keys",
+                       description="Attach the policy keys of built-in providers to access keys "
+                       "(all, or those named) and remove them from the config. Safe to re-run.")  # fmt: skip
+    s.add_argument("--config", required=True, metavar="PATH")
+    s.add_argument(
+        "--access-key", action="append", metavar="NAME", help="only these access keys (repeatable)"
+    )
+    s.set_defaults(func=cmd_migrate)
+
+    s = sub.add_parser("check", help="validate config, vault, private key and references",
+                       description="Validate the config, open every vault value with the private key, "
+                       "resolve every reference; list every problem and exit 1 if any.")  # fmt: skip
+    s.add_argument("--config", required=True, metavar="PATH")
+    s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("mock-provider", help="a local OpenAI + Anthropic look-alike",
+                       description="Serve a local OpenAI + Anthropic look-alike for demos and CI. "
+                       "Failures are provoked by directives in the key or model, e.g. `fail-429`, "
+                       "`fail-500`, `drop`, `slow-200`, `break`.")  # fmt: skip
+    s.add_argument("--listen", default="127.0.0.1:8089", metavar="ADDR")
+    s.set_defaults(func=cmd_mock_provider)
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        args.func(args)
+    except ConfigError as exc:
+        print(
+            f"error: {exc.source}:\n" + "\n".join(f"  - {p}" for p in exc.problems), file=sys.stderr
+        )
+        return 1
+    except (UserError, VaultError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    return 0
+
+
+__all__ = ["build_parser", "main", "parse_public_key"]

@@ -1,0 +1,647 @@
+"""Config file (SPEC §4): YAML → frozen, validated dataclasses.
+
+Stage one of two: this module only parses and validates. Every problem is
+collected with its key path (`providers[2].base_url: expected an http(s)
+URL`) and reported together in one `ConfigError`. Vault references stay
+unresolved `Template`s here; `runtime.build_runtime` resolves them.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar, cast
+from urllib.parse import urlsplit
+
+import yaml
+
+from sidecar.errors import ConfigError
+from sidecar.secret import Secret
+
+Format = Literal["openai", "anthropic"]
+Auth = Literal["bearer", "x-api-key", "none"]
+FORMATS: Final = ("openai", "anthropic")
+AUTHS: Final = ("bearer", "x-api-key", "none")
+
+
+@dataclass(frozen=True, slots=True)
+class BuiltinProvider:
+    base_url: str
+    format: Format
+    auth: Auth
+
+
+BUILTIN_PROVIDERS: Final[Mapping[str, BuiltinProvider]] = {
+    "openai": BuiltinProvider("https://api.openai.com/v1", "openai", "bearer"),
+    "anthropic": BuiltinProvider("https://api.anthropic.com/v1", "anthropic", "x-api-key"),
+}
+
+DEFAULT_ON_STATUS: Final = (401, 403, 408, 409, 429, 500, 502, 503, 504, 529)
+
+_REF = re.compile(r"""\$\{\s*secrets\.get\(\s*(['"])([^'"]+)\1\s*,\s*(['"])([^'"]+)\3\s*\)\s*\}""")
+_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
+_UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+
+
+# --------------------------------------------------------------------------- values
+
+
+@dataclass(frozen=True, slots=True)
+class SecretRef:
+    """`${secrets.get('NS', 'NAME')}`: a pointer into the vault's `secrets`."""
+
+    namespace: str
+    name: str
+
+    def __str__(self) -> str:
+        return f"secrets.get('{self.namespace}', '{self.name}')"
+
+
+@dataclass(frozen=True, slots=True)
+class Template:
+    """A config string that may embed vault references; resolved at build time."""
+
+    parts: tuple[str | SecretRef, ...]
+
+    @classmethod
+    def parse(cls, raw: str) -> Template:
+        parts: list[str | SecretRef] = []
+        pos = 0
+        for m in _REF.finditer(raw):
+            if m.start() > pos:
+                parts.append(raw[pos : m.start()])
+            parts.append(SecretRef(m.group(2), m.group(4)))
+            pos = m.end()
+        if pos < len(raw):
+            parts.append(raw[pos:])
+        return cls(tuple(parts))
+
+    @property
+    def refs(self) -> tuple[SecretRef, ...]:
+        return tuple(p for p in self.parts if isinstance(p, SecretRef))
+
+    @property
+    def is_literal(self) -> bool:
+        return not self.refs
+
+    def render(self, resolve: Callable[[SecretRef], Secret]) -> Secret:
+        return Secret("".join(p if isinstance(p, str) else resolve(p).reveal() for p in self.parts))
+
+    def __repr__(self) -> str:
+        # Literal parts may be inline secrets in a careless config; never show them.
+        return f"Template(refs={[str(r) for r in self.refs]})"
+
+
+@dataclass(frozen=True, slots=True)
+class HostPort:
+    host: str
+    port: int
+
+    def __str__(self) -> str:
+        return f"{self.host}:{self.port}"
+
+
+@dataclass(frozen=True, slots=True)
+class KeyConfig:
+    """One provider key in `providers[].api_keys` or `managed.<provider>`."""
+
+    id: str | None
+    value: Template
+
+
+@dataclass(frozen=True, slots=True)
+class ProviderConfig:
+    id: str
+    base_url: str
+    format: Format
+    auth: Auth
+    builtin: bool
+    models: tuple[str, ...] = ()
+    api_keys: tuple[KeyConfig, ...] = ()
+    headers: tuple[tuple[str, Template], ...] = ()
+    query_params: tuple[tuple[str, str], ...] = ()
+    disabled: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class VaultSettings:
+    path: Path
+    private_key_file: Path | None
+
+
+@dataclass(frozen=True, slots=True)
+class Limits:
+    max_body_bytes: int = 32 * 1024 * 1024
+
+
+@dataclass(frozen=True, slots=True)
+class Timeouts:
+    per_request: float = 60.0
+    stream_idle: float = 60.0
+    total: float = 300.0
+
+
+@dataclass(frozen=True, slots=True)
+class Cooldown:
+    rate_limited: float = 30.0
+    auth_failed: float = 300.0
+    server_error: float = 15.0
+    server_error_threshold: int = 3
+
+
+@dataclass(frozen=True, slots=True)
+class Failover:
+    max_attempts: int = 6
+    on_status: frozenset[int] = frozenset(DEFAULT_ON_STATUS)
+    cooldown: Cooldown = field(default_factory=Cooldown)
+
+
+@dataclass(frozen=True, slots=True)
+class LedgerConfig:
+    url: str
+    on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
+
+
+@dataclass(frozen=True, slots=True)
+class PriceConfig:
+    input: float
+    output: float
+
+
+@dataclass(frozen=True, slots=True)
+class LogConfig:
+    level: str = "info"
+    access_log: bool = True
+
+
+@dataclass(frozen=True, slots=True)
+class Config:
+    path: Path
+    listen: HostPort
+    admin_listen: HostPort
+    vault: VaultSettings
+    shutdown_grace: float
+    passthrough: bool
+    only_allow_configured_providers: bool
+    only_allow_configured_models: bool
+    limits: Limits
+    timeouts: Timeouts
+    failover: Failover
+    providers: tuple[ProviderConfig, ...]
+    managed: Mapping[str, tuple[KeyConfig, ...]]
+    ledger: LedgerConfig
+    prices: Mapping[str, PriceConfig]
+    log: LogConfig
+    reload_interval: float
+
+    @property
+    def base_dir(self) -> Path:
+        return self.path.parent
+
+    def provider(self, provider_id: str) -> ProviderConfig | None:
+        return next((p for p in self.providers if p.id == provider_id), None)
+
+    def secret_refs(self) -> list[tuple[str, SecretRef]]:
+        """Every vault reference with the key path it appears at."""
+        out: list[tuple[str, SecretRef]] = []
+        for i, p in enumerate(self.providers):
+            for j, k in enumerate(p.api_keys):
+                out += [(f"providers[{i}].api_keys[{j}].value", r) for r in k.value.refs]
+            for name, tmpl in p.headers:
+                out += [(f"providers[{i}].headers.{name}", r) for r in tmpl.refs]
+        for prov, keys in self.managed.items():
+            for j, k in enumerate(keys):
+                out += [(f"managed.{prov}[{j}].value", r) for r in k.value.refs]
+        return out
+
+
+# --------------------------------------------------------------------------- parsing
+
+
+def parse_duration(value: object) -> float:
+    """`250ms`, `30s`, `5m`, `1h` or a bare number of seconds → seconds."""
+    if isinstance(value, bool):
+        raise ValueError("expected a duration like 250ms, 30s or 5m")
+    if isinstance(value, int | float):
+        if value < 0:
+            raise ValueError("expected a non-negative duration")
+        return float(value)
+    if isinstance(value, str) and (m := _DURATION.match(value)):
+        return float(m.group(1)) * _UNITS[m.group(2)]
+    raise ValueError("expected a duration like 250ms, 30s or 5m")
+
+
+def parse_host_port(value: object) -> HostPort:
+    if not isinstance(value, str) or ":" not in value:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:8080")
+    host, _, port_s = value.rpartition(":")
+    host = host.strip("[]")
+    if not host or not port_s.isdigit() or not 0 <= int(port_s) <= 65535:
+        raise ValueError("expected host:port, e.g. 127.0.0.1:8080")
+    return HostPort(host, int(port_s))
+
+
+T = TypeVar("T")
+
+
+class _Reader:
+    """Walks the YAML tree, collecting every problem with its key path."""
+
+    def __init__(self) -> None:
+        self.problems: list[str] = []
+
+    def fail(self, path: str, msg: str) -> None:
+        self.problems.append(f"{path}: {msg}")
+
+    def section(
+        self, data: Mapping[str, Any], key: str, path: str, allowed: set[str]
+    ) -> Mapping[str, Any]:
+        value = data.get(key)
+        if value is None:
+            return {}
+        if not isinstance(value, Mapping):
+            self.fail(path, "expected a mapping")
+            return {}
+        self.unknown(value, path, allowed)
+        return value
+
+    def unknown(self, data: Mapping[str, Any], path: str, allowed: set[str]) -> None:
+        for key in data:
+            if key not in allowed:
+                where = f"{path}.{key}" if path else str(key)
+                self.fail(where, f"unknown key (expected one of: {', '.join(sorted(allowed))})")
+
+    def get(
+        self, data: Mapping[str, Any], key: str, path: str, conv: Callable[[Any], T], default: T
+    ) -> T:
+        if key not in data or data[key] is None:
+            return default
+        try:
+            return conv(data[key])
+        except (ValueError, TypeError) as exc:
+            self.fail(path, str(exc))
+            return default
+
+
+def _bool(v: object) -> bool:
+    if not isinstance(v, bool):
+        raise ValueError("expected true or false")
+    return v
+
+
+def _pos_int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+        raise ValueError("expected a positive integer")
+    return v
+
+
+def _str(v: object) -> str:
+    if not isinstance(v, str) or not v:
+        raise ValueError("expected a non-empty string")
+    return v
+
+
+def _http_url(v: object) -> str:
+    if not isinstance(v, str):
+        raise ValueError("expected an http(s) URL")
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.netloc:
+        raise ValueError("expected an http(s) URL")
+    return v.rstrip("/")
+
+
+def _non_neg_number(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
+        raise ValueError("expected a non-negative number")
+    return float(v)
+
+
+def _choice(options: tuple[str, ...]) -> Callable[[object], str]:
+    def conv(v: object) -> str:
+        if v not in options:
+            raise ValueError(f"expected one of: {', '.join(options)}")
+        return str(v)
+
+    return conv
+
+
+def _status_list(v: object) -> frozenset[int]:
+    if not isinstance(v, list) or not all(
+        isinstance(s, int) and not isinstance(s, bool) and 100 <= s <= 599 for s in v
+    ):
+        raise ValueError("expected a list of HTTP status codes")
+    return frozenset(v)
+
+
+_TOP_KEYS: Final = {
+    "listen", "admin_listen", "vault", "shutdown_grace", "passthrough",
+    "only_allow_configured_providers", "only_allow_configured_models", "limits",
+    "timeouts", "failover", "providers", "managed", "ledger", "prices", "log",
+    "reload_interval",
+}  # fmt: skip
+_PROVIDER_KEYS: Final = {
+    "id", "base_url", "format", "auth", "models", "api_keys", "headers", "query_params", "disabled"
+}  # fmt: skip
+
+
+def _keys(r: _Reader, raw: object, path: str) -> tuple[KeyConfig, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.fail(path, "expected a list of {id, value}")
+        return ()
+    keys: list[KeyConfig] = []
+    seen: set[str] = set()
+    for j, item in enumerate(raw):
+        kp = f"{path}[{j}]"
+        if not isinstance(item, Mapping):
+            r.fail(kp, "expected a mapping with `value` (and optional `id`)")
+            continue
+        r.unknown(item, kp, {"id", "value"})
+        key_id = item.get("id")
+        if key_id is not None and (not isinstance(key_id, str) or not _ID.match(key_id)):
+            r.fail(f"{kp}.id", "expected an id of letters, digits, '.', '_' or '-'")
+            key_id = None
+        elif key_id is not None:
+            if key_id in seen:
+                r.fail(f"{kp}.id", f"duplicate key id {key_id!r}")
+            seen.add(key_id)
+        value = item.get("value")
+        if not isinstance(value, str) or not value:
+            r.fail(f"{kp}.value", "expected a vault reference like ${secrets.get('NS', 'NAME')}")
+            continue
+        tmpl = Template.parse(value)
+        if tmpl.is_literal:
+            r.fail(f"{kp}.value", "expected a vault reference like ${secrets.get('NS', 'NAME')}; "
+                   "provider keys are never written in the config in clear")  # fmt: skip
+            continue
+        keys.append(KeyConfig(key_id, tmpl))
+    return tuple(keys)
+
+
+def _models(r: _Reader, raw: object, path: str) -> tuple[str, ...]:
+    if raw is None:
+        return ()
+    if not isinstance(raw, list):
+        r.fail(path, "expected a list of model ids")
+        return ()
+    out: list[str] = []
+    for j, m in enumerate(raw):
+        name = m.get("id") if isinstance(m, Mapping) else m
+        if not isinstance(name, str) or not name:
+            r.fail(f"{path}[{j}]", "expected a model id (a string or {id: ...})")
+            continue
+        out.append(name)
+    return tuple(out)
+
+
+def _str_map(r: _Reader, raw: object, path: str) -> dict[str, str]:
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        r.fail(path, "expected a mapping of names to strings")
+        return {}
+    out: dict[str, str] = {}
+    for k, v in raw.items():
+        if not isinstance(v, str | int | float) or isinstance(v, bool):
+            r.fail(f"{path}.{k}", "expected a string")
+            continue
+        out[str(k)] = str(v)
+    return out
+
+
+def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
+    path = f"providers[{i}]"
+    if not isinstance(raw, Mapping):
+        r.fail(path, "expected a mapping with at least `id`")
+        return None
+    r.unknown(raw, path, _PROVIDER_KEYS)
+    pid = raw.get("id")
+    if not isinstance(pid, str) or not _ID.match(pid):
+        r.fail(f"{path}.id", "expected a provider id of letters, digits, '.', '_' or '-'")
+        return None
+    builtin = BUILTIN_PROVIDERS.get(pid)
+    base_url = r.get(
+        raw, "base_url", f"{path}.base_url", _http_url, builtin.base_url if builtin else ""
+    )
+    if not base_url and "base_url" not in raw:
+        r.fail(f"{path}.base_url", "expected an http(s) URL (required for a custom provider)")
+    fmt = r.get(
+        raw, "format", f"{path}.format", _choice(FORMATS), builtin.format if builtin else ""
+    )
+    if not fmt and "format" not in raw:
+        r.fail(
+            f"{path}.format", "expected one of: openai, anthropic (required for a custom provider)"
+        )
+    auth: str = r.get(
+        raw, "auth", f"{path}.auth", _choice(AUTHS), str(builtin.auth if builtin else "bearer")
+    )
+    headers = {
+        k: Template.parse(v) for k, v in _str_map(r, raw.get("headers"), f"{path}.headers").items()
+    }
+    return ProviderConfig(
+        id=pid,
+        base_url=base_url,
+        format=cast(Format, fmt or "openai"),
+        auth=cast(Auth, auth),
+        builtin=builtin is not None,
+        models=_models(r, raw.get("models"), f"{path}.models"),
+        api_keys=_keys(r, raw.get("api_keys"), f"{path}.api_keys"),
+        headers=tuple(headers.items()),
+        query_params=tuple(_str_map(r, raw.get("query_params"), f"{path}.query_params").items()),
+        disabled=r.get(raw, "disabled", f"{path}.disabled", _bool, False),
+    )
+
+
+def _ledger_url(base_dir: Path) -> Callable[[object], str]:
+    def conv(v: object) -> str:
+        if not isinstance(v, str) or not v.startswith(("sqlite://", "redis://", "rediss://")):
+            raise ValueError(
+                "expected sqlite:///relative.db, sqlite:////absolute.db or redis://host:6379/0"
+            )
+        return v
+
+    return conv
+
+
+def parse_config(data: object, path: Path) -> Config:
+    """Validate a parsed YAML document. Raises `ConfigError` listing every problem."""
+    r = _Reader()
+    if data is None:
+        data = {}
+    if not isinstance(data, Mapping):
+        raise ConfigError(["(top level): expected a mapping of config keys"], str(path))
+    r.unknown(data, "", _TOP_KEYS)
+    base = path.parent
+
+    listen = r.get(data, "listen", "listen", parse_host_port, HostPort("127.0.0.1", 8080))
+    admin = r.get(
+        data, "admin_listen", "admin_listen", parse_host_port, HostPort("127.0.0.1", 9090)
+    )
+    if listen == admin and listen.port != 0:
+        r.fail("admin_listen", "must differ from `listen` (the admin port is never the proxy port)")
+
+    v = r.section(data, "vault", "vault", {"path", "private_key_file"})
+    vault_path = r.get(v, "path", "vault.path", _str, "vault.json")
+    pk = r.get(v, "private_key_file", "vault.private_key_file", _str, "")
+    vault = VaultSettings(base / vault_path, (base / pk) if pk else None)
+
+    lim = r.section(data, "limits", "limits", {"max_body_bytes"})
+    limits = Limits(
+        r.get(lim, "max_body_bytes", "limits.max_body_bytes", _pos_int, 32 * 1024 * 1024)
+    )
+
+    t = r.section(data, "timeouts", "timeouts", {"per_request", "stream_idle", "total"})
+    timeouts = Timeouts(
+        per_request=r.get(t, "per_request", "timeouts.per_request", parse_duration, 60.0),
+        stream_idle=r.get(t, "stream_idle", "timeouts.stream_idle", parse_duration, 60.0),
+        total=r.get(t, "total", "timeouts.total", parse_duration, 300.0),
+    )
+
+    f = r.section(data, "failover", "failover", {"max_attempts", "on_status", "cooldown"})
+    c = r.section(f, "cooldown", "failover.cooldown",
+                  {"rate_limited", "auth_failed", "server_error", "server_error_threshold"})  # fmt: skip
+    failover = Failover(
+        max_attempts=r.get(f, "max_attempts", "failover.max_attempts", _pos_int, 6),
+        on_status=r.get(
+            f, "on_status", "failover.on_status", _status_list, frozenset(DEFAULT_ON_STATUS)
+        ),
+        cooldown=Cooldown(
+            rate_limited=r.get(
+                c, "rate_limited", "failover.cooldown.rate_limited", parse_duration, 30.0
+            ),
+            auth_failed=r.get(
+                c, "auth_failed", "failover.cooldown.auth_failed", parse_duration, 300.0
+            ),
+            server_error=r.get(
+                c, "server_error", "failover.cooldown.server_error", parse_duration, 15.0
+            ),
+            server_error_threshold=r.get(
+                c, "server_error_threshold", "failover.cooldown.server_error_threshold", _pos_int, 3
+            ),
+        ),
+    )
+
+    providers: list[ProviderConfig] = []
+    raw_providers = data.get("providers") or []
+    if not isinstance(raw_providers, list):
+        r.fail("providers", "expected a list of providers")
+        raw_providers = []
+    seen: dict[str, int] = {}
+    for i, raw in enumerate(raw_providers):
+        p = _provider(r, raw, i)
+        if p is None:
+            continue
+        if p.id in seen:
+            r.fail(
+                f"providers[{i}].id",
+                f"duplicate provider {p.id!r} (first at providers[{seen[p.id]}])",
+            )
+            continue
+        seen[p.id] = i
+        providers.append(p)
+
+    managed: dict[str, tuple[KeyConfig, ...]] = {}
+    m = data.get("managed") or {}
+    if not isinstance(m, Mapping):
+        r.fail("managed", "expected a mapping of provider to keys")
+        m = {}
+    for prov, keys in m.items():
+        if prov not in BUILTIN_PROVIDERS:
+            r.fail(
+                f"managed.{prov}",
+                f"managed keys exist only for built-in providers ({', '.join(BUILTIN_PROVIDERS)})",
+            )
+            continue
+        managed[prov] = _keys(r, keys, f"managed.{prov}")
+
+    lg = r.section(data, "ledger", "ledger", {"url", "on_unavailable"})
+    ledger = LedgerConfig(
+        url=r.get(lg, "url", "ledger.url", _ledger_url(base), "sqlite:///ledger.db"),
+        on_unavailable=cast(
+            Any,
+            r.get(
+                lg,
+                "on_unavailable",
+                "ledger.on_unavailable",
+                _choice(("fail_closed", "fail_open")),
+                "fail_closed",
+            ),
+        ),
+    )
+
+    prices: dict[str, PriceConfig] = {}
+    pr = data.get("prices") or {}
+    if not isinstance(pr, Mapping):
+        r.fail("prices", "expected a mapping of model to {input, output}")
+        pr = {}
+    for model, price in pr.items():
+        pp = f"prices.{model}"
+        if not isinstance(price, Mapping):
+            r.fail(pp, "expected {input: USD per 1M tokens, output: USD per 1M tokens}")
+            continue
+        r.unknown(price, pp, {"input", "output"})
+        prices[str(model)] = PriceConfig(
+            input=r.get(price, "input", f"{pp}.input", _non_neg_number, 0.0),
+            output=r.get(price, "output", f"{pp}.output", _non_neg_number, 0.0),
+        )
+
+    lc = r.section(data, "log", "log", {"level", "access_log"})
+    log = LogConfig(
+        level=r.get(
+            lc, "level", "log.level", _choice(("debug", "info", "warning", "error")), "info"
+        ),
+        access_log=r.get(lc, "access_log", "log.access_log", _bool, True),
+    )
+
+    config = Config(
+        path=path,
+        listen=listen,
+        admin_listen=admin,
+        vault=vault,
+        shutdown_grace=r.get(data, "shutdown_grace", "shutdown_grace", parse_duration, 25.0),
+        passthrough=r.get(data, "passthrough", "passthrough", _bool, False),
+        only_allow_configured_providers=r.get(
+            data, "only_allow_configured_providers", "only_allow_configured_providers", _bool, False
+        ),
+        only_allow_configured_models=r.get(
+            data, "only_allow_configured_models", "only_allow_configured_models", _bool, False
+        ),
+        limits=limits,
+        timeouts=timeouts,
+        failover=failover,
+        providers=tuple(providers),
+        managed=managed,
+        ledger=ledger,
+        prices=prices,
+        log=log,
+        reload_interval=r.get(data, "reload_interval", "reload_interval", parse_duration, 2.0),
+    )
+    if r.problems:
+        raise ConfigError(r.problems, str(path))
+    return config
+
+
+def load_config(path: Path) -> Config:
+    """Read and validate a config file. Raises `ConfigError` (never a YAML/OS exception)."""
+    path = Path(path).absolute()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError([f"cannot read file: {exc.strerror}"], str(path)) from None
+    return parse_config_text(text, path)
+
+
+def parse_config_text(text: str, path: Path) -> Config:
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}" if mark else "(document)"
+        raise ConfigError(
+            [f"{where}: not valid YAML ({getattr(exc, 'problem', 'parse error')})"], str(path)
+        ) from None
+    return parse_config(data, path)

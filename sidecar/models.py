@@ -1,0 +1,94 @@
+"""Model resolution (SPEC §3): which provider serves a model name, and under what name.
+
+Order: an explicit `provider:model` prefix (only when the prefix is a known
+provider, so `llama3.2:1b` stays a model name); then the `models:` lists of
+configured providers; then the built-in catalog of name patterns.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Final
+
+from sidecar.errors import ErrorCode, ProxyError
+
+if TYPE_CHECKING:
+    from sidecar.runtime import Provider
+
+#: Name prefixes of the built-in catalog.
+CATALOG_PREFIXES: Final = (
+    ("gpt-", "openai"),
+    ("o1", "openai"),
+    ("o3", "openai"),
+    ("o4", "openai"),
+    ("chatgpt-", "openai"),
+    ("text-embedding-", "openai"),
+    ("davinci-", "openai"),
+    ("babbage-", "openai"),
+    ("omni-moderation-", "openai"),
+    ("claude-", "anthropic"),
+)
+
+#: Listed by `GET /v1/models` for built-in providers without a `models:` list.
+CATALOG_LISTED: Final[Mapping[str, tuple[str, ...]]] = {
+    "openai": ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3-mini", "o4-mini",
+               "text-embedding-3-small", "text-embedding-3-large"),
+    "anthropic": ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"),
+}  # fmt: skip
+
+
+@dataclass(frozen=True, slots=True)
+class ResolvedModel:
+    requested: str  # as the caller wrote it
+    provider: Provider
+    upstream: str  # as sent upstream: prefix removed
+
+
+class ModelResolver:
+    """Precomputed lookups; `resolve` is a couple of dict hits on the hot path."""
+
+    def __init__(self, providers: Mapping[str, Provider]) -> None:
+        self._providers = providers
+        self._configured: dict[str, Provider] = {}
+        for p in providers.values():
+            for m in p.models:
+                self._configured.setdefault(m, p)
+        self._cache: dict[str, ResolvedModel | None] = {}
+
+    def resolve(self, name: str) -> ResolvedModel:
+        hit = self._cache.get(name)
+        if hit is None:
+            hit = self._resolve(name)
+            if len(self._cache) < 4096:
+                self._cache[name] = hit
+        if hit is None:
+            raise ProxyError(ErrorCode.MODEL_UNKNOWN, f"unknown model {name!r}: prefix it with a "
+                             "provider (e.g. openai:MODEL) or list it under a provider's models")  # fmt: skip
+        return hit
+
+    def _resolve(self, name: str) -> ResolvedModel | None:
+        prefix, sep, rest = name.partition(":")
+        if sep and rest and prefix in self._providers:
+            return ResolvedModel(name, self._providers[prefix], rest)
+        if name in self._configured:
+            return ResolvedModel(name, self._configured[name], name)
+        for pattern, pid in CATALOG_PREFIXES:
+            if name.startswith(pattern) and pid in self._providers:
+                return ResolvedModel(name, self._providers[pid], name)
+        return None
+
+    def is_configured(self, resolved: ResolvedModel) -> bool:
+        return resolved.upstream in resolved.provider.models
+
+
+def model_allowed(patterns: frozenset[str], resolved: ResolvedModel) -> bool:
+    """An access key's `allowed_models`: exact names or `prefix*`; empty means all."""
+    if not patterns:
+        return True
+    for name in (resolved.requested, resolved.upstream):
+        if name in patterns:
+            return True
+        if any(p.endswith("*") and name.startswith(p[:-1]) for p in patterns):
+            return True
+    return False

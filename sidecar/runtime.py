@@ -1,0 +1,171 @@
+"""Stage two of the config (STYLE §2): config + opened vault → a ready, immutable runtime.
+
+Everything that can fail fails here, at load or reload, never on a request:
+vault references are resolved, key ids derived, provider pools and access
+keys indexed for O(1) lookups. A request keeps the `Runtime` it started with,
+so a reload never changes the ground under a request in flight.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from types import MappingProxyType
+
+from sidecar.config import BUILTIN_PROVIDERS, Auth, Config, Format, KeyConfig, SecretRef
+from sidecar.keys import NO_KEY_ID, KeySelection, KeySource, ProviderKey
+from sidecar.models import ModelResolver
+from sidecar.secret import Secret, fingerprint
+from sidecar.vault import OpenedVault
+
+
+@dataclass(frozen=True, slots=True)
+class Provider:
+    id: str
+    format: Format
+    auth: Auth
+    base_url: str
+    builtin: bool
+    configured: bool  # listed under `providers:` or `managed:`
+    models: frozenset[str]
+    headers: tuple[tuple[str, Secret], ...]
+    query: tuple[tuple[str, str], ...]
+    policy_keys: tuple[ProviderKey, ...]
+    managed_keys: tuple[ProviderKey, ...]
+    keyless: KeySelection | None  # for `auth: none`
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKey:
+    name: str
+    revoked: bool
+    credits_micro_usd: int
+    allowed_providers: frozenset[str]
+    allowed_models: frozenset[str]
+    attached: Mapping[str, tuple[ProviderKey, ...]]  # provider → newest first
+
+
+@dataclass(frozen=True, slots=True)
+class Runtime:
+    config: Config
+    providers: Mapping[str, Provider]
+    access_keys: Mapping[str, AccessKey]  # by hash of the token
+    resolver: ModelResolver
+    #: health_id → (provider, source, key_id), for metrics of keys that exist now.
+    key_labels: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+
+    def access_key_named(self, name: str) -> AccessKey | None:
+        return next((a for a in self.access_keys.values() if a.name == name), None)
+
+
+def _health_id(provider: str, secret: Secret | None) -> str:
+    return f"{provider}:{secret.fingerprint() if secret else NO_KEY_ID}"
+
+
+def make_key(provider: str, source: KeySource, key_id: str | None, secret: Secret) -> ProviderKey:
+    return ProviderKey(
+        provider=provider,
+        source=source,
+        key_id=key_id or fingerprint(secret.reveal()),
+        secret=secret,
+        health_id=_health_id(provider, secret),
+    )
+
+
+def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str]]:
+    """Resolve every reference. Returns the runtime and the problems that make it unusable."""
+    problems: list[str] = []
+
+    def resolve(ref: SecretRef) -> Secret:
+        secret = vault.secrets.get((ref.namespace, ref.name))
+        if secret is None:
+            raise KeyError(ref)
+        return secret
+
+    def keys(
+        pid: str, source: KeySource, items: tuple[KeyConfig, ...], path: str
+    ) -> tuple[ProviderKey, ...]:
+        out: list[ProviderKey] = []
+        for j, k in enumerate(items):
+            try:
+                secret = k.value.render(resolve)
+            except KeyError as exc:
+                problems.append(f"{path}[{j}].value: {exc.args[0]} is not in the vault")
+                continue
+            out.append(make_key(pid, source, k.id, secret))
+        return tuple(out)
+
+    providers: dict[str, Provider] = {}
+    configured_ids = {p.id for p in config.providers} | set(config.managed)
+    for pid, b in BUILTIN_PROVIDERS.items():
+        if config.provider(pid) is None:
+            providers[pid] = Provider(pid, b.format, b.auth, b.base_url, True, pid in configured_ids,
+                                      frozenset(), (), (), (),
+                                      keys(pid, KeySource.MANAGED, config.managed.get(pid, ()), f"managed.{pid}"),
+                                      None)  # fmt: skip
+    for i, p in enumerate(config.providers):
+        if p.disabled:
+            continue
+        headers: list[tuple[str, Secret]] = []
+        for name, tmpl in p.headers:
+            try:
+                headers.append((name, tmpl.render(resolve)))
+            except KeyError as exc:
+                problems.append(f"providers[{i}].headers.{name}: {exc.args[0]} is not in the vault")
+        keyless = None
+        if p.auth == "none":
+            keyless = KeySelection(
+                KeySource.POLICY,
+                (ProviderKey(p.id, KeySource.POLICY, NO_KEY_ID, None, _health_id(p.id, None)),),
+            )
+        providers[p.id] = Provider(
+            id=p.id,
+            format=p.format,
+            auth=p.auth,
+            base_url=p.base_url,
+            builtin=p.builtin,
+            configured=True,
+            models=frozenset(p.models),
+            headers=tuple(headers),
+            query=p.query_params,
+            policy_keys=keys(p.id, KeySource.POLICY, p.api_keys, f"providers[{i}].api_keys"),
+            managed_keys=keys(
+                p.id, KeySource.MANAGED, config.managed.get(p.id, ()), f"managed.{p.id}"
+            ),
+            keyless=keyless,
+        )
+
+    access_keys: dict[str, AccessKey] = {}
+    for rec in vault.access_keys:
+        attached: dict[str, list[ProviderKey]] = {}
+        for a in rec.attached:  # already newest first
+            attached.setdefault(a.provider, []).append(
+                make_key(a.provider, KeySource.ATTACHED, a.id, a.secret)
+            )
+        access_keys[rec.hash.removeprefix("sha256:")] = AccessKey(
+            name=rec.name,
+            revoked=rec.revoked,
+            credits_micro_usd=round(rec.credits_usd * 1_000_000),
+            allowed_providers=rec.allowed_providers,
+            allowed_models=rec.allowed_models,
+            attached=MappingProxyType({k: tuple(v) for k, v in attached.items()}),
+        )
+
+    labels: dict[str, tuple[str, str, str]] = {}
+    for prov in providers.values():
+        for k in (*prov.policy_keys, *prov.managed_keys):
+            labels[k.health_id] = (k.provider, k.source.value, k.key_id)
+    for ak in access_keys.values():
+        for ks in ak.attached.values():
+            for k in ks:
+                labels[k.health_id] = (k.provider, k.source.value, k.key_id)
+
+    frozen_providers = MappingProxyType(providers)
+    runtime = Runtime(
+        config=config,
+        providers=frozen_providers,
+        access_keys=MappingProxyType(access_keys),
+        resolver=ModelResolver(frozen_providers),
+        key_labels=MappingProxyType(labels),
+    )
+    return runtime, problems

@@ -1,0 +1,63 @@
+"""Secret values that cannot be printed by accident.
+
+A `Secret` holds a decrypted provider key, access key or private key. Its
+`repr`/`str` are masked; only `reveal()` hands out the value, and only the
+code that puts it on the wire (or seals it) should call that.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Final
+
+#: Request/response headers whose values are credentials. Never logged, never forwarded.
+SENSITIVE_HEADERS: Final = frozenset(
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie"}
+)
+
+_MASK: Final = "**********"
+
+
+def fingerprint(value: str | bytes) -> str:
+    """A stable, non-reversible id for a secret (12 hex chars of SHA-256).
+
+    Used where logs, metrics or headers must correlate a key without showing
+    any part of it.
+    """
+    data = value.encode() if isinstance(value, str) else value
+    return hashlib.sha256(b"sidecar-key-id\x00" + data).hexdigest()[:12]
+
+
+class Secret:
+    """A string that only shows itself through `reveal()`."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def reveal(self) -> str:
+        return self._value
+
+    def fingerprint(self) -> str:
+        return fingerprint(self._value)
+
+    def __repr__(self) -> str:
+        return f"Secret('{_MASK}')"
+
+    __str__ = __repr__
+
+    def __format__(self, spec: str) -> str:
+        return repr(self)
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    def __bool__(self) -> bool:
+        return bool(self._value)
+
+    def __reduce__(self) -> tuple[object, ...]:
+        raise TypeError("Secret values are not picklable")

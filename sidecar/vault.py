@@ -1,0 +1,336 @@
+"""The sealed vault file (SPEC §5): format, locked atomic edits, and opening.
+
+Edits (CLI) need only the public key and go through `edit_vault`, which
+takes an exclusive `flock` on `<vault>.lock`, re-reads the file, applies the
+change, and replaces the file atomically (temp file, fsync, rename, fsync of
+the directory). Serving opens the whole vault with the private key into an
+immutable `OpenedVault`; every problem is collected so `check` can list all.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import hashlib
+import os
+import secrets as _random
+import tempfile
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, Final
+
+import orjson
+
+from sidecar.crypto import Opener, parse_public_key
+from sidecar.errors import VaultError
+from sidecar.secret import Secret
+
+VAULT_VERSION: Final = 1
+ACCESS_KEY_PREFIX: Final = "sk-sc-"
+
+
+# --------------------------------------------------------------------------- slots
+
+
+def secret_slot(namespace: str, name: str) -> str:
+    return f"secrets/{namespace}/{name}"
+
+
+def attached_slot(access_key: str, key_id: str) -> str:
+    return f"access_keys/{access_key}/attached/{key_id}"
+
+
+def hash_access_key(token: str) -> str:
+    """Access keys are 256-bit random tokens, so a plain SHA-256 is a safe, O(1) lookup key."""
+    return "sha256:" + hashlib.sha256(token.encode()).hexdigest()
+
+
+def new_access_key() -> Secret:
+    return Secret(ACCESS_KEY_PREFIX + _random.token_urlsafe(32))
+
+
+def now_iso() -> str:
+    """UTC timestamp with microseconds: attachment order must survive same-second edits."""
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def parse_iso(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+# --------------------------------------------------------------------------- document (editable)
+
+
+@dataclass(slots=True)
+class AttachedEntry:
+    id: str
+    provider: str
+    attached_at: str
+    sealed: str
+
+
+@dataclass(slots=True)
+class AccessKeyEntry:
+    hash: str
+    created_at: str
+    revoked: bool = False
+    revoked_at: str | None = None
+    credits_usd: float = 0.0
+    allowed_providers: list[str] = field(default_factory=list)
+    allowed_models: list[str] = field(default_factory=list)
+    attached: list[AttachedEntry] = field(default_factory=list)
+
+
+@dataclass(slots=True)
+class VaultDoc:
+    recipient: str
+    secrets: dict[str, dict[str, str]] = field(default_factory=dict)
+    access_keys: dict[str, AccessKeyEntry] = field(default_factory=dict)
+
+    def to_json(self) -> bytes:
+        return orjson.dumps(
+            {
+                "version": VAULT_VERSION,
+                "recipient": self.recipient,
+                "secrets": self.secrets,
+                "access_keys": {
+                    name: {
+                        "hash": e.hash,
+                        "created_at": e.created_at,
+                        "revoked": e.revoked,
+                        "revoked_at": e.revoked_at,
+                        "credits_usd": e.credits_usd,
+                        "allowed_providers": e.allowed_providers,
+                        "allowed_models": e.allowed_models,
+                        "attached": [
+                            {
+                                "id": a.id,
+                                "provider": a.provider,
+                                "attached_at": a.attached_at,
+                                "sealed": a.sealed,
+                            }
+                            for a in e.attached
+                        ],
+                    }
+                    for name, e in self.access_keys.items()
+                },
+            },
+            option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE,
+        )
+
+
+def _expect(cond: bool, where: str, what: str) -> None:
+    if not cond:
+        raise VaultError(f"{where}: expected {what}")
+
+
+def _str_list(value: Any, where: str) -> list[str]:
+    _expect(
+        isinstance(value, list) and all(isinstance(x, str) for x in value),
+        where,
+        "a list of strings",
+    )
+    return list(value)
+
+
+def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
+    """Parse and shape-check a vault document. Raises `VaultError` naming the bad path."""
+    try:
+        raw = orjson.loads(data)
+    except orjson.JSONDecodeError as exc:
+        raise VaultError(f"{source}: not valid JSON ({exc})") from None
+    _expect(isinstance(raw, dict), source, "a JSON object")
+    _expect(
+        raw.get("version", VAULT_VERSION) == VAULT_VERSION, f"{source}: version", f"{VAULT_VERSION}"
+    )
+    recipient = raw.get("recipient")
+    _expect(isinstance(recipient, str), f"{source}: recipient", "a base64 public key")
+    parse_public_key(recipient)
+    secrets_raw = raw.get("secrets", {})
+    _expect(isinstance(secrets_raw, dict), f"{source}: secrets", "an object of namespaces")
+    secrets: dict[str, dict[str, str]] = {}
+    for ns, names in secrets_raw.items():
+        _expect(isinstance(names, dict), f"{source}: secrets.{ns}", "an object of sealed values")
+        for name, sealed in names.items():
+            _expect(
+                isinstance(sealed, str), f"{source}: secrets.{ns}.{name}", "a sealed value (base64)"
+            )
+        secrets[ns] = dict(names)
+    keys_raw = raw.get("access_keys", {})
+    _expect(isinstance(keys_raw, dict), f"{source}: access_keys", "an object of access keys")
+    access_keys: dict[str, AccessKeyEntry] = {}
+    for name, e in keys_raw.items():
+        w = f"{source}: access_keys.{name}"
+        _expect(isinstance(e, dict), w, "an object")
+        _expect(
+            isinstance(e.get("hash"), str) and e["hash"].startswith("sha256:"),
+            f"{w}.hash",
+            "sha256:<hex>",
+        )
+        credits = e.get("credits_usd", 0)
+        _expect(
+            isinstance(credits, int | float) and not isinstance(credits, bool),
+            f"{w}.credits_usd",
+            "a number",
+        )
+        attached: list[AttachedEntry] = []
+        att_raw = e.get("attached", [])
+        _expect(isinstance(att_raw, list), f"{w}.attached", "a list")
+        for j, a in enumerate(att_raw):
+            aw = f"{w}.attached[{j}]"
+            _expect(isinstance(a, dict), aw, "an object")
+            for k in ("id", "provider", "attached_at", "sealed"):
+                _expect(isinstance(a.get(k), str), f"{aw}.{k}", "a string")
+            try:
+                parse_iso(a["attached_at"])
+            except ValueError:
+                raise VaultError(f"{aw}.attached_at: expected an ISO 8601 timestamp") from None
+            attached.append(AttachedEntry(a["id"], a["provider"], a["attached_at"], a["sealed"]))
+        access_keys[name] = AccessKeyEntry(
+            hash=e["hash"],
+            created_at=str(e.get("created_at", "")),
+            revoked=bool(e.get("revoked", False)),
+            revoked_at=e.get("revoked_at"),
+            credits_usd=float(credits),
+            allowed_providers=_str_list(e.get("allowed_providers", []), f"{w}.allowed_providers"),
+            allowed_models=_str_list(e.get("allowed_models", []), f"{w}.allowed_models"),
+            attached=attached,
+        )
+    return VaultDoc(recipient=recipient, secrets=secrets, access_keys=access_keys)
+
+
+def read_vault(path: Path) -> VaultDoc:
+    try:
+        data = path.read_bytes()
+    except FileNotFoundError:
+        raise VaultError(f"{path}: no such vault (create it with `sidecar vault init`)") from None
+    except OSError as exc:
+        raise VaultError(f"{path}: cannot read vault ({exc.strerror})") from None
+    return parse_vault(data, str(path))
+
+
+def write_vault(path: Path, doc: VaultDoc) -> None:
+    """Replace the vault atomically: a reader sees the old file or the new one, never half."""
+    data = doc.to_json()
+    directory = path.parent
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    dir_fd = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+@contextlib.contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    lock_path = path.with_name(path.name + ".lock")
+    try:
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as exc:
+        raise VaultError(f"{lock_path}: cannot create lock file ({exc.strerror})") from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)
+
+
+@contextlib.contextmanager
+def edit_vault(path: Path) -> Iterator[VaultDoc]:
+    """Read-modify-write under an exclusive lock; nothing is written if the body raises."""
+    path = Path(path)
+    with _locked(path):
+        doc = read_vault(path)
+        yield doc
+        write_vault(path, doc)
+
+
+def create_vault(path: Path, recipient: str) -> None:
+    parse_public_key(recipient)
+    path = Path(path)
+    with _locked(path):
+        if path.exists():
+            raise VaultError(f"{path}: already exists")
+        write_vault(path, VaultDoc(recipient=recipient))
+
+
+# --------------------------------------------------------------------------- opened (serving)
+
+
+@dataclass(frozen=True, slots=True)
+class AttachedKey:
+    id: str
+    provider: str
+    attached_at: float
+    secret: Secret
+
+
+@dataclass(frozen=True, slots=True)
+class AccessKeyRecord:
+    name: str
+    hash: str
+    revoked: bool
+    credits_usd: float
+    allowed_providers: frozenset[str]
+    allowed_models: frozenset[str]
+    attached: tuple[AttachedKey, ...]  # newest first
+
+
+@dataclass(frozen=True, slots=True)
+class OpenedVault:
+    recipient: str
+    secrets: Mapping[tuple[str, str], Secret]
+    access_keys: tuple[AccessKeyRecord, ...]
+
+
+def open_vault(doc: VaultDoc, opener: Opener) -> tuple[OpenedVault, list[str]]:
+    """Decrypt every value. Returns the vault of what opened plus every problem found."""
+    problems: list[str] = []
+    if doc.recipient != opener.public_key:
+        problems.append(
+            "recipient: the vault is sealed to a different public key than this private key's"
+        )
+    secrets: dict[tuple[str, str], Secret] = {}
+    for ns, names in doc.secrets.items():
+        for name, sealed in names.items():
+            try:
+                secrets[(ns, name)] = opener.open(secret_slot(ns, name), sealed)
+            except VaultError as exc:
+                problems.append(str(exc))
+    records: list[AccessKeyRecord] = []
+    for name, e in doc.access_keys.items():
+        attached: list[tuple[float, int, AttachedKey]] = []
+        for pos, a in enumerate(e.attached):
+            try:
+                secret = opener.open(attached_slot(name, a.id), a.sealed)
+            except VaultError as exc:
+                problems.append(str(exc))
+                continue
+            ts = parse_iso(a.attached_at)
+            attached.append((ts, pos, AttachedKey(a.id, a.provider, ts, secret)))
+        attached.sort(key=lambda t: (t[0], t[1]), reverse=True)
+        records.append(
+            AccessKeyRecord(
+                name=name,
+                hash=e.hash,
+                revoked=e.revoked,
+                credits_usd=e.credits_usd,
+                allowed_providers=frozenset(e.allowed_providers),
+                allowed_models=frozenset(e.allowed_models),
+                attached=tuple(t[2] for t in attached),
+            )
+        )
+    return OpenedVault(doc.recipient, secrets, tuple(records)), problems
