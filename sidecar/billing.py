@@ -1,0 +1,109 @@
+"""Metering and credits: tokens into metrics, managed-key spend into the ledger.
+
+Spend is recorded after the response is sent, off the request's path; the
+credits check before a managed request reads the ledger once. Concurrent
+requests of one access key can each pass the check before any of them is
+charged, so the overdraw is bounded by the cost of the requests in flight
+for that key when its balance crosses zero.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+from sidecar.errors import ErrorCode, ProxyError
+from sidecar.keys import KeySource
+from sidecar.ledger import Ledger, LedgerUnavailable, SpendRecorder, open_ledger
+from sidecar.logs import OpLog
+from sidecar.metrics import Metrics
+from sidecar.plan import Candidate
+from sidecar.prices import PriceTable
+from sidecar.runtime import AccessKey
+from sidecar.usage import Usage
+
+
+class Billing:
+    def __init__(self, metrics: Metrics, oplog: OpLog) -> None:
+        self._metrics = metrics
+        self._oplog = oplog
+        self.prices = PriceTable()
+        self.recorder: SpendRecorder | None = None
+        self._ledger: Ledger | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._warned: set[str] = set()
+
+    def open(self, url: str, base_dir: Path, *, fail_open: bool) -> None:
+        """Open the ledger (no I/O until first use). Called once, at startup."""
+        self._ledger = open_ledger(url, base_dir=base_dir)
+        self.recorder = SpendRecorder(
+            self._ledger, fail_open=fail_open, on_error=self._ledger_error
+        )
+
+    def _ledger_error(self, exc: Exception) -> None:
+        self._oplog.error("ledger_unavailable", error=str(exc))
+
+    async def has_credits(self, access: AccessKey) -> bool:
+        if self.recorder is None:
+            return access.credits_micro_usd > 0
+        try:
+            spent = await self.recorder.spent(access.name)
+        except LedgerUnavailable:
+            raise ProxyError(
+                ErrorCode.LEDGER_UNAVAILABLE, "the credits ledger is unreachable"
+            ) from None
+        remaining = access.credits_micro_usd - spent
+        self._metrics.credits_remaining.labels(access.name).set(remaining / 1e6)
+        return remaining > 0
+
+    def record(self, access: AccessKey | None, cand: Candidate, usage: Usage) -> None:
+        """Count tokens; charge managed-key usage to the access key (in the background)."""
+        provider = cand.provider.id
+        model = cand.model.upstream if cand.model else ""
+        label = self._metrics.model_label(model)
+        if usage.input_tokens:
+            self._metrics.tokens.labels(provider, label, "input").inc(usage.input_tokens)
+        if usage.output_tokens:
+            self._metrics.tokens.labels(provider, label, "output").inc(usage.output_tokens)
+        if cand.key.source is not KeySource.MANAGED or access is None or self.recorder is None:
+            return
+        _, known = self.prices.price_for(provider, model)
+        if not known and model not in self._warned:
+            self._warned.add(model)
+            self._oplog.warning("model_unpriced", provider=provider, model=model,
+                                rule="charged at the provider's highest known price")  # fmt: skip
+        cost = self.prices.cost_micro_usd(provider, model, usage)
+        if cost <= 0:
+            return
+        self._metrics.credits_spent.labels(access.name).inc(cost / 1e6)
+        task = asyncio.get_running_loop().create_task(self._charge(access, cost))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _charge(self, access: AccessKey, cost: int) -> None:
+        assert self.recorder is not None
+        await self.recorder.record(access.name, cost)
+        self._metrics.ledger_pending.set(sum(self.recorder.pending.values()) / 1e6)
+        try:
+            spent = await self.recorder.spent(access.name)
+        except LedgerUnavailable:
+            return
+        self._metrics.credits_remaining.labels(access.name).set(
+            (access.credits_micro_usd - spent) / 1e6
+        )
+
+    async def flush(self) -> None:
+        if self.recorder is not None:
+            await self.recorder.flush()
+            self._metrics.ledger_pending.set(sum(self.recorder.pending.values()) / 1e6)
+
+    async def close(self) -> None:
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self.recorder is not None:
+            await self.recorder.flush()
+            pending = sum(self.recorder.pending.values())
+            if pending:
+                self._oplog.error("ledger_spend_lost_at_exit", micro_usd=pending)
+        if self._ledger is not None:
+            await self._ledger.close()

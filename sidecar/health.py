@@ -1,0 +1,137 @@
+"""Key health (SPEC §2): what an attempt's outcome means, and cooldowns.
+
+Pure and clock-injected. Health is kept per (provider, key value) — the
+`ProviderKey.health_id` — so it survives reloads for keys that still exist.
+"""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from sidecar.config import Cooldown
+
+
+class Outcome(enum.StrEnum):
+    OK = "ok"
+    RATE_LIMITED = "rate_limited"
+    AUTH_FAILED = "auth_failed"
+    SERVER_ERROR = "server_error"
+    TIMEOUT = "timeout"
+    CONNECT_ERROR = "connect_error"
+    CLIENT_ERROR = "client_error"
+
+
+_SERVER_SIDE = frozenset({Outcome.SERVER_ERROR, Outcome.TIMEOUT, Outcome.CONNECT_ERROR})
+
+
+def classify_status(status: int) -> Outcome:
+    if status < 400:
+        return Outcome.OK
+    if status == 429:
+        return Outcome.RATE_LIMITED
+    if status in (401, 403):
+        return Outcome.AUTH_FAILED
+    if status == 408:
+        return Outcome.TIMEOUT
+    if status >= 500:
+        return Outcome.SERVER_ERROR
+    return Outcome.CLIENT_ERROR
+
+
+def is_quota_exhausted(body: bytes) -> bool:
+    """A 429 that means "out of money", not "slow down": cool down like a bad key."""
+    return b"insufficient_quota" in body or b"billing_hard_limit" in body
+
+
+def parse_retry_after(value: str | None) -> float | None:
+    """Seconds from a `retry-after` header (delta-seconds form; dates are ignored)."""
+    if not value:
+        return None
+    try:
+        seconds = float(value)
+    except ValueError:
+        return None
+    return seconds if 0 <= seconds <= 86400 else None
+
+
+@dataclass(slots=True)
+class _State:
+    until: float = 0.0
+    failures: int = 0
+
+
+class KeyHealth:
+    """Cooldown deadlines and consecutive server-side failures per key."""
+
+    def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
+        self._clock = clock
+        self._states: dict[str, _State] = {}
+
+    def cooling_until(self, health_id: str) -> float | None:
+        """The deadline if the key is cooling now, else None."""
+        st = self._states.get(health_id)
+        if st is None or st.until <= self._clock():
+            return None
+        return st.until
+
+    def record(
+        self,
+        health_id: str,
+        outcome: Outcome,
+        cooldown: Cooldown,
+        *,
+        retry_after: float | None = None,
+        quota_exhausted: bool = False,
+    ) -> float | None:
+        """Account for one attempt. Returns the new deadline when a cooldown starts."""
+        if outcome is Outcome.OK:
+            st = self._states.get(health_id)
+            if st is not None:
+                st.failures = 0
+            return None
+        if outcome is Outcome.CLIENT_ERROR:
+            return None
+        st = self._states.setdefault(health_id, _State())
+        if outcome is Outcome.RATE_LIMITED:
+            duration = (
+                cooldown.auth_failed if quota_exhausted else (retry_after or cooldown.rate_limited)
+            )
+        elif outcome is Outcome.AUTH_FAILED:
+            duration = cooldown.auth_failed
+        elif outcome in _SERVER_SIDE:
+            st.failures += 1
+            if st.failures < cooldown.server_error_threshold:
+                return None
+            st.failures = 0
+            duration = cooldown.server_error
+        else:  # pragma: no cover - every Outcome is handled above
+            return None
+        deadline = self._clock() + duration
+        if deadline > st.until:  # a key failing again while cooling keeps the later deadline
+            st.until = deadline
+        return st.until
+
+    def soonest_recovery(self, health_ids: Iterable[str]) -> float | None:
+        """Seconds until the first of these keys recovers (None if one is usable now)."""
+        now = self._clock()
+        waits = []
+        for hid in health_ids:
+            until = self.cooling_until(hid)
+            if until is None:
+                return None
+            waits.append(until - now)
+        return min(waits) if waits else None
+
+    def cooling(self) -> dict[str, float]:
+        """health_id → deadline, for every key cooling now (metrics, debugging)."""
+        now = self._clock()
+        return {hid: st.until for hid, st in self._states.items() if st.until > now}
+
+    def forget_except(self, keep: Iterable[str]) -> None:
+        """Drop state of keys that no longer exist (after a reload)."""
+        alive = set(keep)
+        for hid in [h for h in self._states if h not in alive]:
+            del self._states[hid]

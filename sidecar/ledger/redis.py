@@ -1,0 +1,117 @@
+"""The shared ledger: one Redis hash that every replica adds to.
+
+Spend lives in the hash `sidecar:spend` (field = access-key name, value =
+micro-USD); `HINCRBY` makes each addition atomic across pods. Socket
+timeouts are short so an unreachable Redis turns into `LedgerUnavailable`
+within seconds rather than stalling requests. The URL may carry a password;
+it is kept out of `repr` and of every error message.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from sidecar.ledger.base import LedgerUnavailable
+
+SPEND_KEY: Final = "sidecar:spend"
+# asyncio.TimeoutError is the builtin TimeoutError, an OSError.
+_ERRORS: Final = (RedisError, OSError)
+
+
+def redact_url(url: str) -> str:
+    """The URL with any password (userinfo or `password=` query) masked."""
+    try:
+        parts = urlsplit(url)
+        netloc = parts.netloc
+        if "@" in netloc:
+            userinfo, host = netloc.rsplit("@", 1)
+            user = userinfo.split(":", 1)[0]
+            netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
+        query = parts.query
+        if query:
+            pairs = parse_qsl(query, keep_blank_values=True)
+            query = urlencode(
+                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
+            )
+        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
+    except ValueError:
+        return "<unparsable redis url>"
+
+
+def _password(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        found = parts.password
+        for key, value in parse_qsl(parts.query):
+            if key.lower() == "password":
+                found = value
+        return found or None
+    except ValueError:
+        return None
+
+
+class RedisLedger:
+    """Spend per access key in a Redis hash."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        key: str = SPEND_KEY,
+        timeout: float = 2.0,
+        max_connections: int = 32,
+    ) -> None:
+        self._where = redact_url(url)
+        self._password = _password(url)
+        self._key = key
+        try:
+            # A blocking pool: a burst of requests waits briefly for a free
+            # connection instead of failing with "Too many connections".
+            pool = aioredis.BlockingConnectionPool.from_url(
+                url,
+                max_connections=max_connections,
+                timeout=timeout,
+                socket_timeout=timeout,
+                socket_connect_timeout=timeout,
+                # One immediate retry on a broken connection (a pooled socket
+                # the server closed); none on timeouts, whose write may have
+                # landed.
+                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            )
+        except ValueError:
+            raise ValueError(f"ledger.url: invalid redis URL {self._where}") from None
+        self._client = aioredis.Redis.from_pool(pool)
+
+    def __repr__(self) -> str:
+        return f"RedisLedger({self._where!r})"
+
+    async def spent(self, name: str) -> int:
+        try:
+            value = await self._client.hget(self._key, name)
+        except _ERRORS as exc:
+            raise self._unavailable(exc) from None
+        return int(value) if value is not None else 0
+
+    async def add_spend(self, name: str, micro_usd: int) -> int:
+        if type(micro_usd) is not int:
+            raise TypeError("micro_usd must be an int")
+        try:
+            return int(await self._client.hincrby(self._key, name, micro_usd))
+        except _ERRORS as exc:
+            raise self._unavailable(exc) from None
+
+    async def close(self) -> None:
+        await self._client.aclose()
+
+    def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
+        detail = str(exc)
+        if self._password:
+            detail = detail.replace(self._password, "***")
+        return LedgerUnavailable(f"redis ledger {self._where}: {type(exc).__name__}: {detail}")

@@ -1,0 +1,685 @@
+"""A local OpenAI + Anthropic look-alike upstream (`sidecar mock-provider`).
+
+For demos, the sidecar's own tests and users' CI. It answers the OpenAI
+routes (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+`/v1/responses`, `GET /v1/models`; `Authorization: Bearer K`) and the
+Anthropic routes (`/v1/messages`, `/v1/messages/count_tokens`; `x-api-key: K`
+or Bearer) with deterministic bodies in the real wire shapes, streams
+included.
+
+Misbehaviour is provoked by directives inside the provider key or the
+request's `model`, each bounded by start/end or one of `-_:`
+(`sk-test-fail-429`, `gpt-4o-mini-slow-200`):
+
+- `fail-NNN` (400..599): that status with the format's error body;
+  `fail-429` adds `retry-after: 1`, `fail-429-retry-N` makes it N seconds.
+- `fail-quota`: 429 `insufficient_quota`, no `retry-after`.
+- `drop`: the connection is closed without any response.
+- `slow-N`: N ms pass before the response headers are sent.
+- `stall-N`: N ms between stream chunks.
+- `break`: a stream sends two content chunks, then the connection is closed
+  with no terminator.
+
+Token counts are whitespace-separated words: input is every word of the
+prompt (message contents, text parts, `system`, `instructions`; at least 1),
+output the words of the reply, "Hello from the mock provider." truncated to
+`max_tokens`.
+
+Test hooks: every `/v1/*` request is kept in a bounded log (the last 1000):
+`GET /_mock/requests` returns `{"requests": [{method, path, query, headers,
+body, key}]}` with header names lower-cased, `DELETE /_mock/requests` clears
+it, `GET /_mock/health` answers 200.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import enum
+import functools
+import hashlib
+import re
+import struct
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import orjson
+from aiohttp import web
+
+__all__ = ["DEFAULT_LISTEN", "Directives", "create_app", "parse_directives", "run"]
+
+DEFAULT_LISTEN = "127.0.0.1:8089"
+
+_LOG_SIZE = 1000
+_REPLY = "Hello from the mock provider."
+# Stream pieces concatenate back to _REPLY, as real token deltas do.
+_PIECES: tuple[str, ...] = tuple(
+    word if i == 0 else " " + word for i, word in enumerate(_REPLY.split())
+)
+_MODELS = (
+    ("gpt-4o-mini", "mock"),
+    ("gpt-4o", "mock"),
+    ("text-embedding-3-small", "mock"),
+    ("claude-3-5-haiku-latest", "mock"),
+    ("claude-sonnet-4-5", "mock"),
+)
+_MODELS_BODY = orjson.dumps(
+    {
+        "object": "list",
+        "data": [
+            {"id": m, "object": "model", "created": 1700000000, "owned_by": owner}
+            for m, owner in _MODELS
+        ],
+    }
+)
+_DIRECTIVE_RE = re.compile(
+    r"(?:^|[-_:])(fail-(\d{3}|quota)(?:-retry-(\d+))?|drop|break|slow-(\d+)|stall-(\d+))(?=$|[-_:])"
+)
+_SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
+_DONE = b"data: [DONE]\n\n"
+_INVALID = object()
+
+
+class _Format(enum.Enum):
+    OPENAI = "openai"
+    ANTHROPIC = "anthropic"
+
+
+@dataclass(frozen=True, slots=True)
+class Directives:
+    """What a key or model asks the mock to do instead of a plain success."""
+
+    fail: int | None = None
+    quota: bool = False
+    retry_after: int | None = None
+    drop: bool = False
+    brk: bool = False
+    slow_ms: int = 0
+    stall_ms: int = 0
+
+
+_NONE = Directives()
+
+
+@functools.lru_cache(maxsize=4096)
+def parse_directives(text: str) -> Directives:
+    """Directives found in `text` (a key, a model, or both joined by `:`).
+
+    The first `fail-*` wins; an out-of-range `fail-NNN` is ignored.
+    """
+    fail: int | None = None
+    quota = drop = brk = False
+    retry: int | None = None
+    slow = stall = 0
+    for m in _DIRECTIVE_RE.finditer(text):
+        word, code, retry_s, slow_s, stall_s = m.groups()
+        if code is not None:
+            if fail is not None:
+                continue
+            if code == "quota":
+                fail, quota = 429, True
+            elif 400 <= int(code) <= 599:
+                fail = int(code)
+            else:
+                continue
+            retry = int(retry_s) if retry_s is not None else None
+        elif slow_s is not None:
+            slow = int(slow_s)
+        elif stall_s is not None:
+            stall = int(stall_s)
+        elif word == "drop":
+            drop = True
+        else:
+            brk = True
+    if fail is None and not (drop or brk or slow or stall):
+        return _NONE
+    return Directives(fail, quota, retry, drop, brk, slow, stall)
+
+
+class _State:
+    """The app's request log and id counter."""
+
+    __slots__ = ("_n", "log")
+
+    def __init__(self) -> None:
+        self.log: deque[dict[str, Any]] = deque(maxlen=_LOG_SIZE)
+        self._n = 0
+
+    def next_id(self) -> int:
+        self._n += 1
+        return self._n
+
+
+_STATE = web.AppKey("mock_provider_state", _State)
+
+
+@dataclass(frozen=True, slots=True)
+class _Call:
+    """One accepted request, handed to a route's responder."""
+
+    request: web.Request
+    body: dict[str, Any]
+    model: str
+    directives: Directives
+    n: int
+
+
+_Responder = Callable[[_Call], Awaitable[web.StreamResponse]]
+
+
+# --- wire helpers ---------------------------------------------------------
+
+
+def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
+    return web.Response(
+        body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
+    )
+
+
+_OPENAI_ERRORS = {
+    400: ("invalid_request_error", "invalid_request"),
+    401: ("invalid_request_error", "invalid_api_key"),
+    403: ("request_forbidden", "forbidden"),
+    404: ("invalid_request_error", "model_not_found"),
+    429: ("requests", "rate_limit_exceeded"),
+    500: ("server_error", "server_error"),
+    502: ("server_error", "bad_gateway"),
+    503: ("server_error", "service_unavailable"),
+    529: ("server_error", "overloaded"),
+}
+_ANTHROPIC_ERRORS = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    500: "api_error",
+    503: "overloaded_error",
+    529: "overloaded_error",
+}
+
+
+def _error(
+    fmt: _Format,
+    status: int,
+    message: str,
+    *,
+    quota: bool = False,
+    code: str | None = None,
+    headers: dict[str, str] | None = None,
+) -> web.Response:
+    if fmt is _Format.ANTHROPIC:
+        kind = _ANTHROPIC_ERRORS.get(
+            status, "api_error" if status >= 500 else "invalid_request_error"
+        )
+        err: dict[str, Any] = {"type": kind, "message": message}
+        if quota:
+            err["code"] = "insufficient_quota"
+        return _json({"type": "error", "error": err}, status, headers)
+    if quota:
+        kind, code = "insufficient_quota", "insufficient_quota"
+    else:
+        default = ("server_error" if status >= 500 else "invalid_request_error", f"http_{status}")
+        kind, default_code = _OPENAI_ERRORS.get(status, default)
+        code = code or default_code
+    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    return _json(body, status, headers)
+
+
+def _failure(fmt: _Format, d: Directives, status: int) -> web.Response:
+    headers = None
+    if d.retry_after is not None or (status == 429 and not d.quota):
+        headers = {"retry-after": str(d.retry_after if d.retry_after is not None else 1)}
+    if d.quota:
+        message = "Mock provider: you exceeded your current quota (fail-quota)."
+    else:
+        message = f"Mock provider: simulated HTTP {status} (fail-{status})."
+    return _error(fmt, status, message, quota=d.quota, headers=headers)
+
+
+def _drop(request: web.Request) -> web.Response:
+    """Close the connection; aiohttp then fails to write this reply and lets it go."""
+    transport = request.transport
+    if transport is not None:
+        transport.close()
+    return web.Response(status=204)
+
+
+def _sse(event: str | None, data: object) -> bytes:
+    if event is None:
+        return b"data: " + orjson.dumps(data) + b"\n\n"
+    return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+async def _stream(call: _Call, frames: Sequence[bytes], break_after: int) -> web.StreamResponse:
+    """Send SSE frames one write each; `break` closes after `break_after` frames."""
+    resp = web.StreamResponse(headers=_SSE_HEADERS)
+    await resp.prepare(call.request)
+    pause = call.directives.stall_ms / 1000
+    for i, frame in enumerate(frames):
+        if call.directives.brk and i == break_after:
+            _drop(call.request)
+            return resp
+        if pause and i:
+            await asyncio.sleep(pause)
+        await resp.write(frame)
+    await resp.write_eof()
+    return resp
+
+
+# --- request accounting ---------------------------------------------------
+
+
+def _words(value: object) -> int:
+    """Whitespace-separated words of a prompt-like value, in any nesting."""
+    if isinstance(value, str):
+        return len(value.split())
+    if isinstance(value, list):
+        return sum(_words(v) for v in value)
+    if isinstance(value, dict):
+        if "content" in value:
+            return _words(value["content"])
+        return _words(value.get("text"))
+    if isinstance(value, int) and not isinstance(value, bool):
+        return 1  # a token id
+    return 0
+
+
+def _reply(body: dict[str, Any], *limit_fields: str) -> tuple[tuple[str, ...], bool]:
+    """The reply pieces under the body's token limit, and whether it cut them."""
+    for name in limit_fields:
+        limit = body.get(name)
+        if isinstance(limit, int) and not isinstance(limit, bool):
+            if limit < len(_PIECES):
+                return _PIECES[: max(limit, 1)], True
+            break
+    return _PIECES, False
+
+
+def _credential(request: web.Request, fmt: _Format) -> tuple[str | None, str | None]:
+    """The credential this route accepts, and whichever one was sent (for the log)."""
+    bearer = None
+    auth = request.headers.get("authorization")
+    if auth is not None and auth[:7].lower() == "bearer ":
+        bearer = auth[7:].strip() or None
+    api_key = request.headers.get("x-api-key") or None
+    if fmt is _Format.ANTHROPIC:
+        return api_key or bearer, api_key or bearer
+    return bearer, bearer or api_key
+
+
+def _parse_body(raw: bytes) -> object:
+    if not raw:
+        return None
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        return _INVALID
+
+
+def _record(request: web.Request, body: object, key: str | None) -> None:
+    request.app[_STATE].log.append(
+        {
+            "method": request.method,
+            "path": request.path,
+            "query": dict(request.query),
+            "headers": {k.lower(): v for k, v in request.headers.items()},
+            "body": None if body is _INVALID else body,
+            "key": key,
+        }
+    )
+
+
+def _endpoint(
+    fmt: _Format, responder: _Responder, *, needs_body: bool = True
+) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
+    """Wrap a responder with what every route does: log, auth, body, directives."""
+
+    async def handler(request: web.Request) -> web.StreamResponse:
+        body = _parse_body(await request.read()) if request.body_exists else None
+        key, sent = _credential(request, fmt)
+        _record(request, body, sent)
+        if key is None:
+            if fmt is _Format.ANTHROPIC:
+                return _error(fmt, 401, "x-api-key header is required")
+            return _error(fmt, 401, "You didn't provide an API key (Authorization: Bearer).")
+        if needs_body and not isinstance(body, dict):
+            return _error(fmt, 400, "The request body is not a valid JSON object.")
+        fields: dict[str, Any] = body if isinstance(body, dict) else {}
+        model = fields.get("model")
+        if needs_body and (not isinstance(model, str) or not model):
+            return _error(fmt, 400, "You must provide a model parameter.")
+        model = model if isinstance(model, str) else ""
+        d = parse_directives(f"{key}:{model}")
+        if d is not _NONE:
+            if d.slow_ms:
+                await asyncio.sleep(d.slow_ms / 1000)
+            if d.drop:
+                return _drop(request)
+            if d.fail is not None:
+                return _failure(fmt, d, d.fail)
+        n = request.app[_STATE].next_id()
+        return await responder(_Call(request, fields, model, d, n))
+
+    return handler
+
+
+# --- OpenAI ---------------------------------------------------------------
+
+
+def _usage(prompt: int, completion: int) -> dict[str, int]:
+    return {
+        "prompt_tokens": prompt,
+        "completion_tokens": completion,
+        "total_tokens": prompt + completion,
+    }
+
+
+def _include_usage(body: dict[str, Any]) -> bool:
+    opts = body.get("stream_options")
+    return isinstance(opts, dict) and opts.get("include_usage") is True
+
+
+async def _chat(call: _Call) -> web.StreamResponse:
+    body = call.body
+    prompt = max(_words(body.get("messages")), 1)
+    pieces, cut = _reply(body, "max_completion_tokens", "max_tokens")
+    finish = "length" if cut else "stop"
+    ident, created = f"chatcmpl-mock-{call.n}", int(time.time())
+    if body.get("stream") is not True:
+        return _json(
+            {
+                "id": ident,
+                "object": "chat.completion",
+                "created": created,
+                "model": call.model,
+                "choices": [
+                    {
+                        "index": 0,
+                        "message": {"role": "assistant", "content": "".join(pieces)},
+                        "logprobs": None,
+                        "finish_reason": finish,
+                    }
+                ],
+                "usage": _usage(prompt, len(pieces)),
+            }
+        )
+    with_usage = _include_usage(body)
+
+    def chunk(delta: dict[str, str], finish_reason: str | None) -> bytes:
+        obj: dict[str, Any] = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": call.model,
+            "choices": [
+                {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish_reason}
+            ],
+        }
+        if with_usage:
+            obj["usage"] = None
+        return _sse(None, obj)
+
+    frames = [chunk({"role": "assistant", "content": ""}, None)]
+    frames += [chunk({"content": p}, None) for p in pieces]
+    frames.append(chunk({}, finish))
+    if with_usage:
+        usage_chunk = {
+            "id": ident,
+            "object": "chat.completion.chunk",
+            "created": created,
+            "model": call.model,
+            "choices": [],
+            "usage": _usage(prompt, len(pieces)),
+        }
+        frames.append(_sse(None, usage_chunk))
+    frames.append(_DONE)
+    return await _stream(call, frames, 3)
+
+
+async def _completions(call: _Call) -> web.StreamResponse:
+    body = call.body
+    prompt = max(_words(body.get("prompt")), 1)
+    pieces, cut = _reply(body, "max_tokens")
+    finish = "length" if cut else "stop"
+    ident, created = f"cmpl-mock-{call.n}", int(time.time())
+
+    with_usage = _include_usage(body)
+
+    def obj(text: str, finish_reason: str | None) -> dict[str, Any]:
+        choice = {"text": text, "index": 0, "logprobs": None, "finish_reason": finish_reason}
+        return {
+            "id": ident,
+            "object": "text_completion",
+            "created": created,
+            "model": call.model,
+            "choices": [choice],
+        }
+
+    if body.get("stream") is not True:
+        return _json({**obj("".join(pieces), finish), "usage": _usage(prompt, len(pieces))})
+    chunks = [obj(p, None) for p in pieces]
+    chunks.append(obj("", finish))
+    if with_usage:
+        for c in chunks:
+            c["usage"] = None
+        chunks.append({**obj("", None), "choices": [], "usage": _usage(prompt, len(pieces))})
+    frames = [_sse(None, c) for c in chunks]
+    frames.append(_DONE)
+    return await _stream(call, frames, 2)
+
+
+def _vector(item: object) -> list[float]:
+    raw = item.encode() if isinstance(item, str) else orjson.dumps(item)
+    # k/128 - 1 is exact in float32, so float and base64 encodings agree.
+    return [b / 128 - 1 for b in hashlib.blake2b(raw, digest_size=8).digest()]
+
+
+async def _embeddings(call: _Call) -> web.StreamResponse:
+    value = call.body.get("input")
+    if isinstance(value, list) and value and all(isinstance(v, str | list) for v in value):
+        inputs: list[object] = list(value)
+    else:
+        inputs = [value]
+    as_base64 = call.body.get("encoding_format") == "base64"
+    data = []
+    for i, item in enumerate(inputs):
+        vec = _vector(item)
+        emb: object = base64.b64encode(struct.pack("<8f", *vec)).decode() if as_base64 else vec
+        data.append({"object": "embedding", "index": i, "embedding": emb})
+    prompt = max(_words(value), 1)
+    return _json(
+        {
+            "object": "list",
+            "data": data,
+            "model": call.model,
+            "usage": {"prompt_tokens": prompt, "total_tokens": prompt},
+        }
+    )
+
+
+async def _responses(call: _Call) -> web.StreamResponse:
+    body = call.body
+    prompt = max(_words(body.get("input")) + _words(body.get("instructions")), 1)
+    pieces, cut = _reply(body, "max_output_tokens")
+    text = "".join(pieces)
+    ident, item_id = f"resp_mock_{call.n}", f"msg_mock_{call.n}"
+    part = {"type": "output_text", "text": text, "annotations": []}
+    item = {
+        "id": item_id,
+        "type": "message",
+        "role": "assistant",
+        "status": "completed",
+        "content": [part],
+    }
+    usage = {
+        "input_tokens": prompt,
+        "output_tokens": len(pieces),
+        "total_tokens": prompt + len(pieces),
+    }
+    full: dict[str, Any] = {
+        "id": ident,
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": call.model,
+        "status": "incomplete" if cut else "completed",
+        "output": [item],
+        "usage": usage,
+    }
+    if body.get("stream") is not True:
+        return _json(full)
+    start = {**full, "status": "in_progress", "output": [], "usage": None}
+    where = {"item_id": item_id, "output_index": 0, "content_index": 0}
+    events: list[tuple[str, dict[str, Any]]] = [
+        ("response.created", {"response": start}),
+        (
+            "response.output_item.added",
+            {"output_index": 0, "item": {**item, "status": "in_progress", "content": []}},
+        ),
+        ("response.content_part.added", {**where, "part": {**part, "text": ""}}),
+    ]
+    events += [
+        ("response.output_text.delta", {**where, "delta": p, "logprobs": []}) for p in pieces
+    ]
+    events += [
+        ("response.output_text.done", {**where, "text": text, "logprobs": []}),
+        ("response.content_part.done", {**where, "part": part}),
+        ("response.output_item.done", {"output_index": 0, "item": item}),
+        ("response.completed", {"response": full}),
+    ]
+    frames = [
+        _sse(name, {"type": name, "sequence_number": seq, **data})
+        for seq, (name, data) in enumerate(events)
+    ]
+    return await _stream(call, frames, 5)
+
+
+async def _models(call: _Call) -> web.StreamResponse:
+    return web.Response(body=_MODELS_BODY, content_type="application/json")
+
+
+# --- Anthropic ------------------------------------------------------------
+
+
+def _anthropic_prompt(body: dict[str, Any]) -> int:
+    return max(_words(body.get("system")) + _words(body.get("messages")), 1)
+
+
+async def _messages(call: _Call) -> web.StreamResponse:
+    body = call.body
+    prompt = _anthropic_prompt(body)
+    pieces, cut = _reply(body, "max_tokens")
+    stop = "max_tokens" if cut else "end_turn"
+    message: dict[str, Any] = {
+        "id": f"msg_mock_{call.n}",
+        "type": "message",
+        "role": "assistant",
+        "model": call.model,
+        "content": [{"type": "text", "text": "".join(pieces)}],
+        "stop_reason": stop,
+        "stop_sequence": None,
+        "usage": {"input_tokens": prompt, "output_tokens": len(pieces)},
+    }
+    if body.get("stream") is not True:
+        return _json(message)
+    start = {
+        **message,
+        "content": [],
+        "stop_reason": None,
+        "usage": {"input_tokens": prompt, "output_tokens": 1},
+    }
+    frames = [
+        _sse("message_start", {"type": "message_start", "message": start}),
+        _sse(
+            "content_block_start",
+            {
+                "type": "content_block_start",
+                "index": 0,
+                "content_block": {"type": "text", "text": ""},
+            },
+        ),
+        _sse("ping", {"type": "ping"}),
+    ]
+    frames += [
+        _sse(
+            "content_block_delta",
+            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
+        )
+        for p in pieces
+    ]
+    frames += [
+        _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
+        _sse(
+            "message_delta",
+            {
+                "type": "message_delta",
+                "delta": {"stop_reason": stop, "stop_sequence": None},
+                "usage": {"output_tokens": len(pieces)},
+            },
+        ),
+        _sse("message_stop", {"type": "message_stop"}),
+    ]
+    return await _stream(call, frames, 5)
+
+
+async def _count_tokens(call: _Call) -> web.StreamResponse:
+    return _json({"input_tokens": _anthropic_prompt(call.body)})
+
+
+# --- app --------------------------------------------------------------------
+
+
+async def _unknown_route(request: web.Request) -> web.StreamResponse:
+    body = _parse_body(await request.read()) if request.body_exists else None
+    _record(request, body, _credential(request, _Format.OPENAI)[1])
+    message = f"Invalid URL ({request.method} {request.path})"
+    return _error(_Format.OPENAI, 404, message, code="unknown_url")
+
+
+async def _log_get(request: web.Request) -> web.StreamResponse:
+    return _json({"requests": list(request.app[_STATE].log)})
+
+
+async def _log_clear(request: web.Request) -> web.StreamResponse:
+    log = request.app[_STATE].log
+    cleared = len(log)
+    log.clear()
+    return _json({"cleared": cleared})
+
+
+async def _health(request: web.Request) -> web.StreamResponse:
+    return _json({"status": "ok"})
+
+
+def create_app() -> web.Application:
+    """The mock provider app; its request log lives in the app's state."""
+    app = web.Application()
+    app[_STATE] = _State()
+    openai, anthropic = _Format.OPENAI, _Format.ANTHROPIC
+    app.router.add_post("/v1/chat/completions", _endpoint(openai, _chat))
+    app.router.add_post("/v1/completions", _endpoint(openai, _completions))
+    app.router.add_post("/v1/embeddings", _endpoint(openai, _embeddings))
+    app.router.add_post("/v1/responses", _endpoint(openai, _responses))
+    app.router.add_get("/v1/models", _endpoint(openai, _models, needs_body=False), allow_head=False)
+    app.router.add_post("/v1/messages", _endpoint(anthropic, _messages))
+    app.router.add_post("/v1/messages/count_tokens", _endpoint(anthropic, _count_tokens))
+    app.router.add_route("*", "/v1/{tail:.*}", _unknown_route)
+    app.router.add_get("/_mock/requests", _log_get, allow_head=False)
+    app.router.add_delete("/_mock/requests", _log_clear)
+    app.router.add_get("/_mock/health", _health)
+    return app
+
+
+async def run(host: str, port: int) -> None:
+    """Serve the mock provider on host:port until cancelled."""
+    runner = web.AppRunner(create_app(), access_log=None, shutdown_timeout=1.0)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port).start()
+        await asyncio.Event().wait()
+    finally:
+        await runner.cleanup()

@@ -1,0 +1,149 @@
+"""The failover plan (SPEC §2): which (model, key) pairs a request may try, in order.
+
+Pure: given the runtime snapshot, the caller, the requested model names and
+key health, it returns the candidates or raises the `ProxyError` the caller
+should get (scope, no key, all cooling). No I/O; the handler runs the plan.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+from sidecar.errors import ErrorCode, ProxyError
+from sidecar.health import KeyHealth
+from sidecar.keys import CALLER_KEY_ID, KeySelection, KeySource, ProviderKey, select_keys
+from sidecar.models import ResolvedModel, model_allowed
+from sidecar.runtime import AccessKey, Provider, Runtime
+from sidecar.secret import Secret
+
+
+@dataclass(frozen=True, slots=True)
+class Candidate:
+    provider: Provider
+    model: ResolvedModel | None  # None: explicit route without a model in the body
+    key: ProviderKey
+
+
+@dataclass(slots=True)
+class Plan:
+    candidates: list[Candidate]
+    rejected_models: list[str] = field(default_factory=list)
+    #: providers whose candidates draw on managed keys (need credits)
+    managed_providers: set[str] = field(default_factory=set)
+    #: set when a provider was dropped because all its keys cool: (provider, seconds)
+    cooling: tuple[str, float] | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    provider: Provider
+    model: ResolvedModel | None
+
+
+def resolve_targets(runtime: Runtime, fmt: str, names: list[str]) -> list[Target]:
+    """Model names → providers, checking each provider speaks the route's format."""
+    targets = []
+    for name in names:
+        resolved = runtime.resolver.resolve(name)
+        if resolved.provider.format != fmt:
+            raise ProxyError(
+                ErrorCode.MODEL_UNKNOWN,
+                f"model {name!r} is served by provider {resolved.provider.id!r}, which speaks the "
+                f"{resolved.provider.format} format, not this route's {fmt} format",
+            )
+        targets.append(Target(resolved.provider, resolved))
+    return targets
+
+
+def _scope_error(runtime: Runtime, access: AccessKey | None, t: Target) -> ProxyError | None:
+    cfg = runtime.config
+    p = t.provider
+    if cfg.only_allow_configured_providers and not p.configured:
+        return ProxyError(
+            ErrorCode.PROVIDER_NOT_ALLOWED, f"provider {p.id!r} is not configured here"
+        )
+    if access is not None and access.allowed_providers and p.id not in access.allowed_providers:
+        return ProxyError(
+            ErrorCode.PROVIDER_NOT_ALLOWED, f"this access key may not use provider {p.id!r}"
+        )
+    if t.model is None:
+        return None
+    if access is not None and not model_allowed(access.allowed_models, t.model):
+        return ProxyError(
+            ErrorCode.MODEL_NOT_ALLOWED, f"this access key may not use model {t.model.requested!r}"
+        )
+    if cfg.only_allow_configured_models and t.model.upstream not in p.models:
+        return ProxyError(
+            ErrorCode.MODEL_NOT_ALLOWED, f"model {t.model.requested!r} is not configured here"
+        )
+    return None
+
+
+def build_plan(
+    runtime: Runtime,
+    access: AccessKey | None,
+    targets: list[Target],
+    health: KeyHealth,
+    *,
+    passthrough_key: Secret | None = None,
+) -> Plan:
+    """Scope-check the targets, pick each provider's key source, drop cooling keys."""
+    plan = Plan(candidates=[])
+    allowed: list[Target] = []
+    first_error: ProxyError | None = None
+    for t in targets:
+        err = _scope_error(runtime, access, t)
+        if err is None:
+            allowed.append(t)
+            continue
+        first_error = first_error or err
+        if t.model is not None:
+            plan.rejected_models.append(t.model.requested)
+    if not allowed:
+        assert first_error is not None
+        raise first_error
+    if len(targets) == 1:
+        plan.rejected_models.clear()
+
+    selections: dict[str, KeySelection | None] = {}
+    missing: str | None = None
+    soonest: tuple[str, float] | None = None
+    for t in allowed:
+        pid = t.provider.id
+        if pid not in selections:
+            if passthrough_key is not None:
+                pk = ProviderKey(
+                    pid, KeySource.PASSTHROUGH, CALLER_KEY_ID, passthrough_key, f"{pid}:caller"
+                )
+                selections[pid] = KeySelection(KeySource.PASSTHROUGH, (pk,))
+            else:
+                assert access is not None
+                selections[pid] = select_keys(access, t.provider)
+        sel = selections[pid]
+        if sel is None:
+            missing = missing or pid
+            continue
+        usable = [k for k in sel.keys if health.cooling_until(k.health_id) is None]
+        if not usable:
+            wait = health.soonest_recovery(k.health_id for k in sel.keys) or 0.0
+            if soonest is None or wait < soonest[1]:
+                soonest = (pid, wait)
+            continue
+        if sel.source is KeySource.MANAGED:
+            plan.managed_providers.add(pid)
+        plan.candidates.extend(Candidate(t.provider, t.model, k) for k in usable)
+
+    if not plan.candidates:
+        if soonest is not None:
+            raise ProxyError(
+                ErrorCode.ALL_KEYS_COOLING_DOWN,
+                f"every key for provider {soonest[0]!r} is cooling down; retry later",
+                retry_after=max(1, math.ceil(soonest[1])),
+                provider=soonest[0],
+            )
+        raise ProxyError(
+            ErrorCode.NO_PROVIDER_KEY, f"no provider key for provider {missing!r}", provider=missing
+        )
+    plan.cooling = soonest
+    return plan

@@ -1,0 +1,32 @@
+"""The adapter interface every wire format implements."""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from sidecar.errors import ErrorCode
+from sidecar.secret import Secret
+from sidecar.usage import StreamMeter, Usage
+
+
+class Adapter(Protocol):
+    format: str
+
+    def error_body(self, code: ErrorCode, message: str) -> bytes:
+        """The sidecar's own error, in this format's body shape."""
+
+    def prepare_stream(self, path: str, body: dict[str, Any]) -> bool:
+        """Adjust a streaming request so usage can be metered. True: strip the added usage chunk."""
+
+    def usage_from_body(self, body: bytes) -> Usage | None: ...
+
+    def stream_meter(self, strip_usage_chunk: bool) -> StreamMeter: ...
+
+
+def auth_header(auth: str, secret: Secret | None) -> tuple[str, str] | None:
+    """How a provider key goes on the wire: `Authorization: Bearer` or `x-api-key`."""
+    if secret is None or auth == "none":
+        return None
+    if auth == "x-api-key":
+        return ("x-api-key", secret.reveal())
+    return ("Authorization", "Bearer " + secret.reveal())

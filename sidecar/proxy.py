@@ -1,0 +1,589 @@
+"""The proxy handler: runs one request's plan against the upstreams.
+
+Per request (STYLE §7): authenticate, read the body once, build the plan,
+check credits. Per attempt: rebuild headers and body for the candidate, send,
+classify; fail over only until the first byte reaches the caller. The pure
+parts live in `plan`, `keys`, `health`, `models`; this module does the I/O.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+import aiohttp
+import orjson
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.errors import ErrorCode, ProxyError
+from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
+from sidecar.keys import KeySource
+from sidecar.plan import Candidate, Plan, Target, build_plan, resolve_targets
+from sidecar.providers import Adapter, adapter_for, auth_header
+from sidecar.runtime import AccessKey, Runtime
+from sidecar.secret import SENSITIVE_HEADERS, Secret
+from sidecar.state import State
+from sidecar.usage import Usage
+
+HOP_BY_HOP: Final = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+)  # fmt: skip
+#: Request headers never forwarded: hop-by-hop, credentials, and encodings aiohttp negotiates itself.
+_DROP_REQUEST: Final = HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "expect"}
+#: Response headers never relayed: aiohttp decompresses and re-frames the body.
+_DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
+_FAILED_BODY_LIMIT: Final = 1 << 20
+
+
+@dataclass(slots=True)
+class Exchange:
+    """What one request accumulates across its attempts; becomes the access-log line."""
+
+    request: web.Request
+    fmt: str
+    runtime: Runtime
+    started: float
+    request_id: str
+    access: AccessKey | None = None
+    candidate: Candidate | None = None
+    attempts: int = 0
+    upstream_wait: float = 0.0
+    status: int = 0
+    usage: Usage | None = None
+    rejected: list[str] = field(default_factory=list)
+    overhead: float | None = None
+
+    @property
+    def provider(self) -> str:
+        return self.candidate.provider.id if self.candidate else ""
+
+    def sidecar_headers(self) -> dict[str, str]:
+        h = {"x-sidecar-request-id": self.request_id}
+        c = self.candidate
+        if c is not None:
+            h["x-sidecar-provider"] = c.provider.id
+            h["x-sidecar-model"] = c.model.upstream if c.model else ""
+            h["x-sidecar-key-source"] = c.key.source.value
+            h["x-sidecar-key-id"] = c.key.key_id
+            h["x-sidecar-attempts"] = str(self.attempts)
+            if self.rejected:
+                h["x-sidecar-rejected-models"] = ",".join(self.rejected)
+            self.overhead = time.perf_counter() - self.started - self.upstream_wait
+            h["x-sidecar-overhead-ms"] = f"{self.overhead * 1000:.3f}"
+        return h
+
+
+class Proxy:
+    def __init__(self, state: State) -> None:
+        self.state = state
+
+    # ----------------------------------------------------------------- routes
+
+    async def openai(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "openai", None)
+
+    async def anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "anthropic", None)
+
+    async def explicit(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.state.runtime
+        provider = runtime.providers.get(request.match_info["provider"])
+        if provider is None:
+            ex = self._exchange(request, "openai", runtime)
+            return self._finish(
+                ex, self._error(ex, ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such route"))
+            )
+        return await self._handle(request, provider.format, provider.id)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.state.runtime
+        ex = self._exchange(request, "openai", runtime)
+        try:
+            access, _ = self._authenticate(ex)
+        except ProxyError as err:
+            return self._finish(ex, self._error(ex, err))
+        data = []
+        for model, owner in _listable_models(runtime, access):
+            data.append({"id": model, "object": "model", "created": 0, "owned_by": owner})
+        ex.status = 200
+        resp = web.Response(body=orjson.dumps({"object": "list", "data": data}),
+                            content_type="application/json", headers=ex.sidecar_headers())  # fmt: skip
+        return self._finish(ex, resp)
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        ex = self._exchange(request, "openai", self.state.runtime)
+        return self._finish(
+            ex, self._error(ex, ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such route"))
+        )
+
+    # ----------------------------------------------------------------- request
+
+    def _exchange(self, request: web.Request, fmt: str, runtime: Runtime) -> Exchange:
+        rid = request.headers.get("x-request-id") or os.urandom(8).hex()
+        return Exchange(request, fmt, runtime, time.perf_counter(), rid[:128])
+
+    async def _handle(
+        self, request: web.Request, fmt: str, explicit: str | None
+    ) -> web.StreamResponse:
+        ex = self._exchange(request, fmt, self.state.runtime)
+        try:
+            resp = await self._proxy(ex, explicit)
+        except ProxyError as err:
+            resp = self._error(ex, err)
+        return self._finish(ex, resp)
+
+    def _authenticate(self, ex: Exchange) -> tuple[AccessKey | None, Secret | None]:
+        """The access key, or (passthrough) the caller's own credential."""
+        headers = ex.request.headers
+        token = headers.get("authorization", "")
+        if token[:7].lower() == "bearer ":
+            token = token[7:].strip()
+        else:
+            token = headers.get("x-api-key", "").strip()
+        if not token:
+            raise ProxyError(
+                ErrorCode.ACCESS_KEY_INVALID,
+                "missing access key (Authorization: Bearer or x-api-key)",
+            )
+        access = ex.runtime.access_keys.get(hashlib.sha256(token.encode()).hexdigest())
+        if access is not None:
+            if access.revoked:
+                raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "access key revoked")
+            ex.access = access
+            return access, None
+        if ex.runtime.config.passthrough:
+            return None, Secret(token)
+        raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "unknown access key")
+
+    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+        if request.content_length is not None and request.content_length > limit:
+            raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
+        chunks: list[bytes] = []
+        size = 0
+        async for chunk in request.content.iter_chunked(1 << 16):
+            size += len(chunk)
+            if size > limit:
+                raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
+            chunks.append(chunk)
+        return b"".join(chunks)
+
+    async def _proxy(self, ex: Exchange, explicit: str | None) -> web.StreamResponse:
+        runtime = ex.runtime
+        cfg = runtime.config
+        request = ex.request
+        access, passthrough_key = self._authenticate(ex)
+        body = await self._read_body(request, cfg.limits.max_body_bytes)
+
+        data: dict[str, Any] | None = None
+        if body and (explicit is None or "json" in request.headers.get("content-type", "")):
+            try:
+                parsed = orjson.loads(body)
+            except orjson.JSONDecodeError:
+                raise ProxyError(ErrorCode.INVALID_JSON, "request body is not valid JSON") from None
+            if not isinstance(parsed, dict):
+                raise ProxyError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
+            data = parsed
+        names = _model_names(data, required=explicit is None)
+
+        if explicit is None:
+            targets = resolve_targets(runtime, ex.fmt, names)
+            path = "/" + request.path.removeprefix("/v1/")
+        else:
+            provider = runtime.providers[explicit]
+            targets = [
+                Target(provider, _explicit_model(runtime, provider.id, n)) for n in names
+            ] or [Target(provider, None)]
+            path = "/" + request.match_info["tail"]
+        try:
+            plan = build_plan(
+                runtime, access, targets, self.state.health, passthrough_key=passthrough_key
+            )
+        except ProxyError as err:
+            if (
+                err.code in (ErrorCode.NO_PROVIDER_KEY, ErrorCode.ALL_KEYS_COOLING_DOWN)
+                and err.provider
+            ):
+                reason = "no_key" if err.code is ErrorCode.NO_PROVIDER_KEY else "all_cooling"
+                self.state.metrics.no_key_available.labels(err.provider, reason).inc()
+            raise
+        ex.rejected = plan.rejected_models
+        if plan.managed_providers:
+            await self._require_credits(ex, plan)
+        return await self._run(ex, plan, body, data, path)
+
+    async def _require_credits(self, ex: Exchange, plan: Plan) -> None:
+        """Managed keys are charged to the access key: refuse before any upstream call when broke."""
+        assert ex.access is not None
+        if await self.state.billing.has_credits(ex.access):
+            return
+        plan.candidates = [
+            c for c in plan.candidates if c.provider.id not in plan.managed_providers
+        ]
+        for pid in plan.managed_providers:
+            self.state.metrics.no_key_available.labels(pid, "credits_exhausted").inc()
+        if not plan.candidates:
+            raise ProxyError(
+                ErrorCode.CREDITS_EXHAUSTED, f"access key {ex.access.name!r} has no credits left"
+            )
+
+    # ----------------------------------------------------------------- attempts
+
+    async def _run(
+        self, ex: Exchange, plan: Plan, body: bytes, data: dict[str, Any] | None, path: str
+    ) -> web.StreamResponse:
+        state = self.state
+        cfg = ex.runtime.config
+        metrics = state.metrics
+        health = state.health
+        request = ex.request
+        adapter = adapter_for(ex.fmt)
+        base_headers = _forward_headers(request.headers)
+        query = request.query_string
+        stream = bool(data and data.get("stream") is True)
+        deadline = ex.started + cfg.timeouts.total
+        max_attempts = cfg.failover.max_attempts
+        payloads: dict[str | None, tuple[bytes, bool]] = {}
+        last: tuple[int, CIMultiDictProxy[str], bytes] | None = None
+        timed_out = False
+
+        candidates = plan.candidates
+        for i, cand in enumerate(candidates):
+            if ex.attempts >= max_attempts:
+                break
+            key = cand.key
+            if ex.attempts and health.cooling_until(key.health_id) is not None:
+                continue  # cooled down by an earlier attempt of this request
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0:
+                timed_out = True
+                break
+            ex.attempts += 1
+            ex.candidate = cand
+            metrics.key_selections.labels(key.provider, key.source.value, key.key_id).inc()
+            model_name = cand.model.upstream if cand.model else None
+            if model_name not in payloads:
+                payloads[model_name] = _payload(body, data, model_name, adapter, path, stream)
+            payload, strip_usage = payloads[model_name]
+            url, headers = _upstream_request(cand, path, query, base_headers)
+
+            outcome: Outcome
+            retry_after: float | None = None
+            quota = False
+            sent = time.perf_counter()
+            try:
+                async with asyncio.timeout(min(cfg.timeouts.per_request, remaining)):
+                    upstream = await state.session.request(
+                        request.method, url, data=payload, headers=headers,
+                        timeout=state.attempt_timeout, allow_redirects=False,
+                    )  # fmt: skip
+            except TimeoutError:
+                outcome = Outcome.TIMEOUT
+                ex.upstream_wait += time.perf_counter() - sent
+                timed_out = time.perf_counter() >= deadline
+            except aiohttp.ClientError as exc:
+                outcome = Outcome.CONNECT_ERROR
+                ex.upstream_wait += time.perf_counter() - sent
+                state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
+                                    key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
+            else:
+                ttfb = time.perf_counter() - sent
+                ex.upstream_wait += ttfb
+                metrics.upstream_ttfb.labels(key.provider).observe(ttfb)
+                status = upstream.status
+                if status not in cfg.failover.on_status:
+                    outcome = classify_status(status)
+                    metrics.upstream_attempts.labels(
+                        key.provider, key.source.value, key.key_id, outcome.value
+                    ).inc()
+                    health.record(key.health_id, outcome, cfg.failover.cooldown)
+                    return await self._relay(ex, upstream, adapter, strip_usage)
+                outcome = classify_status(status)
+                try:
+                    t = time.perf_counter()
+                    failed_body = await upstream.content.read(_FAILED_BODY_LIMIT)
+                    ex.upstream_wait += time.perf_counter() - t
+                except (aiohttp.ClientError, TimeoutError):
+                    failed_body = b""
+                finally:
+                    upstream.release()
+                if status == 429:
+                    retry_after = parse_retry_after(upstream.headers.get("retry-after"))
+                    quota = is_quota_exhausted(failed_body)
+                last = (status, upstream.headers, failed_body)
+                state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
+                                    key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
+            metrics.upstream_attempts.labels(
+                key.provider, key.source.value, key.key_id, outcome.value
+            ).inc()
+            if health.record(key.health_id, outcome, cfg.failover.cooldown, retry_after=retry_after,
+                             quota_exhausted=quota) is not None:  # fmt: skip
+                state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
+                                 key_id=key.key_id, outcome=outcome.value)  # fmt: skip
+            if i + 1 < len(candidates) and ex.attempts < max_attempts and not timed_out:
+                metrics.failovers.labels(key.provider, outcome.value).inc()
+            if timed_out:
+                break
+
+        if last is not None:
+            status, failed_headers, failed_body = last
+            ex.status = status
+            out = _relay_headers(failed_headers)
+            out.update(ex.sidecar_headers())
+            return web.Response(status=status, body=failed_body, headers=out)
+        if timed_out:
+            raise ProxyError(
+                ErrorCode.GATEWAY_TIMEOUT, "no upstream answered within timeouts.total"
+            )
+        raise ProxyError(ErrorCode.UPSTREAM_UNAVAILABLE, "no upstream answered")
+
+    async def _relay(
+        self, ex: Exchange, upstream: aiohttp.ClientResponse, adapter: Adapter, strip_usage: bool
+    ) -> web.StreamResponse:
+        """Send the chosen upstream response to the caller. From here on there is no failover."""
+        state = self.state
+        key = ex.candidate.key if ex.candidate else None
+        ex.status = upstream.status
+        headers = _relay_headers(upstream.headers)
+        ok = upstream.status < 300
+        try:
+            if "text/event-stream" not in upstream.headers.get("content-type", ""):
+                t = time.perf_counter()
+                try:
+                    body = await upstream.read()
+                except (aiohttp.ClientError, TimeoutError):
+                    raise ProxyError(
+                        ErrorCode.UPSTREAM_UNAVAILABLE, "upstream closed before the body ended"
+                    ) from None
+                ex.upstream_wait += time.perf_counter() - t
+                if ok:
+                    ex.usage = adapter.usage_from_body(body)
+                headers.update(ex.sidecar_headers())
+                return web.Response(status=upstream.status, body=body, headers=headers)
+
+            headers.update(ex.sidecar_headers())
+            resp = web.StreamResponse(status=upstream.status, headers=headers)
+            await resp.prepare(ex.request)
+            meter = adapter.stream_meter(strip_usage) if ok else None
+            content = upstream.content
+            try:
+                while True:
+                    t = time.perf_counter()
+                    chunk = await content.readany()
+                    ex.upstream_wait += time.perf_counter() - t
+                    if not chunk:
+                        break
+                    out = meter.feed(chunk) if meter else chunk
+                    if out:
+                        await resp.write(out)
+                if meter:
+                    tail = meter.finish()
+                    if tail:
+                        await resp.write(tail)
+            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                if (
+                    isinstance(exc, ConnectionResetError)
+                    or ex.request.transport is None
+                    or (ex.request.transport.is_closing())
+                ):
+                    raise  # the caller went away; nothing left to tell it
+                cause = "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed"
+                state.metrics.stream_interruptions.labels(ex.provider, cause).inc()
+                state.oplog.warning("stream_interrupted", request_id=ex.request_id, provider=ex.provider,
+                                    key_id=key.key_id if key else "", cause=cause)  # fmt: skip
+                ex.usage = meter.usage if meter else None
+                # End the caller's stream without its terminator so the SDK sees the break.
+                ex.request.transport.close() if ex.request.transport else None
+                return resp
+            ex.usage = meter.usage if meter else None
+            await resp.write_eof()
+            return resp
+        finally:
+            upstream.release()
+
+    # ----------------------------------------------------------------- finishing
+
+    def _error(self, ex: Exchange, err: ProxyError) -> web.Response:
+        ex.status = err.code.status
+        adapter = adapter_for(ex.fmt)
+        headers = ex.sidecar_headers() if ex.candidate else {"x-sidecar-request-id": ex.request_id}
+        if not err.code.retryable:
+            headers["x-should-retry"] = "false"
+        if err.retry_after is not None:
+            headers["retry-after"] = str(err.retry_after)
+        return web.Response(status=err.code.status, body=adapter.error_body(err.code, err.message),
+                            content_type="application/json", headers=headers)  # fmt: skip
+
+    def _finish(self, ex: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+        state = self.state
+        duration = time.perf_counter() - ex.started
+        overhead = ex.overhead if ex.overhead is not None else duration - ex.upstream_wait
+        provider = ex.provider
+        m = state.metrics
+        m.requests.labels(ex.fmt, provider, str(ex.status)).inc()
+        m.request_duration.labels(ex.fmt, provider).observe(duration)
+        m.overhead.labels(ex.fmt).observe(overhead)
+        c = ex.candidate
+        usage = ex.usage
+        if usage is not None and c is not None and ex.status < 300:
+            state.billing.record(ex.access, c, usage)
+        state.access_log.write(
+            {
+                "ts": time.time(),
+                "request_id": ex.request_id,
+                "access_key": ex.access.name if ex.access else None,
+                "method": ex.request.method,
+                "path": ex.request.path,
+                "format": ex.fmt,
+                "provider": provider or None,
+                "model": c.model.upstream if c and c.model else None,
+                "key_source": c.key.source.value if c else None,
+                "key_id": c.key.key_id if c else None,
+                "attempts": ex.attempts,
+                "status": ex.status,
+                "duration_ms": round(duration * 1000, 3),
+                "overhead_ms": round(overhead * 1000, 3),
+                "input_tokens": usage.input_tokens if usage else None,
+                "output_tokens": usage.output_tokens if usage else None,
+            }
+        )
+        return resp
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+def _model_names(data: Mapping[str, Any] | None, *, required: bool) -> list[str]:
+    """`model` first, then the entries of `models`, without duplicates."""
+    names: list[str] = []
+    model = data.get("model") if data else None
+    if isinstance(model, str) and model:
+        names.append(model)
+    elif model is not None:
+        raise ProxyError(ErrorCode.MODEL_MISSING, "`model` must be a non-empty string")
+    models = data.get("models") if data else None
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise ProxyError(ErrorCode.MODEL_MISSING, "`models` must be a list of model names")
+        names += [m for m in models if m not in names]
+    if required and not names:
+        raise ProxyError(ErrorCode.MODEL_MISSING, "`model` is required")
+    return names
+
+
+def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> Any:
+    from sidecar.models import ResolvedModel
+
+    prefix = provider_id + ":"
+    upstream = name[len(prefix) :] if name.startswith(prefix) else name
+    return ResolvedModel(name, runtime.providers[provider_id], upstream)
+
+
+def _payload(
+    body: bytes,
+    data: dict[str, Any] | None,
+    model: str | None,
+    adapter: Adapter,
+    path: str,
+    stream: bool,
+) -> tuple[bytes, bool]:
+    """The body for one model candidate. The caller's bytes go out untouched when nothing changes."""
+    if data is None:
+        return body, False
+    changes: dict[str, Any] = {}
+    if "models" in data:
+        changes["models"] = None
+    if model is not None and data.get("model") != model:
+        changes["model"] = model
+    strip = False
+    if stream:
+        probe = dict(data)
+        strip = adapter.prepare_stream(path, probe)
+        if strip:
+            changes["stream_options"] = probe["stream_options"]
+    if not changes:
+        return body, False
+    out = dict(data)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return orjson.dumps(out), strip
+
+
+def _forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in incoming.items():
+        lname = name.lower()
+        if lname in _DROP_REQUEST or lname.startswith("x-sidecar-"):
+            continue
+        out.add(name, value)
+    return out
+
+
+def _upstream_request(
+    cand: Candidate, path: str, query: str, base: CIMultiDict[str]
+) -> tuple[str, CIMultiDict[str]]:
+    p = cand.provider
+    url = p.base_url + path
+    params = query
+    if p.query:
+        extra = "&".join(f"{k}={v}" for k, v in p.query)
+        params = f"{params}&{extra}" if params else extra
+    if params:
+        url = f"{url}?{params}"
+    headers = base.copy()
+    for name, secret in p.headers:
+        headers[name] = secret.reveal()
+    auth = auth_header(p.auth if cand.key.source is not KeySource.PASSTHROUGH else _caller_auth(p.auth),
+                       cand.key.secret)  # fmt: skip
+    if auth is not None:
+        headers[auth[0]] = auth[1]
+    return url, headers
+
+
+def _caller_auth(auth: str) -> str:
+    return "bearer" if auth == "none" else auth
+
+
+def _relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in _DROP_RESPONSE:
+            out.add(name, value)
+    return out
+
+
+def _listable_models(runtime: Runtime, access: AccessKey | None) -> list[tuple[str, str]]:
+    from sidecar.models import CATALOG_LISTED, ResolvedModel, model_allowed
+
+    cfg = runtime.config
+    out: list[tuple[str, str]] = []
+    for p in runtime.providers.values():
+        if cfg.only_allow_configured_providers and not p.configured:
+            continue
+        if access is not None and access.allowed_providers and p.id not in access.allowed_providers:
+            continue
+        names = list(p.models) or (
+            [] if cfg.only_allow_configured_models else list(CATALOG_LISTED.get(p.id, ()))
+        )
+        if access is not None and access.allowed_models:
+            names += [m for m in access.allowed_models if not m.endswith("*") and m not in names]
+        for name in sorted(names):
+            try:
+                resolved = runtime.resolver.resolve(name)
+            except ProxyError:
+                resolved = ResolvedModel(f"{p.id}:{name}", p, name)
+            if resolved.provider.id != p.id:
+                resolved = ResolvedModel(f"{p.id}:{name}", p, name)
+            if access is not None and not model_allowed(access.allowed_models, resolved):
+                continue
+            out.append((resolved.requested, p.id))
+    return out

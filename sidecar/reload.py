@@ -1,0 +1,116 @@
+"""Loading and hot-reloading the config + vault (SPEC §5).
+
+`load_runtime` is the whole blocking load (parse, read, decrypt, build); the
+reloader runs it in a thread. Files are polled by the stat of their resolved
+path (a Kubernetes volume swaps the `..data` symlink, so the real file
+changes identity) and re-read on SIGHUP; a new version replaces the old one
+whole, or is refused with a log line and a metric while the old one serves.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+from pathlib import Path
+
+from sidecar.config import Config, load_config
+from sidecar.crypto import load_private_key
+from sidecar.errors import ConfigError, VaultError
+from sidecar.runtime import Runtime, build_runtime
+from sidecar.state import State
+from sidecar.vault import open_vault, read_vault
+
+
+def load_runtime(config_path: Path) -> Runtime:
+    """Everything serving needs, or ConfigError/VaultError listing why not."""
+    config = load_config(config_path)
+    doc = read_vault(config.vault.path)
+    opener = load_private_key(config.vault.private_key_file)
+    opened, problems = open_vault(doc, opener)
+    runtime, more = build_runtime(config, opened)
+    problems += more
+    if problems:
+        raise VaultError("; ".join(problems))
+    return runtime
+
+
+def _stat_signature(paths: list[Path]) -> tuple[object, ...]:
+    sig: list[object] = []
+    for p in paths:
+        try:
+            real = os.path.realpath(p)
+            st = os.stat(real)
+            sig.append((real, st.st_ino, st.st_size, st.st_mtime_ns))
+        except OSError:
+            sig.append((str(p), None))
+    return tuple(sig)
+
+
+def _content_signature(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        try:
+            h.update(Path(os.path.realpath(p)).read_bytes())
+        except OSError:
+            h.update(b"\x00missing")
+        h.update(b"\x00")
+    return h.hexdigest()
+
+
+class Reloader:
+    def __init__(self, config_path: Path, state: State) -> None:
+        self.config_path = config_path
+        self.state = state
+        self._stat: tuple[object, ...] = ()
+        self._content = ""
+        self._lock = asyncio.Lock()
+
+    def _paths(self, config: Config) -> list[Path]:
+        paths = [self.config_path, config.vault.path]
+        if config.vault.private_key_file is not None:
+            paths.append(config.vault.private_key_file)
+        return paths
+
+    def mark_loaded(self) -> None:
+        paths = self._paths(self.state.runtime.config)
+        self._stat = _stat_signature(paths)
+        self._content = _content_signature(paths)
+
+    async def check(self, *, reason: str = "poll") -> bool:
+        """Reload if any file changed. True when a new version was swapped in."""
+        async with self._lock:
+            paths = self._paths(self.state.runtime.config)
+            stat = await asyncio.to_thread(_stat_signature, paths)
+            if stat == self._stat and reason == "poll":
+                return False
+            content = await asyncio.to_thread(_content_signature, paths)
+            self._stat = stat
+            if content == self._content:
+                return False
+            try:
+                runtime = await asyncio.to_thread(load_runtime, self.config_path)
+            except (ConfigError, VaultError) as exc:
+                self._content = content  # do not retry the same bad version every poll
+                self.state.metrics.reload_error()
+                problems = list(exc.problems) if isinstance(exc, ConfigError) else [str(exc)]
+                self.state.oplog.error("reload_refused", reason=reason, problems=problems,
+                                       keeping="last good version")  # fmt: skip
+                return False
+            self._content = content
+            self.state.runtime = runtime
+            self.state.health.forget_except(list(runtime.key_labels))
+            self.state.oplog.set_level(runtime.config.log.level)
+            self.state.access_log.enabled = runtime.config.log.access_log
+            self.state.metrics.reload_ok()
+            self.state.oplog.info("reloaded", reason=reason, access_keys=len(runtime.access_keys),
+                                  providers=len(runtime.providers))  # fmt: skip
+            return True
+
+    async def watch(self) -> None:
+        while True:
+            await asyncio.sleep(self.state.runtime.config.reload_interval)
+            try:
+                await self.check()
+            except OSError as exc:  # a transient filesystem error must not end the watcher
+                self.state.oplog.error("reload_check_failed", error=type(exc).__name__)

@@ -1,0 +1,34 @@
+"""What the proxy app holds (STYLE §4): one typed object under one `web.AppKey`."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
+
+import aiohttp
+from aiohttp import web
+
+from sidecar.health import KeyHealth
+from sidecar.logs import AccessLog, OpLog
+from sidecar.metrics import Metrics
+from sidecar.runtime import Runtime
+
+if TYPE_CHECKING:
+    from sidecar.billing import Billing
+
+
+@dataclass(slots=True)
+class State:
+    runtime: Runtime  # swapped whole by the reloader; each request keeps the one it started with
+    health: KeyHealth
+    metrics: Metrics
+    oplog: OpLog
+    access_log: AccessLog
+    billing: Billing
+    attempt_timeout: aiohttp.ClientTimeout
+    session: aiohttp.ClientSession = field(init=False)
+    draining: bool = False
+    ready: bool = False
+
+
+STATE: web.AppKey[State] = web.AppKey("sidecar_state", State)

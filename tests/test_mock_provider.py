@@ -1,0 +1,288 @@
+"""The mock provider, driven by the official SDKs and a raw aiohttp client."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from typing import Any
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+from aiohttp.test_utils import TestServer
+
+from sidecar.mock_provider import Directives, create_app, parse_directives, run
+
+REPLY = "Hello from the mock provider."
+USER: Any = [{"role": "user", "content": "say hi to me"}]  # 4 words
+
+ServerFactory = Callable[..., Awaitable[TestServer]]
+
+
+@pytest.fixture
+async def server(aiohttp_server: ServerFactory) -> TestServer:
+    return await aiohttp_server(create_app())
+
+
+@pytest.fixture
+async def oai(server: TestServer) -> AsyncIterator[openai.AsyncOpenAI]:
+    url = str(server.make_url("/v1"))
+    async with openai.AsyncOpenAI(base_url=url, api_key="k", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+async def ant(server: TestServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
+    url = str(server.make_url(""))
+    async with anthropic.AsyncAnthropic(base_url=url, api_key="k", max_retries=0) as client:
+        yield client
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
+
+
+async def post(
+    http: aiohttp.ClientSession, server: TestServer, path: str, body: Any, **headers: str
+) -> tuple[int, Mapping[str, str], Any]:
+    async with http.post(server.make_url(path), json=body, headers=headers) as resp:
+        return resp.status, resp.headers, await resp.json()
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("sk-fail-429", Directives(fail=429)),
+        ("k:gpt-4o-fail-429-retry-7", Directives(fail=429, retry_after=7)),
+        ("fail-quota", Directives(fail=429, quota=True)),
+        ("k_drop", Directives(drop=True)),
+        ("slow-250:stall-10-break", Directives(brk=True, slow_ms=250, stall_ms=10)),
+        ("gpt-4o-mini-dropout", Directives()),
+        ("fail-200", Directives()),
+        ("k:gpt-4o-mini", Directives()),
+    ],
+)
+def test_parse_directives(text: str, expected: Directives) -> None:
+    assert parse_directives(text) == expected
+
+
+async def test_chat(oai: openai.AsyncOpenAI) -> None:
+    r = await oai.chat.completions.create(model="gpt-4o-mini", messages=USER)
+    assert r.model == "gpt-4o-mini"
+    assert r.id.startswith("chatcmpl-mock-")
+    assert r.choices[0].message.content == REPLY
+    assert r.choices[0].finish_reason == "stop"
+    assert r.usage is not None
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens, r.usage.total_tokens) == (4, 5, 9)
+    cut = await oai.chat.completions.create(model="m", messages=USER, max_tokens=2)
+    assert cut.choices[0].message.content == "Hello from"
+    assert cut.usage is not None
+    assert cut.usage.completion_tokens == 2
+
+
+@pytest.mark.parametrize("include_usage", [True, False])
+async def test_chat_stream(oai: openai.AsyncOpenAI, include_usage: bool) -> None:
+    extra: dict[str, Any] = {"stream_options": {"include_usage": True}} if include_usage else {}
+    stream = await oai.chat.completions.create(
+        model="gpt-4o-mini", messages=USER, stream=True, **extra
+    )
+    chunks = [c async for c in stream]
+    text = "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert text == REPLY
+    assert len(chunks) == 1 + 5 + 1 + include_usage
+    if include_usage:
+        assert all(c.usage is None for c in chunks[:-1])
+        assert chunks[-1].choices == []
+        assert chunks[-1].usage is not None
+        assert chunks[-1].usage.total_tokens == 9
+    else:
+        assert all(c.usage is None for c in chunks)
+
+
+async def test_anthropic_messages(ant: anthropic.AsyncAnthropic) -> None:
+    kwargs: dict[str, Any] = {
+        "model": "claude-3-5-haiku-latest",
+        "max_tokens": 100,
+        "system": "be brief",
+        "messages": [{"role": "user", "content": [{"type": "text", "text": "say hi to me"}]}],
+    }
+    msg = await ant.messages.create(**kwargs)
+    assert msg.model == kwargs["model"]
+    assert msg.content[0].type == "text"
+    assert msg.content[0].text == REPLY
+    assert (msg.usage.input_tokens, msg.usage.output_tokens) == (6, 5)
+    async with ant.messages.stream(**kwargs) as stream:
+        final = await stream.get_final_message()
+        assert await stream.get_final_text() == REPLY
+    assert (final.usage.input_tokens, final.usage.output_tokens) == (6, 5)
+    assert final.stop_reason == "end_turn"
+    counted = await ant.messages.count_tokens(
+        model="m", system="be brief", messages=kwargs["messages"]
+    )
+    assert counted.input_tokens == 6
+    cut = await ant.messages.create(**{**kwargs, "max_tokens": 3})
+    assert cut.stop_reason == "max_tokens"
+    assert cut.usage.output_tokens == 3
+
+
+async def test_other_openai_routes(oai: openai.AsyncOpenAI) -> None:
+    emb = await oai.embeddings.create(model="text-embedding-3-small", input=["a b", "c"])
+    floats = await oai.embeddings.create(
+        model="text-embedding-3-small", input="a b", encoding_format="float"
+    )
+    assert [len(e.embedding) for e in emb.data] == [8, 8]
+    assert emb.data[0].embedding == floats.data[0].embedding != emb.data[1].embedding
+    assert emb.usage.prompt_tokens == 3
+    comp = await oai.completions.create(model="gpt-3.5-turbo-instruct", prompt="one two")
+    assert comp.choices[0].text == REPLY
+    assert comp.usage is not None
+    assert comp.usage.prompt_tokens == 2
+    stream = await oai.completions.create(model="m", prompt="x", stream=True)
+    assert "".join([c.choices[0].text async for c in stream]) == REPLY
+    resp = await oai.responses.create(model="gpt-4o-mini", input="hello there")
+    assert resp.output_text == REPLY
+    assert resp.usage is not None
+    assert (resp.usage.input_tokens, resp.usage.output_tokens) == (2, 5)
+    events = [e async for e in await oai.responses.create(model="m", input="x", stream=True)]
+    assert events[-1].type == "response.completed"
+    models = await oai.models.list()
+    assert "gpt-4o-mini" in [m.id for m in models.data]
+
+
+@pytest.mark.parametrize("status", [400, 401, 403, 404, 429, 500, 502, 503, 529])
+async def test_failures(http: aiohttp.ClientSession, server: TestServer, status: int) -> None:
+    body = {"model": "gpt-4o-mini", "messages": USER, "max_tokens": 10}
+    auth = f"Bearer sk-fail-{status}"
+    code, headers, err = await post(http, server, "/v1/chat/completions", body, authorization=auth)
+    assert code == status
+    assert set(err["error"]) == {"message", "type", "code", "param"}
+    assert headers.get("retry-after") == ("1" if status == 429 else None)
+    # Via the model name, in the Anthropic shape.
+    body["model"] = f"claude-x-fail-{status}"
+    code, _, err = await post(http, server, "/v1/messages", body, **{"x-api-key": "k"})
+    assert code == status
+    assert err["type"] == "error"
+    assert set(err["error"]) == {"type", "message"}
+
+
+async def test_rate_limit_and_quota_via_sdk(oai: openai.AsyncOpenAI) -> None:
+    with pytest.raises(openai.RateLimitError) as info:
+        await oai.chat.completions.create(model="gpt-4o-fail-429-retry-7", messages=USER)
+    assert info.value.response.headers["retry-after"] == "7"
+    assert info.value.code == "rate_limit_exceeded"
+    with pytest.raises(openai.RateLimitError) as info:
+        await oai.chat.completions.create(model="gpt-4o-fail-quota", messages=USER)
+    assert info.value.code == info.value.type == "insufficient_quota"
+    assert "retry-after" not in info.value.response.headers
+
+
+async def test_drop(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    with pytest.raises(aiohttp.ClientConnectionError):
+        await post(
+            http, server, "/v1/chat/completions", {"model": "m-drop"}, authorization="Bearer k"
+        )
+    with pytest.raises(openai.APIConnectionError):
+        await oai.chat.completions.create(model="gpt-4o-drop", messages=USER)
+    # The server survives and still answers.
+    assert (await oai.chat.completions.create(model="m", messages=USER)).choices
+
+
+async def test_break(oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic) -> None:
+    stream = await oai.chat.completions.create(model="m-break", messages=USER, stream=True)
+    seen: list[str] = []
+
+    async def drain() -> None:
+        async for chunk in stream:
+            seen.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(openai.APIConnectionError):
+        await drain()
+    assert "".join(seen) == "Hello from"
+    # The SDK lets its transport's error through (httpx's RemoteProtocolError).
+    with pytest.raises(Exception, match=r"incomplete|Connection error"):
+        async with ant.messages.stream(
+            model="claude-break", max_tokens=10, messages=USER
+        ) as astream:
+            await astream.get_final_message()
+
+
+async def test_slow_and_stall(oai: openai.AsyncOpenAI) -> None:
+    start = time.monotonic()
+    await oai.chat.completions.create(model="m-slow-150", messages=USER)
+    assert time.monotonic() - start >= 0.15
+    start = time.monotonic()
+    stream = await oai.chat.completions.create(model="m-stall-40", messages=USER, stream=True)
+    assert len([c async for c in stream]) == 7
+    assert time.monotonic() - start >= 6 * 0.04
+
+
+async def test_auth_and_bad_json(http: aiohttp.ClientSession, server: TestServer) -> None:
+    code, _, err = await post(http, server, "/v1/chat/completions", {"model": "m"})
+    assert (code, err["error"]["code"]) == (401, "invalid_api_key")
+    code, _, err = await post(http, server, "/v1/messages", {"model": "m"})
+    assert (code, err["error"]["type"]) == (401, "authentication_error")
+    # Anthropic routes take a bearer too; OpenAI routes do not take x-api-key.
+    code, _, _ = await post(
+        http, server, "/v1/messages/count_tokens", {"model": "m"}, authorization="Bearer k"
+    )
+    assert code == 200
+    code, _, _ = await post(
+        http, server, "/v1/chat/completions", {"model": "m"}, **{"x-api-key": "k"}
+    )
+    assert code == 401
+    for path, shape in [("/v1/chat/completions", "error"), ("/v1/messages", "type")]:
+        async with http.post(
+            server.make_url(path),
+            data=b"{nope",
+            headers={"x-api-key": "k", "authorization": "Bearer k"},
+        ) as resp:
+            assert resp.status == 400
+            assert shape in await resp.json()
+
+
+async def test_request_log(
+    oai: openai.AsyncOpenAI, http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    async with http.get(server.make_url("/_mock/health")) as resp:
+        assert resp.status == 200
+    await oai.chat.completions.create(model="m", messages=USER, extra_query={"a": "1"})
+    await post(http, server, "/v1/messages", {"model": "m-fail-500"}, **{"x-api-key": "ant-k"})
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        log = (await resp.json())["requests"]
+    assert [(r["method"], r["path"], r["key"]) for r in log] == [
+        ("POST", "/v1/chat/completions", "k"),
+        ("POST", "/v1/messages", "ant-k"),
+    ]
+    assert log[0]["query"] == {"a": "1"}
+    assert log[0]["headers"]["authorization"] == "Bearer k"
+    assert log[0]["body"]["messages"] == USER
+    async with http.delete(server.make_url("/_mock/requests")) as resp:
+        assert await resp.json() == {"cleared": 2}
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        assert (await resp.json())["requests"] == []
+
+
+async def test_run_serves_until_cancelled(unused_tcp_port: int) -> None:
+    port = unused_tcp_port
+    task = asyncio.create_task(run("127.0.0.1", port))
+    async with aiohttp.ClientSession() as http:
+        for _ in range(100):
+            try:
+                async with http.get(f"http://127.0.0.1:{port}/_mock/health") as resp:
+                    assert resp.status == 200
+                    break
+            except aiohttp.ClientConnectionError:
+                await asyncio.sleep(0.01)
+        else:
+            pytest.fail("mock provider did not start")
+        async with http.get(f"http://127.0.0.1:{port}/v1/nope") as resp:
+            assert (resp.status, (await resp.json())["error"]["code"]) == (404, "unknown_url")
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
