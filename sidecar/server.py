@@ -37,7 +37,9 @@ def _needs_ledger(config: Config) -> bool:
     return any(config.managed.values())
 
 
-def build_state(config_path: Path, *, oplog: OpLog | None = None) -> State:
+def build_state(
+    config_path: Path, *, oplog: OpLog | None = None, access_log: AccessLog | None = None
+) -> State:
     """Load config + vault (first load counts as a reload) and build the app state."""
     metrics = Metrics()
     oplog = oplog or OpLog()
@@ -60,7 +62,7 @@ def build_state(config_path: Path, *, oplog: OpLog | None = None) -> State:
         health=KeyHealth(),
         metrics=metrics,
         oplog=oplog,
-        access_log=AccessLog(cfg.log.access_log),
+        access_log=access_log or AccessLog(cfg.log.access_log),
         billing=billing,
         attempt_timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.timeouts.per_request, sock_read=cfg.timeouts.stream_idle
@@ -177,8 +179,11 @@ def _bound_port(runner: web.AppRunner) -> int:
     raise RuntimeError("site not started")
 
 
-async def start(config_path: Path, *, oplog: OpLog | None = None) -> Running:
-    state = build_state(config_path, oplog=oplog)
+async def start(
+    config_path: Path, *, oplog: OpLog | None = None, access_log: AccessLog | None = None
+) -> Running:
+    """Load, bind both ports (port 0 picks a free one) and serve; `Running.stop()` drains."""
+    state = build_state(config_path, oplog=oplog, access_log=access_log)
     cfg = state.runtime.config
     proxy_runner = web.AppRunner(build_proxy_app(state, config_path), handler_cancellation=True,
                                  shutdown_timeout=cfg.shutdown_grace, access_log=None, handle_signals=False)  # fmt: skip

@@ -19,6 +19,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from sidecar.ledger.base import LedgerUnavailable
+from sidecar.secret import Secret
 
 SPEND_KEY: Final = "sidecar:spend"
 # asyncio.TimeoutError is the builtin TimeoutError, an OSError.
@@ -69,7 +70,8 @@ class RedisLedger:
         max_connections: int = 32,
     ) -> None:
         self._where = redact_url(url)
-        self._password = _password(url)
+        password = _password(url)
+        self._password = Secret(password) if password else None
         self._key = key
         try:
             # A blocking pool: a burst of requests waits briefly for a free
@@ -113,5 +115,5 @@ class RedisLedger:
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
         detail = str(exc)
         if self._password:
-            detail = detail.replace(self._password, "***")
+            detail = detail.replace(self._password.reveal(), "***")
         return LedgerUnavailable(f"redis ledger {self._where}: {type(exc).__name__}: {detail}")

@@ -1,0 +1,217 @@
+"""Shared test harness: a real vault, config, mock upstream and sidecar on loopback.
+
+Servers bind port 0 and report the port they got; SDK clients are the
+official ones. Nothing here fakes a component users run.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anthropic
+import openai
+import orjson
+
+from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.logs import AccessLog, OpLog
+from sidecar.secret import Secret
+from sidecar.server import Running, start
+from sidecar.vault import (
+    AccessKeyEntry,
+    AttachedEntry,
+    attached_slot,
+    create_vault,
+    edit_vault,
+    hash_access_key,
+    new_access_key,
+    now_iso,
+    secret_slot,
+)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+class LogSink(io.StringIO):
+    """Captures JSON log lines (text or bytes) for assertions."""
+
+    def write_bytes(self, data: bytes) -> int:
+        return self.write(data.decode())
+
+    def records(self) -> list[dict[str, Any]]:
+        return [orjson.loads(line) for line in self.getvalue().splitlines() if line.strip()]
+
+
+class _BytesAdapter(io.RawIOBase):
+    def __init__(self, sink: LogSink) -> None:
+        self.sink = sink
+
+    def writable(self) -> bool:
+        return True
+
+    def write(self, data: Any) -> int:
+        self.sink.write(bytes(data).decode())
+        return len(data)
+
+
+@dataclass
+class Env:
+    """A directory with a key pair, a vault and a config for one sidecar."""
+
+    dir: Path
+    public_key: str
+    private_key: Secret
+    upstream: str = ""  # mock base URL, e.g. http://127.0.0.1:PORT/v1
+    oplog: LogSink = field(default_factory=LogSink)
+    access: LogSink = field(default_factory=LogSink)
+
+    @property
+    def vault(self) -> Path:
+        return self.dir / "vault.json"
+
+    @property
+    def config(self) -> Path:
+        return self.dir / "sidecar.yaml"
+
+    def secret(self, ns: str, name: str, value: str) -> str:
+        """Seal a secret; returns its config reference."""
+        with edit_vault(self.vault) as doc:
+            doc.secrets.setdefault(ns, {})[name] = Sealer(doc.recipient).seal(secret_slot(ns, name), Secret(value))
+        return f"${{secrets.get('{ns}', '{name}')}}"
+
+    def access_key(self, name: str, *, credits: float = 0.0, providers: list[str] | None = None,
+                   models: list[str] | None = None) -> str:  # fmt: skip
+        token = new_access_key()
+        with edit_vault(self.vault) as doc:
+            doc.access_keys[name] = AccessKeyEntry(
+                hash=hash_access_key(token.reveal()), created_at=now_iso(), credits_usd=credits,
+                allowed_providers=providers or [], allowed_models=models or [],
+            )  # fmt: skip
+        return token.reveal()
+
+    def attach(self, access_key: str, provider: str, key_id: str, value: str) -> None:
+        with edit_vault(self.vault) as doc:
+            sealed = Sealer(doc.recipient).seal(attached_slot(access_key, key_id), Secret(value))
+            doc.access_keys[access_key].attached.append(AttachedEntry(key_id, provider, now_iso(), sealed))
+
+    def write_config(self, body: str, *, listen: str = "127.0.0.1:0", admin: str = "127.0.0.1:0") -> Path:
+        """Write a config: `body` is YAML appended after listen/admin/vault lines."""
+        head = (f"listen: {listen}\nadmin_listen: {admin}\n"
+                "vault: {path: vault.json, private_key_file: sidecar.key}\nreload_interval: 200ms\n")  # fmt: skip
+        self.config.write_text(head + body.replace("UPSTREAM", self.upstream))
+        return self.config
+
+    async def start(self) -> Sidecar:
+        running = await start(self.config, oplog=OpLog("debug", self.oplog),
+                              access_log=AccessLog(True, io.BufferedWriter(_BytesAdapter(self.access))))  # fmt: skip
+        return Sidecar(self, running)
+
+
+def make_env(directory: Path, upstream: str = "") -> Env:
+    key = generate_private_key()
+    write_private_key(directory / "sidecar.key", key)
+    public = Opener(key).public_key
+    create_vault(directory / "vault.json", public)
+    return Env(directory, public, key, upstream)
+
+
+@dataclass
+class Sidecar:
+    env: Env
+    running: Running
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.running.proxy_port}"
+
+    @property
+    def admin_url(self) -> str:
+        return f"http://127.0.0.1:{self.running.admin_port}"
+
+    def openai(self, key: str, **kw: Any) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url + "/v1", api_key=key, max_retries=0, **kw)
+
+    def anthropic(self, key: str, **kw: Any) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=self.url, api_key=key, max_retries=0, **kw)
+
+    async def stop(self) -> None:
+        await self.running.stop()
+        self.running.state.access_log.flush()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def sidecar_cmd(*args: str) -> list[str]:
+    return [sys.executable, "-m", "sidecar", *args]
+
+
+def subprocess_env() -> dict[str, str]:
+    return {**os.environ, "PYTHONPATH": str(REPO)}
+
+
+@dataclass
+class Process:
+    """A sidecar (or mock) in its own process; stderr is read for the `listening` line."""
+
+    proc: subprocess.Popen[bytes]
+    stderr_path: Path
+    proxy_port: int = 0
+    admin_port: int = 0
+
+    def lines(self) -> list[dict[str, Any]]:
+        out = []
+        for line in self.stderr_path.read_text().splitlines():
+            if line.startswith("{"):
+                out.append(orjson.loads(line))
+        return out
+
+    def stop(self, timeout: float = 30.0) -> int:
+        if self.proc.poll() is None:
+            self.proc.terminate()
+        return self.proc.wait(timeout)
+
+
+def spawn_sidecar(config: Path, stdout: Path, *, timeout: float = 20.0) -> Process:
+    stderr = config.parent / f"sidecar-{time.monotonic_ns()}.err"
+    proc = subprocess.Popen(sidecar_cmd("serve", "--config", str(config)), stdout=stdout.open("wb"),
+                            stderr=stderr.open("wb"), env=subprocess_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    p = Process(proc, stderr)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        for rec in p.lines():
+            if rec.get("event") == "listening":
+                p.proxy_port = int(rec["proxy"].rsplit(":", 1)[1])
+                p.admin_port = int(rec["admin"].rsplit(":", 1)[1])
+                return p
+        if proc.poll() is not None:
+            raise RuntimeError(f"sidecar exited: {stderr.read_text()[-2000:]}")
+        time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError("sidecar did not start")
+
+
+def iter_metric(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
+    """Samples of one metric from Prometheus text format."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    for fam in text_string_to_metric_families(text):
+        for s in fam.samples:
+            if s.name == name:
+                yield dict(s.labels), float(s.value)
+
+
+def metric_value(text: str, name: str, **labels: str) -> float:
+    """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
+    return sum(v for ls, v in iter_metric(text, name) if all(ls.get(k) == val for k, val in labels.items()))
