@@ -28,6 +28,7 @@ from sidecar.vault import (
     hash_access_key,
     new_access_key,
     now_iso,
+    parse_iso,
     read_vault,
     secret_slot,
 )
@@ -191,7 +192,11 @@ def cmd_provider_key_list(args: argparse.Namespace) -> None:
     for name in sorted(doc.access_keys):
         if args.access_key and name != args.access_key:
             continue
-        for a in sorted(doc.access_keys[name].attached, key=lambda a: a.attached_at, reverse=True):
+        attached = doc.access_keys[name].attached
+        # newest first, ties to the later entry: the order serving tries them in
+        for _, _, a in sorted(
+            ((parse_iso(a.attached_at), i, a) for i, a in enumerate(attached)), reverse=True
+        ):
             _out(f"{name}\t{a.id}\t{a.provider}\t{a.attached_at}")
 
 
@@ -286,7 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("namespace", metavar="NS", type=_name("namespace"))
     s.add_argument("name", metavar="NAME", type=_name("name"))
     s.set_defaults(func=cmd_secret_set)
-    s = sec.add_parser("list", help="list secret names (never values)")
+    s = sec.add_parser(
+        "list",
+        help="list secret names (never values)",
+        description="List the namespaces and names of the sealed secrets. Values are never shown.",
+    )
     vault_arg(s)
     s.set_defaults(func=cmd_secret_list)
 
@@ -315,7 +324,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="restrict to model M, `*` suffix allowed (repeatable)",
     )
     s.set_defaults(func=cmd_access_key_create)
-    s = ak.add_parser("revoke", help="revoke an access key (effective at the next reload)")
+    s = ak.add_parser(
+        "revoke",
+        help="revoke an access key (effective at the next reload)",
+        description="Mark an access key revoked. Running sidecars refuse it (401) after their next reload.",
+    )
     vault_arg(s)
     s.add_argument("name", metavar="NAME")
     s.set_defaults(func=cmd_access_key_revoke)
@@ -325,7 +338,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", metavar="NAME")
     s.add_argument("usd", metavar="USD", type=_usd)
     s.set_defaults(func=cmd_access_key_set_credits)
-    s = ak.add_parser("list", help="names, scopes, credits, dates (never hashes or keys)")
+    s = ak.add_parser(
+        "list",
+        help="names, scopes, credits, dates (never hashes or keys)",
+        description="List access keys: name, status, credit grant, allowed providers and models, "
+        "number of attached keys, creation and revocation times. Never keys or hashes.",
+    )
     vault_arg(s)
     s.set_defaults(func=cmd_access_key_list)
 
@@ -342,12 +360,21 @@ def build_parser() -> argparse.ArgumentParser:
         "--id", metavar="ID", type=_name("key id"), help="non-secret id (default: generated)"
     )
     s.set_defaults(func=cmd_provider_key_attach)
-    s = pk.add_parser("detach", help="remove an attached key")
+    s = pk.add_parser(
+        "detach",
+        help="remove an attached key",
+        description="Remove an attached provider key (by its id) from an access key.",
+    )
     vault_arg(s)
     s.add_argument("--access-key", required=True, metavar="NAME")
     s.add_argument("--id", required=True, metavar="ID")
     s.set_defaults(func=cmd_provider_key_detach)
-    s = pk.add_parser("list", help="attached key ids, providers and times (never values)")
+    s = pk.add_parser(
+        "list",
+        help="attached key ids, providers and times (never values)",
+        description="List attached keys, newest first per access key: ids, providers, "
+        "attach times. Never values.",
+    )
     vault_arg(s)
     s.add_argument("--access-key", metavar="NAME")
     s.set_defaults(func=cmd_provider_key_list)

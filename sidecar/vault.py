@@ -147,7 +147,10 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
     )
     recipient = raw.get("recipient")
     _expect(isinstance(recipient, str), f"{source}: recipient", "a base64 public key")
-    parse_public_key(recipient)
+    try:
+        parse_public_key(recipient)
+    except VaultError:
+        raise VaultError(f"{source}: recipient: expected a base64 public key (32 bytes)") from None
     secrets_raw = raw.get("secrets", {})
     _expect(isinstance(secrets_raw, dict), f"{source}: secrets", "an object of namespaces")
     secrets: dict[str, dict[str, str]] = {}
@@ -252,6 +255,10 @@ def _locked(path: Path) -> Iterator[None]:
 def edit_vault(path: Path) -> Iterator[VaultDoc]:
     """Read-modify-write under an exclusive lock; nothing is written if the body raises."""
     path = Path(path)
+    if not path.exists():
+        read_vault(
+            path
+        )  # raises the clear "no such vault" error without leaving a lock file behind
     with _locked(path):
         doc = read_vault(path)
         yield doc

@@ -1,0 +1,880 @@
+"""The `sidecar` command (SPEC §6), in-process through `main(argv)` and as real processes."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import io
+import os
+import stat
+import subprocess
+import sys
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.cli import main
+from sidecar.crypto import PRIVATE_KEY_ENV, Opener, load_private_key
+from sidecar.vault import hash_access_key, open_vault, read_vault
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+# Distinctive values: any of them showing up in any output is a leak.
+OPENAI_PRIMARY = "sk-proj-LEAKPROBE-openai-primary-Zq81Xw"
+ANTHROPIC_KEY = "sk-ant-LEAKPROBE-anthropic-Pm27Lk"
+ATTACHED_ONE = "sk-proj-LEAKPROBE-attached-one-Hh55Tt"
+ATTACHED_TWO = "sk-proj-LEAKPROBE-attached-two-Gg66Rr"
+LITERAL_IN_CONFIG = "sk-proj-LEAKPROBE-literal-in-config-Uu99"
+
+CONFIG = """\
+listen: 127.0.0.1:18080
+admin_listen: 127.0.0.1:19090
+vault: {{path: vault.json, private_key_file: sidecar.key}}
+providers:
+  - id: openai
+    api_keys:
+      - id: org-primary
+        value: ${{secrets.get('openai', 'primary')}}
+{extra}"""
+
+
+@pytest.fixture(autouse=True)
+def _no_env_private_key(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.delenv(PRIVATE_KEY_ENV, raising=False)
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+@dataclass(frozen=True)
+class Run:
+    code: int
+    out: str
+    err: str
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+def cli(*argv: str, stdin: str = "") -> Run:
+    """Run `main(argv)` in-process with `stdin`, capturing stdout, stderr and the exit code."""
+    out, err = io.StringIO(), io.StringIO()
+    saved_stdin = sys.stdin
+    sys.stdin = io.StringIO(stdin)
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                code = main(list(argv))
+            except SystemExit as exc:
+                code = exc.code if isinstance(exc.code, int) else 1
+    finally:
+        sys.stdin = saved_stdin
+    return Run(code, out.getvalue(), err.getvalue())
+
+
+def proc_env() -> dict[str, str]:
+    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
+    env.pop(PRIVATE_KEY_ENV, None)
+    return env
+
+
+def run_proc(
+    *argv: str, stdin: str = "", cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "sidecar", *argv],
+        input=stdin,
+        capture_output=True,
+        text=True,
+        env=proc_env(),
+        cwd=cwd or REPO_ROOT,
+        timeout=30,
+        check=False,
+    )
+
+
+@dataclass
+class Deployment:
+    root: Path
+    public_key: str
+    outputs: list[Run] = field(default_factory=list)
+
+    @property
+    def key(self) -> Path:
+        return self.root / "sidecar.key"
+
+    @property
+    def vault(self) -> Path:
+        return self.root / "vault.json"
+
+    @property
+    def config(self) -> Path:
+        return self.root / "sidecar.yaml"
+
+    def run(self, *argv: str, stdin: str = "") -> Run:
+        result = cli(*argv, stdin=stdin)
+        self.outputs.append(result)
+        return result
+
+    def ok(self, *argv: str, stdin: str = "") -> Run:
+        result = self.run(*argv, stdin=stdin)
+        assert result.code == 0, result
+        return result
+
+    def raw(self) -> dict[str, Any]:
+        return orjson.loads(self.vault.read_bytes())  # type: ignore[no-any-return]
+
+    def write_raw(self, raw: dict[str, Any]) -> None:
+        self.vault.write_bytes(orjson.dumps(raw))
+
+    def write_config(self, extra: str = "") -> None:
+        self.config.write_text(CONFIG.format(extra=extra))
+
+    def opener(self) -> Opener:
+        return load_private_key(self.key)
+
+    def check(self) -> Run:
+        return self.run("check", "--config", str(self.config))
+
+
+@pytest.fixture
+def dep(tmp_path: Path) -> Deployment:
+    """keygen → vault init → secret set → config: a deployment that passes `check`."""
+    root = tmp_path / "deploy"
+    root.mkdir()
+    keygen = cli("keygen", "--private-key", str(root / "sidecar.key"))
+    assert keygen.code == 0, keygen
+    d = Deployment(root, keygen.out.strip(), [keygen])
+    d.ok("vault", "init", "--vault", str(d.vault), "--public-key", d.public_key)
+    d.ok("secret", "set", "--vault", str(d.vault), "openai", "primary", stdin=OPENAI_PRIMARY + "\n")
+    d.write_config()
+    return d
+
+
+def assert_one_error_line(result: Run, *fragments: str) -> None:
+    assert result.code == 1, result
+    assert result.out == ""
+    assert result.err.startswith("error: ")
+    assert result.err.count("\n") == 1, result.err
+    for fragment in fragments:
+        assert fragment in result.err
+
+
+def temp_files(directory: Path) -> list[str]:
+    return sorted(p.name for p in directory.iterdir() if p.name.endswith(".tmp"))
+
+
+# --------------------------------------------------------------------------- keygen
+
+
+def test_keygen_writes_0600_and_prints_the_public_key_alone(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.key"
+    result = cli("keygen", "--private-key", str(path))
+    assert result.code == 0
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    public = result.out.strip()
+    assert result.out == public + "\n"
+    assert len(base64.b64decode(public, validate=True)) == 32
+    assert load_private_key(path).public_key == public
+    private = path.read_text().strip()
+    assert private not in result.text
+
+
+def test_keygen_refuses_to_overwrite(tmp_path: Path) -> None:
+    path = tmp_path / "sidecar.key"
+    assert cli("keygen", "--private-key", str(path)).code == 0
+    before = path.read_bytes()
+    result = cli("keygen", "--private-key", str(path))
+    assert_one_error_line(result, str(path), "refusing to overwrite")
+    assert path.read_bytes() == before
+
+
+def test_keygen_as_a_process(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    proc = run_proc("keygen", "--private-key", str(path))
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("\n") == 1
+    assert load_private_key(path).public_key == proc.stdout.strip()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+
+
+# --------------------------------------------------------------------------- vault init
+
+
+def test_vault_init_refuses_an_existing_vault(dep: Deployment) -> None:
+    before = dep.vault.read_bytes()
+    other = cli("keygen", "--private-key", str(dep.root / "other.key")).out.strip()
+    result = cli("vault", "init", "--vault", str(dep.vault), "--public-key", other)
+    assert_one_error_line(result, "already exists")
+    assert dep.vault.read_bytes() == before
+
+
+def test_vault_init_rejects_a_bad_public_key(tmp_path: Path) -> None:
+    result = cli("vault", "init", "--vault", str(tmp_path / "v.json"), "--public-key", "nope")
+    assert_one_error_line(result, "public key")
+    assert not (tmp_path / "v.json").exists()
+
+
+def test_vault_init_creates_an_empty_vault(dep: Deployment) -> None:
+    path = dep.root / "fresh.json"
+    dep.ok("vault", "init", "--vault", str(path), "--public-key", dep.public_key)
+    doc = read_vault(path)
+    assert (doc.recipient, doc.secrets, doc.access_keys) == (dep.public_key, {}, {})
+
+
+# --------------------------------------------------------------------------- secrets
+
+
+def test_secret_set_strips_whitespace(dep: Deployment) -> None:
+    dep.ok(
+        "secret",
+        "set",
+        "--vault",
+        str(dep.vault),
+        "anthropic",
+        "k",
+        stdin=f"\n  {ANTHROPIC_KEY} \t\n\n",
+    )
+    opened, problems = open_vault(read_vault(dep.vault), dep.opener())
+    assert problems == []
+    assert opened.secrets[("anthropic", "k")].reveal() == ANTHROPIC_KEY
+    assert opened.secrets[("openai", "primary")].reveal() == OPENAI_PRIMARY
+
+
+@pytest.mark.parametrize("stdin", ["", "\n", "   \t\n  "])
+def test_secret_set_with_empty_stdin_is_a_user_error(dep: Deployment, stdin: str) -> None:
+    before = dep.vault.read_bytes()
+    result = cli("secret", "set", "--vault", str(dep.vault), "ns", "name", stdin=stdin)
+    assert_one_error_line(result, "standard input")
+    assert dep.vault.read_bytes() == before
+
+
+def test_secret_set_replaces_a_value(dep: Deployment) -> None:
+    dep.ok(
+        "secret", "set", "--vault", str(dep.vault), "openai", "primary", stdin="sk-replaced-0001"
+    )
+    opened, _ = open_vault(read_vault(dep.vault), dep.opener())
+    assert opened.secrets[("openai", "primary")].reveal() == "sk-replaced-0001"
+
+
+def test_secret_set_on_a_missing_vault(tmp_path: Path) -> None:
+    result = cli("secret", "set", "--vault", str(tmp_path / "absent.json"), "a", "b", stdin="v")
+    assert_one_error_line(result, "absent.json", "vault init")
+
+
+def test_secret_list_shows_names_only(dep: Deployment) -> None:
+    dep.ok("secret", "set", "--vault", str(dep.vault), "anthropic", "k", stdin=ANTHROPIC_KEY)
+    result = dep.ok("secret", "list", "--vault", str(dep.vault))
+    assert result.out.splitlines() == ["anthropic\tk", "openai\tprimary"]
+
+
+# --------------------------------------------------------------------------- access keys
+
+
+def test_access_key_is_printed_once_and_stored_only_as_a_hash(dep: Deployment) -> None:
+    result = dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    token = result.out.strip()
+    assert result.out == token + "\n"
+    assert token.startswith("sk-sc-")
+    assert len(token) >= 40
+    data = dep.vault.read_bytes().decode()
+    assert token not in data
+    for n in range(8, len(token) + 1):
+        for i in range(len(token) - n + 1):
+            assert token[i : i + n] not in data, (
+                f"a {n}-char piece of the access key is in the vault"
+            )
+    entry = dep.raw()["access_keys"]["checkout"]
+    assert entry["hash"] == hash_access_key(token)
+    assert entry["hash"].startswith("sha256:")
+    assert entry["credits_usd"] == 0
+    assert entry["revoked"] is False
+    listed = dep.ok("access-key", "list", "--vault", str(dep.vault))
+    assert "checkout" in listed.out
+    assert token not in listed.text
+    assert entry["hash"] not in listed.text
+    assert entry["hash"].removeprefix("sha256:") not in listed.text
+    assert "sha256" not in listed.text
+
+
+def test_access_key_create_with_scope_and_credits(dep: Deployment) -> None:
+    dep.ok(
+        "access-key", "create", "--vault", str(dep.vault), "team",
+        "--credits", "12.5", "--allow-provider", "openai", "--allow-provider", "anthropic",
+        "--allow-model", "gpt-4o*",
+    )  # fmt: skip
+    entry = dep.raw()["access_keys"]["team"]
+    assert entry["credits_usd"] == 12.5
+    assert entry["allowed_providers"] == ["anthropic", "openai"]
+    assert entry["allowed_models"] == ["gpt-4o*"]
+    listed = dep.ok("access-key", "list", "--vault", str(dep.vault)).out.splitlines()
+    row = next(line for line in listed if line.startswith("team\t")).split("\t")
+    assert row[1:6] == ["active", "12.50", "anthropic,openai", "gpt-4o*", "0"]
+
+
+def test_access_key_create_refuses_a_duplicate_name(dep: Deployment) -> None:
+    first = dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout").out.strip()
+    result = cli("access-key", "create", "--vault", str(dep.vault), "checkout")
+    assert_one_error_line(result, "checkout", "already exists")
+    assert dep.raw()["access_keys"]["checkout"]["hash"] == hash_access_key(first)
+
+
+def test_revoke_sets_revoked(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    dep.ok("access-key", "revoke", "--vault", str(dep.vault), "checkout")
+    entry = dep.raw()["access_keys"]["checkout"]
+    assert entry["revoked"] is True
+    assert entry["revoked_at"]
+    (rec,) = open_vault(read_vault(dep.vault), dep.opener())[0].access_keys
+    assert rec.revoked is True
+    listed = dep.ok("access-key", "list", "--vault", str(dep.vault)).out
+    assert "checkout\trevoked" in listed
+    # Revoking again is harmless and keeps the first revocation time.
+    dep.ok("access-key", "revoke", "--vault", str(dep.vault), "checkout")
+    assert dep.raw()["access_keys"]["checkout"]["revoked_at"] == entry["revoked_at"]
+
+
+def test_revoke_unknown_access_key(dep: Deployment) -> None:
+    assert_one_error_line(cli("access-key", "revoke", "--vault", str(dep.vault), "ghost"), "ghost")
+
+
+def test_set_credits(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    dep.ok("access-key", "set-credits", "--vault", str(dep.vault), "checkout", "7.25")
+    assert dep.raw()["access_keys"]["checkout"]["credits_usd"] == 7.25
+    assert_one_error_line(
+        cli("access-key", "set-credits", "--vault", str(dep.vault), "ghost", "1"), "ghost"
+    )
+
+
+# --------------------------------------------------------------------------- provider keys
+
+
+def test_attach_twice_newest_first_and_detach(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    attach = ("provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout")
+    assert dep.ok(*attach, "--provider", "openai", "--id", "one", stdin=ATTACHED_ONE).out == "one\n"
+    assert dep.ok(*attach, "--provider", "openai", "--id", "two", stdin=ATTACHED_TWO).out == "two\n"
+    raw_times = [a["attached_at"] for a in dep.raw()["access_keys"]["checkout"]["attached"]]
+    assert all("." in t for t in raw_times)  # sub-second resolution
+
+    opened, problems = open_vault(read_vault(dep.vault), dep.opener())
+    assert problems == []
+    (rec,) = opened.access_keys
+    assert [a.id for a in rec.attached] == ["two", "one"]
+    assert [a.secret.reveal() for a in rec.attached] == [ATTACHED_TWO, ATTACHED_ONE]
+    assert rec.attached[0].attached_at >= rec.attached[1].attached_at
+
+    listed = dep.ok("provider-key", "list", "--vault", str(dep.vault)).out.splitlines()
+    assert listed[0] == "ACCESS_KEY\tID\tPROVIDER\tATTACHED_AT"
+    assert [line.split("\t")[1] for line in listed[1:]] == ["two", "one"]
+
+    dep.ok(
+        "provider-key",
+        "detach",
+        "--vault",
+        str(dep.vault),
+        "--access-key",
+        "checkout",
+        "--id",
+        "two",
+    )
+    (rec,) = open_vault(read_vault(dep.vault), dep.opener())[0].access_keys
+    assert [a.id for a in rec.attached] == ["one"]
+    assert_one_error_line(
+        cli(
+            "provider-key",
+            "detach",
+            "--vault",
+            str(dep.vault),
+            "--access-key",
+            "checkout",
+            "--id",
+            "two",
+        ),
+        "two",
+    )
+
+
+def test_provider_key_list_breaks_timestamp_ties_like_serving(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    attach = ("provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout")
+    dep.ok(*attach, "--provider", "openai", "--id", "first", stdin=ATTACHED_ONE)
+    dep.ok(*attach, "--provider", "openai", "--id", "second", stdin=ATTACHED_TWO)
+    raw = dep.raw()
+    entries = raw["access_keys"]["checkout"]["attached"]
+    entries[1]["attached_at"] = entries[0]["attached_at"]
+    dep.write_raw(raw)
+    (rec,) = open_vault(read_vault(dep.vault), dep.opener())[0].access_keys
+    served = [a.id for a in rec.attached]
+    assert served == ["second", "first"]
+    listed = dep.ok("provider-key", "list", "--vault", str(dep.vault)).out.splitlines()[1:]
+    assert [line.split("\t")[1] for line in listed] == served
+
+
+def test_attach_generates_an_id_and_refuses_duplicates(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    attach = ("provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout")
+    key_id = dep.ok(*attach, "--provider", "anthropic", stdin=ANTHROPIC_KEY).out.strip()
+    assert key_id.startswith("anthropic-")
+    assert key_id not in ANTHROPIC_KEY
+    before = dep.vault.read_bytes()
+    result = cli(*attach, "--provider", "anthropic", "--id", key_id, stdin=ATTACHED_ONE)
+    assert_one_error_line(result, key_id)
+    assert dep.vault.read_bytes() == before
+
+
+def test_attach_to_unknown_access_key(dep: Deployment) -> None:
+    result = cli(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "ghost",
+        "--provider", "openai", stdin=ATTACHED_ONE,
+    )  # fmt: skip
+    assert_one_error_line(result, "ghost")
+    assert ATTACHED_ONE not in result.text
+
+
+def test_attach_with_empty_stdin(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    result = cli(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", "openai", stdin=" \n",
+    )  # fmt: skip
+    assert_one_error_line(result, "standard input")
+
+
+def test_provider_key_list_for_one_access_key(dep: Deployment) -> None:
+    for name in ("a", "b"):
+        dep.ok("access-key", "create", "--vault", str(dep.vault), name)
+        dep.ok(
+            "provider-key", "attach", "--vault", str(dep.vault), "--access-key", name,
+            "--provider", "openai", "--id", f"{name}-key", stdin=ATTACHED_ONE,
+        )  # fmt: skip
+    rows = dep.ok("provider-key", "list", "--vault", str(dep.vault), "--access-key", "b").out
+    assert "b-key" in rows
+    assert "a-key" not in rows
+    assert_one_error_line(
+        cli("provider-key", "list", "--vault", str(dep.vault), "--access-key", "ghost"), "ghost"
+    )
+
+
+def test_cli_edits_leave_no_temp_files(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    dep.ok(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", "openai", "--id", "x", stdin=ATTACHED_ONE,
+    )  # fmt: skip
+    dep.ok("access-key", "revoke", "--vault", str(dep.vault), "checkout")
+    cli("access-key", "create", "--vault", str(dep.vault), "checkout")  # fails: exists
+    assert temp_files(dep.root) == []
+
+
+# --------------------------------------------------------------------------- check
+
+
+def test_check_passes_on_a_good_deployment(dep: Deployment) -> None:
+    result = dep.check()
+    assert result.code == 0, result.err
+    assert result.out == ""
+    assert "ok" in result.err
+
+
+def test_check_rejects_a_secret_moved_to_another_name(dep: Deployment) -> None:
+    raw = dep.raw()
+    raw["secrets"]["openai"]["other"] = raw["secrets"]["openai"]["primary"]
+    dep.write_raw(raw)
+    result = dep.check()
+    assert result.code == 1
+    assert "secrets/openai/other" in result.err
+    assert "another slot" in result.err
+    proc = run_proc("check", "--config", str(dep.config))
+    assert proc.returncode == 1
+    assert "secrets/openai/other" in proc.stderr
+    assert OPENAI_PRIMARY not in proc.stdout + proc.stderr
+
+
+def test_check_rejects_a_secret_moved_into_an_attached_slot(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    dep.ok(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", "openai", "--id", "team-1", stdin=ATTACHED_ONE,
+    )  # fmt: skip
+    assert dep.check().code == 0
+    raw = dep.raw()
+    raw["access_keys"]["checkout"]["attached"][0]["sealed"] = raw["secrets"]["openai"]["primary"]
+    dep.write_raw(raw)
+    result = dep.check()
+    assert result.code == 1
+    assert "access_keys/checkout/attached/team-1" in result.err
+    proc = run_proc("check", "--config", str(dep.config), cwd=dep.root)
+    assert proc.returncode == 1
+    assert "access_keys/checkout/attached/team-1" in proc.stderr
+
+
+def test_check_vault_sealed_to_another_key(dep: Deployment) -> None:
+    dep.key.unlink()
+    assert cli("keygen", "--private-key", str(dep.key)).code == 0
+    result = dep.check()
+    assert result.code == 1
+    assert "recipient" in result.err
+    assert "secrets/openai/primary: cannot be opened" in result.err
+
+
+def test_check_unresolved_reference_names_the_config_path(dep: Deployment) -> None:
+    dep.write_config(
+        "  - id: anthropic\n    api_keys: [{value: \"${secrets.get('anthropic', 'missing')}\"}]\n"
+    )
+    result = dep.check()
+    assert result.code == 1
+    assert "providers[1].api_keys[0].value" in result.err
+    assert "secrets.get('anthropic', 'missing')" in result.err
+
+
+@pytest.mark.parametrize("mode", [0o600, 0o400])
+def test_check_accepts_private_key_modes(dep: Deployment, mode: int) -> None:
+    os.chmod(dep.key, mode)
+    assert dep.check().code == 0
+
+
+def test_check_rejects_a_world_readable_private_key(dep: Deployment) -> None:
+    os.chmod(dep.key, 0o644)
+    result = dep.check()
+    assert result.code == 1
+    assert "sidecar.key" in result.err
+    assert "0644" in result.err
+    assert dep.key.read_text().strip() not in result.text
+
+
+def test_check_lists_every_problem_at_once(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    dep.ok(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", "mystery", "--id", "m-1", stdin=ATTACHED_ONE,
+    )  # fmt: skip
+    raw = dep.raw()
+    raw["secrets"]["openai"]["moved"] = raw["secrets"]["openai"]["primary"]
+    dep.write_raw(raw)
+    dep.write_config(
+        "  - id: anthropic\n    api_keys: [{value: \"${secrets.get('anthropic', 'missing')}\"}]\n"
+    )
+    result = dep.check()
+    assert result.code == 1
+    for fragment in (
+        "secrets/openai/moved",
+        "providers[1].api_keys[0].value",
+        "access_keys.checkout.attached.m-1: provider 'mystery' is not configured",
+    ):
+        assert fragment in result.err
+    assert "3 problem(s)" in result.err
+
+
+def test_check_lists_every_config_problem(dep: Deployment) -> None:
+    dep.config.write_text(
+        "listen: nowhere\ntimeouts: {total: forever}\nproviders: [{id: custom}]\n"
+        f"managed: {{openai: [{{value: {LITERAL_IN_CONFIG}}}]}}\n"
+    )
+    result = dep.check()
+    assert result.code == 1
+    for fragment in (
+        "listen:", "timeouts.total:", "providers[0].base_url:", "providers[0].format:",
+        "managed.openai[0].value:",
+    ):  # fmt: skip
+        assert fragment in result.err
+    assert LITERAL_IN_CONFIG not in result.text
+
+
+def test_check_invalid_yaml_gives_line_and_column(dep: Deployment) -> None:
+    dep.config.write_text("listen: 127.0.0.1:8080\nproviders: [\n  {id: openai\n")
+    proc = run_proc("check", "--config", str(dep.config))
+    assert proc.returncode == 1
+    assert "line " in proc.stderr
+    assert "column " in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_check_with_a_loose_key_mode_still_lists_the_other_problems(dep: Deployment) -> None:
+    os.chmod(dep.key, 0o644)
+    raw = dep.raw()
+    raw["secrets"]["openai"]["moved"] = raw["secrets"]["openai"]["primary"]
+    dep.write_raw(raw)
+    result = dep.check()
+    assert result.code == 1
+    assert "0644" in result.err
+    assert "secrets/openai/moved" in result.err
+
+
+# --------------------------------------------------------------------------- no secret in any output
+
+
+def test_no_secret_value_in_any_output(dep: Deployment) -> None:
+    v = str(dep.vault)
+    dep.ok("secret", "set", "--vault", v, "anthropic", "k", stdin=ANTHROPIC_KEY)
+    dep.ok("secret", "list", "--vault", v)
+    token = dep.ok("access-key", "create", "--vault", v, "checkout", "--credits", "5").out.strip()
+    token2 = dep.ok("access-key", "create", "--vault", v, "retired").out.strip()
+    created = len(dep.outputs)
+    dep.ok("access-key", "list", "--vault", v)
+    dep.ok("access-key", "set-credits", "--vault", v, "checkout", "9")
+    dep.ok("access-key", "revoke", "--vault", v, "retired")
+    attach = (
+        "provider-key",
+        "attach",
+        "--vault",
+        v,
+        "--access-key",
+        "checkout",
+        "--provider",
+        "openai",
+    )
+    dep.ok(*attach, "--id", "one", stdin=ATTACHED_ONE)
+    dep.ok(*attach, stdin=ATTACHED_TWO)
+    dep.ok("provider-key", "list", "--vault", v)
+    dep.ok("provider-key", "list", "--vault", v, "--access-key", "checkout")
+    dep.ok("provider-key", "detach", "--vault", v, "--access-key", "checkout", "--id", "one")
+    dep.ok("access-key", "list", "--vault", v)
+    dep.ok("check", "--config", str(dep.config))
+    # Failing commands, with a secret on stdin.
+    dep.run(*attach[:5], "ghost", "--provider", "openai", stdin=ATTACHED_ONE)
+    dep.run("secret", "set", "--vault", v, "bad/ns", "x", stdin=ANTHROPIC_KEY)
+    dep.run("secret", "set", "--vault", str(dep.root / "nope.json"), "a", "b", stdin=ANTHROPIC_KEY)
+    # check with problems: moved slots, a literal key in the config, an unresolved reference.
+    raw = dep.raw()
+    raw["secrets"]["openai"]["moved"] = raw["secrets"]["openai"]["primary"]
+    raw["access_keys"]["checkout"]["attached"][0]["sealed"] = raw["secrets"]["anthropic"]["k"]
+    dep.write_raw(raw)
+    dep.write_config("  - id: anthropic\n    api_keys: [{value: \"${secrets.get('x', 'y')}\"}]\n")
+    assert dep.check().code == 1
+    dep.write_config(f"managed: {{openai: [{{value: {LITERAL_IN_CONFIG}}}]}}\n")
+    assert dep.check().code == 1
+    os.chmod(dep.key, 0o644)
+    assert dep.check().code == 1
+
+    private_key = dep.key.read_text().strip()
+    hashes = [e["hash"] for e in dep.raw()["access_keys"].values()]
+    secrets = [
+        OPENAI_PRIMARY,
+        ANTHROPIC_KEY,
+        ATTACHED_ONE,
+        ATTACHED_TWO,
+        LITERAL_IN_CONFIG,
+        private_key,
+    ]
+    for i, result in enumerate(dep.outputs):
+        for s in secrets:
+            assert s not in result.text, f"output #{i} shows a secret: {result}"
+        for h in hashes:
+            assert h.removeprefix("sha256:") not in result.text
+        if i < created - 2 or i >= created:  # the two `access-key create` prints are the exception
+            assert token not in result.text
+            assert token2 not in result.text
+
+
+# --------------------------------------------------------------------------- exit codes and help
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["vault"],
+        ["frobnicate"],
+        ["keygen"],
+        ["secret", "set", "ns", "name"],
+        ["secret", "set", "--vault", "v.json", "bad/ns", "name"],
+        ["secret", "set", "--vault", "v.json", "ns"],
+        ["access-key", "create", "--vault", "v.json", "checkout", "--credits", "-1"],
+        ["access-key", "create", "--vault", "v.json", "checkout", "--credits", "lots"],
+        ["access-key", "create", "--vault", "v.json", "bad name"],
+        ["provider-key", "attach", "--vault", "v.json", "--access-key", "a"],
+        ["provider-key", "detach", "--vault", "v.json", "--access-key", "a"],
+        ["check"],
+        ["keygen", "--private-key", "k", "--surprise"],
+    ],
+)
+def test_usage_errors_exit_2(tmp_path: Path, argv: list[str]) -> None:
+    result = cli(*argv, stdin="sk-should-not-matter")
+    assert result.code == 2, result
+    assert "usage: sidecar" in result.err
+    assert result.out == ""
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_usage_error_exit_2_as_a_process() -> None:
+    proc = run_proc("access-key", "create")
+    assert proc.returncode == 2
+    assert "usage:" in proc.stderr
+    assert proc.stdout == ""
+
+
+def test_user_error_exit_1_as_a_process(tmp_path: Path) -> None:
+    proc = run_proc("secret", "set", "--vault", str(tmp_path / "absent.json"), "a", "b", stdin="x")
+    assert proc.returncode == 1
+    assert proc.stdout == ""
+    assert proc.stderr.startswith("error: ")
+    assert proc.stderr.count("\n") == 1
+    assert "Traceback" not in proc.stderr
+
+
+HELP_COMMANDS = [
+    pytest.param([], id="sidecar"),
+    pytest.param(["serve"], id="serve"),
+    pytest.param(["keygen"], id="keygen"),
+    pytest.param(["vault", "init"], id="vault-init"),
+    pytest.param(["secret", "set"], id="secret-set"),
+    pytest.param(["secret", "list"], id="secret-list"),
+    pytest.param(["access-key", "create"], id="access-key-create"),
+    pytest.param(["access-key", "revoke"], id="access-key-revoke"),
+    pytest.param(["access-key", "set-credits"], id="access-key-set-credits"),
+    pytest.param(["access-key", "list"], id="access-key-list"),
+    pytest.param(["provider-key", "attach"], id="provider-key-attach"),
+    pytest.param(["provider-key", "detach"], id="provider-key-detach"),
+    pytest.param(["provider-key", "list"], id="provider-key-list"),
+    pytest.param(["migrate"], id="migrate"),
+    pytest.param(["check"], id="check"),
+    pytest.param(["mock-provider"], id="mock-provider"),
+]
+
+
+def _description(help_text: str) -> str:
+    """The paragraph(s) between the usage block and the argument sections."""
+    paragraphs = help_text.strip().split("\n\n")
+    body = [p for p in paragraphs[1:] if not p.rstrip().endswith(":") and ":\n" not in p]
+    return " ".join(body).strip()
+
+
+@pytest.mark.parametrize("argv", HELP_COMMANDS)
+def test_every_command_explains_itself(argv: list[str]) -> None:
+    result = cli(*argv, "--help")
+    assert result.code == 0
+    assert result.out.startswith("usage: sidecar")
+    assert result.err == ""
+    assert len(_description(result.out)) >= 20, result.out
+
+
+@pytest.mark.parametrize(
+    ("group", "commands"),
+    [
+        ("vault", ["init"]),
+        ("secret", ["set", "list"]),
+        ("access-key", ["create", "revoke", "set-credits", "list"]),
+        ("provider-key", ["attach", "detach", "list"]),
+    ],
+)
+def test_command_groups_list_their_commands(group: str, commands: list[str]) -> None:
+    result = cli(group, "--help")
+    assert result.code == 0
+    for command in commands:
+        assert any(line.split()[:1] == [command] for line in result.out.splitlines()), command
+
+
+def test_top_level_help_lists_every_command() -> None:
+    out = cli("--help").out
+    for command in (
+        "serve", "keygen", "vault", "secret", "access-key", "provider-key", "migrate", "check",
+        "mock-provider",
+    ):  # fmt: skip
+        assert command in out
+
+
+def test_help_as_a_process() -> None:
+    proc = run_proc("--help")
+    assert proc.returncode == 0
+    assert proc.stdout.startswith("usage: sidecar")
+    proc = run_proc("provider-key", "attach", "--help")
+    assert proc.returncode == 0
+    assert "--access-key" in proc.stdout
+
+
+# --------------------------------------------------------------------------- concurrency
+
+
+@contextlib.contextmanager
+def launched(
+    argvs: list[list[str]], stdins: list[Path | None]
+) -> Iterator[list[subprocess.Popen[str]]]:
+    """Start every process before waiting for any, so their edits really overlap."""
+    procs: list[subprocess.Popen[str]] = []
+    try:
+        for argv, stdin in zip(argvs, stdins, strict=True):
+            with contextlib.ExitStack() as stack:
+                fh = stack.enter_context(stdin.open()) if stdin else subprocess.DEVNULL
+                procs.append(
+                    subprocess.Popen(
+                        [sys.executable, "-m", "sidecar", *argv],
+                        stdin=fh,
+                        stdout=subprocess.PIPE,
+                        stderr=subprocess.PIPE,
+                        text=True,
+                        env=proc_env(),
+                        cwd=REPO_ROOT,
+                    )
+                )
+        yield procs
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+
+
+def test_concurrent_secret_set_processes_all_persist(dep: Deployment) -> None:
+    n = 10
+    values = {f"name_{i}": f"sk-concurrent-{i:02d}-{os.urandom(6).hex()}" for i in range(n)}
+    stdins = []
+    for name, value in values.items():
+        path = dep.root / f"{name}.in"
+        path.write_text(value + "\n")
+        stdins.append(path)
+    argvs = [["secret", "set", "--vault", str(dep.vault), "ns", name] for name in values]
+    with launched(argvs, stdins) as procs:
+        results = [(p.wait(timeout=30), *p.communicate()) for p in procs]
+    for code, out, err in results:
+        assert code == 0, err
+        assert all(v not in out + err for v in values.values())
+    opened, problems = open_vault(read_vault(dep.vault), dep.opener())
+    assert problems == []
+    for name, value in values.items():
+        assert opened.secrets[("ns", name)].reveal() == value
+    assert opened.secrets[("openai", "primary")].reveal() == OPENAI_PRIMARY
+    assert temp_files(dep.root) == []
+
+
+def test_concurrent_access_key_create_and_attach_all_persist(dep: Deployment) -> None:
+    names = [f"app-{i}" for i in range(8)]
+    argvs = [["access-key", "create", "--vault", str(dep.vault), name] for name in names]
+    with launched(argvs, [None] * len(names)) as procs:
+        results = [(p.wait(timeout=30), *p.communicate()) for p in procs]
+    tokens = {}
+    for name, (code, out, err) in zip(names, results, strict=True):
+        assert code == 0, err
+        tokens[name] = out.strip()
+    assert len(set(tokens.values())) == len(names)
+    doc = read_vault(dep.vault)
+    assert {n: doc.access_keys[n].hash for n in names} == {
+        n: hash_access_key(t) for n, t in tokens.items()
+    }
+
+    values = {f"k{i}": f"sk-attach-{i}-{os.urandom(6).hex()}" for i in range(6)}
+    stdins = []
+    for key_id, value in values.items():
+        path = dep.root / f"{key_id}.in"
+        path.write_text(value)
+        stdins.append(path)
+    argvs = [
+        ["provider-key", "attach", "--vault", str(dep.vault), "--access-key", "app-0",
+         "--provider", "openai", "--id", key_id]
+        for key_id in values
+    ]  # fmt: skip
+    with launched(argvs, stdins) as procs:
+        codes = [p.wait(timeout=30) for p in procs]
+    assert codes == [0] * len(values)
+    opened, problems = open_vault(read_vault(dep.vault), dep.opener())
+    assert problems == []
+    rec = next(r for r in opened.access_keys if r.name == "app-0")
+    assert {a.id: a.secret.reveal() for a in rec.attached} == values
+    times = [a.attached_at for a in rec.attached]
+    assert times == sorted(times, reverse=True)

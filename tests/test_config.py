@@ -1,0 +1,541 @@
+"""Config file (SPEC §4): defaults, durations, providers, and every problem at once with its path."""
+
+from __future__ import annotations
+
+import textwrap
+from pathlib import Path
+
+import pytest
+
+from sidecar.config import (
+    BUILTIN_PROVIDERS,
+    DEFAULT_ON_STATUS,
+    Config,
+    HostPort,
+    SecretRef,
+    Template,
+    load_config,
+    parse_config_text,
+    parse_duration,
+    parse_host_port,
+)
+from sidecar.errors import ConfigError
+from sidecar.secret import Secret
+
+CFG = Path("/etc/sidecar/sidecar.yaml")
+REF = "${secrets.get('openai', 'primary')}"
+
+
+def parse(text: str, path: Path = CFG) -> Config:
+    return parse_config_text(textwrap.dedent(text), path)
+
+
+def problems(text: str) -> list[str]:
+    with pytest.raises(ConfigError) as info:
+        parse(text)
+    return list(info.value.problems)
+
+
+# --------------------------------------------------------------------------- defaults
+
+
+def test_empty_file_gives_spec_defaults() -> None:
+    c = parse("")
+    assert c.listen == HostPort("127.0.0.1", 8080)
+    assert c.admin_listen == HostPort("127.0.0.1", 9090)
+    assert c.vault.path == CFG.parent / "vault.json"
+    assert c.vault.private_key_file is None
+    assert c.shutdown_grace == 25.0
+    assert c.passthrough is False
+    assert c.only_allow_configured_providers is False
+    assert c.only_allow_configured_models is False
+    assert c.limits.max_body_bytes == 33554432
+    assert (c.timeouts.per_request, c.timeouts.stream_idle, c.timeouts.total) == (60, 60, 300)
+    assert c.failover.max_attempts == 6
+    assert c.failover.on_status == frozenset(DEFAULT_ON_STATUS)
+    assert set(DEFAULT_ON_STATUS) == {401, 403, 408, 409, 429, 500, 502, 503, 504, 529}
+    cd = c.failover.cooldown
+    assert (cd.rate_limited, cd.auth_failed, cd.server_error) == (30, 300, 15)
+    assert cd.server_error_threshold == 3
+    assert c.providers == ()
+    assert dict(c.managed) == {}
+    assert dict(c.prices) == {}
+
+
+def test_empty_sections_keep_defaults() -> None:
+    c = parse(
+        """
+        timeouts: {per_request: 5s}
+        failover: {cooldown: {}}
+        limits: {}
+        """
+    )
+    assert c.timeouts.per_request == 5.0
+    assert c.timeouts.stream_idle == 60.0
+    assert c.timeouts.total == 300.0
+    assert c.failover.cooldown.rate_limited == 30.0
+    assert c.limits.max_body_bytes == 33554432
+
+
+def test_spec_example_config_parses() -> None:
+    c = parse(
+        """
+        listen: 127.0.0.1:8080
+        admin_listen: 127.0.0.1:9090
+        vault:
+          path: vault.json
+          private_key_file: sidecar.key
+        shutdown_grace: 25s
+        passthrough: false
+        only_allow_configured_providers: false
+        only_allow_configured_models: false
+        limits: {max_body_bytes: 33554432}
+        timeouts: {per_request: 60s, stream_idle: 60s, total: 300s}
+        failover:
+          max_attempts: 6
+          on_status: [401, 403, 408, 409, 429, 500, 502, 503, 504, 529]
+          cooldown: {rate_limited: 30s, auth_failed: 300s, server_error: 15s, server_error_threshold: 3}
+        providers:
+          - id: openai
+            api_keys:
+              - id: org-primary
+                value: ${secrets.get('openai', 'primary')}
+          - id: ollama
+            base_url: http://127.0.0.1:11434/v1
+            format: openai
+            auth: none
+            models: [{id: llama3.2}]
+          - id: azure
+            base_url: https://example.openai.azure.com/openai/deployments/gpt-4o
+            format: openai
+            auth: none
+            headers: {api-key: "${secrets.get('azure', 'key')}"}
+            query_params: {api-version: "2024-10-21"}
+            disabled: false
+        managed:
+          openai:    [{id: pool-1, value: "${secrets.get('managed', 'openai-1')}"}]
+          anthropic: [{id: pool-1, value: "${secrets.get('managed', 'anthropic-1')}"}]
+        ledger: {url: "sqlite:////var/lib/sidecar/ledger.db"}
+        prices:
+          gpt-4o-mini: {input: 0.15, output: 0.60}
+        """
+    )
+    openai, ollama, azure = c.providers
+    assert openai.builtin
+    assert openai.base_url == "https://api.openai.com/v1"
+    assert openai.api_keys[0].id == "org-primary"
+    assert openai.api_keys[0].value.refs == (SecretRef("openai", "primary"),)
+    assert (ollama.base_url, ollama.format, ollama.auth, ollama.models) == (
+        "http://127.0.0.1:11434/v1", "openai", "none", ("llama3.2",)
+    )  # fmt: skip
+    assert not ollama.builtin
+    assert dict(azure.query_params) == {"api-version": "2024-10-21"}
+    assert dict(azure.headers)["api-key"].refs == (SecretRef("azure", "key"),)
+    assert [k.id for k in c.managed["openai"]] == ["pool-1"]
+    assert c.prices["gpt-4o-mini"].input == 0.15
+    assert c.vault.private_key_file == CFG.parent / "sidecar.key"
+    assert [str(r) for _, r in c.secret_refs()] == [
+        "secrets.get('openai', 'primary')",
+        "secrets.get('azure', 'key')",
+        "secrets.get('managed', 'openai-1')",
+        "secrets.get('managed', 'anthropic-1')",
+    ]
+    assert [p for p, _ in c.secret_refs()] == [
+        "providers[0].api_keys[0].value",
+        "providers[2].headers.api-key",
+        "managed.openai[0].value",
+        "managed.anthropic[0].value",
+    ]
+
+
+# --------------------------------------------------------------------------- durations
+
+
+@pytest.mark.parametrize(
+    ("raw", "seconds"),
+    [
+        ("250ms", 0.25),
+        ("30s", 30.0),
+        ("5m", 300.0),
+        ("1h", 3600.0),
+        ("1.5s", 1.5),
+        (" 30s ", 30.0),
+        ("30", 30.0),
+        (30, 30.0),
+        (0.5, 0.5),
+        (0, 0.0),
+    ],
+)
+def test_durations(raw: object, seconds: float) -> None:
+    assert parse_duration(raw) == pytest.approx(seconds)
+
+
+@pytest.mark.parametrize("raw", ["5 minutes", "30sec", "-1s", "s", "", "1e3", True, -1, None, [1]])
+def test_bad_durations(raw: object) -> None:
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(raw)
+
+
+def test_durations_in_yaml() -> None:
+    c = parse(
+        """
+        shutdown_grace: 250ms
+        timeouts: {per_request: 30s, stream_idle: 5m, total: 600}
+        failover: {cooldown: {rate_limited: 1.5, auth_failed: "45"}}
+        """
+    )
+    assert c.shutdown_grace == pytest.approx(0.25)
+    assert (c.timeouts.per_request, c.timeouts.stream_idle, c.timeouts.total) == (30, 300, 600)
+    assert c.failover.cooldown.rate_limited == 1.5
+    assert c.failover.cooldown.auth_failed == 45.0
+
+
+# --------------------------------------------------------------------------- host:port
+
+
+@pytest.mark.parametrize(
+    ("raw", "expected"),
+    [
+        ("127.0.0.1:8080", HostPort("127.0.0.1", 8080)),
+        ("0.0.0.0:80", HostPort("0.0.0.0", 80)),
+        ("localhost:0", HostPort("localhost", 0)),
+        ("[::1]:9090", HostPort("::1", 9090)),
+    ],
+)
+def test_host_port(raw: str, expected: HostPort) -> None:
+    assert parse_host_port(raw) == expected
+
+
+@pytest.mark.parametrize(
+    "raw", ["localhost", "8080", 8080, ":8080", "host:", "host:http", "h:70000"]
+)
+def test_bad_host_port(raw: object) -> None:
+    with pytest.raises(ValueError, match="host:port"):
+        parse_host_port(raw)
+
+
+def test_admin_port_must_differ_from_proxy_port() -> None:
+    found = problems("listen: 127.0.0.1:8080\nadmin_listen: 127.0.0.1:8080\n")
+    assert len(found) == 1
+    assert found[0].startswith("admin_listen: ")
+
+
+# --------------------------------------------------------------------------- many mistakes
+
+
+def test_every_mistake_is_reported_at_once_with_its_path() -> None:
+    found = problems(
+        """
+        listen: localhost
+        timeout: {total: 5s}
+        timeouts: {total: 5 minutes}
+        failover: {on_status: [429, "teapot"]}
+        providers:
+          - id: openai
+            api_keys: [{value: sk-LITERAL-do-not-echo-4242}]
+          - id: ollama
+            base_url: ftp://127.0.0.1:11434
+            format: openai
+          - id: openai
+        managed:
+          ollama: [{value: "${secrets.get('m', 'o')}"}]
+        """
+    )
+    expected = {
+        "listen": "listen: expected host:port",
+        "typo": "timeout: unknown key",
+        "duration": "timeouts.total: expected a duration",
+        "on_status": "failover.on_status: expected a list of HTTP status codes",
+        "literal": "providers[0].api_keys[0].value: expected a vault reference",
+        "base_url": "providers[1].base_url: expected an http(s) URL",
+        "duplicate": "providers[2].id: duplicate provider 'openai'",
+        "managed": "managed.ollama: managed keys exist only for built-in providers",
+    }
+    for what, prefix in expected.items():
+        hits = [p for p in found if p.startswith(prefix)]
+        assert len(hits) == 1, f"{what}: {prefix!r} not reported exactly once in {found}"
+    assert len(found) == len(expected), found
+
+
+def test_config_error_message_lists_every_problem_and_the_file() -> None:
+    with pytest.raises(ConfigError) as info:
+        parse("listen: nope\ntimeouts: {total: forever}\n")
+    err = info.value
+    assert err.source == str(CFG)
+    assert str(CFG) in str(err)
+    assert "listen: expected host:port" in str(err)
+    assert "timeouts.total: expected a duration" in str(err)
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("failover: {on_status: 429}", "failover.on_status: expected a list of HTTP status codes"),
+        ("failover: {on_status: [42]}", "failover.on_status: expected a list of HTTP status codes"),
+        (
+            "failover: {on_status: [true]}",
+            "failover.on_status: expected a list of HTTP status codes",
+        ),
+        ("failover: {max_attempts: 0}", "failover.max_attempts: expected a positive integer"),
+        ("failover: {cooldown: {rate_limted: 3s}}", "failover.cooldown.rate_limted: unknown key"),
+        (
+            "failover: {cooldown: {server_error: soon}}",
+            "failover.cooldown.server_error: expected a duration",
+        ),
+        ("timeouts: {per_requst: 3s}", "timeouts.per_requst: unknown key"),
+        ("timeouts: [1, 2]", "timeouts: expected a mapping"),
+        ("vault: {pth: v.json}", "vault.pth: unknown key"),
+        ("admin_listen: 9090", "admin_listen: expected host:port"),
+        ("passthrough: yes please", "passthrough: expected true or false"),
+        ("limits: {max_body_bytes: -1}", "limits.max_body_bytes: expected a positive integer"),
+        ("providers: {id: openai}", "providers: expected a list of providers"),
+        ("providers: [openai]", "providers[0]: expected a mapping"),
+        ("providers: [{id: 'bad id!'}]", "providers[0].id: expected a provider id"),
+        ("providers: [{id: openai, base_ur: 'http://x'}]", "providers[0].base_ur: unknown key"),
+        (
+            "providers: [{id: openai, format: grpc}]",
+            "providers[0].format: expected one of: openai, anthropic",
+        ),
+        (
+            "providers: [{id: openai, auth: basic}]",
+            "providers[0].auth: expected one of: bearer, x-api-key, none",
+        ),
+        (
+            "providers: [{id: openai, api_keys: {value: x}}]",
+            "providers[0].api_keys: expected a list",
+        ),
+        (
+            "providers: [{id: openai, api_keys: [{value: ''}]}]",
+            "providers[0].api_keys[0].value: expected a vault reference",
+        ),
+        (
+            "providers: [{id: openai, api_keys: [{valu: x}]}]",
+            "providers[0].api_keys[0].valu: unknown key",
+        ),
+        (
+            "managed: {openai: [{value: sk-literal-0000}]}",
+            "managed.openai[0].value: expected a vault reference",
+        ),
+        ("managed: [openai]", "managed: expected a mapping"),
+        ("ledger: {url: 'postgres://x'}", "ledger.url: expected sqlite"),
+        (
+            "prices: {gpt-x: {input: -1, output: 1}}",
+            "prices.gpt-x.input: expected a non-negative number",
+        ),
+        ("[1, 2]", "(top level): expected a mapping"),
+    ],
+)
+def test_single_mistakes_name_their_path(yaml_text: str, expected: str) -> None:
+    found = problems(yaml_text)
+    assert any(p.startswith(expected) for p in found), found
+
+
+def test_duplicate_key_ids_in_one_list() -> None:
+    found = problems(
+        f"""
+        providers:
+          - id: openai
+            api_keys:
+              - {{id: a, value: "{REF}"}}
+              - {{id: a, value: "{REF}"}}
+        """
+    )
+    assert found == ["providers[0].api_keys[1].id: duplicate key id 'a'"]
+
+
+def test_unknown_key_message_lists_what_is_allowed() -> None:
+    (found,) = problems("timeouts: {totl: 5s}")
+    for allowed in ("total", "per_request", "stream_idle"):
+        assert allowed in found
+
+
+# --------------------------------------------------------------------------- providers
+
+
+def test_builtin_providers_are_known() -> None:
+    assert BUILTIN_PROVIDERS["openai"].base_url == "https://api.openai.com/v1"
+    assert BUILTIN_PROVIDERS["openai"].auth == "bearer"
+    assert BUILTIN_PROVIDERS["openai"].format == "openai"
+    assert BUILTIN_PROVIDERS["anthropic"].base_url == "https://api.anthropic.com/v1"
+    assert BUILTIN_PROVIDERS["anthropic"].auth == "x-api-key"
+    assert BUILTIN_PROVIDERS["anthropic"].format == "anthropic"
+
+
+def test_builtin_provider_gets_its_defaults() -> None:
+    c = parse("providers: [{id: anthropic}]")
+    (p,) = c.providers
+    assert (p.base_url, p.format, p.auth, p.builtin) == (
+        "https://api.anthropic.com/v1", "anthropic", "x-api-key", True
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize("pid", ["openai", "anthropic"])
+def test_builtin_base_url_can_be_overridden(pid: str) -> None:
+    c = parse(f"providers: [{{id: {pid}, base_url: 'http://127.0.0.1:8089/mirror/'}}]")
+    p = c.provider(pid)
+    assert p is not None
+    assert p.base_url == "http://127.0.0.1:8089/mirror"
+    assert p.builtin
+    assert p.format == BUILTIN_PROVIDERS[pid].format
+    assert p.auth == BUILTIN_PROVIDERS[pid].auth
+
+
+def test_custom_provider_needs_base_url_and_format() -> None:
+    found = problems("providers: [{id: ollama}]")
+    assert len(found) == 2
+    assert any(p.startswith("providers[0].base_url: expected an http(s) URL") for p in found)
+    assert any(
+        p.startswith("providers[0].format: expected one of: openai, anthropic") for p in found
+    )
+
+
+def test_custom_provider_with_base_url_and_format() -> None:
+    c = parse(
+        """
+        providers:
+          - id: vllm
+            base_url: https://vllm.internal/v1
+            format: openai
+            models: [llama3.2, {id: qwen2.5}]
+            api_keys: [{value: "${secrets.get('vllm', 'k')}"}]
+        """
+    )
+    (p,) = c.providers
+    assert (p.id, p.base_url, p.format, p.auth, p.builtin) == (
+        "vllm", "https://vllm.internal/v1", "openai", "bearer", False
+    )  # fmt: skip
+    assert p.models == ("llama3.2", "qwen2.5")
+    assert p.api_keys[0].id is None
+
+
+def test_managed_keys_only_for_builtin_providers() -> None:
+    found = problems(
+        """
+        providers: [{id: ollama, base_url: 'http://127.0.0.1:11434/v1', format: openai}]
+        managed: {ollama: [{value: "${secrets.get('m', 'x')}"}]}
+        """
+    )
+    assert found == [
+        "managed.ollama: managed keys exist only for built-in providers (openai, anthropic)"
+    ]
+
+
+def test_provider_lookup_by_id() -> None:
+    c = parse("providers: [{id: openai}, {id: anthropic}]")
+    assert c.provider("anthropic") is c.providers[1]
+    assert c.provider("nope") is None
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_template_parses_references_with_either_quote_and_spaces() -> None:
+    t = Template.parse("""Bearer ${ secrets.get( "a" , 'b' ) }-${secrets.get('c', "d")}""")
+    assert t.refs == (SecretRef("a", "b"), SecretRef("c", "d"))
+    assert not t.is_literal
+    assert Template.parse("plain").is_literal
+    assert Template.parse("${secrets.get('only-one')}").is_literal
+
+
+def test_template_renders_and_never_shows_literal_parts() -> None:
+    t = Template.parse("Bearer sk-INLINE-9999 ${secrets.get('a', 'b')}")
+    rendered = t.render(lambda ref: Secret(f"<{ref.namespace}/{ref.name}>"))
+    assert rendered.reveal() == "Bearer sk-INLINE-9999 <a/b>"
+    for text in (repr(t), str(t), f"{t}"):
+        assert "sk-INLINE-9999" not in text
+        assert "secrets.get('a', 'b')" in text
+
+
+def test_config_repr_hides_inline_header_values() -> None:
+    c = parse(
+        """
+        providers:
+          - id: azure
+            base_url: https://x.example/v1
+            format: openai
+            headers: {api-key: "sk-INLINE-HEADER-31337 ${secrets.get('a', 'b')}"}
+        """
+    )
+    assert "sk-INLINE-HEADER-31337" not in repr(c)
+    assert "sk-INLINE-HEADER-31337" not in str(c)
+
+
+def test_literal_key_is_not_echoed_in_the_error() -> None:
+    literal = "sk-proj-LITERAL-Zx81Qm0000"
+    with pytest.raises(ConfigError) as info:
+        parse(f"providers: [{{id: openai, api_keys: [{{value: {literal}}}]}}]")
+    err = info.value
+    assert literal not in str(err)
+    assert literal not in repr(err)
+    assert all(literal not in p for p in err.problems)
+
+
+# --------------------------------------------------------------------------- files
+
+
+def test_relative_paths_resolve_against_the_config_directory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    conf_dir = tmp_path / "etc" / "sidecar"
+    conf_dir.mkdir(parents=True)
+    (conf_dir / "sidecar.yaml").write_text(
+        "vault: {path: secrets/vault.json, private_key_file: keys/sidecar.key}\n"
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    c = load_config(Path("../etc/sidecar/sidecar.yaml"))
+    assert c.vault.path.resolve() == conf_dir / "secrets" / "vault.json"
+    assert c.vault.private_key_file is not None
+    assert c.vault.private_key_file.resolve() == conf_dir / "keys" / "sidecar.key"
+    assert c.vault.path.is_absolute()
+    assert c.base_dir.resolve() == conf_dir
+
+
+def test_absolute_vault_path_is_kept(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("vault: {path: /var/lib/sidecar/vault.json}\n")
+    assert load_config(cfg).vault.path == Path("/var/lib/sidecar/vault.json")
+
+
+def test_default_vault_path_is_next_to_the_config(tmp_path: Path) -> None:
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text("{}\n")
+    assert load_config(cfg).vault.path == tmp_path / "vault.json"
+
+
+@pytest.mark.parametrize(
+    ("text", "line", "column"),
+    [
+        ("listen: 127.0.0.1:8080\nproviders: [1, 2\nfoo: bar\n", 3, 4),
+        ("a: b: c\n", 1, 5),
+        ("providers:\n\t- id: openai\n", 2, 1),
+        ("passthrough: 'unterminated\n", 2, 1),
+    ],
+)
+def test_invalid_yaml_gives_line_and_column(
+    tmp_path: Path, text: str, line: int, column: int
+) -> None:
+    cfg = tmp_path / "bad.yaml"
+    cfg.write_text(text)
+    with pytest.raises(ConfigError) as info:
+        load_config(cfg)
+    (problem,) = info.value.problems
+    assert problem.startswith(f"line {line}, column {column}: not valid YAML"), problem
+    assert "Traceback" not in problem
+    assert info.value.__suppress_context__
+
+
+def test_missing_config_file_is_a_config_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError) as info:
+        load_config(tmp_path / "absent.yaml")
+    assert "cannot read file" in info.value.problems[0]
+    assert info.value.source == str(tmp_path / "absent.yaml")
+
+
+def test_config_objects_are_frozen() -> None:
+    c = parse("providers: [{id: openai}]")
+    with pytest.raises(AttributeError):
+        c.listen = HostPort("x", 1)  # type: ignore[misc]
+    with pytest.raises(AttributeError):
+        c.providers[0].base_url = "http://x"  # type: ignore[misc]
