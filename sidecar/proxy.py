@@ -40,6 +40,8 @@ _DROP_REQUEST: Final = HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "exp
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 _FAILED_BODY_LIMIT: Final = 1 << 20
+#: Status recorded (metrics, access log) when the caller disconnects first, as nginx does.
+CLIENT_CLOSED: Final = 499
 
 
 @dataclass(slots=True)
@@ -137,6 +139,12 @@ class Proxy:
             resp = await self._proxy(ex, explicit)
         except ProxyError as err:
             resp = self._error(ex, err)
+        except (asyncio.CancelledError, ConnectionResetError):
+            ex.status = (
+                CLIENT_CLOSED  # the caller went away; account for the request, then let it unwind
+            )
+            self._account(ex)
+            raise
         return self._finish(ex, resp)
 
     def _authenticate(self, ex: Exchange) -> tuple[AccessKey | None, Secret | None]:
@@ -387,21 +395,23 @@ class Proxy:
                     if tail:
                         await resp.write(tail)
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+                transport = ex.request.transport
                 if (
                     isinstance(exc, ConnectionResetError)
-                    or ex.request.transport is None
-                    or (ex.request.transport.is_closing())
+                    or transport is None
+                    or transport.is_closing()
                 ):
                     raise  # the caller went away; nothing left to tell it
                 cause = "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed"
                 state.metrics.stream_interruptions.labels(ex.provider, cause).inc()
                 state.oplog.warning("stream_interrupted", request_id=ex.request_id, provider=ex.provider,
                                     key_id=key.key_id if key else "", cause=cause)  # fmt: skip
-                ex.usage = meter.usage if meter else None
                 # End the caller's stream without its terminator so the SDK sees the break.
-                ex.request.transport.close() if ex.request.transport else None
+                transport.close()
                 return resp
-            ex.usage = meter.usage if meter else None
+            finally:
+                if meter is not None:
+                    ex.usage = meter.usage  # what was metered, even of a broken or abandoned stream
             await resp.write_eof()
             return resp
         finally:
@@ -421,6 +431,11 @@ class Proxy:
                             content_type="application/json", headers=headers)  # fmt: skip
 
     def _finish(self, ex: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+        self._account(ex)
+        return resp
+
+    def _account(self, ex: Exchange) -> None:
+        """Metrics, metering and the access-log line of one finished request."""
         state = self.state
         duration = time.perf_counter() - ex.started
         overhead = ex.overhead if ex.overhead is not None else duration - ex.upstream_wait
@@ -431,7 +446,7 @@ class Proxy:
         m.overhead.labels(ex.fmt).observe(overhead)
         c = ex.candidate
         usage = ex.usage
-        if usage is not None and c is not None and ex.status < 300:
+        if usage is not None and c is not None:
             state.billing.record(ex.access, c, usage)
         state.access_log.write(
             {
@@ -453,7 +468,6 @@ class Proxy:
                 "output_tokens": usage.output_tokens if usage else None,
             }
         )
-        return resp
 
 
 # --------------------------------------------------------------------------- helpers
