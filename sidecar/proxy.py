@@ -209,6 +209,8 @@ class Proxy:
                 Target(provider, _explicit_model(runtime, provider.id, n)) for n in names
             ] or [Target(provider, None)]
             path = "/" + request.match_info["tail"]
+            if path.startswith("/v1/") and provider.base_url.endswith("/v1"):
+                path = path[3:]  # SDKs that add /v1 themselves (Anthropic's) must not get /v1/v1
         try:
             plan = build_plan(
                 runtime, access, targets, self.state.health, passthrough_key=passthrough_key
@@ -534,9 +536,12 @@ def _payload(
 
 def _forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     out: CIMultiDict[str] = CIMultiDict()
+    connection = incoming.get("connection")
+    # Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    named = {t.strip().lower() for t in connection.split(",")} if connection else ()
     for name, value in incoming.items():
         lname = name.lower()
-        if lname in _DROP_REQUEST or lname.startswith("x-sidecar-"):
+        if lname in _DROP_REQUEST or lname in named or lname.startswith("x-sidecar-"):
             continue
         out.add(name, value)
     return out
@@ -589,7 +594,18 @@ def _listable_models(runtime: Runtime, access: AccessKey | None) -> list[tuple[s
             [] if cfg.only_allow_configured_models else list(CATALOG_LISTED.get(p.id, ()))
         )
         if access is not None and access.allowed_models:
-            names += [m for m in access.allowed_models if not m.endswith("*") and m not in names]
+            for m in sorted(access.allowed_models):
+                if m.endswith("*") or m in names:
+                    continue
+                prefix, sep, rest = m.partition(":")
+                if sep and prefix == p.id:
+                    names.append(rest)
+                    continue
+                try:
+                    if runtime.resolver.resolve(m).provider.id == p.id:
+                        names.append(m)
+                except ProxyError:
+                    continue
         for name in sorted(names):
             try:
                 resolved = runtime.resolver.resolve(name)
