@@ -9,7 +9,7 @@ is exact without timers.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from typing import Final
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -109,6 +109,19 @@ class Metrics:
         self._models: set[str] = set()
         for result in ("ok", "error"):
             self.vault_reloads.labels(result)
+
+    def prime(
+        self, providers: Iterable[tuple[str, bool]], access_keys: Iterable[str]
+    ) -> None:
+        """Create the series alerts rely on at 0, so `increase()` sees their first event.
+
+        `providers`: (provider id, has managed keys); `access_keys`: names with a grant.
+        """
+        for pid, managed in providers:
+            for reason in ("no_key", "all_cooling", *(("credits_exhausted",) if managed else ())):
+                self.no_key_available.labels(pid, reason)
+        for name in access_keys:
+            self.credits_spent.labels(name)
 
     def watch_cooling(self, keys: KeysSource, cooling: CoolingSource) -> None:
         self.registry.register(_CoolingCollector(keys, cooling))

@@ -61,10 +61,12 @@ class Exchange:
     usage: Usage | None = None
     rejected: list[str] = field(default_factory=list)
     overhead: float | None = None
+    #: the provider the request was resolved to, for refusals made before any key was chosen
+    resolved_provider: str = ""
 
     @property
     def provider(self) -> str:
-        return self.candidate.provider.id if self.candidate else ""
+        return self.candidate.provider.id if self.candidate else self.resolved_provider
 
     def sidecar_headers(self) -> dict[str, str]:
         h = {"x-sidecar-request-id": self.request_id}
@@ -211,11 +213,13 @@ class Proxy:
             path = "/" + request.match_info["tail"]
             if path.startswith("/v1/") and provider.base_url.endswith("/v1"):
                 path = path[3:]  # SDKs that add /v1 themselves (Anthropic's) must not get /v1/v1
+        ex.resolved_provider = targets[0].provider.id
         try:
             plan = build_plan(
                 runtime, access, targets, self.state.health, passthrough_key=passthrough_key
             )
         except ProxyError as err:
+            ex.resolved_provider = err.provider or ex.resolved_provider
             if (
                 err.code in (ErrorCode.NO_PROVIDER_KEY, ErrorCode.ALL_KEYS_COOLING_DOWN)
                 and err.provider
@@ -238,6 +242,7 @@ class Proxy:
         ]
         for pid in plan.managed_providers:
             self.state.metrics.no_key_available.labels(pid, "credits_exhausted").inc()
+            ex.resolved_provider = pid
         if not plan.candidates:
             raise ProxyError(
                 ErrorCode.CREDITS_EXHAUSTED, f"access key {ex.access.name!r} has no credits left"
@@ -263,8 +268,10 @@ class Proxy:
         last: tuple[int, CIMultiDictProxy[str], bytes] | None = None
         timed_out = False
 
-        candidates = plan.candidates
-        for i, cand in enumerate(candidates):
+        failed: tuple[str, str] | None = (
+            None  # (provider, outcome) of the attempt to fail over from
+        )
+        for cand in plan.candidates:
             if ex.attempts >= max_attempts:
                 break
             key = cand.key
@@ -274,6 +281,9 @@ class Proxy:
             if remaining <= 0:
                 timed_out = True
                 break
+            if failed is not None:  # counted only when another attempt really follows
+                metrics.failovers.labels(*failed).inc()
+                failed = None
             ex.attempts += 1
             ex.candidate = cand
             metrics.key_selections.labels(key.provider, key.source.value, key.key_id).inc()
@@ -336,8 +346,7 @@ class Proxy:
                              quota_exhausted=quota) is not None:  # fmt: skip
                 state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
                                  key_id=key.key_id, outcome=outcome.value)  # fmt: skip
-            if i + 1 < len(candidates) and ex.attempts < max_attempts and not timed_out:
-                metrics.failovers.labels(key.provider, outcome.value).inc()
+            failed = (key.provider, outcome.value)
             if timed_out:
                 break
 

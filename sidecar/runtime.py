@@ -54,6 +54,12 @@ class Runtime:
     #: health_id → (provider, source, key_id), for metrics of keys that exist now.
     key_labels: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
 
+    def metric_seeds(self) -> tuple[list[tuple[str, bool]], list[str]]:
+        """What `Metrics.prime` creates at 0 for this version."""
+        providers = [(p.id, bool(p.managed_keys)) for p in self.providers.values()]
+        names = [a.name for a in self.access_keys.values() if not a.revoked]
+        return providers, names
+
     def access_key_named(self, name: str) -> AccessKey | None:
         return next((a for a in self.access_keys.values() if a.name == name), None)
 

@@ -49,6 +49,7 @@ def build_state(
         metrics.reload_error()
         raise
     metrics.reload_ok()
+    metrics.prime(*runtime.metric_seeds())
     cfg = runtime.config
     oplog.set_level(cfg.log.level)
     billing = Billing(metrics, oplog)
