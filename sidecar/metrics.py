@@ -115,7 +115,7 @@ class Metrics:
     ) -> None:
         """Create the series alerts rely on at 0, so `increase()` sees their first event.
 
-        `providers`: (provider id, has managed keys); `access_keys`: names with a grant.
+        `providers`: (provider id, has managed keys); `access_keys`: names of usable access keys.
         """
         for pid, managed in providers:
             for reason in ("no_key", "all_cooling", *(("credits_exhausted",) if managed else ())):
