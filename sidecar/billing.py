@@ -10,11 +10,12 @@ for that key when its balance crosses zero.
 from __future__ import annotations
 
 import asyncio
-from pathlib import Path
 
+from sidecar.config import Config, LedgerConfig
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.keys import KeySource
 from sidecar.ledger import Ledger, LedgerUnavailable, SpendRecorder, open_ledger
+from sidecar.ledger.redis import redact_url
 from sidecar.logs import OpLog
 from sidecar.metrics import Metrics
 from sidecar.plan import Candidate
@@ -27,18 +28,31 @@ class Billing:
     def __init__(self, metrics: Metrics, oplog: OpLog) -> None:
         self._metrics = metrics
         self._oplog = oplog
-        self.prices = PriceTable()
         self.recorder: SpendRecorder | None = None
         self._ledger: Ledger | None = None
+        self._ledger_config: LedgerConfig | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._warned: set[str] = set()
 
-    def open(self, url: str, base_dir: Path, *, fail_open: bool) -> None:
-        """Open the ledger (no I/O until first use). Called once, at startup."""
-        self._ledger = open_ledger(url, base_dir=base_dir)
-        self.recorder = SpendRecorder(
-            self._ledger, fail_open=fail_open, on_error=self._ledger_error
-        )
+    def configure(self, config: Config) -> None:
+        """After each load: open the ledger once managed keys need one (no I/O until first use).
+
+        The ledger, once open, stays for the life of the process; a changed
+        `ledger:` section is reported and applies at the next restart.
+        """
+        if not any(config.managed.values()):
+            return
+        if self._ledger_config is None:
+            self._ledger = open_ledger(config.ledger.url, base_dir=config.base_dir)
+            fail_open = config.ledger.on_unavailable == "fail_open"
+            self.recorder = SpendRecorder(
+                self._ledger, fail_open=fail_open, on_error=self._ledger_error
+            )
+            self._ledger_config = config.ledger
+        elif config.ledger != self._ledger_config:
+            self._oplog.warning(
+                "ledger_change_needs_restart", keeping=redact_url(self._ledger_config.url)
+            )
 
     def _ledger_error(self, exc: Exception) -> None:
         self._oplog.error("ledger_unavailable", error=str(exc))
@@ -56,7 +70,9 @@ class Billing:
         self._metrics.credits_remaining.labels(access.name).set(remaining / 1e6)
         return remaining > 0
 
-    def record(self, access: AccessKey | None, cand: Candidate, usage: Usage) -> None:
+    def record(
+        self, prices: PriceTable, access: AccessKey | None, cand: Candidate, usage: Usage
+    ) -> None:
         """Count tokens; charge managed-key usage to the access key (in the background)."""
         provider = cand.provider.id
         model = cand.model.upstream if cand.model else ""
@@ -67,12 +83,12 @@ class Billing:
             self._metrics.tokens.labels(provider, label, "output").inc(usage.output_tokens)
         if cand.key.source is not KeySource.MANAGED or access is None or self.recorder is None:
             return
-        _, known = self.prices.price_for(provider, model)
+        _, known = prices.price_for(provider, model)
         if not known and model not in self._warned:
             self._warned.add(model)
             self._oplog.warning("model_unpriced", provider=provider, model=model,
                                 rule="charged at the provider's highest known price")  # fmt: skip
-        cost = self.prices.cost_micro_usd(provider, model, usage)
+        cost = prices.cost_micro_usd(provider, model, usage)
         if cost <= 0:
             return
         self._metrics.credits_spent.labels(access.name).inc(cost / 1e6)

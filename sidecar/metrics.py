@@ -110,9 +110,7 @@ class Metrics:
         for result in ("ok", "error"):
             self.vault_reloads.labels(result)
 
-    def prime(
-        self, providers: Iterable[tuple[str, bool]], access_keys: Iterable[str]
-    ) -> None:
+    def prime(self, providers: Iterable[tuple[str, bool]], access_keys: Iterable[str]) -> None:
         """Create the series alerts rely on at 0, so `increase()` sees their first event.
 
         `providers`: (provider id, has managed keys); `access_keys`: names of usable access keys.

@@ -63,6 +63,7 @@ class Exchange:
     overhead: float | None = None
     #: the provider the request was resolved to, for refusals made before any key was chosen
     resolved_provider: str = ""
+    body_size: int = 0
 
     @property
     def provider(self) -> str:
@@ -190,6 +191,7 @@ class Proxy:
         request = ex.request
         access, passthrough_key = self._authenticate(ex)
         body = await self._read_body(request, cfg.limits.max_body_bytes)
+        ex.body_size = len(body)
 
         data: dict[str, Any] | None = None
         if body and (explicit is None or "json" in request.headers.get("content-type", "")):
@@ -391,6 +393,7 @@ class Proxy:
             await resp.prepare(ex.request)
             meter = adapter.stream_meter(strip_usage) if ok else None
             content = upstream.content
+            done = False
             try:
                 while True:
                     t = time.perf_counter()
@@ -405,6 +408,7 @@ class Proxy:
                     tail = meter.finish()
                     if tail:
                         await resp.write(tail)
+                done = True
             except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
                 transport = ex.request.transport
                 if (
@@ -422,7 +426,12 @@ class Proxy:
                 return resp
             finally:
                 if meter is not None:
-                    ex.usage = meter.usage  # what was metered, even of a broken or abandoned stream
+                    ex.usage = meter.usage
+                    if not done:  # broken or abandoned: OpenAI reports usage only at the very end
+                        ex.usage = meter.estimate(ex.body_size)
+                        state.oplog.info("usage_estimated", request_id=ex.request_id,
+                                         input_tokens=ex.usage.input_tokens,
+                                         output_tokens=ex.usage.output_tokens)  # fmt: skip
             await resp.write_eof()
             return resp
         finally:
@@ -458,7 +467,7 @@ class Proxy:
         c = ex.candidate
         usage = ex.usage
         if usage is not None and c is not None:
-            state.billing.record(ex.access, c, usage)
+            state.billing.record(ex.runtime.prices, ex.access, c, usage)
         state.access_log.write(
             {
                 "ts": time.time(),

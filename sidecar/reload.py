@@ -104,6 +104,7 @@ class Reloader:
             self.state.access_log.enabled = runtime.config.log.access_log
             self.state.metrics.reload_ok()
             self.state.metrics.prime(*runtime.metric_seeds())
+            self.state.billing.configure(runtime.config)
             self.state.oplog.info("reloaded", reason=reason, access_keys=len(runtime.access_keys),
                                   providers=len(runtime.providers))  # fmt: skip
             return True

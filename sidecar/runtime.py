@@ -15,6 +15,7 @@ from types import MappingProxyType
 from sidecar.config import BUILTIN_PROVIDERS, Auth, Config, Format, KeyConfig, SecretRef
 from sidecar.keys import NO_KEY_ID, KeySelection, KeySource, ProviderKey
 from sidecar.models import ModelResolver
+from sidecar.prices import Price, PriceTable
 from sidecar.secret import Secret, fingerprint
 from sidecar.vault import OpenedVault
 
@@ -51,6 +52,7 @@ class Runtime:
     providers: Mapping[str, Provider]
     access_keys: Mapping[str, AccessKey]  # by hash of the token
     resolver: ModelResolver
+    prices: PriceTable = field(default_factory=PriceTable)
     #: health_id → (provider, source, key_id), for metrics of keys that exist now.
     key_labels: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
 
@@ -166,12 +168,18 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             for k in ks:
                 labels[k.health_id] = (k.provider, k.source.value, k.key_id)
 
+    try:
+        prices = PriceTable({m: Price(p.input, p.output) for m, p in config.prices.items()})
+    except ValueError as exc:
+        problems.append(str(exc))
+        prices = PriceTable()
     frozen_providers = MappingProxyType(providers)
     runtime = Runtime(
         config=config,
         providers=frozen_providers,
         access_keys=MappingProxyType(access_keys),
         resolver=ModelResolver(frozen_providers),
+        prices=prices,
         key_labels=MappingProxyType(labels),
     )
     return runtime, problems

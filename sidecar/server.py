@@ -20,21 +20,15 @@ from aiohttp import web
 
 from sidecar.admin import build_admin_app
 from sidecar.billing import Billing
-from sidecar.config import Config
 from sidecar.errors import ConfigError, UserError, VaultError
 from sidecar.health import KeyHealth
 from sidecar.logs import AccessLog, OpLog
 from sidecar.metrics import Metrics
-from sidecar.prices import Price, PriceTable
 from sidecar.proxy import Proxy
 from sidecar.reload import Reloader, load_runtime
 from sidecar.state import STATE, State
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
-
-
-def _needs_ledger(config: Config) -> bool:
-    return any(config.managed.values())
 
 
 def build_state(
@@ -53,11 +47,7 @@ def build_state(
     cfg = runtime.config
     oplog.set_level(cfg.log.level)
     billing = Billing(metrics, oplog)
-    billing.prices = _price_table(cfg)
-    if _needs_ledger(cfg):
-        billing.open(
-            cfg.ledger.url, cfg.base_dir, fail_open=cfg.ledger.on_unavailable == "fail_open"
-        )
+    billing.configure(cfg)
     state = State(
         runtime=runtime,
         health=KeyHealth(),
@@ -73,10 +63,6 @@ def build_state(
         lambda: iter(state.runtime.key_labels.values()), lambda: _cooling_labels(state)
     )
     return state
-
-
-def _price_table(cfg: Config) -> PriceTable:
-    return PriceTable({m: Price(p.input, p.output) for m, p in cfg.prices.items()})
 
 
 def _cooling_labels(state: State) -> Iterator[tuple[str, str, str]]:

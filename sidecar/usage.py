@@ -178,6 +178,7 @@ class StreamMeter:
         "_passthrough",
         "_scan",
         "_strip",
+        "events",
         "usage",
     )
 
@@ -185,6 +186,8 @@ class StreamMeter:
         self._anthropic = fmt == "anthropic"
         self._strip = strip_usage_chunk and not self._anthropic
         self.usage = Usage()
+        #: SSE `data:` lines seen; the basis of `estimate()` when a stream ends without usage.
+        self.events = 0
         # Anthropic input is the sum of three counters, each updated on its own.
         self._input = 0
         self._cache_create = 0
@@ -201,10 +204,26 @@ class StreamMeter:
         self._midline = False
 
     def feed(self, chunk: bytes) -> bytes:
+        self.events += chunk.count(b"data:")
         if self._strip:
             return self._feed_strip(chunk)
         self._feed_scan(chunk)
         return chunk
+
+    @property
+    def reported(self) -> bool:
+        """Whether the upstream reported any usage in this stream."""
+        return bool(self.usage.input_tokens or self.usage.output_tokens)
+
+    def estimate(self, request_bytes: int) -> Usage:
+        """Usage for a stream that ended before its usage was reported (cut off, or the
+        caller left). What was reported is kept; what is missing is estimated: about one
+        output token per streamed event, four request bytes per input token. Rough, but an
+        abandoned stream never goes uncharged."""
+        return Usage(
+            self.usage.input_tokens or max(1, request_bytes // 4),
+            max(self.usage.output_tokens, self.events),
+        )
 
     def finish(self) -> bytes:
         if self._strip:

@@ -185,8 +185,9 @@ class Process:
 
 def spawn_sidecar(config: Path, stdout: Path, *, timeout: float = 20.0) -> Process:
     stderr = config.parent / f"sidecar-{time.monotonic_ns()}.err"
-    proc = subprocess.Popen(sidecar_cmd("serve", "--config", str(config)), stdout=stdout.open("wb"),
-                            stderr=stderr.open("wb"), env=subprocess_env(), stdin=subprocess.DEVNULL)  # fmt: skip
+    with stdout.open("wb") as out, stderr.open("wb") as err:  # the child keeps its own copies
+        proc = subprocess.Popen(sidecar_cmd("serve", "--config", str(config)), stdout=out, stderr=err,
+                                env=subprocess_env(), stdin=subprocess.DEVNULL)  # fmt: skip
     p = Process(proc, stderr)
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
