@@ -313,6 +313,13 @@ def _http_url(v: object) -> str:
     return v.rstrip("/")
 
 
+def _reload_interval(v: object) -> float:
+    seconds = parse_duration(v)
+    if seconds < 0.1:
+        raise ValueError("expected a duration of at least 100ms")
+    return seconds
+
+
 def _non_neg_number(v: object) -> float:
     if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
         raise ValueError("expected a non-negative number")
@@ -618,7 +625,7 @@ def parse_config(data: object, path: Path) -> Config:
         ledger=ledger,
         prices=prices,
         log=log,
-        reload_interval=r.get(data, "reload_interval", "reload_interval", parse_duration, 2.0),
+        reload_interval=r.get(data, "reload_interval", "reload_interval", _reload_interval, 2.0),
     )
     if r.problems:
         raise ConfigError(r.problems, str(path))
@@ -632,6 +639,8 @@ def load_config(path: Path) -> Config:
         text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ConfigError([f"cannot read file: {exc.strerror}"], str(path)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"byte {exc.start}: not UTF-8 text"], str(path)) from None
     return parse_config_text(text, path)
 
 

@@ -35,6 +35,25 @@ def load_runtime(config_path: Path) -> Runtime:
     return runtime
 
 
+def watched_paths(config_path: Path, config: Config) -> list[Path]:
+    paths = [config_path, config.vault.path]
+    if config.vault.private_key_file is not None:
+        paths.append(config.vault.private_key_file)
+    return paths
+
+
+#: (stat signature, content signature) of the files a loaded version came from.
+FileSignature = tuple[tuple[object, ...], str]
+
+
+def load_with_signature(config_path: Path) -> tuple[Runtime, FileSignature]:
+    """Load, with the files' signature taken *before* loading: an edit racing the load
+    then shows up as a change at the next poll instead of being taken as loaded."""
+    paths = watched_paths(config_path, load_config(config_path))
+    signature = (_stat_signature(paths), _content_signature(paths))
+    return load_runtime(config_path), signature
+
+
 def _stat_signature(paths: list[Path]) -> tuple[object, ...]:
     sig: list[object] = []
     for p in paths:
@@ -67,15 +86,10 @@ class Reloader:
         self._lock = asyncio.Lock()
 
     def _paths(self, config: Config) -> list[Path]:
-        paths = [self.config_path, config.vault.path]
-        if config.vault.private_key_file is not None:
-            paths.append(config.vault.private_key_file)
-        return paths
+        return watched_paths(self.config_path, config)
 
-    def mark_loaded(self) -> None:
-        paths = self._paths(self.state.runtime.config)
-        self._stat = _stat_signature(paths)
-        self._content = _content_signature(paths)
+    def mark_loaded(self, signature: FileSignature) -> None:
+        self._stat, self._content = signature
 
     async def check(self, *, reason: str = "poll") -> bool:
         """Reload if any file changed. True when a new version was swapped in."""
@@ -90,7 +104,8 @@ class Reloader:
                 return False
             try:
                 runtime = await asyncio.to_thread(load_runtime, self.config_path)
-            except (ConfigError, VaultError) as exc:
+                self.state.billing.configure(runtime.config)
+            except (ConfigError, VaultError, ValueError) as exc:
                 self._content = content  # do not retry the same bad version every poll
                 self.state.metrics.reload_error()
                 problems = list(exc.problems) if isinstance(exc, ConfigError) else [str(exc)]
@@ -104,7 +119,6 @@ class Reloader:
             self.state.access_log.enabled = runtime.config.log.access_log
             self.state.metrics.reload_ok()
             self.state.metrics.prime(*runtime.metric_seeds())
-            self.state.billing.configure(runtime.config)
             self.state.oplog.info("reloaded", reason=reason, access_keys=len(runtime.access_keys),
                                   providers=len(runtime.providers))  # fmt: skip
             return True
@@ -114,5 +128,8 @@ class Reloader:
             await asyncio.sleep(self.state.runtime.config.reload_interval)
             try:
                 await self.check()
-            except OSError as exc:  # a transient filesystem error must not end the watcher
-                self.state.oplog.error("reload_check_failed", error=type(exc).__name__)
+            except Exception as exc:
+                self.state.metrics.reload_error()
+                self.state.oplog.error(
+                    "reload_check_failed", error=type(exc).__name__, detail=str(exc)[:200]
+                )

@@ -53,8 +53,8 @@ class Runtime:
     access_keys: Mapping[str, AccessKey]  # by hash of the token
     resolver: ModelResolver
     prices: PriceTable = field(default_factory=PriceTable)
-    #: health_id → (provider, source, key_id), for metrics of keys that exist now.
-    key_labels: Mapping[str, tuple[str, str, str]] = field(default_factory=dict)
+    #: health_id → every (provider, source, key_id) that key value appears as, for metrics.
+    key_labels: Mapping[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
 
     def metric_seeds(self) -> tuple[list[tuple[str, bool]], list[str]]:
         """What `Metrics.prime` creates at 0 for this version."""
@@ -159,14 +159,14 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             attached=MappingProxyType({k: tuple(v) for k, v in attached.items()}),
         )
 
-    labels: dict[str, tuple[str, str, str]] = {}
+    labels: dict[str, set[tuple[str, str, str]]] = {}
     for prov in providers.values():
         for k in (*prov.policy_keys, *prov.managed_keys):
-            labels[k.health_id] = (k.provider, k.source.value, k.key_id)
+            labels.setdefault(k.health_id, set()).add((k.provider, k.source.value, k.key_id))
     for ak in access_keys.values():
         for ks in ak.attached.values():
             for k in ks:
-                labels[k.health_id] = (k.provider, k.source.value, k.key_id)
+                labels.setdefault(k.health_id, set()).add((k.provider, k.source.value, k.key_id))
 
     try:
         prices = PriceTable({m: Price(p.input, p.output) for m, p in config.prices.items()})
@@ -180,6 +180,6 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
         access_keys=MappingProxyType(access_keys),
         resolver=ModelResolver(frozen_providers),
         prices=prices,
-        key_labels=MappingProxyType(labels),
+        key_labels=MappingProxyType({h: tuple(sorted(v)) for h, v in labels.items()}),
     )
     return runtime, problems

@@ -25,7 +25,7 @@ from sidecar.health import KeyHealth
 from sidecar.logs import AccessLog, OpLog
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
-from sidecar.reload import Reloader, load_runtime
+from sidecar.reload import Reloader, load_with_signature
 from sidecar.state import STATE, State
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
@@ -38,7 +38,7 @@ def build_state(
     metrics = Metrics()
     oplog = oplog or OpLog()
     try:
-        runtime = load_runtime(config_path)
+        runtime, signature = load_with_signature(config_path)
     except (ConfigError, VaultError):
         metrics.reload_error()
         raise
@@ -58,9 +58,11 @@ def build_state(
         attempt_timeout=aiohttp.ClientTimeout(
             total=None, sock_connect=cfg.timeouts.per_request, sock_read=cfg.timeouts.stream_idle
         ),
+        files=signature,
     )
     metrics.watch_cooling(
-        lambda: iter(state.runtime.key_labels.values()), lambda: _cooling_labels(state)
+        lambda: (ls for group in state.runtime.key_labels.values() for ls in group),
+        lambda: _cooling_labels(state),
     )
     return state
 
@@ -69,7 +71,7 @@ def _cooling_labels(state: State) -> Iterator[tuple[str, str, str]]:
     labels = state.runtime.key_labels
     for hid in state.health.cooling():
         if hid in labels:
-            yield labels[hid]
+            yield from labels[hid]
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -108,7 +110,7 @@ async def _access_log_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     reloader = app[_RELOADER]
-    reloader.mark_loaded()
+    reloader.mark_loaded(app[STATE].files)
     task = asyncio.create_task(reloader.watch())
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):

@@ -203,7 +203,7 @@ def test_attached_keys_grouped_by_provider_newest_first(runtime: Runtime) -> Non
 
 
 def test_key_labels_cover_every_key(runtime: Runtime) -> None:
-    labels = set(runtime.key_labels.values())
+    labels = {ls for group in runtime.key_labels.values() for ls in group}
     assert ("openai", "policy", "org-primary") in labels
     assert ("openai", "managed", "pool-1") in labels
     assert ("openai", "attached", "team-new") in labels
@@ -212,10 +212,11 @@ def test_key_labels_cover_every_key(runtime: Runtime) -> None:
 
 def test_health_ids_never_contain_the_value(runtime: Runtime) -> None:
     values = [s.reveal() for s in (*SECRETS.values(), ATTACHED_NEW, ATTACHED_OLD, ATTACHED_ANT)]
-    for health_id, (_, _, key_id) in runtime.key_labels.items():
-        for v in values:
-            assert v not in health_id
-            assert v not in key_id
+    for health_id, group in runtime.key_labels.items():
+        for _, _, key_id in group:
+            for v in values:
+                assert v not in health_id
+                assert v not in key_id
 
 
 def test_unresolved_references_are_problems_naming_the_config_path() -> None:
