@@ -228,7 +228,6 @@ def cmd_serve(args: argparse.Namespace) -> None:
 
 
 def cmd_mock_provider(args: argparse.Namespace) -> None:
-    import asyncio
 
     from sidecar.config import parse_host_port
     from sidecar.mock_provider import run
@@ -237,9 +236,11 @@ def cmd_mock_provider(args: argparse.Namespace) -> None:
         addr = parse_host_port(args.listen)
     except ValueError as exc:
         raise UserError(f"--listen: {exc}") from None
+    import uvloop
+
     print(f"mock provider listening on http://{addr}", file=sys.stderr)
     with contextlib.suppress(KeyboardInterrupt):
-        asyncio.run(run(addr.host, addr.port))
+        uvloop.run(run(addr.host, addr.port))
 
 
 # --------------------------------------------------------------------------- parser

@@ -34,6 +34,11 @@ class ProviderKey:
     key_id: str  # non-secret: configured id, or a hash-derived one
     secret: Secret | None  # None: the provider needs no key (`auth: none`)
     health_id: str  # identity for cooldowns: survives reloads while the value is unchanged
+    #: (provider, source, key_id): the metric labels, precomputed for the hot path
+    labels: tuple[str, str, str] = ("", "", "")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "labels", (self.provider, self.source.value, self.key_id))
 
     def __repr__(self) -> str:
         return f"ProviderKey({self.provider}/{self.source}/{self.key_id})"

@@ -9,6 +9,7 @@ callers pass names, ids and numbers.
 from __future__ import annotations
 
 import asyncio
+import functools
 import sys
 import time
 from typing import IO, Any, Final
@@ -18,8 +19,13 @@ import orjson
 LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
 
 
+@functools.lru_cache(maxsize=4)
+def _second(sec: int) -> str:
+    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(sec))
+
+
 def _iso(ts: float) -> str:
-    return time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(ts)) + f".{int(ts % 1 * 1000):03d}Z"
+    return f"{_second(int(ts))}.{int(ts % 1 * 1000):03d}Z"
 
 
 class OpLog:
@@ -32,8 +38,9 @@ class OpLog:
     def set_level(self, level: str) -> None:
         self.level = LEVELS.get(level, 20)
 
-    def log(self, level: str, event: str, **fields: Any) -> None:
-        if LEVELS[level] < self.level:
+    def log(self, level: str, event: str, *, always: bool = False, **fields: Any) -> None:
+        """One JSON line; `always` lines (startup facts scripts wait for) ignore the level."""
+        if LEVELS[level] < self.level and not always:
             return
         line = orjson.dumps({"ts": _iso(time.time()), "level": level, "event": event, **fields},
                             default=str)  # fmt: skip

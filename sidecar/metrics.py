@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final
+from typing import Final, Generic, TypeVar
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.core import GaugeMetricFamily
@@ -45,6 +45,7 @@ DURATION_BUCKETS: Final = (
     160.0,
     300.0,
 )
+M = TypeVar("M", Counter, Gauge, Histogram)
 MODEL_LABEL_CAP: Final = 200
 OTHER: Final = "other"
 
@@ -69,6 +70,26 @@ class _CoolingCollector(Collector):
         for labels in sorted(set(self._keys()) | cooling):
             g.add_metric(list(labels), 1.0 if labels in cooling else 0.0)
         yield g
+
+
+class _Children(Generic[M]):
+    """`metric.labels(*values)` memoised: the hot path does one dict lookup per update.
+
+    Label values are bounded by design (providers, key ids, status codes,
+    capped model names), so the cache is too.
+    """
+
+    __slots__ = ("_cache", "_metric")
+
+    def __init__(self, metric: M) -> None:
+        self._metric: M = metric
+        self._cache: dict[tuple[str, ...], M] = {}
+
+    def __call__(self, *labels: str) -> M:
+        child = self._cache.get(labels)
+        if child is None:
+            child = self._cache[labels] = self._metric.labels(*labels)
+        return child
 
 
 class Metrics:
@@ -106,6 +127,15 @@ class Metrics:
                                             ["provider", "cause"], registry=r)  # fmt: skip
         self.ledger_pending = Gauge("sidecar_ledger_pending_spend_usd",
                                     "Spend recorded locally while the ledger was unreachable", registry=r)  # fmt: skip
+        # Memoised children for everything updated per request or per attempt.
+        self.c_requests = _Children(self.requests)
+        self.c_duration = _Children(self.request_duration)
+        self.c_selections = _Children(self.key_selections)
+        self.c_attempts = _Children(self.upstream_attempts)
+        self.c_failovers = _Children(self.failovers)
+        self.c_ttfb = _Children(self.upstream_ttfb)
+        self.c_overhead = _Children(self.overhead)
+        self.c_tokens = _Children(self.tokens)
         self._models: set[str] = set()
         for result in ("ok", "error"):
             self.vault_reloads.labels(result)

@@ -40,6 +40,8 @@ _DROP_REQUEST: Final = HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "exp
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 _FAILED_BODY_LIMIT: Final = 1 << 20
+#: Precomputed status label strings.
+_STATUS: Final = {code: str(code) for code in range(100, 600)}
 #: Status recorded (metrics, access log) when the caller disconnects first, as nginx does.
 CLIENT_CLOSED: Final = 499
 
@@ -176,6 +178,8 @@ class Proxy:
     async def _read_body(self, request: web.Request, limit: int) -> bytes:
         if request.content_length is not None and request.content_length > limit:
             raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
+        if request.content_length is not None:
+            return await request.read()  # size known and within the limit: one read
         chunks: list[bytes] = []
         size = 0
         async for chunk in request.content.iter_chunked(1 << 16):
@@ -284,11 +288,11 @@ class Proxy:
                 timed_out = True
                 break
             if failed is not None:  # counted only when another attempt really follows
-                metrics.failovers.labels(*failed).inc()
+                metrics.c_failovers(*failed).inc()
                 failed = None
             ex.attempts += 1
             ex.candidate = cand
-            metrics.key_selections.labels(key.provider, key.source.value, key.key_id).inc()
+            metrics.c_selections(*key.labels).inc()
             model_name = cand.model.upstream if cand.model else None
             if model_name not in payloads:
                 payloads[model_name] = _payload(body, data, model_name, adapter, path, stream)
@@ -299,12 +303,15 @@ class Proxy:
             retry_after: float | None = None
             quota = False
             sent = time.perf_counter()
+            budget = min(cfg.timeouts.per_request, remaining)
             try:
-                async with asyncio.timeout(min(cfg.timeouts.per_request, remaining)):
-                    upstream = await state.session.request(
-                        request.method, url, data=payload, headers=headers,
-                        timeout=state.attempt_timeout, allow_redirects=False,
-                    )  # fmt: skip
+                pending = state.session.request(request.method, url, data=payload, headers=headers,
+                                                timeout=state.attempt_timeout, allow_redirects=False)  # fmt: skip
+                if budget < cfg.timeouts.stream_idle:
+                    async with asyncio.timeout(budget):
+                        upstream = await pending
+                else:  # the session's sock_read timer (stream_idle) already bounds the wait
+                    upstream = await pending
             except TimeoutError:
                 outcome = Outcome.TIMEOUT
                 ex.upstream_wait += time.perf_counter() - sent
@@ -317,13 +324,11 @@ class Proxy:
             else:
                 ttfb = time.perf_counter() - sent
                 ex.upstream_wait += ttfb
-                metrics.upstream_ttfb.labels(key.provider).observe(ttfb)
+                metrics.c_ttfb(key.provider).observe(ttfb)
                 status = upstream.status
                 if status not in cfg.failover.on_status:
                     outcome = classify_status(status)
-                    metrics.upstream_attempts.labels(
-                        key.provider, key.source.value, key.key_id, outcome.value
-                    ).inc()
+                    metrics.c_attempts(*key.labels, outcome.value).inc()
                     health.record(key.health_id, outcome, cfg.failover.cooldown)
                     return await self._relay(ex, upstream, adapter, strip_usage)
                 outcome = classify_status(status)
@@ -341,9 +346,7 @@ class Proxy:
                 last = (status, upstream.headers, failed_body)
                 state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
                                     key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
-            metrics.upstream_attempts.labels(
-                key.provider, key.source.value, key.key_id, outcome.value
-            ).inc()
+            metrics.c_attempts(*key.labels, outcome.value).inc()
             if health.record(key.health_id, outcome, cfg.failover.cooldown, retry_after=retry_after,
                              quota_exhausted=quota) is not None:  # fmt: skip
                 state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
@@ -461,33 +464,34 @@ class Proxy:
         overhead = ex.overhead if ex.overhead is not None else duration - ex.upstream_wait
         provider = ex.provider
         m = state.metrics
-        m.requests.labels(ex.fmt, provider, str(ex.status)).inc()
-        m.request_duration.labels(ex.fmt, provider).observe(duration)
-        m.overhead.labels(ex.fmt).observe(overhead)
+        m.c_requests(ex.fmt, provider, _STATUS.get(ex.status) or str(ex.status)).inc()
+        m.c_duration(ex.fmt, provider).observe(duration)
+        m.c_overhead(ex.fmt).observe(overhead)
         c = ex.candidate
         usage = ex.usage
         if usage is not None and c is not None:
             state.billing.record(ex.runtime.prices, ex.access, c, usage)
-        state.access_log.write(
-            {
-                "ts": time.time(),
-                "request_id": ex.request_id,
-                "access_key": ex.access.name if ex.access else None,
-                "method": ex.request.method,
-                "path": ex.request.path,
-                "format": ex.fmt,
-                "provider": provider or None,
-                "model": c.model.upstream if c and c.model else None,
-                "key_source": c.key.source.value if c else None,
-                "key_id": c.key.key_id if c else None,
-                "attempts": ex.attempts,
-                "status": ex.status,
-                "duration_ms": round(duration * 1000, 3),
-                "overhead_ms": round(overhead * 1000, 3),
-                "input_tokens": usage.input_tokens if usage else None,
-                "output_tokens": usage.output_tokens if usage else None,
-            }
-        )
+        if state.access_log.enabled:
+            state.access_log.write(
+                {
+                    "ts": time.time(),
+                    "request_id": ex.request_id,
+                    "access_key": ex.access.name if ex.access else None,
+                    "method": ex.request.method,
+                    "path": ex.request.path,
+                    "format": ex.fmt,
+                    "provider": provider or None,
+                    "model": c.model.upstream if c and c.model else None,
+                    "key_source": c.key.source.value if c else None,
+                    "key_id": c.key.key_id if c else None,
+                    "attempts": ex.attempts,
+                    "status": ex.status,
+                    "duration_ms": round(duration * 1000, 3),
+                    "overhead_ms": round(overhead * 1000, 3),
+                    "input_tokens": usage.input_tokens if usage else None,
+                    "output_tokens": usage.output_tokens if usage else None,
+                }
+            )
 
 
 # --------------------------------------------------------------------------- helpers

@@ -196,7 +196,7 @@ async def start(
         state, proxy_runner, admin_runner, _bound_port(proxy_runner), _bound_port(admin_runner)
     )
     state.ready = True
-    state.oplog.info("listening", proxy=f"{cfg.listen.host}:{running.proxy_port}",
+    state.oplog.log("info", "listening", always=True, proxy=f"{cfg.listen.host}:{running.proxy_port}",
                      admin=f"{cfg.admin_listen.host}:{running.admin_port}")  # fmt: skip
     return running
 
