@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import KeyHealth
 from sidecar.keys import CALLER_KEY_ID, KeySelection, KeySource, ProviderKey, select_keys
-from sidecar.models import ResolvedModel, model_allowed
+from sidecar.models import CATALOG_LISTED, ResolvedModel, model_allowed
 from sidecar.runtime import AccessKey, Provider, Runtime
 from sidecar.secret import Secret
 
@@ -147,3 +147,39 @@ def build_plan(
         )
     plan.cooling = soonest
     return plan
+
+
+def _name_at(runtime: Runtime, provider: Provider, name: str) -> ResolvedModel:
+    """`name` as a caller must send it to reach `provider` (prefixed when it resolves elsewhere)."""
+    try:
+        resolved = runtime.resolver.resolve(name)
+    except ProxyError:
+        resolved = None
+    if resolved is None or resolved.provider.id != provider.id:
+        return ResolvedModel(f"{provider.id}:{name}", provider, name)
+    return resolved
+
+
+def listable_models(runtime: Runtime, access: AccessKey | None) -> list[tuple[str, str]]:
+    """`GET /v1/models`: (name a caller can send, provider) for every model this key may use.
+
+    The candidates are each provider's `models:` (else the catalog's well-known names)
+    plus the key's own exact `allowed_models` that belong to that provider; the same
+    scope rules as a request decide what is listed.
+    """
+    out: list[tuple[str, str]] = []
+    for p in runtime.providers.values():
+        names = set(p.models) or set(CATALOG_LISTED.get(p.id, ()))
+        for m in access.allowed_models if access is not None else ():
+            prefix, sep, rest = m.partition(":")
+            if m.endswith("*"):
+                continue
+            if sep and prefix == p.id:
+                names.add(rest)
+            elif _name_at(runtime, p, m).requested == m:
+                names.add(m)
+        for name in sorted(names):
+            resolved = _name_at(runtime, p, name)
+            if _scope_error(runtime, access, Target(p, resolved)) is None:
+                out.append((resolved.requested, p.id))
+    return out

@@ -24,7 +24,8 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
 from sidecar.keys import KeySource
-from sidecar.plan import Candidate, Plan, Target, build_plan, resolve_targets
+from sidecar.models import ResolvedModel
+from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
 from sidecar.providers import Adapter, adapter_for, auth_header
 from sidecar.runtime import AccessKey, Runtime
 from sidecar.secret import SENSITIVE_HEADERS, Secret
@@ -117,7 +118,7 @@ class Proxy:
         except ProxyError as err:
             return self._finish(ex, self._error(ex, err))
         data = []
-        for model, owner in _listable_models(runtime, access):
+        for model, owner in listable_models(runtime, access):
             data.append({"id": model, "object": "model", "created": 0, "owned_by": owner})
         ex.status = 200
         resp = web.Response(body=orjson.dumps({"object": "list", "data": data}),
@@ -515,9 +516,8 @@ def _model_names(data: Mapping[str, Any] | None, *, required: bool) -> list[str]
     return names
 
 
-def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> Any:
-    from sidecar.models import ResolvedModel
-
+def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> ResolvedModel:
+    """On `/{provider}/…` the provider is given; a `provider:` prefix on the model is dropped."""
     prefix = provider_id + ":"
     upstream = name[len(prefix) :] if name.startswith(prefix) else name
     return ResolvedModel(name, runtime.providers[provider_id], upstream)
@@ -599,43 +599,4 @@ def _relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     for name, value in upstream.items():
         if name.lower() not in _DROP_RESPONSE:
             out.add(name, value)
-    return out
-
-
-def _listable_models(runtime: Runtime, access: AccessKey | None) -> list[tuple[str, str]]:
-    from sidecar.models import CATALOG_LISTED, ResolvedModel, model_allowed
-
-    cfg = runtime.config
-    out: list[tuple[str, str]] = []
-    for p in runtime.providers.values():
-        if cfg.only_allow_configured_providers and not p.configured:
-            continue
-        if access is not None and access.allowed_providers and p.id not in access.allowed_providers:
-            continue
-        names = list(p.models) or (
-            [] if cfg.only_allow_configured_models else list(CATALOG_LISTED.get(p.id, ()))
-        )
-        if access is not None and access.allowed_models:
-            for m in sorted(access.allowed_models):
-                if m.endswith("*") or m in names:
-                    continue
-                prefix, sep, rest = m.partition(":")
-                if sep and prefix == p.id:
-                    names.append(rest)
-                    continue
-                try:
-                    if runtime.resolver.resolve(m).provider.id == p.id:
-                        names.append(m)
-                except ProxyError:
-                    continue
-        for name in sorted(names):
-            try:
-                resolved = runtime.resolver.resolve(name)
-            except ProxyError:
-                resolved = ResolvedModel(f"{p.id}:{name}", p, name)
-            if resolved.provider.id != p.id:
-                resolved = ResolvedModel(f"{p.id}:{name}", p, name)
-            if access is not None and not model_allowed(access.allowed_models, resolved):
-                continue
-            out.append((resolved.requested, p.id))
     return out
