@@ -13,7 +13,7 @@ $(STAMP): setup.cfg
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(BIN)/python -m sidecar.demo
+	$(BIN)/sidecar serve
 
 lint: $(STAMP)
 	$(BIN)/ruff check sidecar tests bench
