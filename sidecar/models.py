@@ -38,6 +38,9 @@ CATALOG_LISTED: Final[Mapping[str, tuple[str, ...]]] = {
 }  # fmt: skip
 
 
+_MISS: Final = object()
+
+
 @dataclass(frozen=True, slots=True)
 class ResolvedModel:
     requested: str  # as the caller wrote it
@@ -54,15 +57,15 @@ class ModelResolver:
         for p in providers.values():
             for m in p.models:
                 self._configured.setdefault(m, p)
-        self._cache: dict[str, ResolvedModel | None] = {}
+        self._cache: dict[str, object] = {}
 
     def resolve(self, name: str) -> ResolvedModel:
-        hit = self._cache.get(name)
-        if hit is None:
+        hit = self._cache.get(name, _MISS)
+        if hit is _MISS:
             hit = self._resolve(name)
-            if len(self._cache) < 4096:
+            if len(self._cache) < 4096:  # names come from callers: stay bounded
                 self._cache[name] = hit
-        if hit is None:
+        if not isinstance(hit, ResolvedModel):
             raise ProxyError(ErrorCode.MODEL_UNKNOWN, f"unknown model {name!r}: prefix it with a "
                              "provider (e.g. openai:MODEL) or list it under a provider's models")  # fmt: skip
         return hit
@@ -77,9 +80,6 @@ class ModelResolver:
             if name.startswith(pattern) and pid in self._providers:
                 return ResolvedModel(name, self._providers[pid], name)
         return None
-
-    def is_configured(self, resolved: ResolvedModel) -> bool:
-        return resolved.upstream in resolved.provider.models
 
 
 def model_allowed(patterns: frozenset[str], resolved: ResolvedModel) -> bool:

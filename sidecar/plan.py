@@ -31,8 +31,6 @@ class Plan:
     rejected_models: list[str] = field(default_factory=list)
     #: providers whose candidates draw on managed keys (need credits)
     managed_providers: set[str] = field(default_factory=set)
-    #: set when a provider was dropped because all its keys cool: (provider, seconds)
-    cooling: tuple[str, float] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -68,6 +66,10 @@ def _scope_error(runtime: Runtime, access: AccessKey | None, t: Target) -> Proxy
             ErrorCode.PROVIDER_NOT_ALLOWED, f"this access key may not use provider {p.id!r}"
         )
     if t.model is None:
+        # An explicit-route request that names no model cannot pass a model restriction.
+        if (access is not None and access.allowed_models) or cfg.only_allow_configured_models:
+            return ProxyError(ErrorCode.MODEL_NOT_ALLOWED,
+                              "this access key may only use listed models, and the request names none")  # fmt: skip
         return None
     if access is not None and not model_allowed(access.allowed_models, t.model):
         return ProxyError(
@@ -103,9 +105,6 @@ def build_plan(
     if not allowed:
         assert first_error is not None
         raise first_error
-    if len(targets) == 1:
-        plan.rejected_models.clear()
-
     selections: dict[str, KeySelection | None] = {}
     missing: str | None = None
     soonest: tuple[str, float] | None = None
@@ -124,7 +123,10 @@ def build_plan(
         if sel is None:
             missing = missing or pid
             continue
-        usable = [k for k in sel.keys if health.cooling_until(k.health_id) is None]
+        if sel.source is KeySource.PASSTHROUGH:
+            usable = list(sel.keys)  # the caller's own key: its failures are not shared state
+        else:
+            usable = [k for k in sel.keys if health.cooling_until(k.health_id) is None]
         if not usable:
             wait = health.soonest_recovery(k.health_id for k in sel.keys) or 0.0
             if soonest is None or wait < soonest[1]:
@@ -145,7 +147,6 @@ def build_plan(
         raise ProxyError(
             ErrorCode.NO_PROVIDER_KEY, f"no provider key for provider {missing!r}", provider=missing
         )
-    plan.cooling = soonest
     return plan
 
 

@@ -9,17 +9,18 @@ parts live in `plan`, `keys`, `health`, `models`; this module does the I/O.
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import os
 import time
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
+from urllib.parse import unquote
 
 import aiohttp
 import orjson
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
 
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
@@ -31,6 +32,7 @@ from sidecar.runtime import AccessKey, Runtime
 from sidecar.secret import SENSITIVE_HEADERS, Secret
 from sidecar.state import State
 from sidecar.usage import Usage
+from sidecar.vault import hash_access_key
 
 HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -41,10 +43,31 @@ _DROP_REQUEST: Final = HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "exp
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 _FAILED_BODY_LIMIT: Final = 1 << 20
+#: The session enforces no timeouts of its own: `timeouts.*` are applied per attempt.
+_NO_CLIENT_TIMEOUT: Final = aiohttp.ClientTimeout(
+    total=None, connect=None, sock_connect=None, sock_read=None
+)
 #: Precomputed status label strings.
 _STATUS: Final = {code: str(code) for code in range(100, 600)}
 #: Status recorded (metrics, access log) when the caller disconnects first, as nginx does.
 CLIENT_CLOSED: Final = 499
+
+
+#: A failover-status answer kept in case it is the last one: (status, headers, body).
+_Failed = tuple[int, "CIMultiDictProxy[str]", bytes]
+
+
+@dataclass(slots=True)
+class _Result:
+    """What one attempt produced."""
+
+    outcome: Outcome
+    upstream: aiohttp.ClientResponse | None = None  # an answer for the caller
+    body: bytes | None = None  # its body, when read whole (JSON)
+    failed: _Failed | None = None  # a failover-status answer
+    retry_after: float | None = None
+    quota: bool = False
+    timed_out: bool = False
 
 
 @dataclass(slots=True)
@@ -166,7 +189,7 @@ class Proxy:
                 ErrorCode.ACCESS_KEY_INVALID,
                 "missing access key (Authorization: Bearer or x-api-key)",
             )
-        access = ex.runtime.access_keys.get(hashlib.sha256(token.encode()).hexdigest())
+        access = ex.runtime.access_keys.get(hash_access_key(token))
         if access is not None:
             if access.revoked:
                 raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "access key revoked")
@@ -199,14 +222,22 @@ class Proxy:
         ex.body_size = len(body)
 
         data: dict[str, Any] | None = None
-        if body and (explicit is None or "json" in request.headers.get("content-type", "")):
+        if body:
+            # Explicit routes may carry other media (uploads); a JSON-looking body is read
+            # whatever its content-type, so scope checks on `model` cannot be sidestepped.
+            must_be_json = explicit is None or "json" in request.headers.get("content-type", "")
             try:
                 parsed = orjson.loads(body)
             except orjson.JSONDecodeError:
-                raise ProxyError(ErrorCode.INVALID_JSON, "request body is not valid JSON") from None
-            if not isinstance(parsed, dict):
+                if must_be_json:
+                    raise ProxyError(
+                        ErrorCode.INVALID_JSON, "request body is not valid JSON"
+                    ) from None
+                parsed = None
+            if isinstance(parsed, dict):
+                data = parsed
+            elif must_be_json:
                 raise ProxyError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
-            data = parsed
         names = _model_names(data, required=explicit is None)
 
         if explicit is None:
@@ -217,7 +248,7 @@ class Proxy:
             targets = [
                 Target(provider, _explicit_model(runtime, provider.id, n)) for n in names
             ] or [Target(provider, None)]
-            path = "/" + request.match_info["tail"]
+            path = _explicit_path(request, provider.id)
             if path.startswith("/v1/") and provider.base_url.endswith("/v1"):
                 path = path[3:]  # SDKs that add /v1 themselves (Anthropic's) must not get /v1/v1
         ex.resolved_provider = targets[0].provider.id
@@ -260,29 +291,29 @@ class Proxy:
     async def _run(
         self, ex: Exchange, plan: Plan, body: bytes, data: dict[str, Any] | None, path: str
     ) -> web.StreamResponse:
-        state = self.state
         cfg = ex.runtime.config
-        metrics = state.metrics
-        health = state.health
-        request = ex.request
+        metrics = self.state.metrics
+        health = self.state.health
         adapter = adapter_for(ex.fmt)
-        base_headers = _forward_headers(request.headers)
-        query = request.query_string
+        base_headers = _forward_headers(ex.request.headers)
+        query = _raw_query(ex.request)
         stream = bool(data and data.get("stream") is True)
         deadline = ex.started + cfg.timeouts.total
-        max_attempts = cfg.failover.max_attempts
         payloads: dict[str | None, tuple[bytes, bool]] = {}
-        last: tuple[int, CIMultiDictProxy[str], bytes] | None = None
-        timed_out = False
-
+        last: tuple[Candidate, _Failed] | None = None  # the last failover-status response
         failed: tuple[str, str] | None = (
             None  # (provider, outcome) of the attempt to fail over from
         )
+        timed_out = False
+
         for cand in plan.candidates:
-            if ex.attempts >= max_attempts:
+            if ex.attempts >= cfg.failover.max_attempts:
                 break
             key = cand.key
-            if ex.attempts and health.cooling_until(key.health_id) is not None:
+            tracked = (
+                key.source is not KeySource.PASSTHROUGH
+            )  # a caller's own key has no shared health
+            if ex.attempts and tracked and health.cooling_until(key.health_id) is not None:
                 continue  # cooled down by an earlier attempt of this request
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
@@ -300,64 +331,27 @@ class Proxy:
             payload, strip_usage = payloads[model_name]
             url, headers = _upstream_request(cand, path, query, base_headers)
 
-            outcome: Outcome
-            retry_after: float | None = None
-            quota = False
-            sent = time.perf_counter()
-            budget = min(cfg.timeouts.per_request, remaining)
-            try:
-                pending = state.session.request(request.method, url, data=payload, headers=headers,
-                                                timeout=state.attempt_timeout, allow_redirects=False)  # fmt: skip
-                if budget < cfg.timeouts.stream_idle:
-                    async with asyncio.timeout(budget):
-                        upstream = await pending
-                else:  # the session's sock_read timer (stream_idle) already bounds the wait
-                    upstream = await pending
-            except TimeoutError:
-                outcome = Outcome.TIMEOUT
-                ex.upstream_wait += time.perf_counter() - sent
-                timed_out = time.perf_counter() >= deadline
-            except aiohttp.ClientError as exc:
-                outcome = Outcome.CONNECT_ERROR
-                ex.upstream_wait += time.perf_counter() - sent
-                state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
-                                    key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
-            else:
-                ttfb = time.perf_counter() - sent
-                ex.upstream_wait += ttfb
-                metrics.c_ttfb(key.provider).observe(ttfb)
-                status = upstream.status
-                if status not in cfg.failover.on_status:
-                    outcome = classify_status(status)
-                    metrics.c_attempts(*key.labels, outcome.value).inc()
-                    health.record(key.health_id, outcome, cfg.failover.cooldown)
-                    return await self._relay(ex, upstream, adapter, strip_usage)
-                outcome = classify_status(status)
-                try:
-                    t = time.perf_counter()
-                    failed_body = await upstream.content.read(_FAILED_BODY_LIMIT)
-                    ex.upstream_wait += time.perf_counter() - t
-                except (aiohttp.ClientError, TimeoutError):
-                    failed_body = b""
-                finally:
-                    upstream.release()
-                if status == 429:
-                    retry_after = parse_retry_after(upstream.headers.get("retry-after"))
-                    quota = is_quota_exhausted(failed_body)
-                last = (status, upstream.headers, failed_body)
-                state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
-                                    key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
-            metrics.c_attempts(*key.labels, outcome.value).inc()
-            if health.record(key.health_id, outcome, cfg.failover.cooldown, retry_after=retry_after,
-                             quota_exhausted=quota) is not None:  # fmt: skip
-                state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
-                                 key_id=key.key_id, outcome=outcome.value)  # fmt: skip
-            failed = (key.provider, outcome.value)
-            if timed_out:
+            res = await self._attempt(ex, url, headers, payload, remaining, deadline)
+            metrics.c_attempts(*key.labels, res.outcome.value).inc()
+            if res.upstream is not None:  # a response for the caller: no failover from here on
+                if tracked:
+                    health.record(key.health_id, res.outcome, cfg.failover.cooldown)
+                if res.body is not None:
+                    return self._respond(ex, res.upstream, res.body, adapter)
+                return await self._relay_stream(ex, res.upstream, adapter, strip_usage)
+            if tracked and health.record(key.health_id, res.outcome, cfg.failover.cooldown,
+                                         retry_after=res.retry_after, quota_exhausted=res.quota):  # fmt: skip
+                self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
+                                      key_id=key.key_id, outcome=res.outcome.value)  # fmt: skip
+            if res.failed is not None:
+                last = (cand, res.failed)
+            failed = (key.provider, res.outcome.value)
+            if res.timed_out:
+                timed_out = True
                 break
 
-        if last is not None:
-            status, failed_headers, failed_body = last
+        if last is not None:  # every candidate failed: the caller gets the last upstream answer
+            ex.candidate, (status, failed_headers, failed_body) = last
             ex.status = status
             out = _relay_headers(failed_headers)
             out.update(ex.sidecar_headers())
@@ -368,78 +362,151 @@ class Proxy:
             )
         raise ProxyError(ErrorCode.UPSTREAM_UNAVAILABLE, "no upstream answered")
 
-    async def _relay(
+    async def _attempt(
+        self,
+        ex: Exchange,
+        url: URL,
+        headers: CIMultiDict[str],
+        payload: bytes,
+        remaining: float,
+        deadline: float,
+    ) -> _Result:
+        """One upstream attempt, up to the point where its answer could go to the caller.
+
+        A failover-status answer is read (bounded) and returned as `failed`; a JSON
+        answer is read whole inside the attempt, so a body that breaks before any byte
+        reached the caller still fails over; a stream is returned unread.
+        """
+        state = self.state
+        cfg = ex.runtime.config
+        key = ex.candidate.key if ex.candidate else None
+        assert key is not None
+        sent = time.perf_counter()
+        try:
+            # per_request bounds connect + send + waiting for the response headers.
+            async with asyncio.timeout(min(cfg.timeouts.per_request, remaining)):
+                upstream = await state.session.request(
+                    ex.request.method, url, data=payload, headers=headers,
+                    timeout=_NO_CLIENT_TIMEOUT, allow_redirects=False,
+                )  # fmt: skip
+        except TimeoutError:
+            ex.upstream_wait += time.perf_counter() - sent
+            return _Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= deadline)
+        except aiohttp.ClientError as exc:
+            ex.upstream_wait += time.perf_counter() - sent
+            state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
+                                key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
+            return _Result(Outcome.CONNECT_ERROR)
+        ttfb = time.perf_counter() - sent
+        ex.upstream_wait += ttfb
+        state.metrics.c_ttfb(key.provider).observe(ttfb)
+        status = upstream.status
+        outcome = classify_status(status)
+        failover = status in cfg.failover.on_status
+        if not failover and "json" not in upstream.headers.get("content-type", ""):
+            return _Result(outcome, upstream=upstream)  # SSE or other media: streamed through
+
+        t = time.perf_counter()
+        idle = (
+            min(cfg.timeouts.stream_idle, max(0.001, deadline - t))
+            if failover
+            else cfg.timeouts.stream_idle
+        )
+        try:
+            body = await _read_body_of(upstream, idle, _FAILED_BODY_LIMIT if failover else 0)
+        except (aiohttp.ClientError, TimeoutError) as exc:
+            if not failover:  # broke before the caller saw a byte: try the next candidate
+                state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
+                                    key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
+                return _Result(
+                    Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECT_ERROR
+                )
+            body = b""
+        finally:
+            ex.upstream_wait += time.perf_counter() - t
+            upstream.release()
+        if not failover:
+            return _Result(outcome, upstream=upstream, body=body)
+        state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
+                            key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
+        res = _Result(outcome, failed=(status, upstream.headers, body))
+        if status == 429:
+            res.retry_after = parse_retry_after(upstream.headers.get("retry-after"))
+            res.quota = is_quota_exhausted(body)
+        return res
+
+    def _respond(
+        self, ex: Exchange, upstream: aiohttp.ClientResponse, body: bytes, adapter: Adapter
+    ) -> web.Response:
+        """Relay a JSON answer read whole (its usage is metered from the body)."""
+        ex.status = upstream.status
+        if upstream.status < 300:
+            ex.usage = adapter.usage_from_body(body)
+        headers = _relay_headers(upstream.headers)
+        headers.update(ex.sidecar_headers())
+        return web.Response(status=upstream.status, body=body, headers=headers)
+
+    async def _relay_stream(
         self, ex: Exchange, upstream: aiohttp.ClientResponse, adapter: Adapter, strip_usage: bool
     ) -> web.StreamResponse:
-        """Send the chosen upstream response to the caller. From here on there is no failover."""
+        """Relay chunk by chunk as they arrive. From the first byte on there is no failover."""
         state = self.state
-        key = ex.candidate.key if ex.candidate else None
         ex.status = upstream.status
         headers = _relay_headers(upstream.headers)
-        ok = upstream.status < 300
+        headers.update(ex.sidecar_headers())
+        sse = "text/event-stream" in upstream.headers.get("content-type", "")
+        meter = adapter.stream_meter(strip_usage) if sse and upstream.status < 300 else None
+        content = upstream.content
+        idle = ex.runtime.config.timeouts.stream_idle
+        loop = asyncio.get_running_loop()
+        done = False
         try:
-            if "text/event-stream" not in upstream.headers.get("content-type", ""):
-                t = time.perf_counter()
-                try:
-                    body = await upstream.read()
-                except (aiohttp.ClientError, TimeoutError):
-                    raise ProxyError(
-                        ErrorCode.UPSTREAM_UNAVAILABLE, "upstream closed before the body ended"
-                    ) from None
-                ex.upstream_wait += time.perf_counter() - t
-                if ok:
-                    ex.usage = adapter.usage_from_body(body)
-                headers.update(ex.sidecar_headers())
-                return web.Response(status=upstream.status, body=body, headers=headers)
-
-            headers.update(ex.sidecar_headers())
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(ex.request)
-            meter = adapter.stream_meter(strip_usage) if ok else None
-            content = upstream.content
-            done = False
-            try:
+            # stream_idle bounds each wait for the upstream's next chunk, not a slow caller.
+            async with asyncio.timeout(None) as idle_timer:
                 while True:
                     t = time.perf_counter()
+                    idle_timer.reschedule(loop.time() + idle)
                     chunk = await content.readany()
+                    idle_timer.reschedule(None)
                     ex.upstream_wait += time.perf_counter() - t
                     if not chunk:
                         break
                     out = meter.feed(chunk) if meter else chunk
                     if out:
                         await resp.write(out)
-                if meter:
-                    tail = meter.finish()
-                    if tail:
-                        await resp.write(tail)
-                done = True
-            except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
-                transport = ex.request.transport
-                if (
-                    isinstance(exc, ConnectionResetError)
-                    or transport is None
-                    or transport.is_closing()
-                ):
-                    raise  # the caller went away; nothing left to tell it
-                cause = "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed"
-                state.metrics.stream_interruptions.labels(ex.provider, cause).inc()
-                state.oplog.warning("stream_interrupted", request_id=ex.request_id, provider=ex.provider,
-                                    key_id=key.key_id if key else "", cause=cause)  # fmt: skip
-                # End the caller's stream without its terminator so the SDK sees the break.
-                transport.close()
-                return resp
-            finally:
-                if meter is not None:
-                    ex.usage = meter.usage
-                    if not done:  # broken or abandoned: OpenAI reports usage only at the very end
-                        ex.usage = meter.estimate(ex.body_size)
-                        state.oplog.info("usage_estimated", request_id=ex.request_id,
-                                         input_tokens=ex.usage.input_tokens,
-                                         output_tokens=ex.usage.output_tokens)  # fmt: skip
+            if meter:
+                tail = meter.finish()
+                if tail:
+                    await resp.write(tail)
+            done = True
             await resp.write_eof()
+            return resp
+        except ConnectionResetError:  # writing to a caller that went away
+            ex.status = CLIENT_CLOSED
+            return resp
+        except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+            transport = ex.request.transport
+            if transport is None or transport.is_closing():
+                ex.status = CLIENT_CLOSED
+                return resp
+            cause = "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed"
+            state.metrics.stream_interruptions.labels(ex.provider, cause).inc()
+            key_id = ex.candidate.key.key_id if ex.candidate else ""
+            state.oplog.warning("stream_interrupted", request_id=ex.request_id, provider=ex.provider,
+                                key_id=key_id, cause=cause)  # fmt: skip
+            transport.close()  # end the caller's stream without its terminator: the SDK sees the break
             return resp
         finally:
             upstream.release()
+            if meter is not None:
+                ex.usage = meter.usage
+                if not done:  # broken or abandoned: OpenAI reports usage only at the very end
+                    ex.usage = meter.estimate(ex.body_size)
+                    state.oplog.info("usage_estimated", request_id=ex.request_id,
+                                     input_tokens=ex.usage.input_tokens,
+                                     output_tokens=ex.usage.output_tokens)  # fmt: skip
 
     # ----------------------------------------------------------------- finishing
 
@@ -542,6 +609,8 @@ def _payload(
     strip = False
     if stream:
         probe = dict(data)
+        if isinstance(probe.get("stream_options"), dict):  # never mutate the caller's own dict
+            probe["stream_options"] = dict(probe["stream_options"])
         strip = adapter.prepare_stream(path, probe)
         if strip:
             changes["stream_options"] = probe["stream_options"]
@@ -571,15 +640,11 @@ def _forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 
 def _upstream_request(
     cand: Candidate, path: str, query: str, base: CIMultiDict[str]
-) -> tuple[str, CIMultiDict[str]]:
+) -> tuple[URL, CIMultiDict[str]]:
+    """URL and headers for one attempt. `path` and `query` arrive percent-encoded and stay so."""
     p = cand.provider
-    url = p.base_url + path
-    params = query
-    if p.query:
-        extra = "&".join(f"{k}={v}" for k, v in p.query)
-        params = f"{params}&{extra}" if params else extra
-    if params:
-        url = f"{url}?{params}"
+    params = f"{query}&{p.query}" if query and p.query else (query or p.query)
+    url = URL(f"{p.base_url}{path}?{params}" if params else p.base_url + path, encoded=True)
     headers = base.copy()
     for name, secret in p.headers:
         headers[name] = secret.reveal()
@@ -588,6 +653,28 @@ def _upstream_request(
     if auth is not None:
         headers[auth[0]] = auth[1]
     return url, headers
+
+
+def _raw_query(request: web.Request) -> str:
+    """The caller's query string as sent (still percent-encoded)."""
+    _, _, query = request.raw_path.partition("?")
+    return query
+
+
+def _explicit_path(request: web.Request, provider_id: str) -> str:
+    """The part after `/{provider}` of the raw (percent-encoded) path, forwarded as is.
+
+    Dot segments and encoded slashes are refused, so no upstream that decodes or
+    normalises the path can be made to climb out of `base_url`.
+    """
+    raw = request.raw_path.partition("?")[0]
+    tail = raw[len(provider_id) + 1 :]
+    for seg in tail.split("/"):
+        decoded = unquote(seg)
+        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
+            raise ProxyError(ErrorCode.ROUTE_NOT_FOUND,
+                             "path segments '.', '..' and encoded slashes are not allowed")  # fmt: skip
+    return tail
 
 
 def _caller_auth(auth: str) -> str:
@@ -600,3 +687,21 @@ def _relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         if name.lower() not in _DROP_RESPONSE:
             out.add(name, value)
     return out
+
+
+async def _read_body_of(upstream: aiohttp.ClientResponse, idle: float, limit: int = 0) -> bytes:
+    """An upstream body, with at most `idle` seconds between chunks (and up to `limit` bytes)."""
+    loop = asyncio.get_running_loop()
+    chunks: list[bytes] = []
+    size = 0
+    async with asyncio.timeout(None) as timer:
+        while True:
+            timer.reschedule(loop.time() + idle)
+            chunk = await upstream.content.readany()
+            if not chunk:
+                break
+            chunks.append(chunk)
+            size += len(chunk)
+            if limit and size >= limit:
+                break
+    return b"".join(chunks)

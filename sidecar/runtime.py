@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from urllib.parse import urlencode
 
 from sidecar.config import BUILTIN_PROVIDERS, Auth, Config, Format, KeyConfig, SecretRef
 from sidecar.keys import NO_KEY_ID, KeySelection, KeySource, ProviderKey
@@ -30,7 +31,7 @@ class Provider:
     configured: bool  # listed under `providers:` or `managed:`
     models: frozenset[str]
     headers: tuple[tuple[str, Secret], ...]
-    query: tuple[tuple[str, str], ...]
+    query: str  # provider `query_params`, URL-encoded once
     policy_keys: tuple[ProviderKey, ...]
     managed_keys: tuple[ProviderKey, ...]
     keyless: KeySelection | None  # for `auth: none`
@@ -50,7 +51,7 @@ class AccessKey:
 class Runtime:
     config: Config
     providers: Mapping[str, Provider]
-    access_keys: Mapping[str, AccessKey]  # by hash of the token
+    access_keys: Mapping[str, AccessKey]  # by `vault.hash_access_key(token)`
     resolver: ModelResolver
     prices: PriceTable = field(default_factory=PriceTable)
     #: health_id → every (provider, source, key_id) that key value appears as, for metrics.
@@ -107,10 +108,12 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
     configured_ids = {p.id for p in config.providers} | set(config.managed)
     for pid, b in BUILTIN_PROVIDERS.items():
         if config.provider(pid) is None:
-            providers[pid] = Provider(pid, b.format, b.auth, b.base_url, True, pid in configured_ids,
-                                      frozenset(), (), (), (),
-                                      keys(pid, KeySource.MANAGED, config.managed.get(pid, ()), f"managed.{pid}"),
-                                      None)  # fmt: skip
+            providers[pid] = Provider(
+                id=pid, format=b.format, auth=b.auth, base_url=b.base_url, builtin=True,
+                configured=pid in configured_ids, models=frozenset(), headers=(), query="",
+                policy_keys=(), keyless=None,
+                managed_keys=keys(pid, KeySource.MANAGED, config.managed.get(pid, ()), f"managed.{pid}"),
+            )  # fmt: skip
     for i, p in enumerate(config.providers):
         if p.disabled:
             continue
@@ -135,7 +138,7 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             configured=True,
             models=frozenset(p.models),
             headers=tuple(headers),
-            query=p.query_params,
+            query=urlencode(p.query_params),
             policy_keys=keys(p.id, KeySource.POLICY, p.api_keys, f"providers[{i}].api_keys"),
             managed_keys=keys(
                 p.id, KeySource.MANAGED, config.managed.get(p.id, ()), f"managed.{p.id}"
@@ -150,7 +153,7 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             attached.setdefault(a.provider, []).append(
                 make_key(a.provider, KeySource.ATTACHED, a.id, a.secret)
             )
-        access_keys[rec.hash.removeprefix("sha256:")] = AccessKey(
+        access_keys[rec.hash] = AccessKey(
             name=rec.name,
             revoked=rec.revoked,
             credits_micro_usd=round(rec.credits_usd * 1_000_000),
@@ -161,7 +164,8 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
 
     labels: dict[str, set[tuple[str, str, str]]] = {}
     for prov in providers.values():
-        for k in (*prov.policy_keys, *prov.managed_keys):
+        free = prov.keyless.keys if prov.keyless else ()
+        for k in (*prov.policy_keys, *prov.managed_keys, *free):
             labels.setdefault(k.health_id, set()).add((k.provider, k.source.value, k.key_id))
     for ak in access_keys.values():
         for ks in ak.attached.values():

@@ -55,9 +55,6 @@ def build_state(
         oplog=oplog,
         access_log=access_log or AccessLog(cfg.log.access_log),
         billing=billing,
-        attempt_timeout=aiohttp.ClientTimeout(
-            total=None, sock_connect=cfg.timeouts.per_request, sock_read=cfg.timeouts.stream_idle
-        ),
         files=signature,
     )
     metrics.watch_cooling(

@@ -25,7 +25,6 @@ class State:
     oplog: OpLog
     access_log: AccessLog
     billing: Billing
-    attempt_timeout: aiohttp.ClientTimeout
     #: (stat, content) signature of the files the first version was loaded from
     files: tuple[tuple[object, ...], str]
     session: aiohttp.ClientSession = field(init=False)
