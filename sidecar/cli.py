@@ -9,15 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import re
+import getpass
 import secrets as _random
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar import __version__
-from sidecar.crypto import Sealer, generate_private_key, parse_public_key, write_private_key
-from sidecar.errors import ConfigError, UserError, VaultError
+from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.errors import ConfigError, UserError, VaultError, problems_text
+from sidecar.names import NAME_RULE, is_name
 from sidecar.secret import Secret
 from sidecar.vault import (
     AccessKeyEntry,
@@ -33,15 +34,11 @@ from sidecar.vault import (
     secret_slot,
 )
 
-_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
-
 
 def _name(kind: str) -> Callable[[str], str]:
     def conv(value: str) -> str:
-        if not _NAME.match(value):
-            raise argparse.ArgumentTypeError(
-                f"invalid {kind} {value!r}: use letters, digits, '.', '_' or '-' (max 64)"
-            )
+        if not is_name(value):
+            raise argparse.ArgumentTypeError(f"invalid {kind} {value!r}: use {NAME_RULE}")
         return value
 
     return conv
@@ -58,9 +55,13 @@ def _usd(value: str) -> float:
 
 
 def _read_stdin_secret(what: str) -> Secret:
-    if sys.stdin is None or sys.stdin.isatty():
-        print(f"Reading {what} from standard input (end with Ctrl-D):", file=sys.stderr)
-    value = sys.stdin.read().strip() if sys.stdin is not None else ""
+    """A secret from standard input; typed at a terminal, it is not echoed."""
+    if sys.stdin is None:
+        value = ""
+    elif sys.stdin.isatty():
+        value = getpass.getpass(f"{what} (not echoed): ").strip()
+    else:
+        value = sys.stdin.read().strip()
     if not value:
         raise UserError(f"no {what} on standard input")
     return Secret(value)
@@ -74,8 +75,6 @@ def _out(line: str = "") -> None:
 
 
 def cmd_keygen(args: argparse.Namespace) -> None:
-    from sidecar.crypto import Opener
-
     key = generate_private_key()
     write_private_key(Path(args.private_key), key)
     _out(Opener(key).public_key)
@@ -87,7 +86,7 @@ def cmd_vault_init(args: argparse.Namespace) -> None:
 
 
 def cmd_secret_set(args: argparse.Namespace) -> None:
-    value = _read_stdin_secret(f"the value of {args.namespace}/{args.name}")
+    value = _read_stdin_secret(f"value for {args.namespace}/{args.name}")
     with edit_vault(Path(args.vault)) as doc:
         sealed = Sealer(doc.recipient).seal(secret_slot(args.namespace, args.name), value)
         doc.secrets.setdefault(args.namespace, {})[args.name] = sealed
@@ -159,7 +158,7 @@ def cmd_access_key_list(args: argparse.Namespace) -> None:
 
 
 def cmd_provider_key_attach(args: argparse.Namespace) -> None:
-    value = _read_stdin_secret(f"the {args.provider} key")
+    value = _read_stdin_secret(f"{args.provider} key")
     with edit_vault(Path(args.vault)) as doc:
         entry = doc.access_keys.get(args.access_key)
         if entry is None:
@@ -205,7 +204,7 @@ def cmd_check(args: argparse.Namespace) -> None:
 
     problems = run_check(Path(args.config))
     if problems:
-        raise UserError(f"{len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems))
+        raise UserError(f"{len(problems)} problem(s):\n" + problems_text(problems))
     print(f"{args.config}: ok", file=sys.stderr)
 
 
@@ -239,8 +238,11 @@ def cmd_mock_provider(args: argparse.Namespace) -> None:
     import uvloop
 
     print(f"mock provider listening on http://{addr}", file=sys.stderr)
-    with contextlib.suppress(KeyboardInterrupt):
-        uvloop.run(run(addr.host, addr.port))
+    try:
+        with contextlib.suppress(KeyboardInterrupt):
+            uvloop.run(run(addr.host, addr.port))
+    except OSError as exc:
+        raise UserError(f"cannot listen on {addr}: {exc.strerror}") from None
 
 
 # --------------------------------------------------------------------------- parser
@@ -409,9 +411,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         args.func(args)
     except ConfigError as exc:
-        print(
-            f"error: {exc.source}:\n" + "\n".join(f"  - {p}" for p in exc.problems), file=sys.stderr
-        )
+        print(f"error: {exc.source}:\n" + problems_text(exc.problems), file=sys.stderr)
         return 1
     except (UserError, VaultError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -419,6 +419,3 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     return 0
-
-
-__all__ = ["build_parser", "main", "parse_public_key"]

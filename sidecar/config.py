@@ -18,6 +18,7 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.errors import ConfigError
+from sidecar.names import NAME
 from sidecar.secret import Secret
 
 Format = Literal["openai", "anthropic"]
@@ -40,8 +41,9 @@ BUILTIN_PROVIDERS: Final[Mapping[str, BuiltinProvider]] = {
 
 DEFAULT_ON_STATUS: Final = (401, 403, 408, 409, 429, 500, 502, 503, 504, 529)
 
+_MALFORMED: Final = "malformed vault reference: expected ${secrets.get('NS', 'NAME')}"
 _REF = re.compile(r"""\$\{\s*secrets\.get\(\s*(['"])([^'"]+)\1\s*,\s*(['"])([^'"]+)\3\s*\)\s*\}""")
-_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+_ID = NAME
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 
@@ -86,6 +88,11 @@ class Template:
     @property
     def is_literal(self) -> bool:
         return not self.refs
+
+    @property
+    def malformed(self) -> bool:
+        """A `${` left in the literal text: a reference with a typo, which must not go out as is."""
+        return any(isinstance(p, str) and "${" in p for p in self.parts)
 
     def render(self, resolve: Callable[[SecretRef], Secret]) -> Secret:
         return Secret("".join(p if isinstance(p, str) else resolve(p).reveal() for p in self.parts))
@@ -313,6 +320,13 @@ def _http_url(v: object) -> str:
     return v.rstrip("/")
 
 
+def _positive_duration(v: object) -> float:
+    seconds = parse_duration(v)
+    if seconds <= 0:
+        raise ValueError("expected a duration above 0, like 250ms, 30s or 5m")
+    return seconds
+
+
 def _reload_interval(v: object) -> float:
     seconds = parse_duration(v)
     if seconds < 0.1:
@@ -381,6 +395,9 @@ def _keys(r: _Reader, raw: object, path: str) -> tuple[KeyConfig, ...]:
             r.fail(f"{kp}.value", "expected a vault reference like ${secrets.get('NS', 'NAME')}")
             continue
         tmpl = Template.parse(value)
+        if tmpl.malformed:
+            r.fail(f"{kp}.value", _MALFORMED)
+            continue
         if tmpl.is_literal:
             r.fail(f"{kp}.value", "expected a vault reference like ${secrets.get('NS', 'NAME')}; "
                    "provider keys are never written in the config in clear")  # fmt: skip
@@ -449,6 +466,9 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     headers = {
         k: Template.parse(v) for k, v in _str_map(r, raw.get("headers"), f"{path}.headers").items()
     }
+    for k, tmpl in headers.items():
+        if tmpl.malformed:
+            r.fail(f"{path}.headers.{k}", _MALFORMED)
     return ProviderConfig(
         id=pid,
         base_url=base_url,
@@ -463,15 +483,12 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     )
 
 
-def _ledger_url(base_dir: Path) -> Callable[[object], str]:
-    def conv(v: object) -> str:
-        if not isinstance(v, str) or not v.startswith(("sqlite://", "redis://", "rediss://")):
-            raise ValueError(
-                "expected sqlite:///relative.db, sqlite:////absolute.db or redis://host:6379/0"
-            )
-        return v
-
-    return conv
+def _ledger_url(v: object) -> str:
+    if not isinstance(v, str) or not v.startswith(("sqlite://", "redis://", "rediss://")):
+        raise ValueError(
+            "expected sqlite:///relative.db, sqlite:////absolute.db or redis://host:6379/0"
+        )
+    return v
 
 
 def parse_config(data: object, path: Path) -> Config:
@@ -493,8 +510,8 @@ def parse_config(data: object, path: Path) -> Config:
 
     v = r.section(data, "vault", "vault", {"path", "private_key_file"})
     vault_path = r.get(v, "path", "vault.path", _str, "vault.json")
-    pk = r.get(v, "private_key_file", "vault.private_key_file", _str, "")
-    vault = VaultSettings(base / vault_path, (base / pk) if pk else None)
+    pk = r.get(v, "private_key_file", "vault.private_key_file", _str, "sidecar.key")
+    vault = VaultSettings(base / vault_path, base / pk)
 
     lim = r.section(data, "limits", "limits", {"max_body_bytes"})
     limits = Limits(
@@ -503,9 +520,9 @@ def parse_config(data: object, path: Path) -> Config:
 
     t = r.section(data, "timeouts", "timeouts", {"per_request", "stream_idle", "total"})
     timeouts = Timeouts(
-        per_request=r.get(t, "per_request", "timeouts.per_request", parse_duration, 60.0),
-        stream_idle=r.get(t, "stream_idle", "timeouts.stream_idle", parse_duration, 60.0),
-        total=r.get(t, "total", "timeouts.total", parse_duration, 300.0),
+        per_request=r.get(t, "per_request", "timeouts.per_request", _positive_duration, 60.0),
+        stream_idle=r.get(t, "stream_idle", "timeouts.stream_idle", _positive_duration, 60.0),
+        total=r.get(t, "total", "timeouts.total", _positive_duration, 300.0),
     )
 
     f = r.section(data, "failover", "failover", {"max_attempts", "on_status", "cooldown"})
@@ -567,7 +584,7 @@ def parse_config(data: object, path: Path) -> Config:
 
     lg = r.section(data, "ledger", "ledger", {"url", "on_unavailable"})
     ledger = LedgerConfig(
-        url=r.get(lg, "url", "ledger.url", _ledger_url(base), "sqlite:///ledger.db"),
+        url=r.get(lg, "url", "ledger.url", _ledger_url, "sqlite:///ledger.db"),
         on_unavailable=cast(
             Any,
             r.get(

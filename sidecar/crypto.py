@@ -102,14 +102,18 @@ def key_file_problems(path: Path) -> list[str]:
     return []
 
 
-def load_private_key(path: Path | None) -> Opener:
-    """The pod's private key from `SIDECAR_PRIVATE_KEY` (base64) or the key file."""
+def load_private_key(path: Path | None, *, check_mode: bool = True) -> Opener:
+    """The pod's private key from `SIDECAR_PRIVATE_KEY` (base64) or the key file.
+
+    `check_mode=False` reads a file whose mode is too open (for `check`, which lists
+    that problem itself and goes on checking the rest).
+    """
     env = os.environ.get(PRIVATE_KEY_ENV)
     if env:
         return Opener(Secret(env.strip()))
     if path is None:
         raise VaultError(f"no private key: set vault.private_key_file or {PRIVATE_KEY_ENV}")
-    problems = key_file_problems(path)
+    problems = key_file_problems(path) if check_mode else []
     if problems:
         raise VaultError(problems[0])
     try:
@@ -127,5 +131,11 @@ def write_private_key(path: Path, key: Secret) -> None:
         raise VaultError(f"{path}: already exists; refusing to overwrite a private key") from None
     except OSError as exc:
         raise VaultError(f"{path}: cannot create private key file ({exc.strerror})") from None
-    with os.fdopen(fd, "w", encoding="ascii") as fh:
-        fh.write(key.reveal() + "\n")
+    try:
+        with os.fdopen(fd, "w", encoding="ascii") as fh:
+            fh.write(key.reveal() + "\n")
+            fh.flush()
+            os.fsync(fh.fileno())
+    except OSError as exc:
+        path.unlink(missing_ok=True)  # never leave a half-written key that keygen then refuses
+        raise VaultError(f"{path}: cannot write private key file ({exc.strerror})") from None

@@ -23,6 +23,7 @@ from typing import Final
 from aiohttp import web
 
 from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.errors import UserError
 from sidecar.secret import Secret
 from sidecar.vault import (
     AccessKeyEntry,
@@ -118,7 +119,13 @@ async def _run(state_dir: Path) -> None:
     config, token = await asyncio.to_thread(prepare, state_dir)
     mock = web.AppRunner(create_app(), access_log=None, shutdown_timeout=1.0, handle_signals=False)
     await mock.setup()
-    await web.TCPSite(mock, "127.0.0.1", MOCK_PORT, reuse_address=True).start()
+    try:
+        await web.TCPSite(mock, "127.0.0.1", MOCK_PORT, reuse_address=True).start()
+    except OSError as exc:
+        await mock.cleanup()
+        raise UserError(
+            f"cannot start the mock provider on 127.0.0.1:{MOCK_PORT}: {exc.strerror}"
+        ) from None
     try:
         running = await start(config)
     except BaseException:

@@ -9,7 +9,7 @@ Messages never contain secret values: callers pass names, ids and paths only.
 from __future__ import annotations
 
 import enum
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable
 
 
 class ErrorCode(enum.Enum):
@@ -75,8 +75,5 @@ class UserError(Exception):
 
 
 def problems_text(problems: Iterable[str]) -> str:
+    """Problems as an indented bullet list, for one message on stderr."""
     return "\n".join(f"  - {p}" for p in problems)
-
-
-def header_items(extra: Mapping[str, str] | None) -> dict[str, str]:
-    return dict(extra or {})

@@ -21,9 +21,7 @@ key carries them.
 
 from __future__ import annotations
 
-import contextlib
 import os
-import tempfile
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -41,6 +39,7 @@ from sidecar.config import (
 )
 from sidecar.crypto import Opener, Sealer, load_private_key
 from sidecar.errors import ConfigError, UserError, VaultError
+from sidecar.files import atomic_write
 from sidecar.secret import Secret, fingerprint
 from sidecar.vault import (
     AttachedEntry,
@@ -282,8 +281,8 @@ def _replace_config(config_path: Path, old: str, new: str) -> Path:
         )
     real = Path(os.path.realpath(config_path))  # a symlinked config keeps its link
     backup = config_path.with_name(config_path.name + ".bak")
-    _write_atomic(backup, old, real)
-    _write_atomic(real, new, real)
+    _write_atomic(backup, old)
+    _write_atomic(real, new)
     return backup
 
 
@@ -387,28 +386,8 @@ def _span(
     return start, line_end - 1 if text[line_end - 1 : line_end] == "\n" else line_end
 
 
-def _write_atomic(path: Path, text: str, mode_from: Path) -> None:
-    """Temp file, fsync, rename: readers (a serving sidecar) see the old file or the new one."""
+def _write_atomic(path: Path, text: str) -> None:
     try:
-        mode = os.stat(mode_from).st_mode & 0o7777
-    except OSError:
-        mode = 0o644
-    try:
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        atomic_write(path, text.encode())
     except OSError as exc:
         raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, mode)
-        os.replace(tmp, path)
-    except OSError as exc:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise UserError(f"{path}: cannot write ({exc.strerror})") from None
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise

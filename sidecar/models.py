@@ -23,6 +23,7 @@ CATALOG_PREFIXES: Final = (
     ("o3", "openai"),
     ("o4", "openai"),
     ("chatgpt-", "openai"),
+    ("codex-", "openai"),
     ("text-embedding-", "openai"),
     ("davinci-", "openai"),
     ("babbage-", "openai"),

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Final
 
+from sidecar.models import CATALOG_PREFIXES
 from sidecar.usage import Usage
 
 
@@ -138,12 +139,8 @@ def _check(name: str, price: Price) -> None:
 
 
 def _guess_provider(model: str) -> str:
-    """The built-in provider a `prices:` name belongs to, or "" for any."""
-    if model.startswith("claude-"):
-        return "anthropic"
-    if model.startswith(("gpt-", "chatgpt-", "text-embedding-", "codex-", "o1", "o3", "o4")):
-        return "openai"
-    return ""
+    """The built-in provider a `prices:` name belongs to (by the model catalog), or "" for any."""
+    return next((pid for prefix, pid in CATALOG_PREFIXES if model.startswith(prefix)), "")
 
 
 class PriceTable:

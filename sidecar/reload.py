@@ -84,6 +84,11 @@ class Reloader:
         self._stat: tuple[object, ...] = ()
         self._content = ""
         self._lock = asyncio.Lock()
+        self._woken = asyncio.Event()
+
+    def wake(self) -> None:
+        """SIGHUP: check the files now instead of at the next poll."""
+        self._woken.set()
 
     def _paths(self, config: Config) -> list[Path]:
         return watched_paths(self.config_path, config)
@@ -124,10 +129,19 @@ class Reloader:
             return True
 
     async def watch(self) -> None:
+        """Poll every `reload_interval`, or at once when woken (SIGHUP); never die."""
         while True:
-            await asyncio.sleep(self.state.runtime.config.reload_interval)
+            reason = "poll"
             try:
-                await self.check()
+                await asyncio.wait_for(
+                    self._woken.wait(), self.state.runtime.config.reload_interval
+                )
+                reason = "sighup"
+            except TimeoutError:
+                pass
+            self._woken.clear()
+            try:
+                await self.check(reason=reason)
             except Exception as exc:
                 self.state.metrics.reload_error()
                 self.state.oplog.error(

@@ -20,7 +20,7 @@ from aiohttp import web
 
 from sidecar.admin import build_admin_app
 from sidecar.billing import Billing
-from sidecar.errors import ConfigError, UserError, VaultError
+from sidecar.errors import UserError
 from sidecar.health import KeyHealth
 from sidecar.logs import AccessLog, OpLog
 from sidecar.metrics import Metrics
@@ -35,13 +35,11 @@ def build_state(
     config_path: Path, *, oplog: OpLog | None = None, access_log: AccessLog | None = None
 ) -> State:
     """Load config + vault (first load counts as a reload) and build the app state."""
-    metrics = Metrics()
     oplog = oplog or OpLog()
-    try:
-        runtime, signature = load_with_signature(config_path)
-    except (ConfigError, VaultError):
-        metrics.reload_error()
-        raise
+    runtime, signature = load_with_signature(
+        config_path
+    )  # a bad first version: the process exits 1
+    metrics = Metrics()
     metrics.reload_ok()
     metrics.prime(*runtime.metric_seeds())
     cfg = runtime.config
@@ -91,12 +89,11 @@ async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
             await asyncio.sleep(5.0)
             await state.billing.flush()
 
-    task = asyncio.create_task(flush_loop()) if state.billing.recorder else None
+    task = asyncio.create_task(flush_loop())  # a reload may open the ledger later
     yield
-    if task is not None:
-        task.cancel()
-        with contextlib.suppress(asyncio.CancelledError):
-            await task
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError):
+        await task
     await state.billing.close()
 
 
@@ -111,9 +108,7 @@ async def _reload_ctx(app: web.Application) -> AsyncIterator[None]:
     task = asyncio.create_task(reloader.watch())
     loop = asyncio.get_running_loop()
     with contextlib.suppress(NotImplementedError, RuntimeError):
-        loop.add_signal_handler(
-            signal.SIGHUP, lambda: asyncio.ensure_future(reloader.check(reason="sighup"))
-        )
+        loop.add_signal_handler(signal.SIGHUP, reloader.wake)
     yield
     with contextlib.suppress(NotImplementedError, RuntimeError):
         loop.remove_signal_handler(signal.SIGHUP)
@@ -158,11 +153,7 @@ class Running:
 
 
 def _bound_port(runner: web.AppRunner) -> int:
-    for site in runner.sites:
-        server = getattr(site, "_server", None)
-        if server is not None and server.sockets:
-            return int(server.sockets[0].getsockname()[1])
-    raise RuntimeError("site not started")
+    return int(runner.addresses[0][1])
 
 
 async def start(
@@ -199,11 +190,14 @@ async def start(
 
 
 async def run(config_path: Path) -> None:
-    running = await start(config_path)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
-    for sig in (signal.SIGTERM, signal.SIGINT):
+    for sig in (
+        signal.SIGTERM,
+        signal.SIGINT,
+    ):  # before the first load: a SIGTERM then still exits 0
         loop.add_signal_handler(sig, stop.set)
+    running = await start(config_path)
     await stop.wait()
     await running.stop()
 

@@ -210,11 +210,6 @@ class StreamMeter:
         self._feed_scan(chunk)
         return chunk
 
-    @property
-    def reported(self) -> bool:
-        """Whether the upstream reported any usage in this stream."""
-        return bool(self.usage.input_tokens or self.usage.output_tokens)
-
     def estimate(self, request_bytes: int) -> Usage:
         """Usage for a stream that ended before its usage was reported (cut off, or the
         caller left). What was reported is kept; what is missing is estimated: about one

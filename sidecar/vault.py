@@ -14,7 +14,6 @@ import fcntl
 import hashlib
 import os
 import secrets as _random
-import tempfile
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -25,6 +24,8 @@ import orjson
 
 from sidecar.crypto import Opener, parse_public_key
 from sidecar.errors import VaultError
+from sidecar.files import atomic_write
+from sidecar.names import NAME_RULE, is_name
 from sidecar.secret import Secret
 
 VAULT_VERSION: Final = 1
@@ -155,8 +156,10 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
     _expect(isinstance(secrets_raw, dict), f"{source}: secrets", "an object of namespaces")
     secrets: dict[str, dict[str, str]] = {}
     for ns, names in secrets_raw.items():
+        _expect(is_name(ns), f"{source}: secrets.{ns}", f"a namespace of {NAME_RULE}")
         _expect(isinstance(names, dict), f"{source}: secrets.{ns}", "an object of sealed values")
         for name, sealed in names.items():
+            _expect(is_name(name), f"{source}: secrets.{ns}.{name}", f"a name of {NAME_RULE}")
             _expect(
                 isinstance(sealed, str), f"{source}: secrets.{ns}.{name}", "a sealed value (base64)"
             )
@@ -166,7 +169,9 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
     access_keys: dict[str, AccessKeyEntry] = {}
     for name, e in keys_raw.items():
         w = f"{source}: access_keys.{name}"
+        _expect(is_name(name), w, f"an access key name of {NAME_RULE}")
         _expect(isinstance(e, dict), w, "an object")
+        _expect(isinstance(e.get("revoked", False), bool), f"{w}.revoked", "true or false")
         _expect(
             isinstance(e.get("hash"), str) and e["hash"].startswith("sha256:"),
             f"{w}.hash",
@@ -186,6 +191,7 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
             _expect(isinstance(a, dict), aw, "an object")
             for k in ("id", "provider", "attached_at", "sealed"):
                 _expect(isinstance(a.get(k), str), f"{aw}.{k}", "a string")
+            _expect(is_name(a["id"]), f"{aw}.id", f"a key id of {NAME_RULE}")
             try:
                 parse_iso(a["attached_at"])
             except ValueError:
@@ -194,7 +200,7 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
         access_keys[name] = AccessKeyEntry(
             hash=e["hash"],
             created_at=str(e.get("created_at", "")),
-            revoked=bool(e.get("revoked", False)),
+            revoked=e.get("revoked", False),
             revoked_at=e.get("revoked_at"),
             credits_usd=float(credits),
             allowed_providers=_str_list(e.get("allowed_providers", []), f"{w}.allowed_providers"),
@@ -216,25 +222,10 @@ def read_vault(path: Path) -> VaultDoc:
 
 def write_vault(path: Path, doc: VaultDoc) -> None:
     """Replace the vault atomically: a reader sees the old file or the new one, never half."""
-    data = doc.to_json()
-    directory = path.parent
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=directory)
     try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    dir_fd = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(dir_fd)
-    finally:
-        os.close(dir_fd)
+        atomic_write(path, doc.to_json())
+    except OSError as exc:
+        raise VaultError(f"{path}: cannot write the vault ({exc.strerror})") from None
 
 
 @contextlib.contextmanager

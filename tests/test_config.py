@@ -44,7 +44,7 @@ def test_empty_file_gives_spec_defaults() -> None:
     assert c.listen == HostPort("127.0.0.1", 8080)
     assert c.admin_listen == HostPort("127.0.0.1", 9090)
     assert c.vault.path == CFG.parent / "vault.json"
-    assert c.vault.private_key_file is None
+    assert c.vault.private_key_file == CFG.parent / "sidecar.key"
     assert c.shutdown_grace == 25.0
     assert c.passthrough is False
     assert c.only_allow_configured_providers is False
@@ -539,3 +539,29 @@ def test_config_objects_are_frozen() -> None:
         c.listen = HostPort("x", 1)  # type: ignore[misc]
     with pytest.raises(AttributeError):
         c.providers[0].base_url = "http://x"  # type: ignore[misc]
+
+
+def test_malformed_references_and_zero_timeouts_are_config_errors() -> None:
+    text = """
+timeouts: {per_request: 0, total: 0s}
+providers:
+  - id: az
+    base_url: http://127.0.0.1:9/v1
+    format: openai
+    auth: none
+    headers: {api-key: "${secrets.get(azure, key)}", x-team: payments}
+  - id: openai
+    api_keys: [{value: "${secret.get('a','b')}"}]
+"""
+    with pytest.raises(ConfigError) as exc:
+        parse_config_text(text, CFG)
+    problems = exc.value.problems
+    assert any(
+        p.startswith("providers[0].headers.api-key: malformed vault reference") for p in problems
+    )
+    assert any(
+        p.startswith("providers[1].api_keys[0].value: malformed vault reference") for p in problems
+    )
+    assert any(p.startswith("timeouts.per_request: expected a duration above 0") for p in problems)
+    assert any(p.startswith("timeouts.total: expected a duration above 0") for p in problems)
+    assert not any("x-team" in p for p in problems)  # a plain header value is fine

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import os
+import re
 import threading
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import orjson
 import pytest
@@ -239,7 +242,7 @@ def test_failed_rename_cleans_up_the_temp_file(
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", broken_replace)
-    with pytest.raises(OSError, match="No space"), edit_vault(vault) as doc:
+    with pytest.raises(VaultError, match="No space"), edit_vault(vault) as doc:
         doc.secrets["x"] = {"y": sealer.seal(secret_slot("x", "y"), PRIMARY)}
     monkeypatch.undo()
     assert vault.read_bytes() == before
@@ -399,3 +402,23 @@ def test_attached_same_timestamp_later_entry_is_newer(sealer: Sealer, opener: Op
     )  # fmt: skip
     opened, _ = open_vault(doc, opener)
     assert [a.id for a in opened.access_keys[0].attached] == ["k2", "k1", "k0"]
+
+
+@pytest.mark.parametrize(
+    ("mutate", "where"),
+    [
+        (lambda d: d["secrets"].update({"a/b": {"c": "x"}}), "secrets.a/b"),
+        (lambda d: d["secrets"].update({"ok": {"b/c": "x"}}), "secrets.ok.b/c"),
+        (
+            lambda d: d["access_keys"].update({"k": {"hash": "sha256:00", "revoked": "false"}}),
+            "access_keys.k.revoked",
+        ),
+    ],
+)
+def test_names_that_would_blur_slots_and_mistyped_flags_are_refused(
+    vault: Path, mutate: Callable[[dict[str, Any]], None], where: str
+) -> None:
+    doc = orjson.loads(vault.read_bytes())
+    mutate(doc)
+    with pytest.raises(VaultError, match=re.escape(where)):
+        parse_vault(orjson.dumps(doc), "vault.json")
