@@ -9,11 +9,13 @@ is exact without timers.
 from __future__ import annotations
 
 import time
+from bisect import bisect_left
 from collections.abc import Callable, Iterable, Iterator
-from typing import Final, Generic, TypeVar
+from itertools import accumulate
+from typing import Final
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
-from prometheus_client.core import GaugeMetricFamily
+from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.registry import Collector
 
 OVERHEAD_BUCKETS: Final = (
@@ -45,7 +47,6 @@ DURATION_BUCKETS: Final = (
     160.0,
     300.0,
 )
-M = TypeVar("M", Counter, Gauge, Histogram)
 MODEL_LABEL_CAP: Final = 200
 OTHER: Final = "other"
 
@@ -72,45 +73,118 @@ class _CoolingCollector(Collector):
         yield g
 
 
-class _Children(Generic[M]):
-    """`metric.labels(*values)` memoised: the hot path does one dict lookup per update.
+class _CounterChild:
+    __slots__ = ("_key", "_values")
 
-    Label values are bounded by design (providers, key ids, status codes,
-    capped model names), so the cache is too.
+    def __init__(self, values: dict[tuple[str, ...], float], key: tuple[str, ...]) -> None:
+        self._values = values
+        self._key = key
+
+    def inc(self, amount: float = 1.0) -> None:
+        self._values[self._key] += amount
+
+
+class _HistogramChild:
+    __slots__ = ("_bounds", "_counts", "_sum")
+
+    def __init__(self, bounds: tuple[float, ...], counts: list[int], total: list[float]) -> None:
+        self._bounds = bounds
+        self._counts = counts  # per bucket, not cumulative; the last is +Inf
+        self._sum = total
+
+    def observe(self, value: float) -> None:
+        self._counts[bisect_left(self._bounds, value)] += 1
+        self._sum[0] += value
+
+
+class _FastCounter(Collector):
+    """A labelled counter for the request path: `family(*labels).inc()` is a dict update.
+
+    prometheus-client's own children take a lock and check state on every update; the
+    sidecar updates a dozen series per request on one event loop, so these keep plain
+    numbers and are rendered into a `CounterMetricFamily` at scrape time.
     """
 
-    __slots__ = ("_cache", "_metric")
+    def __init__(self, name: str, doc: str, labels: list[str], registry: CollectorRegistry) -> None:
+        self._name, self._doc, self._labels = name, doc, labels
+        self._values: dict[tuple[str, ...], float] = {}
+        self._children: dict[tuple[str, ...], _CounterChild] = {}
+        registry.register(self)
 
-    def __init__(self, metric: M) -> None:
-        self._metric: M = metric
-        self._cache: dict[tuple[str, ...], M] = {}
-
-    def __call__(self, *labels: str) -> M:
-        child = self._cache.get(labels)
+    def __call__(self, *labels: str) -> _CounterChild:
+        child = self._children.get(labels)
         if child is None:
-            child = self._cache[labels] = self._metric.labels(*labels)
+            self._values.setdefault(labels, 0.0)
+            child = self._children[labels] = _CounterChild(self._values, labels)
         return child
+
+    def collect(self) -> Iterator[CounterMetricFamily]:
+        family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, value in self._values.items():
+            family.add_metric(list(labels), value)
+        yield family
+
+    def describe(self) -> Iterator[CounterMetricFamily]:
+        yield CounterMetricFamily(self._name, self._doc, labels=self._labels)
+
+
+class _FastHistogram(Collector):
+    """A labelled histogram for the request path: `observe` is a bisect and two adds."""
+
+    def __init__(
+        self,
+        name: str,
+        doc: str,
+        labels: list[str],
+        buckets: tuple[float, ...],
+        registry: CollectorRegistry,
+    ) -> None:
+        self._name, self._doc, self._labels, self._bounds = name, doc, labels, buckets
+        self._edges = [repr(float(b)) for b in buckets] + ["+Inf"]
+        self._series: dict[tuple[str, ...], tuple[list[int], list[float]]] = {}
+        self._children: dict[tuple[str, ...], _HistogramChild] = {}
+        registry.register(self)
+
+    def __call__(self, *labels: str) -> _HistogramChild:
+        child = self._children.get(labels)
+        if child is None:
+            counts, total = self._series.setdefault(labels, ([0] * (len(self._bounds) + 1), [0.0]))
+            child = self._children[labels] = _HistogramChild(self._bounds, counts, total)
+        return child
+
+    def collect(self) -> Iterator[HistogramMetricFamily]:
+        family = HistogramMetricFamily(self._name, self._doc, labels=self._labels)
+        for labels, (counts, total) in self._series.items():
+            cumulative = list(accumulate(counts))
+            family.add_metric(
+                list(labels), list(zip(self._edges, cumulative, strict=True)), total[0]
+            )
+        yield family
+
+    def describe(self) -> Iterator[HistogramMetricFamily]:
+        yield HistogramMetricFamily(self._name, self._doc, labels=self._labels)
 
 
 class Metrics:
     def __init__(self, registry: CollectorRegistry | None = None) -> None:
         r = self.registry = registry or CollectorRegistry(auto_describe=True)
-        self.requests = Counter("sidecar_requests", "Requests answered, by route format, provider and status",
-                                ["format", "provider", "status"], registry=r)  # fmt: skip
-        self.request_duration = Histogram("sidecar_request_duration_seconds", "Whole-request time, streams included",
-                                          ["format", "provider"], buckets=DURATION_BUCKETS, registry=r)  # fmt: skip
-        self.key_selections = Counter("sidecar_key_selections", "Provider keys chosen for an upstream attempt",
-                                      ["provider", "source", "key_id"], registry=r)  # fmt: skip
-        self.upstream_attempts = Counter("sidecar_upstream_attempts", "Upstream attempts by outcome",
-                                         ["provider", "source", "key_id", "outcome"], registry=r)  # fmt: skip
-        self.failovers = Counter("sidecar_failovers", "Moves to the next candidate, by the failed attempt's outcome",
-                                 ["provider", "reason"], registry=r)  # fmt: skip
-        self.upstream_ttfb = Histogram("sidecar_upstream_ttfb_seconds", "Upstream time to response headers",
-                                       ["provider"], buckets=TTFB_BUCKETS, registry=r)  # fmt: skip
-        self.overhead = Histogram("sidecar_overhead_seconds", "Time spent in the sidecar itself, upstream waits excluded",
-                                  ["format"], buckets=OVERHEAD_BUCKETS, registry=r)  # fmt: skip
-        self.tokens = Counter(
-            "sidecar_tokens", "Tokens metered", ["provider", "model", "kind"], registry=r
+        # Updated per request or per attempt: plain numbers, rendered at scrape time.
+        self.requests = _FastCounter("sidecar_requests", "Requests answered, by route format, provider and status",
+                                     ["format", "provider", "status"], r)  # fmt: skip
+        self.request_duration = _FastHistogram("sidecar_request_duration_seconds", "Whole-request time, streams included",
+                                               ["format", "provider"], DURATION_BUCKETS, r)  # fmt: skip
+        self.key_selections = _FastCounter("sidecar_key_selections", "Provider keys chosen for an upstream attempt",
+                                           ["provider", "source", "key_id"], r)  # fmt: skip
+        self.upstream_attempts = _FastCounter("sidecar_upstream_attempts", "Upstream attempts by outcome",
+                                              ["provider", "source", "key_id", "outcome"], r)  # fmt: skip
+        self.failovers = _FastCounter("sidecar_failovers", "Moves to the next candidate, by the failed attempt's outcome",
+                                      ["provider", "reason"], r)  # fmt: skip
+        self.upstream_ttfb = _FastHistogram("sidecar_upstream_ttfb_seconds", "Upstream time to response headers",
+                                            ["provider"], TTFB_BUCKETS, r)  # fmt: skip
+        self.overhead = _FastHistogram("sidecar_overhead_seconds", "Time spent in the sidecar itself, upstream waits excluded",
+                                       ["format"], OVERHEAD_BUCKETS, r)  # fmt: skip
+        self.tokens = _FastCounter(
+            "sidecar_tokens", "Tokens metered", ["provider", "model", "kind"], r
         )
         self.credits_spent = Counter("sidecar_credits_spent_usd", "Managed-key spend charged to access keys",
                                      ["access_key"], registry=r)  # fmt: skip
@@ -127,15 +201,6 @@ class Metrics:
                                             ["provider", "cause"], registry=r)  # fmt: skip
         self.ledger_pending = Gauge("sidecar_ledger_pending_spend_usd",
                                     "Spend recorded locally while the ledger was unreachable", registry=r)  # fmt: skip
-        # Memoised children for everything updated per request or per attempt.
-        self.c_requests = _Children(self.requests)
-        self.c_duration = _Children(self.request_duration)
-        self.c_selections = _Children(self.key_selections)
-        self.c_attempts = _Children(self.upstream_attempts)
-        self.c_failovers = _Children(self.failovers)
-        self.c_ttfb = _Children(self.upstream_ttfb)
-        self.c_overhead = _Children(self.overhead)
-        self.c_tokens = _Children(self.tokens)
         self._models: set[str] = set()
         for result in ("ok", "error"):
             self.vault_reloads.labels(result)

@@ -320,11 +320,11 @@ class Proxy:
                 timed_out = True
                 break
             if failed is not None:  # counted only when another attempt really follows
-                metrics.c_failovers(*failed).inc()
+                metrics.failovers(*failed).inc()
                 failed = None
             ex.attempts += 1
             ex.candidate = cand
-            metrics.c_selections(*key.labels).inc()
+            metrics.key_selections(*key.labels).inc()
             model_name = cand.model.upstream if cand.model else None
             if model_name not in payloads:
                 payloads[model_name] = _payload(body, data, model_name, adapter, path, stream)
@@ -332,7 +332,7 @@ class Proxy:
             url, headers = _upstream_request(cand, path, query, base_headers)
 
             res = await self._attempt(ex, url, headers, payload, remaining, deadline)
-            metrics.c_attempts(*key.labels, res.outcome.value).inc()
+            metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
             if res.upstream is not None:  # a response for the caller: no failover from here on
                 if tracked:
                     health.record(key.health_id, res.outcome, cfg.failover.cooldown)
@@ -382,57 +382,51 @@ class Proxy:
         key = ex.candidate.key if ex.candidate else None
         assert key is not None
         sent = time.perf_counter()
+        upstream: aiohttp.ClientResponse | None = None
+        body: bytes | None = None
+        failover = False
+        loop = asyncio.get_running_loop()
         try:
-            # per_request bounds connect + send + waiting for the response headers.
-            async with asyncio.timeout(min(cfg.timeouts.per_request, remaining)):
+            # One timer per attempt: per_request bounds connect + send + the wait for the
+            # response headers; then, for an answer read whole, stream_idle bounds its body.
+            async with asyncio.timeout(min(cfg.timeouts.per_request, remaining)) as timer:
                 upstream = await state.session.request(
                     ex.request.method, url, data=payload, headers=headers,
                     timeout=_NO_CLIENT_TIMEOUT, allow_redirects=False,
                 )  # fmt: skip
-        except TimeoutError:
-            ex.upstream_wait += time.perf_counter() - sent
-            return _Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= deadline)
-        except aiohttp.ClientError as exc:
-            ex.upstream_wait += time.perf_counter() - sent
-            state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
-                                key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
-            return _Result(Outcome.CONNECT_ERROR)
-        ttfb = time.perf_counter() - sent
-        ex.upstream_wait += ttfb
-        state.metrics.c_ttfb(key.provider).observe(ttfb)
-        status = upstream.status
-        outcome = classify_status(status)
-        failover = status in cfg.failover.on_status
-        if not failover and "json" not in upstream.headers.get("content-type", ""):
-            return _Result(outcome, upstream=upstream)  # SSE or other media: streamed through
-
-        t = time.perf_counter()
-        idle = (
-            min(cfg.timeouts.stream_idle, max(0.001, deadline - t))
-            if failover
-            else cfg.timeouts.stream_idle
-        )
-        try:
-            body = await _read_body_of(upstream, idle, _FAILED_BODY_LIMIT if failover else 0)
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            if not failover:  # broke before the caller saw a byte: try the next candidate
+                ttfb = time.perf_counter() - sent
+                state.metrics.upstream_ttfb(key.provider).observe(ttfb)
+                failover = upstream.status in cfg.failover.on_status
+                if not failover and "json" not in upstream.headers.get("content-type", ""):
+                    ex.upstream_wait += ttfb  # SSE or other media: relayed as it arrives
+                    return _Result(classify_status(upstream.status), upstream=upstream)
+                idle = cfg.timeouts.stream_idle
+                timer.reschedule(loop.time() + (min(idle, max(0.001, deadline - time.perf_counter()))
+                                                if failover else idle))  # fmt: skip
+                body = await _read_body_of(upstream, _FAILED_BODY_LIMIT if failover else 0)
+        except (TimeoutError, aiohttp.ClientError) as exc:
+            if upstream is None or not failover:  # no answer, or its body broke: next candidate
+                if upstream is not None:
+                    upstream.release()
+                ex.upstream_wait += time.perf_counter() - sent
+                if isinstance(exc, TimeoutError):
+                    return _Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= deadline)
                 state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
                                     key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
-                return _Result(
-                    Outcome.TIMEOUT if isinstance(exc, TimeoutError) else Outcome.CONNECT_ERROR
-                )
-            body = b""
-        finally:
-            ex.upstream_wait += time.perf_counter() - t
-            upstream.release()
+                return _Result(Outcome.CONNECT_ERROR)
+            body = b""  # a failover-status answer whose body did not arrive: still that status
+        ex.upstream_wait += time.perf_counter() - sent
+        upstream.release()
+        status = upstream.status
+        outcome = classify_status(status)
         if not failover:
             return _Result(outcome, upstream=upstream, body=body)
         state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
                             key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
-        res = _Result(outcome, failed=(status, upstream.headers, body))
+        res = _Result(outcome, failed=(status, upstream.headers, body or b""))
         if status == 429:
             res.retry_after = parse_retry_after(upstream.headers.get("retry-after"))
-            res.quota = is_quota_exhausted(body)
+            res.quota = is_quota_exhausted(body or b"")
         return res
 
     def _respond(
@@ -463,13 +457,13 @@ class Proxy:
         try:
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(ex.request)
-            # stream_idle bounds each wait for the upstream's next chunk, not a slow caller.
+            # stream_idle bounds every gap of the relay: the wait for the upstream's next
+            # chunk and the write of the last one (a caller not reading that long is gone).
             async with asyncio.timeout(None) as idle_timer:
                 while True:
                     t = time.perf_counter()
                     idle_timer.reschedule(loop.time() + idle)
                     chunk = await content.readany()
-                    idle_timer.reschedule(None)
                     ex.upstream_wait += time.perf_counter() - t
                     if not chunk:
                         break
@@ -532,9 +526,9 @@ class Proxy:
         overhead = ex.overhead if ex.overhead is not None else duration - ex.upstream_wait
         provider = ex.provider
         m = state.metrics
-        m.c_requests(ex.fmt, provider, _STATUS.get(ex.status) or str(ex.status)).inc()
-        m.c_duration(ex.fmt, provider).observe(duration)
-        m.c_overhead(ex.fmt).observe(overhead)
+        m.requests(ex.fmt, provider, _STATUS.get(ex.status) or str(ex.status)).inc()
+        m.request_duration(ex.fmt, provider).observe(duration)
+        m.overhead(ex.fmt).observe(overhead)
         c = ex.candidate
         usage = ex.usage
         if usage is not None and c is not None:
@@ -689,19 +683,16 @@ def _relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-async def _read_body_of(upstream: aiohttp.ClientResponse, idle: float, limit: int = 0) -> bytes:
-    """An upstream body, with at most `idle` seconds between chunks (and up to `limit` bytes)."""
-    loop = asyncio.get_running_loop()
+async def _read_body_of(upstream: aiohttp.ClientResponse, limit: int = 0) -> bytes:
+    """An upstream body, whole or up to `limit` bytes (the caller's timer bounds the wait)."""
+    if not limit:
+        return await upstream.read()
     chunks: list[bytes] = []
     size = 0
-    async with asyncio.timeout(None) as timer:
-        while True:
-            timer.reschedule(loop.time() + idle)
-            chunk = await upstream.content.readany()
-            if not chunk:
-                break
-            chunks.append(chunk)
-            size += len(chunk)
-            if limit and size >= limit:
-                break
+    while size < limit:
+        chunk = await upstream.content.readany()
+        if not chunk:
+            break
+        chunks.append(chunk)
+        size += len(chunk)
     return b"".join(chunks)
