@@ -279,13 +279,8 @@ class StreamMeter:
 
     def _feed_strip(self, chunk: bytes) -> bytes:
         held = self._held
-        if (
-            not held
-            and not self._passthrough
-            and chunk.endswith((b"\n\n", b"\r\n\r\n"))
-            and not _may_have_usage(chunk)
-        ):
-            return chunk  # whole events, none of them the usage event
+        if not held and not self._passthrough and chunk.endswith(b"\n\n") and b"\r" not in chunk:
+            return self._strip_whole(chunk)
         held += chunk
         out = bytearray()
         start = 0  # start of the current event in `held`
@@ -319,6 +314,23 @@ class StreamMeter:
         del held[:start]
         self._scan = pos - start
         return bytes(out)
+
+    def _strip_whole(self, chunk: bytes) -> bytes:
+        """A chunk of whole `\\n`-delimited events with nothing held (the common case,
+        also when events coalesce under load): find the non-null `"usage"` keys directly
+        and cut out only the usage event; everything else goes through untouched."""
+        pos = 0
+        while (idx := chunk.find(_USAGE, pos)) >= 0:
+            pos = idx + len(_USAGE)
+            if chunk.startswith(_NULL_USAGE, idx):
+                continue
+            start = chunk.rfind(b"\n\n", 0, idx)
+            start = 0 if start < 0 else start + 2
+            end = chunk.find(b"\n\n", idx) + 2
+            if self._meter_event(chunk[start:end]):
+                return chunk[:start] + chunk[end:]
+            pos = end
+        return chunk
 
     def _meter_event(self, event: bytes | bytearray) -> bool:
         """Meter one complete event; True if it is the usage event to drop."""
