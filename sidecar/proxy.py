@@ -9,6 +9,8 @@ parts live in `plan`, `keys`, `health`, `models`; this module does the I/O.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import functools
 import os
 import time
 from collections.abc import Mapping
@@ -43,10 +45,21 @@ _DROP_REQUEST: Final = HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "exp
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 _FAILED_BODY_LIMIT: Final = 1 << 20
-#: The session enforces no timeouts of its own: `timeouts.*` are applied per attempt.
+#: Timeouts (SPEC §3): `per_request` is the attempt's own timer (connect, send, headers).
+#: `stream_idle` bounds each gap after that: by aiohttp's per-read timer when it cannot
+#: fire before the attempt's timer (`per_request <= stream_idle`, the default), else by
+#: an idle timer in the relay.
 _NO_CLIENT_TIMEOUT: Final = aiohttp.ClientTimeout(
     total=None, connect=None, sock_connect=None, sock_read=None
 )
+
+
+@functools.lru_cache(maxsize=8)
+def _read_timeout(stream_idle: float) -> aiohttp.ClientTimeout:
+    """aiohttp's own per-read timer, re-armed natively on every chunk the upstream sends."""
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=stream_idle)
+
+
 #: Precomputed status label strings.
 _STATUS: Final = {code: str(code) for code in range(100, 600)}
 #: Status recorded (metrics, access log) when the caller disconnects first, as nginx does.
@@ -68,6 +81,7 @@ class _Result:
     retry_after: float | None = None
     quota: bool = False
     timed_out: bool = False
+    native_idle: bool = False  # stream gaps are bounded by aiohttp's per-read timer
 
 
 @dataclass(slots=True)
@@ -338,7 +352,9 @@ class Proxy:
                     health.record(key.health_id, res.outcome, cfg.failover.cooldown)
                 if res.body is not None:
                     return self._respond(ex, res.upstream, res.body, adapter)
-                return await self._relay_stream(ex, res.upstream, adapter, strip_usage)
+                return await self._relay_stream(
+                    ex, res.upstream, adapter, strip_usage, res.native_idle
+                )
             if tracked and health.record(key.health_id, res.outcome, cfg.failover.cooldown,
                                          retry_after=res.retry_after, quota_exhausted=res.quota):  # fmt: skip
                 self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
@@ -386,21 +402,24 @@ class Proxy:
         body: bytes | None = None
         failover = False
         loop = asyncio.get_running_loop()
+        idle = cfg.timeouts.stream_idle
+        native_idle = cfg.timeouts.per_request <= idle
         try:
             # One timer per attempt: per_request bounds connect + send + the wait for the
             # response headers; then, for an answer read whole, stream_idle bounds its body.
             async with asyncio.timeout(min(cfg.timeouts.per_request, remaining)) as timer:
                 upstream = await state.session.request(
                     ex.request.method, url, data=payload, headers=headers,
-                    timeout=_NO_CLIENT_TIMEOUT, allow_redirects=False,
+                    timeout=_read_timeout(idle) if native_idle else _NO_CLIENT_TIMEOUT,
+                    allow_redirects=False,
                 )  # fmt: skip
                 ttfb = time.perf_counter() - sent
                 state.metrics.upstream_ttfb(key.provider).observe(ttfb)
                 failover = upstream.status in cfg.failover.on_status
                 if not failover and "json" not in upstream.headers.get("content-type", ""):
                     ex.upstream_wait += ttfb  # SSE or other media: relayed as it arrives
-                    return _Result(classify_status(upstream.status), upstream=upstream)
-                idle = cfg.timeouts.stream_idle
+                    outcome = classify_status(upstream.status)
+                    return _Result(outcome, upstream=upstream, native_idle=native_idle)
                 timer.reschedule(loop.time() + (min(idle, max(0.001, deadline - time.perf_counter()))
                                                 if failover else idle))  # fmt: skip
                 body = await _read_body_of(upstream, _FAILED_BODY_LIMIT if failover else 0)
@@ -441,7 +460,12 @@ class Proxy:
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(
-        self, ex: Exchange, upstream: aiohttp.ClientResponse, adapter: Adapter, strip_usage: bool
+        self,
+        ex: Exchange,
+        upstream: aiohttp.ClientResponse,
+        adapter: Adapter,
+        strip_usage: bool,
+        native_idle: bool,
     ) -> web.StreamResponse:
         """Relay chunk by chunk as they arrive. From the first byte on there is no failover."""
         state = self.state
@@ -451,18 +475,19 @@ class Proxy:
         sse = "text/event-stream" in upstream.headers.get("content-type", "")
         meter = adapter.stream_meter(strip_usage) if sse and upstream.status < 300 else None
         content = upstream.content
-        idle = ex.runtime.config.timeouts.stream_idle
-        loop = asyncio.get_running_loop()
         done = False
         try:
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(ex.request)
-            # stream_idle bounds every gap of the relay: the wait for the upstream's next
-            # chunk and the write of the last one (a caller not reading that long is gone).
-            async with asyncio.timeout(None) as idle_timer:
+            # stream_idle bounds every gap: natively (aiohttp's per-read timer) when it can,
+            # else our own timer, re-armed per chunk, which also covers a caller taking nothing.
+            loop = asyncio.get_running_loop()
+            idle = ex.runtime.config.timeouts.stream_idle
+            async with contextlib.nullcontext() if native_idle else asyncio.timeout(None) as timer:
                 while True:
                     t = time.perf_counter()
-                    idle_timer.reschedule(loop.time() + idle)
+                    if timer is not None:
+                        timer.reschedule(loop.time() + idle)
                     chunk = await content.readany()
                     ex.upstream_wait += time.perf_counter() - t
                     if not chunk:
