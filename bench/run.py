@@ -46,16 +46,13 @@ import aiohttp
 import orjson
 import uvloop
 
-from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.crypto import Opener, generate_private_key, write_private_key
 from sidecar.secret import Secret
 from sidecar.vault import (
-    AccessKeyEntry,
+    add_access_key,
     create_vault,
     edit_vault,
-    hash_access_key,
-    new_access_key,
-    now_iso,
-    secret_slot,
+    set_secret,
 )
 
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -170,13 +167,9 @@ def _write_sidecar_env(workdir: Path) -> str:
     write_private_key(workdir / "sidecar.key", private)
     vault = workdir / "vault.json"
     create_vault(vault, Opener(private).public_key)
-    token = new_access_key()
     with edit_vault(vault) as doc:
-        sealer = Sealer(doc.recipient)
-        doc.secrets["bench"] = {"openai": sealer.seal(secret_slot("bench", "openai"),
-                                                       Secret(_UPSTREAM_KEY))}  # fmt: skip
-        doc.access_keys["bench"] = AccessKeyEntry(hash=hash_access_key(token.reveal()),
-                                                  created_at=now_iso())  # fmt: skip
+        set_secret(doc, "bench", "openai", Secret(_UPSTREAM_KEY))
+        token = add_access_key(doc, "bench")
     return token.reveal()
 
 

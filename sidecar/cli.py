@@ -16,22 +16,19 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 from sidecar import __version__
-from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.crypto import Opener, generate_private_key, write_private_key
 from sidecar.errors import ConfigError, UserError, VaultError, problems_text
 from sidecar.names import NAME_RULE, is_name
 from sidecar.secret import Secret
 from sidecar.vault import (
-    AccessKeyEntry,
-    AttachedEntry,
-    attached_slot,
+    add_access_key,
+    attach_key,
     create_vault,
     edit_vault,
-    hash_access_key,
-    new_access_key,
     now_iso,
     parse_iso,
     read_vault,
-    secret_slot,
+    set_secret,
 )
 
 
@@ -88,8 +85,7 @@ def cmd_vault_init(args: argparse.Namespace) -> None:
 def cmd_secret_set(args: argparse.Namespace) -> None:
     value = _read_stdin_secret(f"value for {args.namespace}/{args.name}")
     with edit_vault(Path(args.vault)) as doc:
-        sealed = Sealer(doc.recipient).seal(secret_slot(args.namespace, args.name), value)
-        doc.secrets.setdefault(args.namespace, {})[args.name] = sealed
+        set_secret(doc, args.namespace, args.name, value)
     print(f"sealed secrets/{args.namespace}/{args.name}", file=sys.stderr)
 
 
@@ -101,17 +97,9 @@ def cmd_secret_list(args: argparse.Namespace) -> None:
 
 
 def cmd_access_key_create(args: argparse.Namespace) -> None:
-    token = new_access_key()
     with edit_vault(Path(args.vault)) as doc:
-        if args.name in doc.access_keys:
-            raise UserError(f"access key {args.name!r} already exists")
-        doc.access_keys[args.name] = AccessKeyEntry(
-            hash=hash_access_key(token.reveal()),
-            created_at=now_iso(),
-            credits_usd=args.credits,
-            allowed_providers=sorted(set(args.allow_provider or [])),
-            allowed_models=sorted(set(args.allow_model or [])),
-        )
+        token = add_access_key(doc, args.name, credits_usd=args.credits,
+                               providers=args.allow_provider or [], models=args.allow_model or [])  # fmt: skip
     # The one and only time an access key is shown: stdout, alone, for scripts.
     _out(token.reveal())
 
@@ -159,15 +147,9 @@ def cmd_access_key_list(args: argparse.Namespace) -> None:
 
 def cmd_provider_key_attach(args: argparse.Namespace) -> None:
     value = _read_stdin_secret(f"{args.provider} key")
+    key_id = args.id or f"{args.provider}-{_random.token_hex(4)}"
     with edit_vault(Path(args.vault)) as doc:
-        entry = doc.access_keys.get(args.access_key)
-        if entry is None:
-            raise UserError(f"no access key named {args.access_key!r}")
-        key_id = args.id or f"{args.provider}-{_random.token_hex(4)}"
-        if any(a.id == key_id for a in entry.attached):
-            raise UserError(f"{args.access_key} already has a key with id {key_id!r}")
-        sealed = Sealer(doc.recipient).seal(attached_slot(args.access_key, key_id), value)
-        entry.attached.append(AttachedEntry(key_id, args.provider, now_iso(), sealed))
+        attach_key(doc, args.access_key, args.provider, key_id, value)
     _out(key_id)
 
 

@@ -22,17 +22,14 @@ from typing import Final
 
 from aiohttp import web
 
-from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.crypto import Opener, generate_private_key, write_private_key
 from sidecar.errors import UserError
 from sidecar.secret import Secret
 from sidecar.vault import (
-    AccessKeyEntry,
+    add_access_key,
     create_vault,
     edit_vault,
-    hash_access_key,
-    new_access_key,
-    now_iso,
-    secret_slot,
+    set_secret,
 )
 
 MOCK_PORT: Final = 8089
@@ -78,13 +75,10 @@ def prepare(state_dir: Path) -> tuple[Path, Secret]:
     private = generate_private_key()
     write_private_key(key_file, private)
     create_vault(vault, Opener(private).public_key)
-    token = new_access_key()
     with edit_vault(vault) as doc:
-        sealer = Sealer(doc.recipient)
         for (ns, name), value in _DEMO_SECRETS.items():
-            doc.secrets.setdefault(ns, {})[name] = sealer.seal(secret_slot(ns, name), Secret(value))
-        doc.access_keys["demo"] = AccessKeyEntry(hash=hash_access_key(token.reveal()), created_at=now_iso(),
-                                                 credits_usd=5.0)  # fmt: skip
+            set_secret(doc, ns, name, Secret(value))
+        token = add_access_key(doc, "demo", credits_usd=5.0)
     fd = os.open(token_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as fh:
         fh.write(token.reveal() + "\n")

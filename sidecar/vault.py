@@ -14,7 +14,7 @@ import fcntl
 import hashlib
 import os
 import secrets as _random
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -22,7 +22,7 @@ from typing import Any, Final
 
 import orjson
 
-from sidecar.crypto import Opener, parse_public_key
+from sidecar.crypto import Opener, Sealer, parse_public_key
 from sidecar.errors import VaultError
 from sidecar.files import atomic_write
 from sidecar.names import NAME_RULE, is_name
@@ -226,6 +226,49 @@ def write_vault(path: Path, doc: VaultDoc) -> None:
         atomic_write(path, doc.to_json())
     except OSError as exc:
         raise VaultError(f"{path}: cannot write the vault ({exc.strerror})") from None
+
+
+# --------------------------------------------------------------------------- edits
+# The operations every writer uses (CLI, demo, tests, benchmark), inside `edit_vault`.
+
+
+def set_secret(doc: VaultDoc, namespace: str, name: str, value: Secret) -> None:
+    """Seal `value` into `secrets/NS/NAME` (replacing any earlier value)."""
+    sealed = Sealer(doc.recipient).seal(secret_slot(namespace, name), value)
+    doc.secrets.setdefault(namespace, {})[name] = sealed
+
+
+def add_access_key(
+    doc: VaultDoc,
+    name: str,
+    *,
+    credits_usd: float = 0.0,
+    providers: Iterable[str] = (),
+    models: Iterable[str] = (),
+) -> Secret:
+    """Create an access key; returns the token, which the vault keeps only as a hash."""
+    if name in doc.access_keys:
+        raise VaultError(f"access key {name!r} already exists")
+    token = new_access_key()
+    doc.access_keys[name] = AccessKeyEntry(
+        hash=hash_access_key(token.reveal()),
+        created_at=now_iso(),
+        credits_usd=credits_usd,
+        allowed_providers=sorted(set(providers)),
+        allowed_models=sorted(set(models)),
+    )
+    return token
+
+
+def attach_key(doc: VaultDoc, access_key: str, provider: str, key_id: str, value: Secret) -> None:
+    """Seal `value` into `access_keys/NAME/attached/ID`, now-timestamped (newest is tried first)."""
+    entry = doc.access_keys.get(access_key)
+    if entry is None:
+        raise VaultError(f"no access key named {access_key!r}")
+    if any(a.id == key_id for a in entry.attached):
+        raise VaultError(f"{access_key} already has a key with id {key_id!r}")
+    sealed = Sealer(doc.recipient).seal(attached_slot(access_key, key_id), value)
+    entry.attached.append(AttachedEntry(key_id, provider, now_iso(), sealed))
 
 
 @contextlib.contextmanager

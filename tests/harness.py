@@ -21,20 +21,16 @@ import anthropic
 import openai
 import orjson
 
-from sidecar.crypto import Opener, Sealer, generate_private_key, write_private_key
+from sidecar.crypto import Opener, generate_private_key, write_private_key
 from sidecar.logs import AccessLog, OpLog
 from sidecar.secret import Secret
 from sidecar.server import Running, start
 from sidecar.vault import (
-    AccessKeyEntry,
-    AttachedEntry,
-    attached_slot,
+    add_access_key,
+    attach_key,
     create_vault,
     edit_vault,
-    hash_access_key,
-    new_access_key,
-    now_iso,
-    secret_slot,
+    set_secret,
 )
 
 REPO = Path(__file__).resolve().parents[1]
@@ -84,25 +80,23 @@ class Env:
     def secret(self, ns: str, name: str, value: str) -> str:
         """Seal a secret; returns its config reference."""
         with edit_vault(self.vault) as doc:
-            doc.secrets.setdefault(ns, {})[name] = Sealer(doc.recipient).seal(secret_slot(ns, name), Secret(value))
+            set_secret(doc, ns, name, Secret(value))
         return f"${{secrets.get('{ns}', '{name}')}}"
 
     def access_key(self, name: str, *, credits: float = 0.0, providers: list[str] | None = None,
                    models: list[str] | None = None) -> str:  # fmt: skip
-        token = new_access_key()
         with edit_vault(self.vault) as doc:
-            doc.access_keys[name] = AccessKeyEntry(
-                hash=hash_access_key(token.reveal()), created_at=now_iso(), credits_usd=credits,
-                allowed_providers=providers or [], allowed_models=models or [],
-            )  # fmt: skip
+            token = add_access_key(doc, name, credits_usd=credits, providers=providers or [],
+                                   models=models or [])  # fmt: skip
         return token.reveal()
 
     def attach(self, access_key: str, provider: str, key_id: str, value: str) -> None:
         with edit_vault(self.vault) as doc:
-            sealed = Sealer(doc.recipient).seal(attached_slot(access_key, key_id), Secret(value))
-            doc.access_keys[access_key].attached.append(AttachedEntry(key_id, provider, now_iso(), sealed))
+            attach_key(doc, access_key, provider, key_id, Secret(value))
 
-    def write_config(self, body: str, *, listen: str = "127.0.0.1:0", admin: str = "127.0.0.1:0") -> Path:
+    def write_config(
+        self, body: str, *, listen: str = "127.0.0.1:0", admin: str = "127.0.0.1:0"
+    ) -> Path:
         """Write a config: `body` is YAML appended after listen/admin/vault lines."""
         head = (f"listen: {listen}\nadmin_listen: {admin}\n"
                 "vault: {path: vault.json, private_key_file: sidecar.key}\nreload_interval: 200ms\n")  # fmt: skip
@@ -215,4 +209,6 @@ def iter_metric(text: str, name: str) -> Iterator[tuple[dict[str, str], float]]:
 
 def metric_value(text: str, name: str, **labels: str) -> float:
     """Sum of the samples of `name` whose labels include `labels` (0 if none)."""
-    return sum(v for ls, v in iter_metric(text, name) if all(ls.get(k) == val for k, val in labels.items()))
+    return sum(
+        v for ls, v in iter_metric(text, name) if all(ls.get(k) == val for k, val in labels.items())
+    )
