@@ -1,4 +1,4 @@
-"""Sealed boxes bound to their vault slot (SPEC §5). The only module that touches PyNaCl.
+"""Sealed boxes bound to their vault slot (docs/reference.md#vault-file). The only module that touches PyNaCl.
 
 A sealed value's plaintext is `slot + NUL + value`, so a ciphertext copied
 into another slot of the vault fails to open there.
@@ -17,6 +17,7 @@ from nacl.exceptions import CryptoError
 from nacl.public import PrivateKey, PublicKey, SealedBox
 
 from sidecar.errors import VaultError
+from sidecar.files import MAX_KEY_BYTES, not_regular_error, read_regular_file
 from sidecar.secret import Secret
 
 PRIVATE_KEY_ENV: Final = "SIDECAR_PRIVATE_KEY"
@@ -96,6 +97,8 @@ def key_file_problems(path: Path) -> list[str]:
         mode = os.stat(path).st_mode
     except OSError as exc:
         return [f"{path}: cannot read private key file ({exc.strerror})"]
+    if not stat.S_ISREG(mode):  # the same words `load_private_key` refuses it with
+        return [f"{path}: cannot read private key file ({not_regular_error(path, mode).strerror})"]
     if mode & (stat.S_IWGRP | stat.S_IRWXO):
         return [f"{path}: private key file mode is {stat.S_IMODE(mode):04o}; expected 0600 or 0400 "
                 "(0440 is accepted for Kubernetes fsGroup mounts)"]  # fmt: skip
@@ -117,9 +120,11 @@ def load_private_key(path: Path | None, *, check_mode: bool = True) -> Opener:
     if problems:
         raise VaultError(problems[0])
     try:
-        text = path.read_text(encoding="ascii")
-    except (OSError, UnicodeDecodeError):
-        raise VaultError(f"{path}: cannot read private key file") from None
+        text = read_regular_file(path, limit=MAX_KEY_BYTES).decode("ascii")
+    except OSError as exc:
+        raise VaultError(f"{path}: cannot read private key file ({exc.strerror})") from None
+    except UnicodeDecodeError:
+        raise VaultError(f"{path}: cannot read private key file (not ASCII text)") from None
     return Opener(Secret(text.strip()))
 
 

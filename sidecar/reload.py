@@ -1,4 +1,4 @@
-"""Loading and hot-reloading the config + vault (SPEC §5).
+"""Loading and hot-reloading the config + vault (docs/reference.md#hot-reload).
 
 `load_runtime` is the whole blocking load (parse, read, decrypt, build); the
 reloader runs it in a thread. Files are polled by the stat of their resolved
@@ -17,6 +17,7 @@ from pathlib import Path
 from sidecar.config import Config, load_config
 from sidecar.crypto import load_private_key
 from sidecar.errors import ConfigError, VaultError
+from sidecar.files import MAX_VAULT_BYTES, read_regular_file
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.state import State
 from sidecar.vault import open_vault, read_vault
@@ -55,24 +56,33 @@ def load_with_signature(config_path: Path) -> tuple[Runtime, FileSignature]:
 
 
 def _stat_signature(paths: list[Path]) -> tuple[object, ...]:
+    """Cheap, polled: changes with a file's identity, size, mtime, type, mode or owner."""
     sig: list[object] = []
     for p in paths:
         try:
             real = os.path.realpath(p)
             st = os.stat(real)
-            sig.append((real, st.st_ino, st.st_size, st.st_mtime_ns))
+            sig.append((real, st.st_ino, st.st_size, st.st_mtime_ns, st.st_mode, st.st_uid,
+                        st.st_gid))  # fmt: skip
         except OSError:
             sig.append((str(p), None))
     return tuple(sig)
 
 
 def _content_signature(paths: list[Path]) -> str:
+    """What a load depends on: each file's bytes, and its type and mode (a key file refused
+    for mode 0644 must be retried once it is 0600). Never blocks: a FIFO or device is
+    not read (`read_regular_file`), it only changes the signature."""
     h = hashlib.sha256()
     for p in paths:
         try:
-            h.update(Path(os.path.realpath(p)).read_bytes())
-        except OSError:
-            h.update(b"\x00missing")
+            mode = os.stat(p).st_mode
+            data = read_regular_file(p, limit=MAX_VAULT_BYTES)
+        except OSError as exc:
+            h.update(f"\x00error:{exc.strerror}".encode())
+        else:
+            h.update(f"\x00mode:{mode:o}\x00".encode())
+            h.update(data)
         h.update(b"\x00")
     return h.hexdigest()
 
@@ -83,6 +93,7 @@ class Reloader:
         self.state = state
         self._stat: tuple[object, ...] = ()
         self._content = ""
+        self._refused = False  # the last version tried was refused: SIGHUP retries it
         self._lock = asyncio.Lock()
         self._woken = asyncio.Event()
 
@@ -95,6 +106,7 @@ class Reloader:
 
     def mark_loaded(self, signature: FileSignature) -> None:
         self._stat, self._content = signature
+        self._refused = False
 
     async def check(self, *, reason: str = "poll") -> bool:
         """Reload if any file changed. True when a new version was swapped in."""
@@ -105,19 +117,21 @@ class Reloader:
                 return False
             content = await asyncio.to_thread(_content_signature, paths)
             self._stat = stat
-            if content == self._content:
+            if content == self._content and not (reason == "sighup" and self._refused):
                 return False
             try:
                 runtime = await asyncio.to_thread(load_runtime, self.config_path)
                 self.state.billing.configure(runtime.config)
             except (ConfigError, VaultError, ValueError) as exc:
                 self._content = content  # do not retry the same bad version every poll
+                self._refused = True
                 self.state.metrics.reload_error()
                 problems = list(exc.problems) if isinstance(exc, ConfigError) else [str(exc)]
                 self.state.oplog.error("reload_refused", reason=reason, problems=problems,
                                        keeping="last good version")  # fmt: skip
                 return False
             self._content = content
+            self._refused = False
             self.state.runtime = runtime
             self.state.health.forget_except(list(runtime.key_labels))
             self.state.oplog.set_level(runtime.config.log.level)

@@ -1,4 +1,4 @@
-"""The sealed vault file (SPEC §5): format, locked atomic edits, and opening.
+"""The sealed vault file (docs/reference.md#vault-file): format, locked atomic edits, and opening.
 
 Edits (CLI) need only the public key and go through `edit_vault`, which
 takes an exclusive `flock` on `<vault>.lock`, re-reads the file, applies the
@@ -24,7 +24,7 @@ import orjson
 
 from sidecar.crypto import Opener, Sealer, parse_public_key
 from sidecar.errors import VaultError
-from sidecar.files import atomic_write
+from sidecar.files import MAX_VAULT_BYTES, atomic_write, read_regular_file
 from sidecar.names import NAME_RULE, is_name
 from sidecar.secret import Secret
 
@@ -211,8 +211,9 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
 
 
 def read_vault(path: Path) -> VaultDoc:
+    """Read and parse the vault; a FIFO, directory or oversized file is refused, not read."""
     try:
-        data = path.read_bytes()
+        data = read_regular_file(path, limit=MAX_VAULT_BYTES)
     except FileNotFoundError:
         raise VaultError(f"{path}: no such vault (create it with `sidecar vault init`)") from None
     except OSError as exc:
@@ -271,8 +272,15 @@ def attach_key(doc: VaultDoc, access_key: str, provider: str, key_id: str, value
     entry.attached.append(AttachedEntry(key_id, provider, now_iso(), sealed))
 
 
+def _real_path(path: Path) -> Path:
+    """The file a vault path names, symlinks resolved: edits through a link and through the
+    real path must take the same lock and replace the same file (the link is kept)."""
+    return Path(os.path.realpath(path))
+
+
 @contextlib.contextmanager
 def _locked(path: Path) -> Iterator[None]:
+    """Exclusive `flock` on `<path>.lock`; `path` must already be resolved (`_real_path`)."""
     lock_path = path.with_name(path.name + ".lock")
     try:
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -287,22 +295,27 @@ def _locked(path: Path) -> Iterator[None]:
 
 @contextlib.contextmanager
 def edit_vault(path: Path) -> Iterator[VaultDoc]:
-    """Read-modify-write under an exclusive lock; nothing is written if the body raises."""
+    """Read-modify-write under an exclusive lock; nothing is written if the body raises.
+
+    Lock, read and write are all on the resolved path, whichever name (a symlink or
+    the real path) the caller used, so concurrent edits through either never lose one.
+    """
     path = Path(path)
     if not path.exists():
         read_vault(
             path
         )  # raises the clear "no such vault" error without leaving a lock file behind
-    with _locked(path):
-        doc = read_vault(path)
+    real = _real_path(path)
+    with _locked(real):
+        doc = read_vault(real)
         yield doc
-        write_vault(path, doc)
+        write_vault(real, doc)
 
 
 def create_vault(path: Path, recipient: str) -> None:
     parse_public_key(recipient)
     path = Path(path)
-    with _locked(path):
+    with _locked(_real_path(path)):
         if path.exists():
             raise VaultError(f"{path}: already exists")
         write_vault(path, VaultDoc(recipient=recipient))

@@ -202,3 +202,35 @@ def test_key_file_with_surrounding_whitespace_loads(tmp_path: Path, private_key:
     path.write_text(f"\n  {private_key.reveal()}  \n")
     os.chmod(path, 0o600)
     assert load_private_key(path).public_key == Opener(private_key).public_key
+
+
+@pytest.mark.parametrize("check_mode", [True, False])
+def test_a_fifo_at_the_key_path_is_refused_without_blocking(
+    tmp_path: Path, check_mode: bool
+) -> None:
+    """With the bug, opening the FIFO waits for a writer for ever (the test times out)."""
+    path = tmp_path / "k"
+    os.mkfifo(path, 0o600)
+    problem = f"{path}: cannot read private key file (not a regular file: it is a FIFO)"
+    assert key_file_problems(path) == [problem]
+    with pytest.raises(VaultError) as info:
+        load_private_key(path, check_mode=check_mode)
+    assert str(info.value) == problem  # the same words: `check` lists it once
+
+
+def test_an_oversized_key_file_is_refused(tmp_path: Path, private_key: Secret) -> None:
+    path = tmp_path / "k"
+    path.write_text(private_key.reveal() + "\n" + " " * (8 << 10))
+    os.chmod(path, 0o600)
+    with pytest.raises(VaultError, match="larger than") as info:
+        load_private_key(path)
+    assert private_key.reveal() not in str(info.value)
+
+
+def test_a_key_file_that_is_not_ascii_is_refused_without_echoing_it(tmp_path: Path) -> None:
+    path = tmp_path / "k"
+    path.write_bytes("sk-caf\u00e9-secret".encode())
+    os.chmod(path, 0o600)
+    with pytest.raises(VaultError, match="not ASCII") as info:
+        load_private_key(path)
+    assert "caf" not in str(info.value)

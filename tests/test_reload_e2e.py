@@ -1,4 +1,4 @@
-"""Hot reload of config and vault while serving (SPEC §5), driven by the real CLI.
+"""Hot reload of config and vault while serving (docs/reference.md#hot-reload), driven by the real CLI.
 
 A change is picked up within a few seconds (polling, or SIGHUP); a version
 that does not parse, validate or decrypt is refused while the last good one
@@ -474,3 +474,121 @@ async def test_an_edit_during_startup_is_not_lost(
     await until(
         lambda: chat(sc.url, token), lambda h: key_of(h) == ("attached", "during-start"), within=3
     )
+
+
+# --------------------------------------------------------------------------- files that are not files
+
+
+def _fifo(path: Path) -> None:
+    path.unlink()
+    os.mkfifo(path, 0o600)
+
+
+def _directory(path: Path) -> None:
+    path.unlink()
+    path.mkdir()
+
+
+@pytest.mark.parametrize(
+    ("replace", "name"),
+    [(_fifo, "sidecar.yaml"), (_fifo, "vault.json"), (_fifo, "sidecar.key"),
+     (_directory, "vault.json")],
+    ids=["fifo-config", "fifo-vault", "fifo-key", "directory-vault"],
+)  # fmt: skip
+async def test_a_non_regular_file_is_refused_on_reload_and_sigterm_still_exits(
+    app_env: tuple[Env, str], tmp_path: Path, name: str, replace: Callable[[Path], None]
+) -> None:
+    """With the bug, the reload thread blocks opening the FIFO for ever, and so does exit."""
+    env, token = app_env
+    env.config.write_text(env.config.read_text() + "shutdown_grace: 1s\n")
+    proc = await asyncio.to_thread(spawn_sidecar, env.config, tmp_path / "access.log")
+    try:
+        url = f"http://127.0.0.1:{proc.proxy_port}"
+        admin = f"http://127.0.0.1:{proc.admin_port}"
+        assert key_of(await chat(url, token)) == ("policy", "pol")
+        bad = env.dir / name
+        good, mode = bad.read_bytes(), bad.stat().st_mode
+        replace(bad)
+        await until(lambda: reloads(admin, "error"), lambda n: n == 1)
+        refused = [r for r in proc.lines() if r.get("event") == "reload_refused"]
+        assert len(refused) == 1
+        assert str(bad) in str(refused[0]["problems"])
+        assert "not a regular file" in str(refused[0]["problems"])
+        assert key_of(await chat(url, token)) == ("policy", "pol")  # the last good version
+        assert (await admin_get(admin, "/readyz"))[0] == 200
+
+        # Put back, the file is read again: reloading still works.
+        os.rmdir(bad) if bad.is_dir() else bad.unlink()
+        bad.write_bytes(good)
+        bad.chmod(mode)
+        await until(lambda: reloads(admin, "ok"), lambda n: n == 2)
+        assert key_of(await chat(url, token)) == ("policy", "pol")
+
+        replace(bad)
+        await until(lambda: reloads(admin, "error"), lambda n: n == 2)
+        proc.proc.send_signal(signal.SIGTERM)
+        code = await asyncio.to_thread(proc.proc.wait, 15)
+        assert code == 0
+    finally:
+        if proc.proc.poll() is None:
+            proc.proc.kill()
+            proc.proc.wait()
+
+
+# --------------------------------------------------------------------------- a refused key file mode
+
+
+async def _attach(env: Env, key_id: str) -> None:
+    await run_cli("provider-key", "attach", "--vault", str(env.vault), "--access-key", "app",
+                  "--provider", "openai", "--id", key_id, stdin=f"sk-{key_id}-key\n")  # fmt: skip
+
+
+async def test_a_version_refused_for_the_key_file_mode_is_loaded_after_chmod(
+    app_env: tuple[Env, str], sidecars: list[Sidecar]
+) -> None:
+    env, token = app_env
+    sc = await start(env, sidecars)
+    key = env.dir / "sidecar.key"
+    key.chmod(0o644)
+    await until(lambda: reloads(sc.admin_url, "error"), lambda n: n == 1)
+    await _attach(env, "after-chmod")
+    await until(lambda: reloads(sc.admin_url, "error"), lambda n: n == 2)
+    refused = [r for r in env.oplog.records() if r.get("event") == "reload_refused"]
+    assert all("0644" in str(r["problems"]) for r in refused)
+    assert key_of(await chat(sc.url, token)) == ("policy", "pol")
+
+    key.chmod(0o600)  # nothing else changes: polling must still see it
+    await until(lambda: chat(sc.url, token), lambda h: key_of(h) == ("attached", "after-chmod"))
+    assert await reloads(sc.admin_url, "error") == 2
+
+
+async def test_sighup_retries_a_refused_version(app_env: tuple[Env, str], tmp_path: Path) -> None:
+    env, token = app_env
+    env.config.write_text(
+        env.config.read_text().replace("reload_interval: 200ms", "reload_interval: 1h")
+    )
+    proc = await asyncio.to_thread(spawn_sidecar, env.config, tmp_path / "access.log")
+    try:
+        url = f"http://127.0.0.1:{proc.proxy_port}"
+        admin = f"http://127.0.0.1:{proc.admin_port}"
+        key = env.dir / "sidecar.key"
+        key.chmod(0o644)
+        await _attach(env, "hup")
+        proc.proc.send_signal(signal.SIGHUP)
+        await until(lambda: reloads(admin, "error"), lambda n: n == 1)
+        # Asked again with nothing changed, it tries again (and refuses again).
+        proc.proc.send_signal(signal.SIGHUP)
+        await until(lambda: reloads(admin, "error"), lambda n: n == 2)
+        assert key_of(await chat(url, token)) == ("policy", "pol")
+
+        key.chmod(0o600)
+        proc.proc.send_signal(signal.SIGHUP)
+        await until(lambda: chat(url, token), lambda h: key_of(h) == ("attached", "hup"))
+        assert await reloads(admin, "ok") == 2
+        assert await reloads(admin, "error") == 2
+        # Loaded, a SIGHUP with nothing changed is again a no-op.
+        proc.proc.send_signal(signal.SIGHUP)
+        await asyncio.sleep(0.5)
+        assert await reloads(admin, "ok") == 2
+    finally:
+        proc.stop()

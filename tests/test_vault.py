@@ -1,9 +1,10 @@
-"""The sealed vault file (SPEC §5): format, slot binding, locked atomic edits, opening."""
+"""The sealed vault file (docs/reference.md#vault-file): format, slot binding, locked atomic edits, opening."""
 
 from __future__ import annotations
 
 import os
 import re
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -33,6 +34,7 @@ from sidecar.vault import (
     secret_slot,
     write_vault,
 )
+from tests.harness import sidecar_cmd, subprocess_env
 
 PRIMARY = Secret("sk-VAULT-PRIMARY-a1b2c3d4e5")
 TEAM = Secret("sk-VAULT-TEAM-f6e5d4c3b2")
@@ -278,6 +280,123 @@ def test_concurrent_edits_in_threads_do_not_lose_updates(vault: Path, sealer: Se
     assert errors == []
     assert read_vault(vault).secrets["ns"] == sealed
     assert leftovers(vault.parent, vault) == []
+
+
+def linked_vault(vault: Path) -> Path:
+    """A symlink to `vault` from another directory (a config dir pointing at the real vault)."""
+    other = vault.parent / "elsewhere"
+    other.mkdir()
+    link = other / "vault-link.json"
+    os.symlink(vault, link)
+    return link
+
+
+def test_edit_through_a_symlink_locks_and_replaces_the_real_file(
+    vault: Path, sealer: Sealer
+) -> None:
+    link = linked_vault(vault)
+    with edit_vault(link) as doc:
+        doc.secrets["ns"] = {"n": sealer.seal(secret_slot("ns", "n"), PRIMARY)}
+    assert link.is_symlink()
+    assert os.readlink(link) == str(vault)
+    assert read_vault(vault).secrets["ns"]["n"] == doc.secrets["ns"]["n"]
+    # One lock per vault, beside the real file, whichever name the edit came through.
+    assert (vault.parent / "vault.json.lock").exists()
+    assert sorted(p.name for p in link.parent.iterdir()) == ["vault-link.json"]
+    assert leftovers(vault.parent, vault) == ["elsewhere"]
+
+
+def test_an_edit_through_a_symlink_waits_for_one_through_the_real_path(
+    vault: Path, sealer: Sealer
+) -> None:
+    link = linked_vault(vault)
+    sealed = {n: sealer.seal(secret_slot("ns", n), PRIMARY) for n in ("real", "link")}
+    started = threading.Event()
+    errors: list[BaseException] = []
+
+    def edit_through_link() -> None:
+        try:
+            started.set()
+            with edit_vault(link) as doc:
+                doc.secrets.setdefault("ns", {})["link"] = sealed["link"]
+        except BaseException as exc:  # surfaced by the assertion below
+            errors.append(exc)
+
+    thread = threading.Thread(target=edit_through_link)
+    with edit_vault(vault) as doc:
+        thread.start()
+        started.wait(5)
+        thread.join(0.3)  # with separate locks it reads, writes and finishes here
+        doc.secrets.setdefault("ns", {})["real"] = sealed["real"]
+    thread.join(10)
+    assert errors == []
+    assert read_vault(vault).secrets["ns"] == sealed
+
+
+def test_parallel_cli_edits_through_a_symlink_and_the_real_path_all_persist(
+    vault: Path, opener: Opener, tmp_path: Path
+) -> None:
+    """20 `sidecar` processes at once, half through a symlink: every edit lands."""
+    link = linked_vault(vault)
+    values = {f"s{i}": f"sk-parallel-{i:02d}-{os.urandom(4).hex()}" for i in range(10)}
+    argvs: list[list[str]] = []
+    stdins: list[bytes] = []
+    for i, (name, value) in enumerate(values.items()):
+        path = link if i % 2 else vault
+        argvs.append(["secret", "set", "--vault", str(path), "ns", name])
+        stdins.append(value.encode() + b"\n")
+    keys = [f"app-{i}" for i in range(10)]
+    for i, name in enumerate(keys):
+        path = link if i % 2 else vault
+        argvs.append(["access-key", "create", "--vault", str(path), name])
+        stdins.append(b"")
+    env = subprocess_env()
+    env.pop("SIDECAR_PRIVATE_KEY", None)
+    pipes = {"stdin": subprocess.PIPE, "stdout": subprocess.PIPE, "stderr": subprocess.PIPE}
+    procs = [subprocess.Popen(sidecar_cmd(*argv), env=env, **pipes) for argv in argvs]
+    try:
+        results = [p.communicate(stdin, timeout=60) for p, stdin in zip(procs, stdins, strict=True)]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+    assert [p.returncode for p in procs] == [0] * 20, [err for _, err in results]
+    tokens = {name: out.decode().strip() for name, (out, _) in zip(keys, results[10:], strict=True)}
+
+    doc = read_vault(vault)
+    assert {n: doc.access_keys[n].hash for n in keys} == {
+        n: hash_access_key(t) for n, t in tokens.items()
+    }
+    opened, problems = open_vault(doc, opener)
+    assert problems == []
+    assert {n: opened.secrets[("ns", n)].reveal() for n in values} == values
+    assert link.is_symlink()
+    assert leftovers(vault.parent, vault) == ["elsewhere"]
+    assert sorted(p.name for p in link.parent.iterdir()) == ["vault-link.json"]
+
+
+def test_a_fifo_at_the_vault_path_is_refused_without_blocking(tmp_path: Path) -> None:
+    path = tmp_path / "vault.json"
+    os.mkfifo(path)
+    result: list[BaseException | None] = []
+
+    def read() -> None:
+        try:
+            read_vault(path)
+            result.append(None)
+        except BaseException as exc:
+            result.append(exc)
+
+    thread = threading.Thread(target=read, daemon=True)
+    thread.start()
+    thread.join(5)
+    if not result:  # release the blocked reader before failing
+        os.close(os.open(path, os.O_WRONLY | os.O_NONBLOCK))
+    assert result, "reading a FIFO vault blocked"
+    assert isinstance(result[0], VaultError)
+    assert str(path) in str(result[0])
+    assert "not a regular file" in str(result[0])
 
 
 # --------------------------------------------------------------------------- opening
