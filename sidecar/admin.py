@@ -1,6 +1,8 @@
-"""The admin port (SPEC §7): /healthz, /readyz, /metrics. Never on the proxy port."""
+"""The admin port (docs/reference.md#admin-port): /healthz, /readyz, /metrics. Never on the proxy port."""
 
 from __future__ import annotations
+
+from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
@@ -13,12 +15,25 @@ async def healthz(request: web.Request) -> web.Response:
 
 
 async def readyz(request: web.Request) -> web.Response:
+    """200 once serving, 503 while starting or draining.
+
+    A failing credits ledger does not make the pod unready (traffic that needs no
+    ledger is still served), but the body says so under `ledger` (absent when no
+    ledger is in use): `status` `ok`/`failing`, `on_unavailable`, `pending_usd`
+    (spend not yet written), `error`.
+    """
     state = request.app[STATE]
     if state.draining:
-        return web.json_response({"status": "draining"}, status=503)
-    if not state.ready:
-        return web.json_response({"status": "starting"}, status=503)
-    return web.json_response({"status": "ready"})
+        body: dict[str, Any] = {"status": "draining"}
+        status = 503
+    elif not state.ready:
+        body, status = {"status": "starting"}, 503
+    else:
+        body, status = {"status": "ready"}, 200
+    ledger = state.billing.ledger_status()
+    if ledger is not None:
+        body["ledger"] = ledger
+    return web.json_response(body, status=status)
 
 
 async def metrics(request: web.Request) -> web.Response:

@@ -1,4 +1,4 @@
-"""Prometheus metrics of SPEC §7, on a registry the app owns (no global state).
+"""Prometheus metrics (docs/reference.md#metrics), on a registry the app owns (no global state).
 
 Labels are secret-free and bounded: key ids (never key material), provider
 ids, status codes, and model names folded into `other` beyond a cap.
@@ -49,6 +49,8 @@ DURATION_BUCKETS: Final = (
 )
 MODEL_LABEL_CAP: Final = 200
 OTHER: Final = "other"
+#: Values of `sidecar_ledger_errors_total{operation}`.
+LEDGER_OPERATIONS: Final = ("read", "write")
 
 #: Yields (provider, source, key_id) of every key cooling right now.
 CoolingSource = Callable[[], Iterator[tuple[str, str, str]]]
@@ -201,9 +203,17 @@ class Metrics:
                                             ["provider", "cause"], registry=r)  # fmt: skip
         self.ledger_pending = Gauge("sidecar_ledger_pending_spend_usd",
                                     "Spend recorded locally while the ledger was unreachable", registry=r)  # fmt: skip
+        self.ledger_up = Gauge("sidecar_ledger_up",
+                               "0 while the credits ledger fails or spend waits to be written; 1 otherwise "
+                               "(also when no ledger is in use)", registry=r)  # fmt: skip
+        self.ledger_errors = Counter("sidecar_ledger_errors", "Credits-ledger operations that failed",
+                                     ["operation"], registry=r)  # fmt: skip
         self._models: set[str] = set()
         for result in ("ok", "error"):
             self.vault_reloads.labels(result)
+        self.ledger_up.set(1)
+        for operation in LEDGER_OPERATIONS:
+            self.ledger_errors.labels(operation)
 
     def prime(self, providers: Iterable[tuple[str, bool]], access_keys: Iterable[str]) -> None:
         """Create the series alerts rely on at 0, so `increase()` sees their first event.

@@ -1,4 +1,4 @@
-"""Managed keys and credits end to end (SPEC §2, §3, §7), with the SQLite ledger.
+"""Managed keys and credits end to end (docs/reference.md: provider keys, errors, metrics), with the SQLite ledger.
 
 A real sidecar in front of the mock provider, driven by the official SDKs
 (and raw aiohttp where the SSE bytes matter). Spend is charged after the

@@ -1,7 +1,7 @@
 """Offline checks of deploy/grafana: the alert rules, the dashboard, and every PromQL query in them.
 
 Every query is parsed by a small PromQL analyzer below, which checks it against the
-metric table of SPEC §7: metric names must be exported series, label names in
+metric table of docs/reference.md#metrics: metric names must be exported series, label names in
 selectors, `by`/`without`, `on`/`ignoring` and alert templates must exist on the
 series they apply to, `rate()` only runs over counters and `histogram_quantile()`
 keeps `le`. `promtool` (Debian package `prometheus`) adds the real Prometheus parser
@@ -35,7 +35,7 @@ DATASOURCE = {"type": "prometheus", "uid": "${datasource}"}
 
 # --------------------------------------------------------------------------- the metric table
 #
-# SPEC §7, transcribed. The sidecar has no importable constant for it yet; the
+# docs/reference.md#metrics, transcribed. The sidecar has no importable constant for it yet; the
 # end-to-end metrics test cross-checks the same names against a live /metrics.
 # A label maps to the values it may take, or to None when they are open-ended.
 
@@ -87,6 +87,12 @@ SPEC_METRICS: dict[str, _Family] = {
     ),
     "sidecar_vault_reloads_total": _Family("counter", {"result": frozenset({"ok", "error"})}),
     "sidecar_vault_last_success_timestamp_seconds": _Family("gauge", {}),
+    # Ledger health (issue #10): documented with the ledger in docs/credits.md.
+    "sidecar_ledger_up": _Family("gauge", {}),
+    "sidecar_ledger_errors_total": _Family(
+        "counter", {"operation": frozenset({"read", "write"})}
+    ),
+    "sidecar_ledger_pending_spend_usd": _Family("gauge", {}),
 }
 
 # Added by the Prometheus scrape config, so present on every series.
@@ -899,6 +905,7 @@ EXPECTED_ALERTS = {
     "NoKeyAvailable",
     "VaultReloadFailing",
     "CreditsNearlyExhausted",
+    "LedgerFailing",
     "High5xxRate",
     "SidecarOverheadHigh",
 }

@@ -197,6 +197,130 @@ async def test_sqlite_errors_become_ledger_unavailable(tmp_path: Path) -> None:
         await ledger.spent("k")
 
 
+# -- the SQLite file: modes, and a file deleted or replaced while in use ---------
+
+
+def _files(db: Path) -> list[Path]:
+    return [db, db.with_name(db.name + "-wal"), db.with_name(db.name + "-shm")]
+
+
+def _stdlib_spent(db: Path, name: str) -> int:
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        row = conn.execute("SELECT micro_usd FROM spend WHERE access_key = ?", (name,)).fetchone()
+    finally:
+        conn.close()
+    return int(row[0]) if row else 0
+
+
+async def test_sqlite_files_are_owner_only(tmp_path: Path) -> None:
+    ledger = SqliteLedger(tmp_path / "new" / "ledger.db")
+    try:
+        await ledger.add_spend("k", 1)
+        for f in _files(tmp_path / "new" / "ledger.db"):
+            assert f.stat().st_mode & 0o777 == 0o600, f.name
+    finally:
+        await ledger.close()
+
+    # A file an older version left 0644 is tightened when opened.
+    old = tmp_path / "old.db"
+    sqlite3.connect(old).close()
+    old.chmod(0o644)
+    ledger = SqliteLedger(old)
+    try:
+        assert await ledger.spent("k") == 0
+        for f in _files(old):
+            assert f.stat().st_mode & 0o777 == 0o600, f.name
+    finally:
+        await ledger.close()
+
+
+async def test_sqlite_deleted_file_is_refused_not_written_behind(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    ledger = SqliteLedger(db)
+    try:
+        assert await ledger.add_spend("k", 5) == 5
+        for f in _files(db):
+            f.unlink()
+        with pytest.raises(LedgerUnavailable, match="deleted or replaced"):
+            await ledger.add_spend("k", 7)
+        with pytest.raises(LedgerUnavailable, match="deleted or replaced"):
+            await ledger.spent("k")
+        assert not db.exists()  # not started afresh behind the operator's back
+    finally:
+        await ledger.close()
+
+
+async def test_sqlite_file_moved_away_and_back_is_used_again(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    ledger = SqliteLedger(db)
+    try:
+        assert await ledger.add_spend("k", 5) == 5
+        db.rename(tmp_path / "aside.db")
+        with pytest.raises(LedgerUnavailable):
+            await ledger.add_spend("k", 1)
+        (tmp_path / "aside.db").rename(db)  # the same file (inode) again
+        assert await ledger.add_spend("k", 2) == 7
+    finally:
+        await ledger.close()
+    assert _stdlib_spent(db, "k") == 7
+
+
+async def test_sqlite_replaced_file_is_refused_and_left_alone(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    ledger = SqliteLedger(db)
+    try:
+        await ledger.add_spend("k", 5)
+        src, dst = sqlite3.connect(db), sqlite3.connect(tmp_path / "copy.db")
+        src.backup(dst)
+        src.close()
+        dst.close()
+        (tmp_path / "copy.db").replace(db)
+        with pytest.raises(LedgerUnavailable, match="deleted or replaced"):
+            await ledger.add_spend("k", 7)
+    finally:
+        await ledger.close()
+    assert _stdlib_spent(db, "k") == 5
+
+
+async def test_sqlite_lost_wal_is_checkpointed_and_reopened(tmp_path: Path) -> None:
+    db = tmp_path / "ledger.db"
+    ledger = SqliteLedger(db)
+    other = SqliteLedger(db)  # another replica, opened after the -wal is gone
+    try:
+        assert await ledger.add_spend("k", 5) == 5
+        for f in _files(db)[1:]:
+            f.unlink()
+        assert await ledger.add_spend("k", 7) == 12
+        assert await other.spent("k") == 12
+        assert await other.add_spend("k", 1) == 13
+        assert await ledger.spent("k") == 13
+    finally:
+        await ledger.close()
+        await other.close()
+    assert _stdlib_spent(db, "k") == 13
+
+
+async def test_sqlite_reader_never_creates_the_file(tmp_path: Path) -> None:
+    """What `access-key list` uses: spend by name, without creating a ledger."""
+    db = tmp_path / "state" / "ledger.db"
+    reader = SqliteLedger(db, create=False)
+    try:
+        assert await reader.spent("k") == 0
+        with pytest.raises(LedgerUnavailable, match="no ledger file"):
+            await reader.add_spend("k", 1)
+        assert not db.parent.exists()
+        writer = SqliteLedger(db)
+        try:
+            await writer.add_spend("k", 9)
+            assert await reader.spent("k") == 9  # shares the file once it exists
+            assert await reader.spent("other") == 0
+        finally:
+            await writer.close()
+    finally:
+        await reader.close()
+
+
 # -- open_ledger ----------------------------------------------------------------
 
 
@@ -277,7 +401,13 @@ async def test_recorder_fail_open_keeps_spend_across_an_outage(
 ) -> None:
     errors: list[Exception] = []
     ledger = RedisLedger(redis_server.url)
-    recorder = SpendRecorder(ledger, fail_open=True, on_error=errors.append, retry_interval=0)
+    operations: list[str] = []
+
+    def on_error(operation: str, exc: LedgerUnavailable) -> None:
+        operations.append(operation)
+        errors.append(exc)
+
+    recorder = SpendRecorder(ledger, fail_open=True, on_error=on_error, retry_interval=0)
     try:
         await recorder.record("k", 100)
         assert await recorder.spent("k") == 100
@@ -292,6 +422,7 @@ async def test_recorder_fail_open_keeps_spend_across_an_outage(
         assert await recorder.flush() == 2
         assert errors
         assert all(isinstance(e, LedgerUnavailable) for e in errors)
+        assert set(operations) == {"read", "write"}
 
         redis_server.start()  # same port, empty: only the outage's spend is new
         assert await recorder.flush() == 0
@@ -396,3 +527,50 @@ async def test_recorder_pending_is_read_only() -> None:
     recorder = SpendRecorder(FlakyLedger(), fail_open=True)
     with pytest.raises(TypeError):
         recorder.pending["k"] = 1  # type: ignore[index]
+
+
+class ReadOnlyLedger(FlakyLedger):
+    """Reads work; writes fail while `writable` is False (a read-only or immutable file)."""
+
+    writable = False
+
+    async def add_spend(self, name: str, micro_usd: int) -> int:
+        if not self.writable:
+            raise LedgerUnavailable("attempt to write a readonly database")
+        return await super().add_spend(name, micro_usd)
+
+
+async def test_recorder_fail_closed_refuses_while_spend_cannot_be_written() -> None:
+    ledger = ReadOnlyLedger()
+    health: list[bool] = []
+    recorder = SpendRecorder(ledger, fail_open=False, retry_interval=0, on_health=health.append)
+    assert await recorder.spent("k") == 0
+    await recorder.record("k", 4)
+    assert recorder.pending == {"k": 4}
+    assert not recorder.healthy
+    for _ in range(2):  # reads work, yet nothing more is served while spend is unwritten
+        with pytest.raises(LedgerUnavailable, match="readonly"):
+            await recorder.spent("k")
+    assert recorder.pending == {"k": 4}
+    ledger.writable = True
+    assert await recorder.spent("k") == 4  # the pending spend is written first
+    assert recorder.pending == {}
+    assert recorder.healthy
+    assert recorder.error is None
+    assert health == [False, True]  # once per change, not per failure
+
+
+async def test_recorder_fail_open_serves_from_memory_while_writes_fail() -> None:
+    ledger = ReadOnlyLedger()
+    health: list[bool] = []
+    recorder = SpendRecorder(ledger, fail_open=True, retry_interval=0, on_health=health.append)
+    await recorder.record("k", 4)
+    await recorder.record("k", 1)
+    assert await recorder.spent("k") == 5  # read works: ledger 0 + pending 5
+    assert not recorder.healthy  # a good read does not hide unwritten spend
+    assert recorder.error is None
+    ledger.writable = True
+    assert await recorder.flush() == 0
+    assert recorder.healthy
+    assert ledger.totals == {"k": 5}
+    assert health == [False, True]

@@ -41,3 +41,14 @@ def test_counters_and_histograms_render_exact_values() -> None:
     assert _samples(text, "sidecar_overhead_seconds_count") == {(("format", "openai"),): 4.0}
     assert abs(_samples(text, "sidecar_overhead_seconds_sum")[(("format", "openai"),)] - 5.00065) < 1e-9
     assert "sidecar_requests_created" not in text
+
+
+def test_ledger_health_series_exist_before_any_failure() -> None:
+    """Alerts and dashboards need the ledger series at 1 / 0 before the first failure."""
+    text = Metrics().render().decode()
+    assert _samples(text, "sidecar_ledger_up") == {(): 1.0}
+    assert _samples(text, "sidecar_ledger_errors_total") == {
+        (("operation", "read"),): 0.0,
+        (("operation", "write"),): 0.0,
+    }
+    assert _samples(text, "sidecar_ledger_pending_spend_usd") == {(): 0.0}

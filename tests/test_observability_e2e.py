@@ -1,4 +1,4 @@
-"""Observability end to end (SPEC §7 metrics, §8 logs) against a live sidecar.
+"""Observability end to end (docs/reference.md#metrics and #logs) against a live sidecar.
 
 One mixed workload — success, failover, cooldown, every refusal reason, a
 managed request with credits, streams in both formats, a client error, an

@@ -15,10 +15,14 @@ Opening does no I/O; the first call connects.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from sidecar.ledger.base import Ledger, LedgerUnavailable, SpendRecorder
-from sidecar.ledger.redis import RedisLedger, redact_url
 from sidecar.ledger.sqlite import MEMORY, SqliteLedger
+from sidecar.ledger.urls import parse_ledger_url, redact_url
+
+if TYPE_CHECKING:
+    from sidecar.ledger.redis import RedisLedger
 
 __all__ = [
     "Ledger",
@@ -27,32 +31,36 @@ __all__ = [
     "SpendRecorder",
     "SqliteLedger",
     "open_ledger",
+    "parse_ledger_url",
+    "redact_url",
 ]
 
-_SQLITE = "sqlite://"
+
+def __getattr__(name: str) -> Any:
+    # The Redis client is imported only when a Redis ledger is used: every config load
+    # (check, CLI edits) would otherwise pay for it.
+    if name == "RedisLedger":
+        from sidecar.ledger.redis import RedisLedger
+
+        return RedisLedger
+    raise AttributeError(name)
 
 
-def open_ledger(url: str, *, base_dir: Path) -> Ledger:
+def open_ledger(url: str, *, base_dir: Path, create: bool = True) -> Ledger:
     """The ledger a `ledger.url` names. Raises ValueError for an unusable URL.
 
+    `create=False` (readers such as `access-key list`) never creates a SQLite file.
     Error messages never contain a password from the URL.
     """
-    if url.startswith(_SQLITE):
-        rest = url[len(_SQLITE) :]
-        if rest == MEMORY:
-            return SqliteLedger(MEMORY)
-        if not rest.startswith("/") or rest == "/":
-            raise ValueError(
-                "ledger.url: expected sqlite:////abs/path.db, sqlite:///relative.db "
-                "or sqlite://:memory:"
-            )
-        path = rest[1:]
-        if not path:
-            raise ValueError("ledger.url: sqlite URL has no file path")
-        # Four slashes leave an absolute path; three, a path relative to base_dir.
-        return SqliteLedger(Path(path) if path.startswith("/") else base_dir / path)
-    scheme = url.partition("://")[0].lower()
-    if scheme in ("redis", "rediss"):
-        return RedisLedger(url)
-    shown = redact_url(url) if "://" in url else "<no scheme>"
-    raise ValueError(f"ledger.url: expected a sqlite:// or redis:// URL, got {shown}")
+    try:
+        kind, target = parse_ledger_url(url)
+    except ValueError as exc:
+        raise ValueError(f"ledger.url: {exc}") from None
+    if kind == "redis":
+        from sidecar.ledger.redis import RedisLedger
+
+        return RedisLedger(target)
+    if target == MEMORY:
+        return SqliteLedger(MEMORY)
+    path = Path(target) if target.startswith("/") else base_dir / target
+    return SqliteLedger(path, create=create)

@@ -10,7 +10,7 @@ it is kept out of `repr` and of every error message.
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -19,31 +19,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
 from sidecar.ledger.base import LedgerUnavailable
+from sidecar.ledger.urls import redact_url
 from sidecar.secret import Secret
 
 SPEND_KEY: Final = "sidecar:spend"
 # asyncio.TimeoutError is the builtin TimeoutError, an OSError.
 _ERRORS: Final = (RedisError, OSError)
-
-
-def redact_url(url: str) -> str:
-    """The URL with any password (userinfo or `password=` query) masked."""
-    try:
-        parts = urlsplit(url)
-        netloc = parts.netloc
-        if "@" in netloc:
-            userinfo, host = netloc.rsplit("@", 1)
-            user = userinfo.split(":", 1)[0]
-            netloc = f"{user}:***@{host}" if ":" in userinfo else f"{userinfo}@{host}"
-        query = parts.query
-        if query:
-            pairs = parse_qsl(query, keep_blank_values=True)
-            query = urlencode(
-                [(k, "***" if k.lower() == "password" else v) for k, v in pairs], safe="*"
-            )
-        return urlunsplit((parts.scheme, netloc, parts.path, query, parts.fragment))
-    except ValueError:
-        return "<unparsable redis url>"
 
 
 def _password(url: str) -> str | None:
