@@ -1,4 +1,4 @@
-"""Config file (SPEC §4): YAML → frozen, validated dataclasses.
+"""Config file (docs/reference.md#config-keys): YAML → frozen, validated dataclasses.
 
 Stage one of two: this module only parses and validates. Every problem is
 collected with its key path (`providers[2].base_url: expected an http(s)
@@ -18,6 +18,8 @@ from urllib.parse import urlsplit
 import yaml
 
 from sidecar.errors import ConfigError
+from sidecar.files import MAX_CONFIG_BYTES, read_regular_file
+from sidecar.ledger import parse_ledger_url
 from sidecar.names import NAME
 from sidecar.secret import Secret
 
@@ -142,6 +144,7 @@ class VaultSettings:
 @dataclass(frozen=True, slots=True)
 class Limits:
     max_body_bytes: int = 32 * 1024 * 1024
+    max_connections: int = 1024
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,6 +152,9 @@ class Timeouts:
     per_request: float = 60.0
     stream_idle: float = 60.0
     total: float = 300.0
+    client_header: float = 10.0
+    client_body: float = 60.0
+    keepalive: float = 60.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -484,10 +490,11 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
 
 
 def _ledger_url(v: object) -> str:
-    if not isinstance(v, str) or not v.startswith(("sqlite://", "redis://", "rediss://")):
+    if not isinstance(v, str):
         raise ValueError(
             "expected sqlite:///relative.db, sqlite:////absolute.db or redis://host:6379/0"
         )
+    parse_ledger_url(v)  # the parser `open_ledger` uses: what passes here also opens
     return v
 
 
@@ -513,16 +520,23 @@ def parse_config(data: object, path: Path) -> Config:
     pk = r.get(v, "private_key_file", "vault.private_key_file", _str, "sidecar.key")
     vault = VaultSettings(base / vault_path, base / pk)
 
-    lim = r.section(data, "limits", "limits", {"max_body_bytes"})
+    lim = r.section(data, "limits", "limits", {"max_body_bytes", "max_connections"})
     limits = Limits(
-        r.get(lim, "max_body_bytes", "limits.max_body_bytes", _pos_int, 32 * 1024 * 1024)
+        max_body_bytes=r.get(
+            lim, "max_body_bytes", "limits.max_body_bytes", _pos_int, 32 * 1024 * 1024
+        ),
+        max_connections=r.get(lim, "max_connections", "limits.max_connections", _pos_int, 1024),
     )
 
-    t = r.section(data, "timeouts", "timeouts", {"per_request", "stream_idle", "total"})
+    t = r.section(data, "timeouts", "timeouts", {"per_request", "stream_idle", "total",
+                  "client_header", "client_body", "keepalive"})  # fmt: skip
     timeouts = Timeouts(
         per_request=r.get(t, "per_request", "timeouts.per_request", _positive_duration, 60.0),
         stream_idle=r.get(t, "stream_idle", "timeouts.stream_idle", _positive_duration, 60.0),
         total=r.get(t, "total", "timeouts.total", _positive_duration, 300.0),
+        client_header=r.get(t, "client_header", "timeouts.client_header", _positive_duration, 10.0),
+        client_body=r.get(t, "client_body", "timeouts.client_body", _positive_duration, 60.0),
+        keepalive=r.get(t, "keepalive", "timeouts.keepalive", _positive_duration, 60.0),
     )
 
     f = r.section(data, "failover", "failover", {"max_attempts", "on_status", "cooldown"})
@@ -652,13 +666,21 @@ def parse_config(data: object, path: Path) -> Config:
 def load_config(path: Path) -> Config:
     """Read and validate a config file. Raises `ConfigError` (never a YAML/OS exception)."""
     path = Path(path).absolute()
+    return parse_config_text(read_config_text(path), path)
+
+
+def read_config_text(path: Path) -> str:
+    """A config file's text. Only a regular file of at most `MAX_CONFIG_BYTES` is read (a
+    FIFO or device at the path is refused at once instead of blocking); a problem reading
+    it is a `ConfigError` that names the path."""
     try:
-        text = path.read_text(encoding="utf-8")
+        return read_regular_file(path, limit=MAX_CONFIG_BYTES).decode("utf-8")
+    except FileNotFoundError:
+        raise ConfigError([f"cannot read file {path}: no such file"], str(path)) from None
     except OSError as exc:
-        raise ConfigError([f"cannot read file: {exc.strerror}"], str(path)) from None
+        raise ConfigError([f"cannot read file {path}: {exc.strerror}"], str(path)) from None
     except UnicodeDecodeError as exc:
         raise ConfigError([f"byte {exc.start}: not UTF-8 text"], str(path)) from None
-    return parse_config_text(text, path)
 
 
 def parse_config_text(text: str, path: Path) -> Config:

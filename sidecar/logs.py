@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import logging
 import sys
 import time
 from typing import IO, Any, Final
@@ -17,6 +18,9 @@ from typing import IO, Any, Final
 import orjson
 
 LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40}
+#: Longest operational log line; longer ones have their text fields cut.
+MAX_LINE: Final = 2048
+_FIELD_CUT: Final = 200
 
 
 @functools.lru_cache(maxsize=4)
@@ -42,10 +46,12 @@ class OpLog:
         """One JSON line; `always` lines (startup facts scripts wait for) ignore the level."""
         if LEVELS[level] < self.level and not always:
             return
-        line = orjson.dumps({"ts": _iso(time.time()), "level": level, "event": event, **fields},
-                            default=str)  # fmt: skip
+        record = {"ts": _iso(time.time()), "level": level, "event": event, **fields}
+        line = orjson.dumps(record, default=str)
+        if len(line) > MAX_LINE:
+            line = orjson.dumps(_cut(record), default=str)[:MAX_LINE]  # bounded, whatever it held
         stream = self._stream or sys.stderr
-        stream.write(line.decode() + "\n")
+        stream.write(line.decode(errors="replace") + "\n")
         stream.flush()
 
     def debug(self, event: str, **fields: Any) -> None:
@@ -59,6 +65,63 @@ class OpLog:
 
     def error(self, event: str, **fields: Any) -> None:
         self.log("error", event, **fields)
+
+
+def _cut(record: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in record.items():
+        if not isinstance(value, int | float | bool | None):
+            value = str(value)
+            if len(value) > _FIELD_CUT:
+                value = value[:_FIELD_CUT] + "…"
+        out[str(key)[:_FIELD_CUT]] = value
+    out["truncated"] = True
+    return out
+
+
+class _LibraryLogs(logging.Handler):
+    """Library log records (aiohttp, asyncio, ...) as operational-log JSON lines.
+
+    A record's arguments and exception text are dropped: aiohttp's messages for a
+    malformed request quote the raw request, access key included. What is kept:
+    the logger, the exception type, and for aiohttp (whose messages are fixed
+    templates like "Error handling request from %s") the unformatted template.
+    """
+
+    def __init__(self, oplog: OpLog) -> None:
+        super().__init__(logging.WARNING)
+        self._oplog = oplog
+
+    def emit(self, record: logging.LogRecord) -> None:
+        name = record.name
+        aiohttp = name == "aiohttp" or name.startswith("aiohttp.")
+        fields: dict[str, Any] = {"logger": name[:64]}
+        if aiohttp and isinstance(record.msg, str):
+            fields["message"] = record.msg[:_FIELD_CUT]
+        if record.exc_info and record.exc_info[0] is not None:
+            fields["error"] = record.exc_info[0].__name__
+        level = "error" if record.levelno >= logging.ERROR else "warning"
+        if name in ("aiohttp.server", "aiohttp.web"):
+            # A caller's malformed request or a handler failure; not the sidecar failing.
+            self._oplog.log("warning" if "error" in fields else level, "http_error", **fields)
+        else:
+            self._oplog.log(level, "library_log", **fields)
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        """Never print logging's own traceback (it would quote the record)."""
+
+
+def route_library_logs(oplog: OpLog) -> None:
+    """Send every library's `logging` records through `oplog` instead of raw stderr lines.
+
+    Call once per process (`sidecar serve`); it replaces the root logger's handlers.
+    """
+    root = logging.getLogger()
+    for handler in list(root.handlers):
+        root.removeHandler(handler)
+    root.addHandler(_LibraryLogs(oplog))
+    root.setLevel(logging.WARNING)
+    logging.captureWarnings(True)
 
 
 class AccessLog:

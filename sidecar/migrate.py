@@ -1,4 +1,4 @@
-"""`sidecar migrate`: move policy keys of built-in providers onto access keys (SPEC §6).
+"""`sidecar migrate`: move policy keys of built-in providers onto access keys (docs/migration.md).
 
 A policy key (`providers[].api_keys` of `openai` / `anthropic`) becomes an
 attached key of every access key named (all active ones by default), and the
@@ -36,9 +36,10 @@ from sidecar.config import (
     ProviderConfig,
     SecretRef,
     parse_config_text,
+    read_config_text,
 )
 from sidecar.crypto import Opener, Sealer, load_private_key
-from sidecar.errors import ConfigError, UserError, VaultError
+from sidecar.errors import UserError, VaultError
 from sidecar.files import atomic_write
 from sidecar.secret import Secret, fingerprint
 from sidecar.vault import (
@@ -71,7 +72,7 @@ def migrate(config_path: Path, access_keys: list[str]) -> list[str]:
     keys already attached are skipped, a finished migration changes nothing.
     """
     config_path = Path(config_path)
-    text = _read_text(config_path)
+    text = read_config_text(config_path.absolute())
     config = parse_config_text(text, config_path.absolute())
     lines: list[str] = []
     movable: list[_PolicyKeys] = []
@@ -122,15 +123,6 @@ def migrate(config_path: Path, access_keys: list[str]) -> list[str]:
         for m in movable
     ]
     return [*lines, f"saved the original config as {backup}"]
-
-
-def _read_text(path: Path) -> str:
-    try:
-        return path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError([f"cannot read file: {exc.strerror}"], str(path)) from None
-    except UnicodeDecodeError:
-        raise ConfigError(["not UTF-8 text"], str(path)) from None
 
 
 # --------------------------------------------------------------------------- planning
@@ -275,7 +267,7 @@ def _attach(
 
 def _replace_config(config_path: Path, old: str, new: str) -> Path:
     """Back up the config as `<config>.bak`, then replace it atomically. Returns the backup."""
-    if _read_text(config_path) != old:
+    if read_config_text(config_path.absolute()) != old:
         raise UserError(
             f"{config_path} changed while migrating; the vault is updated, run migrate again"
         )

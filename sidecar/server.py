@@ -1,15 +1,18 @@
 """Assembling and running the sidecar: two apps, their resources, and shutdown.
 
 Every resource has one `cleanup_ctx` entry (session, ledger, reload watcher,
-access-log flush). Shutdown follows a fixed order with a deadline (STYLE §6):
-not ready → stop accepting → drain in-flight requests and streams within
-`shutdown_grace` → cancel the rest → flush and close.
+access-log flush). Shutdown follows a fixed order with a deadline
+(docs/reference.md#shutdown): not ready → stop accepting → drain in-flight
+requests and streams within `shutdown_grace` → cut the rest → flush and close,
+all within the grace + 1 s. Callers' connections are guarded by
+`sidecar.connections`.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import resource
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
@@ -20,15 +23,25 @@ from aiohttp import web
 
 from sidecar.admin import build_admin_app
 from sidecar.billing import Billing
+from sidecar.connections import ConnectionLimits, GuardedRunner, GuardedServer, raise_fd_limit
 from sidecar.errors import UserError
 from sidecar.health import KeyHealth
-from sidecar.logs import AccessLog, OpLog
+from sidecar.inflight import INFLIGHT, InFlight
+from sidecar.logs import AccessLog, OpLog, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.reload import Reloader, load_with_signature
 from sidecar.state import STATE, State
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
+
+#: After the drain deadline: how long cut requests get to unwind (and account), and the
+#: shortest budget for flushing spend and closing; the exit stays within grace + 1 s.
+_UNWIND_S = 0.3
+_CLOSE_BUDGET_S = 0.6
+#: File descriptors kept for everything but proxy connections (admin, upstream, files).
+_FD_RESERVE = 256
+
 
 
 def build_state(
@@ -121,6 +134,9 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     app = web.Application(client_max_size=1 << 62)  # the handler bounds bodies itself
     app[STATE] = state
     app[_RELOADER] = Reloader(config_path, state)
+    inflight = app[INFLIGHT] = InFlight()
+    app.middlewares.append(inflight.middleware)
+    app.on_response_prepare.append(inflight.on_prepare)
     proxy = Proxy(state)
     r = app.router
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
@@ -128,6 +144,8 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
         r.add_post(path, proxy.anthropic)
     r.add_get("/v1/models", proxy.models)
+    for root in ("/", "/{provider}"):  # probes of the base URL (GET also answers HEAD)
+        r.add_get(root, proxy.root)
     r.add_route("*", "/v1/{tail:.*}", proxy.not_found)
     r.add_route("*", "/{provider}/{tail:.*}", proxy.explicit)
     r.add_route("*", "/{tail:.*}", proxy.not_found)
@@ -144,16 +162,56 @@ class Running:
     admin_port: int
 
     async def stop(self) -> None:
-        """Drain and stop: readyz 503 at once, proxy closes, in-flight work gets the grace period."""
-        self.state.draining = True
-        self.state.oplog.info("draining", grace_s=self.state.runtime.config.shutdown_grace)
-        await self.proxy_runner.cleanup()
+        """Drain and stop within `shutdown_grace` (+ at most a second to flush and close).
+
+        /readyz answers 503 at once and the proxy port stops accepting; in-flight
+        requests and streams get the grace period, then whatever still runs is cut
+        (streams end without their terminator, as broken streams do), spend is
+        flushed and everything closes. aiohttp's own drain is not used for the
+        deadline: it waits up to its timeout twice.
+        """
+        state = self.state
+        loop = asyncio.get_running_loop()
+        grace = state.runtime.config.shutdown_grace
+        deadline = loop.time() + grace
+        state.draining = True
+        state.oplog.info("draining", grace_s=grace)
+        for site in list(self.proxy_runner.sites):
+            await site.stop()
+        server = self.proxy_runner.server
+        if server is not None:
+            server.pre_shutdown()  # idle kept-alive connections close now
+        inflight = self.proxy_runner.app[INFLIGHT]
+        if not await inflight.wait_idle(deadline - loop.time()):
+            cut = inflight.cut(state)
+            state.oplog.warning("drain_deadline", grace_s=grace, cut=cut)
+            await inflight.wait_idle(_UNWIND_S)  # cancelled handlers account for what they used
+        if isinstance(server, GuardedServer):
+            server.report_refusals()
+        budget = max(_CLOSE_BUDGET_S, deadline + 1.0 - _UNWIND_S - loop.time())
+        try:
+            async with asyncio.timeout(budget):
+                await state.billing.flush()
+                await self.proxy_runner.cleanup()  # its cleanup_ctx closes the ledger
+        except TimeoutError:
+            state.oplog.error("shutdown_incomplete", budget_s=round(budget, 3))
         await self.admin_runner.cleanup()
-        self.state.oplog.info("stopped")
+        state.oplog.info("stopped")
 
 
 def _bound_port(runner: web.AppRunner) -> int:
     return int(runner.addresses[0][1])
+
+
+def _proxy_limits(state: State) -> ConnectionLimits:
+    cfg = state.runtime.config
+    t = cfg.timeouts
+    return ConnectionLimits(t.client_header, t.client_body, t.keepalive, cfg.limits.max_connections)
+
+
+def _admin_limits(state: State) -> ConnectionLimits:
+    t = state.runtime.config.timeouts
+    return ConnectionLimits(t.client_header, t.client_body, t.keepalive, None)
 
 
 async def start(
@@ -162,11 +220,14 @@ async def start(
     """Load, bind both ports (port 0 picks a free one) and serve; `Running.stop()` drains."""
     state = build_state(config_path, oplog=oplog, access_log=access_log)
     cfg = state.runtime.config
-    proxy_runner = web.AppRunner(build_proxy_app(state, config_path), handler_cancellation=True,
-                                 shutdown_timeout=cfg.shutdown_grace, access_log=None, handle_signals=False)  # fmt: skip
-    admin_runner = web.AppRunner(
-        build_admin_app(state), access_log=None, shutdown_timeout=1.0, handle_signals=False
-    )
+    # auto_decompress=False: the handler decodes request bodies itself, bounded (inbound.decode_body).
+    # shutdown_timeout: `Running.stop` drains with its own deadline first; this only bounds
+    # aiohttp's wait for handlers that were already cut.
+    proxy_runner = GuardedRunner(build_proxy_app(state, config_path), lambda: _proxy_limits(state),
+                                  state.oplog, handler_cancellation=True, shutdown_timeout=_UNWIND_S,
+                                  access_log=None, handle_signals=False, auto_decompress=False)  # fmt: skip
+    admin_runner = GuardedRunner(build_admin_app(state), lambda: _admin_limits(state), state.oplog,
+                                  access_log=None, shutdown_timeout=_UNWIND_S, handle_signals=False)  # fmt: skip
     await admin_runner.setup()
     await proxy_runner.setup()
     try:
@@ -186,7 +247,16 @@ async def start(
     state.ready = True
     state.oplog.log("info", "listening", always=True, proxy=f"{cfg.listen.host}:{running.proxy_port}",
                      admin=f"{cfg.admin_listen.host}:{running.admin_port}")  # fmt: skip
+    _check_fd_limit(state)
     return running
+
+
+def _check_fd_limit(state: State) -> None:
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    needed = 2 * state.runtime.config.limits.max_connections + _FD_RESERVE  # caller + upstream
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        state.oplog.warning("fd_limit_low", nofile=soft, needed=needed,
+                            hint="raise `ulimit -n` or lower limits.max_connections")  # fmt: skip
 
 
 async def run(config_path: Path) -> None:
@@ -197,7 +267,10 @@ async def run(config_path: Path) -> None:
         signal.SIGINT,
     ):  # before the first load: a SIGTERM then still exits 0
         loop.add_signal_handler(sig, stop.set)
-    running = await start(config_path)
+    oplog = OpLog()
+    route_library_logs(oplog)  # aiohttp's and asyncio's own log lines: JSON, no raw request bytes
+    raise_fd_limit()
+    running = await start(config_path, oplog=oplog)
     await stop.wait()
     await running.stop()
 

@@ -1,7 +1,8 @@
-"""Config file (SPEC §4): defaults, durations, providers, and every problem at once with its path."""
+"""Config file (docs/reference.md#config-keys): defaults, durations, providers, and every problem at once with its path."""
 
 from __future__ import annotations
 
+import os
 import textwrap
 from pathlib import Path
 
@@ -565,3 +566,112 @@ providers:
     assert any(p.startswith("timeouts.per_request: expected a duration above 0") for p in problems)
     assert any(p.startswith("timeouts.total: expected a duration above 0") for p in problems)
     assert not any("x-team" in p for p in problems)  # a plain header value is fine
+
+
+# --------------------------------------------------------------------------- server hardening (#10)
+
+
+def test_connection_limits_and_client_timeouts_have_defaults() -> None:
+    c = parse("")
+    assert c.limits.max_connections == 1024
+    assert (c.timeouts.client_header, c.timeouts.client_body, c.timeouts.keepalive) == (
+        10.0,
+        60.0,
+        60.0,
+    )
+
+
+def test_connection_limits_and_client_timeouts_parse() -> None:
+    c = parse(
+        """
+        limits: {max_connections: 100}
+        timeouts: {client_header: 500ms, client_body: 2s, keepalive: 1m}
+        """
+    )
+    assert c.limits.max_connections == 100
+    assert c.limits.max_body_bytes == 33554432
+    assert (c.timeouts.client_header, c.timeouts.client_body, c.timeouts.keepalive) == (
+        0.5,
+        2.0,
+        60.0,
+    )
+
+
+@pytest.mark.parametrize(
+    ("yaml_text", "expected"),
+    [
+        ("limits: {max_connections: 0}", "limits.max_connections: expected a positive integer"),
+        ("limits: {max_connections: true}", "limits.max_connections: expected a positive integer"),
+        ("timeouts: {client_header: 0}", "timeouts.client_header: expected a duration above 0"),
+        ("timeouts: {client_body: soon}", "timeouts.client_body: expected a duration"),
+        ("timeouts: {keepalive: -1}", "timeouts.keepalive: expected a non-negative duration"),
+    ],
+)
+def test_connection_limits_and_client_timeouts_are_validated(yaml_text: str, expected: str) -> None:
+    found = problems(yaml_text)
+    assert any(p.startswith(expected) for p in found), found
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "sqlite://ledger.db",  # two slashes: neither relative (3) nor absolute (4)
+        "sqlite://",
+        "sqlite:///",
+        "redis://:hunter2@127.0.0.1:port/0",
+        "redis://127.0.0.1:6379/zero",
+        "postgres://user:hunter2@db/x",
+    ],
+)
+def test_ledger_url_is_checked_by_the_parser_that_opens_it(url: str, tmp_path: Path) -> None:
+    """What passes config validation (and so `sidecar check`) must also open at `serve`."""
+    from sidecar.ledger import open_ledger
+
+    found = problems(f'ledger: {{url: "{url}"}}')
+    (problem,) = [p for p in found if p.startswith("ledger.url: ")]
+    with pytest.raises(ValueError, match=r"^ledger\.url: ") as opened:
+        open_ledger(url, base_dir=tmp_path)
+    assert problem == str(opened.value)  # one validation, one message
+    assert "hunter2" not in problem
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["sqlite:///ledger.db", "sqlite:////var/lib/x.db", "sqlite://:memory:", "redis://h:6379/0"],
+)
+def test_ledger_urls_that_open_pass_validation(url: str) -> None:
+    assert parse(f'ledger: {{url: "{url}"}}').ledger.url == url
+
+
+def test_check_refuses_a_two_slash_sqlite_ledger_url(tmp_path: Path) -> None:
+    """`sidecar check` reports the URL that would crash `serve`, with its key path."""
+    import subprocess
+    import sys
+
+    config = tmp_path / "sidecar.yaml"
+    config.write_text('ledger: {url: "sqlite://ledger.db"}\n')
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", str(config)],
+                          capture_output=True, text=True, cwd=root, timeout=30, check=False)  # fmt: skip
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert "ledger.url" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_missing_config_file_is_named(tmp_path: Path) -> None:
+    """`sidecar check --config nosuch.yaml` says which file is missing, not just that one is."""
+    import subprocess
+    import sys
+
+    missing = tmp_path / "nosuch.yaml"
+    with pytest.raises(ConfigError) as info:
+        load_config(missing)
+    assert str(missing) in str(info.value)
+    assert "no such file" in str(info.value).lower()
+    root = Path(__file__).resolve().parents[1]
+    done = subprocess.run([sys.executable, "-m", "sidecar", "check", "--config", "nosuch.yaml"],
+                          capture_output=True, text=True, cwd=tmp_path, timeout=30, check=False,
+                          env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert done.returncode == 1
+    assert "nosuch.yaml" in done.stderr
+    assert "no such file" in done.stderr.lower()

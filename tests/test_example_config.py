@@ -25,3 +25,15 @@ def test_every_config_key_is_in_the_readme_and_the_example() -> None:
     for key in sorted(_TOP_KEYS | _PROVIDER_KEYS):
         assert re.search(rf"`[^`]*\b{key}\b", readme), f"{key} missing from the README"
         assert re.search(rf"\b{key}:", example), f"{key} missing from config/sidecar.yaml"
+
+
+def test_example_config_documents_connection_limits_and_client_timeouts() -> None:
+    """The example shows each hardening key (#10) with its default value."""
+    from sidecar.config import Limits, Timeouts
+
+    cfg = load_config(ROOT / "config" / "sidecar.yaml")
+    example = (ROOT / "config" / "sidecar.yaml").read_text()
+    assert cfg.limits == Limits()
+    assert cfg.timeouts == Timeouts()
+    for key in ("max_connections", "client_header", "client_body", "keepalive"):
+        assert re.search(rf"^\s+{key}: \S+\s+# \w", example, re.M), f"{key} undocumented"

@@ -1,4 +1,4 @@
-"""SIGTERM drain (SPEC §8) on a real `sidecar serve` process."""
+"""SIGTERM drain (docs/reference.md#shutdown) on a real `sidecar serve` process."""
 
 from __future__ import annotations
 
@@ -98,3 +98,82 @@ async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0(
     finally:
         if p.proc.poll() is None:
             p.proc.kill()
+
+
+async def test_sigterm_exits_within_the_grace_cutting_open_streams_and_keeping_their_spend(
+    env: Env, tmp_path: Path
+) -> None:
+    """#10: the drain took twice `shutdown_grace`. Exit within grace + 1 s (a little slack
+    here for a loaded test machine); the stream still open at the deadline ends as a broken
+    stream does, is counted as interrupted by `shutdown`, and its spend is in the ledger."""
+    import sqlite3
+    import time
+
+    grace = 3.0
+    managed = env.secret("managed", "openai-1", "sk-managed-stall-10000")  # 10 s between chunks
+    env.write_config(
+        f"shutdown_grace: {grace}s\nlog: {{level: info}}\n"
+        "providers:\n  - id: openai\n    base_url: UPSTREAM\n"
+        f'managed:\n  openai: [{{id: pool-1, value: "{managed}"}}]\n'
+        'ledger: {url: "sqlite:///ledger.db"}\n'
+        "prices: {gpt-4o-mini: {input: 1000000, output: 2000000}}\n"
+    )
+    token = env.access_key("app", credits=1000.0)
+    p = await asyncio.to_thread(spawn_sidecar, env.config, tmp_path / "out.log")
+    base = f"http://127.0.0.1:{p.proxy_port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            resp = await http.post(base + "/v1/chat/completions", json=CHAT,
+                                   headers={"authorization": f"Bearer {token}"})  # fmt: skip
+            assert resp.status == 200
+            assert (await resp.content.readany()).startswith(b"data:")
+            signalled = time.monotonic()
+            p.proc.send_signal(signal.SIGTERM)
+            with pytest.raises(aiohttp.ClientPayloadError):
+                await resp.content.read()  # cut at the deadline: no terminator
+            resp.release()
+        assert await _wait_exit(p, within=grace + 10) == 0
+        took = time.monotonic() - signalled
+        assert took < grace + 1.5, f"exit {took:.1f}s after SIGTERM with a {grace}s grace"
+        cut = [r for r in p.lines() if r.get("event") == "stream_interrupted"]
+        assert [(r.get("provider"), r.get("cause")) for r in cut] == [("openai", "shutdown")]
+        conn = sqlite3.connect(f"file:{env.dir / 'ledger.db'}?mode=ro", uri=True)
+        try:
+            query = "SELECT micro_usd FROM spend WHERE access_key = ?"
+            row = conn.execute(query, ("app",)).fetchone()
+        finally:
+            conn.close()
+        assert row is not None, "the cut stream's spend was not flushed at exit"
+        assert row[0] > 0
+    finally:
+        if p.proc.poll() is None:
+            p.proc.kill()
+
+
+async def test_a_stream_cut_at_the_deadline_counts_as_interrupted_by_shutdown(env: Env) -> None:
+    """In process, to read the metric: `sidecar_stream_interruptions_total{cause="shutdown"}`."""
+    from prometheus_client import generate_latest
+
+    from tests.harness import metric_value
+
+    ref = env.secret("openai", "k1", "sk-cut-stall-10000")
+    env.write_config(
+        "shutdown_grace: 500ms\nproviders:\n  - id: openai\n    base_url: UPSTREAM\n"
+        f'    api_keys: [{{id: k1, value: "{ref}"}}]\n'
+    )
+    token = env.access_key("app")
+    sc = await env.start()
+    async with aiohttp.ClientSession() as http:
+        resp = await http.post(sc.url + "/v1/chat/completions", json=CHAT,
+                               headers={"authorization": f"Bearer {token}"})  # fmt: skip
+        assert resp.status == 200
+        await resp.content.readany()
+        stopping = asyncio.create_task(sc.stop())
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await resp.content.read()
+        resp.release()
+        async with asyncio.timeout(5):
+            await stopping
+    text = generate_latest(sc.running.state.metrics.registry).decode()
+    name = "sidecar_stream_interruptions_total"
+    assert metric_value(text, name, provider="openai", cause="shutdown") == 1
