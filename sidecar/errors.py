@@ -1,6 +1,6 @@
 """The sidecar's error family.
 
-`ErrorCode` maps each wire code of SPEC §3 to its HTTP status. `ProxyError`
+`ErrorCode` maps each wire code (docs/reference.md#errors) to its HTTP status. `ProxyError`
 is what the request path raises; the handler turns it into a response in the
 route's format. Configuration, vault and CLI problems have their own types.
 Messages never contain secret values: callers pass names, ids and paths only.
@@ -17,12 +17,15 @@ class ErrorCode(enum.Enum):
     MODEL_MISSING = (400, "model_missing", "invalid_request_error")
     MODEL_UNKNOWN = (400, "model_unknown", "invalid_request_error")
     NO_PROVIDER_KEY = (400, "no_provider_key", "invalid_request_error")
+    INVALID_REQUEST = (400, "invalid_request", "invalid_request_error")
     ACCESS_KEY_INVALID = (401, "access_key_invalid", "authentication_error")
     CREDITS_EXHAUSTED = (402, "credits_exhausted", "billing_error")
     PROVIDER_NOT_ALLOWED = (403, "provider_not_allowed", "permission_error")
     MODEL_NOT_ALLOWED = (403, "model_not_allowed", "permission_error")
     ROUTE_NOT_FOUND = (404, "route_not_found", "not_found_error")
+    REQUEST_TIMEOUT = (408, "request_timeout", "timeout_error")
     REQUEST_TOO_LARGE = (413, "request_too_large", "request_too_large")
+    UNSUPPORTED_MEDIA = (415, "unsupported_media", "invalid_request_error")
     ALL_KEYS_COOLING_DOWN = (429, "all_keys_cooling_down", "rate_limit_error")
     UPSTREAM_UNAVAILABLE = (502, "upstream_unavailable", "api_error")
     LEDGER_UNAVAILABLE = (503, "ledger_unavailable", "api_error")
@@ -36,7 +39,7 @@ class ErrorCode(enum.Enum):
     @property
     def retryable(self) -> bool:
         """Whether an SDK retry could help; `x-should-retry: false` otherwise."""
-        return self.status not in (400, 401, 402, 403, 404, 413)
+        return self.status not in (400, 401, 402, 403, 404, 413, 415)
 
 
 class ProxyError(Exception):

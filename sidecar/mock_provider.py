@@ -2,10 +2,10 @@
 
 For demos, the sidecar's own tests and users' CI. It answers the OpenAI
 routes (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
-`/v1/responses`, `GET /v1/models`; `Authorization: Bearer K`) and the
-Anthropic routes (`/v1/messages`, `/v1/messages/count_tokens`; `x-api-key: K`
-or Bearer) with deterministic bodies in the real wire shapes, streams
-included.
+`/v1/responses`, `GET /v1/models`; `Authorization: Bearer K` or Azure's
+`api-key: K`) and the Anthropic routes (`/v1/messages`,
+`/v1/messages/count_tokens`; `x-api-key: K` or Bearer) with deterministic
+bodies in the real wire shapes, streams included.
 
 Misbehaviour is provoked by directives inside the provider key or the
 request's `model`, each bounded by start/end or one of `-_:`
@@ -19,16 +19,34 @@ request's `model`, each bounded by start/end or one of `-_:`
 - `stall-N`: N ms between stream chunks.
 - `break`: a stream sends two content chunks, then the connection is closed
   with no terminator.
+- `hold-N`: a JSON answer sends its headers at once and its body N ms later
+  (a stalled body; the wait ends early if the caller hangs up).
+- `huge-N`: a JSON answer carries N MiB of leading whitespace before the
+  usual object (so it still parses to the same answer); it is generated in
+  1 MiB chunks as it is sent, never held whole.
+- `bomb-N`: the same answer, `Content-Encoding: gzip`, decoding to N MiB of
+  whitespace plus the object (a decompression bomb: ~1 KiB per MiB sent).
+- `leaky`: a 401/403 from `fail-401`/`fail-403` uses the provider's own wording,
+  which names a masked fragment of the key sent, as OpenAI's does
+  (`Incorrect API key provided: sk-proj-********************ab12. ...`).
+
+`huge`, `bomb` and `hold` apply to successful JSON answers (not to streams).
 
 Token counts are whitespace-separated words: input is every word of the
 prompt (message contents, text parts, `system`, `instructions`; at least 1),
 output the words of the reply, "Hello from the mock provider." truncated to
 `max_tokens`.
 
-Test hooks: every `/v1/*` request is kept in a bounded log (the last 1000):
-`GET /_mock/requests` returns `{"requests": [{method, path, query, headers,
-body, key}]}` with header names lower-cased, `DELETE /_mock/requests` clears
-it, `GET /_mock/health` answers 200.
+Request bodies are any valid JSON (lone surrogate escapes and integers wider
+than 64 bits included), plain or gzip/deflate-encoded; a body that is not what
+its `Content-Encoding` says gets a 400.
+
+Test hooks: every request outside `/_mock/` is kept in a bounded log (the last
+1000), unknown paths included (they answer 404 `unknown_url`):
+`GET /_mock/requests` returns `{"requests": [{method, path, raw_path, query,
+headers, body, key}]}` with header names lower-cased (`path` decoded,
+`raw_path` as sent, query string included; `body` null when not JSON),
+`DELETE /_mock/requests` clears it, `GET /_mock/health` answers 200.
 """
 
 from __future__ import annotations
@@ -38,18 +56,30 @@ import base64
 import enum
 import functools
 import hashlib
+import itertools
+import json
 import re
 import struct
 import time
+import zlib
 from collections import deque
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import orjson
 from aiohttp import web
+from aiohttp.web_protocol import RequestPayloadError
 
-__all__ = ["DEFAULT_LISTEN", "Directives", "create_app", "parse_directives", "run"]
+__all__ = [
+    "DEFAULT_LISTEN",
+    "Directives",
+    "create_app",
+    "gzip_padded",
+    "masked_key",
+    "parse_directives",
+    "run",
+]
 
 DEFAULT_LISTEN = "127.0.0.1:8089"
 
@@ -76,8 +106,11 @@ _MODELS_BODY = orjson.dumps(
     }
 )
 _DIRECTIVE_RE = re.compile(
-    r"(?:^|[-_:])(fail-(\d{3}|quota)(?:-retry-(\d+))?|drop|break|slow-(\d+)|stall-(\d+))(?=$|[-_:])"
+    r"(?:^|[-_:])(fail-(\d{3}|quota)(?:-retry-(\d+))?|drop|break|leaky"
+    r"|(slow|stall|hold|huge|bomb)-(\d+))(?=$|[-_:])"
 )
+_MIB = 1 << 20
+_SPACES = b" " * _MIB  # one padding chunk, shared by every padded answer
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
 _INVALID = object()
@@ -99,6 +132,15 @@ class Directives:
     brk: bool = False
     slow_ms: int = 0
     stall_ms: int = 0
+    hold_ms: int = 0
+    huge_mib: int = 0
+    bomb_mib: int = 0
+    leaky: bool = False
+
+    @property
+    def shapes_body(self) -> bool:
+        """Whether a successful JSON answer is sent other than in one piece."""
+        return bool(self.hold_ms or self.huge_mib or self.bomb_mib)
 
 
 _NONE = Directives()
@@ -111,11 +153,11 @@ def parse_directives(text: str) -> Directives:
     The first `fail-*` wins; an out-of-range `fail-NNN` is ignored.
     """
     fail: int | None = None
-    quota = drop = brk = False
+    quota = drop = brk = leaky = False
     retry: int | None = None
-    slow = stall = 0
+    amounts = {"slow": 0, "stall": 0, "hold": 0, "huge": 0, "bomb": 0}
     for m in _DIRECTIVE_RE.finditer(text):
-        word, code, retry_s, slow_s, stall_s = m.groups()
+        word, code, retry_s, name, amount = m.groups()
         if code is not None:
             if fail is not None:
                 continue
@@ -126,17 +168,20 @@ def parse_directives(text: str) -> Directives:
             else:
                 continue
             retry = int(retry_s) if retry_s is not None else None
-        elif slow_s is not None:
-            slow = int(slow_s)
-        elif stall_s is not None:
-            stall = int(stall_s)
+        elif name is not None:
+            amounts[name] = int(amount)
         elif word == "drop":
             drop = True
+        elif word == "leaky":
+            leaky = True
         else:
             brk = True
-    if fail is None and not (drop or brk or slow or stall):
+    if fail is None and not (drop or brk or leaky or any(amounts.values())):
         return _NONE
-    return Directives(fail, quota, retry, drop, brk, slow, stall)
+    return Directives(
+        fail, quota, retry, drop, brk, amounts["slow"], amounts["stall"],
+        amounts["hold"], amounts["huge"], amounts["bomb"], leaky,
+    )  # fmt: skip
 
 
 class _State:
@@ -175,7 +220,7 @@ _Responder = Callable[[_Call], Awaitable[web.StreamResponse]]
 
 def _json(obj: object, status: int = 200, headers: dict[str, str] | None = None) -> web.Response:
     return web.Response(
-        body=orjson.dumps(obj), status=status, headers=headers, content_type="application/json"
+        body=_dumps(obj), status=status, headers=headers, content_type="application/json"
     )
 
 
@@ -230,7 +275,27 @@ def _error(
     return _json(body, status, headers)
 
 
-def _failure(fmt: _Format, d: Directives, status: int) -> web.Response:
+def masked_key(key: str) -> str:
+    """A key as OpenAI's 401 names it: its prefix, stars, its last four characters."""
+    prefix = "sk-proj-" if key.startswith("sk-proj-") else key[:3]
+    return f"{prefix}{'*' * 20}{key[-4:]}"
+
+
+def _leaky_auth_error(fmt: _Format, status: int, key: str) -> web.Response:
+    """A 401/403 in the provider's own wording, naming a masked fragment of the key."""
+    if fmt is _Format.ANTHROPIC:
+        message = f"invalid x-api-key: {masked_key(key)}"
+        return _error(fmt, status, message)
+    message = (f"Incorrect API key provided: {masked_key(key)}. You can find your API key "
+               "at https://platform.openai.com/account/api-keys.")  # fmt: skip
+    body = {"error": {"message": message, "type": "invalid_request_error",
+                      "code": "invalid_api_key", "param": None}}  # fmt: skip
+    return _json(body, status)
+
+
+def _failure(fmt: _Format, d: Directives, status: int, key: str) -> web.Response:
+    if d.leaky and status in (401, 403):
+        return _leaky_auth_error(fmt, status, key)
     headers = None
     if d.retry_after is not None or (status == 429 and not d.quota):
         headers = {"retry-after": str(d.retry_after if d.retry_after is not None else 1)}
@@ -253,6 +318,82 @@ def _sse(event: str | None, data: object) -> bytes:
     if event is None:
         return b"data: " + orjson.dumps(data) + b"\n\n"
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _gone(request: web.Request) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()
+
+
+async def _pause(request: web.Request, seconds: float) -> None:
+    """Sleep, ending early when the peer hangs up (handlers are not cancelled then)."""
+    end = time.monotonic() + seconds
+    while not _gone(request):
+        left = end - time.monotonic()
+        if left <= 0:
+            return
+        await asyncio.sleep(min(left, 0.05))
+
+
+@functools.lru_cache(maxsize=1)
+def _deflated_spaces() -> bytes:
+    """1 MiB of spaces as raw deflate ending in a full flush, so copies concatenate."""
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return c.compress(_SPACES) + c.flush(zlib.Z_FULL_FLUSH)
+
+
+@functools.lru_cache(maxsize=16)
+def _spaces_crc(mib: int) -> int:
+    crc = 0
+    for _ in range(mib):
+        crc = zlib.crc32(_SPACES, crc)
+    return crc
+
+
+def gzip_padded(mib: int, tail: bytes) -> Iterator[bytes]:
+    """A gzip member decoding to `mib` MiB of spaces then `tail`, made lazily (~1 KiB per MiB).
+
+    Leading whitespace keeps a JSON `tail` valid JSON: the same document, padded.
+    """
+    yield b"\x1f\x8b\x08\x00\x00\x00\x00\x00\x02\xff"  # magic, deflate, no flags, mtime 0, OS unknown
+    unit = _deflated_spaces()
+    for _ in range(mib):
+        yield unit
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    yield c.compress(tail) + c.flush()
+    crc = zlib.crc32(tail, _spaces_crc(mib))
+    yield struct.pack("<II", crc, (mib * _MIB + len(tail)) & 0xFFFFFFFF)
+
+
+def _gzip_size(mib: int, tail: bytes) -> int:
+    c = zlib.compressobj(9, zlib.DEFLATED, -15)
+    return 10 + mib * len(_deflated_spaces()) + len(c.compress(tail) + c.flush()) + 8
+
+
+async def _shaped(request: web.Request, d: Directives, answer: web.Response) -> web.StreamResponse:
+    """A JSON answer sent as `hold`, `huge` and `bomb` say, generated while it is written."""
+    body = answer.body
+    if not isinstance(body, bytes):  # every JSON answer here is built from bytes
+        return answer
+    resp = web.StreamResponse(status=answer.status, headers=answer.headers)
+    if d.bomb_mib:
+        resp.headers["content-encoding"] = "gzip"
+        resp.content_length = _gzip_size(d.bomb_mib, body)
+    else:
+        resp.content_length = d.huge_mib * _MIB + len(body)
+    await resp.prepare(request)
+    if d.hold_ms:
+        await _pause(request, d.hold_ms / 1000)
+    if d.bomb_mib:
+        pieces: Iterable[bytes] = gzip_padded(d.bomb_mib, body)
+    else:
+        pieces = itertools.chain(itertools.repeat(_SPACES, d.huge_mib), (body,))
+    for piece in pieces:
+        if _gone(request):
+            return resp
+        await resp.write(piece)
+    await resp.write_eof()
+    return resp
 
 
 async def _stream(call: _Call, frames: Sequence[bytes], break_after: int) -> web.StreamResponse:
@@ -309,16 +450,29 @@ def _credential(request: web.Request, fmt: _Format) -> tuple[str | None, str | N
     api_key = request.headers.get("x-api-key") or None
     if fmt is _Format.ANTHROPIC:
         return api_key or bearer, api_key or bearer
-    return bearer, bearer or api_key
+    azure = request.headers.get("api-key") or None  # Azure OpenAI's header
+    return bearer or azure, bearer or azure or api_key
 
 
 def _parse_body(raw: bytes) -> object:
+    """JSON, with the standard parser for what orjson refuses (lone surrogates, big integers)."""
     if not raw:
         return None
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(raw)
+    except (ValueError, RecursionError):
         return _INVALID
+
+
+def _dumps(obj: object) -> bytes:
+    try:
+        return orjson.dumps(obj)
+    except TypeError:  # a lone surrogate or an integer wider than 64 bits: still valid JSON
+        return json.dumps(obj).encode()
 
 
 def _record(request: web.Request, body: object, key: str | None) -> None:
@@ -326,6 +480,7 @@ def _record(request: web.Request, body: object, key: str | None) -> None:
         {
             "method": request.method,
             "path": request.path,
+            "raw_path": request.raw_path,
             "query": dict(request.query),
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "body": None if body is _INVALID else body,
@@ -340,7 +495,11 @@ def _endpoint(
     """Wrap a responder with what every route does: log, auth, body, directives."""
 
     async def handler(request: web.Request) -> web.StreamResponse:
-        body = _parse_body(await request.read()) if request.body_exists else None
+        try:
+            body = _parse_body(await request.read()) if request.body_exists else None
+        except RequestPayloadError:  # not what its Content-Encoding says
+            _record(request, _INVALID, _credential(request, fmt)[1])
+            return _error(fmt, 400, "The request body could not be decoded.")
         key, sent = _credential(request, fmt)
         _record(request, body, sent)
         if key is None:
@@ -361,9 +520,12 @@ def _endpoint(
             if d.drop:
                 return _drop(request)
             if d.fail is not None:
-                return _failure(fmt, d, d.fail)
+                return _failure(fmt, d, d.fail, key)
         n = request.app[_STATE].next_id()
-        return await responder(_Call(request, fields, model, d, n))
+        answer = await responder(_Call(request, fields, model, d, n))
+        if d.shapes_body and type(answer) is web.Response and answer.status < 300:
+            return await _shaped(request, d, answer)
+        return answer
 
     return handler
 
@@ -634,7 +796,10 @@ async def _count_tokens(call: _Call) -> web.StreamResponse:
 
 
 async def _unknown_route(request: web.Request) -> web.StreamResponse:
-    body = _parse_body(await request.read()) if request.body_exists else None
+    try:
+        body = _parse_body(await request.read()) if request.body_exists else None
+    except RequestPayloadError:
+        body = _INVALID
     _record(request, body, _credential(request, _Format.OPENAI)[1])
     message = f"Invalid URL ({request.method} {request.path})"
     return _error(_Format.OPENAI, 404, message, code="unknown_url")
@@ -671,6 +836,7 @@ def create_app() -> web.Application:
     app.router.add_get("/_mock/requests", _log_get, allow_head=False)
     app.router.add_delete("/_mock/requests", _log_clear)
     app.router.add_get("/_mock/health", _health)
+    app.router.add_route("*", "/{tail:.*}", _unknown_route)  # logged too: where requests went
     return app
 
 

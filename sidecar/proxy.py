@@ -11,12 +11,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import os
 import time
-from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any, Final
-from urllib.parse import unquote
 
 import aiohttp
 import orjson
@@ -24,6 +21,7 @@ from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
+from sidecar import inbound
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
 from sidecar.keys import KeySource
@@ -31,21 +29,32 @@ from sidecar.models import ResolvedModel
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
 from sidecar.providers import Adapter, adapter_for, auth_header
 from sidecar.runtime import AccessKey, Runtime
-from sidecar.secret import SENSITIVE_HEADERS, Secret
+from sidecar.secret import SENSITIVE_HEADERS, Secret, mask_key_fragments
 from sidecar.state import State
-from sidecar.usage import Usage
+from sidecar.upstream_url import explicit_tail, upstream_url
+from sidecar.usage import Usage, usage_from_tail
 from sidecar.vault import hash_access_key
 
 HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
      "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
 )  # fmt: skip
-#: Request headers never forwarded: hop-by-hop, credentials, and encodings aiohttp negotiates itself.
-_DROP_REQUEST: Final = HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "expect"}
+#: Request headers never forwarded: hop-by-hop, credentials, and encodings aiohttp negotiates
+#: itself; the body goes out decoded (`inbound.decode_body`), so never under its old encoding.
+_DROP_REQUEST: Final = (
+    HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "expect", "content-encoding"}
+)
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 _FAILED_BODY_LIMIT: Final = 1 << 20
-#: Timeouts (SPEC §3): `per_request` is the attempt's own timer (connect, send, headers).
+#: A successful JSON answer is read whole (for metering, and so a body that breaks can
+#: still fail over) up to this size; a larger one is relayed as it arrives.
+_READ_WHOLE_LIMIT: Final = 8 << 20
+#: How much of the end of an answer relayed unread is kept to find its `usage`.
+_USAGE_TAIL: Final = 64 << 10
+#: The sidecar's own answer to `GET`/`HEAD /` (coding agents probe it on start).
+_ROOT_BODY: Final = b'{"status":"ok","service":"ai-gateway-sidecar"}'
+#: Timeouts (docs/reference.md#timeouts): `per_request` is the attempt's own timer (connect, send, headers).
 #: `stream_idle` bounds each gap after that: by aiohttp's per-read timer when it cannot
 #: fire before the attempt's timer (`per_request <= stream_idle`, the default), else by
 #: an idle timer in the relay.
@@ -82,6 +91,7 @@ class _Result:
     quota: bool = False
     timed_out: bool = False
     native_idle: bool = False  # stream gaps are bounded by aiohttp's per-read timer
+    prefix: bytes = b""  # what was read of an answer too large to hold: relayed first
 
 
 @dataclass(slots=True)
@@ -101,6 +111,7 @@ class Exchange:
     usage: Usage | None = None
     rejected: list[str] = field(default_factory=list)
     overhead: float | None = None
+    token: Secret | None = None  # the caller's credential as sent: stripped from the query
     #: the provider the request was resolved to, for refusals made before any key was chosen
     resolved_provider: str = ""
     body_size: int = 0
@@ -119,7 +130,7 @@ class Exchange:
             h["x-sidecar-key-id"] = c.key.key_id
             h["x-sidecar-attempts"] = str(self.attempts)
             if self.rejected:
-                h["x-sidecar-rejected-models"] = ",".join(self.rejected)
+                h["x-sidecar-rejected-models"] = inbound.rejected_header(self.rejected)
             self.overhead = time.perf_counter() - self.started - self.upstream_wait
             h["x-sidecar-overhead-ms"] = f"{self.overhead * 1000:.3f}"
         return h
@@ -141,44 +152,57 @@ class Proxy:
         runtime = self.state.runtime
         provider = runtime.providers.get(request.match_info["provider"])
         if provider is None:
-            ex = self._exchange(request, "openai", runtime)
-            return self._finish(
-                ex, self._error(ex, ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such route"))
-            )
+            return await self.not_found(request)
         return await self._handle(request, provider.format, provider.id)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         runtime = self.state.runtime
         ex = self._exchange(request, "openai", runtime)
         try:
+            inbound.check_target(request.raw_path)
             access, _ = self._authenticate(ex)
         except ProxyError as err:
-            return self._finish(ex, self._error(ex, err))
+            return await self._finish(ex, self._error(ex, err))
         data = []
         for model, owner in listable_models(runtime, access):
             data.append({"id": model, "object": "model", "created": 0, "owned_by": owner})
         ex.status = 200
         resp = web.Response(body=orjson.dumps({"object": "list", "data": data}),
                             content_type="application/json", headers=ex.sidecar_headers())  # fmt: skip
-        return self._finish(ex, resp)
+        return await self._finish(ex, resp)
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
-        ex = self._exchange(request, "openai", self.state.runtime)
-        return self._finish(
+        fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
+        ex = self._exchange(request, fmt, self.state.runtime)
+        with contextlib.suppress(ProxyError):  # who asked, for the access log only
+            self._authenticate(ex)
+        return await self._finish(
             ex, self._error(ex, ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such route"))
         )
+
+    async def root(self, request: web.Request) -> web.StreamResponse:
+        """`GET`/`HEAD /` and `/{provider}`: answered here, not counted as traffic.
+
+        Coding agents probe the base URL when they start; a 404 there would fill the
+        request metrics and the access log with noise.
+        """
+        provider = request.match_info.get("provider")
+        if provider is not None and provider not in self.state.runtime.providers:
+            return await self.not_found(request)
+        return web.Response(body=_ROOT_BODY, content_type="application/json")
 
     # ----------------------------------------------------------------- request
 
     def _exchange(self, request: web.Request, fmt: str, runtime: Runtime) -> Exchange:
-        rid = request.headers.get("x-request-id") or os.urandom(8).hex()
-        return Exchange(request, fmt, runtime, time.perf_counter(), rid[:128])
+        rid = inbound.clean_request_id(request.headers.get("x-request-id"))
+        return Exchange(request, fmt, runtime, time.perf_counter(), rid)
 
     async def _handle(
         self, request: web.Request, fmt: str, explicit: str | None
     ) -> web.StreamResponse:
         ex = self._exchange(request, fmt, self.state.runtime)
         try:
+            inbound.check_target(request.raw_path)
             resp = await self._proxy(ex, explicit)
         except ProxyError as err:
             resp = self._error(ex, err)
@@ -188,7 +212,13 @@ class Proxy:
             )
             self._account(ex)
             raise
-        return self._finish(ex, resp)
+        except Exception as exc:  # the outermost boundary: a bug must still be accounted
+            ex.status = 500
+            self.state.oplog.error("request_failed", request_id=ex.request_id,
+                                   error=type(exc).__name__)  # fmt: skip
+            self._account(ex)
+            raise
+        return await self._finish(ex, resp)
 
     def _authenticate(self, ex: Exchange) -> tuple[AccessKey | None, Secret | None]:
         """The access key, or (passthrough) the caller's own credential."""
@@ -203,36 +233,47 @@ class Proxy:
                 ErrorCode.ACCESS_KEY_INVALID,
                 "missing access key (Authorization: Bearer or x-api-key)",
             )
+        ex.token = Secret(token)
         access = ex.runtime.access_keys.get(hash_access_key(token))
-        if access is not None:
-            if access.revoked:
-                raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "access key revoked")
+        if access is not None and not access.revoked:
             ex.access = access
             return access, None
-        if ex.runtime.config.passthrough:
+        if access is None and ex.runtime.config.passthrough:
             return None, Secret(token)
-        raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "unknown access key")
+        # Unknown and revoked keys get the same answer: it tells nothing about which keys exist.
+        raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "invalid access key")
 
-    async def _read_body(self, request: web.Request, limit: int) -> bytes:
+    async def _read_body(self, request: web.Request, limit: int, wait: float) -> bytes:
+        """The whole body, decoded, at most `limit` bytes, within `wait` seconds (else 408)."""
         if request.content_length is not None and request.content_length > limit:
             raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
-        if request.content_length is not None:
-            return await request.read()  # size known and within the limit: one read
-        chunks: list[bytes] = []
-        size = 0
-        async for chunk in request.content.iter_chunked(1 << 16):
-            size += len(chunk)
-            if size > limit:
-                raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
-            chunks.append(chunk)
-        return b"".join(chunks)
+        try:
+            async with asyncio.timeout(wait):
+                if request.content_length is not None:
+                    body = await request.read()  # size known and within the limit: one read
+                else:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in request.content.iter_chunked(1 << 16):
+                        size += len(chunk)
+                        if size > limit:
+                            raise ProxyError(ErrorCode.REQUEST_TOO_LARGE,
+                                             f"request body over {limit} bytes")  # fmt: skip
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
+        except TimeoutError:
+            raise ProxyError(
+                ErrorCode.REQUEST_TIMEOUT, f"request body not received within {wait:g} s"
+            ) from None
+        encoding = request.headers.get("content-encoding")
+        return inbound.decode_body(body, encoding, limit) if encoding else body
 
     async def _proxy(self, ex: Exchange, explicit: str | None) -> web.StreamResponse:
         runtime = ex.runtime
         cfg = runtime.config
         request = ex.request
         access, passthrough_key = self._authenticate(ex)
-        body = await self._read_body(request, cfg.limits.max_body_bytes)
+        body = await self._read_body(request, cfg.limits.max_body_bytes, cfg.timeouts.client_body)
         ex.body_size = len(body)
 
         data: dict[str, Any] | None = None
@@ -241,18 +282,16 @@ class Proxy:
             # whatever its content-type, so scope checks on `model` cannot be sidestepped.
             must_be_json = explicit is None or "json" in request.headers.get("content-type", "")
             try:
-                parsed = orjson.loads(body)
-            except orjson.JSONDecodeError:
+                parsed = inbound.parse_json(body)
+            except ProxyError:
                 if must_be_json:
-                    raise ProxyError(
-                        ErrorCode.INVALID_JSON, "request body is not valid JSON"
-                    ) from None
+                    raise
                 parsed = None
             if isinstance(parsed, dict):
                 data = parsed
             elif must_be_json:
                 raise ProxyError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
-        names = _model_names(data, required=explicit is None)
+        names = inbound.model_names(data, required=explicit is None)
 
         if explicit is None:
             targets = resolve_targets(runtime, ex.fmt, names)
@@ -262,7 +301,7 @@ class Proxy:
             targets = [
                 Target(provider, _explicit_model(runtime, provider.id, n)) for n in names
             ] or [Target(provider, None)]
-            path = _explicit_path(request, provider.id)
+            path = explicit_tail(request.raw_path.partition("?")[0], provider.id)
             if path.startswith("/v1/") and provider.base_url.endswith("/v1"):
                 path = path[3:]  # SDKs that add /v1 themselves (Anthropic's) must not get /v1/v1
         ex.resolved_provider = targets[0].provider.id
@@ -309,8 +348,9 @@ class Proxy:
         metrics = self.state.metrics
         health = self.state.health
         adapter = adapter_for(ex.fmt)
-        base_headers = _forward_headers(ex.request.headers)
-        query = _raw_query(ex.request)
+        token = ex.token.reveal() if ex.token else ""
+        base_headers = _forward_headers(ex.request.headers, token)
+        query = inbound.strip_credentials(ex.request.rel_url.raw_query_string, (token,))
         stream = bool(data and data.get("stream") is True)
         deadline = ex.started + cfg.timeouts.total
         payloads: dict[str | None, tuple[bytes, bool]] = {}
@@ -353,7 +393,7 @@ class Proxy:
                 if res.body is not None:
                     return self._respond(ex, res.upstream, res.body, adapter)
                 return await self._relay_stream(
-                    ex, res.upstream, adapter, strip_usage, res.native_idle
+                    ex, res.upstream, adapter, strip_usage, res.native_idle, res.prefix
                 )
             if tracked and health.record(key.health_id, res.outcome, cfg.failover.cooldown,
                                          retry_after=res.retry_after, quota_exhausted=res.quota):  # fmt: skip
@@ -371,7 +411,8 @@ class Proxy:
             ex.status = status
             out = _relay_headers(failed_headers)
             out.update(ex.sidecar_headers())
-            return web.Response(status=status, body=failed_body, headers=out)
+            body = _masked(status, failed_body, ex.candidate)
+            return web.Response(status=status, body=body, headers=out)
         if timed_out:
             raise ProxyError(
                 ErrorCode.GATEWAY_TIMEOUT, "no upstream answered within timeouts.total"
@@ -420,15 +461,26 @@ class Proxy:
                     ex.upstream_wait += ttfb  # SSE or other media: relayed as it arrives
                     outcome = classify_status(upstream.status)
                     return _Result(outcome, upstream=upstream, native_idle=native_idle)
-                timer.reschedule(loop.time() + (min(idle, max(0.001, deadline - time.perf_counter()))
-                                                if failover else idle))  # fmt: skip
-                body = await _read_body_of(upstream, _FAILED_BODY_LIMIT if failover else 0)
+                # The body is still before the caller's first byte: timeouts.total bounds it too.
+                timer.reschedule(
+                    loop.time() + min(idle, max(0.001, deadline - time.perf_counter()))
+                )
+                body, whole = await _read_body_of(
+                    upstream, _FAILED_BODY_LIMIT if failover else _READ_WHOLE_LIMIT
+                )
+                if not whole and not failover:  # too large to hold: relay it as it arrives
+                    ex.upstream_wait += time.perf_counter() - sent
+                    return _Result(classify_status(upstream.status), upstream=upstream,
+                                   native_idle=native_idle, prefix=body)  # fmt: skip
         except (TimeoutError, aiohttp.ClientError) as exc:
             if upstream is None or not failover:  # no answer, or its body broke: next candidate
                 if upstream is not None:
                     upstream.release()
                 ex.upstream_wait += time.perf_counter() - sent
                 if isinstance(exc, TimeoutError):
+                    state.oplog.warning("upstream_timeout", request_id=ex.request_id,
+                                        provider=key.provider, key_id=key.key_id,
+                                        waited_s=round(time.perf_counter() - sent, 3))  # fmt: skip
                     return _Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= deadline)
                 state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
                                     key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
@@ -457,6 +509,7 @@ class Proxy:
             ex.usage = adapter.usage_from_body(body)
         headers = _relay_headers(upstream.headers)
         headers.update(ex.sidecar_headers())
+        body = _masked(upstream.status, body, ex.candidate)
         return web.Response(status=upstream.status, body=body, headers=headers)
 
     async def _relay_stream(
@@ -466,19 +519,26 @@ class Proxy:
         adapter: Adapter,
         strip_usage: bool,
         native_idle: bool,
+        prefix: bytes = b"",
     ) -> web.StreamResponse:
-        """Relay chunk by chunk as they arrive. From the first byte on there is no failover."""
+        """Relay chunk by chunk as they arrive. From the first byte on there is no failover.
+
+        `prefix` is what was already read of an answer too large to hold whole; such
+        an answer is metered from its tail (`usage` comes last)."""
         state = self.state
         ex.status = upstream.status
         headers = _relay_headers(upstream.headers)
         headers.update(ex.sidecar_headers())
         sse = "text/event-stream" in upstream.headers.get("content-type", "")
         meter = adapter.stream_meter(strip_usage) if sse and upstream.status < 300 else None
+        usage_tail = bytearray(prefix[-_USAGE_TAIL:]) if prefix else None
         content = upstream.content
         done = False
         try:
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(ex.request)
+            if prefix:
+                await resp.write(prefix)
             # stream_idle bounds every gap: natively (aiohttp's per-read timer) when it can,
             # else our own timer, re-armed per chunk, which also covers a caller taking nothing.
             loop = asyncio.get_running_loop()
@@ -492,6 +552,9 @@ class Proxy:
                     ex.upstream_wait += time.perf_counter() - t
                     if not chunk:
                         break
+                    if usage_tail is not None:
+                        usage_tail += chunk
+                        del usage_tail[:-_USAGE_TAIL]
                     out = meter.feed(chunk) if meter else chunk
                     if out:
                         await resp.write(out)
@@ -519,6 +582,10 @@ class Proxy:
             return resp
         finally:
             upstream.release()
+            if usage_tail is not None and upstream.status < 300:
+                ex.usage = usage_from_tail(adapter.format, bytes(usage_tail)) or Usage(
+                    max(1, ex.body_size // 4), 0
+                )
             if meter is not None:
                 ex.usage = meter.usage
                 if not done:  # broken or abandoned: OpenAI reports usage only at the very end
@@ -540,7 +607,23 @@ class Proxy:
         return web.Response(status=err.code.status, body=adapter.error_body(err.code, err.message),
                             content_type="application/json", headers=headers)  # fmt: skip
 
-    def _finish(self, ex: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+    async def _finish(self, ex: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+        """Send the response here, not after the handler returns, so a failure to send it
+        (after an upstream call was paid for) is in the access log, metrics and spend."""
+        if not resp.prepared:
+            try:
+                await resp.prepare(ex.request)
+                await resp.write_eof()
+            except (asyncio.CancelledError, ConnectionResetError):
+                ex.status = CLIENT_CLOSED
+                self._account(ex)
+                raise
+            except Exception as exc:  # the outermost boundary of this request
+                ex.status = 500
+                self.state.oplog.error("response_failed", request_id=ex.request_id,
+                                       error=type(exc).__name__)  # fmt: skip
+                self._account(ex)
+                raise
         self._account(ex)
         return resp
 
@@ -565,7 +648,7 @@ class Proxy:
                     "request_id": ex.request_id,
                     "access_key": ex.access.name if ex.access else None,
                     "method": ex.request.method,
-                    "path": ex.request.path,
+                    "path": _logged_path(ex.request),
                     "format": ex.fmt,
                     "provider": provider or None,
                     "model": c.model.upstream if c and c.model else None,
@@ -582,24 +665,6 @@ class Proxy:
 
 
 # --------------------------------------------------------------------------- helpers
-
-
-def _model_names(data: Mapping[str, Any] | None, *, required: bool) -> list[str]:
-    """`model` first, then the entries of `models`, without duplicates."""
-    names: list[str] = []
-    model = data.get("model") if data else None
-    if isinstance(model, str) and model:
-        names.append(model)
-    elif model is not None:
-        raise ProxyError(ErrorCode.MODEL_MISSING, "`model` must be a non-empty string")
-    models = data.get("models") if data else None
-    if models is not None:
-        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
-            raise ProxyError(ErrorCode.MODEL_MISSING, "`models` must be a list of model names")
-        names += [m for m in models if m not in names]
-    if required and not names:
-        raise ProxyError(ErrorCode.MODEL_MISSING, "`model` is required")
-    return names
 
 
 def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> ResolvedModel:
@@ -641,10 +706,11 @@ def _payload(
             out.pop(k, None)
         else:
             out[k] = v
-    return orjson.dumps(out), strip
+    return inbound.dump_json(out), strip
 
 
-def _forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _forward_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict[str]:
+    """End-to-end request headers; never a credential, nor any header carrying the caller's token."""
     out: CIMultiDict[str] = CIMultiDict()
     connection = incoming.get("connection")
     # Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
@@ -653,6 +719,8 @@ def _forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
         lname = name.lower()
         if lname in _DROP_REQUEST or lname in named or lname.startswith("x-sidecar-"):
             continue
+        if token and token in value:
+            continue
         out.add(name, value)
     return out
 
@@ -660,10 +728,10 @@ def _forward_headers(incoming: CIMultiDictProxy[str]) -> CIMultiDict[str]:
 def _upstream_request(
     cand: Candidate, path: str, query: str, base: CIMultiDict[str]
 ) -> tuple[URL, CIMultiDict[str]]:
-    """URL and headers for one attempt. `path` and `query` arrive percent-encoded and stay so."""
+    """URL and headers for one attempt. `path` is decoded and checked; `query` is raw."""
     p = cand.provider
     params = f"{query}&{p.query}" if query and p.query else (query or p.query)
-    url = URL(f"{p.base_url}{path}?{params}" if params else p.base_url + path, encoded=True)
+    url = upstream_url(p.base_url, path, params)
     headers = base.copy()
     for name, secret in p.headers:
         headers[name] = secret.reveal()
@@ -672,28 +740,6 @@ def _upstream_request(
     if auth is not None:
         headers[auth[0]] = auth[1]
     return url, headers
-
-
-def _raw_query(request: web.Request) -> str:
-    """The caller's query string as sent (still percent-encoded)."""
-    _, _, query = request.raw_path.partition("?")
-    return query
-
-
-def _explicit_path(request: web.Request, provider_id: str) -> str:
-    """The part after `/{provider}` of the raw (percent-encoded) path, forwarded as is.
-
-    Dot segments and encoded slashes are refused, so no upstream that decodes or
-    normalises the path can be made to climb out of `base_url`.
-    """
-    raw = request.raw_path.partition("?")[0]
-    tail = raw[len(provider_id) + 1 :]
-    for seg in tail.split("/"):
-        decoded = unquote(seg)
-        if decoded in (".", "..") or "/" in decoded or "\\" in decoded:
-            raise ProxyError(ErrorCode.ROUTE_NOT_FOUND,
-                             "path segments '.', '..' and encoded slashes are not allowed")  # fmt: skip
-    return tail
 
 
 def _caller_auth(auth: str) -> str:
@@ -708,16 +754,31 @@ def _relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
     return out
 
 
-async def _read_body_of(upstream: aiohttp.ClientResponse, limit: int = 0) -> bytes:
-    """An upstream body, whole or up to `limit` bytes (the caller's timer bounds the wait)."""
-    if not limit:
-        return await upstream.read()
+async def _read_body_of(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """An upstream body up to about `limit` decoded bytes, and whether that was all of it.
+
+    aiohttp decompresses in bounded chunks, so a compressed answer never unpacks past
+    the limit here. The caller's timer bounds the wait.
+    """
     chunks: list[bytes] = []
     size = 0
     while size < limit:
         chunk = await upstream.content.readany()
         if not chunk:
-            break
+            return b"".join(chunks), True
         chunks.append(chunk)
         size += len(chunk)
-    return b"".join(chunks)
+    return b"".join(chunks), upstream.content.at_eof()
+
+
+def _masked(status: int, body: bytes, cand: Candidate | None) -> bytes:
+    """Auth-error wording may quote part of the provider key: mask it before relaying."""
+    if status not in (401, 403) or not body:
+        return body
+    secrets = [cand.key.secret] if cand is not None and cand.key.secret is not None else []
+    return mask_key_fragments(body, secrets)
+
+
+def _logged_path(request: web.Request) -> str:
+    query = request.rel_url.raw_query_string
+    return f"{request.path}?{inbound.redact_query(query)}" if query else request.path

@@ -8,11 +8,14 @@ code that puts it on the wire (or seals it) should call that.
 from __future__ import annotations
 
 import hashlib
+import re
+from collections.abc import Iterable
 from typing import Final
 
 #: Request/response headers whose values are credentials. Never logged, never forwarded.
 SENSITIVE_HEADERS: Final = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "api-key", "cookie", "set-cookie"}
+    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
+     "cookie", "set-cookie"}
 )
 
 _MASK: Final = "**********"
@@ -61,3 +64,24 @@ class Secret:
 
     def __reduce__(self) -> tuple[object, ...]:
         raise TypeError("Secret values are not picklable")
+
+
+#: Key-shaped text in a provider's error wording: OpenAI/Anthropic `sk-…` (masked or not),
+#: Google `AIza…`, Groq `gsk_…`, xAI `xai-…`, and any run around `***` masking.
+_KEY_SHAPED: Final = re.compile(
+    rb"(?:sk|pk|rk)-[A-Za-z0-9_\-*]{3,}|AIza[0-9A-Za-z_\-]{8,}|gsk_[A-Za-z0-9]{8,}"
+    rb"|xai-[A-Za-z0-9]{8,}|[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*"
+)
+
+
+def mask_key_fragments(body: bytes, secrets: Iterable[Secret] = ()) -> bytes:
+    """An upstream auth-error body with every key-shaped fragment replaced by `***`.
+
+    OpenAI's 401 wording quotes a masked fragment of the key it was sent; relayed
+    as is, that fragment would reach the application the key is kept from.
+    """
+    for secret in secrets:
+        value = secret.reveal().encode()
+        if value:
+            body = body.replace(value, b"***")
+    return _KEY_SHAPED.sub(b"***", body)

@@ -109,6 +109,31 @@ def usage_from_body(fmt: str, body: bytes) -> Usage | None:
     return None
 
 
+def usage_from_tail(fmt: str, tail: bytes) -> Usage | None:
+    """Usage from the last bytes of a JSON body too large to hold whole.
+
+    Providers put `usage` at the end of an answer (embeddings of a big batch run
+    to tens of MB); the relay keeps only the tail, and this reads the last
+    `"usage": {...}` object in it. None when it is not there.
+    """
+    at = tail.rfind(_USAGE)
+    if at < 0:
+        return None
+    start = tail.find(b"{", at)
+    if start < 0 or tail[at + len(_USAGE) : start].strip(b" \t\r\n:"):
+        return None
+    depth = 0
+    for i in range(start, len(tail)):
+        c = tail[i]
+        if c == 0x7B:  # {
+            depth += 1
+        elif c == 0x7D:  # }
+            depth -= 1
+            if depth == 0:
+                return usage_from_body(fmt, b'{"usage":' + tail[start : i + 1] + b"}")
+    return None
+
+
 def request_wants_stream_usage(body: dict[str, Any]) -> bool:
     """Whether an OpenAI request asked for the final usage chunk itself."""
     options = body.get("stream_options")

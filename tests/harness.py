@@ -6,12 +6,15 @@ official ones. Nothing here fakes a component users run.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import io
 import os
 import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -212,3 +215,139 @@ def metric_value(text: str, name: str, **labels: str) -> float:
     return sum(
         v for ls, v in iter_metric(text, name) if all(ls.get(k) == val for k, val in labels.items())
     )
+
+
+# --------------------------------------------------------------------------- raw HTTP, listeners, memory
+
+
+@dataclass
+class RawResponse:
+    """A response read off a raw socket: status, lower-cased headers, the whole body."""
+
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return orjson.loads(self.body)
+
+
+async def raw_request(port: int, head: bytes, body: bytes = b"", *, within: float = 10.0) -> RawResponse:  # fmt: skip
+    """Send `head` (request line and headers, CRLF-terminated, no blank line) and `body` as is.
+
+    Adds `content-length` when there is a body and `connection: close`; the answer is read
+    whole (content-length, chunked or to EOF). A write the server refused to take is ignored:
+    servers may answer before reading everything.
+    """
+
+    async def exchange() -> RawResponse:
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        try:
+            extra = b"content-length: %d\r\n" % len(body) if body else b""
+            writer.write(head + extra + b"connection: close\r\n\r\n")
+            sender = asyncio.ensure_future(_send_all(writer, body))
+            try:
+                return await _read_response(reader)
+            finally:
+                sender.cancel()
+        finally:
+            writer.close()
+
+    return await asyncio.wait_for(exchange(), within)
+
+
+async def _send_all(writer: Any, body: bytes) -> None:
+    try:
+        for i in range(0, len(body), 1 << 16):
+            writer.write(body[i : i + (1 << 16)])
+            await writer.drain()
+    except (ConnectionError, OSError):
+        pass
+
+
+async def _read_response(reader: Any) -> RawResponse:
+    head = await reader.readuntil(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    status = int(lines[0].split(" ", 2)[1])
+    headers: dict[str, str] = {}
+    for line in lines[1:]:
+        if line:
+            name, _, value = line.partition(":")
+            headers[name.strip().lower()] = value.strip()
+    if "content-length" in headers:
+        body = await reader.readexactly(int(headers["content-length"]))
+    elif headers.get("transfer-encoding", "").lower() == "chunked":
+        parts = []
+        while True:
+            size = int((await reader.readuntil(b"\r\n")).split(b";")[0], 16)
+            if size == 0:
+                break
+            parts.append(await reader.readexactly(size))
+            await reader.readexactly(2)
+        body = b"".join(parts)
+    else:
+        body = await reader.read()
+    return RawResponse(status, headers, body)
+
+
+@dataclass
+class Listener:
+    """A TCP listener that must stay untouched: counts connections and bytes, answers nothing."""
+
+    port: int = 0
+    connections: int = 0
+    received: bytearray = field(default_factory=bytearray, repr=False)  # may hold a leaked key
+    server: Any = field(default=None, repr=False)
+
+    async def __aenter__(self) -> Listener:
+        async def accept(reader: Any, writer: Any) -> None:
+            self.connections += 1
+            with contextlib.suppress(TimeoutError, ConnectionError):
+                self.received += await asyncio.wait_for(reader.read(1 << 16), 0.5)
+            writer.close()  # closing at once: a sidecar that connected fails fast
+
+        self.server = await asyncio.start_server(accept, "127.0.0.1", 0)
+        self.port = int(self.server.sockets[0].getsockname()[1])
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        self.server.close()
+        await self.server.wait_closed()
+
+
+def rss_kib(pid: int, field_name: str = "VmRSS") -> int:
+    """A process's resident memory from /proc/<pid>/status (`VmRSS`, or `VmHWM` for its peak)."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith(field_name + ":"):
+            return int(line.split()[1])
+    raise LookupError(field_name)
+
+
+def reset_peak_rss(pid: int) -> bool:
+    """Reset a process's `VmHWM` to its current RSS (Linux ≥ 4.0); False when not allowed."""
+    try:
+        Path(f"/proc/{pid}/clear_refs").write_text("5")
+    except OSError:
+        return False
+    return True
+
+
+def spawn_mock(directory: Path, *, timeout: float = 20.0) -> tuple[subprocess.Popen[bytes], int]:
+    """`sidecar mock-provider` in its own process on a free port; returns it and the port."""
+    port = free_port()
+    err = directory / f"mock-{time.monotonic_ns()}.err"
+    with err.open("wb") as f:
+        proc = subprocess.Popen(sidecar_cmd("mock-provider", "--listen", f"127.0.0.1:{port}"),
+                                stdout=subprocess.DEVNULL, stderr=f, env=subprocess_env(),
+                                stdin=subprocess.DEVNULL)  # fmt: skip
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"mock exited: {err.read_text()[-2000:]}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_mock/health", timeout=1):
+                return proc, port
+        except OSError:
+            time.sleep(0.05)
+    proc.kill()
+    raise TimeoutError("mock provider did not start")

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import gzip
+import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
@@ -10,8 +12,10 @@ from typing import Any
 import aiohttp
 import anthropic
 import openai
+import orjson
 import pytest
 from aiohttp.test_utils import TestServer
+from yarl import URL
 
 from sidecar.mock_provider import Directives, create_app, parse_directives, run
 
@@ -286,3 +290,161 @@ async def test_run_serves_until_cancelled(unused_tcp_port: int) -> None:
     task.cancel()
     with pytest.raises(asyncio.CancelledError):
         await task
+
+
+# --------------------------------------------------------------------------- hardening directives
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("k:gpt-4o-mini-hold-1500", Directives(hold_ms=1500)),
+        ("sk-huge-64", Directives(huge_mib=64)),
+        ("k:m-bomb-256", Directives(bomb_mib=256)),
+        ("sk-proj-leaky-fail-401-ab12", Directives(fail=401, leaky=True)),
+        ("gpt-4o-mini-huge", Directives()),
+        ("leakyness-holder", Directives()),
+    ],
+)
+def test_parse_hardening_directives(text: str, expected: Directives) -> None:
+    assert parse_directives(text) == expected
+
+
+async def _json_counted(resp: aiohttp.ClientResponse, keep: int = 4096) -> tuple[int, bytes]:
+    """Bytes of a body read in chunks (never held whole) and its last `keep` bytes."""
+    size, tail = 0, b""
+    async for chunk in resp.content.iter_chunked(1 << 20):
+        size += len(chunk)
+        tail = (tail + chunk)[-keep:]
+    return size, tail
+
+
+async def test_hold_sends_headers_then_the_body_later(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    body = {"model": "gpt-4o-mini-hold-400", "messages": USER}
+    start = time.monotonic()
+    async with http.post(server.make_url("/v1/chat/completions"), json=body,
+                         headers={"authorization": "Bearer k"}) as resp:  # fmt: skip
+        assert resp.status == 200
+        assert time.monotonic() - start < 0.3  # headers at once
+        doc = await resp.json()
+    assert time.monotonic() - start >= 0.4
+    assert doc["choices"][0]["message"]["content"] == REPLY
+
+
+async def test_huge_answer_is_the_same_json_padded(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    body = {"model": "gpt-4o-mini", "messages": USER}
+    async with http.post(server.make_url("/v1/chat/completions"), json=body,
+                         headers={"authorization": "Bearer sk-huge-8"}) as resp:  # fmt: skip
+        assert resp.status == 200
+        assert resp.content_length is not None
+        size, tail = await _json_counted(resp)
+    assert size == resp.content_length
+    assert size > 8 << 20
+    doc = orjson.loads(tail.lstrip())
+    assert doc["usage"]["completion_tokens"] == 5
+    assert doc["choices"][0]["message"]["content"] == REPLY
+
+
+async def test_bomb_answer_is_gzip_decoding_to_the_padded_json(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    body = {"model": "claude-x-bomb-16", "max_tokens": 10, "messages": USER}
+    async with http.post(server.make_url("/v1/messages"), json=body,
+                         headers={"x-api-key": "k"}, auto_decompress=False) as resp:  # fmt: skip
+        assert resp.status == 200
+        assert resp.headers["content-encoding"] == "gzip"
+        raw = await resp.read()
+    assert len(raw) == resp.content_length
+    assert len(raw) < 64 << 10  # ~1 KiB per MiB
+    decoded = gzip.decompress(raw)
+    assert len(decoded) > 16 << 20
+    assert decoded[: 16 << 20].strip() == b""
+    assert orjson.loads(decoded)["content"][0]["text"] == REPLY
+    # aiohttp's own decoding agrees (and checks the CRC)
+    async with http.post(server.make_url("/v1/messages"), json=body,
+                         headers={"x-api-key": "k"}) as resp:  # fmt: skip
+        size, tail = await _json_counted(resp)
+    assert size == len(decoded)
+    assert orjson.loads(tail.lstrip())["usage"] == orjson.loads(decoded)["usage"]
+
+
+@pytest.mark.parametrize("status", [401, 403])
+async def test_leaky_auth_errors_name_a_masked_key_fragment(
+    http: aiohttp.ClientSession, server: TestServer, status: int
+) -> None:
+    key = f"sk-proj-leaky-fail-{status}-ab12"
+    body = {"model": "gpt-4o-mini", "messages": USER}
+    code, _, err = await post(http, server, "/v1/chat/completions", body,
+                              authorization=f"Bearer {key}")  # fmt: skip
+    assert code == status
+    assert err["error"]["message"] == (
+        "Incorrect API key provided: sk-proj-********************ab12. You can find your API "
+        "key at https://platform.openai.com/account/api-keys."
+    )
+    assert (err["error"]["type"], err["error"]["code"]) == (
+        "invalid_request_error",
+        "invalid_api_key",
+    )
+    code, _, err = await post(http, server, "/v1/messages", {**body, "max_tokens": 5},
+                              **{"x-api-key": "sk-ant-api03-leaky-fail-401-cd34"})  # fmt: skip
+    assert code == 401
+    assert err["error"] == {"type": "authentication_error",
+                            "message": "invalid x-api-key: sk-********************cd34"}  # fmt: skip
+
+
+async def test_every_path_is_logged_with_its_raw_form(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    base = f"http://{server.host}:{server.port}"
+    for raw in ("/v1ama/v1/models?a=%2F", "/x/%2E%2E/y", "/"):
+        async with http.get(URL(base + raw, encoded=True)) as resp:
+            assert resp.status == 404
+            assert (await resp.json())["error"]["code"] == "unknown_url"
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        log = (await resp.json())["requests"]
+    assert [(r["path"], r["raw_path"]) for r in log] == [
+        ("/v1ama/v1/models", "/v1ama/v1/models?a=%2F"),
+        ("/x/../y", "/x/%2E%2E/y"),
+        ("/", "/"),
+    ]
+
+
+async def test_valid_json_that_orjson_refuses_is_accepted_and_logged(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    raw = b'{"model": "gpt-4o-mini", "seed": 123456789012345678901234567890, "messages": [{"role": "user", "content": "a \\ud800 b"}]}'
+    async with http.post(server.make_url("/v1/chat/completions"), data=raw,
+                         headers={"authorization": "Bearer k", "content-type": "application/json"}) as resp:  # fmt: skip
+        assert resp.status == 200
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        log = json.loads(await resp.read())["requests"]
+    assert log[0]["body"] == json.loads(raw)
+    assert log[0]["body"]["seed"] == 123456789012345678901234567890
+    assert log[0]["body"]["messages"][0]["content"] == "a \ud800 b"
+
+
+async def test_openai_routes_take_azures_api_key_header(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    code, _, doc = await post(http, server, "/v1/chat/completions",
+                              {"model": "m", "messages": USER}, **{"api-key": "az-k"})  # fmt: skip
+    assert code == 200
+    assert doc["choices"][0]["message"]["content"] == REPLY
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        assert [r["key"] for r in (await resp.json())["requests"]] == ["az-k"]
+
+
+async def test_a_body_that_is_not_what_its_encoding_says_is_a_logged_400(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    async with http.post(server.make_url("/v1/chat/completions"), data=b'{"model": "m"}',
+                         headers={"authorization": "Bearer k", "content-encoding": "gzip"}) as resp:  # fmt: skip
+        assert resp.status == 400
+        assert "error" in await resp.json()
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        (rec,) = (await resp.json())["requests"]
+    assert (rec["body"], rec["headers"]["content-encoding"]) == (None, "gzip")

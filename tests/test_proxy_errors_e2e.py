@@ -383,7 +383,7 @@ async def test_route_not_found(
         ("POST", "/nope/chat/completions", token),  # unknown provider, explicit route
         ("POST", "/nope/chat/completions", None),  # route comes before the access key
         ("GET", "/v1/nothing-here", token),
-        ("GET", "/", token),
+        ("POST", "/", token),  # GET/HEAD / are answered locally (agents probe it)
     ]:
         status, headers, body = await send(http, sc.url + path, method=method, token=tok,
                                            json=chat())  # fmt: skip

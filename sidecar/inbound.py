@@ -1,0 +1,212 @@
+"""What a caller sends, checked where it enters (docs/reference.md#errors).
+
+Pure: no aiohttp, no I/O. The handler calls these before anything goes
+upstream; each refusal is a `ProxyError` with a 4xx code, so a hostile
+request line, header or body never reaches a provider.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import zlib
+from collections.abc import Iterable, Mapping
+from typing import Any, Final
+from urllib.parse import parse_qsl, quote, unquote
+
+import orjson
+
+from sidecar.errors import ErrorCode, ProxyError
+
+#: An incoming `x-request-id` longer than this is cut; one with other than printable ASCII is replaced.
+REQUEST_ID_MAX: Final = 128
+#: Model names are short identifiers; anything longer is not a model name.
+MODEL_NAME_MAX: Final = 256
+#: Entries of a body's `models` array (failover candidates) accepted per request.
+MAX_MODELS: Final = 64
+#: `x-sidecar-rejected-models` stays one parseable header line of at most this many bytes.
+REJECTED_HEADER_MAX: Final = 2048
+
+#: Query parameters that carry credentials (Gemini's `?key=`, and the usual spellings).
+CREDENTIAL_PARAMS: Final = frozenset({"key", "api_key", "api-key", "apikey", "access_key", "token"})
+
+#: Request `Content-Encoding`s the sidecar decodes itself (bounded) before forwarding.
+_DECODABLE: Final = {
+    "gzip": 16 + zlib.MAX_WBITS,
+    "x-gzip": 16 + zlib.MAX_WBITS,
+    "deflate": zlib.MAX_WBITS,
+}
+
+
+def new_request_id() -> str:
+    return os.urandom(8).hex()
+
+
+def clean_request_id(raw: str | None) -> str:
+    """The caller's `x-request-id` if it is printable ASCII (cut to 128 chars), else a fresh id.
+
+    Anything else would break the response header it is echoed in, after the
+    upstream was already paid for.
+    """
+    if raw:
+        rid = raw[:REQUEST_ID_MAX]
+        if rid.isascii() and rid.isprintable() and rid.strip():
+            return rid
+    return new_request_id()
+
+
+def check_target(raw_target: str) -> None:
+    """Only origin-form request targets (`/path?query`) are proxied.
+
+    An absolute-form target (`GET http://user@host/...`) names another host; it
+    is refused before anything else so no part of it can steer where a key goes.
+    """
+    if not raw_target.startswith("/") or raw_target.startswith("//"):
+        raise ProxyError(
+            ErrorCode.INVALID_REQUEST, "request target must be a path (origin form), not a URL"
+        )
+
+
+def check_model_name(name: str, field: str = "model") -> None:
+    if len(name) > MODEL_NAME_MAX:
+        raise ProxyError(
+            ErrorCode.INVALID_REQUEST, f"`{field}` is longer than {MODEL_NAME_MAX} characters"
+        )
+    # It is echoed in `x-sidecar-model` and logged: printable ASCII only, no blank name.
+    if not (name.isascii() and name.isprintable()) or not name.strip():
+        raise ProxyError(
+            ErrorCode.INVALID_REQUEST,
+            f"`{field}` must be printable ASCII (control characters are refused)",
+        )
+
+
+def model_names(data: Mapping[str, Any] | None, *, required: bool) -> list[str]:
+    """`model` first, then the entries of `models`, without duplicates; each name checked."""
+    names: list[str] = []
+    model = data.get("model") if data else None
+    if isinstance(model, str) and model:
+        check_model_name(model)
+        names.append(model)
+    elif model is not None:
+        raise ProxyError(ErrorCode.MODEL_MISSING, "`model` must be a non-empty string")
+    models = data.get("models") if data else None
+    if models is not None:
+        if not isinstance(models, list) or not all(isinstance(m, str) and m for m in models):
+            raise ProxyError(ErrorCode.MODEL_MISSING, "`models` must be a list of model names")
+        if len(models) > MAX_MODELS:
+            raise ProxyError(
+                ErrorCode.INVALID_REQUEST, f"`models` has more than {MAX_MODELS} entries"
+            )
+        for m in models:
+            check_model_name(m, "models")
+            if m not in names:
+                names.append(m)
+    if required and not names:
+        raise ProxyError(ErrorCode.MODEL_MISSING, "`model` is required")
+    return names
+
+
+def rejected_header(names: list[str]) -> str:
+    """The `x-sidecar-rejected-models` value, cut at a name boundary with `,...`."""
+    value = ",".join(names)
+    if len(value) <= REJECTED_HEADER_MAX:
+        return value
+    cut = value.rfind(",", 0, REJECTED_HEADER_MAX - 4)
+    return value[: max(cut, 0)] + ",..."
+
+
+# --------------------------------------------------------------------------- body
+
+
+def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
+    """The request body with its `Content-Encoding` undone, never more than `limit` bytes.
+
+    `gzip` and `deflate` are decoded here (a decompression bomb stops at the
+    limit: 413); any other coding is `415`; bytes that are not what their coding
+    says are `400`. The decoded body is forwarded without a `Content-Encoding`.
+    """
+    codings = [c.strip().lower() for c in content_encoding.split(",") if c.strip()]
+    codings = [c for c in codings if c != "identity"]
+    if not codings:
+        return body
+    if len(codings) > 1 or codings[0] not in _DECODABLE:
+        raise ProxyError(
+            ErrorCode.UNSUPPORTED_MEDIA,
+            "request Content-Encoding must be gzip, deflate or identity",
+        )
+    wbits = _DECODABLE[codings[0]]
+    out = _inflate(body, wbits, limit)
+    if out is None and wbits == zlib.MAX_WBITS:
+        out = _inflate(body, -zlib.MAX_WBITS, limit)  # "deflate" sent raw, as some clients do
+    if out is None:
+        raise ProxyError(ErrorCode.INVALID_REQUEST, f"request body is not valid {codings[0]} data")
+    return out
+
+
+def _inflate(data: bytes, wbits: int, limit: int) -> bytes | None:
+    d = zlib.decompressobj(wbits)
+    try:
+        out = d.decompress(data, limit + 1)
+    except zlib.error:
+        return None
+    if len(out) > limit:
+        raise ProxyError(
+            ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes once decoded"
+        )
+    if not d.eof or d.unused_data:
+        return None
+    return out
+
+
+def parse_json(body: bytes) -> Any:
+    """orjson first; valid JSON it refuses (lone surrogate escapes, integers wider than
+    64 bits) is read by the standard parser. NaN/Infinity are not JSON: refused."""
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        pass
+    try:
+        return json.loads(body, parse_constant=_no_constant)
+    except (ValueError, RecursionError):
+        raise ProxyError(ErrorCode.INVALID_JSON, "request body is not valid JSON") from None
+
+
+def _no_constant(name: str) -> Any:
+    raise ValueError(name)
+
+
+def dump_json(data: Any) -> bytes:
+    """The counterpart of `parse_json`: what orjson cannot write, the standard library can."""
+    try:
+        return orjson.dumps(data)
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate or an integer over 64 bits
+        return json.dumps(data, separators=(",", ":")).encode()
+
+
+# --------------------------------------------------------------------------- query
+
+
+def strip_credentials(query: str, tokens: Iterable[str] = ()) -> str:
+    """The raw query string without parameters that carry a credential (`?key=`, or
+    any parameter whose value is the caller's own token)."""
+    if not query:
+        return query
+    secret = {t for t in tokens if t}
+    kept = []
+    for part in query.split("&"):
+        name, _, value = part.partition("=")
+        if unquote(name).lower() in CREDENTIAL_PARAMS or (secret and unquote(value) in secret):
+            continue
+        kept.append(part)
+    return "&".join(kept)
+
+
+def redact_query(query: str) -> str:
+    """The query string for a log line: credential parameters keep their name, not their value."""
+    if not query:
+        return query
+    out = []
+    for name, value in parse_qsl(query, keep_blank_values=True):
+        shown = "***" if name.lower() in CREDENTIAL_PARAMS else value
+        out.append(f"{quote(name, safe='')}={quote(shown, safe='*')}")
+    return "&".join(out)

@@ -1,0 +1,170 @@
+"""Checks on what a caller sends, where it enters (sidecar/inbound.py) — pure, no sockets."""
+
+from __future__ import annotations
+
+import gzip
+import json
+import zlib
+
+import pytest
+
+from sidecar import inbound
+from sidecar.errors import ErrorCode, ProxyError
+
+
+def _code(fn: object, *args: object, **kwargs: object) -> ErrorCode:
+    with pytest.raises(ProxyError) as info:
+        fn(*args, **kwargs)  # type: ignore[operator]
+    return info.value.code
+
+
+# --------------------------------------------------------------------------- request id
+
+
+def test_printable_request_id_is_kept_and_cut_at_128() -> None:
+    assert inbound.clean_request_id("abc-123") == "abc-123"
+    assert inbound.clean_request_id("x" * 500) == "x" * 128
+
+
+@pytest.mark.parametrize("raw", ["\udcff\udcfe", "é-id", "a\tb", "a\x00b", "   ", "", None])
+def test_unprintable_request_id_is_replaced(raw: str | None) -> None:
+    rid = inbound.clean_request_id(raw)
+    assert rid != raw
+    assert len(rid) == 16
+    assert rid.isascii()
+    assert rid.isprintable()
+
+
+# --------------------------------------------------------------------------- request target
+
+
+@pytest.mark.parametrize("target", ["/v1/models", "/ollama/v1/x?y=1", "/"])
+def test_origin_form_targets_pass(target: str) -> None:
+    inbound.check_target(target)
+
+
+@pytest.mark.parametrize(
+    "target",
+    ["http://xx@127.0.0.1:6666/ollama/v1/models", "https://evil/", "//127.0.0.1:6666/a", "*", ""],
+)
+def test_absolute_form_and_authority_targets_are_refused(target: str) -> None:
+    assert _code(inbound.check_target, target) is ErrorCode.INVALID_REQUEST
+
+
+# --------------------------------------------------------------------------- model names
+
+
+@pytest.mark.parametrize(
+    "bad", ["gpt\r\nx-evil: 1", "gpt\n", "gpt\x00", "gpt\x7f", "gpt\x1b[31m", "gpt\u2028", "é", " "]
+)
+def test_control_characters_in_model_names_are_refused(bad: str) -> None:
+    assert _code(inbound.model_names, {"model": bad}, required=True) is ErrorCode.INVALID_REQUEST
+    assert (
+        _code(inbound.model_names, {"model": "gpt-4o", "models": ["x", bad]}, required=True)
+        is ErrorCode.INVALID_REQUEST
+    )
+
+
+def test_model_names_order_and_duplicates() -> None:
+    names = inbound.model_names({"model": "a", "models": ["b", "a", "c:d@1"]}, required=True)
+    assert names == ["a", "b", "c:d@1"]
+
+
+def test_models_list_is_capped() -> None:
+    ok = [f"m{i}" for i in range(inbound.MAX_MODELS)]
+    assert inbound.model_names({"models": ok}, required=True) == ok
+    assert (
+        _code(inbound.model_names, {"models": [*ok, "one-more"]}, required=True)
+        is ErrorCode.INVALID_REQUEST
+    )
+
+
+def test_overlong_model_name_is_refused() -> None:
+    assert (
+        _code(inbound.model_names, {"model": "m" * (inbound.MODEL_NAME_MAX + 1)}, required=True)
+        is ErrorCode.INVALID_REQUEST
+    )
+
+
+def test_missing_and_mistyped_models() -> None:
+    assert _code(inbound.model_names, {}, required=True) is ErrorCode.MODEL_MISSING
+    assert _code(inbound.model_names, {"model": 3}, required=True) is ErrorCode.MODEL_MISSING
+    assert _code(inbound.model_names, {"models": "a"}, required=True) is ErrorCode.MODEL_MISSING
+    assert inbound.model_names(None, required=False) == []
+
+
+def test_rejected_header_is_bounded_and_cut_at_a_name() -> None:
+    names = [f"model-{i:04d}" for i in range(1000)]
+    value = inbound.rejected_header(names)
+    assert len(value) <= inbound.REJECTED_HEADER_MAX
+    assert value.endswith(",...")
+    assert all(n in names for n in value.removesuffix(",...").split(","))
+    assert inbound.rejected_header(["a", "b"]) == "a,b"
+
+
+# --------------------------------------------------------------------------- body encodings
+
+
+def test_identity_bodies_are_untouched() -> None:
+    assert inbound.decode_body(b"{}", "identity", 10) == b"{}"
+    assert inbound.decode_body(b"{}", "", 10) == b"{}"
+
+
+def test_gzip_and_deflate_are_decoded() -> None:
+    data = b'{"model":"gpt-4o"}'
+    assert inbound.decode_body(gzip.compress(data), "gzip", 100) == data
+    assert inbound.decode_body(gzip.compress(data), "x-gzip", 100) == data
+    assert inbound.decode_body(zlib.compress(data), "deflate", 100) == data
+    raw = zlib.compressobj(wbits=-zlib.MAX_WBITS)
+    assert inbound.decode_body(raw.compress(data) + raw.flush(), "Deflate", 100) == data
+
+
+def test_limit_applies_to_decoded_bytes() -> None:
+    bomb = gzip.compress(b"\0" * (50 << 20))  # 50 MB of zeros in about 50 KB
+    assert len(bomb) < 100_000
+    assert _code(inbound.decode_body, bomb, "gzip", 1 << 20) is ErrorCode.REQUEST_TOO_LARGE
+    assert len(inbound.decode_body(bomb, "gzip", 50 << 20)) == 50 << 20
+
+
+@pytest.mark.parametrize("coding", ["br", "zstd", "compress", "gzip, gzip", "made-up"])
+def test_other_encodings_are_unsupported(coding: str) -> None:
+    assert _code(inbound.decode_body, b"x", coding, 100) is ErrorCode.UNSUPPORTED_MEDIA
+
+
+@pytest.mark.parametrize(
+    "body", [b"not gzip at all", gzip.compress(b"{}")[:-6], gzip.compress(b"{}") + b"junk"]
+)
+def test_bytes_that_are_not_what_their_encoding_says_are_invalid(body: bytes) -> None:
+    assert _code(inbound.decode_body, body, "gzip", 100) is ErrorCode.INVALID_REQUEST
+
+
+# --------------------------------------------------------------------------- JSON
+
+
+def test_valid_json_orjson_refuses_is_read_and_written_back() -> None:
+    body = b'{"messages":[{"content":"\\ud800 lone"}],"seed":123456789012345678901234567890}'
+    data = inbound.parse_json(body)
+    assert data["seed"] == 123456789012345678901234567890
+    out = inbound.dump_json({**data, "model": "x"})
+    assert json.loads(out) == {**json.loads(body), "model": "x"}
+
+
+@pytest.mark.parametrize("body", [b"{", b'{"a": NaN}', b'{"a": Infinity}', b"\xff", b"[" * 100_000])
+def test_invalid_json_is_refused(body: bytes) -> None:
+    assert _code(inbound.parse_json, body) is ErrorCode.INVALID_JSON
+
+
+# --------------------------------------------------------------------------- query strings
+
+
+def test_credential_parameters_are_stripped() -> None:
+    q = "alt=sse&key=ak-secret&API_KEY=x&beta=true&access_key=y&token=z"
+    assert inbound.strip_credentials(q) == "alt=sse&beta=true"
+    assert inbound.strip_credentials("a=1&b=tok%2Dvalue", ["tok-value"]) == "a=1"
+    assert inbound.strip_credentials("") == ""
+
+
+def test_logged_query_hides_credential_values() -> None:
+    shown = inbound.redact_query("beta=true&key=ak-secret&api_key=x")
+    assert shown == "beta=true&key=***&api_key=***"
+    assert "secret" not in shown
