@@ -9,8 +9,9 @@ ENV PIP_NO_CACHE_DIR=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 WORKDIR /src
 COPY . .
-# The project's own wheel plus a wheel for every dependency.
-RUN pip wheel --wheel-dir /wheels .
+# The project's own wheel plus a wheel for every dependency, at the versions
+# constraints.txt pins (the ones `make test` ran against).
+RUN pip wheel --wheel-dir /wheels -c constraints.txt .
 
 FROM python:3.11-slim
 LABEL org.opencontainers.image.title="ai-gateway-sidecar" \

@@ -2,29 +2,38 @@
 PYTHON ?= python3
 VENV   := .venv
 BIN    := $(VENV)/bin
-STAMP  := $(VENV)/.installed
+# Two stamps: `make run` installs only what running needs; test, lint and bench add the
+# test extras (pytest, SDKs, linters) on top.
+RUN_STAMP  := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+# Extra arguments for `sidecar demo`, e.g. make run ARGS="--listen 127.0.0.1:18080"
+ARGS :=
 
 .PHONY: run test lint bench clean
 
 # constraints.txt pins the whole environment (a freeze of a clean install), so a new
 # release of a linter or library cannot turn CI red on its own. Refresh it on purpose.
-$(STAMP): setup.cfg constraints.txt
+$(RUN_STAMP): setup.cfg pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -c constraints.txt -e .
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): $(RUN_STAMP)
 	$(BIN)/pip install --quiet -c constraints.txt -e '.[test]'
-	touch $(STAMP)
+	touch $(TEST_STAMP)
 
-run: $(STAMP)
-	$(BIN)/sidecar serve
+run: $(RUN_STAMP)
+	$(BIN)/sidecar demo $(ARGS)
 
-lint: $(STAMP)
+lint: $(TEST_STAMP)
 	$(BIN)/ruff check sidecar tests bench
 	$(BIN)/mypy
 
-test: $(STAMP) lint
+test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q
 
-bench: $(STAMP)
+bench: $(TEST_STAMP)
 	$(BIN)/python -m bench.run
 
 clean:

@@ -1,4 +1,4 @@
-"""The `sidecar` command (SPEC §6).
+"""The `sidecar` command (docs/reference.md#commands).
 
 Thin: each subcommand parses arguments, calls the library, and raises. Only
 `main()` turns errors into exit codes: 0 ok, 1 user error (one message on
@@ -8,12 +8,15 @@ stderr), 2 usage error (argparse). Secret values come from stdin only.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import getpass
+import os
 import secrets as _random
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING, Final
 
 from sidecar import __version__
 from sidecar.crypto import Opener, generate_private_key, write_private_key
@@ -29,6 +32,21 @@ from sidecar.vault import (
     parse_iso,
     read_vault,
     set_secret,
+)
+
+if TYPE_CHECKING:
+    from sidecar.config import HostPort
+
+# Config, server and demo modules are imported where used: vault edits stay fast to start.
+
+CONFIG_ENV: Final = "SIDECAR_CONFIG"
+# `sidecar demo` defaults (tests hold them equal to `sidecar.demo.DEFAULTS`).
+_DEMO_LISTEN: Final = "127.0.0.1:8080"
+_DEMO_ADMIN_LISTEN: Final = "127.0.0.1:9090"
+_DEMO_MOCK_LISTEN: Final = "127.0.0.1:8089"
+_NO_CONFIG: Final = (
+    f"no config: pass --config PATH or set {CONFIG_ENV} "
+    "(for the self-contained demo, run `sidecar demo`)"
 )
 
 
@@ -49,6 +67,21 @@ def _usd(value: str) -> float:
     if amount < 0 or amount != amount or amount == float("inf"):
         raise argparse.ArgumentTypeError("expected a non-negative amount in USD")
     return amount
+
+
+def _address(value: str) -> HostPort:
+    from sidecar.config import parse_host_port
+
+    try:
+        return parse_host_port(value)
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _config_path(args: argparse.Namespace) -> Path | None:
+    """`--config`, else `SIDECAR_CONFIG`, else None."""
+    value = args.config or os.environ.get(CONFIG_ENV)
+    return Path(value) if value else None
 
 
 def _read_stdin_secret(what: str) -> Secret:
@@ -126,15 +159,24 @@ def cmd_access_key_set_credits(args: argparse.Namespace) -> None:
 
 def cmd_access_key_list(args: argparse.Namespace) -> None:
     doc = read_vault(Path(args.vault))
-    _out("NAME\tSTATUS\tCREDITS_USD\tPROVIDERS\tMODELS\tATTACHED\tCREATED\tREVOKED")
-    for name in sorted(doc.access_keys):
+    names = sorted(doc.access_keys)
+    spent = _spent_from_ledger(_config_path(args), names)
+    _out("NAME\tSTATUS\tCREDITS_USD\tSPENT_USD\tREMAINING_USD\tPROVIDERS\tMODELS\tATTACHED\tCREATED\tREVOKED")  # fmt: skip
+    for name in names:
         e = doc.access_keys[name]
+        if spent is None:
+            spent_usd = remaining_usd = "unknown"
+        else:
+            spent_usd = _usd_text(spent.get(name, 0))
+            remaining_usd = _usd_text(round(e.credits_usd * 1_000_000) - spent.get(name, 0))
         _out(
             "\t".join(
                 [
                     name,
                     "revoked" if e.revoked else "active",
                     f"{e.credits_usd:.2f}",
+                    spent_usd,
+                    remaining_usd,
                     ",".join(e.allowed_providers) or "*",
                     ",".join(e.allowed_models) or "*",
                     str(len(e.attached)),
@@ -145,12 +187,101 @@ def cmd_access_key_list(args: argparse.Namespace) -> None:
         )
 
 
+def _usd_text(micro_usd: int) -> str:
+    """Micro-USD as USD with cents, rounded half away from zero (exact: integers only)."""
+    cents, rest = divmod(abs(micro_usd), 10_000)
+    cents += rest >= 5_000
+    sign = "-" if micro_usd < 0 and cents else ""
+    return f"{sign}{cents // 100}.{cents % 100:02d}"
+
+
+def _spent_from_ledger(config_path: Path | None, names: Sequence[str]) -> Mapping[str, int] | None:
+    """Spend per access key (micro-USD) from the ledger the config names.
+
+    None, with one note on stderr, when it cannot be known: no config, an
+    in-memory ledger (only the running sidecar has it) or an unreachable one.
+    """
+    from sidecar.config import load_config
+    from sidecar.ledger import LedgerUnavailable, open_ledger, parse_ledger_url
+    from sidecar.ledger.sqlite import MEMORY
+
+    if config_path is None:
+        print(f"note: spent unknown: name the config (--config PATH or {CONFIG_ENV}) "
+              "to read its ledger", file=sys.stderr)  # fmt: skip
+        return None
+    config = load_config(config_path)
+    _, target = parse_ledger_url(config.ledger.url)
+    if target == MEMORY:
+        print("note: spent unknown: the ledger is in memory (sqlite://:memory:); "
+              "only the running sidecar has it", file=sys.stderr)  # fmt: skip
+        return None
+    # Read only: a file created here (by another user, say root) would lock the sidecar out.
+    ledger = open_ledger(config.ledger.url, base_dir=config.base_dir, create=False)
+
+    async def read() -> dict[str, int]:
+        try:
+            return {name: await ledger.spent(name) for name in names}
+        finally:
+            await ledger.close()
+
+    try:
+        return asyncio.run(read())
+    except LedgerUnavailable as exc:
+        print(f"note: spent unknown: {exc}", file=sys.stderr)
+        return None
+
+
 def cmd_provider_key_attach(args: argparse.Namespace) -> None:
+    vault = Path(args.vault)
+    # Read before the secret, so a bad --config fails before anything is typed or sealed.
+    declared = _declared_providers(vault, Path(args.config) if args.config else None)
     value = _read_stdin_secret(f"{args.provider} key")
     key_id = args.id or f"{args.provider}-{_random.token_hex(4)}"
-    with edit_vault(Path(args.vault)) as doc:
+    with edit_vault(vault) as doc:
         attach_key(doc, args.access_key, args.provider, key_id, value)
     _out(key_id)
+    warning = _unknown_provider_warning(args.provider, declared)
+    if warning:
+        print(f"warning: {warning}", file=sys.stderr)
+
+
+def _declared_providers(vault: Path, config: Path | None) -> dict[Path, set[str]]:
+    """Provider ids per config: the `--config` one, or every config beside the vault.
+
+    A config beside the vault is a `*.yaml`/`*.yml` regular file in the vault's
+    folder that loads and whose `vault.path` is this vault; others are skipped.
+    """
+    from sidecar.config import load_config
+
+    if config is not None:
+        return {config: {p.id for p in load_config(config).providers}}
+    found: dict[Path, set[str]] = {}
+    target = vault.resolve()
+    candidates = sorted([*vault.parent.glob("*.yaml"), *vault.parent.glob("*.yml")])
+    for path in candidates:
+        if not path.is_file():  # a FIFO or device would block the read
+            continue
+        try:
+            loaded = load_config(path)
+        except ConfigError:
+            continue
+        if loaded.vault.path.resolve() == target:
+            found[path] = {p.id for p in loaded.providers}
+    return found
+
+
+def _unknown_provider_warning(provider: str, declared: Mapping[Path, set[str]]) -> str | None:
+    """Why `provider` looks like a typo, or None when it is built in or declared."""
+    from sidecar.config import BUILTIN_PROVIDERS
+
+    if provider in BUILTIN_PROVIDERS or any(provider in ids for ids in declared.values()):
+        return None
+    head = f"provider {provider!r} is not built in ({', '.join(BUILTIN_PROVIDERS)})"
+    if not declared:
+        return (f"{head} and no config beside the vault uses this vault to declare it "
+                "(pass --config PATH to check against one)")  # fmt: skip
+    where = ", ".join(str(p) for p in declared)
+    return f"{head} and not declared in {where}; `sidecar check` will report the key"
 
 
 def cmd_provider_key_detach(args: argparse.Namespace) -> None:
@@ -198,18 +329,22 @@ def cmd_migrate(args: argparse.Namespace) -> None:
 
 
 def cmd_serve(args: argparse.Namespace) -> None:
+    config = _config_path(args)
+    if config is None:
+        args.usage_error(_NO_CONFIG)  # exits 2; never a silent demo
+        return
     from sidecar.server import serve_forever
 
-    if args.config is None:
-        from sidecar.demo import run_demo
+    serve_forever(config)
 
-        run_demo(Path(args.demo_dir))
-        return
-    serve_forever(Path(args.config))
+
+def cmd_demo(args: argparse.Namespace) -> None:
+    from sidecar.demo import DemoAddresses, run_demo
+
+    run_demo(Path(args.dir), DemoAddresses(args.listen, args.admin_listen, args.mock_listen))
 
 
 def cmd_mock_provider(args: argparse.Namespace) -> None:
-
     from sidecar.config import parse_host_port
     from sidecar.mock_provider import run
 
@@ -242,11 +377,25 @@ def build_parser() -> argparse.ArgumentParser:
         sp.add_argument("--vault", required=True, metavar="PATH", help="the vault file (JSON)")
 
     s = sub.add_parser("serve", help="run the proxy and the admin server",
-                       description="Run the proxy and the admin server. Without --config, run the "
-                       "self-contained demo (mock provider, demo vault and access key).")  # fmt: skip
-    s.add_argument("--config", metavar="PATH", help="config file (YAML); omit for the demo")
-    s.add_argument("--demo-dir", default=".demo", metavar="DIR", help=argparse.SUPPRESS)
-    s.set_defaults(func=cmd_serve)
+                       description="Run the proxy and the admin server with the config named by "
+                       f"--config or ${CONFIG_ENV}. Without either, exit 2 (try `sidecar demo`).")  # fmt: skip
+    s.add_argument("--config", metavar="PATH", help=f"config file (YAML); default ${CONFIG_ENV}")
+    s.set_defaults(func=cmd_serve, usage_error=s.error)
+
+    s = sub.add_parser("demo", help="run a self-contained demo (mock provider, demo keys)",
+                       description="Run the mock provider and the sidecar with a demo vault, key "
+                       "pair, access key and config, created in --dir on first run; print a working "
+                       "curl line. Ctrl-C stops everything. Port 0 picks a free port.")  # fmt: skip
+    s.add_argument("--dir", default=".demo", metavar="DIR",
+                   help="state folder for the demo's files (default .demo)")  # fmt: skip
+    # String defaults go through `type` too, so the config module loads only for `demo`.
+    s.add_argument("--listen", type=_address, default=_DEMO_LISTEN, metavar="ADDR",
+                   help=f"proxy address (default {_DEMO_LISTEN})")  # fmt: skip
+    s.add_argument("--admin-listen", type=_address, default=_DEMO_ADMIN_LISTEN, metavar="ADDR",
+                   help=f"admin address (default {_DEMO_ADMIN_LISTEN})")  # fmt: skip
+    s.add_argument("--mock-listen", type=_address, default=_DEMO_MOCK_LISTEN, metavar="ADDR",
+                   help=f"mock provider address (default {_DEMO_MOCK_LISTEN})")  # fmt: skip
+    s.set_defaults(func=cmd_demo)
 
     s = sub.add_parser("keygen", help="create the pod's key pair",
                        description="Write a new private key (mode 0600) and print its public key.")  # fmt: skip
@@ -325,11 +474,15 @@ def build_parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_access_key_set_credits)
     s = ak.add_parser(
         "list",
-        help="names, scopes, credits, dates (never hashes or keys)",
-        description="List access keys: name, status, credit grant, allowed providers and models, "
-        "number of attached keys, creation and revocation times. Never keys or hashes.",
+        help="names, scopes, credits, spend, dates (never hashes or keys)",
+        description="List access keys: name, status, credit grant, spent and remaining credits "
+        "(read from the ledger of the config named by --config or $SIDECAR_CONFIG; `unknown` "
+        "without one), allowed providers and models, number of attached keys, creation and "
+        "revocation times. Never keys or hashes.",
     )
     vault_arg(s)
+    s.add_argument("--config", metavar="PATH",
+                   help=f"config whose ledger holds the spend (default ${CONFIG_ENV})")  # fmt: skip
     s.set_defaults(func=cmd_access_key_list)
 
     pk = sub.add_parser(
@@ -344,6 +497,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument(
         "--id", metavar="ID", type=_name("key id"), help="non-secret id (default: generated)"
     )
+    s.add_argument("--config", metavar="PATH",
+                   help="config declaring the providers (default: the configs beside the vault "
+                   "that use it); an unknown provider gets a warning")  # fmt: skip
     s.set_defaults(func=cmd_provider_key_attach)
     s = pk.add_parser(
         "detach",

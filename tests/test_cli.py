@@ -1,7 +1,8 @@
-"""The `sidecar` command (SPEC §6), in-process through `main(argv)` and as real processes."""
+"""The `sidecar` command (docs/reference.md#commands), in-process through `main(argv)` and as real processes."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import contextlib
 import io
@@ -9,6 +10,7 @@ import os
 import stat
 import subprocess
 import sys
+import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,6 +21,7 @@ import pytest
 
 from sidecar.cli import main
 from sidecar.crypto import PRIVATE_KEY_ENV, Opener, load_private_key
+from sidecar.ledger import open_ledger
 from sidecar.vault import hash_access_key, open_vault, read_vault
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +48,7 @@ providers:
 @pytest.fixture(autouse=True)
 def _no_env_private_key(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.delenv(PRIVATE_KEY_ENV, raising=False)
+    monkeypatch.delenv("SIDECAR_CONFIG", raising=False)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -80,6 +84,7 @@ def cli(*argv: str, stdin: str = "") -> Run:
 def proc_env() -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
     env.pop(PRIVATE_KEY_ENV, None)
+    env.pop("SIDECAR_CONFIG", None)
     return env
 
 
@@ -163,6 +168,14 @@ def assert_one_error_line(result: Run, *fragments: str) -> None:
     assert result.err.count("\n") == 1, result.err
     for fragment in fragments:
         assert fragment in result.err
+
+
+def table(out: str) -> dict[str, dict[str, str]]:
+    """A tab-separated listing with a header line, keyed by its first column."""
+    header, *lines = out.splitlines()
+    columns = header.split("\t")
+    rows = [dict(zip(columns, line.split("\t"), strict=True)) for line in lines]
+    return {row[columns[0]]: row for row in rows}
 
 
 def temp_files(directory: Path) -> list[str]:
@@ -312,9 +325,10 @@ def test_access_key_create_with_scope_and_credits(dep: Deployment) -> None:
     assert entry["credits_usd"] == 12.5
     assert entry["allowed_providers"] == ["anthropic", "openai"]
     assert entry["allowed_models"] == ["gpt-4o*"]
-    listed = dep.ok("access-key", "list", "--vault", str(dep.vault)).out.splitlines()
-    row = next(line for line in listed if line.startswith("team\t")).split("\t")
-    assert row[1:6] == ["active", "12.50", "anthropic,openai", "gpt-4o*", "0"]
+    listed = dep.ok("access-key", "list", "--vault", str(dep.vault)).out
+    row = table(listed)["team"]
+    columns = ("STATUS", "CREDITS_USD", "PROVIDERS", "MODELS", "ATTACHED")
+    assert [row[c] for c in columns] == ["active", "12.50", "anthropic,openai", "gpt-4o*", "0"]
 
 
 def test_access_key_create_refuses_a_duplicate_name(dep: Deployment) -> None:
@@ -471,6 +485,196 @@ def test_cli_edits_leave_no_temp_files(dep: Deployment) -> None:
     dep.ok("access-key", "revoke", "--vault", str(dep.vault), "checkout")
     cli("access-key", "create", "--vault", str(dep.vault), "checkout")  # fails: exists
     assert temp_files(dep.root) == []
+
+
+OLLAMA = "{id: ollama, base_url: 'http://127.0.0.1:11434/v1', format: openai, auth: none}"
+
+
+def _attach(dep: Deployment, provider: str, *extra: str) -> Run:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    return dep.run(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", provider, "--id", "k1", *extra, stdin=ATTACHED_ONE,
+    )  # fmt: skip
+
+
+def test_attach_warns_about_a_misspelt_provider(dep: Deployment) -> None:
+    result = _attach(dep, "opnai")
+    assert result.code == 0, result
+    assert result.out == "k1\n"  # still attached: the config may be written later
+    assert result.err.startswith("warning: ")
+    assert result.err.count("\n") == 1, result.err
+    for fragment in ("'opnai'", "openai, anthropic", str(dep.config)):
+        assert fragment in result.err
+    assert ATTACHED_ONE not in result.text
+    (rec,) = open_vault(read_vault(dep.vault), dep.opener())[0].access_keys
+    assert [a.provider for a in rec.attached] == ["opnai"]
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_attach_to_a_builtin_provider_is_silent(dep: Deployment, provider: str) -> None:
+    result = _attach(dep, provider)
+    assert (result.code, result.err) == (0, ""), result
+
+
+def test_attach_to_a_provider_declared_beside_the_vault_is_silent(dep: Deployment) -> None:
+    dep.write_config(f"  - {OLLAMA}\n")
+    result = _attach(dep, "ollama")
+    assert (result.code, result.err) == (0, ""), result
+
+
+def test_attach_ignores_a_config_beside_the_vault_for_another_vault(dep: Deployment) -> None:
+    dep.write_config(f"  - {OLLAMA}\n")
+    text = dep.config.read_text().replace("path: vault.json", "path: other.json")
+    dep.config.write_text(text)
+    result = _attach(dep, "ollama")
+    assert result.code == 0, result
+    assert "warning: " in result.err
+    assert "no config beside" in result.err
+
+
+def test_attach_with_an_explicit_config(dep: Deployment, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "elsewhere.yaml"
+    elsewhere.write_text(f"vault: {{path: deploy/vault.json}}\nproviders: [{OLLAMA}]\n")
+    result = _attach(dep, "ollama", "--config", str(elsewhere))
+    assert (result.code, result.err) == (0, ""), result
+    result = dep.run(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", "mistral", "--config", str(elsewhere), stdin=ATTACHED_TWO,
+    )  # fmt: skip
+    assert result.code == 0, result
+    assert "'mistral'" in result.err
+    assert str(elsewhere) in result.err
+
+
+def test_attach_with_an_unreadable_explicit_config_is_a_user_error(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout")
+    before = dep.vault.read_bytes()
+    result = dep.run(
+        "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
+        "--provider", "ollama", "--config", str(dep.root / "nosuch.yaml"), stdin=ATTACHED_ONE,
+    )  # fmt: skip
+    assert result.code == 1, result
+    assert "nosuch.yaml" in result.err
+    assert dep.vault.read_bytes() == before
+
+
+# --------------------------------------------------------------------------- spend in access-key list
+
+
+def _spend(dep: Deployment, name: str, micro_usd: int) -> None:
+    async def add() -> None:
+        ledger = open_ledger("sqlite:///ledger.db", base_dir=dep.root)  # the config's default
+        try:
+            await ledger.add_spend(name, micro_usd)
+        finally:
+            await ledger.close()
+
+    asyncio.run(add())
+
+
+def test_access_key_list_shows_spent_and_remaining_from_the_ledger(dep: Deployment) -> None:
+    v = str(dep.vault)
+    dep.ok("access-key", "create", "--vault", v, "checkout", "--credits", "5")
+    dep.ok("access-key", "create", "--vault", v, "idle", "--credits", "2")
+    dep.ok("access-key", "create", "--vault", v, "over", "--credits", "1")
+    _spend(dep, "checkout", 1_250_000)
+    _spend(dep, "over", 1_500_000)
+    result = dep.ok("access-key", "list", "--vault", v, "--config", str(dep.config))
+    rows = table(result.out)
+    assert {n: (r["CREDITS_USD"], r["SPENT_USD"], r["REMAINING_USD"]) for n, r in rows.items()} == {
+        "checkout": ("5.00", "1.25", "3.75"),
+        "idle": ("2.00", "0.00", "2.00"),
+        "over": ("1.00", "1.50", "-0.50"),
+    }
+    assert result.err == ""
+
+
+def test_access_key_list_never_creates_the_ledger(dep: Deployment) -> None:
+    # Run as another user (root on the host), a created file would lock the sidecar out.
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout", "--credits", "5")
+    result = dep.ok("access-key", "list", "--vault", str(dep.vault), "--config", str(dep.config))
+    row = table(result.out)["checkout"]
+    assert (row["SPENT_USD"], row["REMAINING_USD"]) == ("0.00", "5.00")
+    assert sorted(p.name for p in dep.root.iterdir() if "ledger" in p.name) == []
+
+
+def test_access_key_list_reads_the_ledger_named_by_sidecar_config(
+    dep: Deployment, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout", "--credits", "5")
+    _spend(dep, "checkout", 10_000)
+    monkeypatch.setenv("SIDECAR_CONFIG", str(dep.config))
+    row = table(dep.ok("access-key", "list", "--vault", str(dep.vault)).out)["checkout"]
+    assert (row["SPENT_USD"], row["REMAINING_USD"]) == ("0.01", "4.99")
+
+
+def test_access_key_list_without_a_config_does_not_guess_spend(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout", "--credits", "5")
+    _spend(dep, "checkout", 1_250_000)
+    result = dep.ok("access-key", "list", "--vault", str(dep.vault))
+    row = table(result.out)["checkout"]
+    assert row["CREDITS_USD"] == "5.00"
+    assert (row["SPENT_USD"], row["REMAINING_USD"]) == ("unknown", "unknown")
+    assert result.err.count("\n") == 1, result.err
+    assert "--config" in result.err
+    assert "SIDECAR_CONFIG" in result.err
+
+
+def test_access_key_list_with_an_unreachable_ledger_says_unknown(dep: Deployment) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout", "--credits", "5")
+    dep.write_config("ledger: {url: 'redis://:hunter2-LEAKPROBE@127.0.0.1:1/0'}\n")
+    result = dep.run("access-key", "list", "--vault", str(dep.vault), "--config", str(dep.config))
+    assert result.code == 0, result
+    row = table(result.out)["checkout"]
+    assert (row["SPENT_USD"], row["REMAINING_USD"]) == ("unknown", "unknown")
+    assert "ledger" in result.err
+    assert "hunter2-LEAKPROBE" not in result.text
+
+
+# --------------------------------------------------------------------------- serve needs a config
+
+
+def test_serve_without_a_config_is_a_usage_error(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.chdir(tmp_path)
+    result = cli("serve")
+    assert result.code == 2, result
+    assert result.out == ""
+    assert result.err.startswith("usage: sidecar serve")
+    assert "--config" in result.err
+    assert "SIDECAR_CONFIG" in result.err
+    assert "sidecar demo" in result.err
+    assert list(tmp_path.iterdir()) == []  # no .demo/ created
+
+
+def test_serve_without_a_config_as_a_process(tmp_path: Path) -> None:
+    proc = run_proc("serve", cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr
+    assert "SIDECAR_CONFIG" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_serve_takes_the_config_from_sidecar_config(dep: Deployment) -> None:
+    dep.config.write_text(dep.config.read_text().replace(":18080", ":0").replace(":19090", ":0"))
+    err = dep.root / "serve.err"
+    with err.open("wb") as fh:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "sidecar", "serve"], stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL, stderr=fh, cwd=dep.root,
+            env={**proc_env(), "SIDECAR_CONFIG": str(dep.config)},
+        )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 20
+        while b'"listening"' not in err.read_bytes():
+            assert proc.poll() is None, err.read_text()
+            assert time.monotonic() < deadline, err.read_text()
+            time.sleep(0.05)
+    finally:
+        proc.terminate()
+        assert proc.wait(timeout=30) == 0, err.read_text()
+    assert not (dep.root / ".demo").exists()
 
 
 # --------------------------------------------------------------------------- check
@@ -693,6 +897,9 @@ def test_no_secret_value_in_any_output(dep: Deployment) -> None:
         ["provider-key", "detach", "--vault", "v.json", "--access-key", "a"],
         ["check"],
         ["keygen", "--private-key", "k", "--surprise"],
+        ["demo", "--listen", "nowhere"],
+        ["demo", "--mock-listen", "127.0.0.1:99999"],
+        ["access-key", "list"],
     ],
 )
 def test_usage_errors_exit_2(tmp_path: Path, argv: list[str]) -> None:
@@ -722,6 +929,7 @@ def test_user_error_exit_1_as_a_process(tmp_path: Path) -> None:
 HELP_COMMANDS = [
     pytest.param([], id="sidecar"),
     pytest.param(["serve"], id="serve"),
+    pytest.param(["demo"], id="demo"),
     pytest.param(["keygen"], id="keygen"),
     pytest.param(["vault", "init"], id="vault-init"),
     pytest.param(["secret", "set"], id="secret-set"),
@@ -774,8 +982,8 @@ def test_command_groups_list_their_commands(group: str, commands: list[str]) -> 
 def test_top_level_help_lists_every_command() -> None:
     out = cli("--help").out
     for command in (
-        "serve", "keygen", "vault", "secret", "access-key", "provider-key", "migrate", "check",
-        "mock-provider",
+        "serve", "demo", "keygen", "vault", "secret", "access-key", "provider-key", "migrate",
+        "check", "mock-provider",
     ):  # fmt: skip
         assert command in out
 
