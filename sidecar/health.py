@@ -1,4 +1,4 @@
-"""Key health (SPEC §2): what an attempt's outcome means, and cooldowns.
+"""Key health (docs/reference.md#key-health): what an attempt's outcome means, and cooldowns.
 
 Pure and clock-injected. Health is kept per (provider, key value) — the
 `ProviderKey.health_id` — so it survives reloads for keys that still exist.

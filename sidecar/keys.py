@@ -1,4 +1,4 @@
-"""Provider-key lookup (SPEC §2): which source's keys serve a provider for an access key.
+"""Provider-key lookup (docs/reference.md#provider-keys): which source's keys serve a provider for an access key.
 
 The order is fixed: keys **attached** to the access key, else the config's
 **policy** keys, else the operator's **managed** keys. The first source that

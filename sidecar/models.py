@@ -1,4 +1,4 @@
-"""Model resolution (SPEC §3): which provider serves a model name, and under what name.
+"""Model resolution (docs/reference.md#model-names): which provider serves a model name, and under what name.
 
 Order: an explicit `provider:model` prefix (only when the prefix is a known
 provider, so `llama3.2:1b` stays a model name); then the `models:` lists of

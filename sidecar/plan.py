@@ -1,4 +1,4 @@
-"""The failover plan (SPEC §2): which (model, key) pairs a request may try, in order.
+"""The failover plan (docs/reference.md#failover-and-key-health): which (model, key) pairs a request may try, in order.
 
 Pure: given the runtime snapshot, the caller, the requested model names and
 key health, it returns the candidates or raises the `ProxyError` the caller

@@ -1,4 +1,4 @@
-"""Attached provider keys end to end (SPEC §2), with the official SDKs against a running sidecar.
+"""Attached provider keys end to end (docs/reference.md#provider-keys), with the official SDKs against a running sidecar.
 
 Attached keys belong to one access key and one provider: they replace the
 policy keys for that provider only, newest first, and a cooling attached key

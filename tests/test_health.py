@@ -1,4 +1,4 @@
-"""Cooldown rules of SPEC §2, with an injected clock."""
+"""Cooldown rules (docs/reference.md#key-health), with an injected clock."""
 
 from __future__ import annotations
 
