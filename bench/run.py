@@ -1,34 +1,38 @@
-"""`make bench`: the sidecar against the mock directly and against a bare pass-through.
+"""`make bench`: CPU time per request of the sidecar against a bare pass-through, under wrk.
 
-Three targets, each server in its own process, all on uvloop with access logs off:
+Load comes from `wrk` (C, `bench/chat.lua`), so the load generator is not
+what saturates. Each server runs in its own process:
 
 - **direct**: the mock provider (`sidecar mock-provider`), no proxy at all;
 - **pass-through**: `bench.passthrough`, which only swaps the auth header —
-  the ceiling for any proxy on aiohttp;
-- **sidecar**: `sidecar serve --config` with a policy key pointing at the mock.
+  the floor of any proxy's cost on aiohttp;
+- **sidecar**: `sidecar serve --config` with one policy key pointing at the
+  mock and the default config (metrics, metering, access log on, written to
+  a file);
+- **sidecar-nolog** (only when asked for with `--targets`): the same with
+  `log: {access_log: false}`.
 
-One load-generator process (aiohttp client, one `ClientSession`, uvloop)
-keeps `--concurrency` requests in flight (closed loop) for `--duration`
-seconds after a warm-up, for OpenAI chat completions without and with
-`stream: true`. Targets alternate within a round and the start rotates from
-round to round; the table shows the median over `--rounds`. After that: one
-sidecar round with the access log on, and an unloaded pass (one request in
-flight) whose p50 difference is the sidecar's own per-request latency, free
-of queueing.
-
-The machine's cores are shared by the load generator, the proxy and the mock,
-so absolute numbers are a property of this machine; the ratio sidecar ÷
-pass-through (same processes, same load, same moment) is the number to watch.
-Exit status is non-zero only when a server does not start or a target
-answers more than 1% of its requests with an error — never because of a ratio.
-How to read the table: bench/README.md.
+For a non-streaming and a streaming OpenAI chat completion, wrk holds
+`--connections` keep-alive connections busy for `--duration` seconds per
+target; targets alternate within a round, the starting target rotating from
+round to round, and the tables show the median over `--rounds`. The headline
+is each proxy's CPU time per completed request (user + system time from
+/proc/<pid>/stat over the run, divided by wrk's completed requests) and the
+ratio sidecar ÷ pass-through of that number. Exit status is non-zero only
+when wrk is missing, a server does not start or dies, a smoke request fails,
+or a run answers more than 1% of its requests with an error — never because
+of a ratio. How to read the output: bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
+import contextlib
+import json
 import os
+import re
+import resource
+import shutil
 import signal
 import socket
 import statistics
@@ -36,50 +40,124 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from collections import Counter
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Final
 
-import aiohttp
-import orjson
-import uvloop
-
-from sidecar.crypto import Opener, generate_private_key, write_private_key
-from sidecar.secret import Secret
-from sidecar.vault import (
-    add_access_key,
-    create_vault,
-    edit_vault,
-    set_secret,
-)
-
 REPO: Final = Path(__file__).resolve().parents[1]
-TARGET_RATIO: Final = 0.85
+LUA: Final = Path(__file__).resolve().parent / "chat.lua"
+MODES: Final = ("json", "stream")
+TARGETS: Final = ("direct", "pass-through", "sidecar", "sidecar-nolog")
+DEFAULT_TARGETS: Final = ("direct", "pass-through", "sidecar")
 MAX_ERROR_RATE: Final = 0.01
-_START_TIMEOUT: Final = 20.0
-# Connections stay open between visits, so later visits to a target only refill the pipeline.
-_REWARM: Final = 0.25
-_NAN: Final = float("nan")
+_START_TIMEOUT: Final = 30.0
+_BUSY_PERCENT: Final = 25.0  # other processes' CPU, % of a core, above which to warn
+_SETTLE: Final = 0.1  # after wrk exits: let the servers finish the requests it cut off
 _UPSTREAM_KEY: Final = "sk-bench-upstream"
 _PATH: Final = "/v1/chat/completions"
-_PROMPT: Final = [{"role": "user", "content": "Say hello to the benchmark, please."}]
-_BODIES: Final = {
-    "non-stream": orjson.dumps({"model": "gpt-4o-mini", "messages": _PROMPT}),
-    "stream": orjson.dumps({"model": "gpt-4o-mini", "messages": _PROMPT, "stream": True}),
-}
-_MODES: Final = tuple(_BODIES)
-# `sidecar mock-provider` itself, on uvloop: the CLI calls asyncio.run, which follows the policy.
-_MOCK_BOOT: Final = "; ".join(
-    (
-        "import sys, uvloop",
-        "uvloop.install()",
-        "from sidecar.cli import main",
-        "sys.exit(main(sys.argv[1:]))",
-    )
-)
+_RESULT_MARK: Final = "BENCH-RESULT "
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_PROMPT: Final = b'"messages":[{"role":"user","content":"Say hello to the benchmark, please."}]'
+_BODIES: Final = {  # what bench/chat.lua sends
+    "json": b'{"model":"gpt-4o-mini",' + _PROMPT + b"}",
+    "stream": b'{"model":"gpt-4o-mini",' + _PROMPT + b',"stream":true}',
+}
+_STREAM_END: Final = b"data: [DONE]\n\n"
+_NAN: Final = float("nan")
+
+
+class BenchError(Exception):
+    """A setup failure or a server that stopped: printed, exit status 1."""
+
+
+# --------------------------------------------------------------------------- wrk and cores
+
+
+def find_wrk() -> str:
+    """The wrk binary; installed with apt-get when missing and we are root on Debian/Ubuntu."""
+    found = shutil.which("wrk")
+    if found:
+        return found
+    hint = "install it with `sudo apt-get install -y wrk` (Debian/Ubuntu) and run again"
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        raise BenchError(f"the benchmark needs wrk (a C HTTP load generator): {hint}")
+    print("wrk is missing: running `apt-get install -y wrk`", file=sys.stderr, flush=True)
+    for argv in (["apt-get", "install", "-y", "-q", "wrk"], ["apt-get", "update", "-q"],
+                 ["apt-get", "install", "-y", "-q", "wrk"]):  # fmt: skip
+        if subprocess.run(argv, stdout=sys.stderr).returncode == 0 and shutil.which("wrk"):
+            break
+    found = shutil.which("wrk")
+    if not found:
+        raise BenchError(f"`apt-get install -y wrk` did not install wrk: {hint}")
+    return found
+
+
+@dataclass(frozen=True, slots=True)
+class Cores:
+    """Where processes run: `server` for the server under test, `load` for wrk and the mock."""
+
+    load: int | None = None
+    server: int | None = None
+
+    @classmethod
+    def choose(cls, pin: bool) -> Cores:
+        """The first two usable cores, or no pinning (asked for, or fewer than 2 cores)."""
+        if not pin or not hasattr(os, "sched_getaffinity") or not shutil.which("taskset"):
+            return cls()
+        cpus = sorted(os.sched_getaffinity(0))
+        return cls(cpus[0], cpus[1]) if len(cpus) >= 2 else cls()
+
+    def prefix(self, cpu: int | None) -> list[str]:
+        """`taskset -c CPU` to start a command on `cpu`; nothing when not pinning."""
+        return ["taskset", "-c", str(cpu)] if cpu is not None else []
+
+    def describe(self) -> str:
+        if self.server is None:
+            return "not pinned"
+        return (f"server under test on core {self.server}; wrk and the mock on core "
+                f"{self.load} (the mock moves to core {self.server} for `direct`)")  # fmt: skip
+
+
+def _pin(pid: int, cpu: int | None) -> None:
+    """Move every thread of `pid` to `cpu` (affinity is per thread on Linux)."""
+    if cpu is None:
+        return
+    try:
+        tids = [int(t) for t in os.listdir(f"/proc/{pid}/task")]
+    except OSError:
+        tids = [pid]
+    for tid in tids:
+        with contextlib.suppress(OSError):
+            os.sched_setaffinity(tid, {cpu})
+
+
+def _load_average() -> str:
+    try:
+        return " ".join(f"{v:.2f}" for v in os.getloadavg())
+    except OSError:
+        return "-"
+
+
+def _machine_busy_seconds() -> float | None:
+    """CPU time the whole machine spent busy (Linux), summed over cores."""
+    try:
+        with open("/proc/stat") as f:
+            ticks = [int(v) for v in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
+    return (sum(ticks[:8]) - idle) / _CLK_TCK  # guest time is already inside user
+
+
+def _children_cpu_seconds() -> float:
+    """User + system time of reaped children: the wrk runs (the servers are never reaped mid-run)."""
+    ru = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return ru.ru_utime + ru.ru_stime
 
 
 # --------------------------------------------------------------------------- servers
@@ -95,7 +173,7 @@ class Server:
     health_url: str
 
     def cpu_seconds(self) -> float | None:
-        """User + system CPU time of the process so far (Linux), None elsewhere."""
+        """User + system CPU time of the process (all its threads) so far; None off Linux."""
         try:
             stat = Path(f"/proc/{self.proc.pid}/stat").read_text()
         except OSError:
@@ -119,8 +197,56 @@ class Server:
                 self.proc.wait(5)
 
 
-class StartError(Exception):
-    """A server did not start, or stopped while measuring."""
+@dataclass(frozen=True, slots=True)
+class Tree:
+    """The checkout whose sidecar is measured, and the Python that runs it."""
+
+    path: Path
+    python: str
+
+    @classmethod
+    def at(cls, path: Path | None) -> Tree:
+        if path is None:
+            return cls(REPO, sys.executable)
+        path = path.resolve()
+        if not (path / "sidecar" / "__init__.py").is_file():
+            raise BenchError(f"--tree {path}: no sidecar package there")
+        venv = path / ".venv" / "bin" / "python"
+        return cls(path, str(venv) if venv.exists() else sys.executable)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """What wrk hits, and the processes whose CPU time each request costs."""
+
+    name: str
+    url: str
+    token: str
+    mock: Server
+    proxy: Server | None = None  # None: the mock is hit directly
+    access_log: Path | None = None
+    admin_url: str | None = None
+
+
+@dataclass(slots=True)
+class Fleet:
+    """Every process started, so that all of them are stopped on any exit."""
+
+    servers: list[Server] = field(default_factory=list)
+    wrk: subprocess.Popen[bytes] | None = None
+
+    def check_alive(self) -> None:
+        for server in self.servers:
+            if server.proc.poll() is not None:
+                raise BenchError(f"{server.name} stopped with status {server.proc.returncode}:\n"
+                                 f"{server.tail()}")  # fmt: skip
+
+    def stop(self) -> None:
+        if self.wrk is not None and self.wrk.poll() is None:
+            self.wrk.kill()
+            self.wrk.wait(5)
+        for server in reversed(self.servers):  # proxies before the mock they talk to
+            server.stop()
 
 
 def _free_port() -> int:
@@ -129,59 +255,76 @@ def _free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def _spawn(name: str, argv: list[str], workdir: Path, health_url: str,
-           env: dict[str, str] | None = None, stdout: int | None = subprocess.DEVNULL) -> Server:  # fmt: skip
-    stderr = workdir / f"{name}.err"
-    with stderr.open("wb") as err:
-        proc = subprocess.Popen(argv, cwd=REPO, stdin=subprocess.DEVNULL, stdout=stdout, stderr=err,
-                                env={**os.environ, "PYTHONPATH": str(REPO), **(env or {})})  # fmt: skip
-    return Server(name, proc, stderr, health_url)
+def _spawn(fleet: Fleet, name: str, argv: list[str], *, tree: Tree, workdir: Path,
+           health_url: str, prefix: list[str], env: dict[str, str] | None = None,
+           stdout: Path | None = None) -> Server:  # fmt: skip
+    """Start a server in its own session (Ctrl-C reaches only us; we stop it in order)."""
+    err_path = workdir / f"{name}.err"
+    with err_path.open("wb") as err, (stdout or Path(os.devnull)).open("wb") as out:
+        proc = subprocess.Popen(
+            [*prefix, *argv], cwd=tree.path, stdin=subprocess.DEVNULL, stdout=out,
+            stderr=err, start_new_session=True,
+            env={**os.environ, "PYTHONPATH": str(tree.path), **(env or {})},
+        )  # fmt: skip
+    server = Server(name, proc, err_path, health_url)
+    fleet.servers.append(server)
+    return server
 
 
-async def _poll_ready(session: aiohttp.ClientSession, server: Server) -> None:
-    while True:
-        if server.proc.poll() is not None:
-            raise StartError(f"{server.name} exited with status {server.proc.returncode}:\n"
-                             f"{server.tail()}")  # fmt: skip
-        try:
-            async with session.get(server.health_url) as resp:
-                if resp.status == 200:
-                    return
-        except aiohttp.ClientError:
-            pass
-        await asyncio.sleep(0.05)
-
-
-async def _wait_ready(session: aiohttp.ClientSession, server: Server) -> None:
+def _http(url: str, body: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
+    headers = {"Content-Type": "application/json"} if body is not None else {}
+    if token is not None:
+        headers["Authorization"] = f"Bearer {token}"
+    req = urllib.request.Request(url, data=body, headers=headers)
     try:
-        async with asyncio.timeout(_START_TIMEOUT):
-            await _poll_ready(session, server)
-    except TimeoutError:
-        raise StartError(f"{server.name} did not become ready within {_START_TIMEOUT:.0f} s:\n"
-                         f"{server.tail()}") from None  # fmt: skip
+        with urllib.request.urlopen(req, timeout=10) as resp:
+            return int(resp.status), resp.read()
+    except urllib.error.HTTPError as exc:
+        return exc.code, exc.read()
 
 
-def _write_sidecar_env(workdir: Path) -> str:
-    """Key pair, vault with the upstream key and one access key; returns the access key."""
-    private = generate_private_key()
-    write_private_key(workdir / "sidecar.key", private)
-    vault = workdir / "vault.json"
-    create_vault(vault, Opener(private).public_key)
-    with edit_vault(vault) as doc:
-        set_secret(doc, "bench", "openai", Secret(_UPSTREAM_KEY))
-        token = add_access_key(doc, "bench")
-    return token.reveal()
+def _wait_ready(server: Server) -> None:
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        if server.proc.poll() is not None:
+            raise BenchError(f"{server.name} exited with status {server.proc.returncode}:\n"
+                             f"{server.tail()}")  # fmt: skip
+        with contextlib.suppress(OSError):
+            if _http(server.health_url)[0] == 200:
+                return
+        time.sleep(0.05)
+    raise BenchError(f"{server.name} did not become ready within {_START_TIMEOUT:.0f} s:\n"
+                     f"{server.tail()}")  # fmt: skip
 
 
-def _write_sidecar_config(
-    path: Path, port: int, admin: int, mock_port: int, access_log: bool
-) -> None:
-    path.write_text(
+def _sidecar_cli(tree: Tree, workdir: Path, *args: str, stdin: str = "") -> str:
+    """Run `python -m sidecar ARGS` of the measured tree; its stdout."""
+    done = subprocess.run([tree.python, "-m", "sidecar", *args], cwd=workdir, input=stdin,
+                          capture_output=True, text=True, timeout=60,
+                          env={**os.environ, "PYTHONPATH": str(tree.path)})  # fmt: skip
+    if done.returncode != 0:
+        raise BenchError(f"`sidecar {args[0]} {args[1] if len(args) > 1 else ''}` failed "
+                         f"(status {done.returncode}):\n{done.stderr[-2000:]}")  # fmt: skip
+    return done.stdout.strip()
+
+
+def _write_sidecar_files(tree: Tree, workdir: Path) -> str:
+    """Key pair and vault (through the CLI: works on any tree); returns the access key."""
+    public = _sidecar_cli(tree, workdir, "keygen", "--private-key", "sidecar.key")
+    _sidecar_cli(tree, workdir, "vault", "init", "--vault", "vault.json", "--public-key", public)
+    _sidecar_cli(tree, workdir, "secret", "set", "--vault", "vault.json", "bench", "openai",
+                 stdin=_UPSTREAM_KEY)  # fmt: skip
+    return _sidecar_cli(tree, workdir, "access-key", "create", "--vault", "vault.json", "bench")
+
+
+def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool) -> str:
+    """Defaults everywhere (metrics, metering, access log on) but the ports and the one key."""
+    return (
         f"listen: 127.0.0.1:{port}\n"
         f"admin_listen: 127.0.0.1:{admin}\n"
         "vault: {path: vault.json, private_key_file: sidecar.key}\n"
-        f"log: {{level: warning, access_log: {'true' if access_log else 'false'}}}\n"
-        "providers:\n"
+        + ("" if access_log else "log: {access_log: false}\n")
+        + "providers:\n"
         "  - id: openai\n"
         f"    base_url: http://127.0.0.1:{mock_port}/v1\n"
         "    api_keys:\n"
@@ -190,472 +333,410 @@ def _write_sidecar_config(
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Target:
-    """What the load generator hits, and whose CPU time it samples while doing so."""
-
-    name: str
-    url: str
-    token: str
-    servers: tuple[Server, ...]  # the proxy first (if any), then the mock
-
-
-@dataclass(slots=True)
-class Fleet:
-    servers: list[Server] = field(default_factory=list)
-
-    def check_alive(self) -> None:
-        for server in self.servers:
-            if server.proc.poll() is not None:
-                raise StartError(f"{server.name} stopped with status {server.proc.returncode} "
-                                 f"while measuring:\n{server.tail()}")  # fmt: skip
-
-    def stop(self) -> None:
-        for server in reversed(self.servers):  # proxies before the mock they talk to
-            server.stop()
-
-
-async def start_fleet(
-    session: aiohttp.ClientSession, fleet: Fleet, workdir: Path
-) -> dict[str, Target]:
-    mock_port, pass_port = _free_port(), _free_port()
-    mock = _spawn("mock", [sys.executable, "-c", _MOCK_BOOT, "mock-provider", "--listen",
-                           f"127.0.0.1:{mock_port}"], workdir,
-                  f"http://127.0.0.1:{mock_port}/_mock/health")  # fmt: skip
-    fleet.servers.append(mock)
-    passthrough = _spawn("pass-through", [sys.executable, "-m", "bench.passthrough", "--listen",
-                                          f"127.0.0.1:{pass_port}", "--upstream",
-                                          f"http://127.0.0.1:{mock_port}"], workdir,
-                         f"http://127.0.0.1:{pass_port}/_bench/health",
-                         env={"BENCH_UPSTREAM_KEY": _UPSTREAM_KEY})  # fmt: skip
-    fleet.servers.append(passthrough)
-    access_key = _write_sidecar_env(workdir)
-    sidecars: dict[bool, tuple[Server, int]] = {}
-    for access_log in (False, True):
+def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores,
+                workdir: Path) -> dict[str, Target]:  # fmt: skip
+    """Start the mock and the proxies `names` need; wait until all of them answer."""
+    here = Tree(REPO, sys.executable)  # the yardsticks (mock, pass-through) come from this checkout
+    mock_port = _free_port()
+    mock = _spawn(fleet, "mock", [sys.executable, "-m", "sidecar", "mock-provider", "--listen",
+                                  f"127.0.0.1:{mock_port}"], tree=here, workdir=workdir,
+                  health_url=f"http://127.0.0.1:{mock_port}/_mock/health", prefix=cores.prefix(cores.load))  # fmt: skip
+    targets: dict[str, Target] = {}
+    if "direct" in names:
+        targets["direct"] = Target("direct", f"http://127.0.0.1:{mock_port}{_PATH}",
+                                   _UPSTREAM_KEY, mock)  # fmt: skip
+    if "pass-through" in names:
+        port = _free_port()
+        proxy = _spawn(fleet, "pass-through", [sys.executable, "-m", "bench.passthrough",
+                                               "--listen", f"127.0.0.1:{port}", "--upstream",
+                                               f"http://127.0.0.1:{mock_port}"],
+                       tree=here, workdir=workdir, prefix=cores.prefix(cores.server),
+                       health_url=f"http://127.0.0.1:{port}/_bench/health",
+                       env={"BENCH_UPSTREAM_KEY": _UPSTREAM_KEY})  # fmt: skip
+        targets["pass-through"] = Target("pass-through", f"http://127.0.0.1:{port}{_PATH}",
+                                         _UPSTREAM_KEY, mock, proxy)  # fmt: skip
+    sidecars = [n for n in names if n.startswith("sidecar")]
+    token = _write_sidecar_files(tree, workdir) if sidecars else ""
+    for name in sidecars:
         port, admin = _free_port(), _free_port()
-        config = workdir / f"sidecar{'-log' if access_log else ''}.yaml"
-        _write_sidecar_config(config, port, admin, mock_port, access_log)
-        name = "sidecar+access-log" if access_log else "sidecar"
-        # The sidecar's access log is on stdout: discarded, but still formatted and written.
-        server = _spawn(name, [sys.executable, "-m", "sidecar", "serve", "--config", str(config)],
-                        workdir, f"http://127.0.0.1:{admin}/readyz")  # fmt: skip
-        fleet.servers.append(server)
-        sidecars[access_log] = (server, port)
+        access_log = name == "sidecar"
+        config = workdir / f"{name}.yaml"
+        config.write_text(_sidecar_config(port, admin, mock_port, access_log=access_log))
+        log = workdir / f"{name}.access.log" if access_log else None
+        proxy = _spawn(fleet, name, [tree.python, "-m", "sidecar", "serve", "--config",
+                                     str(config)], tree=tree, workdir=workdir, prefix=cores.prefix(cores.server),
+                       health_url=f"http://127.0.0.1:{admin}/readyz", stdout=log)  # fmt: skip
+        targets[name] = Target(name, f"http://127.0.0.1:{port}{_PATH}", token, mock, proxy,
+                               access_log=log, admin_url=f"http://127.0.0.1:{admin}")  # fmt: skip
     for server in fleet.servers:
-        await _wait_ready(session, server)
-    (plain, plain_port), (logged, logged_port) = sidecars[False], sidecars[True]
-    targets = [
-        Target("direct", f"http://127.0.0.1:{mock_port}{_PATH}", _UPSTREAM_KEY, (mock,)),
-        Target("pass-through", f"http://127.0.0.1:{pass_port}{_PATH}", _UPSTREAM_KEY,
-               (passthrough, mock)),
-        Target("sidecar", f"http://127.0.0.1:{plain_port}{_PATH}", access_key, (plain, mock)),
-        Target("sidecar+log", f"http://127.0.0.1:{logged_port}{_PATH}", access_key, (logged, mock)),
-    ]  # fmt: skip
-    return {t.name: t for t in targets}
+        _wait_ready(server)
+    return {n: targets[n] for n in names}
 
 
-# --------------------------------------------------------------------------- load
+def smoke(target: Target) -> None:
+    """One request per mode before any load: a wrong answer here is a setup failure."""
+    for mode, body in _BODIES.items():
+        try:
+            status, text = _http(target.url, body, target.token)
+        except OSError as exc:
+            raise BenchError(f"{target.name} {mode}: {type(exc).__name__}: {exc}") from None
+        if status != 200:
+            raise BenchError(f"{target.name} {mode}: HTTP {status}: {text[:300]!r}")
+        if mode == "stream" and not text.endswith(_STREAM_END):
+            raise BenchError(f"{target.name} {mode}: stream without [DONE]: {text[-300:]!r}")
+        if mode == "json" and b'"choices"' not in text:
+            raise BenchError(f"{target.name} {mode}: no choices in {text[:300]!r}")
 
 
-@dataclass(slots=True)
-class Round:
-    """One round of one target and mode: what completed inside the measured window."""
+# --------------------------------------------------------------------------- one wrk run
 
-    window: float
-    latencies: list[float] = field(default_factory=list)
-    ttfb: list[float] = field(default_factory=list)
-    overhead_ms: list[float] = field(default_factory=list)
-    errors: Counter[str] = field(default_factory=Counter)
-    cpu: dict[str, float] = field(default_factory=dict)  # process name -> CPU seconds in window
 
-    @property
-    def ok(self) -> int:
-        return len(self.latencies)
+@dataclass(frozen=True, slots=True)
+class Settings:
+    duration: int
+    warmup: int
+    connections: int
+    threads: int
+    rounds: int
+    targets: tuple[str, ...]
+    modes: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Sample:
+    """One wrk run against one target in one mode."""
+
+    requests: int
+    seconds: float
+    errors: dict[str, int]
+    p50_ms: float
+    p99_ms: float
+    cpu: dict[str, float]  # "proxy", "mock", "wrk", "other" -> CPU seconds during the run
 
     @property
     def rps(self) -> float:
-        return self.ok / self.window
+        return self.requests / self.seconds if self.seconds else 0.0
 
     @property
     def error_rate(self) -> float:
-        total = self.ok + sum(self.errors.values())
-        return sum(self.errors.values()) / total if total else 1.0
+        failed = sum(self.errors.values())
+        return failed / max(1, self.requests + failed - self.errors.get("status", 0))
+
+    def ms_per_request(self, who: str) -> float:
+        return self.cpu[who] / self.requests * 1000 if who in self.cpu and self.requests else _NAN
+
+    def core_percent(self, who: str) -> float:
+        return self.cpu[who] / self.seconds * 100 if who in self.cpu and self.seconds else _NAN
 
 
-def _pct(sorted_values: Sequence[float], q: float) -> float:
-    if not sorted_values:
-        return float("nan")
-    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
-
-
-def _machine_busy_seconds() -> float | None:
-    """CPU time all processes on the machine spent busy (Linux), summed over cores."""
-    try:
-        with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
-    return (sum(ticks[:8]) - idle) / _CLK_TCK  # guest time is already inside user
-
-
-def _cpu_snapshot(target: Target) -> dict[str, float | None]:
-    snap: dict[str, float | None] = {s.name: s.cpu_seconds() for s in target.servers}
-    snap["load"] = time.process_time()
+def _cpu_snapshot(fleet: Fleet) -> dict[str, float | None]:
+    snap: dict[str, float | None] = {s.name: s.cpu_seconds() for s in fleet.servers}
+    snap["wrk"] = _children_cpu_seconds()
     snap["machine"] = _machine_busy_seconds()
     return snap
 
 
-async def drive(session: aiohttp.ClientSession, target: Target, mode: str, *,
-                concurrency: int, warmup: float, duration: float) -> Round:  # fmt: skip
-    """Closed-loop load: `concurrency` workers, each sending its next request as soon as one ends."""
-    stream = mode == "stream"
-    body = _BODIES[mode]
-    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": "application/json"}
-    clock = time.perf_counter
-    t0 = clock() + warmup
-    t1 = t0 + duration
-    result = Round(duration)
-    lat, ttfb, overhead, errors = result.latencies, result.ttfb, result.overhead_ms, result.errors
-
-    async def worker() -> None:
-        while (start := clock()) < t1:
-            first = start
-            status, tail, problem = 0, b"", ""
-            try:
-                async with session.post(target.url, data=body, headers=headers) as resp:
-                    status = resp.status
-                    sidecar_overhead = resp.headers.get("x-sidecar-overhead-ms")
-                    if stream:
-                        first = 0.0
-                        async for chunk in resp.content.iter_any():
-                            if not first:
-                                first = clock()
-                            tail = chunk
-                    else:
-                        await resp.read()
-            except (aiohttp.ClientError, TimeoutError) as exc:
-                problem = type(exc).__name__
-            end = clock()
-            if not t0 <= end <= t1:
-                continue
-            if not problem and status != 200:
-                problem = f"HTTP {status}"
-            if not problem and stream and not tail.endswith(b"data: [DONE]\n\n"):
-                problem = "stream without [DONE]"
-            if problem:
-                errors[problem] += 1
-                continue
-            lat.append(end - start)
-            if stream:
-                ttfb.append(first - start)
-            if sidecar_overhead is not None:
-                overhead.append(float(sidecar_overhead))
-
-    async def sample_cpu() -> None:
-        await asyncio.sleep(max(0.0, t0 - clock()))
-        before = _cpu_snapshot(target)
-        await asyncio.sleep(max(0.0, t1 - clock()))
-        after = _cpu_snapshot(target)
-        for name, value in after.items():
-            was = before.get(name)
-            if value is not None and was is not None:
-                result.cpu[name] = value - was
-        if "machine" in result.cpu:
-            # Everything else on the machine: other tenants compete with all three of ours.
-            ours = sum(v for k, v in result.cpu.items() if k != "machine")
-            result.cpu["other"] = max(0.0, result.cpu.pop("machine") - ours)
-
-    await asyncio.gather(sample_cpu(), *(worker() for _ in range(concurrency)))
-    lat.sort()
-    ttfb.sort()
-    overhead.sort()
-    return result
+def _cpu_deltas(before: dict[str, float | None], after: dict[str, float | None],
+                target: Target) -> dict[str, float]:  # fmt: skip
+    delta = {
+        k: v - b for k, v in after.items() if v is not None and (b := before.get(k)) is not None
+    }
+    out = {"wrk": delta["wrk"]}
+    if target.mock.name in delta:
+        out["mock"] = delta[target.mock.name]
+    if target.proxy is not None and target.proxy.name in delta:
+        out["proxy"] = delta[target.proxy.name]
+    if "machine" in delta:
+        # Everything not ours (idle servers of other targets count as ours).
+        ours = sum(v for k, v in delta.items() if k != "machine")
+        out["other"] = max(0.0, delta["machine"] - ours)
+    return out
 
 
-async def smoke(session: aiohttp.ClientSession, target: Target) -> str | None:
-    """One request per mode before the load; a problem here is a setup failure."""
-    headers = {"Authorization": f"Bearer {target.token}", "Content-Type": "application/json"}
-    for mode, body in _BODIES.items():
+def _parse_wrk(stdout: str, stderr: str) -> dict[str, float]:
+    for line in stdout.splitlines():
+        if line.startswith(_RESULT_MARK):
+            parsed: dict[str, float] = json.loads(line[len(_RESULT_MARK) :])
+            return parsed
+    raise BenchError(f"wrk printed no result line:\n{stdout[-1500:]}\n{stderr[-1500:]}")
+
+
+def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
+            settings: Settings, cores: Cores) -> Sample:  # fmt: skip
+    """Load `target` with wrk for `seconds`; CPU deltas of every process over the run."""
+    direct = target.proxy is None
+    if direct:
+        _pin(target.mock.proc.pid, cores.server)
+    argv = [*cores.prefix(cores.load), wrk, "-t", str(settings.threads), "-c",
+            str(settings.connections), "-d", f"{seconds}s", "--timeout", "10s",
+            "-s", str(LUA), target.url]  # fmt: skip
+    env = {
+        **os.environ,
+        "BENCH_TOKEN": target.token,
+        "BENCH_STREAM": "1" if mode == "stream" else "0",
+    }
+    try:
+        before = _cpu_snapshot(fleet)
+        fleet.wrk = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, env=env)  # fmt: skip
         try:
-            async with session.post(target.url, data=body, headers=headers) as resp:
-                text = await resp.read()
-                if resp.status != 200:
-                    return f"{target.name} {mode}: HTTP {resp.status}: {text[:300]!r}"
-                if mode == "stream" and not text.endswith(b"data: [DONE]\n\n"):
-                    return f"{target.name} {mode}: stream without [DONE]: {text[-300:]!r}"
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            return f"{target.name} {mode}: {type(exc).__name__}: {exc}"
-    return None
+            out, err = fleet.wrk.communicate(timeout=seconds + 60)
+        except subprocess.TimeoutExpired:
+            raise BenchError(f"wrk did not finish within {seconds + 60} s") from None
+        fleet.wrk = None
+        time.sleep(_SETTLE)
+        after = _cpu_snapshot(fleet)
+    finally:
+        if direct:
+            _pin(target.mock.proc.pid, cores.load)
+    fleet.check_alive()
+    result = _parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
+    errors = {k: int(result[k]) for k in ("connect", "read", "write", "status", "timeout")}
+    return Sample(
+        requests=int(result["requests"]),
+        seconds=result["duration_us"] / 1e6,
+        errors={k: v for k, v in errors.items() if v},
+        p50_ms=result["p50_us"] / 1000,
+        p99_ms=result["p99_us"] / 1000,
+        cpu=_cpu_deltas(before, after, target),
+    )
+
+
+# --------------------------------------------------------------------------- the runs
+
+
+@dataclass(slots=True)
+class Results:
+    samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)  # (mode, target)
+    loads: list[str] = field(default_factory=list)  # load average before each round
+    completed: Counter[str] = field(default_factory=Counter)  # target -> all requests wrk completed
+
+    def of(self, mode: str, target: str) -> list[Sample]:
+        return self.samples.get((mode, target), [])
+
+
+def _rotated(names: Sequence[str], i: int) -> list[str]:
+    k = i % len(names)
+    return [*names[k:], *names[:k]]
+
+
+def measure(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settings,
+            cores: Cores) -> Results:  # fmt: skip
+    results = Results()
+    for mode in settings.modes:  # warm-up: connection pools, caches, lazily built state
+        for target in targets.values():
+            if settings.warmup > 0:
+                w = run_wrk(wrk, fleet, target, mode, settings.warmup, settings, cores)
+                results.completed[target.name] += w.requests
+    for i in range(settings.rounds):
+        load = _load_average()
+        results.loads.append(load)
+        print(f"round {i + 1}/{settings.rounds} (load average {load})", file=sys.stderr, flush=True)
+        for mode in settings.modes:
+            for name in _rotated(settings.targets, i):
+                s = run_wrk(wrk, fleet, targets[name], mode, settings.duration, settings, cores)
+                results.samples.setdefault((mode, name), []).append(s)
+                results.completed[name] += s.requests
+                proxy = "proxy" if targets[name].proxy is not None else "mock"
+                print(f"  {mode:<7}{name:<14}{s.rps:>8.0f} req/s  {s.ms_per_request(proxy):.3f} "
+                      f"{proxy} CPU ms/req" + (f"  errors {s.errors}" if s.errors else ""),
+                      file=sys.stderr, flush=True)  # fmt: skip
+    return results
 
 
 # --------------------------------------------------------------------------- report
 
 
-@dataclass(slots=True)
-class Summary:
-    """Medians over the rounds of one target and mode."""
-
-    rounds: list[Round]
-
-    def _med(self, values: Iterator[float]) -> float:
-        vals = [v for v in values if v == v]
-        return statistics.median(vals) if vals else float("nan")
-
-    @property
-    def rps(self) -> float:
-        return self._med(r.rps for r in self.rounds)
-
-    @property
-    def spread(self) -> float:
-        rates = [r.rps for r in self.rounds]
-        return (max(rates) - min(rates)) / self.rps if len(rates) > 1 and self.rps else _NAN
-
-    def p(self, q: float) -> float:
-        return self._med(_pct(r.latencies, q) * 1000 for r in self.rounds)
-
-    @property
-    def ttfb50(self) -> float:
-        return self._med(_pct(r.ttfb, 0.5) * 1000 for r in self.rounds)
-
-    @property
-    def overhead50(self) -> float:
-        return self._med(_pct(r.overhead_ms, 0.5) for r in self.rounds)
-
-    def cpu_us_per_req(self, name: str) -> float:
-        return self._med(r.cpu[name] / r.ok * 1e6 for r in self.rounds if name in r.cpu and r.ok)
-
-    def cpu_pct(self, name: str) -> float:
-        return self._med(r.cpu[name] / r.window * 100 for r in self.rounds if name in r.cpu)
+def _median(values: Iterator[float] | list[float]) -> float:
+    vals = [v for v in values if v == v]
+    return statistics.median(vals) if vals else _NAN
 
 
-def _num(value: float, width: int, spec: str = ".2f") -> str:
-    """`value` right-aligned in `width` ("-" for NaN); `spec` is a format type like `.2f` or `+.2f`."""
-    if value != value:
-        return f"{'-':>{width}}"
-    sign, rest = ("+", spec[1:]) if spec.startswith("+") else ("", spec)
-    return f"{value:>{sign}{width}{rest}}"
+def _num(value: float, width: int, spec: str = ".3f") -> str:
+    return f"{'-':>{width}}" if value != value else f"{value:>{width}{spec}}"
 
 
-def _cpu_text(s: Summary, names: Sequence[str | None]) -> str:
-    parts = []
-    for name in names:
-        pct = s.cpu_pct(name) if name is not None else float("nan")
-        parts.append("-" if pct != pct else f"{pct:.0f}")
-    return "/".join(parts)
+def _column(samples: list[Sample], get: Callable[[Sample], float]) -> float:
+    return _median(get(s) for s in samples)
 
 
-def print_loaded(results: dict[tuple[str, str], Summary], targets: dict[str, Target]) -> None:
-    print(f"{'mode':<11}{'target':<14}{'req/s':>7}{'spread':>7}{'p50 ms':>8}{'p99 ms':>8}"
-          f"{'ttfb p50':>9}{'+p50 vs':>9}{'+p50 vs':>9}{'proxy CPU':>11}  CPU % of a core")  # fmt: skip
-    print(f"{'':<11}{'':<14}{'':>7}{'':>7}{'':>8}{'':>8}{'':>9}{'direct':>9}{'pass':>9}"
-          f"{'µs/req':>11}  gen/proxy/mock/other")  # fmt: skip
-    for mode in _MODES:
-        direct = results.get((mode, "direct"))
-        ceiling = results.get((mode, "pass-through"))
-        for name in ("direct", "pass-through", "sidecar", "sidecar+log"):
-            s = results.get((mode, name))
-            if s is None:
+def _cpu_ms(samples: list[Sample], who: str) -> float:
+    return _median(s.ms_per_request(who) for s in samples)
+
+
+def _cpu_pct(samples: list[Sample], who: str) -> float:
+    return _median(s.core_percent(who) for s in samples)
+
+
+def print_tables(results: Results, settings: Settings) -> None:
+    for mode in settings.modes:
+        label = (
+            "non-streaming chat completion" if mode == "json" else "streaming (SSE) chat completion"
+        )
+        print(f"\n{mode}: {label}; median of {settings.rounds} round(s)")
+        print(f"{'target':<15}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}  │ CPU ms/req "
+              f"{'proxy':>7}{'mock':>7}{'wrk':>7}  │ % of a core {'proxy':>6}{'mock':>6}"
+              f"{'wrk':>6}{'other':>6}")  # fmt: skip
+        for name in settings.targets:
+            ss = results.of(mode, name)
+            if not ss:
                 continue
-            servers = targets[name].servers
-            proxy = servers[0].name if len(servers) > 1 else None
-            p50 = s.p(0.5)
-            vs_direct = p50 - direct.p(0.5) if direct and name != "direct" else _NAN
-            vs_pass = p50 - ceiling.p(0.5) if ceiling and name.startswith("sidecar") else _NAN
-            label = name + ("¹" if name == "sidecar+log" else "")
-            spread = f"{s.spread * 100:>6.0f}%" if s.spread == s.spread else f"{'-':>7}"
-            print(f"{mode:<11}{label:<14}{_num(s.rps, 7, '.0f')}{spread}"
-                  f"{_num(p50, 8)}{_num(s.p(0.99), 8)}"
-                  f"{_num(s.ttfb50 if mode == 'stream' else _NAN, 9)}{_num(vs_direct, 9, '+.2f')}"
-                  f"{_num(vs_pass, 9, '+.2f')}"
-                  f"{_num(s.cpu_us_per_req(proxy) if proxy else _NAN, 11, '.0f')}  "
-                  f"{_cpu_text(s, ('load', proxy, 'mock', 'other'))}")  # fmt: skip
-    print(
-        "spread: (max - min) / median of the rounds' req/s; ¹ one round, access log on; "
-        "other: every other process on the machine"
-    )
+            ms = {w: _cpu_ms(ss, w) for w in ("proxy", "mock", "wrk")}
+            pct = {w: _cpu_pct(ss, w) for w in ("proxy", "mock", "wrk", "other")}
+            print(f"{name:<15}{_num(_column(ss, lambda s: s.rps), 8, '.0f')}"
+                  f"{_num(_column(ss, lambda s: s.p50_ms), 8, '.2f')}"
+                  f"{_num(_column(ss, lambda s: s.p99_ms), 8, '.2f')}  │ {'':<10}"
+                  f"{_num(ms['proxy'], 7)}{_num(ms['mock'], 7)}{_num(ms['wrk'], 7)}  │ {'':<11}"
+                  f"{_num(pct['proxy'], 6, '.0f')}{_num(pct['mock'], 6, '.0f')}"
+                  f"{_num(pct['wrk'], 6, '.0f')}{_num(pct['other'], 6, '.0f')}")  # fmt: skip
 
 
-def print_unloaded(results: dict[tuple[str, str], Summary]) -> None:
-    print("\nunloaded, one request in flight: p50 ms")
-    print(f"{'mode':<11}{'direct':>8}{'pass':>8}{'sidecar':>9}{'sidecar-direct':>16}"
-          f"{'sidecar-pass':>14}   x-sidecar-overhead-ms p50")  # fmt: skip
-    for mode in _MODES:
-        d, p, s = (results.get((mode, n)) for n in ("direct", "pass-through", "sidecar"))
-        if d is None or p is None or s is None:
+def _ratio_line(results: Results, mode: str, name: str) -> str | None:
+    side, base = results.of(mode, name), results.of(mode, "pass-through")
+    if not side or not base:
+        return None
+    s_ms, b_ms = _cpu_ms(side, "proxy"), _cpu_ms(base, "proxy")
+    paired = [a.ms_per_request("proxy") / b.ms_per_request("proxy") for a, b in zip(side, base, strict=False)]  # fmt: skip
+    spread = f" (rounds {min(paired):.2f}-{max(paired):.2f})" if len(paired) > 1 else ""
+    rps = _column(side, lambda s: s.rps) / _column(base, lambda s: s.rps)
+    return (f"  {mode:<7}{name:<14}{s_ms:.3f} ÷ {b_ms:.3f} ms = {s_ms / b_ms:.2f}x{spread}; "
+            f"+{s_ms - b_ms:.3f} ms/req; req/s ratio {rps:.2f}")  # fmt: skip
+
+
+def print_headline(results: Results, settings: Settings) -> None:
+    lines = [line for mode in settings.modes for name in settings.targets
+             if name.startswith("sidecar") and (line := _ratio_line(results, mode, name))]  # fmt: skip
+    if lines:
+        print("\nHEADLINE proxy CPU ms per request, sidecar ÷ pass-through (lower is better, 1.00 "
+              "is the floor):")  # fmt: skip
+        print("\n".join(lines))
+
+
+def print_sanity(targets: dict[str, Target], completed: Counter[str]) -> None:
+    """Evidence that the sidecar's default features were on: access log lines, request counter."""
+    for t in targets.values():
+        if t.admin_url is None:
             continue
-        print(f"{mode:<11}{_num(d.p(0.5), 8, '.3f')}{_num(p.p(0.5), 8, '.3f')}"
-              f"{_num(s.p(0.5), 9, '.3f')}{_num(s.p(0.5) - d.p(0.5), 16, '+.3f')}"
-              f"{_num(s.p(0.5) - p.p(0.5), 14, '+.3f')}   {_num(s.overhead50, 7, '.3f')}")  # fmt: skip
+        lines = _count_lines(t.access_log) if t.access_log else None
+        try:
+            _, metrics = _http(f"{t.admin_url}/metrics")
+            counted = sum(float(m.group(1)) for m in re.finditer(
+                rb"^sidecar_requests_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.MULTILINE))  # fmt: skip
+        except OSError:
+            counted = _NAN
+        print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {len(_BODIES)} smoke); "
+              f"sidecar_requests_total {counted:.0f}"
+              + (f", access log {lines} lines" if lines is not None else ", access log off"))  # fmt: skip
+
+
+def _count_lines(path: Path) -> int:
+    with path.open("rb") as f:
+        return sum(chunk.count(b"\n") for chunk in iter(lambda: f.read(1 << 20), b""))
+
+
+def failures(results: Results) -> list[str]:
+    return [f"{name} {mode}: {s.error_rate:.1%} of requests failed: {s.errors}"
+            for (mode, name), ss in sorted(results.samples.items()) for s in ss
+            if s.error_rate > MAX_ERROR_RATE]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main
 
 
-@dataclass(frozen=True, slots=True)
-class Settings:
-    duration: float
-    warmup: float
-    concurrency: int
-    rounds: int
-    unloaded: float
-
-
-async def bench(settings: Settings, fleet: Fleet) -> int:
+def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
     """Start the servers into `fleet`, measure, print; the caller stops the fleet."""
-    task = asyncio.current_task()
-    if task is not None:  # SIGTERM ends the run like Ctrl-C: cancelled, servers stopped
-        asyncio.get_running_loop().add_signal_handler(signal.SIGTERM, task.cancel)
-    connector = aiohttp.TCPConnector(limit=0, limit_per_host=0, keepalive_timeout=60)
-    async with aiohttp.ClientSession(
-        connector=connector, auto_decompress=False, cookie_jar=aiohttp.DummyCookieJar(),
-        timeout=aiohttp.ClientTimeout(total=30),
-    ) as session:  # fmt: skip
-        with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
-            try:
-                started = time.monotonic()
-                try:
-                    targets = await start_fleet(session, fleet, Path(tmp))
-                except StartError as exc:
-                    print(f"error: {exc}", file=sys.stderr)
-                    return 1
-                for target in targets.values():
-                    problem = await smoke(session, target)
-                    if problem is not None:
-                        print(f"error: smoke request failed: {problem}", file=sys.stderr)
-                        return 1
-                return await _measure(session, targets, settings, started, fleet)
-            except StartError as exc:
-                print(f"error: {exc}", file=sys.stderr)
-                return 1
-            finally:
-                fleet.stop()
+    wrk = find_wrk()
+    started = time.monotonic()
+    print(f"# {os.cpu_count()} CPUs, load average {_load_average()}; wrk -t{settings.threads} "
+          f"-c{settings.connections}, {settings.rounds} round(s) of {settings.duration:g} s per "
+          f"target and mode after {settings.warmup:g} s warm-up; {cores.describe()}")  # fmt: skip
+    if tree.path != REPO:
+        print(f"# sidecar from {tree.path} ({tree.python}); mock and pass-through from {REPO}")
+    with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
+        try:
+            targets = start_fleet(fleet, settings.targets, tree, cores, Path(tmp))
+            for target in targets.values():
+                smoke(target)
+            results = measure(wrk, fleet, targets, settings, cores)
+            print_tables(results, settings)
+            print_headline(results, settings)
+            print()
+            print_sanity(targets, results.completed)
+        finally:
+            fleet.stop()
+    busy = _median(s.core_percent("other") for ss in results.samples.values() for s in ss)
+    if busy > _BUSY_PERCENT:
+        print(f"# WARNING: other processes used {busy:.0f}% of a core (median) while measuring: "
+              "CPU ms/req is inflated and noisy under contention; rerun at a quiet moment")  # fmt: skip
+    print(f"# load average before each round: {'; '.join(results.loads)}; "
+          f"{time.monotonic() - started:.0f} s in all")  # fmt: skip
+    problems = failures(results)
+    for problem in problems:
+        print(f"error: {problem}", file=sys.stderr)
+    return 1 if problems else 0
 
 
-def _paired(a: list[Round], b: list[Round]) -> list[float]:
-    """rps(a) / rps(b) of the rounds run back to back (same index), so both saw the same machine."""
-    return [x.rps / y.rps for x, y in zip(a, b, strict=False) if y.rps]
+def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    unknown = [n for n in names if n not in allowed]
+    if unknown or not names:
+        raise argparse.ArgumentTypeError(f"{what}: expected a comma-separated subset of "
+                                         f"{', '.join(allowed)}")  # fmt: skip
+    return names
 
 
-def _ratio_text(ratios: list[float]) -> str:
-    if not ratios:
-        return "-"
-    med = statistics.median(ratios)
-    if len(ratios) == 1:
-        return f"{med:.2f}"
-    return f"{med:.2f} [{min(ratios):.2f}-{max(ratios):.2f}]"
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
 
 
-async def _measure(session: aiohttp.ClientSession, targets: dict[str, Target], settings: Settings,
-                   started: float, fleet: Fleet) -> int:  # fmt: skip
-    s = settings
-    order = ["direct", "pass-through", "sidecar"]
-    loaded: dict[tuple[str, str], list[Round]] = {}
-    print(f"# {os.cpu_count()} CPUs; concurrency {s.concurrency}; {s.rounds} round(s) of "
-          f"{s.duration:g} s per target and mode (after {s.warmup:g} s warm-up, then "
-          f"{min(s.warmup, _REWARM):g} s); OpenAI chat completions; access log off unless named",
-          flush=True)  # fmt: skip
-    warmed: set[tuple[str, str]] = set()
-
-    async def one(name: str, mode: str, concurrency: int, duration: float) -> Round:
-        first = (name, mode) not in warmed
-        warmed.add((name, mode))
-        warmup = s.warmup if first else min(s.warmup, _REWARM)
-        r = await drive(session, targets[name], mode, concurrency=concurrency, warmup=warmup,
-                        duration=duration)  # fmt: skip
-        fleet.check_alive()
-        print(f"  c={concurrency:<3} {mode:<10} {name:<13} {r.rps:>7.0f} req/s"
-              + (f"  errors: {dict(r.errors)}" if r.errors else ""), file=sys.stderr, flush=True)  # fmt: skip
-        return r
-
-    for i in range(s.rounds):
-        print(f"round {i + 1}/{s.rounds}", file=sys.stderr, flush=True)
-        rotated = order[i % 3 :] + order[: i % 3]
-        for mode in _MODES:
-            for name in rotated:
-                r = await one(name, mode, s.concurrency, s.duration)
-                loaded.setdefault((mode, name), []).append(r)
-    # The access log's cost: one round with it on, paired with a sidecar round right after.
-    logged: dict[str, tuple[Round, Round]] = {}
-    for mode in _MODES:
-        on = await one("sidecar+log", mode, s.concurrency, s.duration)
-        loaded[(mode, "sidecar+log")] = [on]
-        logged[mode] = (on, await one("sidecar", mode, s.concurrency, s.duration))
-    unloaded: dict[tuple[str, str], list[Round]] = {}
-    if s.unloaded > 0:
-        for i in range(2):
-            for mode in _MODES:
-                for name in order if i == 0 else order[::-1]:
-                    r = await one(name, mode, 1, s.unloaded / 2)
-                    unloaded.setdefault((mode, name), []).append(r)
-
-    loaded_s = {k: Summary(v) for k, v in loaded.items()}
-    print()
-    print_loaded(loaded_s, targets)
-    if unloaded:
-        print_unloaded({k: Summary(v) for k, v in unloaded.items()})
-    print()
-    log_cost = [f"{m} {_ratio_text(_paired([on], [off]))}" for m, (on, off) in logged.items()]
-    print(f"access log on ÷ off (sidecar, 1 paired round): {', '.join(log_cost)}")
-    cpu_ratios = []
-    for mode in _MODES:
-        side = loaded_s[(mode, "sidecar")].cpu_us_per_req("sidecar")
-        ceiling = loaded_s[(mode, "pass-through")].cpu_us_per_req("pass-through")
-        cpu_ratios.append(f"{mode} {ceiling / side:.2f}" if side == side and side else f"{mode} -")
-    print(f"proxy CPU per request, pass-through ÷ sidecar: {', '.join(cpu_ratios)}")
-    others = [
-        r.cpu["other"] / r.window * 100 for rs in loaded.values() for r in rs if "other" in r.cpu
-    ]
-    if others and statistics.median(others) > 20:
-        print(f"# note: other processes on this machine used {statistics.median(others):.0f}% "
-              "of a core (median) while measuring: expect noise; the ratios pair rounds "
-              "run back to back")  # fmt: skip
-    print(f"# {time.monotonic() - started:.0f} s")
-    ratios = [
-        f"{m} {_ratio_text(_paired(loaded[(m, 'sidecar')], loaded[(m, 'pass-through')]))}"
-        for m in _MODES
-    ]
-    print(f"sidecar/pass-through throughput ratio: {', '.join(ratios)} "
-          f"(target >= {TARGET_RATIO:.2f}; median of rounds [min-max])")  # fmt: skip
-
-    failed = 0
-    for (mode, name), rounds in sorted({**loaded, **unloaded}.items()):
-        for r in rounds:
-            if r.error_rate > MAX_ERROR_RATE:
-                failed += 1
-                print(f"error: {name} {mode}: {r.error_rate:.1%} of requests failed: "
-                      f"{dict(r.errors)}", file=sys.stderr)  # fmt: skip
-    return 1 if failed else 0
+def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores]:
+    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
+    p.add_argument("--duration", type=int, default=5,
+                   help="measured seconds per target, mode and round (5)")  # fmt: skip
+    p.add_argument("--warmup", type=int, default=1,
+                   help="one unmeasured run per target and mode first; 0 skips (1)")  # fmt: skip
+    p.add_argument("--connections", type=int, default=32, help="wrk -c (32)")
+    p.add_argument("--threads", type=int, default=2, help="wrk -t (2)")
+    p.add_argument("--rounds", type=int, default=3, help="rounds; the tables show medians (3)")
+    p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
+                   type=lambda t: _names(t, TARGETS, "--targets"),
+                   help=f"comma-separated, from {', '.join(TARGETS)} ({','.join(DEFAULT_TARGETS)})")  # fmt: skip
+    p.add_argument("--mode", default="both", choices=("json", "stream", "both"),
+                   help="which request (both)")  # fmt: skip
+    p.add_argument("--tree", type=Path, metavar="PATH",
+                   help="measure the sidecar of another checkout (its .venv if it has one)")  # fmt: skip
+    p.add_argument("--no-pin", dest="pin", action="store_false",
+                   help="do not pin processes to cores")  # fmt: skip
+    p.add_argument("--quick", action="store_true",
+                   help="a smoke run: 1 round of 2 s after 1 s warm-up (about 25 s)")  # fmt: skip
+    a = p.parse_args(argv)
+    if a.quick:
+        a.duration, a.warmup, a.rounds = 2, 1, 1
+    if a.duration < 1 or a.warmup < 0 or a.connections < 1 or a.rounds < 1 or a.threads < 1:
+        p.error("--duration at least 1; --rounds, --connections and --threads at least 1")
+    if a.threads > a.connections:
+        p.error("--threads must not exceed --connections")
+    modes = MODES if a.mode == "both" else (a.mode,)
+    settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, modes)
+    return settings, a.tree, Cores.choose(a.pin)
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.run", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)  # fmt: skip
-    p.add_argument("--duration", type=float, default=1.5,
-                   help="measured seconds per target, mode and round (1.5)")  # fmt: skip
-    p.add_argument("--warmup", type=float, default=1.0,
-                   help=f"unmeasured seconds before a target's first round ({_REWARM:g} later) (1)")  # fmt: skip
-    p.add_argument("--concurrency", type=int, default=32, help="requests in flight (32)")
-    p.add_argument("--rounds", type=int, default=5,
-                   help="rounds of direct, pass-through and sidecar, alternating (5)")  # fmt: skip
-    p.add_argument("--unloaded", type=float, default=1.0,
-                   help="seconds per target and mode with one request in flight; 0 skips (1)")  # fmt: skip
-    p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 1 round of 1 s per target and mode (about 20 s in all)")  # fmt: skip
-    args = p.parse_args(argv)
-    if args.quick:
-        args.duration, args.warmup, args.rounds, args.unloaded = 1.0, 0.3, 1, 0.4
-    if args.duration <= 0 or args.warmup < 0 or args.concurrency < 1 or args.rounds < 1:
-        p.error("--duration and --rounds must be positive, --concurrency at least 1")
-    settings = Settings(args.duration, args.warmup, args.concurrency, args.rounds, args.unloaded)
+    settings, tree_path, cores = parse_args(argv)
     fleet = Fleet()
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the run like Ctrl-C
     try:
-        return uvloop.run(bench(settings, fleet))
-    except (KeyboardInterrupt, asyncio.CancelledError):
+        return bench(settings, Tree.at(tree_path), cores, fleet)
+    except BenchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
     finally:
         fleet.stop()
+        signal.signal(signal.SIGTERM, previous)
 
 
 if __name__ == "__main__":
