@@ -163,13 +163,19 @@ class Billing:
             await self.recorder.flush()
             self._pending_changed()
 
+    def unwritten(self) -> dict[str, int]:
+        """Spend (micro-USD by access-key name) not yet in the ledger."""
+        if self.recorder is None:
+            return {}
+        return {name: amount for name, amount in self.recorder.pending.items() if amount}
+
     async def close(self) -> None:
         """Wait for charges in flight, write pending spend, and log by name what could not be."""
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
         if self.recorder is not None:
             await self.recorder.flush()
-            lost = {name: amount for name, amount in self.recorder.pending.items() if amount}
+            lost = self.unwritten()
             if lost:
                 self._oplog.error(
                     "ledger_spend_lost_at_exit",

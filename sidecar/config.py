@@ -321,8 +321,17 @@ def _http_url(v: object) -> str:
     if not isinstance(v, str):
         raise ValueError("expected an http(s) URL")
     parts = urlsplit(v)
-    if parts.scheme not in ("http", "https") or not parts.netloc:
+    if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ValueError("expected an http(s) URL")
+    # Every part of base_url decides where keys go: nothing in it may be dropped or ambiguous.
+    if "@" in parts.netloc or parts.query or parts.fragment or "?" in v or "#" in v:
+        raise ValueError(
+            "expected an http(s) URL without user info, query or fragment (use query_params)"
+        )
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+    except ValueError:
+        raise ValueError("expected an http(s) URL with a numeric port") from None
     return v.rstrip("/")
 
 

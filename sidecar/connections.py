@@ -61,13 +61,23 @@ class GuardedServer(web.Server):
     def __call__(self) -> RequestHandler:
         limits = self._limits()
         cap = self._cap = limits.max_connections
-        if cap is not None and self.open >= cap:
+        if cap is not None and self.open >= cap and not self._evict_idle():
             self._refused += 1
             if self._report is None:
                 self._report = self._loop.call_later(1.0, self.report_refusals)
             return _Refuse()  # type: ignore[return-value]  # any asyncio.Protocol will do
+        handler = _GuardedHandler(self, limits, loop=self._loop, **self._kwargs)
         self.open += 1
-        return _GuardedHandler(self, limits, loop=self._loop, **self._kwargs)
+        return handler
+
+    def _evict_idle(self) -> bool:
+        """At the cap, an idle kept-alive connection makes room for a new caller, so
+        connections that merely sit open cannot hold the cap against everyone else."""
+        for handler in self.connections:
+            if isinstance(handler, _GuardedHandler) and handler.idle_between_requests():
+                handler.force_close()
+                return True
+        return False
 
     def closed(self) -> None:
         self.open -= 1
@@ -142,6 +152,10 @@ class _GuardedHandler(RequestHandler):
         # aiohttp's message for a malformed request quotes the raw bytes (an access key
         # included); answer with the status phrase only.
         return super().handle_error(request, status, exc, HTTPStatus(status).phrase)
+
+    def idle_between_requests(self) -> bool:
+        """Kept alive after a response, waiting for the next request (no partial one)."""
+        return self._request_count > 0 and self._header_timer is None and self._idle()
 
     def _idle(self) -> bool:
         """Waiting for the next request (aiohttp's own test for its keep-alive timer)."""

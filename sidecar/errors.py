@@ -23,6 +23,7 @@ class ErrorCode(enum.Enum):
     PROVIDER_NOT_ALLOWED = (403, "provider_not_allowed", "permission_error")
     MODEL_NOT_ALLOWED = (403, "model_not_allowed", "permission_error")
     ROUTE_NOT_FOUND = (404, "route_not_found", "not_found_error")
+    METHOD_NOT_ALLOWED = (405, "method_not_allowed", "invalid_request_error")
     REQUEST_TIMEOUT = (408, "request_timeout", "timeout_error")
     REQUEST_TOO_LARGE = (413, "request_too_large", "request_too_large")
     UNSUPPORTED_MEDIA = (415, "unsupported_media", "invalid_request_error")
@@ -39,7 +40,7 @@ class ErrorCode(enum.Enum):
     @property
     def retryable(self) -> bool:
         """Whether an SDK retry could help; `x-should-retry: false` otherwise."""
-        return self.status not in (400, 401, 402, 403, 404, 413, 415)
+        return self.status not in (400, 401, 402, 403, 404, 405, 413, 415)
 
 
 class ProxyError(Exception):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import zlib
 from collections.abc import Iterable, Mapping
 from typing import Any, Final
@@ -28,7 +29,17 @@ MAX_MODELS: Final = 64
 REJECTED_HEADER_MAX: Final = 2048
 
 #: Query parameters that carry credentials (Gemini's `?key=`, and the usual spellings).
-CREDENTIAL_PARAMS: Final = frozenset({"key", "api_key", "api-key", "apikey", "access_key", "token"})
+CREDENTIAL_PARAMS: Final = frozenset(
+    {"key", "api_key", "api-key", "apikey", "access_key", "access_token", "token", "x-api-key",
+     "authorization", "auth", "secret", "password", "sig", "signature"}
+)  # fmt: skip
+#: Digits of one JSON integer the standard parser may read: orjson stops at 64 bits, and
+#: int() of thousands of long digit strings would hold the event loop for seconds.
+MAX_INT_DIGITS: Final = 40
+#: A digit run this long may be an integer past 64 bits (more than 19 digits).
+_LONG_DIGITS: Final = re.compile(rb"[0-9]{20}")
+#: Methods forwarded on explicit routes; anything else (TRACE echoes the key back) is 405.
+FORWARDED_METHODS: Final = frozenset({"GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"})
 
 #: Request `Content-Encoding`s the sidecar decodes itself (bounded) before forwarding.
 _DECODABLE: Final = {
@@ -53,6 +64,17 @@ def clean_request_id(raw: str | None) -> str:
         if rid.isascii() and rid.isprintable() and rid.strip():
             return rid
     return new_request_id()
+
+
+def check_method(method: str) -> None:
+    if method not in FORWARDED_METHODS:
+        raise ProxyError(ErrorCode.METHOD_NOT_ALLOWED, f"method {method} is not forwarded")
+
+
+def check_token(token: str) -> None:
+    """A credential is printable ASCII; anything else is no access key (401, not a crash)."""
+    if not (token.isascii() and token.isprintable()):
+        raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "invalid access key")
 
 
 def check_target(raw_target: str) -> None:
@@ -144,35 +166,52 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
 
 
 def _inflate(data: bytes, wbits: int, limit: int) -> bytes | None:
-    d = zlib.decompressobj(wbits)
-    try:
-        out = d.decompress(data, limit + 1)
-    except zlib.error:
-        return None
-    if len(out) > limit:
-        raise ProxyError(
-            ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes once decoded"
-        )
-    if not d.eof or d.unused_data:
-        return None
-    return out
+    """Every member of `data` (gzip may have several), never more than `limit` bytes out."""
+    out = bytearray()
+    rest = data
+    while True:
+        d = zlib.decompressobj(wbits)
+        try:
+            out += d.decompress(rest, limit + 1 - len(out))
+        except zlib.error:
+            return None
+        if len(out) > limit:
+            raise ProxyError(
+                ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes once decoded"
+            )
+        if not d.eof:
+            return None
+        rest = d.unused_data
+        if not rest.strip(b"\0"):  # trailing zero padding is allowed after the last member
+            return bytes(out)
+        if wbits < 0 or wbits == zlib.MAX_WBITS:
+            return None  # one deflate stream, then bytes that belong to none
 
 
 def parse_json(body: bytes) -> Any:
-    """orjson first; valid JSON it refuses (lone surrogate escapes, integers wider than
-    64 bits) is read by the standard parser. NaN/Infinity are not JSON: refused."""
+    """orjson first; valid JSON it refuses (lone surrogate escapes) or would read inexactly
+    (integers wider than 64 bits become floats, and a rewritten body would carry the float)
+    is read by the standard parser. NaN/Infinity are not JSON: refused."""
     try:
-        return orjson.loads(body)
+        data = orjson.loads(body)
+        if _LONG_DIGITS.search(body) is None:
+            return data
     except orjson.JSONDecodeError:
         pass
     try:
-        return json.loads(body, parse_constant=_no_constant)
+        return json.loads(body, parse_constant=_no_constant, parse_int=_bounded_int)
     except (ValueError, RecursionError):
         raise ProxyError(ErrorCode.INVALID_JSON, "request body is not valid JSON") from None
 
 
 def _no_constant(name: str) -> Any:
     raise ValueError(name)
+
+
+def _bounded_int(digits: str) -> int:
+    if len(digits) > MAX_INT_DIGITS:
+        raise ValueError("integer too long")
+    return int(digits)
 
 
 def dump_json(data: Any) -> bytes:
@@ -186,27 +225,36 @@ def dump_json(data: Any) -> bytes:
 # --------------------------------------------------------------------------- query
 
 
-def strip_credentials(query: str, tokens: Iterable[str] = ()) -> str:
-    """The raw query string without parameters that carry a credential (`?key=`, or
-    any parameter whose value is the caller's own token)."""
+def strip_credentials(query: str, tokens: Iterable[str] = (), drop: Iterable[str] = ()) -> str:
+    """The raw query string without parameters that carry a credential (`?key=`, or any
+    parameter containing the caller's own token) and without the names in `drop` (the
+    provider's own `query_params`, which a caller must not override)."""
     if not query:
         return query
-    secret = {t for t in tokens if t}
+    secrets = [t for t in tokens if t]
+    dropped = CREDENTIAL_PARAMS.union(n.lower() for n in drop)
     kept = []
     for part in query.split("&"):
-        name, _, value = part.partition("=")
-        if unquote(name).lower() in CREDENTIAL_PARAMS or (secret and unquote(value) in secret):
+        name = part.partition("=")[0]
+        if unquote(name).lower() in dropped or _contains(unquote(part), secrets):
             continue
         kept.append(part)
     return "&".join(kept)
 
 
-def redact_query(query: str) -> str:
-    """The query string for a log line: credential parameters keep their name, not their value."""
+def _contains(text: str, secrets: list[str]) -> bool:
+    return any(s in text for s in secrets)
+
+
+def redact_query(query: str, tokens: Iterable[str] = ()) -> str:
+    """The query string for a log line: credential parameters (and any value containing
+    the caller's token) keep their name, not their value."""
     if not query:
         return query
+    secrets = [t for t in tokens if t]
     out = []
     for name, value in parse_qsl(query, keep_blank_values=True):
-        shown = "***" if name.lower() in CREDENTIAL_PARAMS else value
-        out.append(f"{quote(name, safe='')}={quote(shown, safe='*')}")
+        hidden = name.lower() in CREDENTIAL_PARAMS or _contains(name + value, secrets)
+        shown_name = "***" if _contains(name, secrets) else name
+        out.append(f"{quote(shown_name, safe='*')}={quote('***' if hidden else value, safe='*')}")
     return "&".join(out)

@@ -1,77 +1,75 @@
-"""Requests in flight on the proxy port, for the shutdown drain (docs/reference.md#shutdown)."""
+"""Requests in flight on the proxy port, for the shutdown drain (docs/reference.md#shutdown).
+
+The proxy handler enters and leaves each request here (a dict insert and delete:
+no middleware or signal on the hot path); the drain waits until none is left and,
+at its deadline, cuts the rest.
+"""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field
+from typing import Protocol
 
-from aiohttp import web
-
-from sidecar.state import State
-
-_Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+from sidecar.logs import OpLog
+from sidecar.metrics import Metrics
 
 
-@dataclass(slots=True)
-class _Tracked:
-    request: web.Request
-    started: tuple[str, str] | None = None  # (provider, request id) once its response started
+class _Transport(Protocol):
+    def is_closing(self) -> bool: ...
+    def abort(self) -> None: ...
 
 
-@dataclass
+class Tracked(Protocol):
+    """What the drain needs of a request (the proxy's `Exchange`)."""
+
+    @property
+    def transport(self) -> _Transport | None: ...
+    @property
+    def provider(self) -> str: ...
+
+    request_id: str
+    streaming: bool  # its response headers were sent: cutting it breaks a stream
+
+
 class InFlight:
-    """Requests being handled, and the provider of those already streaming a response.
+    def __init__(self) -> None:
+        self._requests: dict[int, Tracked] = {}  # by id(): one entry per request being handled
+        self._idle = asyncio.Event()
+        self._idle.set()
 
-    The drain waits for these; at its deadline, the rest are cut.
-    """
+    def enter(self, tracked: Tracked) -> None:
+        self._requests[id(tracked)] = tracked
+        self._idle.clear()
 
-    requests: dict[int, _Tracked] = field(default_factory=dict)  # by id(): requests are unhashable
-    idle: asyncio.Event = field(default_factory=asyncio.Event)
+    def leave(self, tracked: Tracked) -> None:
+        self._requests.pop(id(tracked), None)
+        if not self._requests:
+            self._idle.set()
 
-    @web.middleware
-    async def middleware(self, request: web.Request, handler: _Handler) -> web.StreamResponse:
-        self.requests[id(request)] = _Tracked(request)
-        self.idle.clear()
-        try:
-            return await handler(request)
-        finally:
-            del self.requests[id(request)]
-            if not self.requests:
-                self.idle.set()
-
-    async def on_prepare(self, request: web.Request, response: web.StreamResponse) -> None:
-        tracked = self.requests.get(id(request))
-        if tracked is not None:
-            headers = response.headers
-            tracked.started = (headers.get("x-sidecar-provider", ""),
-                               headers.get("x-sidecar-request-id", ""))  # fmt: skip
+    def __len__(self) -> int:
+        return len(self._requests)
 
     async def wait_idle(self, within: float) -> bool:
-        if not self.requests:
+        if not self._requests:
             return True
         with contextlib.suppress(TimeoutError):
             async with asyncio.timeout(max(within, 0.0)):
-                await self.idle.wait()
-        return not self.requests
+                await self._idle.wait()
+        return not self._requests
 
-    def cut(self, state: State) -> int:
+    def cut(self, metrics: Metrics, oplog: OpLog) -> int:
         """End every request still running as a broken stream is ended: the connection
         closes without a terminator, so the caller's SDK sees the break."""
         cut = 0
-        for tracked in list(self.requests.values()):
-            transport = tracked.request.transport
+        for tracked in list(self._requests.values()):
+            transport = tracked.transport
             if transport is None or transport.is_closing():
                 continue
-            if tracked.started is not None:  # its response was streaming
-                provider, request_id = tracked.started
-                state.metrics.stream_interruptions.labels(provider, "shutdown").inc()
-                state.oplog.warning("stream_interrupted", request_id=request_id, provider=provider,
-                                    cause="shutdown")  # fmt: skip
-            transport.close()
+            if tracked.streaming:
+                metrics.stream_interruptions.labels(tracked.provider, "shutdown").inc()
+                oplog.warning("stream_interrupted", request_id=tracked.request_id,
+                              provider=tracked.provider, cause="shutdown")  # fmt: skip
+            transport.abort()  # at once, even toward a caller that reads nothing
             cut += 1
         return cut
-
-
-INFLIGHT: web.AppKey[InFlight] = web.AppKey("sidecar_inflight", InFlight)

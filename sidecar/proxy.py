@@ -24,6 +24,7 @@ from yarl import URL
 from sidecar import inbound
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
+from sidecar.inflight import InFlight
 from sidecar.keys import KeySource
 from sidecar.models import ResolvedModel
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
@@ -115,6 +116,11 @@ class Exchange:
     #: the provider the request was resolved to, for refusals made before any key was chosen
     resolved_provider: str = ""
     body_size: int = 0
+    streaming: bool = False  # response headers sent: no failover, and a cut breaks a stream
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.request.transport
 
     @property
     def provider(self) -> str:
@@ -139,6 +145,7 @@ class Exchange:
 class Proxy:
     def __init__(self, state: State) -> None:
         self.state = state
+        self.inflight = InFlight()  # what the shutdown drain waits for
 
     # ----------------------------------------------------------------- routes
 
@@ -201,24 +208,26 @@ class Proxy:
         self, request: web.Request, fmt: str, explicit: str | None
     ) -> web.StreamResponse:
         ex = self._exchange(request, fmt, self.state.runtime)
+        self.inflight.enter(ex)
         try:
-            inbound.check_target(request.raw_path)
-            resp = await self._proxy(ex, explicit)
-        except ProxyError as err:
-            resp = self._error(ex, err)
-        except (asyncio.CancelledError, ConnectionResetError):
-            ex.status = (
-                CLIENT_CLOSED  # the caller went away; account for the request, then let it unwind
-            )
-            self._account(ex)
-            raise
-        except Exception as exc:  # the outermost boundary: a bug must still be accounted
-            ex.status = 500
-            self.state.oplog.error("request_failed", request_id=ex.request_id,
-                                   error=type(exc).__name__)  # fmt: skip
-            self._account(ex)
-            raise
-        return await self._finish(ex, resp)
+            try:
+                inbound.check_target(request.raw_path)
+                resp = await self._proxy(ex, explicit)
+            except ProxyError as err:
+                resp = self._error(ex, err)
+            except (asyncio.CancelledError, ConnectionResetError):
+                ex.status = CLIENT_CLOSED  # the caller went away: account, then let it unwind
+                self._account(ex)
+                raise
+            except Exception as exc:  # the outermost boundary: a bug must still be accounted
+                ex.status = 500
+                self.state.oplog.error("request_failed", request_id=ex.request_id,
+                                       error=type(exc).__name__)  # fmt: skip
+                self._account(ex)
+                raise
+            return await self._finish(ex, resp)
+        finally:
+            self.inflight.leave(ex)
 
     def _authenticate(self, ex: Exchange) -> tuple[AccessKey | None, Secret | None]:
         """The access key, or (passthrough) the caller's own credential."""
@@ -233,6 +242,7 @@ class Proxy:
                 ErrorCode.ACCESS_KEY_INVALID,
                 "missing access key (Authorization: Bearer or x-api-key)",
             )
+        inbound.check_token(token)
         ex.token = Secret(token)
         access = ex.runtime.access_keys.get(hash_access_key(token))
         if access is not None and not access.revoked:
@@ -265,13 +275,15 @@ class Proxy:
             raise ProxyError(
                 ErrorCode.REQUEST_TIMEOUT, f"request body not received within {wait:g} s"
             ) from None
-        encoding = request.headers.get("content-encoding")
-        return inbound.decode_body(body, encoding, limit) if encoding else body
+        encodings = request.headers.getall("content-encoding", ())
+        return inbound.decode_body(body, ",".join(encodings), limit) if encodings else body
 
     async def _proxy(self, ex: Exchange, explicit: str | None) -> web.StreamResponse:
         runtime = ex.runtime
         cfg = runtime.config
         request = ex.request
+        if explicit is not None:
+            inbound.check_method(request.method)
         access, passthrough_key = self._authenticate(ex)
         body = await self._read_body(request, cfg.limits.max_body_bytes, cfg.timeouts.client_body)
         ex.body_size = len(body)
@@ -537,6 +549,7 @@ class Proxy:
         try:
             resp = web.StreamResponse(status=upstream.status, headers=headers)
             await resp.prepare(ex.request)
+            ex.streaming = True
             if prefix:
                 await resp.write(prefix)
             # stream_idle bounds every gap: natively (aiohttp's per-read timer) when it can,
@@ -648,7 +661,7 @@ class Proxy:
                     "request_id": ex.request_id,
                     "access_key": ex.access.name if ex.access else None,
                     "method": ex.request.method,
-                    "path": _logged_path(ex.request),
+                    "path": _logged_path(ex),
                     "format": ex.fmt,
                     "provider": provider or None,
                     "model": c.model.upstream if c and c.model else None,
@@ -730,6 +743,9 @@ def _upstream_request(
 ) -> tuple[URL, CIMultiDict[str]]:
     """URL and headers for one attempt. `path` is decoded and checked; `query` is raw."""
     p = cand.provider
+    if query and p.query:  # the provider's own `query_params` cannot be overridden by the caller
+        own = [part.partition("=")[0] for part in p.query.split("&")]
+        query = inbound.strip_credentials(query, drop=own)
     params = f"{query}&{p.query}" if query and p.query else (query or p.query)
     url = upstream_url(p.base_url, path, params)
     headers = base.copy()
@@ -779,6 +795,10 @@ def _masked(status: int, body: bytes, cand: Candidate | None) -> bytes:
     return mask_key_fragments(body, secrets)
 
 
-def _logged_path(request: web.Request) -> str:
+def _logged_path(ex: Exchange) -> str:
+    request = ex.request
     query = request.rel_url.raw_query_string
-    return f"{request.path}?{inbound.redact_query(query)}" if query else request.path
+    if not query:
+        return request.path
+    tokens = (ex.token.reveal(),) if ex.token else ()
+    return f"{request.path}?{inbound.redact_query(query, tokens)}"

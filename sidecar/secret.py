@@ -14,8 +14,15 @@ from typing import Final
 
 #: Request/response headers whose values are credentials. Never logged, never forwarded.
 SENSITIVE_HEADERS: Final = frozenset(
-    {"authorization", "proxy-authorization", "x-api-key", "api-key", "x-goog-api-key",
-     "cookie", "set-cookie"}
+    {
+        "authorization",
+        "proxy-authorization",
+        "x-api-key",
+        "api-key",
+        "x-goog-api-key",
+        "cookie",
+        "set-cookie",
+    }
 )
 
 _MASK: Final = "**********"
@@ -70,7 +77,9 @@ class Secret:
 #: Google `AIza…`, Groq `gsk_…`, xAI `xai-…`, and any run around `***` masking.
 _KEY_SHAPED: Final = re.compile(
     rb"(?:sk|pk|rk)-[A-Za-z0-9_\-*]{3,}|AIza[0-9A-Za-z_\-]{8,}|gsk_[A-Za-z0-9]{8,}"
-    rb"|xai-[A-Za-z0-9]{8,}|[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*"
+    # The lookbehind starts a masked run only at a run's start: without it, a long run with
+    # no `***` is retried at every position (quadratic time on an upstream's body).
+    rb"|xai-[A-Za-z0-9]{8,}|(?<![A-Za-z0-9_\-])[A-Za-z0-9_\-]*\*{3,}[A-Za-z0-9_\-]*"
 )
 
 

@@ -26,7 +26,7 @@ from sidecar.billing import Billing
 from sidecar.connections import ConnectionLimits, GuardedRunner, GuardedServer, raise_fd_limit
 from sidecar.errors import UserError
 from sidecar.health import KeyHealth
-from sidecar.inflight import INFLIGHT, InFlight
+from sidecar.inflight import InFlight
 from sidecar.logs import AccessLog, OpLog, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
@@ -34,6 +34,7 @@ from sidecar.reload import Reloader, load_with_signature
 from sidecar.state import STATE, State
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
+INFLIGHT: web.AppKey[InFlight] = web.AppKey("sidecar_inflight", InFlight)
 
 #: After the drain deadline: how long cut requests get to unwind (and account), and the
 #: shortest budget for flushing spend and closing; the exit stays within grace + 1 s.
@@ -41,7 +42,6 @@ _UNWIND_S = 0.3
 _CLOSE_BUDGET_S = 0.6
 #: File descriptors kept for everything but proxy connections (admin, upstream, files).
 _FD_RESERVE = 256
-
 
 
 def build_state(
@@ -134,10 +134,8 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     app = web.Application(client_max_size=1 << 62)  # the handler bounds bodies itself
     app[STATE] = state
     app[_RELOADER] = Reloader(config_path, state)
-    inflight = app[INFLIGHT] = InFlight()
-    app.middlewares.append(inflight.middleware)
-    app.on_response_prepare.append(inflight.on_prepare)
     proxy = Proxy(state)
+    app[INFLIGHT] = proxy.inflight
     r = app.router
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
         r.add_post(path, proxy.openai)
@@ -183,7 +181,7 @@ class Running:
             server.pre_shutdown()  # idle kept-alive connections close now
         inflight = self.proxy_runner.app[INFLIGHT]
         if not await inflight.wait_idle(deadline - loop.time()):
-            cut = inflight.cut(state)
+            cut = inflight.cut(state.metrics, state.oplog)
             state.oplog.warning("drain_deadline", grace_s=grace, cut=cut)
             await inflight.wait_idle(_UNWIND_S)  # cancelled handlers account for what they used
         if isinstance(server, GuardedServer):
@@ -193,8 +191,10 @@ class Running:
             async with asyncio.timeout(budget):
                 await state.billing.flush()
                 await self.proxy_runner.cleanup()  # its cleanup_ctx closes the ledger
-        except TimeoutError:
-            state.oplog.error("shutdown_incomplete", budget_s=round(budget, 3))
+        except TimeoutError:  # what could not be written is named, never lost silently
+            lost = state.billing.unwritten()
+            state.oplog.error("shutdown_incomplete", budget_s=round(budget, 3),
+                              unwritten_micro_usd=sum(lost.values()), by_access_key=lost)  # fmt: skip
         await self.admin_runner.cleanup()
         state.oplog.info("stopped")
 

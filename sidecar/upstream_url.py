@@ -37,8 +37,9 @@ def explicit_tail(raw_path: str, provider_id: str) -> str:
     if len(segments) < 2 or _decode(segments[1]) != provider_id:
         raise ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such route")
     tail = [_decode(seg) for seg in segments[2:]]
-    for seg in tail:
-        if seg in (".", "..") or "/" in seg or "\\" in seg:
+    for i, seg in enumerate(tail):
+        # An empty segment inside the path would make `//host/...` (only a trailing `/` is kept).
+        if seg in (".", "..") or "/" in seg or "\\" in seg or (not seg and i < len(tail) - 1):
             raise ProxyError(ErrorCode.ROUTE_NOT_FOUND,
                              "path segments '.', '..' and encoded slashes are not allowed")  # fmt: skip
     return "/" + "/".join(tail) if tail else ""
@@ -51,6 +52,7 @@ def _decode(segment: str) -> str:
         raise ProxyError(ErrorCode.INVALID_REQUEST, "request path is not UTF-8") from None
 
 
+@functools.lru_cache(maxsize=1024)  # the same few routes, request after request
 def upstream_url(base: str, path: str, query: str) -> URL:
     """`base`'s origin, `base`'s path + `path` (decoded; yarl encodes it), then `query`."""
     b = base_url(base)
@@ -72,6 +74,7 @@ def check_within(base: URL, url: URL) -> None:
         or url.user is not None
         or url.password is not None
         or not (path == root or path.startswith(root + "/"))
+        or url.raw_path.startswith("//")
         or any(seg in (".", "..") for seg in path.split("/"))
     ):
         raise ProxyError(ErrorCode.INVALID_REQUEST, "request would leave the provider's base URL")

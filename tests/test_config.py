@@ -675,3 +675,18 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
     assert done.returncode == 1
     assert "nosuch.yaml" in done.stderr
     assert "no such file" in done.stderr.lower()
+
+
+@pytest.mark.parametrize(
+    "url",
+    [
+        "http://user:pw@127.0.0.1:8089/v1",  # userinfo: where keys go must be host and port only
+        "http://127.0.0.1:8089/v1?api-version=1",  # a query would be dropped: query_params
+        "http://127.0.0.1:8089/v1#frag",
+        "http://127.0.0.1:port/v1",
+        "http:///v1",
+    ],
+)
+def test_base_url_parts_that_would_be_dropped_or_ambiguous_are_refused(url: str) -> None:
+    found = problems(f"providers: [{{id: openai, base_url: '{url}'}}]")
+    assert any(p.startswith("providers[0].base_url: expected an http(s) URL") for p in found), found

@@ -198,12 +198,23 @@ async def test_paths_stay_under_the_base_path_and_encoded_letters_shift_nothing(
         f"/{pid}/v1/../../x",
         f"/{pid}/v1/..%2F..%2F..%2Fx",
         f"/{pid}@127.0.0.1:{att}{tail}",
+        f"/{pid}//127.0.0.1:{att}/x",  # would go out as `//host/x`: a network path to another host
+        f"/{pid}/v1//x",
     ):
         resp = await _send(s, target)
         assert resp.status in (400, 404), (target, resp.status, resp.body[:300])
         expected = "invalid_request" if resp.status == 400 else "route_not_found"
         assert _code(resp) == expected, target
         assert _no_secret_in(resp.body)
+    # Methods an upstream may echo back with the request's headers (the key) are not forwarded.
+    for method in ("TRACE", "PROPFIND"):
+        lines = [f"{method} /{pid}{tail} HTTP/1.1", f"host: 127.0.0.1:{s.sc.running.proxy_port}"]
+        lines += [f"{k}: {v}" for k, v in s.caller.items()]
+        resp = await raw_request(
+            s.sc.running.proxy_port, ("\r\n".join(lines) + "\r\n").encode(), b""
+        )
+        assert resp.status == 405, (method, resp.status, resp.body[:300])
+        assert _code(resp) == "method_not_allowed"
     assert await _mock_paths(mock_server) == []
     # The legitimate path, plain and with a percent-encoded letter in the provider segment:
     # both reach the mock at exactly base path + tail, nothing cut or shifted.

@@ -168,3 +168,63 @@ def test_logged_query_hides_credential_values() -> None:
     shown = inbound.redact_query("beta=true&key=ak-secret&api_key=x")
     assert shown == "beta=true&key=***&api_key=***"
     assert "secret" not in shown
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+def test_gzip_with_several_members_and_zero_padding_is_valid() -> None:
+    two = gzip.compress(b'{"a":') + gzip.compress(b"1}")
+    assert inbound.decode_body(two, "gzip", 100) == b'{"a":1}'
+    assert inbound.decode_body(gzip.compress(b"{}") + b"\0" * 8, "gzip", 100) == b"{}"
+    assert (
+        _code(inbound.decode_body, zlib.compress(b"{}") + zlib.compress(b"{}"), "deflate", 100)
+        is ErrorCode.INVALID_REQUEST
+    )
+
+
+def test_a_bomb_split_over_gzip_members_still_stops_at_the_limit() -> None:
+    member = gzip.compress(b" " * (1 << 20))
+    assert _code(inbound.decode_body, member * 8, "gzip", 4 << 20) is ErrorCode.REQUEST_TOO_LARGE
+
+
+def test_integers_past_forty_digits_are_refused_not_parsed() -> None:
+    ok = b'{"seed": ' + b"9" * inbound.MAX_INT_DIGITS + b"}"
+    assert inbound.parse_json(ok)["seed"] == int("9" * inbound.MAX_INT_DIGITS)
+    slow = b'{"n": [' + b",".join([b"7" * 4300] * 50) + b"]}"
+    assert _code(inbound.parse_json, slow) is ErrorCode.INVALID_JSON
+
+
+@pytest.mark.parametrize("token", ["abc\udcff\udcfedef", "ключ", "a\tb", "a\x00b"])
+def test_a_credential_that_is_not_printable_ascii_is_an_invalid_key(token: str) -> None:
+    assert _code(inbound.check_token, token) is ErrorCode.ACCESS_KEY_INVALID
+
+
+@pytest.mark.parametrize("method", ["TRACE", "PROPFIND", "CONNECT", "MKCOL", "trace"])
+def test_methods_that_could_echo_a_key_are_not_forwarded(method: str) -> None:
+    assert _code(inbound.check_method, method) is ErrorCode.METHOD_NOT_ALLOWED
+    for ok in ("GET", "POST", "PUT", "PATCH", "DELETE", "HEAD", "OPTIONS"):
+        inbound.check_method(ok)
+
+
+def test_the_callers_token_is_stripped_and_redacted_wherever_it_appears() -> None:
+    tok = "sk-sc-secret"
+    q = f"q=Bearer%20{tok}&x=1;key={tok}&access_token={tok}&auth=z&keep=1"
+    assert inbound.strip_credentials(q, [tok]) == "keep=1"
+    shown = inbound.redact_query(f"access_token={tok}&auth=z&x-api-key=y&{tok}=1&q=a{tok}", [tok])
+    assert tok not in shown
+    assert "z" not in shown.split("&")[1]
+
+
+def test_the_providers_own_query_params_cannot_be_overridden() -> None:
+    q = "api-version=evil&alt=sse&API-VERSION=x"
+    assert inbound.strip_credentials(q, drop=["api-version"]) == "alt=sse"
+
+
+def test_integers_past_64_bits_stay_exact_without_any_other_oddity() -> None:
+    """orjson reads them as floats: a rewritten body would carry 1.2345678901234568e+29."""
+    body = b'{"model":"a","seed":123456789012345678901234567890,"n":18446744073709551616}'
+    data = inbound.parse_json(body)
+    assert data["seed"] == 123456789012345678901234567890
+    assert data["n"] == 18446744073709551616
+    assert json.loads(inbound.dump_json({**data, "model": "b"}))["seed"] == data["seed"]

@@ -646,3 +646,64 @@ async def test_a_trickled_body_is_cut_by_timeouts_client_body(
         assert resp.status == 408
         assert _code(resp.body) == "request_timeout"
     assert await _upstream_paths(http, mock_server) == []
+
+
+# --------------------------------------------------------------------------- review findings
+
+
+async def test_the_access_key_anywhere_in_the_query_is_neither_forwarded_nor_logged(
+    env: Env, sidecars: list[Sidecar], mock_server: TestServer, http: aiohttp.ClientSession,
+    token: str,
+) -> None:  # fmt: skip
+    sc = await _policy_sidecar(env, sidecars)
+    queries = (f"access_token={token}", f"x-api-key={token}", f"auth={token}",
+               f"q=Bearer%20{token}", f"{token}=1")  # fmt: skip
+    for q in queries:
+        status, _, body = await send(http, f"{sc.url}{CHAT}?{q}&keep=1", token=token, json=chat())
+        assert status == 200, body
+    for rec in await mock_log(http, mock_server):
+        assert token not in json.dumps(rec), "the access key reached the upstream"
+    await sc.stop()
+    sidecars.remove(sc)
+    paths = [r["path"] for r in env.access.records()]
+    assert len(paths) == len(queries)
+    assert all("keep=1" in p for p in paths)
+    assert not any(token in p for p in paths), "the access key is in the access log"
+
+
+@pytest.mark.parametrize("route", ["/v1/chat/completions", "/nosuch", "/openai/v1/models"])
+async def test_a_credential_that_is_not_ascii_is_401_not_a_crash(
+    env: Env, sidecars: list[Sidecar], mock_server: TestServer, http: aiohttp.ClientSession,
+    route: str,
+) -> None:  # fmt: skip
+    sc = await _policy_sidecar(env, sidecars)
+    port = sc.running.proxy_port
+    method = "POST" if route.startswith("/v1/") else "GET"
+    for header in (b"authorization: Bearer abc\xff\xfedef", b"x-api-key: k\xc3\xa9y"):
+        head = (
+            f"{method} {route} HTTP/1.1\r\nhost: 127.0.0.1:{port}\r\n".encode() + header + b"\r\n"
+        )
+        resp = await raw_request(port, head, orjson.dumps(chat()) if method == "POST" else b"")
+        expected = 404 if route == "/nosuch" else 401
+        assert resp.status == expected, (route, header, resp.status, resp.body[:200])
+    assert await _upstream_paths(http, mock_server) == []
+    text = await metrics_text(http, sc)
+    assert metric_value(text, "sidecar_requests_total", status=str(expected)) == 2
+    assert metric_value(text, "sidecar_requests_total", status="500") == 0
+
+
+async def test_a_caller_cannot_override_the_providers_query_params(
+    env: Env, sidecars: list[Sidecar], mock_server: TestServer, http: aiohttp.ClientSession,
+    token: str,
+) -> None:  # fmt: skip
+    ref = env.secret("azure", "k1", "sk-azure-1")
+    sc = await boot(env, sidecars,
+                    "providers:\n  - id: azure\n"
+                    f"    base_url: http://127.0.0.1:{mock_server.port}/v1\n"
+                    "    format: openai\n    query_params: {api-version: '2024-10-21'}\n"
+                    f'    api_keys: [{{id: k1, value: "{ref}"}}]\n')  # fmt: skip
+    url = f"{sc.url}/azure/chat/completions?api-version=evil&API-Version=evil2&keep=1"
+    status, _, body = await send(http, url, token=token, json=chat())
+    assert status == 200, body
+    (rec,) = await mock_log(http, mock_server)
+    assert rec["raw_path"].endswith("?keep=1&api-version=2024-10-21"), rec["raw_path"]

@@ -211,6 +211,28 @@ async def test_a_connection_flood_is_capped_and_the_admin_port_keeps_answering(
     assert all(r["max_connections"] == 100 for r in refused)
 
 
+async def test_idle_keepalive_connections_cannot_hold_the_cap(env: Env, tmp_path: Path) -> None:
+    """At the cap, an idle kept-alive connection is closed to make room for a new caller."""
+    token = env.access_key("app")
+    async with _sidecar(env, tmp_path, "limits: {max_connections: 5}\n") as p:
+        idle: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+        try:
+            for _ in range(5):  # each answers one local request, then sits idle, kept alive
+                reader, writer = await _connect(p.proxy_port)
+                writer.write(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+                async with asyncio.timeout(WAIT):
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(re.search(rb"(?i)content-length: (\d+)", head)[1])  # type: ignore[index]
+                    await reader.readexactly(length)
+                assert head.startswith(b"HTTP/1.1 200")
+                idle.append((reader, writer))
+            for _ in range(3):  # a new caller gets in: an idle connection makes room
+                assert await _get_models(p.proxy_port, token) == 200
+        finally:
+            for _, writer in idle:
+                writer.close()
+
+
 @pytest.mark.skipif(not Path("/proc/self/limits").exists(), reason="reads /proc/PID/limits")
 def test_serve_raises_the_open_files_soft_limit_to_the_hard_limit(env: Env) -> None:
     hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]

@@ -88,3 +88,21 @@ def test_check_within_accepts_the_base_and_below() -> None:
     check_within(base, URL("http://h:8/base"))
     check_within(base, URL("http://h:8/base/v1/x?q=1"))
     check_within(URL("http://h:8"), URL("http://h:8/anything"))
+
+
+@pytest.mark.parametrize(
+    "raw", ["/ollama//127.0.0.1:6666/x", "/ollama/v1//x", "/ollama///x", "/ollama//"]
+)
+def test_empty_segments_inside_the_path_are_refused(raw: str) -> None:
+    """`//host/...` reaches an upstream that joins URLs as a network path to another host."""
+    assert _code(explicit_tail, raw, "ollama") is ErrorCode.ROUTE_NOT_FOUND
+
+
+def test_a_trailing_slash_is_kept() -> None:
+    assert explicit_tail("/ollama/v1/models/", "ollama") == "/v1/models/"
+
+
+def test_check_within_refuses_a_network_path() -> None:
+    assert _code(check_within, URL("http://h:8"), URL("http://h:8//evil:1/x", encoded=True)) is (
+        ErrorCode.INVALID_REQUEST
+    )
