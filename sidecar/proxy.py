@@ -257,6 +257,9 @@ class Proxy:
         """The whole body, decoded, at most `limit` bytes, within `wait` seconds (else 408)."""
         if request.content_length is not None and request.content_length > limit:
             raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
+        if request.content_length is not None and request.content.is_eof():
+            body = await request.read()  # already all here (the usual case): no timer needed
+            return self._decoded(request, body, limit)
         try:
             async with asyncio.timeout(wait):
                 if request.content_length is not None:
@@ -275,6 +278,10 @@ class Proxy:
             raise ProxyError(
                 ErrorCode.REQUEST_TIMEOUT, f"request body not received within {wait:g} s"
             ) from None
+        return self._decoded(request, body, limit)
+
+    @staticmethod
+    def _decoded(request: web.Request, body: bytes, limit: int) -> bytes:
         encodings = request.headers.getall("content-encoding", ())
         return inbound.decode_body(body, ",".join(encodings), limit) if encodings else body
 
