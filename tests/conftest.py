@@ -3,6 +3,7 @@ from __future__ import annotations
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
+import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
@@ -19,6 +20,18 @@ async def mock_server(aiohttp_server: Callable[..., object]) -> TestServer:
 @pytest.fixture
 async def env(tmp_path: Path, mock_server: TestServer) -> Env:
     return make_env(tmp_path, str(mock_server.make_url("/v1")))
+
+
+@pytest.fixture
+def token(env: Env) -> str:
+    """An unrestricted access key, in the vault before the sidecar starts."""
+    return env.access_key("app")
+
+
+@pytest.fixture
+async def http() -> AsyncIterator[aiohttp.ClientSession]:
+    async with aiohttp.ClientSession() as session:
+        yield session
 
 
 @pytest.fixture

@@ -94,12 +94,6 @@ async def _spawn(env: Env, config: Path, token: str, http: aiohttp.ClientSession
 
 
 @pytest.fixture
-async def http() -> Any:
-    async with aiohttp.ClientSession() as s:
-        yield s
-
-
-@pytest.fixture
 def processes() -> Iterator[list[Running]]:
     started: list[Running] = []
     yield started

@@ -44,12 +44,6 @@ async def ant(server: TestServer) -> AsyncIterator[anthropic.AsyncAnthropic]:
         yield client
 
 
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 async def post(
     http: aiohttp.ClientSession, server: TestServer, path: str, body: Any, **headers: str
 ) -> tuple[int, Mapping[str, str], Any]:

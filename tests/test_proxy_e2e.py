@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 import aiohttp
@@ -62,18 +62,6 @@ async def boot(env: Env, sidecars: list[Sidecar], config: str) -> Sidecar:
     sc = await env.start()
     sidecars.append(sc)
     return sc
-
-
-@pytest.fixture
-def token(env: Env) -> str:
-    """An unrestricted access key, in the vault before the sidecar starts."""
-    return env.access_key("app")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def send(

@@ -41,18 +41,6 @@ MODEL = {"openai": OPENAI_MODEL, "anthropic": CLAUDE_MODEL}
 NOT_RETRYABLE = {400, 401, 402, 403, 413}
 
 
-@pytest.fixture
-def token(env: Env) -> str:
-    """An unrestricted access key, in the vault before the sidecar starts."""
-    return env.access_key("app")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
-
-
 def payload(fmt: str, **fields: Any) -> dict[str, Any]:
     return claude(**fields) if fmt == "anthropic" else chat(**fields)
 

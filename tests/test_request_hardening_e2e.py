@@ -20,7 +20,7 @@ import re
 import threading
 import time
 import zlib
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -59,18 +59,6 @@ from tests.test_proxy_e2e import (
 
 MIB = 1 << 20
 CHAT = "/v1/chat/completions"
-
-
-@pytest.fixture
-def token(env: Env) -> str:
-    """An unrestricted access key, in the vault before the sidecar starts."""
-    return env.access_key("app")
-
-
-@pytest.fixture
-async def http() -> AsyncIterator[aiohttp.ClientSession]:
-    async with aiohttp.ClientSession() as session:
-        yield session
 
 
 async def _upstream_paths(http: aiohttp.ClientSession, mock: TestServer) -> list[str]:
