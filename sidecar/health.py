@@ -1,7 +1,8 @@
 """Key health (docs/reference.md#key-health): what an attempt's outcome means, and cooldowns.
 
 Pure and clock-injected. Health is kept per (provider, key value) — the
-`ProviderKey.health_id` — so it survives reloads for keys that still exist.
+`ProviderKey.health_id` — and model, so it survives reloads for keys that
+still exist.
 """
 
 from __future__ import annotations
@@ -63,19 +64,32 @@ class _State:
     failures: int = 0
 
 
+#: The scope of a key-wide state: a dead key (401, 403, quota exhausted) is dead for every model.
+_KEY = None
+
+
 class KeyHealth:
-    """Cooldown deadlines and consecutive server-side failures per key."""
+    """Cooldown deadlines and consecutive server-side failures per key and model.
+
+    Providers limit rate per model, so `rate_limited` and `server_error` cool the
+    (key, model) pair and the key stays usable for other models; `auth_failed`
+    (401, 403, a quota-exhausted 429) cools the key for every model. `model` is
+    the name sent upstream ("" when a request names none).
+    """
 
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
-        self._states: dict[str, _State] = {}
+        self._states: dict[tuple[str, str | None], _State] = {}
 
-    def cooling_until(self, health_id: str) -> float | None:
-        """The deadline if the key is cooling now, else None."""
-        st = self._states.get(health_id)
-        if st is None or st.until <= self._clock():
-            return None
-        return st.until
+    def cooling_until(self, health_id: str, model: str = "") -> float | None:
+        """The deadline if the key (for this model) is cooling now, else None."""
+        now = self._clock()
+        until = 0.0
+        for scope in (_KEY, model):
+            st = self._states.get((health_id, scope))
+            if st is not None and st.until > until:
+                until = st.until
+        return until if until > now else None
 
     def record(
         self,
@@ -83,25 +97,26 @@ class KeyHealth:
         outcome: Outcome,
         cooldown: Cooldown,
         *,
+        model: str = "",
         retry_after: float | None = None,
         quota_exhausted: bool = False,
     ) -> float | None:
         """Account for one attempt. Returns the new deadline when a cooldown starts."""
         if outcome is Outcome.OK:
-            st = self._states.get(health_id)
+            st = self._states.get((health_id, model))
             if st is not None:
                 st.failures = 0
             return None
         if outcome is Outcome.CLIENT_ERROR:
             return None
-        st = self._states.setdefault(health_id, _State())
-        if outcome is Outcome.RATE_LIMITED:
-            duration = (
-                cooldown.auth_failed if quota_exhausted else (retry_after or cooldown.rate_limited)
-            )
-        elif outcome is Outcome.AUTH_FAILED:
+        if outcome is Outcome.AUTH_FAILED or (outcome is Outcome.RATE_LIMITED and quota_exhausted):
+            st = self._states.setdefault((health_id, _KEY), _State())
             duration = cooldown.auth_failed
+        elif outcome is Outcome.RATE_LIMITED:
+            st = self._states.setdefault((health_id, model), _State())
+            duration = retry_after or cooldown.rate_limited
         elif outcome in _SERVER_SIDE:
+            st = self._states.setdefault((health_id, model), _State())
             st.failures += 1
             if st.failures < cooldown.server_error_threshold:
                 return None
@@ -112,26 +127,31 @@ class KeyHealth:
         deadline = self._clock() + duration
         if deadline > st.until:  # a key failing again while cooling keeps the later deadline
             st.until = deadline
-        return st.until
+        return self.cooling_until(health_id, model)  # a key-wide cooldown may reach further
 
-    def soonest_recovery(self, health_ids: Iterable[str]) -> float | None:
-        """Seconds until the first of these keys recovers (None if one is usable now)."""
+    def soonest_recovery(self, health_ids: Iterable[str], model: str = "") -> float | None:
+        """Seconds until the first of these keys recovers for `model` (None if one is usable now)."""
         now = self._clock()
         waits = []
         for hid in health_ids:
-            until = self.cooling_until(hid)
+            until = self.cooling_until(hid, model)
             if until is None:
                 return None
             waits.append(until - now)
         return min(waits) if waits else None
 
     def cooling(self) -> dict[str, float]:
-        """health_id → deadline, for every key cooling now (metrics, debugging)."""
+        """health_id → latest deadline, for every key cooling now for the key or any model
+        (the `sidecar_key_cooling_down` gauge)."""
         now = self._clock()
-        return {hid: st.until for hid, st in self._states.items() if st.until > now}
+        out: dict[str, float] = {}
+        for (hid, _), st in self._states.items():
+            if st.until > now and st.until > out.get(hid, 0.0):
+                out[hid] = st.until
+        return out
 
     def forget_except(self, keep: Iterable[str]) -> None:
         """Drop state of keys that no longer exist (after a reload)."""
         alive = set(keep)
-        for hid in [h for h in self._states if h not in alive]:
-            del self._states[hid]
+        for scoped in [k for k in self._states if k[0] not in alive]:
+            del self._states[scoped]

@@ -123,12 +123,13 @@ def build_plan(
         if sel is None:
             missing = missing or pid
             continue
+        model = t.model.upstream if t.model is not None else ""
         if sel.source is KeySource.PASSTHROUGH:
             usable = list(sel.keys)  # the caller's own key: its failures are not shared state
-        else:
-            usable = [k for k in sel.keys if health.cooling_until(k.health_id) is None]
+        else:  # cooling is per key and model: a key rate-limited on one model serves the others
+            usable = [k for k in sel.keys if health.cooling_until(k.health_id, model) is None]
         if not usable:
-            wait = health.soonest_recovery(k.health_id for k in sel.keys) or 0.0
+            wait = health.soonest_recovery((k.health_id for k in sel.keys), model) or 0.0
             if soonest is None or wait < soonest[1]:
                 soonest = (pid, wait)
             continue

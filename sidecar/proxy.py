@@ -386,8 +386,9 @@ class Proxy:
             tracked = (
                 key.source is not KeySource.PASSTHROUGH
             )  # a caller's own key has no shared health
-            if ex.attempts and tracked and health.cooling_until(key.health_id) is not None:
-                continue  # cooled down by an earlier attempt of this request
+            model_name = cand.model.upstream if cand.model else None
+            if ex.attempts and tracked and health.cooling_until(key.health_id, model_name or ""):
+                continue  # cooled down by an earlier attempt of this request (key, or key and model)
             remaining = deadline - time.perf_counter()
             if remaining <= 0:
                 timed_out = True
@@ -398,7 +399,6 @@ class Proxy:
             ex.attempts += 1
             ex.candidate = cand
             metrics.key_selections(*key.labels).inc()
-            model_name = cand.model.upstream if cand.model else None
             if model_name not in payloads:
                 payloads[model_name] = _payload(body, data, model_name, adapter, path, stream)
             payload, strip_usage = payloads[model_name]
@@ -408,16 +408,19 @@ class Proxy:
             metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
             if res.upstream is not None:  # a response for the caller: no failover from here on
                 if tracked:
-                    health.record(key.health_id, res.outcome, cfg.failover.cooldown)
+                    health.record(key.health_id, res.outcome, cfg.failover.cooldown,
+                                  model=model_name or "")  # fmt: skip
                 if res.body is not None:
                     return self._respond(ex, res.upstream, res.body, adapter)
                 return await self._relay_stream(
                     ex, res.upstream, adapter, strip_usage, res.native_idle, res.prefix
                 )
             if tracked and health.record(key.health_id, res.outcome, cfg.failover.cooldown,
-                                         retry_after=res.retry_after, quota_exhausted=res.quota):  # fmt: skip
+                                         model=model_name or "", retry_after=res.retry_after,
+                                         quota_exhausted=res.quota):  # fmt: skip
                 self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
-                                      key_id=key.key_id, outcome=res.outcome.value)  # fmt: skip
+                                      key_id=key.key_id, model=model_name,
+                                      outcome=res.outcome.value)  # fmt: skip
             if res.failed is not None:
                 last = (cand, res.failed)
             failed = (key.provider, res.outcome.value)

@@ -102,3 +102,48 @@ def test_retry_after_and_quota_parsing() -> None:
     assert parse_retry_after(None) is None
     assert is_quota_exhausted(b'{"error":{"code":"insufficient_quota"}}')
     assert not is_quota_exhausted(b'{"error":{"code":"rate_limit_exceeded"}}')
+
+
+# --------------------------------------------------------------------------- scope: key and model
+
+
+def test_a_rate_limit_cools_only_that_model_on_the_key(clock: Clock) -> None:
+    """Providers limit rate per model: one rate-limited model must not block the others."""
+    h = KeyHealth(clock)
+    assert h.record("a", Outcome.RATE_LIMITED, CD, model="gpt-4o", retry_after=5) == 1005
+    assert h.cooling_until("a", "gpt-4o") == 1005
+    assert h.cooling_until("a", "gpt-4o-mini") is None
+    assert h.soonest_recovery(["a"], "gpt-4o-mini") is None
+    assert h.soonest_recovery(["a"], "gpt-4o") == 5
+
+
+def test_server_errors_count_per_model(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    for _ in range(2):
+        assert h.record("a", Outcome.SERVER_ERROR, CD, model="m1") is None
+    assert h.record("a", Outcome.SERVER_ERROR, CD, model="m2") is None  # another model's count
+    assert h.record("a", Outcome.SERVER_ERROR, CD, model="m1") == 1015
+    assert h.cooling_until("a", "m2") is None
+    h.record("a", Outcome.OK, CD, model="m2")
+    assert h.cooling_until("a", "m1") == 1015
+
+
+@pytest.mark.parametrize(
+    ("outcome", "quota"), [(Outcome.AUTH_FAILED, False), (Outcome.RATE_LIMITED, True)]
+)
+def test_a_dead_key_is_dead_for_every_model(clock: Clock, outcome: Outcome, quota: bool) -> None:
+    h = KeyHealth(clock)
+    assert h.record("a", outcome, CD, model="m1", quota_exhausted=quota) == 1300
+    for model in ("m1", "m2", ""):
+        assert h.cooling_until("a", model) == 1300
+    assert h.cooling() == {"a": 1300}
+
+
+def test_the_gauge_shows_a_key_cooling_for_any_model_and_reloads_keep_pairs(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    h.record("a", Outcome.RATE_LIMITED, CD, model="m1", retry_after=5)
+    h.record("b", Outcome.RATE_LIMITED, CD, model="m1", retry_after=9)
+    assert h.cooling() == {"a": 1005, "b": 1009}
+    h.forget_except(["a"])
+    assert h.cooling() == {"a": 1005}
+    assert h.cooling_until("a", "m1") == 1005

@@ -127,7 +127,7 @@ def _secret_value(prefix: str) -> str:
 def _setup(env: Env) -> tuple[dict[str, str], dict[str, str]]:
     """Vault and config; returns (access tokens by name, every secret by description)."""
     values = {
-        "openai_bad": _secret_value("sk-obs-fail-429-retry-60"),  # 60 s cooldown, outlives the test
+        "openai_bad": _secret_value("sk-obs-fail-quota"),  # out of quota: cools the key for every model
         "openai_good": _secret_value("sk-obs-good"),
         "cooled": _secret_value("sk-obs-cool-fail-429-retry-60"),
         "managed": _secret_value("sk-ant-obs-managed"),
@@ -236,7 +236,7 @@ async def _workload(env: Env, sidecars: list[Sidecar], monkeypatch: pytest.Monke
     chat = "/v1/chat/completions"
     r: dict[str, Reply] = {}
     async with aiohttp.ClientSession() as http:
-        # `bad` answers 429 retry-after 60: fail over to `good`; `bad` now cools.
+        # `bad` is out of quota (429 insufficient_quota): fail over to `good`; `bad` cools for every model.
         r["failover"] = await _post(http, sc, "failover", chat, app, _chat("gpt-4o-mini"))
         r["success"] = await _post(http, sc, "success", chat, app, _chat("gpt-4o-mini"))
         r["client_error"] = await _post(
@@ -714,13 +714,14 @@ async def test_a_caller_that_hangs_up_is_still_logged_and_counted(
 async def test_failover_is_counted_only_when_another_attempt_follows(
     env: Env, sidecars: list[Sidecar]
 ) -> None:
-    ref = env.secret("obs", "only", _secret_value("sk-obs-fail-429-retry-60"))
+    ref = env.secret("obs", "only", _secret_value("sk-obs-fail-quota"))
     token = env.access_key("app")
     env.write_config(f'providers:\n  - id: openai\n    base_url: UPSTREAM\n    api_keys:\n      - {{id: only, value: "{ref}"}}\n')  # fmt: skip
     sc = await env.start()
     sidecars.append(sc)
     async with aiohttp.ClientSession() as http:
-        # Two model candidates on one key: the first 429 cools the key, so the second is skipped.
+        # Two model candidates on one key: the first answer (out of quota) cools the key for
+        # every model, so the second is skipped and no failover is counted.
         rep = await _post(http, sc, "models", "/v1/chat/completions", token, _chat("gpt-4o-mini", models=["gpt-4o"]))  # fmt: skip
     assert rep.status == 429
     assert rep.headers["x-sidecar-attempts"] == "1"

@@ -137,10 +137,13 @@ def test_cooling_keys_are_skipped_and_all_cooling_is_429_without_fallthrough() -
     rt = runtime(CONFIG, _access("a"))
     ak = access(rt, "a")
     p1, p2 = rt.providers["openai"].policy_keys
-    health.record(p1.health_id, Outcome.RATE_LIMITED, Cooldown(), retry_after=10)
+    health.record(p1.health_id, Outcome.RATE_LIMITED, Cooldown(), model="gpt-4o", retry_after=10)
     plan = build_plan(rt, ak, resolve_targets(rt, "openai", ["gpt-4o"]), health)
     assert [c.key.key_id for c in plan.candidates] == [p2.key_id]
-    health.record(p2.health_id, Outcome.RATE_LIMITED, Cooldown(), retry_after=3.2)
+    # a rate limit is per model: the same key still serves another model
+    plan = build_plan(rt, ak, resolve_targets(rt, "openai", ["gpt-4o-mini"]), health)
+    assert [c.key.key_id for c in plan.candidates] == [p1.key_id, p2.key_id]
+    health.record(p2.health_id, Outcome.RATE_LIMITED, Cooldown(), model="gpt-4o", retry_after=3.2)
     with pytest.raises(ProxyError) as e:
         build_plan(rt, ak, resolve_targets(rt, "openai", ["gpt-4o"]), health)
     assert e.value.code is ErrorCode.ALL_KEYS_COOLING_DOWN

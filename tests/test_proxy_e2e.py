@@ -366,6 +366,35 @@ async def test_models_array_failover_openai(
     assert all("models" not in b for b in bodies)
 
 
+async def test_a_rate_limited_model_never_blocks_another_model_on_the_same_key(
+    env: Env,
+    sidecars: list[Sidecar],
+    mock_server: TestServer,
+    http: aiohttp.ClientSession,
+    token: str,
+) -> None:
+    """Providers limit rate per model: a 429 cools (key, model), not the key."""
+    sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-good")]))
+    limited = "gpt-4o-mini-fail-429-retry-60"
+    async with sc.openai(token) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=limited, messages=MSG, extra_body={"models": [OPENAI_MODEL]}
+        )
+        assert raw.parse().choices[0].message.content == REPLY
+        assert (raw.headers["x-sidecar-key-id"], raw.headers["x-sidecar-attempts"]) == ("k1", "2")
+        for _ in range(3):  # the same key keeps serving the other model, first try
+            raw = await client.chat.completions.with_raw_response.create(
+                model=OPENAI_MODEL, messages=MSG
+            )
+            assert raw.headers["x-sidecar-attempts"] == "1"
+        with pytest.raises(openai.RateLimitError) as err:  # that model on that key still cools
+            await client.chat.completions.create(model=limited, messages=MSG)
+    assert int(err.value.response.headers["retry-after"]) > 30  # the pair's own 60 s cooldown
+    assert err.value.body["code"] == "all_keys_cooling_down"  # type: ignore[index]
+    models = [r["body"]["model"] for r in await mock_log(http, mock_server)]
+    assert models == [limited] + [OPENAI_MODEL] * 4
+
+
 async def test_models_array_failover_anthropic_without_model(
     env: Env,
     sidecars: list[Sidecar],
