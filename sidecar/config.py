@@ -209,6 +209,8 @@ class Config:
     prices: Mapping[str, PriceConfig]
     log: LogConfig
     reload_interval: float
+    #: `fallbacks:` (model name or glob → fallback models), in config order
+    fallbacks: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
     @property
     def base_dir(self) -> Path:
@@ -376,8 +378,10 @@ _TOP_KEYS: Final = {
     "listen", "admin_listen", "vault", "shutdown_grace", "passthrough",
     "only_allow_configured_providers", "only_allow_configured_models", "limits",
     "timeouts", "failover", "providers", "managed", "ledger", "prices", "log",
-    "reload_interval",
+    "reload_interval", "fallbacks",
 }  # fmt: skip
+#: Fallback models per entry of `fallbacks:` (a request's `models` array has its own cap).
+MAX_FALLBACKS: Final = 16
 _PROVIDER_KEYS: Final = {
     "id", "base_url", "format", "auth", "models", "api_keys", "headers", "query_params", "disabled"
 }  # fmt: skip
@@ -435,6 +439,40 @@ def _models(r: _Reader, raw: object, path: str) -> tuple[str, ...]:
             continue
         out.append(name)
     return tuple(out)
+
+
+def _fallbacks(r: _Reader, raw: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
+    """`fallbacks: {model-or-glob: [model, ...]}`: names are printable ASCII, lists bounded."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping):
+        r.fail("fallbacks", "expected a mapping of model name (or glob) to a list of models")
+        return ()
+    out: list[tuple[str, tuple[str, ...]]] = []
+    for pattern, models in raw.items():
+        path = f"fallbacks.{pattern}"
+        if not _model_name_ok(pattern):
+            r.fail(path, "expected a model name or glob of printable ASCII")
+            continue
+        if not isinstance(models, list) or not models or len(models) > MAX_FALLBACKS:
+            r.fail(path, f"expected a list of 1 to {MAX_FALLBACKS} model names")
+            continue
+        bad = [j for j, m in enumerate(models) if not _model_name_ok(m)]
+        for j in bad:
+            r.fail(f"{path}[{j}]", "expected a model name of printable ASCII")
+        if not bad:
+            out.append((pattern, tuple(models)))
+    return tuple(out)
+
+
+def _model_name_ok(name: object) -> bool:
+    return (
+        isinstance(name, str)
+        and 0 < len(name) <= 256
+        and name.isascii()
+        and name.isprintable()
+        and bool(name.strip())
+    )
 
 
 def _str_map(r: _Reader, raw: object, path: str) -> dict[str, str]:
@@ -666,6 +704,7 @@ def parse_config(data: object, path: Path) -> Config:
         prices=prices,
         log=log,
         reload_interval=r.get(data, "reload_interval", "reload_interval", _reload_interval, 2.0),
+        fallbacks=_fallbacks(r, data.get("fallbacks")),
     )
     if r.problems:
         raise ConfigError(r.problems, str(path))

@@ -7,8 +7,9 @@ configured providers; then the built-in catalog of name patterns.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Final
 
 from sidecar.errors import ErrorCode, ProxyError
@@ -93,3 +94,15 @@ def model_allowed(patterns: frozenset[str], resolved: ResolvedModel) -> bool:
         if any(p.endswith("*") and name.startswith(p[:-1]) for p in patterns):
             return True
     return False
+
+
+def fallbacks_for(fallbacks: Sequence[tuple[str, tuple[str, ...]]], model: str) -> tuple[str, ...]:
+    """The `fallbacks:` entry for `model` (as the caller sent it): an exact name first,
+    then the first glob (`claude-*`) that matches, in config order; () for none."""
+    for pattern, names in fallbacks:
+        if pattern == model:
+            return names
+    for pattern, names in fallbacks:
+        if fnmatchcase(model, pattern):
+            return names
+    return ()

@@ -39,8 +39,15 @@ class Target:
     model: ResolvedModel | None
 
 
-def resolve_targets(runtime: Runtime, fmt: str, names: list[str]) -> list[Target]:
-    """Model names → providers, checking each provider speaks the route's format."""
+def resolve_targets(
+    runtime: Runtime, fmt: str, names: list[str], fallbacks: tuple[str, ...] = ()
+) -> list[Target]:
+    """Model names → providers, checking each provider speaks the route's format.
+
+    `fallbacks` (from the config's `fallbacks:`) follow the names; one that does not
+    resolve, or whose provider speaks another format, is left out rather than failing
+    the request (the caller did not ask for it).
+    """
     targets = []
     for name in names:
         resolved = runtime.resolver.resolve(name)
@@ -51,6 +58,15 @@ def resolve_targets(runtime: Runtime, fmt: str, names: list[str]) -> list[Target
                 f"{resolved.provider.format} format, not this route's {fmt} format",
             )
         targets.append(Target(resolved.provider, resolved))
+    for name in fallbacks:
+        if name in names:
+            continue
+        try:
+            resolved = runtime.resolver.resolve(name)
+        except ProxyError:
+            continue
+        if resolved.provider.format == fmt:
+            targets.append(Target(resolved.provider, resolved))
     return targets
 
 

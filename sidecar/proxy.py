@@ -26,7 +26,7 @@ from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
 from sidecar.inflight import InFlight
 from sidecar.keys import KeySource
-from sidecar.models import ResolvedModel
+from sidecar.models import ResolvedModel, fallbacks_for
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
 from sidecar.providers import Adapter, adapter_for, auth_header
 from sidecar.runtime import AccessKey, Runtime
@@ -313,7 +313,11 @@ class Proxy:
         names = inbound.model_names(data, required=explicit is None)
 
         if explicit is None:
-            targets = resolve_targets(runtime, ex.fmt, names)
+            # The config's `fallbacks:` apply when the caller sent no `models` of its own.
+            fallbacks = (
+                () if data is None or "models" in data else fallbacks_for(cfg.fallbacks, names[0])
+            )
+            targets = resolve_targets(runtime, ex.fmt, names, fallbacks)
             path = "/" + request.path.removeprefix("/v1/")
         else:
             provider = runtime.providers[explicit]

@@ -690,3 +690,32 @@ def test_missing_config_file_is_named(tmp_path: Path) -> None:
 def test_base_url_parts_that_would_be_dropped_or_ambiguous_are_refused(url: str) -> None:
     found = problems(f"providers: [{{id: openai, base_url: '{url}'}}]")
     assert any(p.startswith("providers[0].base_url: expected an http(s) URL") for p in found), found
+
+
+def test_fallbacks_keep_their_order_and_names() -> None:
+    c = parse(
+        "fallbacks:\n  gpt-4o: [gpt-4o-mini, 'anthropic:claude-haiku-4-5']\n  'claude-*': [gpt-4.1]\n"
+    )
+    assert c.fallbacks == (
+        ("gpt-4o", ("gpt-4o-mini", "anthropic:claude-haiku-4-5")),
+        ("claude-*", ("gpt-4.1",)),
+    )
+    assert parse("").fallbacks == ()
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("fallbacks: [a, b]", "fallbacks: expected a mapping"),
+        ("fallbacks: {gpt-4o: gpt-4o-mini}", "fallbacks.gpt-4o: expected a list of 1 to 16"),
+        ("fallbacks: {gpt-4o: []}", "fallbacks.gpt-4o: expected a list of 1 to 16"),
+        (
+            "fallbacks: {gpt-4o: [" + ", ".join(f"m{i}" for i in range(17)) + "]}",
+            "fallbacks.gpt-4o",
+        ),
+        ('fallbacks: {gpt-4o: ["ok", "bad\\nname"]}', "fallbacks.gpt-4o[1]: expected a model name"),
+        ('fallbacks: {"é": [gpt-4o]}', "fallbacks.é: expected a model name or glob"),
+    ],
+)
+def test_bad_fallbacks_are_config_errors(text: str, where: str) -> None:
+    assert any(p.startswith(where) for p in problems(text)), problems(text)

@@ -158,9 +158,16 @@ def test_scope_rejections() -> None:
         _access("mini", models=frozenset({"gpt-4o-mini*"})),
     )
     with pytest.raises(ProxyError) as e:
-        build_plan(rt, access(rt, "only-anthropic"), resolve_targets(rt, "openai", ["gpt-4o"]), KeyHealth())
+        build_plan(
+            rt, access(rt, "only-anthropic"), resolve_targets(rt, "openai", ["gpt-4o"]), KeyHealth()
+        )
     assert e.value.code is ErrorCode.PROVIDER_NOT_ALLOWED
-    plan = build_plan(rt, access(rt, "mini"), resolve_targets(rt, "openai", ["gpt-4o", "gpt-4o-mini-2024"]), KeyHealth())
+    plan = build_plan(
+        rt,
+        access(rt, "mini"),
+        resolve_targets(rt, "openai", ["gpt-4o", "gpt-4o-mini-2024"]),
+        KeyHealth(),
+    )
     assert plan.rejected_models == ["gpt-4o"]
     assert {c.model.upstream for c in plan.candidates if c.model} == {"gpt-4o-mini-2024"}
     with pytest.raises(ProxyError) as e:
@@ -187,6 +194,27 @@ def test_no_key_names_the_provider_and_managed_is_flagged() -> None:
         build_plan(rt, access(rt, "a"), resolve_targets(rt, "openai", ["mixtral"]), KeyHealth())
     assert e.value.code is ErrorCode.NO_PROVIDER_KEY
     assert "groq" in e.value.message
-    plan = build_plan(rt, access(rt, "a"), resolve_targets(rt, "anthropic", ["claude-haiku-4-5"]), KeyHealth())
+    plan = build_plan(
+        rt, access(rt, "a"), resolve_targets(rt, "anthropic", ["claude-haiku-4-5"]), KeyHealth()
+    )
     assert plan.managed_providers == {"anthropic"}
     assert plan.candidates[0].key.source is KeySource.MANAGED
+
+
+def test_fallbacks_for_exact_names_first_then_globs_in_order() -> None:
+    from sidecar.models import fallbacks_for
+
+    fb = (("claude-*", ("a",)), ("claude-haiku-4-5", ("b",)), ("claude-h*", ("c",)))
+    assert fallbacks_for(fb, "claude-haiku-4-5") == ("b",)
+    assert fallbacks_for(fb, "claude-haiku-9") == ("a",)
+    assert fallbacks_for(fb, "gpt-4o") == ()
+
+
+def test_config_fallbacks_that_cannot_serve_the_route_are_left_out() -> None:
+    rt = runtime(CONFIG, _access("a"))
+    targets = resolve_targets(
+        rt, "openai", ["gpt-4o"], ("gpt-4o", "claude-haiku-4-5", "no-such-model", "llama3.2")
+    )
+    assert [(t.provider.id, t.model.upstream if t.model else None) for t in targets] == [
+        ("openai", "gpt-4o"), ("ollama", "llama3.2"),
+    ]  # fmt: skip

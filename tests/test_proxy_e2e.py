@@ -395,6 +395,38 @@ async def test_a_rate_limited_model_never_blocks_another_model_on_the_same_key(
     assert models == [limited] + [OPENAI_MODEL] * 4
 
 
+async def test_config_fallbacks_serve_apps_that_cannot_send_models(
+    env: Env,
+    sidecars: list[Sidecar],
+    mock_server: TestServer,
+    http: aiohttp.ClientSession,
+    token: str,
+) -> None:
+    fallbacks = f"fallbacks:\n  'gpt-down-*': [{OPENAI_MODEL}]\n"
+    sc = await boot(env, sidecars, fallbacks + providers_yaml(env, openai=[("k1", "sk-good")]))
+    async with sc.openai(token) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-down-fail-503-x", messages=MSG
+        )
+        assert raw.parse().choices[0].message.content == REPLY
+        assert (raw.headers["x-sidecar-model"], raw.headers["x-sidecar-attempts"]) == (
+            OPENAI_MODEL, "2",
+        )  # fmt: skip
+        # A request's own `models` wins: the config's fallbacks are not added to it.
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(
+                model="gpt-down-fail-503-x", messages=MSG,
+                extra_body={"models": ["gpt-down-fail-503-y"]},
+            )  # fmt: skip
+    models = [r["body"]["model"] for r in await mock_log(http, mock_server)]
+    assert models == [
+        "gpt-down-fail-503-x",
+        OPENAI_MODEL,
+        "gpt-down-fail-503-x",
+        "gpt-down-fail-503-y",
+    ]
+
+
 async def test_models_array_failover_anthropic_without_model(
     env: Env,
     sidecars: list[Sidecar],
