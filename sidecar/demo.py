@@ -150,6 +150,7 @@ def _banner(token: Secret, token_file: Path, bound: DemoAddresses) -> str:
 async def _run(state_dir: Path, addresses: DemoAddresses) -> None:
     from aiohttp import web
 
+    from sidecar.logs import OpLog, route_library_logs
     from sidecar.mock_provider import create_app
     from sidecar.server import start
 
@@ -166,8 +167,10 @@ async def _run(state_dir: Path, addresses: DemoAddresses) -> None:
         # The config names the mock's real port (it may have been 0).
         bound = replace(addresses, mock_listen=HostPort(where.host, int(mock.addresses[0][1])))
         config, token = await asyncio.to_thread(prepare, state_dir, bound)
+        oplog = OpLog()
+        route_library_logs(oplog)  # as `serve` does: no raw request bytes (keys) on stderr
         try:
-            running = await start(config)
+            running = await start(config, oplog=oplog)
         except UserError as exc:
             raise UserError(f"{exc} (the demo's proxy: {bound.listen}, --listen; its admin "
                             f"port: {bound.admin_listen}, --admin-listen)") from None  # fmt: skip

@@ -36,6 +36,8 @@ CREDENTIAL_PARAMS: Final = frozenset(
 #: Digits of one JSON integer the standard parser may read: orjson stops at 64 bits, and
 #: int() of thousands of long digit strings would hold the event loop for seconds.
 MAX_INT_DIGITS: Final = 40
+#: Members of one gzip request body (real clients send one).
+MAX_GZIP_MEMBERS: Final = 16
 #: A digit run this long may be an integer past 64 bits (more than 19 digits).
 _LONG_DIGITS: Final = re.compile(rb"[0-9]{20}")
 #: Methods forwarded on explicit routes; anything else (TRACE echoes the key back) is 405.
@@ -166,10 +168,14 @@ def decode_body(body: bytes, content_encoding: str, limit: int) -> bytes:
 
 
 def _inflate(data: bytes, wbits: int, limit: int) -> bytes | None:
-    """Every member of `data` (gzip may have several), never more than `limit` bytes out."""
+    """Every member of `data` (gzip may have several), never more than `limit` bytes out.
+
+    At most `MAX_GZIP_MEMBERS` members: each one hands back a copy of the rest, so
+    thousands of tiny members would cost time quadratic in the body's size.
+    """
     out = bytearray()
     rest = data
-    while True:
+    for _ in range(MAX_GZIP_MEMBERS):
         d = zlib.decompressobj(wbits)
         try:
             out += d.decompress(rest, limit + 1 - len(out))
@@ -186,6 +192,7 @@ def _inflate(data: bytes, wbits: int, limit: int) -> bytes | None:
             return bytes(out)
         if wbits < 0 or wbits == zlib.MAX_WBITS:
             return None  # one deflate stream, then bytes that belong to none
+    return None
 
 
 def parse_json(body: bytes) -> Any:

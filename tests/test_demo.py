@@ -23,7 +23,7 @@ from sidecar.check import run_check
 from sidecar.cli import build_parser, main
 from sidecar.config import HostPort, load_config
 from sidecar.demo import DEFAULTS, DemoAddresses, prepare
-from tests.harness import free_port, sidecar_cmd, subprocess_env
+from tests.harness import free_port, raw_request, sidecar_cmd, subprocess_env
 
 CHOSEN = DemoAddresses(
     listen=HostPort("127.0.0.1", 18080),
@@ -102,6 +102,7 @@ class Demo:
     banner: str
     token: str
     cwd_entries: list[str]
+    err: Path
 
 
 @pytest.fixture
@@ -122,7 +123,7 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
             time.sleep(0.05)
         token = (tmp_path / "state" / "access-key").read_text().strip()
         entries = sorted(p.name for p in tmp_path.iterdir())
-        yield Demo(proc, port, err.read_text().partition("demo is up")[2], token, entries)
+        yield Demo(proc, port, err.read_text().partition("demo is up")[2], token, entries, err)
         assert proc.poll() is not None, "the test stops the demo"
         assert proc.returncode == 0, err.read_text()
     finally:
@@ -149,6 +150,13 @@ async def test_demo_runs_on_the_chosen_ports(demo: Demo) -> None:
             model="claude-haiku-4-5", max_tokens=32, messages=[{"role": "user", "content": "hello"}]
         )
     assert raw2.headers["x-sidecar-key-source"] == "managed"
+
+    # As with `serve`, a malformed request's raw bytes (a key, say) never reach stderr.
+    marker = "sk-sc-demo-malformed-marker"
+    resp = await raw_request(demo.port, f"GET / HTTP/1.1\r\nx-api-key: {marker}\x00\r\n".encode())
+    assert resp.status == 400
+    await asyncio.sleep(0.2)
+    assert marker not in demo.err.read_text(), "raw request bytes reached the demo's stderr"
 
     demo.proc.send_signal(signal.SIGINT)
     for _ in range(600):

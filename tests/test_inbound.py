@@ -228,3 +228,25 @@ def test_integers_past_64_bits_stay_exact_without_any_other_oddity() -> None:
     assert data["seed"] == 123456789012345678901234567890
     assert data["n"] == 18446744073709551616
     assert json.loads(inbound.dump_json({**data, "model": "b"}))["seed"] == data["seed"]
+
+
+def test_a_body_of_many_tiny_gzip_members_is_refused_not_walked() -> None:
+    """Each member copied the rest of the body: 100k empty members held the loop for minutes."""
+    import subprocess
+    import sys
+
+    code = (
+        "import gzip\n"
+        "from sidecar import inbound\n"
+        "from sidecar.errors import ProxyError\n"
+        "body = gzip.compress(b'') * 100_000\n"
+        "try:\n"
+        "    inbound.decode_body(body, 'gzip', 1 << 25)\n"
+        "except ProxyError as e:\n"
+        "    assert e.code.wire == 'invalid_request'\n"
+        "else:\n"
+        "    raise SystemExit('accepted')\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # a bound, not a timing
+    ok = gzip.compress(b"{") + gzip.compress(b"}")
+    assert inbound.decode_body(ok * 1, "gzip", 10) == b"{}"

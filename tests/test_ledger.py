@@ -251,6 +251,33 @@ async def test_sqlite_deleted_file_is_refused_not_written_behind(tmp_path: Path)
         await ledger.close()
 
 
+async def test_sqlite_file_deleted_after_start_but_before_first_use_is_refused(
+    tmp_path: Path,
+) -> None:
+    """The ledger opens lazily: a file that was there at startup and is gone (or replaced)
+    at the first use must not be made anew, as if the spend in it had never been."""
+    db = tmp_path / "ledger.db"
+    first = SqliteLedger(db)
+    try:
+        assert await first.add_spend("k", 52) == 52
+    finally:
+        await first.close()
+    restarted = SqliteLedger(db)  # made at startup, not used yet
+    try:
+        for f in _files(db):
+            f.unlink(missing_ok=True)
+        with pytest.raises(LedgerUnavailable, match="deleted or replaced"):
+            await restarted.add_spend("k", 52)
+        assert not db.exists()
+    finally:
+        await restarted.close()
+    fresh = SqliteLedger(db)  # a restart with no file at all starts an empty ledger
+    try:
+        assert await fresh.add_spend("k", 1) == 1
+    finally:
+        await fresh.close()
+
+
 async def test_sqlite_file_moved_away_and_back_is_used_again(tmp_path: Path) -> None:
     db = tmp_path / "ledger.db"
     ledger = SqliteLedger(db)

@@ -84,11 +84,9 @@ async def _get_models(port: int, token: str) -> int:
 # --------------------------------------------------------------------------- timeouts
 
 
-async def test_slow_and_idle_callers_are_closed_within_the_timeouts(
-    env: Env, tmp_path: Path
-) -> None:
-    token = env.access_key("app")
-    extra = "timeouts: {client_header: 500ms, client_body: 1s, keepalive: 1s}\n"
+async def test_headers_that_never_end_are_cut_by_client_header(env: Env, tmp_path: Path) -> None:
+    """keepalive is far longer than WAIT here: only client_header can close these."""
+    extra = "timeouts: {client_header: 500ms, keepalive: 120s}\n"
     async with _sidecar(env, tmp_path, extra) as p:
         port = p.proxy_port
 
@@ -116,6 +114,15 @@ async def test_slow_and_idle_callers_are_closed_within_the_timeouts(
                 await sender
         assert not sender.done() or sender.cancelled()
         writer.close()
+
+
+async def test_slow_and_idle_callers_are_closed_within_the_timeouts(
+    env: Env, tmp_path: Path
+) -> None:
+    token = env.access_key("app")
+    extra = "timeouts: {client_header: 500ms, client_body: 1s, keepalive: 1s}\n"
+    async with _sidecar(env, tmp_path, extra) as p:
+        port = p.proxy_port
 
         # An idle kept-alive connection after a complete exchange.
         reader, writer = await _connect(port)

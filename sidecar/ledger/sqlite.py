@@ -21,6 +21,7 @@ connection's log is checkpointed into the file, then it reconnects.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
 import sqlite3
 import stat
@@ -81,6 +82,12 @@ class SqliteLedger:
         # Touched only on the worker thread:
         self._conn: sqlite3.Connection | None = None
         self._db_id: FileId = None  # the database file opened first; never replaced
+        # The file there when this ledger was made (at startup): the ledger opens lazily,
+        # and one deleted or replaced before the first use must not be silently made anew.
+        self._start_id: FileId = None
+        if isinstance(self._path, Path):
+            with contextlib.suppress(OSError):  # unreadable now: the first use will say why
+                self._start_id = _file_id(self._path)
         self._side_ids: tuple[FileId, ...] = ()  # -wal and -shm of the open connection
         self._closed = False
 
@@ -149,6 +156,8 @@ class SqliteLedger:
             if _file_id(path) != self._db_id:
                 raise _FileChanged(_GONE)
             return
+        if self._start_id is not None and _file_id(path) != self._start_id:
+            raise _FileChanged(_GONE)
         if not self._create:
             if _file_id(path) is None:
                 raise _NoFile(f"no ledger file at {path}")
