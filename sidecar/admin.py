@@ -1,13 +1,21 @@
-"""The admin port (docs/reference.md#admin-port): /healthz, /readyz, /metrics. Never on the proxy port."""
+"""The admin port (docs/reference.md#admin-port): /healthz, /readyz, /metrics, /keys. Never on the proxy port."""
 
 from __future__ import annotations
 
+import time
+from collections.abc import Callable, Mapping
+from datetime import UTC, datetime
 from typing import Any
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from sidecar.health import HealthSnapshot
+from sidecar.runtime import KeyRef
 from sidecar.state import STATE, State
+
+#: The wall clock `GET /keys` converts deadlines with (injectable for tests).
+WALL_CLOCK: web.AppKey[Callable[[], float]] = web.AppKey("sidecar_wall_clock")
 
 
 async def healthz(request: web.Request) -> web.Response:
@@ -41,10 +49,59 @@ async def metrics(request: web.Request) -> web.Response:
     return web.Response(body=body, headers={"content-type": CONTENT_TYPE_LATEST})
 
 
-def build_admin_app(state: State) -> web.Application:
+def _wall_iso(seconds: float) -> str:
+    """Milliseconds: the monotonic → wall conversion moves by microseconds between calls."""
+    text = datetime.fromtimestamp(seconds, UTC).isoformat(timespec="milliseconds")
+    return text.replace("+00:00", "Z")
+
+
+def keys_report(
+    key_labels: Mapping[str, tuple[KeyRef, ...]], snapshot: HealthSnapshot, wall_now: float
+) -> list[dict[str, Any]]:
+    """The `GET /keys` body: one entry per way a key appears and per scope of its health.
+
+    Deadlines on the health (monotonic) clock become wall-clock UTC here, from
+    `wall_now` taken with the snapshot. Never a key value or a health id.
+    """
+    out: list[dict[str, Any]] = []
+    for scope in snapshot.scopes:
+        until = None
+        if scope.until is not None:
+            until = _wall_iso(wall_now + (scope.until - snapshot.now))
+        for ref in key_labels.get(scope.health_id, ()):
+            out.append({
+                "provider": ref.provider,
+                "source": ref.source,
+                "key_id": ref.key_id,
+                "access_key": ref.access_key or None,
+                "model": scope.model,
+                "state": scope.state.value,
+                "until": until,
+                "reason": scope.reason.value if scope.reason else None,
+                "last_status": scope.last_status,
+            })  # fmt: skip
+    out.sort(key=lambda e: (e["provider"], e["source"], e["key_id"], e["access_key"] or "",
+                            e["model"] is not None, e["model"] or ""))  # fmt: skip
+    return out
+
+
+async def keys(request: web.Request) -> web.Response:
+    """Every key of the current runtime and its health; see `keys_report`."""
+    state = request.app[STATE]
+    key_labels = state.runtime.key_labels
+    snapshot = state.health.snapshot(key_labels)
+    body = keys_report(key_labels, snapshot, request.app[WALL_CLOCK]())
+    return web.json_response({"keys": body})
+
+
+def build_admin_app(
+    state: State, *, wall_clock: Callable[[], float] = time.time
+) -> web.Application:
     app = web.Application()
     app[STATE] = state
+    app[WALL_CLOCK] = wall_clock
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/keys", keys)
     return app

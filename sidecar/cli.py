@@ -44,6 +44,10 @@ CONFIG_ENV: Final = "SIDECAR_CONFIG"
 _DEMO_LISTEN: Final = "127.0.0.1:8080"
 _DEMO_ADMIN_LISTEN: Final = "127.0.0.1:9090"
 _DEMO_MOCK_LISTEN: Final = "127.0.0.1:8089"
+_ADMIN_URL: Final = "http://127.0.0.1:9090"
+_ADMIN_TIMEOUT_S: Final = 5.0
+_STATUS_COLUMNS: Final = ("provider", "source", "key_id", "access_key", "model", "state",
+                          "until", "reason", "last_status")  # fmt: skip
 _NO_CONFIG: Final = (
     f"no config: pass --config PATH or set {CONFIG_ENV} "
     "(for the self-contained demo, run `sidecar demo`)"
@@ -344,6 +348,51 @@ def cmd_demo(args: argparse.Namespace) -> None:
     run_demo(Path(args.dir), DemoAddresses(args.listen, args.admin_listen, args.mock_listen))
 
 
+def cmd_status(args: argparse.Namespace) -> None:
+    for line in status_table(_fetch_keys(args.admin)):
+        _out(line)
+
+
+def _fetch_keys(admin: str) -> list[dict[str, object]]:
+    """`GET /keys` of a running sidecar's admin port (stdlib only, bounded wait)."""
+    import http.client
+    import json
+    import urllib.error
+    import urllib.request
+
+    base = admin.rstrip("/")
+    if not base.startswith(("http://", "https://")):
+        raise UserError(f"--admin: expected an http:// or https:// URL, got {admin!r}")
+    url = base + "/keys"
+    try:
+        with urllib.request.urlopen(url, timeout=_ADMIN_TIMEOUT_S) as resp:
+            body = resp.read(16 << 20)
+    except urllib.error.HTTPError as exc:
+        raise UserError(f"{url} answered {exc.code}; is {base} a sidecar's admin port?") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", None) or exc
+        raise UserError(f"cannot reach the admin port at {base}: {reason}") from None
+    try:
+        keys = json.loads(body)["keys"]
+        if not isinstance(keys, list) or not all(isinstance(k, dict) for k in keys):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):
+        raise UserError(
+            f"{url} did not answer a key list; is {base} a sidecar's admin port?"
+        ) from None
+    return keys
+
+
+def status_table(keys: Sequence[Mapping[str, object]]) -> list[str]:
+    """Aligned columns, `-` for an empty field: fields never contain spaces, so `awk` splits them."""
+    rows = [[c.upper() for c in _STATUS_COLUMNS]]
+    rows += [
+        ["-" if k.get(c) in (None, "") else str(k.get(c)) for c in _STATUS_COLUMNS] for k in keys
+    ]
+    widths = [max(len(r[i]) for r in rows) for i in range(len(_STATUS_COLUMNS))]
+    return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
+
+
 def cmd_mock_provider(args: argparse.Namespace) -> None:
     from sidecar.config import parse_host_port
     from sidecar.mock_provider import run
@@ -534,6 +583,15 @@ def build_parser() -> argparse.ArgumentParser:
                        "resolve every reference; list every problem and exit 1 if any.")  # fmt: skip
     s.add_argument("--config", required=True, metavar="PATH")
     s.set_defaults(func=cmd_check)
+
+    s = sub.add_parser("status", help="key health of a running sidecar, as a table",
+                       description="Fetch GET /keys from a running sidecar's admin port and print "
+                       "every key it knows: provider, source, key id, owning access key, model, "
+                       "state (ok, cooling, dead), until (UTC), reason and last upstream status. "
+                       "Never key values.")  # fmt: skip
+    s.add_argument("--admin", default=_ADMIN_URL, metavar="URL",
+                   help=f"the admin port's base URL (default {_ADMIN_URL})")  # fmt: skip
+    s.set_defaults(func=cmd_status)
 
     s = sub.add_parser("mock-provider", help="a local OpenAI + Anthropic look-alike",
                        description="Serve a local OpenAI + Anthropic look-alike for demos and CI. "

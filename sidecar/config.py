@@ -170,6 +170,8 @@ class Failover:
     max_attempts: int = 6
     on_status: frozenset[int] = frozenset(DEFAULT_ON_STATUS)
     cooldown: Cooldown = field(default_factory=Cooldown)
+    #: upstream error codes (beyond the built-in ones) that mean "another model could answer"
+    next_model_on_codes: frozenset[str] = frozenset()
 
 
 @dataclass(frozen=True, slots=True)
@@ -441,6 +443,14 @@ def _models(r: _Reader, raw: object, path: str) -> tuple[str, ...]:
     return tuple(out)
 
 
+def _code_list(v: object) -> frozenset[str]:
+    if not isinstance(v, list) or not all(
+        isinstance(c, str) and c and c.isascii() and c.isprintable() for c in v
+    ):
+        raise ValueError("expected a list of error codes (strings)")
+    return frozenset(v)
+
+
 def _fallbacks(r: _Reader, raw: object) -> tuple[tuple[str, tuple[str, ...]], ...]:
     """`fallbacks: {model-or-glob: [model, ...]}`: names are printable ASCII, lists bounded."""
     if raw is None:
@@ -586,10 +596,14 @@ def parse_config(data: object, path: Path) -> Config:
         keepalive=r.get(t, "keepalive", "timeouts.keepalive", _positive_duration, 60.0),
     )
 
-    f = r.section(data, "failover", "failover", {"max_attempts", "on_status", "cooldown"})
+    f = r.section(data, "failover", "failover",
+                  {"max_attempts", "on_status", "cooldown", "next_model_on_codes"})  # fmt: skip
     c = r.section(f, "cooldown", "failover.cooldown",
                   {"rate_limited", "auth_failed", "server_error", "server_error_threshold"})  # fmt: skip
     failover = Failover(
+        next_model_on_codes=r.get(
+            f, "next_model_on_codes", "failover.next_model_on_codes", _code_list, frozenset()
+        ),
         max_attempts=r.get(f, "max_attempts", "failover.max_attempts", _pos_int, 6),
         on_status=r.get(
             f, "on_status", "failover.on_status", _status_list, frozenset(DEFAULT_ON_STATUS)

@@ -11,6 +11,9 @@ import enum
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import Final
+
+import orjson
 
 from sidecar.config import Cooldown
 
@@ -47,6 +50,39 @@ def is_quota_exhausted(body: bytes) -> bool:
     return b"insufficient_quota" in body or b"billing_hard_limit" in body
 
 
+#: Upstream error codes that say another *model* could answer (the key is fine).
+MODEL_LEVEL_CODES: Final = frozenset({"context_length_exceeded", "model_not_found"})
+_MODEL_LEVEL_STATUS: Final = frozenset({400, 404, 413, 422})
+
+
+def is_model_level_error(status: int, body: bytes, extra_codes: frozenset[str]) -> bool:
+    """A 400/404/413/422 that another model could answer: the prompt is too long for this
+    model, or this model does not exist here. Content-policy refusals are not (another model
+    must not be asked to say what one refused).
+
+    OpenAI-style bodies carry `error.code`; Anthropic's carry `error.type` and a message
+    (`prompt is too long`, or a `not_found_error` naming the model).
+    """
+    if status not in _MODEL_LEVEL_STATUS or not body:
+        return False
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return False
+    err = doc.get("error") if isinstance(doc, dict) else None
+    if not isinstance(err, dict):
+        return False
+    code = err.get("code")
+    if isinstance(code, str) and (code in MODEL_LEVEL_CODES or code in extra_codes):
+        return True
+    kind, message = err.get("type"), err.get("message")
+    if not isinstance(message, str):
+        return False
+    if kind == "invalid_request_error" and message.lower().startswith("prompt is too long"):
+        return True
+    return kind == "not_found_error" and message.lower().startswith("model:")
+
+
 def parse_retry_after(value: str | None) -> float | None:
     """Seconds from a `retry-after` header (delta-seconds form; dates are ignored)."""
     if not value:
@@ -62,6 +98,32 @@ def parse_retry_after(value: str | None) -> float | None:
 class _State:
     until: float = 0.0
     failures: int = 0
+    reason: Outcome | None = None  # the outcome that set `until`
+    last_status: int | None = None  # the last upstream status seen for this scope
+
+
+class KeyState(enum.StrEnum):
+    OK = "ok"
+    COOLING = "cooling"  # a (key, model) pair: 429, or 5xx/timeouts/connect errors at the threshold
+    DEAD = "dead"  # the whole key: 401, 403, quota exhausted
+
+
+@dataclass(frozen=True, slots=True)
+class ScopeHealth:
+    """One line of key health: a key usable for every model, or one cooling scope of it."""
+
+    health_id: str
+    model: str | None  # the cooling pair's model; None for a key-wide state or an `ok` key
+    state: KeyState
+    until: float | None  # on the health clock (monotonic); None when ok
+    reason: Outcome | None  # the outcome that started the cooldown; None when ok
+    last_status: int | None  # the last upstream status for the key (pair: for that model)
+
+
+@dataclass(frozen=True, slots=True)
+class HealthSnapshot:
+    now: float  # the health clock when taken: `until - now` is the time left
+    scopes: tuple[ScopeHealth, ...]
 
 
 #: The scope of a key-wide state: a dead key (401, 403, quota exhausted) is dead for every model.
@@ -80,6 +142,7 @@ class KeyHealth:
     def __init__(self, clock: Callable[[], float] = time.monotonic) -> None:
         self._clock = clock
         self._states: dict[tuple[str, str | None], _State] = {}
+        self._last_status: dict[str, int] = {}  # per key, any model
 
     def cooling_until(self, health_id: str, model: str = "") -> float | None:
         """The deadline if the key (for this model) is cooling now, else None."""
@@ -100,12 +163,20 @@ class KeyHealth:
         model: str = "",
         retry_after: float | None = None,
         quota_exhausted: bool = False,
+        status: int | None = None,
     ) -> float | None:
-        """Account for one attempt. Returns the new deadline when a cooldown starts."""
+        """Account for one attempt. Returns the new deadline when a cooldown starts.
+
+        `status` is the upstream HTTP status, when there was one (for `snapshot`).
+        """
+        pair = self._states.get((health_id, model))
+        if status is not None:
+            self._last_status[health_id] = status
+            if pair is not None:
+                pair.last_status = status
         if outcome is Outcome.OK:
-            st = self._states.get((health_id, model))
-            if st is not None:
-                st.failures = 0
+            if pair is not None:
+                pair.failures = 0
             return None
         if outcome is Outcome.CLIENT_ERROR:
             return None
@@ -124,9 +195,12 @@ class KeyHealth:
             duration = cooldown.server_error
         else:  # pragma: no cover - every Outcome is handled above
             return None
+        if status is not None:
+            st.last_status = status
         deadline = self._clock() + duration
         if deadline > st.until:  # a key failing again while cooling keeps the later deadline
             st.until = deadline
+            st.reason = outcome
         return self.cooling_until(health_id, model)  # a key-wide cooldown may reach further
 
     def soonest_recovery(self, health_ids: Iterable[str], model: str = "") -> float | None:
@@ -150,8 +224,36 @@ class KeyHealth:
                 out[hid] = st.until
         return out
 
+    def snapshot(self, health_ids: Iterable[str]) -> HealthSnapshot:
+        """The health of these keys now (`GET /keys`): one `ok` scope per usable key,
+        else one scope per cooldown in force (key-wide first, then models by name).
+
+        A key that is dead and also cooling for a model lists both.
+        """
+        now = self._clock()
+        scopes: list[ScopeHealth] = []
+        cooling: dict[str, list[tuple[str | None, _State]]] = {}
+        for (hid, model), st in self._states.items():
+            if st.until > now:
+                cooling.setdefault(hid, []).append((model, st))
+        for hid in health_ids:
+            last = self._last_status.get(hid)
+            active = cooling.get(hid)
+            if not active:
+                scopes.append(ScopeHealth(hid, None, KeyState.OK, None, None, last))
+                continue
+            for model, st in sorted(active, key=lambda ms: (ms[0] is not None, ms[0] or "")):
+                if model is _KEY:
+                    scopes.append(ScopeHealth(hid, None, KeyState.DEAD, st.until, st.reason, last))
+                else:
+                    scopes.append(ScopeHealth(hid, model, KeyState.COOLING, st.until, st.reason,
+                                              st.last_status))  # fmt: skip
+        return HealthSnapshot(now, tuple(scopes))
+
     def forget_except(self, keep: Iterable[str]) -> None:
         """Drop state of keys that no longer exist (after a reload)."""
         alive = set(keep)
         for scoped in [k for k in self._states if k[0] not in alive]:
             del self._states[scoped]
+        for hid in [h for h in self._last_status if h not in alive]:
+            del self._last_status[hid]

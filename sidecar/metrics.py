@@ -1,7 +1,7 @@
 """Prometheus metrics (docs/reference.md#metrics), on a registry the app owns (no global state).
 
 Labels are secret-free and bounded: key ids (never key material), provider
-ids, status codes, and model names folded into `other` beyond a cap.
+ids, access key names, status codes, and model names folded into `other` beyond a cap.
 `sidecar_key_cooling_down` is computed at scrape time from key health, so it
 is exact without timers.
 """
@@ -52,10 +52,10 @@ OTHER: Final = "other"
 #: Values of `sidecar_ledger_errors_total{operation}`.
 LEDGER_OPERATIONS: Final = ("read", "write")
 
-#: Yields (provider, source, key_id) of every key cooling right now.
-CoolingSource = Callable[[], Iterator[tuple[str, str, str]]]
-#: Yields (provider, source, key_id) of every key that exists now.
-KeysSource = Callable[[], Iterator[tuple[str, str, str]]]
+#: Yields (provider, source, key_id, access_key) of every key cooling right now.
+CoolingSource = Callable[[], Iterator[tuple[str, str, str, str]]]
+#: Yields (provider, source, key_id, access_key) of every key that exists now.
+KeysSource = Callable[[], Iterator[tuple[str, str, str, str]]]
 
 
 class _CoolingCollector(Collector):
@@ -67,7 +67,7 @@ class _CoolingCollector(Collector):
         g = GaugeMetricFamily(
             "sidecar_key_cooling_down",
             "1 while a provider key is cooling down after failures, else 0",
-            labels=["provider", "source", "key_id"],
+            labels=["provider", "source", "key_id", "access_key"],
         )
         cooling = set(self._cooling())
         for labels in sorted(set(self._keys()) | cooling):

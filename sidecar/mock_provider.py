@@ -14,6 +14,10 @@ request's `model`, each bounded by start/end or one of `-_:`
 - `fail-NNN` (400..599): that status with the format's error body;
   `fail-429` adds `retry-after: 1`, `fail-429-retry-N` makes it N seconds.
 - `fail-quota`: 429 `insufficient_quota`, no `retry-after`.
+- `fail-context`: 400, the prompt is too long for this model (OpenAI
+  `context_length_exceeded`; Anthropic `prompt is too long: …`).
+- `fail-nomodel`: 404, no such model (OpenAI `model_not_found`; Anthropic a
+  `not_found_error` naming the model).
 - `drop`: the connection is closed without any response.
 - `slow-N`: N ms pass before the response headers are sent.
 - `stall-N`: N ms between stream chunks.
@@ -106,7 +110,7 @@ _MODELS_BODY = orjson.dumps(
     }
 )
 _DIRECTIVE_RE = re.compile(
-    r"(?:^|[-_:])(fail-(\d{3}|quota)(?:-retry-(\d+))?|drop|break|leaky"
+    r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel)(?:-retry-(\d+))?|drop|break|leaky"
     r"|(slow|stall|hold|huge|bomb)-(\d+))(?=$|[-_:])"
 )
 _MIB = 1 << 20
@@ -136,6 +140,7 @@ class Directives:
     huge_mib: int = 0
     bomb_mib: int = 0
     leaky: bool = False
+    model_error: str = ""  # "context" or "nomodel": a model-level 400/404
 
     @property
     def shapes_body(self) -> bool:
@@ -154,6 +159,7 @@ def parse_directives(text: str) -> Directives:
     """
     fail: int | None = None
     quota = drop = brk = leaky = False
+    model_error = ""
     retry: int | None = None
     amounts = {"slow": 0, "stall": 0, "hold": 0, "huge": 0, "bomb": 0}
     for m in _DIRECTIVE_RE.finditer(text):
@@ -163,6 +169,8 @@ def parse_directives(text: str) -> Directives:
                 continue
             if code == "quota":
                 fail, quota = 429, True
+            elif code in ("context", "nomodel"):
+                fail, model_error = (400 if code == "context" else 404), code
             elif 400 <= int(code) <= 599:
                 fail = int(code)
             else:
@@ -180,7 +188,7 @@ def parse_directives(text: str) -> Directives:
         return _NONE
     return Directives(
         fail, quota, retry, drop, brk, amounts["slow"], amounts["stall"],
-        amounts["hold"], amounts["huge"], amounts["bomb"], leaky,
+        amounts["hold"], amounts["huge"], amounts["bomb"], leaky, model_error,
     )  # fmt: skip
 
 
@@ -293,7 +301,23 @@ def _leaky_auth_error(fmt: _Format, status: int, key: str) -> web.Response:
     return _json(body, status)
 
 
+def _model_error(fmt: _Format, kind: str) -> web.Response:
+    """A model-level error in the provider's own shape: another model could answer."""
+    if kind == "context":
+        if fmt is _Format.ANTHROPIC:
+            return _error(fmt, 400, "prompt is too long: 210000 tokens > 200000 maximum")
+        message = ("This model's maximum context length is 128000 tokens. However, your "
+                   "messages resulted in 210000 tokens. Please reduce the length of the messages.")  # fmt: skip
+        return _error(fmt, 400, message, code="context_length_exceeded")
+    if fmt is _Format.ANTHROPIC:
+        return _error(fmt, 404, "model: mock-model-that-is-not-here")
+    return _error(fmt, 404, "The model does not exist or you do not have access to it.",
+                  code="model_not_found")  # fmt: skip
+
+
 def _failure(fmt: _Format, d: Directives, status: int, key: str) -> web.Response:
+    if d.model_error:
+        return _model_error(fmt, d.model_error)
     if d.leaky and status in (401, 403):
         return _leaky_auth_error(fmt, status, key)
     headers = None

@@ -23,7 +23,13 @@ from yarl import URL
 
 from sidecar import inbound
 from sidecar.errors import ErrorCode, ProxyError
-from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
+from sidecar.health import (
+    Outcome,
+    classify_status,
+    is_model_level_error,
+    is_quota_exhausted,
+    parse_retry_after,
+)
 from sidecar.inflight import InFlight
 from sidecar.keys import KeySource
 from sidecar.models import ResolvedModel, fallbacks_for
@@ -383,7 +389,8 @@ class Proxy:
         )
         timed_out = False
 
-        for cand in plan.candidates:
+        gone_models: set[str] = set()  # models that answered "not this model" (model-level error)
+        for i, cand in enumerate(plan.candidates):
             if ex.attempts >= cfg.failover.max_attempts:
                 break
             key = cand.key
@@ -391,6 +398,8 @@ class Proxy:
                 key.source is not KeySource.PASSTHROUGH
             )  # a caller's own key has no shared health
             model_name = cand.model.upstream if cand.model else None
+            if model_name in gone_models:
+                continue  # every key would get the same answer for this model
             if ex.attempts and tracked and health.cooling_until(key.health_id, model_name or ""):
                 continue  # cooled down by an earlier attempt of this request (key, or key and model)
             remaining = deadline - time.perf_counter()
@@ -410,10 +419,25 @@ class Proxy:
 
             res = await self._attempt(ex, url, headers, payload, remaining, deadline)
             metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
+            if (
+                res.body is not None
+                and res.upstream is not None
+                and model_name is not None
+                and is_model_level_error(
+                    res.upstream.status, res.body, cfg.failover.next_model_on_codes
+                )
+                and _another_model_follows(plan.candidates, i, model_name)
+            ):  # the prompt is too long for this model, or it is not here: the next model may answer
+                gone_models.add(model_name)
+                last = (cand, (res.upstream.status, res.upstream.headers, res.body))
+                failed = (key.provider, res.outcome.value)
+                self.state.oplog.info("next_model", request_id=ex.request_id, provider=key.provider,
+                                      model=model_name, status=res.upstream.status)  # fmt: skip
+                continue
             if res.upstream is not None:  # a response for the caller: no failover from here on
                 if tracked:
                     health.record(key.health_id, res.outcome, cfg.failover.cooldown,
-                                  model=model_name or "")  # fmt: skip
+                                  model=model_name or "", status=res.upstream.status)  # fmt: skip
                 if res.body is not None:
                     return self._respond(ex, res.upstream, res.body, adapter)
                 return await self._relay_stream(
@@ -421,7 +445,8 @@ class Proxy:
                 )
             if tracked and health.record(key.health_id, res.outcome, cfg.failover.cooldown,
                                          model=model_name or "", retry_after=res.retry_after,
-                                         quota_exhausted=res.quota):  # fmt: skip
+                                         quota_exhausted=res.quota,
+                                         status=res.failed[0] if res.failed else None):  # fmt: skip
                 self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
                                       key_id=key.key_id, model=model_name,
                                       outcome=res.outcome.value)  # fmt: skip
@@ -692,6 +717,10 @@ class Proxy:
 
 
 # --------------------------------------------------------------------------- helpers
+
+
+def _another_model_follows(candidates: list[Candidate], i: int, model: str) -> bool:
+    return any(c.model is not None and c.model.upstream != model for c in candidates[i + 1 :])
 
 
 def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> ResolvedModel:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
+from typing import NamedTuple
 from urllib.parse import urlencode
 
 from sidecar.config import BUILTIN_PROVIDERS, Auth, Config, Format, KeyConfig, SecretRef
@@ -47,6 +48,15 @@ class AccessKey:
     attached: Mapping[str, tuple[ProviderKey, ...]]  # provider → newest first
 
 
+class KeyRef(NamedTuple):
+    """One way a key appears: the `sidecar_key_cooling_down` labels and a `GET /keys` line."""
+
+    provider: str
+    source: str
+    key_id: str
+    access_key: str  # the owning access key's name for attached keys, else ""
+
+
 @dataclass(frozen=True, slots=True)
 class Runtime:
     config: Config
@@ -54,8 +64,9 @@ class Runtime:
     access_keys: Mapping[str, AccessKey]  # by `vault.hash_access_key(token)`
     resolver: ModelResolver
     prices: PriceTable = field(default_factory=PriceTable)
-    #: health_id → every (provider, source, key_id) that key value appears as, for metrics.
-    key_labels: Mapping[str, tuple[tuple[str, str, str], ...]] = field(default_factory=dict)
+    #: health_id → every way that key value appears (one value may be a policy key and
+    #: attached to two access keys), for the cooling gauge and `GET /keys`.
+    key_labels: Mapping[str, tuple[KeyRef, ...]] = field(default_factory=dict)
 
     def metric_seeds(self) -> tuple[list[tuple[str, bool]], list[str]]:
         """What `Metrics.prime` creates at 0 for this version."""
@@ -162,15 +173,15 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             attached=MappingProxyType({k: tuple(v) for k, v in attached.items()}),
         )
 
-    labels: dict[str, set[tuple[str, str, str]]] = {}
+    labels: dict[str, set[KeyRef]] = {}
     for prov in providers.values():
         free = prov.keyless.keys if prov.keyless else ()
         for k in (*prov.policy_keys, *prov.managed_keys, *free):
-            labels.setdefault(k.health_id, set()).add((k.provider, k.source.value, k.key_id))
+            labels.setdefault(k.health_id, set()).add(KeyRef(*k.labels, ""))
     for ak in access_keys.values():
         for ks in ak.attached.values():
             for k in ks:
-                labels.setdefault(k.health_id, set()).add((k.provider, k.source.value, k.key_id))
+                labels.setdefault(k.health_id, set()).add(KeyRef(*k.labels, ak.name))
 
     try:
         prices = PriceTable({m: Price(p.input, p.output) for m, p in config.prices.items()})

@@ -31,6 +31,7 @@ from sidecar.logs import AccessLog, OpLog, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
 from sidecar.reload import Reloader, load_with_signature
+from sidecar.runtime import KeyRef
 from sidecar.state import STATE, State
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
@@ -75,7 +76,7 @@ def build_state(
     return state
 
 
-def _cooling_labels(state: State) -> Iterator[tuple[str, str, str]]:
+def _cooling_labels(state: State) -> Iterator[KeyRef]:
     labels = state.runtime.key_labels
     for hid in state.health.cooling():
         if hid in labels:

@@ -1086,3 +1086,48 @@ def test_concurrent_access_key_create_and_attach_all_persist(dep: Deployment) ->
     assert {a.id: a.secret.reveal() for a in rec.attached} == values
     times = [a.attached_at for a in rec.attached]
     assert times == sorted(times, reverse=True)
+
+
+# --------------------------------------------------------------------------- status
+
+
+def _closed_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_status_without_a_reachable_admin_port_is_one_clear_error() -> None:
+    url = f"http://127.0.0.1:{_closed_port()}"
+    r = cli("status", "--admin", url)
+    assert r.code == 1
+    assert r.out == ""
+    assert r.err.startswith(f"error: cannot reach the admin port at {url}: ")
+    assert r.err.count("\n") == 1
+
+
+def test_status_default_admin_url_and_a_bad_url() -> None:
+    from sidecar.cli import build_parser
+
+    assert build_parser().parse_args(["status"]).admin == "http://127.0.0.1:9090"
+    r = cli("status", "--admin", "127.0.0.1:9090")
+    assert (r.code, r.err) == (1, "error: --admin: expected an http:// or https:// URL, got '127.0.0.1:9090'\n")  # fmt: skip
+
+
+def test_status_table_aligns_columns_and_marks_empty_fields() -> None:
+    from sidecar.cli import status_table
+
+    lines = status_table([
+        {"provider": "openai", "source": "attached", "key_id": "team-key", "access_key": "team",
+         "model": "gpt-4o", "state": "cooling", "until": "2026-01-02T03:04:15.500Z",
+         "reason": "rate_limited", "last_status": 429},
+        {"provider": "openai", "source": "policy", "key_id": "pol", "access_key": None,
+         "model": None, "state": "ok", "until": None, "reason": None, "last_status": None},
+    ])  # fmt: skip
+    assert lines == [
+        "PROVIDER  SOURCE    KEY_ID    ACCESS_KEY  MODEL   STATE    UNTIL                     REASON        LAST_STATUS",
+        "openai    attached  team-key  team        gpt-4o  cooling  2026-01-02T03:04:15.500Z  rate_limited  429",
+        "openai    policy    pol       -           -       ok       -                         -             -",
+    ]  # fmt: skip

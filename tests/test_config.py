@@ -719,3 +719,13 @@ def test_fallbacks_keep_their_order_and_names() -> None:
 )
 def test_bad_fallbacks_are_config_errors(text: str, where: str) -> None:
     assert any(p.startswith(where) for p in problems(text)), problems(text)
+
+
+def test_next_model_on_codes() -> None:
+    assert parse("").failover.next_model_on_codes == frozenset()
+    c = parse("failover: {next_model_on_codes: [model_gone, too_big]}")
+    assert c.failover.next_model_on_codes == {"model_gone", "too_big"}
+    assert any(
+        p.startswith("failover.next_model_on_codes: expected a list of error codes")
+        for p in problems("failover: {next_model_on_codes: [1]}")
+    )

@@ -72,7 +72,7 @@ SPEC_METRICS: dict[str, _Family] = {
     ),
     "sidecar_failovers_total": _Family("counter", {"provider": None, "reason": _OUTCOMES - {"ok"}}),
     "sidecar_key_cooling_down": _Family(
-        "gauge", {"provider": None, "source": _SOURCES, "key_id": None}
+        "gauge", {"provider": None, "source": _SOURCES, "key_id": None, "access_key": None}
     ),
     "sidecar_upstream_ttfb_seconds": _Family("histogram", {"provider": None}),
     "sidecar_overhead_seconds": _Family("histogram", {"format": None}),

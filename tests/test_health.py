@@ -7,7 +7,9 @@ import pytest
 from sidecar.config import Cooldown
 from sidecar.health import (
     KeyHealth,
+    KeyState,
     Outcome,
+    ScopeHealth,
     classify_status,
     is_quota_exhausted,
     parse_retry_after,
@@ -147,3 +149,111 @@ def test_the_gauge_shows_a_key_cooling_for_any_model_and_reloads_keep_pairs(cloc
     h.forget_except(["a"])
     assert h.cooling() == {"a": 1005}
     assert h.cooling_until("a", "m1") == 1005
+
+
+# --------------------------------------------------------------------------- model-level errors
+
+from sidecar.health import is_model_level_error  # noqa: E402
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, b'{"error":{"message":"max context","type":"invalid_request_error","code":"context_length_exceeded"}}'),
+        (404, b'{"error":{"message":"no","type":"invalid_request_error","code":"model_not_found"}}'),
+        (400, b'{"type":"error","error":{"type":"invalid_request_error","message":"prompt is too long: 210000 tokens > 200000 maximum"}}'),
+        (404, b'{"type":"error","error":{"type":"not_found_error","message":"model: claude-x"}}'),
+        (422, b'{"error":{"code":"my_gateway_model_gone"}}'),
+    ],
+)  # fmt: skip
+def test_errors_another_model_could_answer(status: int, body: bytes) -> None:
+    assert is_model_level_error(status, body, frozenset({"my_gateway_model_gone"}))
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, b'{"error":{"message":"bad","type":"invalid_request_error","code":"content_policy_violation"}}'),
+        (400, b'{"type":"error","error":{"type":"invalid_request_error","message":"Output blocked by content filtering policy"}}'),
+        (429, b'{"error":{"code":"context_length_exceeded"}}'),
+        (500, b'{"error":{"code":"model_not_found"}}'),
+        (400, b"not json"),
+        (400, b"[1]"),
+        (404, b'{"type":"error","error":{"type":"not_found_error","message":"route /x"}}'),
+        (422, b'{"error":{"code":"my_gateway_model_gone"}}'),
+    ],
+)  # fmt: skip
+def test_content_policy_and_other_errors_go_back_to_the_caller(status: int, body: bytes) -> None:
+    assert not is_model_level_error(status, body, frozenset())
+
+
+# --------------------------------------------------------------------------- snapshot (GET /keys)
+
+
+def test_snapshot_lists_an_ok_key_once_with_its_last_status(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    h.record("a", Outcome.OK, CD, model="m1", status=200)
+    h.record("a", Outcome.CLIENT_ERROR, CD, model="m2", status=404)  # no cooldown, still seen
+    snap = h.snapshot(["a", "never-used"])
+    assert snap.now == 1000
+    assert snap.scopes == (
+        ScopeHealth("a", None, KeyState.OK, None, None, 404),
+        ScopeHealth("never-used", None, KeyState.OK, None, None, None),
+    )
+
+
+def test_snapshot_a_rate_limited_pair_cools_and_other_models_are_not_listed(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    h.record("a", Outcome.OK, CD, model="m2", status=200)
+    h.record("a", Outcome.RATE_LIMITED, CD, model="m1", retry_after=7, status=429)
+    h.record("a", Outcome.OK, CD, model="m2", status=201)  # the key's last status, not the pair's
+    (scope,) = h.snapshot(["a"]).scopes
+    assert scope == ScopeHealth("a", "m1", KeyState.COOLING, 1007, Outcome.RATE_LIMITED, 429)
+    clock.now = 1007  # expired: the key is ok again, with the key's last status
+    assert h.snapshot(["a"]).scopes == (ScopeHealth("a", None, KeyState.OK, None, None, 201),)
+
+
+def test_snapshot_a_dead_key_first_then_its_cooling_pairs(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    h.record("a", Outcome.RATE_LIMITED, CD, model="m2", status=429)
+    h.record("a", Outcome.SERVER_ERROR, CD, model="", status=500)  # below the threshold
+    h.record("a", Outcome.AUTH_FAILED, CD, model="m1", status=401)
+    assert h.snapshot(["a"]).scopes == (
+        ScopeHealth("a", None, KeyState.DEAD, 1300, Outcome.AUTH_FAILED, 401),
+        ScopeHealth("a", "m2", KeyState.COOLING, 1030, Outcome.RATE_LIMITED, 429),
+    )
+
+
+def test_snapshot_quota_exhausted_is_dead_with_reason_rate_limited(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    h.record("a", Outcome.RATE_LIMITED, CD, model="m1", quota_exhausted=True, status=429)
+    assert h.snapshot(["a"]).scopes == (
+        ScopeHealth("a", None, KeyState.DEAD, 1300, Outcome.RATE_LIMITED, 429),
+    )
+
+
+def test_snapshot_reason_follows_the_deadline_in_force(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    for _ in range(3):
+        h.record("a", Outcome.TIMEOUT, CD, model="m")  # no status: a timeout has none
+    clock.now = 1001
+    h.record("a", Outcome.RATE_LIMITED, CD, model="m", retry_after=60, status=429)  # until 1061
+    h.record("a", Outcome.CONNECT_ERROR, CD, model="m")  # 1/3 of a new threshold: nothing changes
+    (scope,) = h.snapshot(["a"]).scopes
+    assert (scope.until, scope.reason, scope.last_status) == (1061, Outcome.RATE_LIMITED, 429)
+
+
+def test_snapshot_a_server_side_cooldown_without_status(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    for _ in range(3):
+        h.record("a", Outcome.CONNECT_ERROR, CD, model="m")
+    assert h.snapshot(["a"]).scopes == (
+        ScopeHealth("a", "m", KeyState.COOLING, 1015, Outcome.CONNECT_ERROR, None),
+    )
+
+
+def test_snapshot_forgets_removed_keys(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    h.record("a", Outcome.OK, CD, status=200)
+    h.forget_except([])
+    assert h.snapshot(["a"]).scopes == (ScopeHealth("a", None, KeyState.OK, None, None, None),)

@@ -57,6 +57,8 @@ async def post(
         ("sk-fail-429", Directives(fail=429)),
         ("k:gpt-4o-fail-429-retry-7", Directives(fail=429, retry_after=7)),
         ("fail-quota", Directives(fail=429, quota=True)),
+        ("gpt-small-fail-context", Directives(fail=400, model_error="context")),
+        ("k:fail-nomodel", Directives(fail=404, model_error="nomodel")),
         ("k_drop", Directives(drop=True)),
         ("slow-250:stall-10-break", Directives(brk=True, slow_ms=250, stall_ms=10)),
         ("gpt-4o-mini-dropout", Directives()),
@@ -442,3 +444,20 @@ async def test_a_body_that_is_not_what_its_encoding_says_is_a_logged_400(
     async with http.get(server.make_url("/_mock/requests")) as resp:
         (rec,) = (await resp.json())["requests"]
     assert (rec["body"], rec["headers"]["content-encoding"]) == (None, "gzip")
+
+
+async def test_model_level_errors_in_each_providers_shape(
+    oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic
+) -> None:
+    with pytest.raises(openai.BadRequestError) as bad:
+        await oai.chat.completions.create(model="gpt-fail-context", messages=USER)
+    assert bad.value.code == "context_length_exceeded"
+    with pytest.raises(openai.NotFoundError) as gone:
+        await oai.chat.completions.create(model="gpt-fail-nomodel", messages=USER)
+    assert gone.value.code == "model_not_found"
+    with pytest.raises(anthropic.BadRequestError) as long:
+        await ant.messages.create(model="claude-fail-context", max_tokens=8, messages=USER)
+    assert "prompt is too long" in str(long.value)
+    with pytest.raises(anthropic.NotFoundError) as missing:
+        await ant.messages.create(model="claude-fail-nomodel", max_tokens=8, messages=USER)
+    assert "model:" in str(missing.value)

@@ -475,11 +475,11 @@ async def test_key_path_counters(run: Run) -> None:
     }
     # Every key that exists has a series; exactly the two rate-limited keys cool.
     assert _samples(m, "sidecar_key_cooling_down") == {
-        _key(provider="openai", source="policy", key_id="bad"): 1,
-        _key(provider="openai", source="policy", key_id="good"): 0,
-        _key(provider="cooled", source="policy", key_id="only"): 1,
-        _key(provider="anthropic", source="managed", key_id="pool-1"): 0,
-        _key(provider="anthropic", source="attached", key_id="team-ant"): 0,
+        _key(provider="openai", source="policy", key_id="bad", access_key=""): 1,
+        _key(provider="openai", source="policy", key_id="good", access_key=""): 0,
+        _key(provider="cooled", source="policy", key_id="only", access_key=""): 1,
+        _key(provider="anthropic", source="managed", key_id="pool-1", access_key=""): 0,
+        _key(provider="anthropic", source="attached", key_id="team-ant", access_key="team"): 0,
     }
     assert _nonzero(m, "sidecar_no_key_available_total") == {
         _key(provider="cooled", reason="all_cooling"): 1,

@@ -427,6 +427,42 @@ async def test_config_fallbacks_serve_apps_that_cannot_send_models(
     ]
 
 
+@pytest.mark.parametrize("error", ["fail-context", "fail-nomodel"])
+async def test_a_model_level_error_moves_to_the_next_model_without_cooling_the_key(
+    env: Env,
+    sidecars: list[Sidecar],
+    mock_server: TestServer,
+    http: aiohttp.ClientSession,
+    token: str,
+    error: str,
+) -> None:
+    sc = await boot(env, sidecars, providers_yaml(
+        env, openai=[("k1", "sk-good"), ("k2", "sk-good-2")], anthropic=[("a1", "sk-ant-1")]))  # fmt: skip
+    small = f"gpt-small-{error}"
+    async with sc.openai(token) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model=small, messages=MSG, extra_body={"models": [OPENAI_MODEL]}
+        )
+        assert raw.parse().choices[0].message.content == REPLY
+        # one attempt on the first model (k2 would answer the same), then the next model on k1
+        assert (raw.headers["x-sidecar-attempts"], raw.headers["x-sidecar-key-id"]) == ("2", "k1")
+        # nothing cooled: the same key still serves the first model's name right away
+        assert (await client.chat.completions.with_raw_response.create(
+            model=OPENAI_MODEL, messages=MSG)).headers["x-sidecar-key-id"] == "k1"  # fmt: skip
+        # with no other model to try, the caller gets the real error, as the SDK raises it
+        expected = openai.BadRequestError if error == "fail-context" else openai.NotFoundError
+        with pytest.raises(expected):
+            await client.chat.completions.create(model=small, messages=MSG)
+    async with sc.anthropic(token) as aclient:
+        message = await aclient.messages.create(
+            model=f"claude-big-{error}", max_tokens=16, messages=MSG,
+            extra_body={"models": [CLAUDE_MODEL]},
+        )  # fmt: skip
+        assert message.content[0].text == REPLY  # type: ignore[union-attr]
+    models = [r["body"]["model"] for r in await mock_log(http, mock_server)]
+    assert models == [small, OPENAI_MODEL, OPENAI_MODEL, small, f"claude-big-{error}", CLAUDE_MODEL]
+
+
 async def test_models_array_failover_anthropic_without_model(
     env: Env,
     sidecars: list[Sidecar],

@@ -204,16 +204,16 @@ def test_attached_keys_grouped_by_provider_newest_first(runtime: Runtime) -> Non
 
 def test_key_labels_cover_every_key(runtime: Runtime) -> None:
     labels = {ls for group in runtime.key_labels.values() for ls in group}
-    assert ("openai", "policy", "org-primary") in labels
-    assert ("openai", "managed", "pool-1") in labels
-    assert ("openai", "attached", "team-new") in labels
-    assert ("anthropic", "attached", "ant-1") in labels
+    assert ("openai", "policy", "org-primary", "") in labels
+    assert ("openai", "managed", "pool-1", "") in labels
+    assert ("openai", "attached", "team-new", "checkout") in labels
+    assert ("anthropic", "attached", "ant-1", "checkout") in labels
 
 
 def test_health_ids_never_contain_the_value(runtime: Runtime) -> None:
     values = [s.reveal() for s in (*SECRETS.values(), ATTACHED_NEW, ATTACHED_OLD, ATTACHED_ANT)]
     for health_id, group in runtime.key_labels.items():
-        for _, _, key_id in group:
+        for _, _, key_id, _ in group:
             for v in values:
                 assert v not in health_id
                 assert v not in key_id
