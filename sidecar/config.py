@@ -166,12 +166,22 @@ class Cooldown:
 
 
 @dataclass(frozen=True, slots=True)
+class Retry:
+    """Trying the same candidate again before moving on (docs/reference.md#failover-and-key-health)."""
+
+    attempts: int = 1  # 0 turns it off
+    backoff: float = 0.25
+    max_wait: float = 3.0
+
+
+@dataclass(frozen=True, slots=True)
 class Failover:
     max_attempts: int = 6
     on_status: frozenset[int] = frozenset(DEFAULT_ON_STATUS)
     cooldown: Cooldown = field(default_factory=Cooldown)
     #: upstream error codes (beyond the built-in ones) that mean "another model could answer"
     next_model_on_codes: frozenset[str] = frozenset()
+    retry: Retry = field(default_factory=Retry)
 
 
 @dataclass(frozen=True, slots=True)
@@ -312,6 +322,12 @@ def _bool(v: object) -> bool:
 def _pos_int(v: object) -> int:
     if isinstance(v, bool) or not isinstance(v, int) or v < 1:
         raise ValueError("expected a positive integer")
+    return v
+
+
+def _non_neg_int(v: object) -> int:
+    if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+        raise ValueError("expected a whole number, 0 or more")
     return v
 
 
@@ -597,10 +613,16 @@ def parse_config(data: object, path: Path) -> Config:
     )
 
     f = r.section(data, "failover", "failover",
-                  {"max_attempts", "on_status", "cooldown", "next_model_on_codes"})  # fmt: skip
+                  {"max_attempts", "on_status", "cooldown", "next_model_on_codes", "retry"})  # fmt: skip
+    rt = r.section(f, "retry", "failover.retry", {"attempts", "backoff", "max_wait"})
     c = r.section(f, "cooldown", "failover.cooldown",
                   {"rate_limited", "auth_failed", "server_error", "server_error_threshold"})  # fmt: skip
     failover = Failover(
+        retry=Retry(
+            attempts=r.get(rt, "attempts", "failover.retry.attempts", _non_neg_int, 1),
+            backoff=r.get(rt, "backoff", "failover.retry.backoff", parse_duration, 0.25),
+            max_wait=r.get(rt, "max_wait", "failover.retry.max_wait", parse_duration, 3.0),
+        ),
         next_model_on_codes=r.get(
             f, "next_model_on_codes", "failover.next_model_on_codes", _code_list, frozenset()
         ),

@@ -15,7 +15,7 @@ from typing import Final
 
 import orjson
 
-from sidecar.config import Cooldown
+from sidecar.config import Cooldown, Retry
 
 
 class Outcome(enum.StrEnum):
@@ -81,6 +81,23 @@ def is_model_level_error(status: int, body: bytes, extra_codes: frozenset[str]) 
     if kind == "invalid_request_error" and message.lower().startswith("prompt is too long"):
         return True
     return kind == "not_found_error" and message.lower().startswith("model:")
+
+
+def same_candidate_wait(
+    outcome: Outcome, retry_after: float | None, quota: bool, retry: Retry, jitter: float
+) -> float | None:
+    """Seconds to wait before trying the *same* candidate again, or None to move on.
+
+    A 5xx or a connection error (reset, refused) is often passing: one more try after
+    a short jittered backoff (`jitter` in [0, 1): between 1 and 1.5 backoffs, so never
+    sooner than the backoff). A 429 whose `retry-after` is at most `retry.max_wait`
+    is waited out. A timeout is not retried: a silent route tends to stay silent.
+    """
+    if outcome in (Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR):
+        return retry.backoff * (1.0 + 0.5 * jitter)
+    if outcome is Outcome.RATE_LIMITED and not quota and retry_after is not None:
+        return retry_after if retry_after <= retry.max_wait else None
+    return None
 
 
 def parse_retry_after(value: str | None) -> float | None:

@@ -18,6 +18,8 @@ request's `model`, each bounded by start/end or one of `-_:`
   `context_length_exceeded`; Anthropic `prompt is too long: …`).
 - `fail-nomodel`: 404, no such model (OpenAI `model_not_found`; Anthropic a
   `not_found_error` naming the model).
+- `flaky-N`: the first N requests with this key and model answer 503, later
+  ones succeed (a passing upstream fault; counted per key and model).
 - `drop`: the connection is closed without any response.
 - `slow-N`: N ms pass before the response headers are sent.
 - `stall-N`: N ms between stream chunks.
@@ -50,7 +52,7 @@ Test hooks: every request outside `/_mock/` is kept in a bounded log (the last
 `GET /_mock/requests` returns `{"requests": [{method, path, raw_path, query,
 headers, body, key}]}` with header names lower-cased (`path` decoded,
 `raw_path` as sent, query string included; `body` null when not JSON),
-`DELETE /_mock/requests` clears it, `GET /_mock/health` answers 200.
+`DELETE /_mock/requests` clears it (and the `flaky-N` counts), `GET /_mock/health` answers 200.
 """
 
 from __future__ import annotations
@@ -111,7 +113,7 @@ _MODELS_BODY = orjson.dumps(
 )
 _DIRECTIVE_RE = re.compile(
     r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel)(?:-retry-(\d+))?|drop|break|leaky"
-    r"|(slow|stall|hold|huge|bomb)-(\d+))(?=$|[-_:])"
+    r"|(slow|stall|hold|huge|bomb|flaky)-(\d+))(?=$|[-_:])"
 )
 _MIB = 1 << 20
 _SPACES = b" " * _MIB  # one padding chunk, shared by every padded answer
@@ -141,6 +143,7 @@ class Directives:
     bomb_mib: int = 0
     leaky: bool = False
     model_error: str = ""  # "context" or "nomodel": a model-level 400/404
+    flaky: int = 0  # the first N requests of this key and model answer 503
 
     @property
     def shapes_body(self) -> bool:
@@ -161,7 +164,7 @@ def parse_directives(text: str) -> Directives:
     quota = drop = brk = leaky = False
     model_error = ""
     retry: int | None = None
-    amounts = {"slow": 0, "stall": 0, "hold": 0, "huge": 0, "bomb": 0}
+    amounts = {"slow": 0, "stall": 0, "hold": 0, "huge": 0, "bomb": 0, "flaky": 0}
     for m in _DIRECTIVE_RE.finditer(text):
         word, code, retry_s, name, amount = m.groups()
         if code is not None:
@@ -188,18 +191,19 @@ def parse_directives(text: str) -> Directives:
         return _NONE
     return Directives(
         fail, quota, retry, drop, brk, amounts["slow"], amounts["stall"],
-        amounts["hold"], amounts["huge"], amounts["bomb"], leaky, model_error,
+        amounts["hold"], amounts["huge"], amounts["bomb"], leaky, model_error, amounts["flaky"],
     )  # fmt: skip
 
 
 class _State:
     """The app's request log and id counter."""
 
-    __slots__ = ("_n", "log")
+    __slots__ = ("_n", "flaky_seen", "log")
 
     def __init__(self) -> None:
         self.log: deque[dict[str, Any]] = deque(maxlen=_LOG_SIZE)
         self._n = 0
+        self.flaky_seen: dict[str, int] = {}  # `flaky-N`: requests seen per key and model
 
     def next_id(self) -> int:
         self._n += 1
@@ -545,6 +549,13 @@ def _endpoint(
                 return _drop(request)
             if d.fail is not None:
                 return _failure(fmt, d, d.fail, key)
+            if d.flaky:
+                seen = request.app[_STATE].flaky_seen
+                which = f"{key}:{model}"
+                if len(seen) < _LOG_SIZE or which in seen:  # bounded, like the request log
+                    seen[which] = seen.get(which, 0) + 1
+                    if seen[which] <= d.flaky:
+                        return _failure(fmt, d, 503, key)
         n = request.app[_STATE].next_id()
         answer = await responder(_Call(request, fields, model, d, n))
         if d.shapes_body and type(answer) is web.Response and answer.status < 300:
@@ -834,9 +845,10 @@ async def _log_get(request: web.Request) -> web.StreamResponse:
 
 
 async def _log_clear(request: web.Request) -> web.StreamResponse:
-    log = request.app[_STATE].log
-    cleared = len(log)
-    log.clear()
+    state = request.app[_STATE]
+    cleared = len(state.log)
+    state.log.clear()
+    state.flaky_seen.clear()  # `flaky-N` counts start again too
     return _json({"cleared": cleared})
 
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, Final
@@ -29,6 +30,7 @@ from sidecar.health import (
     is_model_level_error,
     is_quota_exhausted,
     parse_retry_after,
+    same_candidate_wait,
 )
 from sidecar.inflight import InFlight
 from sidecar.keys import KeySource
@@ -390,71 +392,94 @@ class Proxy:
         timed_out = False
 
         gone_models: set[str] = set()  # models that answered "not this model" (model-level error)
+        retry = cfg.failover.retry
+        stop = False
         for i, cand in enumerate(plan.candidates):
-            if ex.attempts >= cfg.failover.max_attempts:
-                break
             key = cand.key
             tracked = (
                 key.source is not KeySource.PASSTHROUGH
             )  # a caller's own key has no shared health
             model_name = cand.model.upstream if cand.model else None
-            if model_name in gone_models:
-                continue  # every key would get the same answer for this model
-            if ex.attempts and tracked and health.cooling_until(key.health_id, model_name or ""):
-                continue  # cooled down by an earlier attempt of this request (key, or key and model)
-            remaining = deadline - time.perf_counter()
-            if remaining <= 0:
-                timed_out = True
-                break
-            if failed is not None:  # counted only when another attempt really follows
-                metrics.failovers(*failed).inc()
-                failed = None
-            ex.attempts += 1
-            ex.candidate = cand
-            metrics.key_selections(*key.labels).inc()
-            if model_name not in payloads:
-                payloads[model_name] = _payload(body, data, model_name, adapter, path, stream)
-            payload, strip_usage = payloads[model_name]
-            url, headers = _upstream_request(cand, path, query, base_headers)
+            retries_left = retry.attempts
+            while True:  # one candidate, tried again after a short wait when that may help
+                if ex.attempts >= cfg.failover.max_attempts:
+                    stop = True
+                    break
+                if model_name in gone_models:
+                    break  # every key would get the same answer for this model
+                if (
+                    ex.attempts
+                    and tracked
+                    and health.cooling_until(key.health_id, model_name or "")
+                ):
+                    break  # cooled down by an earlier attempt of this request (key, or key and model)
+                remaining = deadline - time.perf_counter()
+                if remaining <= 0:
+                    timed_out = stop = True
+                    break
+                if failed is not None:  # counted only when another attempt really follows
+                    metrics.failovers(*failed).inc()
+                    failed = None
+                ex.attempts += 1
+                ex.candidate = cand
+                metrics.key_selections(*key.labels).inc()
+                if model_name not in payloads:
+                    payloads[model_name] = _payload(body, data, model_name, adapter, path, stream)
+                payload, strip_usage = payloads[model_name]
+                url, headers = _upstream_request(cand, path, query, base_headers)
 
-            res = await self._attempt(ex, url, headers, payload, remaining, deadline)
-            metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
-            if (
-                res.body is not None
-                and res.upstream is not None
-                and model_name is not None
-                and is_model_level_error(
-                    res.upstream.status, res.body, cfg.failover.next_model_on_codes
-                )
-                and _another_model_follows(plan.candidates, i, model_name)
-            ):  # the prompt is too long for this model, or it is not here: the next model may answer
-                gone_models.add(model_name)
-                last = (cand, (res.upstream.status, res.upstream.headers, res.body))
+                res = await self._attempt(ex, url, headers, payload, remaining, deadline)
+                metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
+                if (
+                    res.body is not None
+                    and res.upstream is not None
+                    and model_name is not None
+                    and is_model_level_error(
+                        res.upstream.status, res.body, cfg.failover.next_model_on_codes
+                    )
+                    and _another_model_follows(plan.candidates, i, model_name)
+                ):  # the prompt is too long for this model, or it is not here: the next model may answer
+                    gone_models.add(model_name)
+                    last = (cand, (res.upstream.status, res.upstream.headers, res.body))
+                    failed = (key.provider, res.outcome.value)
+                    self.state.oplog.info("next_model", request_id=ex.request_id, provider=key.provider,
+                                          model=model_name, status=res.upstream.status)  # fmt: skip
+                    break
+                if res.upstream is not None:  # a response for the caller: no failover from here on
+                    if tracked:
+                        health.record(key.health_id, res.outcome, cfg.failover.cooldown,
+                                      model=model_name or "", status=res.upstream.status)  # fmt: skip
+                    if res.body is not None:
+                        return self._respond(ex, res.upstream, res.body, adapter)
+                    return await self._relay_stream(
+                        ex, res.upstream, adapter, strip_usage, res.native_idle, res.prefix
+                    )
+                wait = None
+                if retries_left and ex.attempts < cfg.failover.max_attempts:
+                    wait = same_candidate_wait(res.outcome, res.retry_after, res.quota, retry,
+                                               random.random())  # fmt: skip
+                    if wait is not None and time.perf_counter() + wait >= deadline:
+                        wait = None  # no time left to wait: the next candidate gets what remains
+                waited_out = wait is not None and res.outcome is Outcome.RATE_LIMITED
+                if tracked and not waited_out and health.record(
+                    key.health_id, res.outcome, cfg.failover.cooldown, model=model_name or "",
+                    retry_after=res.retry_after, quota_exhausted=res.quota,
+                    status=res.failed[0] if res.failed else None,
+                ):  # fmt: skip
+                    self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
+                                          key_id=key.key_id, model=model_name,
+                                          outcome=res.outcome.value)  # fmt: skip
+                if res.failed is not None:
+                    last = (cand, res.failed)
                 failed = (key.provider, res.outcome.value)
-                self.state.oplog.info("next_model", request_id=ex.request_id, provider=key.provider,
-                                      model=model_name, status=res.upstream.status)  # fmt: skip
-                continue
-            if res.upstream is not None:  # a response for the caller: no failover from here on
-                if tracked:
-                    health.record(key.health_id, res.outcome, cfg.failover.cooldown,
-                                  model=model_name or "", status=res.upstream.status)  # fmt: skip
-                if res.body is not None:
-                    return self._respond(ex, res.upstream, res.body, adapter)
-                return await self._relay_stream(
-                    ex, res.upstream, adapter, strip_usage, res.native_idle, res.prefix
-                )
-            if tracked and health.record(key.health_id, res.outcome, cfg.failover.cooldown,
-                                         model=model_name or "", retry_after=res.retry_after,
-                                         quota_exhausted=res.quota,
-                                         status=res.failed[0] if res.failed else None):  # fmt: skip
-                self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
-                                      key_id=key.key_id, model=model_name,
-                                      outcome=res.outcome.value)  # fmt: skip
-            if res.failed is not None:
-                last = (cand, res.failed)
-            failed = (key.provider, res.outcome.value)
-            if res.timed_out:
-                timed_out = True
+                if res.timed_out:
+                    timed_out = stop = True
+                    break
+                if wait is None:
+                    break
+                retries_left -= 1
+                await asyncio.sleep(wait)
+            if stop:
                 break
 
         if last is not None:  # every candidate failed: the caller gets the last upstream answer

@@ -729,3 +729,19 @@ def test_next_model_on_codes() -> None:
         p.startswith("failover.next_model_on_codes: expected a list of error codes")
         for p in problems("failover: {next_model_on_codes: [1]}")
     )
+
+
+def test_failover_retry_defaults_and_overrides() -> None:
+    from sidecar.config import Retry
+
+    assert parse("").failover.retry == Retry(attempts=1, backoff=0.25, max_wait=3.0)
+    c = parse("failover: {retry: {attempts: 0, backoff: 100ms, max_wait: 1s}}")
+    assert c.failover.retry == Retry(attempts=0, backoff=0.1, max_wait=1.0)
+    assert any(
+        p.startswith("failover.retry.attempts: expected a whole number")
+        for p in problems("failover: {retry: {attempts: -1}}")
+    )
+    assert any(
+        p.startswith("failover.retry.tries: unknown key")
+        for p in problems("failover: {retry: {tries: 2}}")
+    )

@@ -257,3 +257,36 @@ def test_snapshot_forgets_removed_keys(clock: Clock) -> None:
     h.record("a", Outcome.OK, CD, status=200)
     h.forget_except([])
     assert h.snapshot(["a"]).scopes == (ScopeHealth("a", None, KeyState.OK, None, None, None),)
+
+
+# --------------------------------------------------------------------------- trying the same candidate again
+
+from sidecar.config import Retry  # noqa: E402
+from sidecar.health import same_candidate_wait  # noqa: E402
+
+RETRY = Retry(attempts=1, backoff=0.25, max_wait=3.0)
+
+
+@pytest.mark.parametrize("outcome", [Outcome.SERVER_ERROR, Outcome.CONNECT_ERROR])
+@pytest.mark.parametrize("jitter", [0.0, 0.5, 0.999])
+def test_a_passing_failure_is_tried_again_after_a_jittered_backoff(
+    outcome: Outcome, jitter: float
+) -> None:
+    wait = same_candidate_wait(outcome, None, False, RETRY, jitter)
+    assert wait is not None
+    assert 0.25 <= wait < 0.375  # never sooner than the backoff: no hammering
+
+
+def test_a_short_retry_after_is_waited_out_and_a_long_one_is_not() -> None:
+    assert same_candidate_wait(Outcome.RATE_LIMITED, 2.0, False, RETRY, 0.3) == 2.0
+    assert same_candidate_wait(Outcome.RATE_LIMITED, 3.0, False, RETRY, 0.3) == 3.0
+    assert same_candidate_wait(Outcome.RATE_LIMITED, 3.5, False, RETRY, 0.3) is None
+    assert same_candidate_wait(Outcome.RATE_LIMITED, None, False, RETRY, 0.3) is None
+    assert same_candidate_wait(Outcome.RATE_LIMITED, 1.0, True, RETRY, 0.3) is None  # quota
+
+
+@pytest.mark.parametrize(
+    "outcome", [Outcome.TIMEOUT, Outcome.AUTH_FAILED, Outcome.CLIENT_ERROR, Outcome.OK]
+)
+def test_silence_and_dead_keys_are_not_tried_again(outcome: Outcome) -> None:
+    assert same_candidate_wait(outcome, 1.0, False, RETRY, 0.3) is None

@@ -461,3 +461,13 @@ async def test_model_level_errors_in_each_providers_shape(
     with pytest.raises(anthropic.NotFoundError) as missing:
         await ant.messages.create(model="claude-fail-nomodel", max_tokens=8, messages=USER)
     assert "model:" in str(missing.value)
+
+
+async def test_flaky_fails_the_first_n_requests_of_a_key_and_model(oai: openai.AsyncOpenAI) -> None:
+    for _ in range(2):
+        with pytest.raises(openai.InternalServerError):
+            await oai.chat.completions.create(model="gpt-4o-mini-flaky-2", messages=USER)
+    r = await oai.chat.completions.create(model="gpt-4o-mini-flaky-2", messages=USER)
+    assert r.choices[0].message.content == REPLY
+    with pytest.raises(openai.InternalServerError):  # another model has its own count
+        await oai.chat.completions.create(model="gpt-4o-flaky-1", messages=USER)

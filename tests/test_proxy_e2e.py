@@ -359,11 +359,33 @@ async def test_models_array_failover_openai(
         )
     assert raw.parse().choices[0].message.content == REPLY
     assert raw.headers["x-sidecar-model"] == OPENAI_MODEL
-    assert raw.headers["x-sidecar-attempts"] == "2"
+    assert (
+        raw.headers["x-sidecar-attempts"] == "3"
+    )  # the 500 is tried once more, then the next model
     assert "x-sidecar-rejected-models" not in raw.headers
     bodies = [r["body"] for r in await mock_log(http, mock_server)]
-    assert [b["model"] for b in bodies] == ["gpt-fail-500-x", OPENAI_MODEL]
+    assert [b["model"] for b in bodies] == ["gpt-fail-500-x", "gpt-fail-500-x", OPENAI_MODEL]
     assert all("models" not in b for b in bodies)
+
+
+async def test_a_passing_5xx_is_rescued_on_the_same_key_by_one_more_try(
+    env: Env,
+    sidecars: list[Sidecar],
+    mock_server: TestServer,
+    http: aiohttp.ClientSession,
+    token: str,
+) -> None:
+    """One key, one model, a 503 once: the answer, not an error (the retry is the only chance)."""
+    sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-good")]))
+    async with sc.openai(token) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="gpt-4o-mini-flaky-1", messages=MSG
+        )
+    assert raw.parse().choices[0].message.content == REPLY
+    assert (raw.headers["x-sidecar-key-id"], raw.headers["x-sidecar-attempts"]) == ("k1", "2")
+    text = await metrics_text(http, sc)
+    assert metric_value(text, "sidecar_upstream_attempts_total", outcome="server_error") == 1
+    assert metric_value(text, "sidecar_upstream_attempts_total", outcome="ok") == 1
 
 
 async def test_a_rate_limited_model_never_blocks_another_model_on_the_same_key(
@@ -410,7 +432,7 @@ async def test_config_fallbacks_serve_apps_that_cannot_send_models(
         )
         assert raw.parse().choices[0].message.content == REPLY
         assert (raw.headers["x-sidecar-model"], raw.headers["x-sidecar-attempts"]) == (
-            OPENAI_MODEL, "2",
+            OPENAI_MODEL, "3",
         )  # fmt: skip
         # A request's own `models` wins: the config's fallbacks are not added to it.
         with pytest.raises(openai.InternalServerError):
@@ -419,12 +441,9 @@ async def test_config_fallbacks_serve_apps_that_cannot_send_models(
                 extra_body={"models": ["gpt-down-fail-503-y"]},
             )  # fmt: skip
     models = [r["body"]["model"] for r in await mock_log(http, mock_server)]
-    assert models == [
-        "gpt-down-fail-503-x",
-        OPENAI_MODEL,
-        "gpt-down-fail-503-x",
-        "gpt-down-fail-503-y",
-    ]
+    down_x, down_y = "gpt-down-fail-503-x", "gpt-down-fail-503-y"  # a 503 is tried twice...
+    # ...except the third 503 of (k1, down_x): the server-error threshold cools that pair.
+    assert models == [down_x, down_x, OPENAI_MODEL, down_x, down_y, down_y]
 
 
 @pytest.mark.parametrize("error", ["fail-context", "fail-nomodel"])
@@ -482,7 +501,7 @@ async def test_models_array_failover_anthropic_without_model(
     assert status == 200, body
     assert headers["x-sidecar-model"] == CLAUDE_MODEL
     bodies = [r["body"] for r in await mock_log(http, mock_server)]
-    assert [b["model"] for b in bodies] == ["claude-x-fail-529", CLAUDE_MODEL]
+    assert [b["model"] for b in bodies] == ["claude-x-fail-529", "claude-x-fail-529", CLAUDE_MODEL]
     assert all("models" not in b for b in bodies)
 
 

@@ -77,12 +77,12 @@ def sidecar_error(
 
 
 @pytest.mark.parametrize(
-    ("bad", "reason"),
+    ("bad", "reason", "tries"),
     [
-        ("sk-bad-fail-429", "rate_limited"),
-        ("sk-bad-fail-401", "auth_failed"),
-        ("sk-bad-fail-500", "server_error"),
-        ("sk-bad-drop", "connect_error"),
+        ("sk-bad-fail-429", "rate_limited", 2),  # retry-after 1 s: waited out, tried once more
+        ("sk-bad-fail-401", "auth_failed", 1),  # a bad key is not tried again
+        ("sk-bad-fail-500", "server_error", 2),  # a 5xx is often passing: once more after a backoff
+        ("sk-bad-drop", "connect_error", 2),
     ],
 )
 async def test_failover_to_good_key(
@@ -92,6 +92,7 @@ async def test_failover_to_good_key(
     http: aiohttp.ClientSession,
     bad: str,
     reason: str,
+    tries: int,
     token: str,
 ) -> None:
     sc = await boot(env, sidecars, providers_yaml(env, openai=[("bad", bad), ("good", "sk-good")]))
@@ -100,12 +101,14 @@ async def test_failover_to_good_key(
             model=OPENAI_MODEL, messages=MSG
         )
     assert raw.parse().choices[0].message.content == REPLY
-    assert raw.headers["x-sidecar-attempts"] == "2"
+    assert raw.headers["x-sidecar-attempts"] == str(tries + 1)
     assert raw.headers["x-sidecar-key-id"] == "good"
-    assert [r["key"] for r in await mock_log(http, mock_server)] == [bad, "sk-good"]
+    assert [r["key"] for r in await mock_log(http, mock_server)] == [bad] * tries + ["sk-good"]
     text = await metrics_text(http, sc)
-    assert metric_value(text, "sidecar_failovers_total", provider="openai", reason=reason) == 1
-    assert metric_value(text, "sidecar_upstream_attempts_total", key_id="bad", outcome=reason) == 1
+    assert metric_value(text, "sidecar_failovers_total", provider="openai", reason=reason) == tries
+    assert (
+        metric_value(text, "sidecar_upstream_attempts_total", key_id="bad", outcome=reason) == tries
+    )
 
 
 @pytest.mark.parametrize("status", [400, 404, 422])
@@ -194,8 +197,9 @@ async def test_server_error_threshold(
         status, headers, _ = await send(http, url, token=token, json=chat())
         assert status == 200
         attempts.append(headers["x-sidecar-attempts"])
-    # 1st 500: not cooling yet; 2nd 500: cooling starts; 3rd request skips the key.
-    assert attempts == ["2", "2", "1"]
+    # 1st 500: not cooling yet, the same key is tried once more; that 2nd 500 starts the
+    # cooldown, so the next requests skip the key.
+    assert attempts == ["3", "1", "1"]
     keys = [r["key"] for r in await mock_log(http, mock_server)]
     assert keys.count("sk-bad-fail-500") == 2
 
@@ -247,7 +251,7 @@ async def test_all_candidates_fail_relays_last_upstream_response(
     if fmt == "anthropic":
         assert doc["type"] == "error"
         assert err["type"] == "overloaded_error"
-    assert headers["x-sidecar-attempts"] == "2"
+    assert headers["x-sidecar-attempts"] == "4"  # each key: once, and once more after a backoff
     assert headers["x-sidecar-key-id"] == "last"
     assert headers["x-sidecar-provider"] == fmt
     assert headers["x-sidecar-key-source"] == "policy"
@@ -268,10 +272,11 @@ async def test_max_attempts_caps_attempts(
     )
     status, headers, _ = await send(http, sc.url + "/v1/chat/completions", token=token, json=chat())
     assert status == 500
-    assert (headers["x-sidecar-attempts"], headers["x-sidecar-key-id"]) == ("2", "k1")
+    # k0 once, then once more after a backoff: that is the cap, k1.. are never tried
+    assert (headers["x-sidecar-attempts"], headers["x-sidecar-key-id"]) == ("2", "k0")
     assert [r["key"] for r in await mock_log(http, mock_server)] == [
         "sk-0-fail-500",
-        "sk-1-fail-500",
+        "sk-0-fail-500",
     ]
 
 
@@ -512,11 +517,13 @@ async def test_upstream_unavailable(
     status, headers, body = await send(http, sc.url + ROUTE[fmt], token=token, json=payload(fmt),
                                        anthropic=fmt == "anthropic")  # fmt: skip
     sidecar_error(fmt, status, headers, body, "upstream_unavailable", 502)
-    assert headers["x-sidecar-attempts"] == "2"
+    assert headers["x-sidecar-attempts"] == "4"  # each key once, and once more after a backoff
     assert headers["x-sidecar-key-id"] == "d2"
-    assert [r["key"] for r in await mock_log(http, mock_server)] == ["sk-1-drop", "sk-2-drop"]
+    assert [r["key"] for r in await mock_log(http, mock_server)] == [
+        "sk-1-drop", "sk-1-drop", "sk-2-drop", "sk-2-drop",
+    ]  # fmt: skip
     text = await metrics_text(http, sc)
-    assert metric_value(text, "sidecar_upstream_attempts_total", outcome="connect_error") == 2
+    assert metric_value(text, "sidecar_upstream_attempts_total", outcome="connect_error") == 4
 
 
 @pytest.mark.parametrize("fmt", ["openai", "anthropic"])
