@@ -20,7 +20,7 @@ import yaml
 from sidecar.errors import ConfigError
 from sidecar.files import MAX_CONFIG_BYTES, read_regular_file
 from sidecar.ledger import parse_ledger_url
-from sidecar.names import NAME
+from sidecar.names import MODEL_NAME_MAX, NAME, is_model_name_text
 from sidecar.secret import Secret
 
 Format = Literal["openai", "anthropic"]
@@ -492,13 +492,7 @@ def _fallbacks(r: _Reader, raw: object) -> tuple[tuple[str, tuple[str, ...]], ..
 
 
 def _model_name_ok(name: object) -> bool:
-    return (
-        isinstance(name, str)
-        and 0 < len(name) <= 256
-        and name.isascii()
-        and name.isprintable()
-        and bool(name.strip())
-    )
+    return isinstance(name, str) and len(name) <= MODEL_NAME_MAX and is_model_name_text(name)
 
 
 def _str_map(r: _Reader, raw: object, path: str) -> dict[str, str]:

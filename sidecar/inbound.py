@@ -18,11 +18,10 @@ from urllib.parse import parse_qsl, quote, unquote
 import orjson
 
 from sidecar.errors import ErrorCode, ProxyError
+from sidecar.names import MODEL_NAME_MAX, is_model_name_text
 
 #: An incoming `x-request-id` longer than this is cut; one with other than printable ASCII is replaced.
 REQUEST_ID_MAX: Final = 128
-#: Model names are short identifiers; anything longer is not a model name.
-MODEL_NAME_MAX: Final = 256
 #: Entries of a body's `models` array (failover candidates) accepted per request.
 MAX_MODELS: Final = 64
 #: `x-sidecar-rejected-models` stays one parseable header line of at most this many bytes.
@@ -96,8 +95,7 @@ def check_model_name(name: str, field: str = "model") -> None:
         raise ProxyError(
             ErrorCode.INVALID_REQUEST, f"`{field}` is longer than {MODEL_NAME_MAX} characters"
         )
-    # It is echoed in `x-sidecar-model` and logged: printable ASCII only, no blank name.
-    if not (name.isascii() and name.isprintable()) or not name.strip():
+    if not is_model_name_text(name):
         raise ProxyError(
             ErrorCode.INVALID_REQUEST,
             f"`{field}` must be printable ASCII (control characters are refused)",
