@@ -12,7 +12,8 @@ request's `model`, each bounded by start/end or one of `-_:`
 (`sk-test-fail-429`, `gpt-4o-mini-slow-200`):
 
 - `fail-NNN` (400..599): that status with the format's error body;
-  `fail-429` adds `retry-after: 1`, `fail-429-retry-N` makes it N seconds.
+  `fail-429` adds `retry-after: 1`, `fail-429-retry-N` makes it N seconds,
+  `fail-429-retry-none` sends no `retry-after`.
 - `fail-quota`: 429 `insufficient_quota`, no `retry-after`.
 - `fail-context`: 400, the prompt is too long for this model (OpenAI
   `context_length_exceeded`; Anthropic `prompt is too long: …`).
@@ -25,6 +26,34 @@ request's `model`, each bounded by start/end or one of `-_:`
 - `stall-N`: N ms between stream chunks.
 - `break`: a stream sends two content chunks, then the connection is closed
   with no terminator.
+- `first-N`: a stream sends its preamble at once (the chat role chunk; the
+  Anthropic `message_start`, `content_block_start` and `ping`; the responses
+  `created`/`added` events; nothing for completions), then waits N ms before
+  the first content event (a slow first token). A JSON answer waits N ms
+  before its headers, like `slow-N`.
+- `silent`: the request is read and nothing is ever sent, headers included,
+  until the caller hangs up (after 10 minutes the connection is closed).
+- `stuck`: a stream sends its preamble and two content events, then nothing,
+  holding the connection open until the caller hangs up (10 minutes at most).
+- `garble`: a stream sends its preamble and two content events, then one event
+  whose data is truncated JSON (`data: {"choices": [{"delta": {"content": "oops`
+  in the OpenAI formats; a cut content event in the others), then the rest.
+- `nodone`: a stream is complete (all content, finish reason or stop reason,
+  usage if asked) but lacks its terminator: no `data: [DONE]`, no
+  `message_stop`, no `response.completed`; the response then ends cleanly.
+- `early-error`: a 200 stream sends its preamble, then an in-band error event
+  (OpenAI chat/completions `data: {"error": {... "type": "server_error"}}`;
+  responses `event: error`; Anthropic `event: error` with `overloaded_error`),
+  then ends cleanly.
+- `late-error`: the same error event after the preamble and two content events.
+- `fail-filter`: 400, the prompt was rejected by a content policy (OpenAI
+  `content_filter`, param `prompt`; Anthropic `Output blocked by content
+  filtering policy`).
+- `noprefill`: a request whose `messages` ends with an assistant message gets a
+  400 (`This model does not support assistant message prefill. ...`; OpenAI
+  code `prefill_unsupported`); other requests are answered as usual.
+- `flap`: the 1st, 3rd, 5th... requests with this key and model answer 503,
+  the others succeed (counted like `flaky-N`).
 - `hold-N`: a JSON answer sends its headers at once and its body N ms later
   (a stalled body; the wait ends early if the caller hangs up).
 - `huge-N`: a JSON answer carries N MiB of leading whitespace before the
@@ -36,12 +65,21 @@ request's `model`, each bounded by start/end or one of `-_:`
   which names a masked fragment of the key sent, as OpenAI's does
   (`Incorrect API key provided: sk-proj-********************ab12. ...`).
 
-`huge`, `bomb` and `hold` apply to successful JSON answers (not to streams).
+`huge`, `bomb` and `hold` apply to successful JSON answers (not to streams);
+`break`, `stuck`, `garble`, `nodone`, `early-error` and `late-error` to streams
+only. "Two content events" means fewer when the reply is shorter (a short
+`max_tokens` or a prefill): the fault then comes after the last of them.
+
+Prefill: on `/v1/chat/completions` and `/v1/messages`, a trailing assistant
+message (a string, or its text blocks joined) is a prefill T. When the reply
+starts with T (or with T stripped of trailing whitespace) the answer is only
+the rest of the reply, so `Hello from` is continued with ` the mock provider.`;
+otherwise it is the whole reply. Streamed pieces join to exactly that text.
 
 Token counts are whitespace-separated words: input is every word of the
 prompt (message contents, text parts, `system`, `instructions`; at least 1),
-output the words of the reply, "Hello from the mock provider." truncated to
-`max_tokens`.
+output the words of the reply, "Hello from the mock provider." (or its
+continuation after a prefill) truncated to `max_tokens`.
 
 Request bodies are any valid JSON (lone surrogate escapes and integers wider
 than 64 bits included), plain or gzip/deflate-encoded; a body that is not what
@@ -52,7 +90,8 @@ Test hooks: every request outside `/_mock/` is kept in a bounded log (the last
 `GET /_mock/requests` returns `{"requests": [{method, path, raw_path, query,
 headers, body, key}]}` with header names lower-cased (`path` decoded,
 `raw_path` as sent, query string included; `body` null when not JSON),
-`DELETE /_mock/requests` clears it (and the `flaky-N` counts), `GET /_mock/health` answers 200.
+`DELETE /_mock/requests` clears it (and the `flaky-N` and `flap` counts),
+`GET /_mock/health` answers 200.
 """
 
 from __future__ import annotations
@@ -92,9 +131,8 @@ DEFAULT_LISTEN = "127.0.0.1:8089"
 _LOG_SIZE = 1000
 _REPLY = "Hello from the mock provider."
 # Stream pieces concatenate back to _REPLY, as real token deltas do.
-_PIECES: tuple[str, ...] = tuple(
-    word if i == 0 else " " + word for i, word in enumerate(_REPLY.split())
-)
+_PIECE_RE = re.compile(r"\s*\S+")
+_PIECES: tuple[str, ...] = tuple(_PIECE_RE.findall(_REPLY))
 _MODELS = (
     ("gpt-4o-mini", "mock"),
     ("gpt-4o", "mock"),
@@ -112,13 +150,33 @@ _MODELS_BODY = orjson.dumps(
     }
 )
 _DIRECTIVE_RE = re.compile(
-    r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel)(?:-retry-(\d+))?|drop|break|leaky"
-    r"|(slow|stall|hold|huge|bomb|flaky)-(\d+))(?=$|[-_:])"
+    r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel|filter)(?:-retry-(\d+|none))?"
+    r"|drop|break|leaky|silent|stuck|garble|nodone|early-error|late-error|noprefill|flap"
+    r"|(slow|stall|hold|huge|bomb|flaky|first)-(\d+))(?=$|[-_:])"
 )
+# Directive words and `word-N` amounts, by the Directives field they set.
+_FLAGS = {"break": "brk", "early-error": "early_error", "late-error": "late_error"}
+_AMOUNTS = {"slow": "slow_ms", "stall": "stall_ms", "hold": "hold_ms", "huge": "huge_mib",
+            "bomb": "bomb_mib", "flaky": "flaky", "first": "first_ms"}  # fmt: skip
+_HANG_S = 600.0  # `silent` and `stuck` give up on a caller that never leaves
 _MIB = 1 << 20
 _SPACES = b" " * _MIB  # one padding chunk, shared by every padded answer
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
 _DONE = b"data: [DONE]\n\n"
+# `early-error`/`late-error` events and `garble`'s truncated ones, spelled as documented.
+_OPENAI_ERROR = (b'data: {"error": {"message": "Mock provider: overloaded (early-error).", '
+                 b'"type": "server_error", "code": "server_error", "param": null}}\n\n')  # fmt: skip
+_RESPONSES_ERROR = (b'event: error\ndata: {"type": "error", "code": "server_error", '
+                    b'"message": "Mock provider: overloaded (early-error).", "param": null}\n\n')  # fmt: skip
+_ANTHROPIC_ERROR = (b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+                    b'"message": "Mock provider: overloaded (early-error)."}}\n\n')  # fmt: skip
+_OPENAI_GARBLED = b'data: {"choices": [{"delta": {"content": "oops\n\n'
+_RESPONSES_GARBLED = (b'event: response.output_text.delta\ndata: {"type": '
+                      b'"response.output_text.delta", "delta": "oops\n\n')  # fmt: skip
+_ANTHROPIC_GARBLED = (b'event: content_block_delta\ndata: {"type": "content_block_delta", '
+                      b'"index": 0, "delta": {"type": "text_delta", "text": "oops\n\n')  # fmt: skip
+_NO_PREFILL = ("This model does not support assistant message prefill. "
+               "The conversation must end with a user message.")  # fmt: skip
 _INVALID = object()
 
 
@@ -134,6 +192,7 @@ class Directives:
     fail: int | None = None
     quota: bool = False
     retry_after: int | None = None
+    no_retry_after: bool = False  # `fail-429-retry-none`: a 429 with no `retry-after` at all
     drop: bool = False
     brk: bool = False
     slow_ms: int = 0
@@ -142,8 +201,17 @@ class Directives:
     huge_mib: int = 0
     bomb_mib: int = 0
     leaky: bool = False
-    model_error: str = ""  # "context" or "nomodel": a model-level 400/404
+    model_error: str = ""  # "context", "nomodel" or "filter": a model-level 400/404
     flaky: int = 0  # the first N requests of this key and model answer 503
+    first_ms: int = 0
+    silent: bool = False
+    stuck: bool = False
+    garble: bool = False
+    nodone: bool = False
+    early_error: bool = False
+    late_error: bool = False
+    noprefill: bool = False
+    flap: bool = False  # odd-numbered requests of this key and model answer 503
 
     @property
     def shapes_body(self) -> bool:
@@ -160,39 +228,30 @@ def parse_directives(text: str) -> Directives:
 
     The first `fail-*` wins; an out-of-range `fail-NNN` is ignored.
     """
-    fail: int | None = None
-    quota = drop = brk = leaky = False
-    model_error = ""
-    retry: int | None = None
-    amounts = {"slow": 0, "stall": 0, "hold": 0, "huge": 0, "bomb": 0, "flaky": 0}
+    fields: dict[str, Any] = {}
     for m in _DIRECTIVE_RE.finditer(text):
         word, code, retry_s, name, amount = m.groups()
         if code is not None:
-            if fail is not None:
+            if "fail" in fields:
                 continue
             if code == "quota":
-                fail, quota = 429, True
-            elif code in ("context", "nomodel"):
-                fail, model_error = (400 if code == "context" else 404), code
+                fields.update(fail=429, quota=True)
+            elif code in ("context", "nomodel", "filter"):
+                fields.update(fail=404 if code == "nomodel" else 400, model_error=code)
             elif 400 <= int(code) <= 599:
-                fail = int(code)
+                fields["fail"] = int(code)
             else:
                 continue
-            retry = int(retry_s) if retry_s is not None else None
+            if retry_s == "none":
+                fields["no_retry_after"] = True
+            else:
+                fields["retry_after"] = int(retry_s) if retry_s is not None else None
         elif name is not None:
-            amounts[name] = int(amount)
-        elif word == "drop":
-            drop = True
-        elif word == "leaky":
-            leaky = True
+            fields[_AMOUNTS[name]] = int(amount)
         else:
-            brk = True
-    if fail is None and not (drop or brk or leaky or any(amounts.values())):
-        return _NONE
-    return Directives(
-        fail, quota, retry, drop, brk, amounts["slow"], amounts["stall"],
-        amounts["hold"], amounts["huge"], amounts["bomb"], leaky, model_error, amounts["flaky"],
-    )  # fmt: skip
+            fields[_FLAGS.get(word, word)] = True
+    found = Directives(**fields)
+    return _NONE if found == _NONE else found
 
 
 class _State:
@@ -203,7 +262,7 @@ class _State:
     def __init__(self) -> None:
         self.log: deque[dict[str, Any]] = deque(maxlen=_LOG_SIZE)
         self._n = 0
-        self.flaky_seen: dict[str, int] = {}  # `flaky-N`: requests seen per key and model
+        self.flaky_seen: dict[str, int] = {}  # `flaky-N`, `flap`: requests seen per key and model
 
     def next_id(self) -> int:
         self._n += 1
@@ -267,6 +326,7 @@ def _error(
     *,
     quota: bool = False,
     code: str | None = None,
+    param: str | None = None,
     headers: dict[str, str] | None = None,
 ) -> web.Response:
     if fmt is _Format.ANTHROPIC:
@@ -283,7 +343,7 @@ def _error(
         default = ("server_error" if status >= 500 else "invalid_request_error", f"http_{status}")
         kind, default_code = _OPENAI_ERRORS.get(status, default)
         code = code or default_code
-    body = {"error": {"message": message, "type": kind, "code": code, "param": None}}
+    body = {"error": {"message": message, "type": kind, "code": code, "param": param}}
     return _json(body, status, headers)
 
 
@@ -313,6 +373,12 @@ def _model_error(fmt: _Format, kind: str) -> web.Response:
         message = ("This model's maximum context length is 128000 tokens. However, your "
                    "messages resulted in 210000 tokens. Please reduce the length of the messages.")  # fmt: skip
         return _error(fmt, 400, message, code="context_length_exceeded")
+    if kind == "filter":
+        if fmt is _Format.ANTHROPIC:
+            return _error(fmt, 400, "Output blocked by content filtering policy")
+        message = ("The response was filtered due to the prompt triggering the content "
+                   "management policy. Please modify your prompt and retry.")  # fmt: skip
+        return _error(fmt, 400, message, code="content_filter", param="prompt")
     if fmt is _Format.ANTHROPIC:
         return _error(fmt, 404, "model: mock-model-that-is-not-here")
     return _error(fmt, 404, "The model does not exist or you do not have access to it.",
@@ -325,7 +391,7 @@ def _failure(fmt: _Format, d: Directives, status: int, key: str) -> web.Response
     if d.leaky and status in (401, 403):
         return _leaky_auth_error(fmt, status, key)
     headers = None
-    if d.retry_after is not None or (status == 429 and not d.quota):
+    if d.retry_after is not None or (status == 429 and not d.quota and not d.no_retry_after):
         headers = {"retry-after": str(d.retry_after if d.retry_after is not None else 1)}
     if d.quota:
         message = "Mock provider: you exceeded your current quota (fail-quota)."
@@ -424,18 +490,61 @@ async def _shaped(request: web.Request, d: Directives, answer: web.Response) -> 
     return resp
 
 
-async def _stream(call: _Call, frames: Sequence[bytes], break_after: int) -> web.StreamResponse:
-    """Send SSE frames one write each; `break` closes after `break_after` frames."""
+@dataclass(frozen=True, slots=True)
+class _Sse:
+    """A stream's frames by part, so that a fault strikes between the right ones."""
+
+    head: Sequence[bytes]  # the preamble, before any content
+    content: Sequence[bytes]  # one event per reply piece
+    tail: Sequence[bytes]  # finish or stop reason, usage
+    end: bytes  # the terminator
+    garbled: bytes = _OPENAI_GARBLED
+    error: bytes = _OPENAI_ERROR
+
+
+_Step = bytes | float | None  # a frame; seconds to wait (less if the caller leaves); None: close
+
+
+def _script(sse: _Sse, d: Directives) -> list[_Step]:
+    """The stream as the directives shape it; faults strike after two content events."""
+    early, late = sse.content[:2], sse.content[2:]
+    steps: list[_Step] = [*sse.head]
+    if d.first_ms:
+        steps.append(d.first_ms / 1000)
+    if d.early_error:
+        return [*steps, sse.error]
+    steps += early
+    if d.brk:
+        return [*steps, None]
+    if d.stuck:
+        return [*steps, _HANG_S, None]
+    if d.late_error:
+        return [*steps, sse.error]
+    if d.garble:
+        steps.append(sse.garbled)
+    steps += [*late, *sse.tail]
+    return steps if d.nodone else [*steps, sse.end]
+
+
+async def _stream(call: _Call, sse: _Sse) -> web.StreamResponse:
+    """Send a stream one write per frame, as `_script` and `stall-N` say."""
+    request, stall = call.request, call.directives.stall_ms / 1000
     resp = web.StreamResponse(headers=_SSE_HEADERS)
-    await resp.prepare(call.request)
-    pause = call.directives.stall_ms / 1000
-    for i, frame in enumerate(frames):
-        if call.directives.brk and i == break_after:
-            _drop(call.request)
+    await resp.prepare(request)
+    sent = 0
+    for step in _script(sse, call.directives):
+        if step is None:
+            _drop(request)
             return resp
-        if pause and i:
-            await asyncio.sleep(pause)
-        await resp.write(frame)
+        if isinstance(step, bytes):
+            if stall and sent:
+                await asyncio.sleep(stall)
+            await resp.write(step)
+            sent += 1
+        else:
+            await _pause(request, step)
+            if _gone(request):
+                return resp
     await resp.write_eof()
     return resp
 
@@ -458,15 +567,43 @@ def _words(value: object) -> int:
     return 0
 
 
-def _reply(body: dict[str, Any], *limit_fields: str) -> tuple[tuple[str, ...], bool]:
-    """The reply pieces under the body's token limit, and whether it cut them."""
+def _prefill(body: dict[str, Any]) -> str | None:
+    """The text of a trailing assistant message (a prefill), or None without one."""
+    messages = body.get("messages")
+    last = messages[-1] if isinstance(messages, list) and messages else None
+    if not isinstance(last, dict) or last.get("role") != "assistant":
+        return None
+    content = last.get("content")
+    if isinstance(content, str):
+        return content
+    blocks = content if isinstance(content, list) else []
+    return "".join(
+        b["text"]
+        for b in blocks
+        if isinstance(b, dict) and b.get("type") == "text" and isinstance(b.get("text"), str)
+    )
+
+
+def _continuation(prefill: str) -> str:
+    """What is left of the reply after `prefill`: the whole reply if it does not start so."""
+    for head in (prefill, prefill.rstrip()):
+        if _REPLY.startswith(head):
+            return _REPLY[len(head) :]
+    return _REPLY
+
+
+def _reply(
+    body: dict[str, Any], *limit_fields: str, prefill: str | None = None
+) -> tuple[tuple[str, ...], bool]:
+    """The reply pieces (after a prefill) under the body's token limit, and whether it cut them."""
+    pieces = _PIECES if prefill is None else tuple(_PIECE_RE.findall(_continuation(prefill)))
     for name in limit_fields:
         limit = body.get(name)
         if isinstance(limit, int) and not isinstance(limit, bool):
-            if limit < len(_PIECES):
-                return _PIECES[: max(limit, 1)], True
+            if limit < len(pieces):
+                return pieces[: max(limit, 1)], True
             break
-    return _PIECES, False
+    return pieces, False
 
 
 def _credential(request: web.Request, fmt: _Format) -> tuple[str | None, str | None]:
@@ -517,6 +654,38 @@ def _record(request: web.Request, body: object, key: str | None) -> None:
     )
 
 
+def _counted_failure(seen: dict[str, int], which: str, d: Directives) -> bool:
+    """Whether `flaky-N` or `flap` fails this request of key and model `which`."""
+    if len(seen) >= _LOG_SIZE and which not in seen:  # bounded, like the request log
+        return False
+    count = seen[which] = seen.get(which, 0) + 1
+    return count <= d.flaky or (d.flap and count % 2 == 1)
+
+
+async def _instead(
+    request: web.Request, fmt: _Format, d: Directives, key: str, model: str, body: dict[str, Any]
+) -> web.StreamResponse | None:
+    """What the directives answer in place of the route (after any wait), if anything."""
+    if d.slow_ms:
+        await asyncio.sleep(d.slow_ms / 1000)
+    if d.first_ms and body.get("stream") is not True:
+        await _pause(request, d.first_ms / 1000)
+    if d.silent:
+        await _pause(request, _HANG_S)
+        return _drop(request)
+    if d.drop:
+        return _drop(request)
+    if d.fail is not None:
+        return _failure(fmt, d, d.fail, key)
+    if d.noprefill and _prefill(body) is not None:
+        return _error(fmt, 400, _NO_PREFILL, code="prefill_unsupported")
+    if (d.flaky or d.flap) and _counted_failure(
+        request.app[_STATE].flaky_seen, f"{key}:{model}", d
+    ):
+        return _failure(fmt, d, 503, key)
+    return None
+
+
 def _endpoint(
     fmt: _Format, responder: _Responder, *, needs_body: bool = True
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
@@ -543,19 +712,9 @@ def _endpoint(
         model = model if isinstance(model, str) else ""
         d = parse_directives(f"{key}:{model}")
         if d is not _NONE:
-            if d.slow_ms:
-                await asyncio.sleep(d.slow_ms / 1000)
-            if d.drop:
-                return _drop(request)
-            if d.fail is not None:
-                return _failure(fmt, d, d.fail, key)
-            if d.flaky:
-                seen = request.app[_STATE].flaky_seen
-                which = f"{key}:{model}"
-                if len(seen) < _LOG_SIZE or which in seen:  # bounded, like the request log
-                    seen[which] = seen.get(which, 0) + 1
-                    if seen[which] <= d.flaky:
-                        return _failure(fmt, d, 503, key)
+            instead = await _instead(request, fmt, d, key, model, fields)
+            if instead is not None:
+                return instead
         n = request.app[_STATE].next_id()
         answer = await responder(_Call(request, fields, model, d, n))
         if d.shapes_body and type(answer) is web.Response and answer.status < 300:
@@ -584,7 +743,7 @@ def _include_usage(body: dict[str, Any]) -> bool:
 async def _chat(call: _Call) -> web.StreamResponse:
     body = call.body
     prompt = max(_words(body.get("messages")), 1)
-    pieces, cut = _reply(body, "max_completion_tokens", "max_tokens")
+    pieces, cut = _reply(body, "max_completion_tokens", "max_tokens", prefill=_prefill(body))
     finish = "length" if cut else "stop"
     ident, created = f"chatcmpl-mock-{call.n}", int(time.time())
     if body.get("stream") is not True:
@@ -621,9 +780,9 @@ async def _chat(call: _Call) -> web.StreamResponse:
             obj["usage"] = None
         return _sse(None, obj)
 
-    frames = [chunk({"role": "assistant", "content": ""}, None)]
-    frames += [chunk({"content": p}, None) for p in pieces]
-    frames.append(chunk({}, finish))
+    head = [chunk({"role": "assistant", "content": ""}, None)]
+    content = [chunk({"content": p}, None) for p in pieces]
+    tail = [chunk({}, finish)]
     if with_usage:
         usage_chunk = {
             "id": ident,
@@ -633,9 +792,8 @@ async def _chat(call: _Call) -> web.StreamResponse:
             "choices": [],
             "usage": _usage(prompt, len(pieces)),
         }
-        frames.append(_sse(None, usage_chunk))
-    frames.append(_DONE)
-    return await _stream(call, frames, 3)
+        tail.append(_sse(None, usage_chunk))
+    return await _stream(call, _Sse(head, content, tail, _DONE))
 
 
 async def _completions(call: _Call) -> web.StreamResponse:
@@ -666,8 +824,7 @@ async def _completions(call: _Call) -> web.StreamResponse:
             c["usage"] = None
         chunks.append({**obj("", None), "choices": [], "usage": _usage(prompt, len(pieces))})
     frames = [_sse(None, c) for c in chunks]
-    frames.append(_DONE)
-    return await _stream(call, frames, 2)
+    return await _stream(call, _Sse((), frames[: len(pieces)], frames[len(pieces) :], _DONE))
 
 
 def _vector(item: object) -> list[float]:
@@ -752,7 +909,9 @@ async def _responses(call: _Call) -> web.StreamResponse:
         _sse(name, {"type": name, "sequence_number": seq, **data})
         for seq, (name, data) in enumerate(events)
     ]
-    return await _stream(call, frames, 5)
+    sse = _Sse(frames[:3], frames[3 : 3 + len(pieces)], frames[3 + len(pieces) : -1], frames[-1],
+               _RESPONSES_GARBLED, _RESPONSES_ERROR)  # fmt: skip
+    return await _stream(call, sse)
 
 
 async def _models(call: _Call) -> web.StreamResponse:
@@ -769,7 +928,7 @@ def _anthropic_prompt(body: dict[str, Any]) -> int:
 async def _messages(call: _Call) -> web.StreamResponse:
     body = call.body
     prompt = _anthropic_prompt(body)
-    pieces, cut = _reply(body, "max_tokens")
+    pieces, cut = _reply(body, "max_tokens", prefill=_prefill(body))
     stop = "max_tokens" if cut else "end_turn"
     message: dict[str, Any] = {
         "id": f"msg_mock_{call.n}",
@@ -789,7 +948,7 @@ async def _messages(call: _Call) -> web.StreamResponse:
         "stop_reason": None,
         "usage": {"input_tokens": prompt, "output_tokens": 1},
     }
-    frames = [
+    head = [
         _sse("message_start", {"type": "message_start", "message": start}),
         _sse(
             "content_block_start",
@@ -801,14 +960,14 @@ async def _messages(call: _Call) -> web.StreamResponse:
         ),
         _sse("ping", {"type": "ping"}),
     ]
-    frames += [
+    content = [
         _sse(
             "content_block_delta",
             {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
         )
         for p in pieces
     ]
-    frames += [
+    tail = [
         _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
         _sse(
             "message_delta",
@@ -818,9 +977,10 @@ async def _messages(call: _Call) -> web.StreamResponse:
                 "usage": {"output_tokens": len(pieces)},
             },
         ),
-        _sse("message_stop", {"type": "message_stop"}),
     ]
-    return await _stream(call, frames, 5)
+    end = _sse("message_stop", {"type": "message_stop"})
+    sse = _Sse(head, content, tail, end, _ANTHROPIC_GARBLED, _ANTHROPIC_ERROR)
+    return await _stream(call, sse)
 
 
 async def _count_tokens(call: _Call) -> web.StreamResponse:
@@ -848,7 +1008,7 @@ async def _log_clear(request: web.Request) -> web.StreamResponse:
     state = request.app[_STATE]
     cleared = len(state.log)
     state.log.clear()
-    state.flaky_seen.clear()  # `flaky-N` counts start again too
+    state.flaky_seen.clear()  # `flaky-N` and `flap` counts start again too
     return _json({"cleared": cleared})
 
 

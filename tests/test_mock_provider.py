@@ -14,6 +14,7 @@ import anthropic
 import openai
 import orjson
 import pytest
+from aiohttp import web
 from aiohttp.test_utils import TestServer
 from yarl import URL
 
@@ -23,6 +24,7 @@ REPLY = "Hello from the mock provider."
 USER: Any = [{"role": "user", "content": "say hi to me"}]  # 4 words
 
 ServerFactory = Callable[..., Awaitable[TestServer]]
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
 @pytest.fixture
@@ -471,3 +473,383 @@ async def test_flaky_fails_the_first_n_requests_of_a_key_and_model(oai: openai.A
     assert r.choices[0].message.content == REPLY
     with pytest.raises(openai.InternalServerError):  # another model has its own count
         await oai.chat.completions.create(model="gpt-4o-flaky-1", messages=USER)
+
+
+# --------------------------------------------------------------------------- fault lab (issue #11)
+
+OAI = {"authorization": "Bearer k"}
+ANT = {"x-api-key": "k"}
+ROUTES: dict[str, tuple[str, dict[str, str], dict[str, Any]]] = {  # path, auth, body fields
+    "chat": ("/v1/chat/completions", OAI, {"stream_options": {"include_usage": True}}),
+    "completions": ("/v1/completions", OAI, {"prompt": "say hi"}),
+    "responses": ("/v1/responses", OAI, {"input": "say hi"}),
+    "messages": ("/v1/messages", ANT, {"max_tokens": 50}),
+}
+OVERLOADED = "Mock provider: overloaded (early-error)."
+OAI_ERROR = (
+    b'data: {"error": {"message": "Mock provider: overloaded (early-error).", '
+    b'"type": "server_error", "code": "server_error", "param": null}}\n\n'
+)
+ANT_ERROR = (
+    b'event: error\ndata: {"type": "error", "error": {"type": "overloaded_error", '
+    b'"message": "Mock provider: overloaded (early-error)."}}\n\n'
+)
+GARBLED = b'data: {"choices": [{"delta": {"content": "oops\n\n'
+
+
+def _body(route: str, model: str, **extra: Any) -> dict[str, Any]:
+    return {"model": model, "messages": USER, "stream": True, **ROUTES[route][2], **extra}
+
+
+def _frames(raw: bytes) -> list[bytes]:
+    """The SSE events of a body, each with its blank line."""
+    return [f + b"\n\n" for f in raw.split(b"\n\n") if f]
+
+
+def _data(frame: bytes) -> Any:
+    line = frame.split(b"data: ", 1)[1].rstrip(b"\n")
+    return line if line == b"[DONE]" else orjson.loads(line)
+
+
+def _text(frames: list[bytes]) -> str:
+    """The streamed reply text, across formats."""
+    out = []
+    for f in frames:
+        d = _data(f)
+        if isinstance(d, dict) and d.get("type") == "content_block_delta":
+            out.append(d["delta"]["text"])
+        elif isinstance(d, dict) and d.get("type") == "response.output_text.delta":
+            out.append(d["delta"])
+        elif isinstance(d, dict) and d.get("choices"):
+            choice = d["choices"][0]
+            out.append(choice.get("text") or choice.get("delta", {}).get("content") or "")
+    return "".join(out)
+
+
+async def _stream_raw(
+    http: aiohttp.ClientSession, server: TestServer, route: str, model: str, **extra: Any
+) -> tuple[int, bytes]:
+    path, headers, _ = ROUTES[route]
+    async with http.post(server.make_url(path), json=_body(route, model, **extra),
+                         headers=headers) as resp:  # fmt: skip
+        return resp.status, await resp.read()
+
+
+async def _next_frame(resp: aiohttp.ClientResponse, wait: float = 2.0) -> bytes:
+    return await asyncio.wait_for(resp.content.readuntil(b"\n\n"), wait)
+
+
+PREAMBLE = {"chat": 1, "completions": 0, "responses": 3, "messages": 3}
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("k:m-first-300", Directives(first_ms=300)),
+        ("silent", Directives(silent=True)),
+        ("sk-stuck:m", Directives(stuck=True)),
+        ("m-garble-nodone", Directives(garble=True, nodone=True)),
+        ("k:m-early-error", Directives(early_error=True)),
+        ("k_late-error", Directives(late_error=True)),
+        ("gpt-fail-filter", Directives(fail=400, model_error="filter")),
+        ("claude-noprefill", Directives(noprefill=True)),
+        ("k:m-flap", Directives(flap=True)),
+        ("firstly-silently-flapjack-nodoner-error", Directives()),
+    ],
+)
+def test_parse_fault_lab_directives(text: str, expected: Directives) -> None:
+    assert parse_directives(text) == expected
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_first_token_waits_after_the_preamble(
+    http: aiohttp.ClientSession, server: TestServer, route: str
+) -> None:
+    path, headers, _ = ROUTES[route]
+    async with http.post(server.make_url(path), json=_body(route, "m-first-400"),
+                         headers=headers) as resp:  # fmt: skip
+        preamble = [await _next_frame(resp) for _ in range(PREAMBLE[route])]
+        with pytest.raises(asyncio.TimeoutError):  # the first content event is held back
+            await _next_frame(resp, 0.1)
+        rest = _frames(await resp.read())
+    assert _text(preamble) == ""
+    assert _text(rest) == REPLY
+    if route == "chat":
+        assert _data(preamble[0])["choices"][0]["delta"] == {"role": "assistant", "content": ""}
+    if route == "messages":
+        assert [_data(f)["type"] for f in preamble] == [
+            "message_start",
+            "content_block_start",
+            "ping",
+        ]
+    start = time.monotonic()  # a JSON answer: the wait comes before the headers, like slow-N
+    code, _, doc = await post(http, server, "/v1/chat/completions",
+                              {"model": "m-first-150", "messages": USER}, **OAI)  # fmt: skip
+    assert time.monotonic() - start >= 0.15
+    assert (code, doc["choices"][0]["message"]["content"]) == (200, REPLY)
+
+
+async def test_silent_sends_nothing_until_the_caller_leaves(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    for path, headers in [("/v1/chat/completions", OAI), ("/v1/messages", ANT)]:
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(
+                post(http, server, path, {"model": "m-silent", "messages": USER, "stream": True},
+                     **headers),
+                0.3,
+            )  # fmt: skip
+    code, _, _ = await post(http, server, "/v1/chat/completions",
+                            {"model": "m", "messages": USER}, **OAI)  # fmt: skip
+    assert code == 200
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        assert len((await resp.json())["requests"]) == 3
+
+
+async def test_silent_stuck_and_first_stop_waiting_when_the_caller_leaves(
+    http: aiohttp.ClientSession, aiohttp_server: ServerFactory
+) -> None:
+    finished: list[str] = []
+    all_finished = asyncio.Event()
+
+    @web.middleware
+    async def note(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            finished.append(request.path)
+            if len(finished) == 3:
+                all_finished.set()
+
+    app = create_app()
+    app.middlewares.append(note)
+    server = await aiohttp_server(app)
+    for model, stream in [("m-silent", False), ("m-stuck", True), ("m-first-60000", True)]:
+        with pytest.raises(asyncio.TimeoutError):
+            async with asyncio.timeout(0.2):
+                await _stream_raw(http, server, "chat", model, stream=stream)
+    async with asyncio.timeout(5):  # not the ten minutes they would wait for a caller
+        await all_finished.wait()
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_stuck_stalls_mid_stream_with_the_connection_open(
+    http: aiohttp.ClientSession, server: TestServer, route: str
+) -> None:
+    path, headers, _ = ROUTES[route]
+    async with http.post(server.make_url(path), json=_body(route, "m-stuck"),
+                         headers=headers) as resp:  # fmt: skip
+        seen = [await _next_frame(resp) for _ in range(PREAMBLE[route] + 2)]
+        with pytest.raises(asyncio.TimeoutError):
+            await _next_frame(resp, 0.3)
+        assert not resp.content.at_eof()
+        assert resp.connection is not None
+    assert _text(seen) == "Hello from"
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_garble_sends_one_event_that_is_not_json(
+    http: aiohttp.ClientSession, server: TestServer, route: str
+) -> None:
+    code, raw = await _stream_raw(http, server, route, "m-garble")
+    assert code == 200
+    frames = _frames(raw)
+    bad = []
+    for i, f in enumerate(frames):
+        try:
+            _data(f)
+        except orjson.JSONDecodeError:
+            bad.append(i)
+    assert bad == [PREAMBLE[route] + 2]
+    if route == "chat":
+        assert frames[bad[0]] == GARBLED
+    del frames[bad[0]]
+    assert _text(frames) == REPLY
+    last = _data(frames[-1])
+    assert last == b"[DONE]" or last["type"] in ("message_stop", "response.completed")
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_nodone_is_complete_but_has_no_terminator(
+    http: aiohttp.ClientSession, server: TestServer, route: str
+) -> None:
+    code, raw = await _stream_raw(http, server, route, "m-nodone")
+    assert code == 200
+    frames = _frames(raw)
+    assert _text(frames) == REPLY
+    docs = [_data(f) for f in frames]
+    assert b"[DONE]" not in docs
+    types = [d.get("type") for d in docs]
+    assert "message_stop" not in types
+    assert "response.completed" not in types
+    if route == "chat":
+        assert docs[-2]["choices"][0]["finish_reason"] == "stop"
+        assert docs[-1]["usage"]["completion_tokens"] == 5
+    if route == "messages":
+        assert docs[-1]["type"] == "message_delta"
+        assert docs[-1]["delta"]["stop_reason"] == "end_turn"
+    if route == "responses":
+        assert docs[-1]["type"] == "response.output_item.done"
+    if route == "completions":
+        assert docs[-1]["choices"][0]["finish_reason"] == "stop"
+
+
+@pytest.mark.parametrize("route", ["chat", "completions", "messages"])
+async def test_early_and_late_errors_are_in_band(
+    http: aiohttp.ClientSession, server: TestServer, route: str
+) -> None:
+    error = ANT_ERROR if route == "messages" else OAI_ERROR
+    code, raw = await _stream_raw(http, server, route, "m-early-error")
+    frames = _frames(raw)
+    assert code == 200
+    assert frames[-1] == error
+    assert len(frames) == PREAMBLE[route] + 1
+    code, raw = await _stream_raw(http, server, route, "m-late-error")
+    frames = _frames(raw)
+    assert code == 200
+    assert frames[-1] == error
+    assert len(frames) == PREAMBLE[route] + 3
+    assert _text(frames[:-1]) == "Hello from"
+
+
+async def test_early_error_in_the_responses_stream(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    code, raw = await _stream_raw(http, server, "responses", "m-early-error")
+    frames = _frames(raw)
+    assert (code, len(frames)) == (200, 4)
+    assert frames[-1].startswith(b"event: error\n")
+    err = _data(frames[-1])
+    assert (err["type"], err["code"], err["message"]) == ("error", "server_error", OVERLOADED)
+
+
+async def test_fail_filter_is_a_content_policy_400(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    code, _, err = await post(http, server, "/v1/chat/completions",
+                              {"model": "gpt-fail-filter", "messages": USER}, **OAI)  # fmt: skip
+    assert code == 400
+    assert "content management policy" in err["error"]["message"]
+    assert (err["error"]["type"], err["error"]["code"], err["error"]["param"]) == (
+        "invalid_request_error", "content_filter", "prompt")  # fmt: skip
+    code, _, err = await post(http, server, "/v1/messages",
+                              {"model": "claude-fail-filter", "messages": USER}, **ANT)  # fmt: skip
+    assert code == 400
+    assert err == {"type": "error", "error": {
+        "type": "invalid_request_error", "message": "Output blocked by content filtering policy"}}  # fmt: skip
+
+
+PREFILLED: Any = [*USER, {"role": "assistant", "content": "Hello from"}]
+NO_PREFILL = (
+    "This model does not support assistant message prefill. "
+    "The conversation must end with a user message."
+)
+
+
+async def test_noprefill_rejects_only_a_trailing_assistant_message(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    for path, headers in [("/v1/chat/completions", OAI), ("/v1/messages", ANT)]:
+        body = {"model": "m-noprefill", "messages": PREFILLED, "max_tokens": 50}
+        code, _, err = await post(http, server, path, body, **headers)
+        assert code == 400
+        if path == "/v1/messages":
+            assert err["error"] == {"type": "invalid_request_error", "message": NO_PREFILL}
+        else:
+            assert err["error"]["message"] == NO_PREFILL
+            assert (err["error"]["type"], err["error"]["code"]) == (
+                "invalid_request_error", "prefill_unsupported")  # fmt: skip
+        code, _, _ = await post(http, server, path, {**body, "messages": [*PREFILLED, *USER]},
+                                **headers)  # fmt: skip
+        assert code == 200
+
+
+async def test_flap_alternates_per_key_and_model(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    async def status(model: str) -> int:
+        return (await post(http, server, "/v1/chat/completions",
+                           {"model": model, "messages": USER}, **OAI))[0]  # fmt: skip
+
+    assert [await status("m-flap") for _ in range(5)] == [503, 200, 503, 200, 503]
+    assert await status("other-flap") == 503
+    async with http.delete(server.make_url("/_mock/requests")):
+        pass
+    assert [await status("m-flap") for _ in range(2)] == [503, 200]
+
+
+@pytest.mark.parametrize(
+    ("prefill", "expected"),
+    [
+        ("Hello from", " the mock provider."),
+        ("Hello from ", "the mock provider."),
+        ("Hello fr", "om the mock provider."),
+        ("Bonjour", REPLY),
+        (REPLY, ""),
+    ],
+)
+async def test_prefill_continuation(
+    http: aiohttp.ClientSession, server: TestServer, prefill: str, expected: str
+) -> None:
+    messages = [*USER, {"role": "assistant", "content": prefill}]
+    words = len(expected.split())
+    inputs = 4 + len(prefill.split())
+    body = {"model": "m", "messages": messages, "max_tokens": 50}
+    _, _, doc = await post(http, server, "/v1/chat/completions", body, **OAI)
+    assert doc["choices"][0]["message"]["content"] == expected
+    assert (doc["usage"]["prompt_tokens"], doc["usage"]["completion_tokens"]) == (inputs, words)
+    blocks = [{"type": "text", "text": prefill[:3]}, {"type": "text", "text": prefill[3:]}]
+    ant_body = {**body, "messages": [*USER, {"role": "assistant", "content": blocks}]}
+    _, _, msg = await post(http, server, "/v1/messages", ant_body, **ANT)
+    assert msg["content"][0]["text"] == expected
+    assert msg["usage"]["output_tokens"] == words
+    for route, sent in [("chat", body), ("messages", ant_body)]:
+        _, raw = await _stream_raw(http, server, route, "m", messages=sent["messages"])
+        frames = _frames(raw)
+        assert _text(frames) == expected
+        pieces = [t for t in (_text([f]) for f in frames) if t]
+        assert len(pieces) == words
+        if expected == " the mock provider.":
+            assert pieces == [" the", " mock", " provider."]
+
+
+async def test_stream_faults_fire_after_a_short_continuation(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    messages = [*USER, {"role": "assistant", "content": "Hello from the mock"}]
+    _, raw = await _stream_raw(http, server, "chat", "m-late-error", messages=messages)
+    frames = _frames(raw)
+    assert frames[-1] == OAI_ERROR
+    assert _text(frames[:-1]) == " provider."
+    async with http.post(server.make_url("/v1/messages"), headers=ANT,
+                         json=_body("messages", "m-stuck", messages=messages)) as resp:  # fmt: skip
+        seen = [await _next_frame(resp) for _ in range(4)]
+        with pytest.raises(asyncio.TimeoutError):
+            await _next_frame(resp, 0.2)
+    assert _text(seen) == " provider."
+
+
+async def test_the_sdks_raise_the_in_band_errors(
+    oai: openai.AsyncOpenAI, ant: anthropic.AsyncAnthropic
+) -> None:
+    stream = await oai.chat.completions.create(model="m-late-error", messages=USER, stream=True)
+    seen: list[str] = []
+
+    async def drain() -> None:
+        async for chunk in stream:
+            seen.append(chunk.choices[0].delta.content or "")
+
+    with pytest.raises(openai.APIError, match="overloaded"):
+        await drain()
+    assert "".join(seen) == "Hello from"
+    with pytest.raises(anthropic.APIError, match="overloaded"):
+        async with ant.messages.stream(
+            model="claude-early-error", max_tokens=10, messages=USER
+        ) as astream:
+            await astream.get_final_message()
+
+
+def test_a_429_without_retry_after() -> None:
+    assert parse_directives("gpt-4o-fail-429-retry-none").no_retry_after
+    assert parse_directives("gpt-4o-fail-429-retry-none").fail == 429
+    assert not parse_directives("gpt-4o-fail-429").no_retry_after
