@@ -1,0 +1,679 @@
+"""What a relayed SSE stream is doing, event by event (SPEC §9).
+
+Pure code: no I/O, no clock. The proxy feeds each upstream chunk to a
+`StreamTracker` and forwards what `feed()` returns; the tracker tells it
+
+* when the first *content* event has arrived (`started`: the response headers
+  may go to the caller; before that, the attempt can still fail over),
+* when the stream broke in band (`error`, `malformed`),
+* whether a clean EOF completed the answer (`complete_on_eof()`),
+* the usage so far (`usage`), and what is needed to resume the answer on
+  another candidate (`text`, `resumable`; see `sidecar.resume`).
+
+Everything forwarded is byte-for-byte what upstream sent, except the usage
+chunk the sidecar asked for itself (`strip_usage`), an in-band error or
+malformed event and everything after it, and — on a continuation stream
+(`splice=`) — the events a `Splice` rewrites so the caller sees one answer.
+
+Hot path: one `orjson.loads` per data event; a chunk made of whole
+`\\n\\n`-terminated events without `\\r` (the common case) is split in C and,
+when nothing is removed, returned as the very same object.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Final
+
+import orjson
+
+from sidecar.usage import Usage, _count, _openai_usage
+
+if TYPE_CHECKING:
+    from sidecar.resume import Splice
+
+__all__ = [
+    "MAX_EVENT",
+    "InbandError",
+    "Shape",
+    "StreamTracker",
+    "error_event",
+    "shape_for",
+]
+
+# An incomplete event held longer than this is treated as malformed. Not 1 MiB: a Responses
+# stream's `response.completed` repeats the whole output, and image generation sends
+# base64 images of several MiB in one event.
+MAX_EVENT: Final = 16 * 1024 * 1024
+# Beyond this much relayed text a stream is no longer resumed (the prefill would be huge).
+_MAX_TEXT: Final = 1024 * 1024
+_DONE: Final = b"[DONE]"
+_DONE_EVENT: Final = b"data: [DONE]\n\n"
+_MESSAGE_STOP_EVENT: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
+# What `_on_event` returns besides replacement bytes: keep the event as received.
+_KEEP: Final = None
+_DROP: Final = b""
+
+# CHAT delta fields that are content but not text: no prefill can continue them.
+_NOT_TEXT: Final = ("tool_calls", "function_call", "refusal", "reasoning_content")
+_RESPONSES_PREAMBLE: Final = frozenset(
+    {
+        "response.created",
+        "response.in_progress",
+        "response.queued",
+        "response.output_item.added",
+        "response.content_part.added",
+    }
+)
+_RESPONSES_END: Final = frozenset({"response.completed", "response.incomplete"})
+
+_ANTHROPIC_STATUS: Final = {
+    "overloaded_error": 529,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "invalid_request_error": 400,
+    "timeout_error": 504,
+}
+# Checked in order against an OpenAI error's `code`, then its `type`.
+_OPENAI_STATUS: Final = (
+    ("rate_limit", 429),
+    ("insufficient_quota", 429),
+    ("invalid_api_key", 401),
+    ("authentication", 401),
+    ("context_length_exceeded", 400),
+    ("model_not_found", 404),
+    ("invalid_request_error", 400),
+)
+
+
+class Shape(enum.Enum):
+    """The kind of stream, which decides what its events mean."""
+
+    CHAT = "chat"
+    COMPLETIONS = "completions"
+    RESPONSES = "responses"
+    MESSAGES = "messages"
+    OTHER = "other"
+
+
+def shape_for(fmt: str, path: str) -> Shape:
+    """The stream shape of a request in format `fmt` (`openai`/`anthropic`) to `path`."""
+    if fmt == "openai":
+        if path.endswith("/chat/completions"):
+            return Shape.CHAT
+        if path.endswith("/completions"):
+            return Shape.COMPLETIONS
+        if path.endswith("/responses"):
+            return Shape.RESPONSES
+    elif fmt == "anthropic" and path.endswith("/messages"):
+        return Shape.MESSAGES
+    return Shape.OTHER
+
+
+@dataclass(frozen=True, slots=True)
+class InbandError:
+    """An error event inside a 200 stream."""
+
+    status: int  # the HTTP status this error would have had (for failover classification)
+    body: bytes  # an error body in the caller's format
+    message: str  # the upstream's message
+
+
+def error_event(
+    shape: Shape, message: str, *, kind: str = "api_error", code: str = "stream_interrupted"
+) -> bytes:
+    """The in-band error event that ends a caller's broken stream; the official SDKs raise it.
+
+    OpenAI shapes (and OTHER): `data: {"error": {...}}` — the `openai` SDK's
+    `Stream` raises `APIError` on a data object with an `error` (chat,
+    completions and responses streams alike). RESPONSES also carries the
+    Responses API's own `type: "error"` fields, under `event: error`.
+    MESSAGES: `event: error` with `{"type": "error", "error": {...}}` — the
+    `anthropic` SDK raises an `APIStatusError` on it. The OpenAI `type` is
+    `server_error` for the default `kind` (`api_error`), else `kind`.
+    """
+    if shape is Shape.MESSAGES:
+        err = {"type": kind, "message": message, "code": code}
+        return b"event: error\ndata: " + orjson.dumps({"type": "error", "error": err}) + b"\n\n"
+    kind = "server_error" if kind == "api_error" else kind
+    error = {"message": message, "type": kind, "code": code, "param": None}
+    if shape is Shape.RESPONSES:
+        obj = {"type": "error", "code": code, "message": message, "param": None, "error": error}
+        return b"event: error\ndata: " + orjson.dumps(obj) + b"\n\n"
+    return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+
+
+def _openai_status(error: dict[str, Any]) -> int:
+    code = error.get("code")
+    if type(code) is int and 400 <= code <= 599:
+        return code
+    for field in (code, error.get("type")):
+        if isinstance(field, str):
+            lowered = field.lower()
+            for needle, status in _OPENAI_STATUS:
+                if needle in lowered:
+                    return status
+    return 500
+
+
+def _openai_error(error: dict[str, Any]) -> InbandError:
+    message = error.get("message")
+    return InbandError(
+        _openai_status(error),
+        orjson.dumps({"error": error}),
+        message if isinstance(message, str) else "",
+    )
+
+
+def _responses_error(obj: dict[str, Any]) -> InbandError:
+    """A Responses API `error` event (fields at top level) or `response.failed`."""
+    source: Any = obj
+    if obj.get("type") == "response.failed":
+        response = obj.get("response")
+        source = response.get("error") if isinstance(response, dict) else None
+        if not isinstance(source, dict):
+            source = {}
+    code = source.get("code")
+    error = {
+        "message": source.get("message") if isinstance(source.get("message"), str) else "",
+        "type": code if isinstance(code, str) and code else "server_error",
+        "code": code,
+        "param": source.get("param"),
+    }
+    return _openai_error(error)
+
+
+def _anthropic_error(obj: dict[str, Any]) -> InbandError:
+    error = obj.get("error")
+    if not isinstance(error, dict):
+        error = {"type": "api_error", "message": ""}
+    kind = error.get("type")
+    message = error.get("message")
+    return InbandError(
+        _ANTHROPIC_STATUS.get(kind, 500) if isinstance(kind, str) else 500,
+        orjson.dumps({"type": "error", "error": error}),
+        message if isinstance(message, str) else "",
+    )
+
+
+def _event_data(event: bytes) -> bytes | None:
+    """The joined `data:` values of one SSE event (terminator included or not); None without any."""
+    if event.startswith(b"data: "):
+        # One `data:` line, alone or followed by nothing but its event's blank line.
+        end = event.find(b"\n", 6)
+        if end < 0:
+            return event[6:]
+        if end == len(event) - 2 and event.endswith(b"\n\n"):
+            return event[6:end]
+        if end == len(event) - 3 and event.endswith(b"\r\n\r\n"):
+            return event[6 : end - 1]
+    n = event.count(b"data:")
+    if n == 0:
+        return None
+    if n == 1:
+        at = event.find(b"data:")
+        if at == 0 or event[at - 1] == 0x0A:
+            end = event.find(b"\n", at)
+            value = event[at + 5 :] if end < 0 else event[at + 5 : end]
+            if value.endswith(b"\r"):
+                value = value[:-1]
+            return value[1:] if value.startswith(b" ") else value
+    parts = []
+    for raw in event.split(b"\n"):
+        line = raw[:-1] if raw.endswith(b"\r") else raw
+        if line.startswith(b"data:"):
+            value = line[5:]
+            parts.append(value[1:] if value.startswith(b" ") else value)
+    return b"\n".join(parts) if parts else None
+
+
+def _serialise(obj: dict[str, Any], named: bool) -> bytes:
+    data = orjson.dumps(obj)
+    if named:
+        return b"event: " + str(obj.get("type")).encode() + b"\ndata: " + data + b"\n\n"
+    return b"data: " + data + b"\n\n"
+
+
+class StreamTracker:
+    """Follows one upstream SSE stream as it is relayed to the caller.
+
+    `feed(chunk)` takes upstream chunks split anywhere (`\n` or `\r\n` line
+    ends) and returns the bytes to forward now: every complete event as
+    received, minus what is removed (see the module docstring). An incomplete
+    trailing event is held until it completes; one over `max_event` bytes
+    (16 MiB by default) counts as malformed. After `error` or `malformed` is
+    set, nothing more is forwarded. After the shape's terminator everything is
+    forwarded unread. `finish()` at EOF drops an incomplete trailing event (a
+    cut) and returns b"".
+
+    `started` turns True at the first content event (on a continuation stream
+    it starts True); `content_seen` is True once this upstream stream itself
+    sent one (on a continuation: its first content after the dropped
+    preamble). `text` is the assistant text relayed so far (CHAT/MESSAGES with
+    `keep_text`, while `resumable`); on a continuation it starts as the
+    original's.
+    """
+
+    __slots__ = (
+        "_cache_create",
+        "_cache_read",
+        "_cut",
+        "_handle",
+        "_held",
+        "_input",
+        "_keep_text",
+        "_max_event",
+        "_next_index",
+        "_open_index",
+        "_open_text",
+        "_scan",
+        "_splice",
+        "_stopped",
+        "_strip",
+        "_text",
+        "_text_len",
+        "_through",
+        "content_seen",
+        "error",
+        "events",
+        "finished",
+        "malformed",
+        "resumable",
+        "shape",
+        "terminated",
+        "usage",
+    )
+
+    def __init__(
+        self,
+        shape: Shape,
+        *,
+        strip_usage: bool = False,
+        keep_text: bool = True,
+        splice: Splice | None = None,
+        max_event: int = MAX_EVENT,
+    ) -> None:
+        self.shape = shape
+        self._strip = strip_usage and shape in (Shape.CHAT, Shape.COMPLETIONS)
+        self._keep_text = keep_text and shape in (Shape.CHAT, Shape.MESSAGES)
+        self._splice = splice
+        self._max_event = max_event
+        self.content_seen = False
+        self.error: InbandError | None = None
+        self.malformed = False
+        self.terminated = False
+        self.finished = False
+        self.usage = Usage()
+        self.events = 0
+        self.resumable = self._keep_text
+        self._text: list[str] = []
+        self._text_len = 0
+        # MESSAGES: the block open now (started, not stopped), whether it is text, the next index.
+        self._open_index: int | None = None
+        self._open_text = False
+        self._next_index = 0
+        # Anthropic input is the sum of three counters, each updated on its own.
+        self._input = 0
+        self._cache_create = 0
+        self._cache_read = 0
+        self._held = bytearray()
+        self._scan = 0
+        self._stopped = False  # error or malformed: nothing more is forwarded
+        self._through = False  # terminated (or OTHER started): forward unread
+        self._cut = False
+        self._handle = {
+            Shape.CHAT: self._chat,
+            Shape.COMPLETIONS: self._completions,
+            Shape.RESPONSES: self._responses,
+            Shape.MESSAGES: self._messages,
+            Shape.OTHER: self._other,
+        }[shape]
+        if splice is not None:
+            original = splice.original
+            self.resumable = self._keep_text and original.resumable
+            if self._keep_text and original.text:
+                self._add_text(original.text)
+            self._open_index = original.open_index
+            self._open_text = original.open_is_text
+            self._next_index = original.next_index
+
+    # -- public state --------------------------------------------------------
+
+    @property
+    def started(self) -> bool:
+        """A content event has been relayed to the caller: always, on a continuation."""
+        return self.content_seen or self._splice is not None
+
+    @property
+    def text(self) -> str:
+        if len(self._text) > 1:
+            self._text = ["".join(self._text)]
+        return self._text[0] if self._text else ""
+
+    @property
+    def open_index(self) -> int | None:
+        """MESSAGES: the index of the content block started and not yet stopped, if any."""
+        return self._open_index
+
+    @property
+    def open_is_text(self) -> bool:
+        """MESSAGES: whether the open block (`open_index`) is a text block."""
+        return self._open_index is not None and self._open_text
+
+    @property
+    def next_index(self) -> int:
+        """MESSAGES: one past the highest content block index the caller has seen."""
+        return self._next_index
+
+    def estimate(self, request_bytes: int) -> Usage:
+        """Usage for a stream that ended before its usage was reported (as `StreamMeter.estimate`):
+        what was reported is kept; missing input is ~4 request bytes per token, missing output
+        ~1 token per data event."""
+        return Usage(
+            self.usage.input_tokens or max(1, request_bytes // 4),
+            max(self.usage.output_tokens, self.events),
+        )
+
+    def complete_on_eof(self) -> bytes | None:
+        """At a clean upstream EOF: b"" if the stream is complete, the terminator to send if the
+        answer finished without it, None if the stream is truncated (a break)."""
+        if self.terminated or self.shape is Shape.OTHER:
+            return b""
+        if self._stopped or self._cut or self._held.strip():
+            return None
+        if not self.finished:
+            return None
+        if self.shape is Shape.MESSAGES:
+            return _MESSAGE_STOP_EVENT
+        if self.shape in (Shape.CHAT, Shape.COMPLETIONS):
+            return _DONE_EVENT
+        return None
+
+    # -- relay -----------------------------------------------------------------
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._stopped:
+            return b""
+        if self._through:
+            if self._held:
+                chunk = bytes(self._held) + chunk
+                self._held.clear()
+            return chunk
+        if (
+            not self._held
+            and chunk.endswith(b"\n\n")
+            and b"\r" not in chunk
+            and b"\n\n\n" not in chunk
+        ):
+            return self._feed_whole(chunk)
+        return self._feed_split(chunk)
+
+    def finish(self) -> bytes:
+        if self._held.strip():
+            self._cut = True
+        self._held.clear()
+        self._scan = 0
+        return b""
+
+    def _feed_whole(self, chunk: bytes) -> bytes:
+        """A run of whole `\\n\\n`-terminated events: split in C, returned as is unless changed."""
+        out: list[bytes] | None = None
+        kept = 0  # start of the part of `chunk` not yet copied to `out`
+        pos = 0
+        for event in chunk.split(b"\n\n")[:-1]:
+            start, pos = pos, pos + len(event) + 2
+            if self._through:
+                break
+            result = self._on_event(event)
+            if result is _KEEP and not self._stopped:
+                continue
+            if out is None:
+                out = []
+            out.append(chunk[kept:start])
+            kept = pos
+            if self._stopped:
+                return b"".join(out)
+            if result:
+                out.append(result)
+        if out is None:
+            return chunk
+        out.append(chunk[kept:])
+        return b"".join(out)
+
+    def _feed_split(self, chunk: bytes) -> bytes:
+        """The general case: events found line by line in what is held."""
+        held = self._held
+        held += chunk
+        out: list[bytes] = []
+        start = 0  # start of the current event in `held`
+        pos = self._scan  # start of the first line not yet scanned
+        while not self._through:
+            nl = held.find(b"\n", pos)
+            if nl < 0:
+                break
+            line_start, pos = pos, nl + 1
+            if nl == line_start or (nl == line_start + 1 and held[line_start] == 0x0D):
+                event = bytes(held[start:pos])
+                start = pos
+                result = self._on_event(event)
+                if self._stopped:
+                    held.clear()
+                    return b"".join(out)
+                out.append(event if result is _KEEP else result)
+        if self._through:
+            out.append(bytes(held[start:]))
+            held.clear()
+            self._scan = 0
+            return b"".join(out)
+        del held[:start]
+        self._scan = pos - start
+        if len(held) > self._max_event:
+            self.malformed = self._stopped = True
+            held.clear()
+        return b"".join(out)
+
+    # -- one event ---------------------------------------------------------------
+
+    def _on_event(self, event: bytes) -> bytes | None:
+        """Read one complete event; None to forward it as is, b"" to drop it, else its replacement.
+        Sets `_stopped` for an error or malformed event (then the result is ignored)."""
+        data = _event_data(event)
+        if data is None:
+            return _KEEP
+        self.events += 1
+        if self.shape is Shape.OTHER:
+            return self._other()
+        if data == _DONE:
+            if self.shape in (Shape.CHAT, Shape.COMPLETIONS):
+                self.terminated = self._through = True
+            return _KEEP
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            self.malformed = self._stopped = True
+            return _DROP
+        if not isinstance(obj, dict):
+            return _KEEP
+        return self._handle(obj)
+
+    def _stop(self, error: InbandError) -> bytes:
+        self.error = error
+        self._stopped = True
+        return _DROP
+
+    def _add_text(self, piece: str) -> None:
+        self._text.append(piece)
+        self._text_len += len(piece)
+        if self._text_len > _MAX_TEXT:
+            self.resumable = False
+            self._keep_text = False
+            self._text.clear()
+            self._text_len = 0
+
+    def _other(self, obj: object = None) -> bytes | None:
+        self.content_seen = self._through = True
+        return _KEEP
+
+    def _openai_usage(self, obj: dict[str, Any]) -> bool:
+        """Meter an OpenAI event; True if it is the usage-only chunk to strip."""
+        usage = obj.get("usage")
+        if isinstance(usage, dict):
+            self.usage = _openai_usage(usage)
+            return self._strip and obj.get("choices") == []
+        return False
+
+    def _chat(self, obj: dict[str, Any]) -> bytes | None:
+        if "error" in obj and isinstance(obj["error"], dict):
+            return self._stop(_openai_error(obj["error"]))
+        usage = obj.get("usage")
+        if usage is not None and self._openai_usage(obj):
+            return _DROP
+        choices = obj.get("choices")
+        if type(choices) is not list:
+            return _KEEP
+        content = False
+        first: dict[str, Any] | None = None
+        text: object = None  # choice 0's delta.content
+        other = False  # choice 0's delta has content that is not text
+        for choice in choices:
+            if type(choice) is not dict:
+                continue
+            delta = choice.get("delta")
+            piece: object = None
+            not_text = False
+            if type(delta) is dict:
+                piece = delta.get("content")
+                # Anything but a bare text delta: look for the other kinds of content.
+                if len(delta) > 1 or not piece:
+                    not_text = any(delta.get(k) for k in _NOT_TEXT)
+            if piece or not_text or choice.get("finish_reason") is not None:
+                content = True
+            if choice.get("index", 0) == 0:
+                first, text, other = choice, piece, not_text
+            else:
+                self.resumable = False
+        result: bytes | None = _KEEP
+        if self._splice is not None:
+            result = self._splice.chat(obj, first, content)
+            if first is not None and type(first.get("delta")) is dict:
+                text = first["delta"].get("content")  # the splice may have cut it
+        if content:
+            self.content_seen = True
+        if first is not None:
+            if first.get("finish_reason") is not None:
+                self.finished = True
+            if other:
+                self.resumable = False
+            elif text and self._keep_text and self.resumable and type(text) is str:
+                self._add_text(text)
+        return result
+
+    def _completions(self, obj: dict[str, Any]) -> bytes | None:
+        error = obj.get("error")
+        if isinstance(error, dict):
+            return self._stop(_openai_error(error))
+        if self._openai_usage(obj):
+            return _DROP
+        choices = obj.get("choices")
+        if not isinstance(choices, list):
+            return _KEEP
+        for choice in choices:
+            if not isinstance(choice, dict):
+                continue
+            if choice.get("text") or choice.get("finish_reason") is not None:
+                self.content_seen = True
+            if choice.get("index", 0) == 0 and choice.get("finish_reason") is not None:
+                self.finished = True
+        return _KEEP
+
+    def _responses(self, obj: dict[str, Any]) -> bytes | None:
+        kind = obj.get("type")
+        error = obj.get("error")
+        if kind in ("error", "response.failed"):
+            return self._stop(_responses_error(obj))
+        if isinstance(error, dict) and kind is None:
+            return self._stop(_openai_error(error))
+        if kind in _RESPONSES_END:
+            self.terminated = self.finished = self._through = True
+            self.content_seen = True
+        elif kind not in _RESPONSES_PREAMBLE:
+            self.content_seen = True
+        response = obj.get("response")
+        if isinstance(response, dict):
+            usage = response.get("usage")
+            if isinstance(usage, dict):
+                self.usage = _openai_usage(usage)
+        return _KEEP
+
+    def _messages(self, obj: dict[str, Any]) -> bytes | None:
+        kind = obj.get("type")
+        if kind == "error":
+            return self._stop(_anthropic_error(obj))
+        result: bytes | None = _KEEP
+        if self._splice is not None:
+            result = self._splice.messages(obj)
+        if kind == "content_block_delta":
+            self.content_seen = True
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and self.resumable:
+                if delta.get("type") == "text_delta":
+                    text = delta.get("text")
+                    if isinstance(text, str) and text:
+                        self._add_text(text)
+                else:
+                    self.resumable = False
+        elif kind == "content_block_start":
+            block = obj.get("content_block")
+            block_type = block.get("type") if isinstance(block, dict) else None
+            index = obj.get("index")
+            if type(index) is int:
+                self._open_index = index
+                self._open_text = block_type == "text"
+                self._next_index = max(self._next_index, index + 1)
+            if block_type == "text" and isinstance(block, dict):
+                text = block.get("text")
+                if isinstance(text, str) and text:
+                    self.content_seen = True
+                    if self.resumable:
+                        self._add_text(text)
+            else:
+                self.content_seen = True
+                self.resumable = False
+        elif kind == "content_block_stop":
+            self.content_seen = True
+            if obj.get("index") == self._open_index:
+                self._open_index = None
+        elif kind == "message_start":
+            message = obj.get("message")
+            self._anthropic_usage(message.get("usage") if isinstance(message, dict) else None)
+        elif kind == "message_delta":
+            self.content_seen = True
+            delta = obj.get("delta")
+            if isinstance(delta, dict) and delta.get("stop_reason") is not None:
+                self.finished = True
+            self._anthropic_usage(obj.get("usage"))
+        elif kind == "message_stop":
+            self.content_seen = self.terminated = self._through = True
+        elif kind != "ping":
+            self.content_seen = True
+        return result
+
+    def _anthropic_usage(self, usage: object) -> None:
+        """As `StreamMeter`: each counter is cumulative, the latest value of each one wins."""
+        if not isinstance(usage, dict):
+            return
+        if usage.get("input_tokens") is not None:
+            self._input = _count(usage["input_tokens"])
+        if usage.get("cache_creation_input_tokens") is not None:
+            self._cache_create = _count(usage["cache_creation_input_tokens"])
+        if usage.get("cache_read_input_tokens") is not None:
+            self._cache_read = _count(usage["cache_read_input_tokens"])
+        output = self.usage.output_tokens
+        if usage.get("output_tokens") is not None:
+            output = _count(usage["output_tokens"])
+        self.usage = Usage(self._input + self._cache_create + self._cache_read, output)
