@@ -133,6 +133,11 @@ class ProviderConfig:
     headers: tuple[tuple[str, Template], ...] = ()
     query_params: tuple[tuple[str, str], ...] = ()
     disabled: bool = False
+    #: whether its models continue a partial assistant message (stream resumption);
+    #: None: the format's default (Anthropic messages do, OpenAI-format models do not)
+    prefill: bool | None = None
+    #: per-model overrides of `prefill` (`models: [{id: ..., prefill: true}]`)
+    model_prefill: tuple[tuple[str, bool], ...] = ()
 
 
 @dataclass(frozen=True, slots=True)
@@ -149,9 +154,14 @@ class Limits:
 
 @dataclass(frozen=True, slots=True)
 class Timeouts:
-    per_request: float = 60.0
+    """docs/reference.md#timeouts. A non-streaming answer sends nothing until the whole
+    generation is done, so `per_request` matches what the official SDKs allow (10 min);
+    streams are bounded by `first_token` and then `stream_idle` instead."""
+
+    per_request: float = 600.0
+    first_token: float = 30.0
     stream_idle: float = 60.0
-    total: float = 300.0
+    total: float = 900.0
     client_header: float = 10.0
     client_body: float = 60.0
     keepalive: float = 60.0
@@ -182,6 +192,8 @@ class Failover:
     #: upstream error codes (beyond the built-in ones) that mean "another model could answer"
     next_model_on_codes: frozenset[str] = frozenset()
     retry: Retry = field(default_factory=Retry)
+    #: continue a stream that broke after its first byte from a candidate that accepts prefill
+    resume: bool = True
 
 
 @dataclass(frozen=True, slots=True)
@@ -401,7 +413,8 @@ _TOP_KEYS: Final = {
 #: Fallback models per entry of `fallbacks:` (a request's `models` array has its own cap).
 MAX_FALLBACKS: Final = 16
 _PROVIDER_KEYS: Final = {
-    "id", "base_url", "format", "auth", "models", "api_keys", "headers", "query_params", "disabled"
+    "id", "base_url", "format", "auth", "models", "api_keys", "headers", "query_params", "disabled",
+    "prefill",
 }  # fmt: skip
 
 
@@ -443,20 +456,28 @@ def _keys(r: _Reader, raw: object, path: str) -> tuple[KeyConfig, ...]:
     return tuple(keys)
 
 
-def _models(r: _Reader, raw: object, path: str) -> tuple[str, ...]:
+def _models(
+    r: _Reader, raw: object, path: str
+) -> tuple[tuple[str, ...], tuple[tuple[str, bool], ...]]:
+    """Model ids, and the per-model `prefill` settings given as `{id: ..., prefill: ...}`."""
     if raw is None:
-        return ()
+        return (), ()
     if not isinstance(raw, list):
         r.fail(path, "expected a list of model ids")
-        return ()
+        return (), ()
     out: list[str] = []
+    prefill: list[tuple[str, bool]] = []
     for j, m in enumerate(raw):
         name = m.get("id") if isinstance(m, Mapping) else m
         if not isinstance(name, str) or not name:
             r.fail(f"{path}[{j}]", "expected a model id (a string or {id: ...})")
             continue
         out.append(name)
-    return tuple(out)
+        if isinstance(m, Mapping):
+            r.unknown(m, f"{path}[{j}]", {"id", "prefill"})
+            if "prefill" in m:
+                prefill.append((name, r.get(m, "prefill", f"{path}[{j}].prefill", _bool, False)))
+    return tuple(out), tuple(prefill)
 
 
 def _code_list(v: object) -> frozenset[str]:
@@ -542,13 +563,16 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     for k, tmpl in headers.items():
         if tmpl.malformed:
             r.fail(f"{path}.headers.{k}", _MALFORMED)
+    models, model_prefill = _models(r, raw.get("models"), f"{path}.models")
     return ProviderConfig(
         id=pid,
         base_url=base_url,
         format=cast(Format, fmt or "openai"),
         auth=cast(Auth, auth),
         builtin=builtin is not None,
-        models=_models(r, raw.get("models"), f"{path}.models"),
+        models=models,
+        model_prefill=model_prefill,
+        prefill=r.get(raw, "prefill", f"{path}.prefill", _bool, None),
         api_keys=_keys(r, raw.get("api_keys"), f"{path}.api_keys"),
         headers=tuple(headers.items()),
         query_params=tuple(_str_map(r, raw.get("query_params"), f"{path}.query_params").items()),
@@ -595,19 +619,21 @@ def parse_config(data: object, path: Path) -> Config:
         max_connections=r.get(lim, "max_connections", "limits.max_connections", _pos_int, 1024),
     )
 
-    t = r.section(data, "timeouts", "timeouts", {"per_request", "stream_idle", "total",
-                  "client_header", "client_body", "keepalive"})  # fmt: skip
+    t = r.section(data, "timeouts", "timeouts", {"per_request", "first_token", "stream_idle",
+                  "total", "client_header", "client_body", "keepalive"})  # fmt: skip
     timeouts = Timeouts(
-        per_request=r.get(t, "per_request", "timeouts.per_request", _positive_duration, 60.0),
+        per_request=r.get(t, "per_request", "timeouts.per_request", _positive_duration, 600.0),
+        first_token=r.get(t, "first_token", "timeouts.first_token", _positive_duration, 30.0),
         stream_idle=r.get(t, "stream_idle", "timeouts.stream_idle", _positive_duration, 60.0),
-        total=r.get(t, "total", "timeouts.total", _positive_duration, 300.0),
+        total=r.get(t, "total", "timeouts.total", _positive_duration, 900.0),
         client_header=r.get(t, "client_header", "timeouts.client_header", _positive_duration, 10.0),
         client_body=r.get(t, "client_body", "timeouts.client_body", _positive_duration, 60.0),
         keepalive=r.get(t, "keepalive", "timeouts.keepalive", _positive_duration, 60.0),
     )
 
     f = r.section(data, "failover", "failover",
-                  {"max_attempts", "on_status", "cooldown", "next_model_on_codes", "retry"})  # fmt: skip
+                  {"max_attempts", "on_status", "cooldown", "next_model_on_codes", "retry",
+                   "resume"})  # fmt: skip
     rt = r.section(f, "retry", "failover.retry", {"attempts", "backoff", "max_wait"})
     c = r.section(f, "cooldown", "failover.cooldown",
                   {"rate_limited", "auth_failed", "server_error", "server_error_threshold"})  # fmt: skip
@@ -621,6 +647,7 @@ def parse_config(data: object, path: Path) -> Config:
             f, "next_model_on_codes", "failover.next_model_on_codes", _code_list, frozenset()
         ),
         max_attempts=r.get(f, "max_attempts", "failover.max_attempts", _pos_int, 6),
+        resume=r.get(f, "resume", "failover.resume", _bool, True),
         on_status=r.get(
             f, "on_status", "failover.on_status", _status_list, frozenset(DEFAULT_ON_STATUS)
         ),

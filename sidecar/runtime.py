@@ -36,6 +36,14 @@ class Provider:
     policy_keys: tuple[ProviderKey, ...]
     managed_keys: tuple[ProviderKey, ...]
     keyless: KeySelection | None  # for `auth: none`
+    #: whether a model continues a partial assistant message (stream resumption)
+    prefill: bool = False
+    model_prefill: Mapping[str, bool] = field(default_factory=dict)
+
+    def accepts_prefill(self, model: str | None) -> bool:
+        if model is None:
+            return False
+        return self.model_prefill.get(model, self.prefill)
 
 
 @dataclass(frozen=True, slots=True)
@@ -122,7 +130,7 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             providers[pid] = Provider(
                 id=pid, format=b.format, auth=b.auth, base_url=b.base_url, builtin=True,
                 configured=pid in configured_ids, models=frozenset(), headers=(), query="",
-                policy_keys=(), keyless=None,
+                policy_keys=(), keyless=None, prefill=b.format == "anthropic",
                 managed_keys=keys(pid, KeySource.MANAGED, config.managed.get(pid, ()), f"managed.{pid}"),
             )  # fmt: skip
     for i, p in enumerate(config.providers):
@@ -155,6 +163,8 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
                 p.id, KeySource.MANAGED, config.managed.get(p.id, ()), f"managed.{p.id}"
             ),
             keyless=keyless,
+            prefill=p.format == "anthropic" if p.prefill is None else p.prefill,
+            model_prefill=MappingProxyType(dict(p.model_prefill)),
         )
 
     access_keys: dict[str, AccessKey] = {}

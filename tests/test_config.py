@@ -51,8 +51,10 @@ def test_empty_file_gives_spec_defaults() -> None:
     assert c.only_allow_configured_providers is False
     assert c.only_allow_configured_models is False
     assert c.limits.max_body_bytes == 33554432
-    assert (c.timeouts.per_request, c.timeouts.stream_idle, c.timeouts.total) == (60, 60, 300)
+    t = c.timeouts
+    assert (t.per_request, t.first_token, t.stream_idle, t.total) == (600, 30, 60, 900)
     assert c.failover.max_attempts == 6
+    assert c.failover.resume is True
     assert c.failover.on_status == frozenset(DEFAULT_ON_STATUS)
     assert set(DEFAULT_ON_STATUS) == {401, 403, 408, 409, 429, 500, 502, 503, 504, 529}
     cd = c.failover.cooldown
@@ -73,7 +75,7 @@ def test_empty_sections_keep_defaults() -> None:
     )
     assert c.timeouts.per_request == 5.0
     assert c.timeouts.stream_idle == 60.0
-    assert c.timeouts.total == 300.0
+    assert c.timeouts.total == 900.0
     assert c.failover.cooldown.rate_limited == 30.0
     assert c.limits.max_body_bytes == 33554432
 
@@ -745,3 +747,40 @@ def test_failover_retry_defaults_and_overrides() -> None:
         p.startswith("failover.retry.tries: unknown key")
         for p in problems("failover: {retry: {tries: 2}}")
     )
+
+
+def test_prefill_per_provider_and_per_model() -> None:
+    c = parse(
+        """
+        providers:
+          - id: deepseek
+            base_url: https://api.deepseek.com/v1
+            format: openai
+            prefill: true
+            models: [deepseek-chat, {id: deepseek-reasoner, prefill: false}]
+          - id: anthropic
+        """
+    )
+    deepseek, anthropic = c.providers
+    assert deepseek.prefill is True
+    assert deepseek.models == ("deepseek-chat", "deepseek-reasoner")
+    assert deepseek.model_prefill == (("deepseek-reasoner", False),)
+    assert anthropic.prefill is None  # the format's default, decided by the runtime
+
+
+def test_bad_prefill_and_resume_values_are_reported_with_their_paths() -> None:
+    with pytest.raises(ConfigError) as exc:
+        parse(
+            """
+            failover: {resume: maybe}
+            timeouts: {first_token: -1}
+            providers:
+              - id: openai
+                prefill: "yes"
+                models: [{id: gpt-4o, prefill: 1, extra: x}]
+            """
+        )
+    text = str(exc.value)
+    for path in ("failover.resume", "timeouts.first_token", "providers[0].prefill",
+                 "providers[0].models[0].prefill", "providers[0].models[0].extra"):  # fmt: skip
+        assert path in text
