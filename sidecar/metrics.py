@@ -201,6 +201,10 @@ class Metrics:
                                         "Unix time of the last successful config/vault load", registry=r)  # fmt: skip
         self.stream_interruptions = Counter("sidecar_stream_interruptions", "Streams that broke after the first byte",
                                             ["provider", "cause"], registry=r)  # fmt: skip
+        self.stream_resumptions = Counter("sidecar_stream_resumptions",
+                                          "Broken streams continued from another candidate (ok), or ended "
+                                          "with an in-band error (failed, not_resumable)",
+                                          ["provider", "result"], registry=r)  # fmt: skip
         self.ledger_pending = Gauge("sidecar_ledger_pending_spend_usd",
                                     "Spend recorded locally while the ledger was unreachable", registry=r)  # fmt: skip
         self.ledger_up = Gauge("sidecar_ledger_up",

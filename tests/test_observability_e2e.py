@@ -54,7 +54,7 @@ MODEL_CAP = (
 
 SPEC_ACCESS_LOG_FIELDS = frozenset(
     {"ts", "request_id", "access_key", "method", "path", "format", "provider", "model",
-     "key_source", "key_id", "attempts", "status", "duration_ms", "overhead_ms",
+     "key_source", "key_id", "attempts", "status", "resumed", "duration_ms", "overhead_ms",
      "input_tokens", "output_tokens"}
 )  # fmt: skip
 

@@ -715,43 +715,44 @@ async def test_stream_usage_added_upstream_and_hidden_from_caller(
     assert tokens == [(prompt_tokens, 5)] * 2  # metered either way
 
 
-async def test_stream_break_after_first_byte_no_failover(
+async def test_stream_break_no_candidate_takes_a_prefill_ends_with_an_inband_error(
     env: Env,
     sidecars: list[Sidecar],
     mock_server: TestServer,
     http: aiohttp.ClientSession,
     token: str,
 ) -> None:
+    # OpenAI-format models take no prefill unless the config says so: nothing can continue
+    # the broken answer, so it ends with an error event, never as a truncated "complete" one.
     keys = [("brk", "sk-break"), ("good", "sk-good")]
     sc = await boot(env, sidecars, providers_yaml(env, openai=keys))
     headers = {"Authorization": f"Bearer {token}"}
-    got = b""
     async with http.post(
         sc.url + "/v1/chat/completions", json=chat(stream=True), headers=headers
     ) as resp:
         assert resp.status == 200
         assert resp.headers["x-sidecar-attempts"] == "1"
         assert resp.headers["x-sidecar-key-id"] == "brk"
-        while True:
-            try:
-                chunk = await resp.content.readany()
-            except aiohttp.ClientPayloadError:
-                break
-            assert chunk, "the stream ended cleanly instead of breaking"
-            got += chunk
+        got = await resp.read()  # the HTTP response itself ends cleanly
     assert got.startswith(b"data: ")
     assert b"[DONE]" not in got
-    assert chat_text(got.rsplit(b"\n\n", 1)[0] + b"\n\n") != REPLY
+    events = [e for e in got.split(b"\n\n") if e]
+    last = orjson.loads(events[-1].removeprefix(b"data: "))
+    assert last["error"]["code"] == "stream_interrupted"
+    assert "upstream_closed" in last["error"]["message"]
+    assert chat_text(b"\n\n".join(events[:-1]) + b"\n\n") == "Hello from"
 
-    async with sc.openai(token) as client:  # the official SDK sees an error too
+    async with sc.openai(token) as client:  # the official SDK raises it
         stream = await client.chat.completions.create(model=OPENAI_MODEL, messages=MSG, stream=True)
-        with pytest.raises(openai.APIConnectionError):
+        with pytest.raises(openai.APIError, match="upstream_closed"):
             async for _ in stream:
                 pass
 
     assert [r["key"] for r in await mock_log(http, mock_server)] == ["sk-break", "sk-break"]
     text = await metrics_text(http, sc)
     assert metric_value(text, "sidecar_stream_interruptions_total", provider="openai") == 2
+    assert metric_value(text, "sidecar_stream_resumptions_total", provider="openai",
+                        result="failed") == 2  # fmt: skip
     assert metric_value(text, "sidecar_failovers_total") == 0
 
 

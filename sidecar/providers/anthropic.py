@@ -7,7 +7,7 @@ from typing import Any, Final
 import orjson
 
 from sidecar.errors import ErrorCode
-from sidecar.usage import StreamMeter, Usage, usage_from_body
+from sidecar.usage import Usage, usage_from_body
 
 
 class AnthropicAdapter:
@@ -23,9 +23,6 @@ class AnthropicAdapter:
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         return usage_from_body("anthropic", body)
-
-    def stream_meter(self, strip_usage_chunk: bool) -> StreamMeter:
-        return StreamMeter("anthropic", strip_usage_chunk=False)
 
 
 ANTHROPIC: Final = AnthropicAdapter()

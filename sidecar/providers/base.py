@@ -6,7 +6,7 @@ from typing import Any, Protocol
 
 from sidecar.errors import ErrorCode
 from sidecar.secret import Secret
-from sidecar.usage import StreamMeter, Usage
+from sidecar.usage import Usage
 
 
 class Adapter(Protocol):
@@ -19,8 +19,6 @@ class Adapter(Protocol):
         """Adjust a streaming request so usage can be metered. True: strip the added usage chunk."""
 
     def usage_from_body(self, body: bytes) -> Usage | None: ...
-
-    def stream_meter(self, strip_usage_chunk: bool) -> StreamMeter: ...
 
 
 def auth_header(auth: str, secret: Secret | None) -> tuple[str, str] | None:

@@ -7,7 +7,7 @@ from typing import Any, Final
 import orjson
 
 from sidecar.errors import ErrorCode
-from sidecar.usage import StreamMeter, Usage, ensure_stream_usage, usage_from_body
+from sidecar.usage import Usage, ensure_stream_usage, usage_from_body
 
 #: Paths whose streams carry a usage chunk only when `stream_options.include_usage` is set.
 _USAGE_OPT_IN_PATHS: Final = ("/chat/completions", "/completions")
@@ -28,9 +28,6 @@ class OpenAIAdapter:
 
     def usage_from_body(self, body: bytes) -> Usage | None:
         return usage_from_body("openai", body)
-
-    def stream_meter(self, strip_usage_chunk: bool) -> StreamMeter:
-        return StreamMeter("openai", strip_usage_chunk=strip_usage_chunk)
 
 
 OPENAI: Final = OpenAIAdapter()

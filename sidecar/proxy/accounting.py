@@ -1,0 +1,66 @@
+"""What a finished request leaves behind: metrics, spend, the access-log line."""
+
+from __future__ import annotations
+
+import time
+from typing import Final
+
+from sidecar import inbound
+from sidecar.proxy.exchange import Exchange
+from sidecar.state import State
+
+#: Precomputed status label strings.
+_STATUS: Final = {code: str(code) for code in range(100, 600)}
+
+
+def account(state: State, ex: Exchange) -> None:
+    """Metrics, metering and the access-log line of one finished request."""
+    duration = time.perf_counter() - ex.started
+    overhead = ex.overhead if ex.overhead is not None else duration - ex.upstream_wait
+    provider = ex.provider
+    m = state.metrics
+    m.requests(ex.fmt, provider, _STATUS.get(ex.status) or str(ex.status)).inc()
+    m.request_duration(ex.fmt, provider).observe(duration)
+    m.overhead(ex.fmt).observe(overhead)
+    c = ex.candidate
+    usage = ex.usage
+    for earlier, spent in ex.charges:  # every attempt that produced tokens is paid for
+        state.billing.record(ex.runtime.prices, ex.access, earlier, spent)
+    if usage is not None and c is not None:
+        state.billing.record(ex.runtime.prices, ex.access, c, usage)
+    if state.access_log.enabled:
+        if ex.charges and usage is not None:
+            usage = type(usage)(
+                usage.input_tokens + sum(u.input_tokens for _, u in ex.charges),
+                usage.output_tokens + sum(u.output_tokens for _, u in ex.charges),
+            )
+        state.access_log.write(
+            {
+                "ts": time.time(),
+                "request_id": ex.request_id,
+                "access_key": ex.access.name if ex.access else None,
+                "method": ex.request.method,
+                "path": _logged_path(ex),
+                "format": ex.fmt,
+                "provider": provider or None,
+                "model": c.model.upstream if c and c.model else None,
+                "key_source": c.key.source.value if c else None,
+                "key_id": c.key.key_id if c else None,
+                "attempts": ex.attempts,
+                "status": ex.status,
+                "resumed": ex.resumed,
+                "duration_ms": round(duration * 1000, 3),
+                "overhead_ms": round(overhead * 1000, 3),
+                "input_tokens": usage.input_tokens if usage else None,
+                "output_tokens": usage.output_tokens if usage else None,
+            }
+        )
+
+
+def _logged_path(ex: Exchange) -> str:
+    request = ex.request
+    query = request.rel_url.raw_query_string
+    if not query:
+        return request.path
+    tokens = (ex.token.reveal(),) if ex.token else ()
+    return f"{request.path}?{inbound.redact_query(query, tokens)}"

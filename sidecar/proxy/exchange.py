@@ -1,0 +1,72 @@
+"""One request's state across its attempts; it becomes the access-log line."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from dataclasses import dataclass, field
+from typing import Final
+
+from aiohttp import web
+
+from sidecar import inbound
+from sidecar.plan import Candidate
+from sidecar.runtime import AccessKey, Runtime
+from sidecar.secret import Secret
+from sidecar.usage import Usage
+
+#: Status recorded (metrics, access log) when the caller disconnects first, as nginx does.
+CLIENT_CLOSED: Final = 499
+
+
+@dataclass(slots=True)
+class Exchange:
+    request: web.Request
+    fmt: str
+    runtime: Runtime
+    started: float
+    request_id: str
+    access: AccessKey | None = None
+    candidate: Candidate | None = None
+    attempts: int = 0
+    upstream_wait: float = 0.0
+    status: int = 0
+    usage: Usage | None = None
+    #: usage of earlier attempts that also produced tokens (a stream resumed elsewhere)
+    charges: list[tuple[Candidate, Usage]] = field(default_factory=list)
+    rejected: list[str] = field(default_factory=list)
+    overhead: float | None = None
+    token: Secret | None = None  # the caller's credential as sent: stripped from the query
+    #: the provider the request was resolved to, for refusals made before any key was chosen
+    resolved_provider: str = ""
+    body_size: int = 0
+    streaming: bool = False  # response headers sent: a cut breaks a stream
+    resumed: bool = False  # a broken stream was continued from another candidate
+
+    @property
+    def transport(self) -> asyncio.Transport | None:
+        return self.request.transport
+
+    @property
+    def caller_gone(self) -> bool:
+        transport = self.request.transport
+        return transport is None or transport.is_closing()
+
+    @property
+    def provider(self) -> str:
+        return self.candidate.provider.id if self.candidate else self.resolved_provider
+
+    def sidecar_headers(self) -> dict[str, str]:
+        h = {"x-sidecar-request-id": self.request_id}
+        c = self.candidate
+        if c is not None:
+            h["x-sidecar-provider"] = c.provider.id
+            h["x-sidecar-model"] = c.model.upstream if c.model else ""
+            h["x-sidecar-key-source"] = c.key.source.value
+            h["x-sidecar-key-id"] = c.key.key_id
+            h["x-sidecar-attempts"] = str(self.attempts)
+            if self.rejected:
+                h["x-sidecar-rejected-models"] = inbound.rejected_header(self.rejected)
+            self.overhead = time.perf_counter() - self.started - self.upstream_wait
+            h["x-sidecar-overhead-ms"] = f"{self.overhead * 1000:.3f}"
+        return h

@@ -1,0 +1,546 @@
+"""The proxy handler (docs/reference.md#failover-and-key-health): one request, start to end.
+
+Per request (STYLE §7): authenticate, read the body once, build the plan, check
+credits, then drive the failover engine (`sidecar.failover`) over the attempts:
+`upstream` sends and classifies each one, `relay` writes the answer, `accounting`
+leaves the metrics, spend and access-log line. A stream that breaks after its first
+byte is continued from a candidate that accepts a prefill (`sidecar.resume`), or
+ended with an in-band error the SDKs raise.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from typing import Any, Final
+
+import orjson
+from aiohttp import web
+
+from sidecar import inbound
+from sidecar.errors import ErrorCode, ProxyError
+from sidecar.failover import Attempt, Engine, Report, Stop, StopReason
+from sidecar.health import Outcome, classify_status, is_model_level_error
+from sidecar.inflight import InFlight
+from sidecar.models import ResolvedModel, fallbacks_for
+from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
+from sidecar.providers import Adapter, adapter_for
+from sidecar.proxy import relay, upstream
+from sidecar.proxy.accounting import account
+from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
+from sidecar.proxy.upstream import Failed, Prepared, Result
+from sidecar.resume import Splice, prefill_body
+from sidecar.runtime import AccessKey, Runtime
+from sidecar.secret import Secret
+from sidecar.state import State
+from sidecar.streams import Shape, StreamTracker, error_event, shape_for
+from sidecar.upstream_url import explicit_tail
+from sidecar.vault import hash_access_key
+
+#: The sidecar's own answer to `GET`/`HEAD /` (coding agents probe it on start).
+_ROOT_BODY: Final = b'{"status":"ok","service":"ai-gateway-sidecar"}'
+#: How a break after the first byte counts against the candidate's health.
+_BREAK_OUTCOME: Final = {
+    "upstream_closed": Outcome.CONNECT_ERROR,
+    "idle_timeout": Outcome.TIMEOUT,
+    "malformed": Outcome.SERVER_ERROR,
+}
+
+
+class Proxy:
+    def __init__(self, state: State) -> None:
+        self.state = state
+        self.inflight = InFlight()  # what the shutdown drain waits for
+
+    # ----------------------------------------------------------------- routes
+
+    async def openai(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "openai", None)
+
+    async def anthropic(self, request: web.Request) -> web.StreamResponse:
+        return await self._handle(request, "anthropic", None)
+
+    async def explicit(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.state.runtime
+        provider = runtime.providers.get(request.match_info["provider"])
+        if provider is None:
+            return await self.not_found(request)
+        return await self._handle(request, provider.format, provider.id)
+
+    async def models(self, request: web.Request) -> web.StreamResponse:
+        runtime = self.state.runtime
+        ex = self._exchange(request, "openai", runtime)
+        try:
+            inbound.check_target(request.raw_path)
+            access, _ = self._authenticate(ex)
+        except ProxyError as err:
+            return await self._finish(ex, self._error(ex, err))
+        data = []
+        for model, owner in listable_models(runtime, access):
+            data.append({"id": model, "object": "model", "created": 0, "owned_by": owner})
+        ex.status = 200
+        resp = web.Response(body=orjson.dumps({"object": "list", "data": data}),
+                            content_type="application/json", headers=ex.sidecar_headers())  # fmt: skip
+        return await self._finish(ex, resp)
+
+    async def not_found(self, request: web.Request) -> web.StreamResponse:
+        fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
+        ex = self._exchange(request, fmt, self.state.runtime)
+        with contextlib.suppress(ProxyError):  # who asked, for the access log only
+            self._authenticate(ex)
+        return await self._finish(
+            ex, self._error(ex, ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such route"))
+        )
+
+    async def root(self, request: web.Request) -> web.StreamResponse:
+        """`GET`/`HEAD /` and `/{provider}`: answered here, not counted as traffic.
+
+        Coding agents probe the base URL when they start; a 404 there would fill the
+        request metrics and the access log with noise.
+        """
+        provider = request.match_info.get("provider")
+        if provider is not None and provider not in self.state.runtime.providers:
+            return await self.not_found(request)
+        return web.Response(body=_ROOT_BODY, content_type="application/json")
+
+    # ----------------------------------------------------------------- request
+
+    def _exchange(self, request: web.Request, fmt: str, runtime: Runtime) -> Exchange:
+        rid = inbound.clean_request_id(request.headers.get("x-request-id"))
+        return Exchange(request, fmt, runtime, time.perf_counter(), rid)
+
+    async def _handle(
+        self, request: web.Request, fmt: str, explicit: str | None
+    ) -> web.StreamResponse:
+        ex = self._exchange(request, fmt, self.state.runtime)
+        self.inflight.enter(ex)
+        try:
+            try:
+                inbound.check_target(request.raw_path)
+                resp = await self._proxy(ex, explicit)
+            except ProxyError as err:
+                resp = self._error(ex, err)
+            except (asyncio.CancelledError, ConnectionResetError):
+                ex.status = CLIENT_CLOSED  # the caller went away: account, then let it unwind
+                account(self.state, ex)
+                raise
+            except Exception as exc:  # the outermost boundary: a bug must still be accounted
+                ex.status = 500
+                self.state.oplog.error("request_failed", request_id=ex.request_id,
+                                       error=type(exc).__name__)  # fmt: skip
+                account(self.state, ex)
+                raise
+            return await self._finish(ex, resp)
+        finally:
+            self.inflight.leave(ex)
+
+    def _authenticate(self, ex: Exchange) -> tuple[AccessKey | None, Secret | None]:
+        """The access key, or (passthrough) the caller's own credential."""
+        headers = ex.request.headers
+        token = headers.get("authorization", "")
+        if token[:7].lower() == "bearer ":
+            token = token[7:].strip()
+        else:
+            token = headers.get("x-api-key", "").strip()
+        if not token:
+            raise ProxyError(
+                ErrorCode.ACCESS_KEY_INVALID,
+                "missing access key (Authorization: Bearer or x-api-key)",
+            )
+        inbound.check_token(token)
+        ex.token = Secret(token)
+        access = ex.runtime.access_keys.get(hash_access_key(token))
+        if access is not None and not access.revoked:
+            ex.access = access
+            return access, None
+        if access is None and ex.runtime.config.passthrough:
+            return None, Secret(token)
+        # Unknown and revoked keys get the same answer: it tells nothing about which keys exist.
+        raise ProxyError(ErrorCode.ACCESS_KEY_INVALID, "invalid access key")
+
+    async def _read_body(self, request: web.Request, limit: int, wait: float) -> bytes:
+        """The whole body, decoded, at most `limit` bytes, within `wait` seconds (else 408)."""
+        if request.content_length is not None and request.content_length > limit:
+            raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
+        if request.content_length is not None and request.content.is_eof():
+            body = await request.read()  # already all here (the usual case): no timer needed
+            return self._decoded(request, body, limit)
+        try:
+            async with asyncio.timeout(wait):
+                if request.content_length is not None:
+                    body = await request.read()  # size known and within the limit: one read
+                else:
+                    chunks: list[bytes] = []
+                    size = 0
+                    async for chunk in request.content.iter_chunked(1 << 16):
+                        size += len(chunk)
+                        if size > limit:
+                            raise ProxyError(ErrorCode.REQUEST_TOO_LARGE,
+                                             f"request body over {limit} bytes")  # fmt: skip
+                        chunks.append(chunk)
+                    body = b"".join(chunks)
+        except TimeoutError:
+            raise ProxyError(
+                ErrorCode.REQUEST_TIMEOUT, f"request body not received within {wait:g} s"
+            ) from None
+        return self._decoded(request, body, limit)
+
+    @staticmethod
+    def _decoded(request: web.Request, body: bytes, limit: int) -> bytes:
+        encodings = request.headers.getall("content-encoding", ())
+        return inbound.decode_body(body, ",".join(encodings), limit) if encodings else body
+
+    async def _proxy(self, ex: Exchange, explicit: str | None) -> web.StreamResponse:
+        runtime = ex.runtime
+        cfg = runtime.config
+        request = ex.request
+        if explicit is not None:
+            inbound.check_method(request.method)
+        access, passthrough_key = self._authenticate(ex)
+        body = await self._read_body(request, cfg.limits.max_body_bytes, cfg.timeouts.client_body)
+        ex.body_size = len(body)
+
+        data: dict[str, Any] | None = None
+        if body:
+            # Explicit routes may carry other media (uploads); a JSON-looking body is read
+            # whatever its content-type, so scope checks on `model` cannot be sidestepped.
+            must_be_json = explicit is None or "json" in request.headers.get("content-type", "")
+            try:
+                parsed = inbound.parse_json(body)
+            except ProxyError:
+                if must_be_json:
+                    raise
+                parsed = None
+            if isinstance(parsed, dict):
+                data = parsed
+            elif must_be_json:
+                raise ProxyError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
+        names = inbound.model_names(data, required=explicit is None)
+
+        if explicit is None:
+            # The config's `fallbacks:` apply when the caller sent no `models` of its own.
+            fallbacks = (
+                () if data is None or "models" in data else fallbacks_for(cfg.fallbacks, names[0])
+            )
+            targets = resolve_targets(runtime, ex.fmt, names, fallbacks)
+            path = "/" + request.path.removeprefix("/v1/")
+        else:
+            provider = runtime.providers[explicit]
+            targets = [
+                Target(provider, _explicit_model(runtime, provider.id, n)) for n in names
+            ] or [Target(provider, None)]
+            path = explicit_tail(request.raw_path.partition("?")[0], provider.id)
+            if path.startswith("/v1/") and provider.base_url.endswith("/v1"):
+                path = path[3:]  # SDKs that add /v1 themselves (Anthropic's) must not get /v1/v1
+        ex.resolved_provider = targets[0].provider.id
+        try:
+            plan = build_plan(
+                runtime, access, targets, self.state.health, passthrough_key=passthrough_key
+            )
+        except ProxyError as err:
+            ex.resolved_provider = err.provider or ex.resolved_provider
+            if (
+                err.code in (ErrorCode.NO_PROVIDER_KEY, ErrorCode.ALL_KEYS_COOLING_DOWN)
+                and err.provider
+            ):
+                reason = "no_key" if err.code is ErrorCode.NO_PROVIDER_KEY else "all_cooling"
+                self.state.metrics.no_key_available.labels(err.provider, reason).inc()
+            raise
+        ex.rejected = plan.rejected_models
+        if plan.managed_providers:
+            await self._require_credits(ex, plan)
+        return await self._run(ex, plan, body, data, path)
+
+    async def _require_credits(self, ex: Exchange, plan: Plan) -> None:
+        """Managed keys are charged to the access key: refuse before any upstream call when broke."""
+        assert ex.access is not None
+        if await self.state.billing.has_credits(ex.access):
+            return
+        plan.candidates = [
+            c for c in plan.candidates if c.provider.id not in plan.managed_providers
+        ]
+        for pid in plan.managed_providers:
+            self.state.metrics.no_key_available.labels(pid, "credits_exhausted").inc()
+            ex.resolved_provider = pid
+        if not plan.candidates:
+            raise ProxyError(
+                ErrorCode.CREDITS_EXHAUSTED, f"access key {ex.access.name!r} has no credits left"
+            )
+
+    # ----------------------------------------------------------------- attempts
+
+    async def _run(
+        self, ex: Exchange, plan: Plan, body: bytes, data: dict[str, Any] | None, path: str
+    ) -> web.StreamResponse:
+        cfg = ex.runtime.config
+        adapter = adapter_for(ex.fmt)
+        prep = upstream.prepare(ex, path)
+        stream = bool(data and data.get("stream") is True)
+        shape = shape_for(ex.fmt, path) if stream else None
+        engine = Engine(plan.candidates, cfg.failover, self.state.health,
+                        ex.started + cfg.timeouts.total)  # fmt: skip
+        payloads: dict[str | None, tuple[bytes, bool]] = {}
+        last: tuple[Candidate, Failed] | None = None  # the last failover-status answer
+        while isinstance(step := engine.next(), Attempt):
+            cand = step.candidate
+            model = cand.model.upstream if cand.model else None
+            if model not in payloads:
+                payloads[model] = upstream.payload(body, data, model, adapter, path, stream)
+            payload, strip_usage = payloads[model]
+            tracker = StreamTracker(shape, strip_usage=strip_usage) if shape is not None else None
+            res = await self._send(ex, step, prep, payload, tracker)
+            if res.tracker is not None:  # a stream with its first content: the caller's now
+                return await self._stream(ex, engine, res, adapter, prep, data, shape, strip_usage)
+            report = self._classify(ex, res)
+            verdict = self._report(ex, engine, cand, report)
+            if verdict:
+                assert res.upstream is not None
+                if res.body is not None:
+                    return relay.respond(ex, res.upstream, res.body, adapter)
+                return await relay.relay_body(self.state, ex, res.upstream, res.native_idle,
+                                              adapter, res.prefix)  # fmt: skip
+            if res.failed is not None:
+                last = (cand, res.failed)
+        assert isinstance(step, Stop)
+        if last is not None:  # every candidate failed: the caller gets the last upstream answer
+            return relay.respond_failed(ex, *last)
+        if step.reason is StopReason.TIMED_OUT:
+            raise ProxyError(
+                ErrorCode.GATEWAY_TIMEOUT, "no upstream answered within timeouts.total"
+            )
+        raise ProxyError(ErrorCode.UPSTREAM_UNAVAILABLE, "no upstream answered")
+
+    async def _send(
+        self,
+        ex: Exchange,
+        step: Attempt,
+        prep: Prepared,
+        payload: bytes,
+        tracker: StreamTracker | None,
+    ) -> Result:
+        """One attempt: count it, wait its backoff, send it."""
+        metrics = self.state.metrics
+        cand = step.candidate
+        key = cand.key
+        if step.failover_from is not None:  # counted only when another attempt really follows
+            metrics.failovers(*step.failover_from).inc()
+        if step.wait:
+            await asyncio.sleep(step.wait)
+        ex.attempts = step.number
+        ex.candidate = cand
+        metrics.key_selections(*key.labels).inc()
+        url, headers = upstream.target(cand, prep)
+        res = await upstream.attempt(self.state, ex, cand, url, headers, payload,
+                                     max(0.001, step.budget), tracker)  # fmt: skip
+        metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
+        return res
+
+    @staticmethod
+    def _classify(ex: Exchange, res: Result) -> Report:
+        """What an attempt that did not start a stream came to, for the engine."""
+        if res.upstream is not None:  # an answer for the caller, unless another model may answer
+            status = res.upstream.status
+            model_level = res.body is not None and is_model_level_error(
+                status, res.body, ex.runtime.config.failover.next_model_on_codes
+            )
+            return Report(res.outcome, status, model_level=model_level, final=not model_level)
+        return Report(res.outcome, res.status, res.retry_after, res.quota, timed_out=res.timed_out)
+
+    def _report(self, ex: Exchange, engine: Engine, cand: Candidate, report: Report) -> bool:
+        """Tell the engine; log what it decided. True: relay this attempt's answer."""
+        verdict = engine.report(report)
+        key = cand.key
+        model = cand.model.upstream if cand.model else None
+        if report.model_level and not verdict.final:
+            self.state.oplog.info("next_model", request_id=ex.request_id, provider=key.provider,
+                                  model=model, status=report.status)  # fmt: skip
+        if verdict.cooled_until is not None:
+            self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
+                                  key_id=key.key_id, model=model,
+                                  outcome=report.outcome.value)  # fmt: skip
+        return verdict.final
+
+    # ----------------------------------------------------------------- streams
+
+    async def _stream(
+        self,
+        ex: Exchange,
+        engine: Engine,
+        res: Result,
+        adapter: Adapter,
+        prep: Prepared,
+        data: dict[str, Any] | None,
+        shape: Shape | None,
+        strip_usage: bool,
+    ) -> web.StreamResponse:
+        """Relay a stream that has its first content; continue it elsewhere if it breaks."""
+        assert res.upstream is not None
+        assert res.tracker is not None
+        assert shape is not None
+        state = self.state
+        tracker = res.tracker
+        cand = ex.candidate
+        assert cand is not None
+        current = res
+        whole = False  # the answer arrived complete: its usage is what it reported
+        resp: web.StreamResponse | None = None
+        try:
+            resp = await relay.open_stream(ex, res.upstream)
+            while True:
+                if current.prefix:
+                    await resp.write(current.prefix)
+                brk = None
+                if not current.complete:
+                    assert current.upstream is not None
+                    brk = await relay.pump(ex, resp, current.upstream, tracker, current.native_idle)
+                if brk is None:  # the whole answer
+                    whole = True
+                    engine.report(Report(Outcome.OK, 200, final=True))
+                    await resp.write_eof()
+                    return resp
+                if brk.caller_gone:
+                    ex.status = CLIENT_CLOSED
+                    return resp
+                relay.interrupted(state, ex, brk.cause)
+                outcome = _BREAK_OUTCOME.get(brk.cause, Outcome.SERVER_ERROR)
+                err_status = 200
+                if tracker.error is not None:
+                    err_status = tracker.error.status
+                    outcome = classify_status(err_status)
+                self._report(ex, engine, cand, Report(outcome, err_status))
+                nxt = await self._resume(ex, resp, engine, adapter, prep, data, shape,
+                                         strip_usage, tracker, brk)  # fmt: skip
+                if nxt is None:
+                    return resp
+                assert nxt.tracker is not None
+                assert ex.candidate is not None
+                ex.charges.append((cand, tracker.estimate(ex.body_size)))  # each attempt is paid
+                ex.resumed = True
+                current, tracker, cand = nxt, nxt.tracker, ex.candidate
+        except ConnectionResetError:  # the caller left while the sidecar wrote to it
+            ex.status = CLIENT_CLOSED
+            if resp is None:
+                raise
+            return resp
+        finally:
+            if current.upstream is not None:
+                current.upstream.release()
+            # A stream that did not end whole (broken, abandoned, cancelled) is still metered:
+            # what it reported, the rest estimated.
+            ex.usage = tracker.usage if whole else tracker.estimate(ex.body_size)
+            if not whole:
+                state.oplog.info("usage_estimated", request_id=ex.request_id,
+                                 input_tokens=ex.usage.input_tokens,
+                                 output_tokens=ex.usage.output_tokens)  # fmt: skip
+
+    async def _resume(
+        self,
+        ex: Exchange,
+        resp: web.StreamResponse,
+        engine: Engine,
+        adapter: Adapter,
+        prep: Prepared,
+        data: dict[str, Any] | None,
+        shape: Shape,
+        strip_usage: bool,
+        broken: StreamTracker,
+        brk: relay.Break,
+    ) -> Result | None:
+        """A continuation of a broken stream, its first content in hand; or None after the
+        caller's stream was ended with an in-band error."""
+        state = self.state
+        cfg = ex.runtime.config
+        provider = ex.provider
+        body = None
+        if cfg.failover.resume and broken.resumable and data is not None:
+            body = prefill_body(shape, data, broken.text)
+        if body is None:
+            state.metrics.stream_resumptions.labels(provider, "not_resumable").inc()
+            await _end_with_error(resp, shape, brk, "it cannot be continued elsewhere")
+            return None
+        continued, trimmed = body
+        raw = inbound.dump_json(continued)
+        path = prep.path
+        payloads: dict[str | None, bytes] = {}
+        while isinstance(step := engine.next(accept=_takes_prefill), Attempt):
+            cand = step.candidate
+            model = cand.model.upstream if cand.model else None
+            if model not in payloads:
+                payloads[model] = upstream.payload(raw, continued, model, adapter, path, True)[0]
+            tracker = StreamTracker(shape, strip_usage=strip_usage,
+                                    splice=Splice(shape, broken, trimmed))  # fmt: skip
+            res = await self._send(ex, step, prep, payloads[model], tracker)
+            if res.tracker is not None:
+                state.metrics.stream_resumptions.labels(provider, "ok").inc()
+                state.oplog.info("stream_resumed", request_id=ex.request_id, provider=cand.provider.id,
+                                 key_id=cand.key.key_id, model=model)  # fmt: skip
+                return res
+            if res.upstream is not None:  # an answer, but not a continuation (a rejected prefill)
+                res.upstream.release()
+                self._report(ex, engine, cand, Report(res.outcome, res.upstream.status,
+                                                      unsuitable=True))  # fmt: skip
+                continue
+            self._report(ex, engine, cand, self._classify(ex, res))
+        state.metrics.stream_resumptions.labels(provider, "failed").inc()
+        await _end_with_error(resp, shape, brk, "no candidate could continue it")
+        return None
+
+    # ----------------------------------------------------------------- finishing
+
+    def _error(self, ex: Exchange, err: ProxyError) -> web.Response:
+        ex.status = err.code.status
+        adapter = adapter_for(ex.fmt)
+        headers = ex.sidecar_headers() if ex.candidate else {"x-sidecar-request-id": ex.request_id}
+        if not err.code.retryable:
+            headers["x-should-retry"] = "false"
+        if err.retry_after is not None:
+            headers["retry-after"] = str(err.retry_after)
+        return web.Response(status=err.code.status, body=adapter.error_body(err.code, err.message),
+                            content_type="application/json", headers=headers)  # fmt: skip
+
+    async def _finish(self, ex: Exchange, resp: web.StreamResponse) -> web.StreamResponse:
+        """Send the response here, not after the handler returns, so a failure to send it
+        (after an upstream call was paid for) is in the access log, metrics and spend."""
+        if not resp.prepared:
+            try:
+                await resp.prepare(ex.request)
+                await resp.write_eof()
+            except (asyncio.CancelledError, ConnectionResetError):
+                ex.status = CLIENT_CLOSED
+                account(self.state, ex)
+                raise
+            except Exception as exc:  # the outermost boundary of this request
+                ex.status = 500
+                self.state.oplog.error("response_failed", request_id=ex.request_id,
+                                       error=type(exc).__name__)  # fmt: skip
+                account(self.state, ex)
+                raise
+        account(self.state, ex)
+        return resp
+
+
+# --------------------------------------------------------------------------- helpers
+
+
+async def _end_with_error(
+    resp: web.StreamResponse, shape: Shape, brk: relay.Break, why: str
+) -> None:
+    """End the caller's stream with an in-band error event the official SDKs raise: never a
+    truncated answer that looks complete. It carries the upstream's own error, if any."""
+    message = f"the upstream stream broke ({brk.cause}) and {why}"
+    if brk.message:
+        message = f"{message}: {brk.message}"
+    await resp.write(error_event(shape, message))
+    await resp.write_eof()
+
+
+def _takes_prefill(cand: Candidate) -> bool:
+    return cand.provider.accepts_prefill(cand.model.upstream if cand.model else None)
+
+
+def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> ResolvedModel:
+    """On `/{provider}/…` the provider is given; a `provider:` prefix on the model is dropped."""
+    prefix = provider_id + ":"
+    upstream = name[len(prefix) :] if name.startswith(prefix) else name
+    return ResolvedModel(name, runtime.providers[provider_id], upstream)

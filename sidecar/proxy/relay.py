@@ -1,0 +1,210 @@
+"""Relaying an upstream answer to the caller: a JSON body read whole, a body relayed as it
+arrives, or an SSE stream pumped event by event until it ends or breaks."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import time
+from dataclasses import dataclass
+from typing import Final
+
+import aiohttp
+from aiohttp import web
+from multidict import CIMultiDict, CIMultiDictProxy
+
+from sidecar.plan import Candidate
+from sidecar.providers import Adapter
+from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
+from sidecar.proxy.upstream import HOP_BY_HOP, Failed
+from sidecar.secret import mask_key_fragments
+from sidecar.state import State
+from sidecar.streams import StreamTracker
+from sidecar.usage import Usage, usage_from_tail
+
+#: Response headers never relayed: aiohttp decompresses and re-frames the body.
+_DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
+#: How much of the end of an answer relayed unread is kept to find its `usage`.
+_USAGE_TAIL: Final = 64 << 10
+
+
+@dataclass(frozen=True, slots=True)
+class Break:
+    """Why a stream that had started did not end complete."""
+
+    cause: str  # upstream_closed | idle_timeout | inband_error | malformed | caller_gone
+    message: str = ""  # the upstream's own words, for an in-band error
+
+    @property
+    def caller_gone(self) -> bool:
+        return self.cause == "caller_gone"
+
+
+CALLER_GONE: Final = Break("caller_gone")
+
+
+def respond(
+    ex: Exchange, upstream: aiohttp.ClientResponse, body: bytes, adapter: Adapter
+) -> web.Response:
+    """A JSON answer read whole (its usage is metered from the body)."""
+    ex.status = upstream.status
+    if upstream.status < 300:
+        ex.usage = adapter.usage_from_body(body)
+    headers = relay_headers(upstream.headers)
+    headers.update(ex.sidecar_headers())
+    body = masked(upstream.status, body, ex.candidate)
+    return web.Response(status=upstream.status, body=body, headers=headers)
+
+
+def respond_failed(ex: Exchange, cand: Candidate, failed: Failed) -> web.Response:
+    """The last failover-status answer, when every candidate failed."""
+    status, failed_headers, failed_body = failed
+    ex.candidate = cand
+    ex.status = status
+    out = relay_headers(failed_headers)
+    out.update(ex.sidecar_headers())
+    return web.Response(status=status, body=masked(status, failed_body, cand), headers=out)
+
+
+async def open_stream(ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+    """Send the response headers: from here on the caller has the first byte."""
+    ex.status = upstream.status
+    headers = relay_headers(upstream.headers)
+    headers.update(ex.sidecar_headers())
+    resp = web.StreamResponse(status=upstream.status, headers=headers)
+    await resp.prepare(ex.request)
+    ex.streaming = True
+    return resp
+
+
+async def pump(
+    ex: Exchange,
+    resp: web.StreamResponse,
+    upstream: aiohttp.ClientResponse,
+    tracker: StreamTracker,
+    native_idle: bool,
+) -> Break | None:
+    """Relay a started SSE stream until it ends (None) or breaks (why).
+
+    `stream_idle` bounds every gap: natively (aiohttp's per-read timer) when it can, else
+    our own timer, re-armed per chunk, which also covers a caller taking nothing. A clean
+    end without the format's terminator is a break unless the answer had finished (then
+    the terminator is added).
+    """
+    content = upstream.content
+    loop = asyncio.get_running_loop()
+    idle = ex.runtime.config.timeouts.stream_idle
+    try:
+        async with contextlib.nullcontext() if native_idle else asyncio.timeout(None) as timer:
+            while True:
+                if tracker.error is not None:  # also in the chunk that carried the first content
+                    return Break("inband_error", tracker.error.message)
+                if tracker.malformed:
+                    return Break("malformed")
+                t = time.perf_counter()
+                if timer is not None:
+                    timer.reschedule(loop.time() + idle)
+                chunk = await content.readany()
+                ex.upstream_wait += time.perf_counter() - t
+                if not chunk:
+                    tail = tracker.finish()
+                    if tail:
+                        await resp.write(tail)
+                    end = tracker.complete_on_eof()
+                    if end is None:
+                        return Break("upstream_closed")
+                    if end:
+                        await resp.write(end)
+                    return None
+                out = tracker.feed(chunk)
+                if out:
+                    await resp.write(out)
+    except ConnectionResetError:  # writing to a caller that went away
+        return CALLER_GONE
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        if ex.caller_gone:
+            return CALLER_GONE
+        return Break("idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed")
+    finally:
+        upstream.release()
+
+
+async def relay_body(
+    state: State,
+    ex: Exchange,
+    upstream: aiohttp.ClientResponse,
+    native_idle: bool,
+    adapter: Adapter,
+    prefix: bytes = b"",
+) -> web.StreamResponse:
+    """Relay an answer that is not SSE chunk by chunk as it arrives (media, or a JSON body
+    too large to hold: `prefix` is what was already read of it, its usage read from its tail).
+    A break ends the caller's connection without the body's end, so the client sees it."""
+    usage_tail = bytearray(prefix[-_USAGE_TAIL:])
+    content = upstream.content
+    loop = asyncio.get_running_loop()
+    idle = ex.runtime.config.timeouts.stream_idle
+    resp = await open_stream(ex, upstream)
+    try:
+        if prefix:
+            await resp.write(prefix)
+        async with contextlib.nullcontext() if native_idle else asyncio.timeout(None) as timer:
+            while True:
+                t = time.perf_counter()
+                if timer is not None:
+                    timer.reschedule(loop.time() + idle)
+                chunk = await content.readany()
+                ex.upstream_wait += time.perf_counter() - t
+                if not chunk:
+                    break
+                usage_tail += chunk
+                del usage_tail[:-_USAGE_TAIL]
+                await resp.write(chunk)
+        await resp.write_eof()
+    except ConnectionResetError:
+        ex.status = CLIENT_CLOSED
+    except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
+        if ex.caller_gone:
+            ex.status = CLIENT_CLOSED
+        else:
+            interrupted(
+                state, ex, "idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed"
+            )
+            close_caller(ex)
+    finally:
+        upstream.release()
+        if upstream.status < 300:
+            ex.usage = usage_from_tail(adapter.format, bytes(usage_tail)) or Usage(
+                max(1, ex.body_size // 4), 0
+            )
+    return resp
+
+
+def interrupted(state: State, ex: Exchange, cause: str) -> None:
+    state.metrics.stream_interruptions.labels(ex.provider, cause).inc()
+    key_id = ex.candidate.key.key_id if ex.candidate else ""
+    state.oplog.warning("stream_interrupted", request_id=ex.request_id, provider=ex.provider,
+                        key_id=key_id, cause=cause)  # fmt: skip
+
+
+def close_caller(ex: Exchange) -> None:
+    """End the caller's response without its terminator: the client sees the break."""
+    transport = ex.request.transport
+    if transport is not None:
+        transport.close()
+
+
+def relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    out: CIMultiDict[str] = CIMultiDict()
+    for name, value in upstream.items():
+        if name.lower() not in _DROP_RESPONSE:
+            out.add(name, value)
+    return out
+
+
+def masked(status: int, body: bytes, cand: Candidate | None) -> bytes:
+    """Auth-error wording may quote part of the provider key: mask it before relaying."""
+    if status not in (401, 403) or not body:
+        return body
+    secrets = [cand.key.secret] if cand is not None and cand.key.secret is not None else []
+    return mask_key_fragments(body, secrets)

@@ -1,0 +1,326 @@
+"""One upstream attempt: build it for its candidate, send it, and read it up to the point
+where its answer could go to the caller.
+
+A failover-status answer is read (bounded) and returned as `failed`; a JSON answer is
+read whole inside the attempt, so a body that breaks before any byte reached the caller
+still fails over; an SSE stream is read until its first content event (the first-token
+hold, docs/reference.md#failover-and-key-health), so a stream that stalls or errors
+before that still fails over too.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import time
+from dataclasses import dataclass
+from typing import Any, Final
+
+import aiohttp
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+from sidecar import inbound
+from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
+from sidecar.keys import KeySource
+from sidecar.plan import Candidate
+from sidecar.providers import Adapter, auth_header
+from sidecar.proxy.exchange import Exchange
+from sidecar.secret import SENSITIVE_HEADERS
+from sidecar.state import State
+from sidecar.streams import StreamTracker
+from sidecar.upstream_url import upstream_url
+
+HOP_BY_HOP: Final = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
+     "trailers", "transfer-encoding", "upgrade", "host", "content-length"}
+)  # fmt: skip
+#: Request headers never forwarded: hop-by-hop, credentials, and encodings aiohttp negotiates
+#: itself; the body goes out decoded (`inbound.decode_body`), so never under its old encoding.
+_DROP_REQUEST: Final = (
+    HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "expect", "content-encoding"}
+)
+_FAILED_BODY_LIMIT: Final = 1 << 20
+#: A successful JSON answer is read whole (for metering, and so a body that breaks can
+#: still fail over) up to this size; a larger one is relayed as it arrives.
+_READ_WHOLE_LIMIT: Final = 8 << 20
+#: A stream's events before its first content are held at most this long (bytes); past it
+#: the stream is relayed as it is.
+_HOLD_LIMIT: Final = 1 << 20
+_NO_CLIENT_TIMEOUT: Final = aiohttp.ClientTimeout(
+    total=None, connect=None, sock_connect=None, sock_read=None
+)
+_JSON_HEADERS: Final = CIMultiDictProxy(CIMultiDict({"content-type": "application/json"}))
+
+#: A failover-status answer kept in case it is the last one: (status, headers, body).
+Failed = tuple[int, "CIMultiDictProxy[str]", bytes]
+
+
+@functools.lru_cache(maxsize=8)
+def read_timeout(stream_idle: float) -> aiohttp.ClientTimeout:
+    """aiohttp's own per-read timer, re-armed natively on every chunk the upstream sends."""
+    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=stream_idle)
+
+
+@dataclass(slots=True)
+class Result:
+    """What one attempt produced."""
+
+    outcome: Outcome
+    status: int | None = None
+    upstream: aiohttp.ClientResponse | None = None  # an answer for the caller
+    body: bytes | None = None  # its body, when read whole (JSON)
+    failed: Failed | None = None  # a failover-status answer
+    retry_after: float | None = None
+    quota: bool = False
+    timed_out: bool = False  # the attempt ran into timeouts.total
+    native_idle: bool = False  # stream gaps are bounded by aiohttp's per-read timer
+    #: what was already read of an answer relayed as it arrives (a stream's held events,
+    #: or the start of a body too large to hold): relayed first
+    prefix: bytes = b""
+    tracker: StreamTracker | None = None  # an SSE stream's tracker, its first content seen
+    complete: bool = False  # the whole stream is in `prefix` (it ended without content)
+
+
+@dataclass(frozen=True, slots=True)
+class Prepared:
+    """What every attempt of one request shares."""
+
+    path: str  # decoded and checked
+    query: str  # raw, the caller's credentials stripped
+    headers: CIMultiDict[str]  # end-to-end request headers, no credentials
+
+
+def prepare(ex: Exchange, path: str) -> Prepared:
+    token = ex.token.reveal() if ex.token else ""
+    base_headers = _forward_headers(ex.request.headers, token)
+    query = inbound.strip_credentials(ex.request.rel_url.raw_query_string, (token,))
+    return Prepared(path, query, base_headers)
+
+
+def payload(
+    body: bytes,
+    data: dict[str, Any] | None,
+    model: str | None,
+    adapter: Adapter,
+    path: str,
+    stream: bool,
+) -> tuple[bytes, bool]:
+    """The body for one model candidate, and whether the stream's added usage chunk must be
+    stripped. The caller's bytes go out untouched when nothing changes."""
+    if data is None:
+        return body, False
+    changes: dict[str, Any] = {}
+    if "models" in data:
+        changes["models"] = None
+    if model is not None and data.get("model") != model:
+        changes["model"] = model
+    strip = False
+    if stream:
+        probe = dict(data)
+        if isinstance(probe.get("stream_options"), dict):  # never mutate the caller's own dict
+            probe["stream_options"] = dict(probe["stream_options"])
+        strip = adapter.prepare_stream(path, probe)
+        if strip:
+            changes["stream_options"] = probe["stream_options"]
+    if not changes:
+        return body, False
+    out = dict(data)
+    for k, v in changes.items():
+        if v is None:
+            out.pop(k, None)
+        else:
+            out[k] = v
+    return inbound.dump_json(out), strip
+
+
+def target(cand: Candidate, prep: Prepared) -> tuple[URL, CIMultiDict[str]]:
+    """URL and headers for one attempt."""
+    p = cand.provider
+    query = prep.query
+    if query and p.query:  # the provider's own `query_params` cannot be overridden by the caller
+        own = [part.partition("=")[0] for part in p.query.split("&")]
+        query = inbound.strip_credentials(query, drop=own)
+    params = f"{query}&{p.query}" if query and p.query else (query or p.query)
+    url = upstream_url(p.base_url, prep.path, params)
+    headers = prep.headers.copy()
+    for name, secret in p.headers:
+        headers[name] = secret.reveal()
+    auth = auth_header(p.auth if cand.key.source is not KeySource.PASSTHROUGH else _caller_auth(p.auth),
+                       cand.key.secret)  # fmt: skip
+    if auth is not None:
+        headers[auth[0]] = auth[1]
+    return url, headers
+
+
+async def attempt(
+    state: State,
+    ex: Exchange,
+    cand: Candidate,
+    url: URL,
+    headers: CIMultiDict[str],
+    body: bytes,
+    budget: float,
+    tracker: StreamTracker | None,
+) -> Result:
+    """Send one attempt and read it up to where its answer could go to the caller.
+
+    `tracker` is given for a streaming request: a 2xx SSE answer is then held until its
+    first content event, within `timeouts.first_token` (which also bounds the wait for
+    the headers); otherwise `timeouts.per_request` bounds the attempt until its answer
+    (a JSON answer: read whole; then `stream_idle` bounds each read of its body).
+    """
+    cfg = ex.runtime.config
+    timeouts = cfg.timeouts
+    key = cand.key
+    sent = time.perf_counter()
+    deadline = sent + budget
+    upstream: aiohttp.ClientResponse | None = None
+    failover = False
+    loop = asyncio.get_running_loop()
+    idle = timeouts.stream_idle
+    first = tracker is not None
+    limit = timeouts.first_token if first else timeouts.per_request
+    # aiohttp's native per-read timer bounds stream gaps when it cannot cut a wait that a
+    # longer timer owns (the first token of a stream, or a whole non-streamed generation).
+    native_idle = first and timeouts.first_token <= idle
+    try:
+        async with asyncio.timeout(min(limit, budget)) as timer:
+            upstream = await state.session.request(
+                ex.request.method, url, data=body, headers=headers,
+                timeout=read_timeout(idle) if native_idle else _NO_CLIENT_TIMEOUT,
+                allow_redirects=False,
+            )  # fmt: skip
+            ttfb = time.perf_counter() - sent
+            state.metrics.upstream_ttfb(key.provider).observe(ttfb)
+            status = upstream.status
+            failover = status in cfg.failover.on_status
+            ctype = upstream.headers.get("content-type", "")
+            if not failover and "json" not in ctype:
+                if tracker is not None and status < 300 and "text/event-stream" in ctype:
+                    res = await _hold(upstream, tracker, native_idle)
+                    ex.upstream_wait += time.perf_counter() - sent
+                    return res
+                ex.upstream_wait += ttfb  # other media: relayed as it arrives
+                return Result(classify_status(status), status, upstream=upstream,
+                              native_idle=native_idle)  # fmt: skip
+            # The body is still before the caller's first byte: timeouts.total bounds it too.
+            timer.reschedule(loop.time() + min(idle, max(0.001, deadline - time.perf_counter())))
+            answer, whole = await _read_body_of(
+                upstream, _FAILED_BODY_LIMIT if failover else _READ_WHOLE_LIMIT
+            )
+            if not whole and not failover:  # too large to hold: relay it as it arrives
+                ex.upstream_wait += time.perf_counter() - sent
+                return Result(classify_status(status), status, upstream=upstream,
+                              native_idle=native_idle, prefix=answer)  # fmt: skip
+    except (TimeoutError, aiohttp.ClientError) as exc:
+        if upstream is None or not failover:  # no answer, or its body broke: next candidate
+            if upstream is not None:
+                upstream.release()
+            waited = time.perf_counter() - sent
+            ex.upstream_wait += waited
+            if isinstance(exc, TimeoutError):
+                state.oplog.warning("upstream_timeout", request_id=ex.request_id,
+                                    provider=key.provider, key_id=key.key_id,
+                                    waited_s=round(waited, 3))  # fmt: skip
+                return Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= deadline)
+            state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
+                                key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
+            return Result(Outcome.CONNECT_ERROR)
+        answer = b""  # a failover-status answer whose body did not arrive: still that status
+    ex.upstream_wait += time.perf_counter() - sent
+    upstream.release()
+    status = upstream.status
+    outcome = classify_status(status)
+    if not failover:
+        return Result(outcome, status, upstream=upstream, body=answer)
+    state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
+                        key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
+    return failed_result(status, upstream.headers, answer)
+
+
+def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> Result:
+    res = Result(classify_status(status), status, failed=(status, headers, body))
+    if status == 429:
+        res.retry_after = parse_retry_after(headers.get("retry-after"))
+        res.quota = is_quota_exhausted(body)
+    return res
+
+
+async def _hold(
+    upstream: aiohttp.ClientResponse, tracker: StreamTracker, native_idle: bool
+) -> Result:
+    """Read a 2xx stream until its first content event (within the caller's timer).
+
+    Before it, an in-band error fails over like the same HTTP error, and a stream that
+    breaks, or sends what is not SSE, fails over like a dropped connection. A stream
+    that ends complete without content (an empty answer) is an answer.
+    """
+    held = bytearray()
+    content = upstream.content
+    status = upstream.status
+    while not tracker.content_seen:
+        chunk = await content.readany()
+        if not chunk:
+            tail = tracker.finish()
+            if tracker.error is None and not tracker.malformed:
+                done = tracker.complete_on_eof()
+                if done is not None:  # complete and empty: that is the answer
+                    upstream.release()
+                    return Result(Outcome.OK, status, upstream=upstream,
+                                  prefix=bytes(held + tail + done), tracker=tracker,
+                                  complete=True)  # fmt: skip
+            upstream.release()
+            return _broken_before_content(tracker)
+        held += tracker.feed(chunk)
+        if (tracker.error is not None or tracker.malformed) and not tracker.content_seen:
+            upstream.release()
+            return _broken_before_content(tracker)
+        if len(held) > _HOLD_LIMIT:
+            break  # a preamble this long: relay it as it is
+    return Result(Outcome.OK, status, upstream=upstream, native_idle=native_idle,
+                  prefix=bytes(held), tracker=tracker)  # fmt: skip
+
+
+def _broken_before_content(tracker: StreamTracker) -> Result:
+    err = tracker.error
+    if err is not None:  # an in-band error: as if the upstream had answered with it
+        return failed_result(err.status, _JSON_HEADERS, err.body)
+    return Result(Outcome.CONNECT_ERROR)
+
+
+def _forward_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict[str]:
+    """End-to-end request headers; never a credential, nor any header carrying the caller's token."""
+    out: CIMultiDict[str] = CIMultiDict()
+    connection = incoming.get("connection")
+    # Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
+    named = {t.strip().lower() for t in connection.split(",")} if connection else ()
+    for name, value in incoming.items():
+        lname = name.lower()
+        if lname in _DROP_REQUEST or lname in named or lname.startswith("x-sidecar-"):
+            continue
+        if token and token in value:
+            continue
+        out.add(name, value)
+    return out
+
+
+def _caller_auth(auth: str) -> str:
+    return "bearer" if auth == "none" else auth
+
+
+async def _read_body_of(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+    """An upstream body up to about `limit` decoded bytes, and whether that was all of it.
+
+    aiohttp decompresses in bounded chunks, so a compressed answer never unpacks past
+    the limit here. The caller's timer bounds the wait.
+    """
+    chunks: list[bytes] = []
+    size = 0
+    while size < limit:
+        chunk = await upstream.content.readany()
+        if not chunk:
+            return b"".join(chunks), True
+        chunks.append(chunk)
+        size += len(chunk)
+    return b"".join(chunks), upstream.content.at_eof()
