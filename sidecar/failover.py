@@ -36,7 +36,7 @@ class StopReason(enum.StrEnum):
     TIMED_OUT = "timed_out"  # `timeouts.total` passed
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per attempt, and frozen init is slower
 class Attempt:
     candidate: Candidate
     number: int  # this request's attempt count, from 1
@@ -52,7 +52,7 @@ class Stop:
     reason: StopReason
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per attempt, and frozen init is slower
 class Report:
     """What one attempt came to."""
 
@@ -71,7 +71,7 @@ class Report:
     unsuitable: bool = False
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built per attempt, and frozen init is slower
 class Verdict:
     final: bool  # relay this attempt's answer to the caller
     cooled_until: float | None = None  # a cooldown this attempt started (health clock)
@@ -142,7 +142,7 @@ class Engine:
             cand = self._candidates[self._pos]
             if accept is None or accept(cand):
                 return self._attempt(cand, wait, retry=True)
-            self._pos += 1
+            self._advance()
         while self._pos < len(self._candidates):
             cand = self._candidates[self._pos]
             model = cand.model.upstream if cand.model else None
@@ -155,6 +155,13 @@ class Engine:
                 continue
             return self._attempt(cand, 0.0, retry=False)
         return self._stopped(StopReason.EXHAUSTED)
+
+    def restart(self, deadline: float) -> None:
+        """A new `timeouts.total` for what follows: a broken stream's continuation has until
+        `deadline` (on the engine's clock) to send its first content."""
+        self._deadline = deadline
+        if self._stop is not None and self._stop.reason is StopReason.TIMED_OUT:
+            self._stop = None
 
     def report(self, report: Report) -> Verdict:
         """Account for the latest attempt and decide what follows it."""

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any, Final
 
-from sidecar.streams import _NOT_TEXT, Shape, _serialise
+from sidecar.streams import NOT_TEXT, Shape, _serialise
 
 if TYPE_CHECKING:
     from sidecar.streams import StreamTracker
@@ -137,7 +137,7 @@ class Splice:
             not cut
             and first.get("finish_reason") is None
             and len(obj.get("choices") or ()) == 1
-            and not any(delta.get(k) for k in _NOT_TEXT)
+            and not any(delta.get(k) for k in NOT_TEXT)
         ):
             return _DROP
         return _serialise(obj, named=False)

@@ -23,6 +23,7 @@ when nothing is removed, returned as the very same object.
 from __future__ import annotations
 
 import enum
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -48,15 +49,18 @@ __all__ = [
 MAX_EVENT: Final = 16 * 1024 * 1024
 # Beyond this much relayed text a stream is no longer resumed (the prefill would be huge).
 _MAX_TEXT: Final = 1024 * 1024
+# At most this much of a stream's relayed events is kept unread (the fast lane) at a time.
+_MAX_RAW: Final = 1024 * 1024
 _DONE: Final = b"[DONE]"
 _DONE_EVENT: Final = b"data: [DONE]\n\n"
+_DONE_TAIL: Final = b"\n\ndata: [DONE]"
 _MESSAGE_STOP_EVENT: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
 # What `_on_event` returns besides replacement bytes: keep the event as received.
 _KEEP: Final = None
 _DROP: Final = b""
 
 # CHAT delta fields that are content but not text: no prefill can continue them.
-_NOT_TEXT: Final = ("tool_calls", "function_call", "refusal", "reasoning_content")
+NOT_TEXT: Final = ("tool_calls", "function_call", "refusal", "reasoning_content")
 _RESPONSES_PREAMBLE: Final = frozenset(
     {
         "response.created",
@@ -263,6 +267,7 @@ class StreamTracker:
         "_cache_create",
         "_cache_read",
         "_cut",
+        "_finished",
         "_handle",
         "_held",
         "_input",
@@ -271,6 +276,9 @@ class StreamTracker:
         "_next_index",
         "_open_index",
         "_open_text",
+        "_raw",
+        "_raw_len",
+        "_resumable",
         "_scan",
         "_splice",
         "_stopped",
@@ -281,9 +289,7 @@ class StreamTracker:
         "content_seen",
         "error",
         "events",
-        "finished",
         "malformed",
-        "resumable",
         "shape",
         "terminated",
         "usage",
@@ -307,10 +313,13 @@ class StreamTracker:
         self.error: InbandError | None = None
         self.malformed = False
         self.terminated = False
-        self.finished = False
+        self._finished = False
         self.usage = Usage()
         self.events = 0
-        self.resumable = self._keep_text
+        self._resumable = self._keep_text
+        # CHAT chunks relayed by the fast lane (`_feed_fast`), not yet read event by event.
+        self._raw: list[bytes] = []
+        self._raw_len = 0
         self._text: list[str] = []
         self._text_len = 0
         # MESSAGES: the block open now (started, not stopped), whether it is text, the next index.
@@ -326,16 +335,20 @@ class StreamTracker:
         self._stopped = False  # error or malformed: nothing more is forwarded
         self._through = False  # terminated (or OTHER started): forward unread
         self._cut = False
-        self._handle = {
-            Shape.CHAT: self._chat,
-            Shape.COMPLETIONS: self._completions,
-            Shape.RESPONSES: self._responses,
-            Shape.MESSAGES: self._messages,
-            Shape.OTHER: self._other,
-        }[shape]
+        # An if-chain, not a dict: hashing an enum member is a Python-level call.
+        if shape is Shape.CHAT:
+            self._handle: Callable[[dict[str, Any]], bytes | None] = self._chat
+        elif shape is Shape.MESSAGES:
+            self._handle = self._messages
+        elif shape is Shape.COMPLETIONS:
+            self._handle = self._completions
+        elif shape is Shape.RESPONSES:
+            self._handle = self._responses
+        else:
+            self._handle = self._other
         if splice is not None:
             original = splice.original
-            self.resumable = self._keep_text and original.resumable
+            self._resumable = self._keep_text and original.resumable
             if self._keep_text and original.text:
                 self._add_text(original.text)
             self._open_index = original.open_index
@@ -351,9 +364,22 @@ class StreamTracker:
 
     @property
     def text(self) -> str:
+        self._catch_up()
         if len(self._text) > 1:
             self._text = ["".join(self._text)]
         return self._text[0] if self._text else ""
+
+    @property
+    def resumable(self) -> bool:
+        """Whether a prefill can continue what was relayed (see the class docstring)."""
+        self._catch_up()
+        return self._resumable
+
+    @property
+    def finished(self) -> bool:
+        """A finish reason was seen (choice 0's `finish_reason`, a `stop_reason`)."""
+        self._catch_up()
+        return self._finished
 
     @property
     def open_index(self) -> int | None:
@@ -410,8 +436,85 @@ class StreamTracker:
             and b"\r" not in chunk
             and b"\n\n\n" not in chunk
         ):
+            if self._lane:
+                out = self._feed_fast(chunk)
+                if out is not None:
+                    return out
             return self._feed_whole(chunk)
         return self._feed_split(chunk)
+
+    @property
+    def _lane(self) -> bool:
+        """Whether whole CHAT chunks may take the fast lane: content has started here and
+        nothing is rewritten."""
+        return self.content_seen and self.shape is Shape.CHAT and self._splice is None
+
+    def _feed_fast(self, chunk: bytes) -> bytes | None:
+        """A run of whole, single-line `data:` events of a started chat stream, validated with
+        one parse in C and relayed as is (less a usage chunk the sidecar asked for); what
+        they mean for `text`, `resumable` and `finished` is read later, only if asked
+        (`_catch_up`). None: take the event-by-event path (an error, a comment or another
+        field, a malformed event)."""
+        if not chunk.startswith(b"data: ") or b'"error":' in chunk:
+            return None
+        body = chunk[6:-2]
+        done = body.endswith(b"[DONE]")
+        if done:
+            if body == _DONE:
+                body = b""
+            elif body.endswith(_DONE_TAIL):
+                body = body[: -len(_DONE_TAIL)]
+            else:
+                return None
+        count = 0
+        cut = -1
+        if body:
+            joined = body.replace(b"\n\ndata: ", b",")
+            if b"\n" in joined:
+                return None
+            try:
+                objs = orjson.loads(b"[" + joined + b"]")
+            except orjson.JSONDecodeError:
+                return None
+            count = len(objs)
+            if count != body.count(b"\n\ndata: ") + 1:
+                return None  # a data value that is not one JSON value
+            if b'"usage":' in body:
+                cut = self._fast_usage(objs)
+            self._raw.append(body)
+            self._raw_len += len(body)
+            if self._raw_len > _MAX_RAW:
+                self._catch_up()  # bounded: read what is kept, then keep nothing
+        self.events += count + done
+        if done:
+            self.terminated = self._through = True
+        if cut < 0:
+            return chunk
+        datas = body.split(b"\n\ndata: ")
+        del datas[cut]
+        out = b"data: " + b"\n\ndata: ".join(datas) + b"\n\n" if datas else b""
+        return out + _DONE_EVENT if done else out
+
+    def _fast_usage(self, objs: list[Any]) -> int:
+        """Meter the usage in a fast-lane chunk; the index of a usage-only chunk to cut, or -1."""
+        cut = -1
+        for i, obj in enumerate(objs):
+            if type(obj) is dict and isinstance(obj.get("usage"), dict):
+                self.usage = _openai_usage(obj["usage"])
+                if self._strip and obj.get("choices") == []:
+                    cut = i
+        return cut
+
+    def _catch_up(self) -> None:
+        """Read the events the fast lane relayed unread, in order, for their text and finish."""
+        if not self._raw:
+            return
+        raw, self._raw, self._raw_len = self._raw, [], 0
+        for body in raw:
+            for data in body.split(b"\n\ndata: "):
+                obj = orjson.loads(data)  # validated when it was relayed
+                if type(obj) is dict:
+                    self._chat(obj)
 
     def finish(self) -> bytes:
         if self._held.strip():
@@ -422,13 +525,25 @@ class StreamTracker:
 
     def _feed_whole(self, chunk: bytes) -> bytes:
         """A run of whole `\\n\\n`-terminated events: split in C, returned as is unless changed."""
+        if self._raw:
+            self._catch_up()  # in order: what the fast lane relayed comes first
         out: list[bytes] | None = None
         kept = 0  # start of the part of `chunk` not yet copied to `out`
         pos = 0
+        lane = not self._lane  # whether the fast lane may take the rest once content starts
         for event in chunk.split(b"\n\n")[:-1]:
             start, pos = pos, pos + len(event) + 2
             if self._through:
                 break
+            if lane and self._lane:
+                lane = False
+                sub = chunk[start:]
+                rest = self._feed_fast(sub)
+                if rest is not None:
+                    if out is None and rest is sub:
+                        return chunk
+                    head = chunk[:start] if out is None else b"".join(out) + chunk[kept:start]
+                    return head + rest
             result = self._on_event(event)
             if result is _KEEP and not self._stopped:
                 continue
@@ -447,6 +562,8 @@ class StreamTracker:
 
     def _feed_split(self, chunk: bytes) -> bytes:
         """The general case: events found line by line in what is held."""
+        if self._raw:
+            self._catch_up()
         held = self._held
         held += chunk
         out: list[bytes] = []
@@ -510,7 +627,7 @@ class StreamTracker:
         self._text.append(piece)
         self._text_len += len(piece)
         if self._text_len > _MAX_TEXT:
-            self.resumable = False
+            self._resumable = False
             self._keep_text = False
             self._text.clear()
             self._text_len = 0
@@ -550,13 +667,18 @@ class StreamTracker:
                 piece = delta.get("content")
                 # Anything but a bare text delta: look for the other kinds of content.
                 if len(delta) > 1 or not piece:
-                    not_text = any(delta.get(k) for k in _NOT_TEXT)
+                    not_text = bool(
+                        delta.get("tool_calls")
+                        or delta.get("function_call")
+                        or delta.get("refusal")
+                        or delta.get("reasoning_content")
+                    )
             if piece or not_text or choice.get("finish_reason") is not None:
                 content = True
             if choice.get("index", 0) == 0:
                 first, text, other = choice, piece, not_text
             else:
-                self.resumable = False
+                self._resumable = False
         result: bytes | None = _KEEP
         if self._splice is not None:
             result = self._splice.chat(obj, first, content)
@@ -566,10 +688,10 @@ class StreamTracker:
             self.content_seen = True
         if first is not None:
             if first.get("finish_reason") is not None:
-                self.finished = True
+                self._finished = True
             if other:
-                self.resumable = False
-            elif text and self._keep_text and self.resumable and type(text) is str:
+                self._resumable = False
+            elif text and self._keep_text and self._resumable and type(text) is str:
                 self._add_text(text)
         return result
 
@@ -588,7 +710,7 @@ class StreamTracker:
             if choice.get("text") or choice.get("finish_reason") is not None:
                 self.content_seen = True
             if choice.get("index", 0) == 0 and choice.get("finish_reason") is not None:
-                self.finished = True
+                self._finished = True
         return _KEEP
 
     def _responses(self, obj: dict[str, Any]) -> bytes | None:
@@ -599,7 +721,7 @@ class StreamTracker:
         if isinstance(error, dict) and kind is None:
             return self._stop(_openai_error(error))
         if kind in _RESPONSES_END:
-            self.terminated = self.finished = self._through = True
+            self.terminated = self._finished = self._through = True
             self.content_seen = True
         elif kind not in _RESPONSES_PREAMBLE:
             self.content_seen = True
@@ -620,13 +742,13 @@ class StreamTracker:
         if kind == "content_block_delta":
             self.content_seen = True
             delta = obj.get("delta")
-            if isinstance(delta, dict) and self.resumable:
+            if isinstance(delta, dict) and self._resumable:
                 if delta.get("type") == "text_delta":
                     text = delta.get("text")
                     if isinstance(text, str) and text:
                         self._add_text(text)
                 else:
-                    self.resumable = False
+                    self._resumable = False
         elif kind == "content_block_start":
             block = obj.get("content_block")
             block_type = block.get("type") if isinstance(block, dict) else None
@@ -639,11 +761,11 @@ class StreamTracker:
                 text = block.get("text")
                 if isinstance(text, str) and text:
                     self.content_seen = True
-                    if self.resumable:
+                    if self._resumable:
                         self._add_text(text)
             else:
                 self.content_seen = True
-                self.resumable = False
+                self._resumable = False
         elif kind == "content_block_stop":
             self.content_seen = True
             if obj.get("index") == self._open_index:
@@ -655,7 +777,7 @@ class StreamTracker:
             self.content_seen = True
             delta = obj.get("delta")
             if isinstance(delta, dict) and delta.get("stop_reason") is not None:
-                self.finished = True
+                self._finished = True
             self._anthropic_usage(obj.get("usage"))
         elif kind == "message_stop":
             self.content_seen = self.terminated = self._through = True

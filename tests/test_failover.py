@@ -336,3 +336,28 @@ def test_no_retry_of_a_pair_this_fault_just_cooled() -> None:
     attempt(eng)
     assert eng.report(Report(Outcome.SERVER_ERROR, 503)).cooled_until is not None
     assert who(attempt(eng)) == ("k2", "a")
+
+
+def test_a_candidate_after_a_refused_retry_still_gets_its_own_retry() -> None:
+    eng, _, _ = engine([cand("k1", "a"), cand("k1", "b")])
+    attempt(eng)
+    eng.report(Report(Outcome.CONNECT_ERROR, 200))  # k1/a would be retried...
+    only_b = lambda c: c.model is not None and c.model.upstream == "b"  # noqa: E731
+    step = eng.next(accept=only_b)  # ...but it takes no prefill: k1/b instead
+    assert isinstance(step, Attempt)
+    eng.report(Report(Outcome.SERVER_ERROR, 503))
+    again = eng.next(accept=only_b)
+    assert isinstance(again, Attempt)
+    assert who(again) == ("k1", "b")
+    assert again.retry
+
+
+def test_resuming_gives_the_continuation_a_fresh_total() -> None:
+    eng, _, clock = engine([cand("k1", "a"), cand("k1", "b")], total=10.0)
+    attempt(eng)
+    clock.now += 60.0  # a long stream: far past the total, which bounds the first byte only
+    eng.report(Report(Outcome.CONNECT_ERROR, 200))
+    eng.restart(clock.now + 10.0)
+    step = eng.next()
+    assert isinstance(step, Attempt)
+    assert step.budget > 9.0

@@ -231,12 +231,11 @@ async def test_anthropic_streams_resume_natively_and_stay_well_formed(
     # the original's indices, so the SDK assembles one text block.
     sc = await boot(env, sidecars, config(env, openai_prefill=False))
     primary = f"{CLAUDE_MODEL}-break"
-    async with sc.anthropic(token) as client:
-        async with client.messages.stream(
-            model=primary, max_tokens=64, messages=MSG,
-            extra_body={"models": [primary, CLAUDE_MODEL]},
-        ) as s:  # fmt: skip
-            message = await s.get_final_message()
+    async with sc.anthropic(token) as client, client.messages.stream(
+        model=primary, max_tokens=64, messages=MSG,
+        extra_body={"models": [primary, CLAUDE_MODEL]},
+    ) as s:  # fmt: skip
+        message = await s.get_final_message()
     assert [b.type for b in message.content] == ["text"]
     assert message.content[0].text == REPLY  # type: ignore[union-attr]
     assert message.stop_reason == "end_turn"
@@ -253,10 +252,14 @@ async def test_a_fallback_that_rejects_prefill_ends_with_the_real_error(
         s = await client.chat.completions.create(
             model=primary, messages=MSG, stream=True, extra_body=models(primary, fallback)
         )
-        got = []
-        with pytest.raises(openai.APIError) as info:
+        got: list[str] = []
+
+        async def consume() -> None:
             async for chunk in s:
                 got.append(chunk.choices[0].delta.content or "" if chunk.choices else "")
+
+        with pytest.raises(openai.APIError) as info:
+            await consume()
     message = str(info.value)
     assert "upstream_closed" in message  # the break itself...
     assert "prefill" not in message  # ...not the fallback's refusal of the prefill
@@ -285,12 +288,11 @@ async def test_a_resumed_stream_meters_every_attempt(
 ) -> None:  # fmt: skip
     sc = await boot(env, sidecars, config(env, openai_prefill=False))
     primary = f"{CLAUDE_MODEL}-stuck"
-    async with sc.anthropic(token) as client:
-        async with client.messages.stream(
-            model=primary, max_tokens=64, messages=MSG,
-            extra_body={"models": [primary, CLAUDE_MODEL]},
-        ) as s:  # fmt: skip
-            message = await s.get_final_message()
+    async with sc.anthropic(token) as client, client.messages.stream(
+        model=primary, max_tokens=64, messages=MSG,
+        extra_body={"models": [primary, CLAUDE_MODEL]},
+    ) as s:  # fmt: skip
+        message = await s.get_final_message()
     assert message.content[0].text == REPLY  # type: ignore[union-attr]
     await sc.stop()
     sidecars.remove(sc)
@@ -322,13 +324,17 @@ async def test_a_continuation_that_fails_before_its_first_token_is_not_spliced(
     # The continuation gets the same first-token hold: its in-band error is a failed attempt,
     # not a resumed stream that breaks again.
     primary, fallback = "gpt-4o-mini-break", "gpt-4o-mini-early-error"
-    with pytest.raises(openai.APIError, match="upstream_closed"):
+
+    async def consume() -> None:
         async with sc.openai(token) as client:
             s = await client.chat.completions.create(
                 model=primary, messages=MSG, stream=True, extra_body=models(primary, fallback)
             )
             async for _ in s:
                 pass
+
+    with pytest.raises(openai.APIError, match="upstream_closed"):
+        await consume()
     # The primary itself continued once (then broke again); the fallback's two attempts
     # failed before any content, so they resumed nothing.
     assert await sent_models(http, mock_server) == [primary, primary, fallback, fallback]
@@ -337,3 +343,55 @@ async def test_a_continuation_that_fails_before_its_first_token_is_not_spliced(
     assert metric_value(m, "sidecar_stream_resumptions_total", provider="openai",
                         result="failed") == 1  # fmt: skip
     assert metric_value(m, "sidecar_stream_interruptions_total", provider="openai") == 2
+
+
+async def test_an_inband_error_before_the_first_token_follows_the_http_rules(
+    env: Env, sidecars: list[Sidecar], token: str, aiohttp_server: Any
+) -> None:
+    # An in-band error that stands for a 4xx is not a reason to try every key: a plain
+    # client error goes back as that status, a model-level one moves to the next model.
+    from aiohttp import web
+
+    seen: list[str] = []
+    errors = {
+        "bad": {"message": "temperature must be at most 2", "type": "invalid_request_error",
+                "code": "invalid_value", "param": "temperature"},
+        "small": {"message": "maximum context length exceeded", "type": "invalid_request_error",
+                  "code": "context_length_exceeded", "param": None},
+    }  # fmt: skip
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        seen.append(model)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        if model in errors:
+            await resp.write(b"data: " + orjson.dumps({"error": errors[model]}) + b"\n\n")
+        else:
+            delta = {
+                "choices": [{"index": 0, "delta": {"content": "fine"}, "finish_reason": "stop"}]
+            }
+            await resp.write(b"data: " + orjson.dumps(delta) + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    upstream = await aiohttp_server(app)
+    sc = await boot(env, sidecars, (
+        "providers:\n  - id: custom\n    format: openai\n"
+        f"    base_url: http://127.0.0.1:{upstream.port}/v1\n    models: [bad, small, big]\n"
+        f"    api_keys: {keys_yaml(env, 'custom', [('a', 'sk-a'), ('b', 'sk-b')])}\n"
+    ))  # fmt: skip
+    async with sc.openai(token) as client:
+        with pytest.raises(openai.BadRequestError) as info:
+            await client.chat.completions.create(
+                model="bad", messages=MSG, stream=True, extra_body={"models": ["bad", "big"]}
+            )
+        assert info.value.code == "invalid_value"
+        assert seen == ["bad"]  # not the other key, not the other model
+        seen.clear()
+        s = await client.chat.completions.create(
+            model="small", messages=MSG, stream=True, extra_body={"models": ["small", "big"]}
+        )
+        assert "".join([c.choices[0].delta.content or "" async for c in s if c.choices]) == "fine"
+        assert seen == ["small", "big"]  # the next model, without the other key of this one

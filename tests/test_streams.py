@@ -827,3 +827,39 @@ def test_anthropic_sdk_raises_the_error_event() -> None:
     with pytest.raises(anthropic.APIStatusError, match="upstream went away"):
         read()
     assert text == ["Hello", " from"]
+
+
+def test_the_fast_lane_keeps_text_in_order_and_reads_it_only_when_asked() -> None:
+    # Once content has started, whole chat chunks are validated in one parse and their
+    # meaning read later; a later chunk read event by event must not jump the queue.
+    def ev(obj: dict[str, Any]) -> bytes:
+        return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+    def delta(text: str, finish: str | None = None) -> bytes:
+        return ev({"choices": [{"index": 0, "delta": {"content": text}, "finish_reason": finish}]})
+
+    t = StreamTracker(Shape.CHAT, strip_usage=True)
+    assert t.feed(delta("a")) == delta("a")
+    lane = delta("b") + delta("c")
+    assert t.feed(lane) is lane  # relayed as is
+    usage = ev({"choices": [], "usage": {"prompt_tokens": 3, "completion_tokens": 4}})
+    assert t.feed(delta("d", "stop") + usage) == delta("d", "stop")  # cut, read in order
+    assert t.text == "abcd"
+    assert t.finished
+    assert (t.usage.input_tokens, t.usage.output_tokens) == (3, 4)
+    assert t.feed(b"data: [DONE]\n\n") == b"data: [DONE]\n\n"
+    assert t.terminated
+    assert t.complete_on_eof() == b""
+
+
+def test_the_fast_lane_leaves_a_malformed_or_error_chunk_to_the_careful_path() -> None:
+    good = b'data: {"choices":[{"index":0,"delta":{"content":"a"},"finish_reason":null}]}\n\n'
+    t = StreamTracker(Shape.CHAT)
+    t.feed(good)
+    assert t.feed(good + b'data: {"choices": [\n\n' + good) == good
+    assert t.malformed
+    t = StreamTracker(Shape.CHAT)
+    t.feed(good)
+    assert t.feed(good + b'data: {"error":{"message":"boom","type":"server_error"}}\n\n') == good
+    assert t.error is not None
+    assert t.text == "aa"

@@ -295,7 +295,9 @@ class Proxy:
             report = self._classify(ex, res)
             verdict = self._report(ex, engine, cand, report)
             if verdict:
-                assert res.upstream is not None
+                if res.upstream is None:  # an in-band error that goes back as its status
+                    assert res.failed is not None
+                    return relay.respond_failed(ex, cand, res.failed)
                 if res.body is not None:
                     return relay.respond(ex, res.upstream, res.body, adapter)
                 return await relay.relay_body(self.state, ex, res.upstream, res.native_idle,
@@ -344,6 +346,12 @@ class Proxy:
             model_level = res.body is not None and is_model_level_error(
                 status, res.body, ex.runtime.config.failover.next_model_on_codes
             )
+            return Report(res.outcome, status, model_level=model_level, final=not model_level)
+        failover = ex.runtime.config.failover
+        if res.inband and res.failed is not None and res.failed[0] not in failover.on_status:
+            # An in-band error before the first token, as if it were that HTTP status.
+            status, _, body = res.failed
+            model_level = is_model_level_error(status, body, failover.next_model_on_codes)
             return Report(res.outcome, status, model_level=model_level, final=not model_level)
         return Report(res.outcome, res.status, res.retry_after, res.quota, timed_out=res.timed_out)
 
@@ -409,13 +417,19 @@ class Proxy:
                     err_status = tracker.error.status
                     outcome = classify_status(err_status)
                 self._report(ex, engine, cand, Report(outcome, err_status))
+                # `timeouts.total` bounds the wait for a first byte: the continuation's too.
+                engine.restart(time.perf_counter() + ex.runtime.config.timeouts.total)
+                spent = tracker.estimate(ex.body_size)
                 nxt = await self._resume(ex, resp, engine, adapter, prep, data, shape,
                                          strip_usage, tracker, brk)  # fmt: skip
                 if nxt is None:
                     return resp
                 assert nxt.tracker is not None
                 assert ex.candidate is not None
-                ex.charges.append((cand, tracker.estimate(ex.body_size)))  # each attempt is paid
+                state.oplog.info("usage_estimated", request_id=ex.request_id,
+                                 input_tokens=spent.input_tokens,
+                                 output_tokens=spent.output_tokens)  # fmt: skip
+                ex.charges.append((cand, spent))  # each attempt is paid for
                 ex.resumed = True
                 current, tracker, cand = nxt, nxt.tracker, ex.candidate
         except ConnectionResetError:  # the caller left while the sidecar wrote to it
@@ -472,6 +486,7 @@ class Proxy:
                                     splice=Splice(shape, broken, trimmed))  # fmt: skip
             res = await self._send(ex, step, prep, payloads[model], tracker)
             if res.tracker is not None:
+                ex.body_size = len(raw)  # what a broken continuation's input is estimated from
                 state.metrics.stream_resumptions.labels(provider, "ok").inc()
                 state.oplog.info("stream_resumed", request_id=ex.request_id, provider=cand.provider.id,
                                  key_id=cand.key.key_id, model=model)  # fmt: skip

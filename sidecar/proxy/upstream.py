@@ -80,9 +80,10 @@ class Result:
     prefix: bytes = b""
     tracker: StreamTracker | None = None  # an SSE stream's tracker, its first content seen
     complete: bool = False  # the whole stream is in `prefix` (it ended without content)
+    inband: bool = False  # `failed` is an in-band error event, not an HTTP status
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Prepared:
     """What every attempt of one request shares."""
 
@@ -285,7 +286,9 @@ async def _hold(
 def _broken_before_content(tracker: StreamTracker) -> Result:
     err = tracker.error
     if err is not None:  # an in-band error: as if the upstream had answered with it
-        return failed_result(err.status, _JSON_HEADERS, err.body)
+        res = failed_result(err.status, _JSON_HEADERS, err.body)
+        res.inband = True
+        return res
     return Result(Outcome.CONNECT_ERROR)
 
 
