@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final
 
 import orjson
 
-from sidecar.usage import Usage, _count, _openai_usage
+from sidecar.usage import Usage, openai_usage, token_count
 
 if TYPE_CHECKING:
     from sidecar.resume import Splice
@@ -397,7 +397,7 @@ class StreamTracker:
         return self._next_index
 
     def estimate(self, request_bytes: int) -> Usage:
-        """Usage for a stream that ended before its usage was reported (as `StreamMeter.estimate`):
+        """Usage for a stream that ended before its usage was reported :
         what was reported is kept; missing input is ~4 request bytes per token, missing output
         ~1 token per data event."""
         return Usage(
@@ -500,7 +500,7 @@ class StreamTracker:
         cut = -1
         for i, obj in enumerate(objs):
             if type(obj) is dict and isinstance(obj.get("usage"), dict):
-                self.usage = _openai_usage(obj["usage"])
+                self.usage = openai_usage(obj["usage"])
                 if self._strip and obj.get("choices") == []:
                     cut = i
         return cut
@@ -636,11 +636,11 @@ class StreamTracker:
         self.content_seen = self._through = True
         return _KEEP
 
-    def _openai_usage(self, obj: dict[str, Any]) -> bool:
+    def _meter_openai(self, obj: dict[str, Any]) -> bool:
         """Meter an OpenAI event; True if it is the usage-only chunk to strip."""
         usage = obj.get("usage")
         if isinstance(usage, dict):
-            self.usage = _openai_usage(usage)
+            self.usage = openai_usage(usage)
             return self._strip and obj.get("choices") == []
         return False
 
@@ -648,7 +648,7 @@ class StreamTracker:
         if "error" in obj and isinstance(obj["error"], dict):
             return self._stop(_openai_error(obj["error"]))
         usage = obj.get("usage")
-        if usage is not None and self._openai_usage(obj):
+        if usage is not None and self._meter_openai(obj):
             return _DROP
         choices = obj.get("choices")
         if type(choices) is not list:
@@ -699,7 +699,7 @@ class StreamTracker:
         error = obj.get("error")
         if isinstance(error, dict):
             return self._stop(_openai_error(error))
-        if self._openai_usage(obj):
+        if self._meter_openai(obj):
             return _DROP
         choices = obj.get("choices")
         if not isinstance(choices, list):
@@ -729,7 +729,7 @@ class StreamTracker:
         if isinstance(response, dict):
             usage = response.get("usage")
             if isinstance(usage, dict):
-                self.usage = _openai_usage(usage)
+                self.usage = openai_usage(usage)
         return _KEEP
 
     def _messages(self, obj: dict[str, Any]) -> bytes | None:
@@ -786,16 +786,16 @@ class StreamTracker:
         return result
 
     def _anthropic_usage(self, usage: object) -> None:
-        """As `StreamMeter`: each counter is cumulative, the latest value of each one wins."""
+        """Each counter is cumulative: the latest value of each one wins."""
         if not isinstance(usage, dict):
             return
         if usage.get("input_tokens") is not None:
-            self._input = _count(usage["input_tokens"])
+            self._input = token_count(usage["input_tokens"])
         if usage.get("cache_creation_input_tokens") is not None:
-            self._cache_create = _count(usage["cache_creation_input_tokens"])
+            self._cache_create = token_count(usage["cache_creation_input_tokens"])
         if usage.get("cache_read_input_tokens") is not None:
-            self._cache_read = _count(usage["cache_read_input_tokens"])
+            self._cache_read = token_count(usage["cache_read_input_tokens"])
         output = self.usage.output_tokens
         if usage.get("output_tokens") is not None:
-            output = _count(usage["output_tokens"])
+            output = token_count(usage["output_tokens"])
         self.usage = Usage(self._input + self._cache_create + self._cache_read, output)

@@ -14,7 +14,7 @@ import pytest
 from openai._streaming import SSEDecoder
 
 from sidecar.streams import MAX_EVENT, InbandError, Shape, StreamTracker, error_event, shape_for
-from sidecar.usage import StreamMeter, Usage
+from sidecar.usage import Usage
 
 # --- real-shaped streams (as sidecar/mock_provider.py and the providers send them) ---------
 
@@ -630,23 +630,38 @@ def test_cut_after_terminator_is_still_complete() -> None:
 # --- usage -------------------------------------------------------------------------------
 
 
-def meter(fmt: str, data: bytes, how: str) -> Usage:
-    m = StreamMeter(fmt, strip_usage_chunk=False)
-    for chunk in splits(data, how):
-        m.feed(chunk)
-    m.finish()
-    return m.usage
+#: What each stream above reports: its usage fields, read as documented.
+EXPECTED_USAGE = {
+    Shape.CHAT: Usage(12, 5),  # usage.prompt_tokens, usage.completion_tokens
+    Shape.COMPLETIONS: Usage(3, 5),
+    Shape.RESPONSES: Usage(9, 5),  # response.usage input_tokens / output_tokens
+    Shape.MESSAGES: Usage(20 + 7, 5),  # input + cache reads at message_start; message_delta output
+}
 
 
 @pytest.mark.parametrize("how", SPLITS)
 @pytest.mark.parametrize("shape", list(STREAMS))
-def test_usage_equals_stream_meter(shape: Shape, how: str) -> None:
+def test_usage_is_read_however_the_stream_is_split(shape: Shape, how: str) -> None:
     data = b"".join(STREAMS[shape]())
     tracker = StreamTracker(shape)
     relay(tracker, splits(data, how))
-    fmt = "anthropic" if shape is Shape.MESSAGES else "openai"
-    assert tracker.usage == meter(fmt, data, how)
-    assert tracker.usage != Usage()
+    assert tracker.usage == EXPECTED_USAGE[shape]
+
+
+@pytest.mark.parametrize("shape", list(STREAMS))
+def test_usage_with_crlf_line_ends(shape: Shape) -> None:
+    data = b"".join(STREAMS[shape]()).replace(b"\n", b"\r\n")
+    tracker = StreamTracker(shape)
+    assert relay(tracker, splits(data, "seed-crlf")) == data
+    assert tracker.usage == EXPECTED_USAGE[shape]
+
+
+def test_token_counts_that_are_not_counts_are_zero() -> None:
+    usage = {"prompt_tokens": True, "completion_tokens": -3}
+    data = sse({"choices": [], "usage": usage}) + DONE
+    tracker = StreamTracker(Shape.CHAT)
+    relay(tracker, [data])
+    assert tracker.usage == Usage(0, 0)
 
 
 def test_anthropic_usage_latest_value_of_each_counter_wins() -> None:
@@ -658,17 +673,19 @@ def test_anthropic_usage_latest_value_of_each_counter_wins() -> None:
     data = b"".join(events)
     tracker = StreamTracker(Shape.MESSAGES)
     relay(tracker, [data])
-    assert tracker.usage == Usage(30 + 4 + 7, 9) == meter("anthropic", data, "whole")
+    assert tracker.usage == Usage(30 + 4 + 7, 9)
 
 
-def test_estimate_follows_stream_meter() -> None:
+def test_estimate_keeps_what_was_reported_and_counts_events_for_the_rest() -> None:
     data = b"".join(chat_events(usage=False)[:4])
     tracker = StreamTracker(Shape.CHAT)
     relay(tracker, [data])
-    m = StreamMeter("openai", strip_usage_chunk=False)
-    m.feed(data)
     assert tracker.events == 4
-    assert tracker.estimate(400) == m.estimate(400) == Usage(100, 4)
+    assert tracker.estimate(400) == Usage(100, 4)  # 4 request bytes per token, 1 per event
+    start = message_start(20)
+    tracker = StreamTracker(Shape.MESSAGES)
+    relay(tracker, [start + block_start(0) + text_delta(0, "a") + text_delta(0, "b")])
+    assert tracker.estimate(400) == Usage(20, 4)  # the reported input is kept
 
 
 # --- text and resumable ------------------------------------------------------------------

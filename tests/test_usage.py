@@ -6,9 +6,8 @@ from collections.abc import Iterable, Iterator
 import orjson
 import pytest
 
-from sidecar import usage as usage_mod
+from sidecar.streams import Shape, StreamTracker
 from sidecar.usage import (
-    StreamMeter,
     Usage,
     ensure_stream_usage,
     request_wants_stream_usage,
@@ -132,7 +131,7 @@ def random_splits(data: bytes, rounds: int = 300, seed: int = 1234) -> Iterator[
         yield pieces(data, rng.sample(range(len(data) + 1), rng.randint(1, 40)))
 
 
-def run(meter: StreamMeter, chunks: list[bytes]) -> bytes:
+def run(meter: StreamTracker, chunks: list[bytes]) -> bytes:
     return b"".join([meter.feed(c) for c in chunks]) + meter.finish()
 
 
@@ -249,17 +248,15 @@ def test_ensure_stream_usage_leaves_alone() -> None:
     assert odd["stream_options"] == "yes"
 
 
-# -- StreamMeter, read-only ---------------------------------------------------
+# -- streams (sidecar.streams.StreamTracker), split at every point ---------------
 
 
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
 def test_scan_openai_every_split(newline: bytes) -> None:
     data = b"".join(openai_events(newline)[0])
     for chunks in every_split(data):
-        meter = StreamMeter("openai", strip_usage_chunk=False)
-        for chunk in chunks:
-            assert meter.feed(chunk) is chunk
-        assert meter.finish() == b""
+        meter = StreamTracker(Shape.CHAT)
+        assert run(meter, chunks) == data
         assert meter.usage == Usage(12, 34)
 
 
@@ -267,13 +264,13 @@ def test_scan_openai_every_split(newline: bytes) -> None:
 def test_scan_anthropic_every_split(newline: bytes) -> None:
     data = anthropic_stream(newline)
     for chunks in every_split(data):
-        meter = StreamMeter("anthropic", strip_usage_chunk=False)
+        meter = StreamTracker(Shape.MESSAGES)
         assert run(meter, chunks) == data
         assert meter.usage == Usage(25 + 100 + 7, 40)
 
 
 def test_scan_anthropic_message_delta_with_input_counts() -> None:
-    meter = StreamMeter("anthropic", strip_usage_chunk=False)
+    meter = StreamTracker(Shape.MESSAGES)
     meter.feed(
         b'data: {"type":"message_start","message":{"usage":'
         b'{"input_tokens":10,"cache_read_input_tokens":5,"output_tokens":1}}}\n\n'
@@ -286,39 +283,12 @@ def test_scan_anthropic_message_delta_with_input_counts() -> None:
 def test_scan_responses_every_split() -> None:
     data = responses_stream()
     for chunks in random_splits(data, rounds=100):
-        meter = StreamMeter("openai", strip_usage_chunk=False)
+        meter = StreamTracker(Shape.RESPONSES)
         assert run(meter, chunks) == data
         assert meter.usage == Usage(9, 3)
 
 
-def test_scan_last_line_without_newline() -> None:
-    meter = StreamMeter("openai", strip_usage_chunk=False)
-    meter.feed(b'data: {"choices":[],"usage":{"prompt_tokens":1,')
-    meter.feed(b'"completion_tokens":2}}')
-    assert meter.usage == Usage(0, 0)
-    assert meter.finish() == b""
-    assert meter.usage == Usage(1, 2)
-
-
-def test_scan_survives_garbage() -> None:
-    meter = StreamMeter("openai", strip_usage_chunk=False)
-    for chunk in (b'data: {"usage": {{{\n\n', b"\xff\xfe\n", b'data: "usage"\n', b"data: []\n"):
-        assert meter.feed(chunk) is chunk
-    assert meter.finish() == b""
-    assert meter.usage == Usage(0, 0)
-
-
-def test_scan_overlong_line_is_dropped_not_the_stream(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(usage_mod, "_MAX_SCAN_LINE", 64)
-    long_line = b'data: {"choices":[{"delta":{"content":"' + b"x" * 200 + b'"}}],"usage":null}\n\n'
-    data = long_line + b"".join(sse(USAGE_CHUNK, done=True))
-    for chunks in every_split(data):
-        meter = StreamMeter("openai", strip_usage_chunk=False)
-        assert run(meter, chunks) == data
-        assert meter.usage == Usage(12, 34)
-
-
-# -- StreamMeter, stripping the added usage chunk -----------------------------
+# -- stripping the usage chunk the sidecar added ---------------------------
 
 
 @pytest.mark.parametrize("newline", [b"\n", b"\r\n"])
@@ -328,7 +298,7 @@ def test_strip_every_split_is_byte_exact(newline: bytes) -> None:
     expected = b"".join(events[:at] + events[at + 1 :])
     assert expected.endswith(b"data: [DONE]" + newline + newline)
     for chunks in every_split(data):
-        meter = StreamMeter("openai", strip_usage_chunk=True)
+        meter = StreamTracker(Shape.CHAT, strip_usage=True)
         assert run(meter, chunks) == expected
         assert meter.usage == Usage(12, 34)
 
@@ -339,69 +309,8 @@ def test_strip_random_multi_splits_are_byte_exact(newline: bytes) -> None:
     data = b"".join(events)
     expected = b"".join(events[:at] + events[at + 1 :])
     for chunks in random_splits(data):
-        meter = StreamMeter("openai", strip_usage_chunk=True)
+        meter = StreamTracker(Shape.CHAT, strip_usage=True)
         assert run(meter, chunks) == expected
         assert meter.usage == Usage(12, 34)
 
 
-def test_strip_forwards_complete_events_at_once() -> None:
-    events, _ = openai_events()
-    meter = StreamMeter("openai", strip_usage_chunk=True)
-    assert meter.feed(events[0]) is events[0]  # whole events pass untouched
-    assert meter.feed(events[1] + events[2][:10]) == events[1]
-    assert meter.feed(events[2][10:]) == events[2]  # held back until complete
-    assert meter.feed(events[3] + events[4]) == events[3]
-    assert meter.feed(events[5]) == events[5]
-    assert meter.finish() == b""
-
-
-def test_strip_keeps_usage_the_caller_sees_otherwise() -> None:
-    # A usage object in a chunk that still has choices is not the extra chunk.
-    obj = {
-        "choices": [{"index": 0, "delta": {}}],
-        "usage": {"prompt_tokens": 1, "completion_tokens": 1},
-    }
-    data = b"".join(sse(obj, done=True))
-    meter = StreamMeter("openai", strip_usage_chunk=True)
-    assert run(meter, [data]) == data
-    assert meter.usage == Usage(1, 1)
-
-
-def test_strip_usage_event_unterminated_at_end() -> None:
-    events, at = openai_events()
-    body = b"".join(events[:at])
-    meter = StreamMeter("openai", strip_usage_chunk=True)
-    out = meter.feed(body + b"data: " + orjson.dumps(USAGE_CHUNK))
-    assert out == body
-    assert meter.finish() == b""
-    assert meter.usage == Usage(12, 34)
-
-
-def test_strip_returns_unterminated_remainder() -> None:
-    meter = StreamMeter("openai", strip_usage_chunk=True)
-    assert meter.feed(b"data: [DONE]") == b""
-    assert meter.finish() == b"data: [DONE]"
-
-
-def test_strip_is_openai_only() -> None:
-    data = anthropic_stream()
-    meter = StreamMeter("anthropic", strip_usage_chunk=True)
-    assert meter.feed(data) is data
-
-
-def test_strip_oversized_event_streams_through(monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(usage_mod, "_MAX_HELD_EVENT", 100)
-    small_usage = {"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 2}}
-    big = chat_chunk("y" * 300)
-    events = [
-        *sse(chat_chunk("a")),
-        *sse(big, newline=b"\r\n"),
-        *sse(big),
-        *sse(small_usage, done=True),
-    ]
-    data = b"".join(events)
-    expected = b"".join(events[:3] + events[4:])
-    for chunks in [*every_split(data), *random_splits(data, rounds=200)]:
-        meter = StreamMeter("openai", strip_usage_chunk=True)
-        assert run(meter, chunks) == expected
-        assert meter.usage == Usage(1, 2)
