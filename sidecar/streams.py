@@ -272,6 +272,7 @@ class StreamTracker:
         "_held",
         "_input",
         "_keep_text",
+        "_laned",
         "_max_event",
         "_next_index",
         "_open_index",
@@ -308,6 +309,9 @@ class StreamTracker:
         self._strip = strip_usage and shape in (Shape.CHAT, Shape.COMPLETIONS)
         self._keep_text = keep_text and shape in (Shape.CHAT, Shape.MESSAGES)
         self._splice = splice
+        # Whole CHAT chunks may take the fast lane once content has started, when nothing
+        # is rewritten.
+        self._laned = shape is Shape.CHAT and splice is None
         self._max_event = max_event
         self.content_seen = False
         self.error: InbandError | None = None
@@ -436,18 +440,12 @@ class StreamTracker:
             and b"\r" not in chunk
             and b"\n\n\n" not in chunk
         ):
-            if self._lane:
+            if self.content_seen and self._laned:
                 out = self._feed_fast(chunk)
                 if out is not None:
                     return out
             return self._feed_whole(chunk)
         return self._feed_split(chunk)
-
-    @property
-    def _lane(self) -> bool:
-        """Whether whole CHAT chunks may take the fast lane: content has started here and
-        nothing is rewritten."""
-        return self.content_seen and self.shape is Shape.CHAT and self._splice is None
 
     def _feed_fast(self, chunk: bytes) -> bytes | None:
         """A run of whole, single-line `data:` events of a started chat stream, validated with
@@ -479,7 +477,7 @@ class StreamTracker:
             count = len(objs)
             if count != body.count(b"\n\ndata: ") + 1:
                 return None  # a data value that is not one JSON value
-            if b'"usage":' in body:
+            if body.count(b'"usage":') > body.count(b'"usage":null'):
                 cut = self._fast_usage(objs)
             self._raw.append(body)
             self._raw_len += len(body)
@@ -497,13 +495,12 @@ class StreamTracker:
 
     def _fast_usage(self, objs: list[Any]) -> int:
         """Meter the usage in a fast-lane chunk; the index of a usage-only chunk to cut, or -1."""
-        cut = -1
-        for i, obj in enumerate(objs):
-            if type(obj) is dict and isinstance(obj.get("usage"), dict):
+        for i in range(len(objs) - 1, -1, -1):  # usage comes last
+            obj = objs[i]
+            if type(obj) is dict and type(obj.get("usage")) is dict:
                 self.usage = openai_usage(obj["usage"])
-                if self._strip and obj.get("choices") == []:
-                    cut = i
-        return cut
+                return i if self._strip and obj.get("choices") == [] else -1
+        return -1
 
     def _catch_up(self) -> None:
         """Read the events the fast lane relayed unread, in order, for their text and finish."""
@@ -530,12 +527,13 @@ class StreamTracker:
         out: list[bytes] | None = None
         kept = 0  # start of the part of `chunk` not yet copied to `out`
         pos = 0
-        lane = not self._lane  # whether the fast lane may take the rest once content starts
+        # Whether the fast lane may take the rest of the chunk once content starts in it.
+        lane = self._laned and not self.content_seen
         for event in chunk.split(b"\n\n")[:-1]:
             start, pos = pos, pos + len(event) + 2
             if self._through:
                 break
-            if lane and self._lane:
+            if lane and self.content_seen:
                 lane = False
                 sub = chunk[start:]
                 rest = self._feed_fast(sub)
