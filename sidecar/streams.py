@@ -25,14 +25,11 @@ from __future__ import annotations
 import enum
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Final
+from typing import Any, Final, Protocol
 
 import orjson
 
 from sidecar.usage import Usage, openai_usage, token_count
-
-if TYPE_CHECKING:
-    from sidecar.resume import Splice
 
 __all__ = [
     "MAX_EVENT",
@@ -243,6 +240,18 @@ def _serialise(obj: dict[str, Any], named: bool) -> bytes:
     return b"data: " + data + b"\n\n"
 
 
+class Rewriter(Protocol):
+    """What a continuation stream's tracker asks of its splice (`sidecar.resume.Splice`)."""
+
+    original: StreamTracker  # the tracker of the stream that broke
+
+    def chat(
+        self, obj: dict[str, Any], first: dict[str, Any] | None, content: bool
+    ) -> bytes | None: ...
+
+    def messages(self, obj: dict[str, Any]) -> bytes | None: ...
+
+
 class StreamTracker:
     """Follows one upstream SSE stream as it is relayed to the caller.
 
@@ -302,7 +311,7 @@ class StreamTracker:
         *,
         strip_usage: bool = False,
         keep_text: bool = True,
-        splice: Splice | None = None,
+        splice: Rewriter | None = None,
         max_event: int = MAX_EVENT,
     ) -> None:
         self.shape = shape

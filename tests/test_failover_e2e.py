@@ -395,3 +395,47 @@ async def test_an_inband_error_before_the_first_token_follows_the_http_rules(
         )
         assert "".join([c.choices[0].delta.content or "" async for c in s if c.choices]) == "fine"
         assert seen == ["small", "big"]  # the next model, without the other key of this one
+
+
+async def test_a_stream_that_broke_before_any_text_is_sent_again_whole(
+    env: Env, sidecars: list[Sidecar], token: str, aiohttp_server: Any
+) -> None:
+    # Only whitespace had reached the caller: no prefill is needed, so any candidate may
+    # answer the original request, spliced into the same stream.
+    from aiohttp import web
+
+    seen: list[str] = []
+
+    async def chat(request: web.Request) -> web.StreamResponse:
+        model = (await request.json())["model"]
+        seen.append(model)
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        await resp.prepare(request)
+        role = {"choices": [{"index": 0, "delta": {"role": "assistant", "content": ""}}]}
+        await resp.write(b"data: " + orjson.dumps(role) + b"\n\n")
+        if model == "cut":
+            space = {"choices": [{"index": 0, "delta": {"content": " "}, "finish_reason": None}]}
+            await resp.write(b"data: " + orjson.dumps(space) + b"\n\n")
+            assert request.transport is not None
+            request.transport.close()
+            return resp
+        done = {"choices": [{"index": 0, "delta": {"content": "fine"}, "finish_reason": "stop"}]}
+        await resp.write(b"data: " + orjson.dumps(done) + b"\n\ndata: [DONE]\n\n")
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", chat)
+    upstream = await aiohttp_server(app)
+    sc = await boot(env, sidecars, (
+        "providers:\n  - id: custom\n    format: openai\n"
+        f"    base_url: http://127.0.0.1:{upstream.port}/v1\n    models: [cut, ok]\n"
+        f"    api_keys: {keys_yaml(env, 'custom', [('a', 'sk-a')])}\n"
+    ))  # fmt: skip
+    async with sc.openai(token) as client:
+        s = await client.chat.completions.create(
+            model="cut", messages=MSG, stream=True, extra_body={"models": ["cut", "ok"]}
+        )
+        text = "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+    assert text == " fine"
+    assert seen[0] == "cut"
+    assert seen[-1] == "ok"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Callable
 from typing import Any, Final
 
 import orjson
@@ -467,8 +468,12 @@ class Proxy:
         cfg = ex.runtime.config
         provider = ex.provider
         body = None
+        accept: Callable[[Candidate], bool] | None = _takes_prefill
         if cfg.failover.resume and broken.resumable and data is not None:
-            body = prefill_body(shape, data, broken.text)
+            text = broken.text
+            body = prefill_body(shape, data, text)
+            if body is None and not text.strip() and isinstance(data.get("messages"), list):
+                body, accept = (data, text), None  # nothing to continue: the whole answer again
         if body is None:
             state.metrics.stream_resumptions.labels(provider, "not_resumable").inc()
             await _end_with_error(resp, shape, brk, "it cannot be continued elsewhere")
@@ -477,7 +482,7 @@ class Proxy:
         raw = inbound.dump_json(continued)
         path = prep.path
         payloads: dict[str | None, bytes] = {}
-        while isinstance(step := engine.next(accept=_takes_prefill), Attempt):
+        while isinstance(step := engine.next(accept=accept), Attempt):
             cand = step.candidate
             model = cand.model.upstream if cand.model else None
             if model not in payloads:
