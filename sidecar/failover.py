@@ -42,7 +42,8 @@ class Attempt:
     number: int  # this request's attempt count, from 1
     wait: float  # seconds to wait before sending (a retry of the same candidate)
     budget: float  # seconds left within `timeouts.total`, counted from when the wait ends
-    #: (provider, outcome) of the failed attempt this one follows: a failover to count
+    #: (provider, outcome) of the failed attempt of another candidate this one follows:
+    #: a failover to count (a retry of the same candidate is not one)
     failover_from: tuple[str, str] | None = None
     retry: bool = False  # the same candidate again
 
@@ -215,7 +216,9 @@ class Engine:
     def _attempt(self, cand: Candidate, wait: float, *, retry: bool) -> Attempt:
         self.attempts += 1
         self._current = cand
-        failed, self._failed = self._failed, None
+        # Only a move to another candidate is a failover; a retry of this one is not.
+        failed = None if retry else self._failed
+        self._failed = None
         budget = self._deadline - self._clock() - wait
         return Attempt(cand, self.attempts, wait, budget, failed, retry)
 

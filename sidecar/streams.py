@@ -423,8 +423,14 @@ class StreamTracker:
         answer finished without it, None if the stream is truncated (a break)."""
         if self.terminated or self.shape is Shape.OTHER:
             return b""
-        if self._stopped or self._cut or self._held.strip():
-            return None
+        return self.terminator()
+
+    def terminator(self) -> bytes | None:
+        """What completes a stream whose answer has finished (its finish or stop reason was
+        relayed) whatever broke after that: the format's terminator, or b"" when it was
+        relayed too. None when the answer has not finished: a break."""
+        if self.terminated:
+            return b""
         if not self.finished:
             return None
         if self.shape is Shape.MESSAGES:
@@ -462,7 +468,7 @@ class StreamTracker:
         they mean for `text`, `resumable` and `finished` is read later, only if asked
         (`_catch_up`). None: take the event-by-event path (an error, a comment or another
         field, a malformed event)."""
-        if not chunk.startswith(b"data: ") or b'"error":' in chunk:
+        if not chunk.startswith(b"data: ") or b'"error"' in chunk:
             return None
         body = chunk[6:-2]
         done = body.endswith(b"[DONE]")
@@ -476,16 +482,14 @@ class StreamTracker:
         count = 0
         cut = -1
         if body:
-            joined = body.replace(b"\n\ndata: ", b",")
-            if b"\n" in joined:
-                return None
+            pieces = body.split(b"\n\ndata: ")
+            if body.count(b"\n") != 2 * len(pieces) - 2:
+                return None  # comments, other fields, multi-line data
             try:
-                objs = orjson.loads(b"[" + joined + b"]")
+                objs = list(map(orjson.loads, pieces))  # each event one JSON value, parsed in C
             except orjson.JSONDecodeError:
                 return None
             count = len(objs)
-            if count != body.count(b"\n\ndata: ") + 1:
-                return None  # a data value that is not one JSON value
             if body.count(b'"usage":') > body.count(b'"usage":null'):
                 cut = self._fast_usage(objs)
             self._raw.append(body)
@@ -497,7 +501,7 @@ class StreamTracker:
             self.terminated = self._through = True
         if cut < 0:
             return chunk
-        datas = body.split(b"\n\ndata: ")
+        datas = pieces
         del datas[cut]
         out = b"data: " + b"\n\ndata: ".join(datas) + b"\n\n" if datas else b""
         return out + _DONE_EVENT if done else out

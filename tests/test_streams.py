@@ -603,21 +603,30 @@ def test_responses_incomplete_is_a_terminator() -> None:
     assert tracker.complete_on_eof() == b""
 
 
-def test_incomplete_trailing_event_is_a_cut() -> None:
+def test_a_cut_after_the_finish_reason_still_completes_the_answer() -> None:
     events = chat_events()[:-2]  # finished, then no usage chunk or [DONE]
     tracker = StreamTracker(Shape.CHAT)
     out = tracker.feed(b"".join(events) + b'data: {"id": "chatcmpl-1", "cho')
     assert out == b"".join(events)
     assert tracker.finish() == b""
     assert tracker.finished
-    assert tracker.complete_on_eof() is None
+    assert tracker.complete_on_eof() == DONE  # the answer is whole: only its tail was lost
 
 
-def test_missing_final_blank_line_is_a_cut() -> None:
+def test_missing_final_blank_line_after_the_finish_is_completed() -> None:
     tracker = StreamTracker(Shape.CHAT)
     relay(tracker, [b"".join(chat_events())[:-1]])  # `data: [DONE]\n`
     assert not tracker.terminated
+    assert tracker.complete_on_eof() == DONE
+
+
+def test_a_cut_before_the_finish_reason_is_a_break() -> None:
+    events = chat_events()[:3]  # role and two content chunks, no finish_reason
+    tracker = StreamTracker(Shape.CHAT)
+    relay(tracker, [b"".join(events) + b'data: {"id": "chatcmpl-1", "cho'])
+    assert not tracker.finished
     assert tracker.complete_on_eof() is None
+    assert tracker.terminator() is None
 
 
 def test_cut_after_terminator_is_still_complete() -> None:

@@ -22,7 +22,7 @@ from aiohttp import web
 from sidecar import inbound
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.failover import Attempt, Engine, Report, Stop, StopReason
-from sidecar.health import Outcome, classify_status, is_model_level_error
+from sidecar.health import Outcome, classify_status, is_model_level_error, is_quota_exhausted
 from sidecar.inflight import InFlight
 from sidecar.models import ResolvedModel, fallbacks_for
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
@@ -33,7 +33,7 @@ from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
 from sidecar.proxy.upstream import Failed, Prepared, Result
 from sidecar.resume import Splice, prefill_body
 from sidecar.runtime import AccessKey, Runtime
-from sidecar.secret import Secret
+from sidecar.secret import Secret, mask_key_fragments
 from sidecar.state import State
 from sidecar.streams import Shape, StreamTracker, error_event, shape_for
 from sidecar.upstream_url import explicit_tail
@@ -290,7 +290,12 @@ class Proxy:
                 payloads[model] = upstream.payload(body, data, model, adapter, path, stream)
             payload, strip_usage = payloads[model]
             tracker = StreamTracker(shape, strip_usage=strip_usage) if shape is not None else None
-            res = await self._send(ex, step, prep, payload, tracker)
+            try:
+                res = await self._send(ex, step, prep, payload, tracker)
+            except asyncio.CancelledError:
+                if tracker is not None and tracker.events:  # the upstream had begun: paid for
+                    ex.usage = tracker.estimate(ex.body_size)
+                raise
             if res.tracker is not None:  # a stream with its first content: the caller's now
                 return await self._stream(ex, engine, res, adapter, prep, data, shape, strip_usage)
             report = self._classify(ex, res)
@@ -411,13 +416,32 @@ class Proxy:
                 if brk.caller_gone:
                     ex.status = CLIENT_CLOSED
                     return resp
+                end = tracker.terminator()
+                if end is not None:  # the answer had finished: only what followed it broke
+                    state.oplog.info("stream_tail_lost", request_id=ex.request_id,
+                                     provider=ex.provider, cause=brk.cause)  # fmt: skip
+                    engine.report(Report(Outcome.OK, 200, final=True))
+                    if end:
+                        await resp.write(end)
+                    await resp.write_eof()
+                    return resp  # metered as broken: its usage report may be what was lost
                 relay.interrupted(state, ex, brk.cause)
                 outcome = _BREAK_OUTCOME.get(brk.cause, Outcome.SERVER_ERROR)
+                err = tracker.error
+                if err is not None and err.status not in ex.runtime.config.failover.on_status:
+                    # A refusal (a content policy, a bad request): final, like its HTTP status.
+                    engine.report(Report(classify_status(err.status), err.status, final=True))
+                    state.metrics.stream_resumptions.labels(ex.provider, "not_resumable").inc()
+                    await _end_with_error(ex, resp, shape, brk, "the error is final",
+                                          code=_error_code(err.body))  # fmt: skip
+                    return resp
+                quota = False
                 err_status = 200
-                if tracker.error is not None:
-                    err_status = tracker.error.status
+                if err is not None:
+                    err_status = err.status
                     outcome = classify_status(err_status)
-                self._report(ex, engine, cand, Report(outcome, err_status))
+                    quota = err_status == 429 and is_quota_exhausted(err.body)
+                self._report(ex, engine, cand, Report(outcome, err_status, quota=quota))
                 # `timeouts.total` bounds the wait for a first byte: the continuation's too.
                 engine.restart(time.perf_counter() + ex.runtime.config.timeouts.total)
                 spent = tracker.estimate(ex.body_size)
@@ -467,6 +491,7 @@ class Proxy:
         state = self.state
         cfg = ex.runtime.config
         provider = ex.provider
+        broken_cand = ex.candidate
         body = None
         accept: Callable[[Candidate], bool] | None = _takes_prefill
         if cfg.failover.resume and broken.resumable and data is not None:
@@ -476,7 +501,7 @@ class Proxy:
                 body, accept = (data, text), None  # nothing to continue: the whole answer again
         if body is None:
             state.metrics.stream_resumptions.labels(provider, "not_resumable").inc()
-            await _end_with_error(resp, shape, brk, "it cannot be continued elsewhere")
+            await _end_with_error(ex, resp, shape, brk, "it cannot be continued elsewhere")
             return None
         continued, trimmed = body
         raw = inbound.dump_json(continued)
@@ -501,9 +526,13 @@ class Proxy:
                 self._report(ex, engine, cand, Report(res.outcome, res.upstream.status,
                                                       unsuitable=True))  # fmt: skip
                 continue
-            self._report(ex, engine, cand, self._classify(ex, res))
+            report = self._classify(ex, res)
+            if report.final or report.model_level:  # an in-band refusal of the prefill
+                report = Report(report.outcome, report.status, unsuitable=True)
+            self._report(ex, engine, cand, report)
         state.metrics.stream_resumptions.labels(provider, "failed").inc()
-        await _end_with_error(resp, shape, brk, "no candidate could continue it")
+        await _end_with_error(ex, resp, shape, brk, "no candidate could continue it",
+                              tried=(broken_cand,))  # fmt: skip
         return None
 
     # ----------------------------------------------------------------- finishing
@@ -544,15 +573,40 @@ class Proxy:
 
 
 async def _end_with_error(
-    resp: web.StreamResponse, shape: Shape, brk: relay.Break, why: str
+    ex: Exchange,
+    resp: web.StreamResponse,
+    shape: Shape,
+    brk: relay.Break,
+    why: str,
+    *,
+    code: str = "stream_interrupted",
+    tried: tuple[Candidate | None, ...] = (),
 ) -> None:
     """End the caller's stream with an in-band error event the official SDKs raise: never a
-    truncated answer that looks complete. It carries the upstream's own error, if any."""
+    truncated answer that looks complete. It carries the upstream's own error, if any, with
+    anything key-shaped masked (an auth error may quote the key it was sent)."""
     message = f"the upstream stream broke ({brk.cause}) and {why}"
     if brk.message:
-        message = f"{message}: {brk.message}"
-    await resp.write(error_event(shape, message))
+        secrets = [c.key.secret for c in (*tried, ex.candidate) if c and c.key.secret]
+        upstream_words = mask_key_fragments(brk.message.encode(), secrets).decode()
+        message = f"{message}: {upstream_words}"
+    await resp.write(error_event(shape, message, code=code))
     await resp.write_eof()
+
+
+def _error_code(body: bytes) -> str:
+    """The `code` of an upstream error body, for the in-band error that relays it."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return "stream_interrupted"
+    err = doc.get("error") if isinstance(doc, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return (
+        code
+        if isinstance(code, str) and code.isprintable() and len(code) <= 64
+        else "stream_interrupted"
+    )
 
 
 def _takes_prefill(cand: Candidate) -> bool:

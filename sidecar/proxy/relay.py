@@ -41,6 +41,31 @@ class Break:
 
 
 CALLER_GONE: Final = Break("caller_gone")
+#: asyncio's default write high-water mark: past it, a write waits for the caller to read.
+_WRITE_HIGH: Final = 64 * 1024
+
+
+def _caller_behind(ex: Exchange) -> bool:
+    transport = ex.request.transport
+    return transport is not None and transport.get_write_buffer_size() > _WRITE_HIGH
+
+
+class _CallerStalled(Exception):
+    """The caller took nothing for `stream_idle`: it is treated as gone."""
+
+
+async def _write(ex: Exchange, resp: web.StreamResponse, data: bytes, idle: float) -> None:
+    """Write to the caller; a write that must wait for it to read waits at most `idle`.
+    (The common write goes straight to the socket buffer and needs no timer.)"""
+    transport = ex.request.transport
+    if transport is None or transport.get_write_buffer_size() + len(data) <= _WRITE_HIGH:
+        await resp.write(data)
+        return
+    try:
+        async with asyncio.timeout(idle):
+            await resp.write(data)
+    except TimeoutError:
+        raise _CallerStalled from None
 
 
 def respond(
@@ -118,11 +143,17 @@ async def pump(
                     return None
                 out = tracker.feed(chunk)
                 if out:
-                    await resp.write(out)
+                    await _write(ex, resp, out, idle)
     except ConnectionResetError:  # writing to a caller that went away
+        return CALLER_GONE
+    except _CallerStalled:
+        close_caller(ex)
         return CALLER_GONE
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         if ex.caller_gone:
+            return CALLER_GONE
+        if isinstance(exc, TimeoutError) and _caller_behind(ex):
+            close_caller(ex)  # the timer ran out while the caller took nothing
             return CALLER_GONE
         return Break("idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed")
     finally:
@@ -159,9 +190,12 @@ async def relay_body(
                     break
                 usage_tail += chunk
                 del usage_tail[:-_USAGE_TAIL]
-                await resp.write(chunk)
+                await _write(ex, resp, chunk, idle)
         await resp.write_eof()
     except ConnectionResetError:
+        ex.status = CLIENT_CLOSED
+    except _CallerStalled:
+        close_caller(ex)
         ex.status = CLIENT_CLOSED
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         if ex.caller_gone:

@@ -214,6 +214,10 @@ async def attempt(
                 ex.upstream_wait += time.perf_counter() - sent
                 return Result(classify_status(status), status, upstream=upstream,
                               native_idle=native_idle, prefix=answer)  # fmt: skip
+    except asyncio.CancelledError:  # the caller left: stop the upstream's generation too
+        if upstream is not None:
+            upstream.close()
+        raise
     except (TimeoutError, aiohttp.ClientError) as exc:
         if upstream is None or not failover:  # no answer, or its body broke: next candidate
             if upstream is not None:

@@ -1,0 +1,289 @@
+"""Stream faults the mock cannot script: an upstream that sends exactly the given bytes.
+
+Each test queues what the upstream sends for each request it gets (bytes to write, a
+float to sleep, "close" to cut the connection) and drives the sidecar with the official
+SDKs or raw sockets. Regressions found by review of the failover engine and the stream
+tracker (docs/reference.md#resuming-a-broken-stream).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+from typing import Any
+
+import openai
+import orjson
+import pytest
+from aiohttp import web
+
+from tests.harness import Env, Sidecar, make_env, metric_value
+from tests.test_proxy_e2e import boot, keys_yaml, metrics_text
+
+MSG: Any = [{"role": "user", "content": "hi"}]
+DONE = b"data: [DONE]\n\n"
+Step = bytes | float | str
+
+
+class Script:
+    """Each upstream request takes the next list of steps."""
+
+    def __init__(self) -> None:
+        self.queue: list[list[Step]] = []
+        self.requests: list[dict[str, Any]] = []
+        self.done = 0  # handlers that have returned
+
+    async def handle(self, request: web.Request) -> web.StreamResponse:
+        self.requests.append(await request.json())
+        steps = self.queue.pop(0) if self.queue else []
+        resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
+        try:
+            await resp.prepare(request)
+            for step in steps:
+                if isinstance(step, float):
+                    await asyncio.sleep(step)
+                elif step == "close":
+                    assert request.transport is not None
+                    request.transport.close()
+                    return resp
+                else:
+                    assert isinstance(step, bytes)
+                    await resp.write(step)
+            await resp.write_eof()
+            return resp
+        finally:
+            self.done += 1
+
+
+@pytest.fixture
+async def script(aiohttp_server: Any) -> Script:
+    s = Script()
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", s.handle)
+    s.server = await aiohttp_server(app)  # type: ignore[attr-defined]
+    return s
+
+
+@pytest.fixture
+def senv(tmp_path: Any, script: Script) -> Env:
+    return make_env(tmp_path, str(script.server.make_url("/v1")))  # type: ignore[attr-defined]
+
+
+def config(env: Env, *, first_token: str = "1s", stream_idle: str = "1s", retries: int = 1) -> str:
+    return (
+        f"timeouts: {{first_token: {first_token}, stream_idle: {stream_idle}, per_request: 5s}}\n"
+        f"failover: {{retry: {{backoff: 20ms, attempts: {retries}}}}}\n"
+        "providers:\n"
+        "  - id: openai\n    base_url: UPSTREAM\n    prefill: true\n"
+        f"    api_keys: {keys_yaml(env, 'openai', [('one', 'sk-one-SECRETVALUE1234')])}\n"
+        "  - id: anthropic\n    base_url: UPSTREAM\n"
+        f"    api_keys: {keys_yaml(env, 'anthropic', [('one', 'sk-ant-one')])}\n"
+    )
+
+
+async def start(env: Env, sidecars: list[Sidecar], **kw: Any) -> tuple[Sidecar, str]:
+    token = env.access_key("app")
+    return await boot(env, sidecars, config(env, **kw)), token
+
+
+def chunk(content: str | None = None, finish: str | None = None, *, role: bool = False) -> bytes:
+    delta: dict[str, str] = {"role": "assistant"} if role else {}
+    if content is not None:
+        delta["content"] = content
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "model": "m",
+                                     "choices": [choice]}) + b"\n\n"  # fmt: skip
+
+
+def error(code: str, message: str, kind: str = "invalid_request_error") -> bytes:
+    err = {"message": message, "type": kind, "code": code, "param": None}
+    return b"data: " + orjson.dumps({"error": err}) + b"\n\n"
+
+
+def anthropic_event(obj: dict[str, Any]) -> bytes:
+    return b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n"
+
+
+ROLE = chunk("", role=True)
+
+
+async def chat_text(sc: Sidecar, token: str, models: list[str], **kw: Any) -> str:
+    async with sc.openai(token) as client:
+        s = await client.chat.completions.create(
+            model=models[0], messages=MSG, stream=True, extra_body={"models": models}, **kw
+        )
+        return "".join([c.choices[0].delta.content or "" async for c in s if c.choices])
+
+
+# -- a finished answer is never resumed ----------------------------------------------------
+
+
+@pytest.mark.parametrize("tail", ["cut", "garbled", "silent"])
+async def test_a_break_after_the_finish_reason_completes_the_answer(
+    senv: Env, sidecars: list[Sidecar], script: Script, tail: str
+) -> None:
+    sc, token = await start(senv, sidecars)
+    usage = b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3,"completion_tokens":2}}\n\n'
+    broken: list[Step] = {"cut": [usage[:40], 0.05, "close"], "garbled": [usage[:40] + b"\n\n"],
+                          "silent": [3.0]}[tail]  # fmt: skip
+    script.queue.append([ROLE + chunk("The answer is 42."), chunk(None, "stop"), 0.05, *broken])
+    script.queue.append([ROLE + chunk(" And more."), chunk(None, "stop"), DONE])
+    text = await chat_text(sc, token, ["gpt-4o-mini", "gpt-4o"], stream_options={"include_usage": True})
+    assert text == "The answer is 42."
+    assert len(script.requests) == 1
+
+
+async def test_an_anthropic_stream_cut_after_its_stop_reason_is_complete(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars)
+    message = {"id": "m", "type": "message", "role": "assistant", "model": "c", "content": [],
+               "stop_reason": None, "usage": {"input_tokens": 5, "output_tokens": 1}}  # fmt: skip
+    script.queue.append([
+        anthropic_event({"type": "message_start", "message": message})
+        + anthropic_event({"type": "content_block_start", "index": 0,
+                           "content_block": {"type": "text", "text": ""}})
+        + anthropic_event({"type": "content_block_delta", "index": 0,
+                           "delta": {"type": "text_delta", "text": "The answer is 42."}})
+        + anthropic_event({"type": "content_block_stop", "index": 0})
+        + anthropic_event({"type": "message_delta", "delta": {"stop_reason": "end_turn"},
+                           "usage": {"output_tokens": 3}}),
+        0.05, b'event: message_stop\ndata: {"ty', 0.05, "close",
+    ])  # fmt: skip
+    async with sc.anthropic(token) as client, client.messages.stream(
+        model="claude-haiku-4-5", max_tokens=50, messages=MSG,
+        extra_body={"models": ["claude-haiku-4-5", "claude-sonnet-4-5"]},
+    ) as s:  # fmt: skip
+        final = await s.get_final_message()
+    assert [(b.type, b.text) for b in final.content] == [("text", "The answer is 42.")]  # type: ignore[union-attr]
+    assert len(script.requests) == 1
+
+
+# -- what an in-band error mid-stream means --------------------------------------------------
+
+
+async def test_a_content_filter_mid_stream_is_not_sent_to_another_model(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars)
+    script.queue.append([ROLE + chunk("Step one: take the"), 0.05,
+                         error("content_filter", "filtered by the content management policy")])  # fmt: skip
+    script.queue.append([ROLE + chunk(" forbidden thing"), chunk(None, "stop"), DONE])
+    with pytest.raises(openai.APIError) as info:
+        await chat_text(sc, token, ["gpt-4o-mini", "gpt-4o"])
+    assert "content management policy" in str(info.value)
+    assert len(script.requests) == 1
+
+
+async def test_an_inband_error_never_shows_a_key_fragment(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars)
+    leak = error("invalid_api_key", "Incorrect API key provided: sk-one-SE**********1234.")
+    script.queue.append([ROLE + chunk("Hello"), 0.05, leak])
+    with pytest.raises(openai.APIError) as info:
+        await chat_text(sc, token, ["gpt-4o-mini"])
+    assert "Incorrect API key provided" in str(info.value)
+    assert "SE**" not in str(info.value)
+    assert "1234" not in str(info.value)
+
+
+async def test_an_inband_prefill_refusal_passes_that_candidate_over(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars, retries=0)
+    refuse = error("invalid_request_error", "assistant prefill is not supported")
+    script.queue.append([ROLE + chunk("Hello"), 0.05, "close"])
+    script.queue.append([ROLE, refuse])
+    script.queue.append([ROLE + chunk(" world"), chunk(None, "stop"), DONE])
+    text = await chat_text(sc, token, ["gpt-4o-mini", "gpt-4o", "gpt-4.1"])
+    assert text == "Hello world"
+    assert [r["model"] for r in script.requests] == ["gpt-4o-mini", "gpt-4o", "gpt-4.1"]
+
+
+# -- the fast lane validates every event ------------------------------------------------------
+
+
+@pytest.mark.parametrize("bad", [b"data: [1\n\ndata: 2]\n\ndata: 3,4\n\n",
+                                 b'data: {"a":[{"b":1}\n\ndata: {"c":2}]}\n\ndata: {"d":1},{"e":2}\n\n',
+                                 b'data: {"error" : {"message": "boom", "type": "server_error"}}\n\n'])  # fmt: skip
+async def test_events_that_are_not_one_json_value_each_break_the_stream(
+    senv: Env, sidecars: list[Sidecar], script: Script, bad: bytes
+) -> None:
+    sc, token = await start(senv, sidecars, retries=0)
+    script.queue.append([ROLE + chunk("Hello"), 0.05, bad, 0.05, chunk(" world"), DONE])
+    script.queue.append([ROLE + chunk(" world"), chunk(None, "stop"), DONE])
+    assert await chat_text(sc, token, ["gpt-4o-mini", "gpt-4o"]) == "Hello world"
+    assert len(script.requests) == 2  # resumed: the bad events never reached the caller
+
+
+# -- bounds --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("first_token", ["1s", "3s"])  # aiohttp's read timer, or the relay's own
+async def test_a_caller_that_reads_nothing_is_let_go_after_stream_idle(
+    senv: Env, sidecars: list[Sidecar], script: Script, http: Any, first_token: str
+) -> None:
+    sc, token = await start(senv, sidecars, first_token=first_token, stream_idle="2s")
+    big = chunk("x" * 60000)
+    script.queue.append([ROLE + chunk("Hello"), *([big] * 400), chunk(None, "stop"), DONE])
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", sc.running.proxy_port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+              + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    try:
+        for _ in range(100):  # the request must end within a few stream_idle, reading nothing
+            await asyncio.sleep(0.1)
+            m = await metrics_text(http, sc)
+            if metric_value(m, "sidecar_requests_total", status="499") == 1:
+                break
+        else:
+            raise AssertionError("a caller that reads nothing held the stream past stream_idle")
+    finally:
+        s.close()
+
+
+async def test_a_caller_leaving_during_the_first_token_hold_stops_the_upstream(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars, first_token="8s", stream_idle="9s")
+    script.queue.append([ROLE, 6.0, chunk("late"), chunk(None, "stop"), DONE])
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    _, writer = await asyncio.open_connection("127.0.0.1", sc.running.proxy_port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    await writer.drain()
+    await asyncio.sleep(0.5)
+    writer.close()
+    for _ in range(40):  # the upstream's handler ends (its connection was closed) long before 6 s
+        await asyncio.sleep(0.1)
+        if script.done:
+            break
+    assert script.done == 1
+    for _ in range(40):  # the access log is written in batches
+        lines = [r for r in senv.access.records() if r["path"] == "/v1/chat/completions"]
+        if lines:
+            break
+        await asyncio.sleep(0.1)
+    line = lines[-1]
+    assert line["status"] == 499
+    assert line["input_tokens"]  # the prompt was sent: it is paid for
+
+
+# -- metrics -------------------------------------------------------------------------------
+
+
+async def test_a_retry_of_the_same_candidate_is_not_a_failover(
+    senv: Env, sidecars: list[Sidecar], script: Script, http: Any
+) -> None:
+    sc, token = await start(senv, sidecars)
+    script.queue.append([ROLE, "close"])  # before the first token: retried on the same candidate
+    script.queue.append([ROLE + chunk("fine"), chunk(None, "stop"), DONE])
+    assert await chat_text(sc, token, ["gpt-4o-mini"]) == "fine"
+    m = await metrics_text(http, sc)
+    assert metric_value(m, "sidecar_failovers_total") == 0
+    assert metric_value(m, "sidecar_upstream_attempts_total", outcome="connect_error") == 1
