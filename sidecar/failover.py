@@ -67,8 +67,8 @@ class Report:
     final: bool = False
     #: the attempt ran into `timeouts.total`
     timed_out: bool = False
-    #: this candidate cannot serve what is asked (a model rejecting a prefill): move on,
-    #: leaving its health alone
+    #: this candidate's model cannot serve what is asked (it rejects a prefill): move on to
+    #: another model, leaving the key's health alone
     unsuitable: bool = False
 
 
@@ -183,6 +183,8 @@ class Engine:
             self._stop = Stop(StopReason.ANSWERED)
             return Verdict(final=True)
         if report.unsuitable:
+            if model:
+                self._gone_models.add(model)  # its other keys would refuse the same way
             return self._moving_on(cand, report)
         wait = None
         if (

@@ -309,10 +309,10 @@ def test_a_retry_of_an_unacceptable_candidate_is_skipped() -> None:
 
 def test_an_unsuitable_candidate_is_passed_over_without_touching_its_health() -> None:
     policy = Failover(cooldown=Cooldown(server_error_threshold=1))
-    eng, health, _ = engine([cand("k1", "a"), cand("k1", "b")], policy=policy)
+    eng, health, _ = engine([cand("k1", "a"), cand("k2", "a"), cand("k1", "b")], policy=policy)
     attempt(eng)
     eng.report(Report(Outcome.CLIENT_ERROR, 400, unsuitable=True))
-    assert who(attempt(eng)) == ("k1", "b")
+    assert who(attempt(eng)) == ("k1", "b")  # not k2/a: that model refuses on every key
     assert health.cooling() == {}
 
 
