@@ -80,7 +80,7 @@ async def test_sigterm_drains_in_flight_stream_and_exits_0(env: Env, tmp_path: P
 async def test_streams_past_the_grace_period_are_cut_and_exit_is_still_0(
     env: Env, tmp_path: Path
 ) -> None:
-    config = _config(env, "sk-slow-stall-2000", "500ms")
+    config = _config(env, "sk-slow-stuck", "500ms")
     token = env.access_key("app")
     p = await asyncio.to_thread(spawn_sidecar, config, tmp_path / "out.log")
     base = f"http://127.0.0.1:{p.proxy_port}"
@@ -110,7 +110,7 @@ async def test_sigterm_exits_within_the_grace_cutting_open_streams_and_keeping_t
     import time
 
     grace = 3.0
-    managed = env.secret("managed", "openai-1", "sk-managed-stall-10000")  # 10 s between chunks
+    managed = env.secret("managed", "openai-1", "sk-managed-stuck")  # two content events, then nothing
     env.write_config(
         f"shutdown_grace: {grace}s\nlog: {{level: info}}\n"
         "providers:\n  - id: openai\n    base_url: UPSTREAM\n"
@@ -156,7 +156,7 @@ async def test_a_stream_cut_at_the_deadline_counts_as_interrupted_by_shutdown(en
 
     from tests.harness import metric_value
 
-    ref = env.secret("openai", "k1", "sk-cut-stall-10000")
+    ref = env.secret("openai", "k1", "sk-cut-stuck")
     env.write_config(
         "shutdown_grace: 500ms\nproviders:\n  - id: openai\n    base_url: UPSTREAM\n"
         f'    api_keys: [{{id: k1, value: "{ref}"}}]\n'
