@@ -27,6 +27,7 @@ class ErrorCode(enum.Enum):
     REQUEST_TIMEOUT = (408, "request_timeout", "timeout_error")
     REQUEST_TOO_LARGE = (413, "request_too_large", "request_too_large")
     UNSUPPORTED_MEDIA = (415, "unsupported_media", "invalid_request_error")
+    WEBSOCKET_UNSUPPORTED = (426, "websocket_unsupported", "invalid_request_error")
     ALL_KEYS_COOLING_DOWN = (429, "all_keys_cooling_down", "rate_limit_error")
     UPSTREAM_UNAVAILABLE = (502, "upstream_unavailable", "api_error")
     LEDGER_UNAVAILABLE = (503, "ledger_unavailable", "api_error")
@@ -40,7 +41,7 @@ class ErrorCode(enum.Enum):
     @property
     def retryable(self) -> bool:
         """Whether an SDK retry could help; `x-should-retry: false` otherwise."""
-        return self.status not in (400, 401, 402, 403, 404, 405, 413, 415)
+        return self.status not in (400, 401, 402, 403, 404, 405, 413, 415, 426)
 
 
 class ProxyError(Exception):

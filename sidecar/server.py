@@ -143,6 +143,8 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
         r.add_post(path, proxy.anthropic)
     r.add_get("/v1/models", proxy.models)
+    r.add_get("/v1/models/{model:.+}", proxy.models)
+    r.add_get("/v1/responses", proxy.websocket)
     for root in ("/", "/{provider}"):  # probes of the base URL (GET also answers HEAD)
         r.add_get(root, proxy.root)
     r.add_route("*", "/v1/{tail:.*}", proxy.not_found)

@@ -70,19 +70,49 @@ class Proxy:
         return await self._handle(request, provider.format, provider.id)
 
     async def models(self, request: web.Request) -> web.StreamResponse:
+        """`GET /v1/models` and `GET /v1/models/{id}`: what this access key may use, in the
+        Anthropic shape when an Anthropic client asks (`anthropic-version`), else OpenAI's."""
         runtime = self.state.runtime
-        ex = self._exchange(request, "openai", runtime)
+        anthropic = "anthropic-version" in request.headers
+        ex = self._exchange(request, "anthropic" if anthropic else "openai", runtime)
+        wanted = request.match_info.get("model")
         try:
             inbound.check_target(request.raw_path)
             access, _ = self._authenticate(ex)
+            if wanted is not None:
+                inbound.check_model_name(wanted)
         except ProxyError as err:
             return await self._finish(ex, self._error(ex, err))
-        data = []
-        for model, owner in listable_models(runtime, access):
-            data.append({"id": model, "object": "model", "created": 0, "owned_by": owner})
+        listed = [(m, owner) for m, owner in listable_models(runtime, access)
+                  if wanted is None or m == wanted]  # fmt: skip
+        if wanted is not None and not listed:
+            err = ProxyError(ErrorCode.ROUTE_NOT_FOUND, f"no model {wanted!r} for this access key")
+            return await self._finish(ex, self._error(ex, err))
+        data = [_model_entry(m, owner, anthropic) for m, owner in listed]
+        if wanted is not None:
+            doc: dict[str, Any] = data[0]
+        elif anthropic:
+            doc = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
+                   "last_id": data[-1]["id"] if data else None}  # fmt: skip
+        else:
+            doc = {"object": "list", "data": data}
         ex.status = 200
-        resp = web.Response(body=orjson.dumps({"object": "list", "data": data}),
-                            content_type="application/json", headers=ex.sidecar_headers())  # fmt: skip
+        resp = web.Response(body=orjson.dumps(doc), content_type="application/json",
+                            headers=ex.sidecar_headers())  # fmt: skip
+        return await self._finish(ex, resp)
+
+    async def websocket(self, request: web.Request) -> web.StreamResponse:
+        """`GET /v1/responses` asking for a WebSocket (the Codex CLI tries that first):
+        refused with 426 at once, so the client falls back to HTTPS without retrying."""
+        if request.headers.get("upgrade", "").lower() != "websocket":
+            return await self.not_found(request)
+        ex = self._exchange(request, "openai", self.state.runtime)
+        with contextlib.suppress(ProxyError):  # who asked, for the access log only
+            self._authenticate(ex)
+        err = ProxyError(ErrorCode.WEBSOCKET_UNSUPPORTED,
+                         "the Responses API WebSocket mode is not supported here: use HTTPS")  # fmt: skip
+        resp = self._error(ex, err)
+        resp.force_close()
         return await self._finish(ex, resp)
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
@@ -607,6 +637,13 @@ def _error_code(body: bytes) -> str:
         if isinstance(code, str) and code.isprintable() and len(code) <= 64
         else "stream_interrupted"
     )
+
+
+def _model_entry(model: str, owner: str, anthropic: bool) -> dict[str, Any]:
+    if anthropic:
+        return {"type": "model", "id": model, "display_name": model,
+                "created_at": "1970-01-01T00:00:00Z"}  # fmt: skip
+    return {"id": model, "object": "model", "created": 0, "owned_by": owner}
 
 
 def _takes_prefill(cand: Candidate) -> bool:

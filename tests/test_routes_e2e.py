@@ -1,0 +1,68 @@
+"""Routes the official SDKs and coding agents use besides the model calls: model lookup in
+both SDK shapes, and the Responses API's WebSocket mode refused at once."""
+
+from __future__ import annotations
+
+import aiohttp
+import anthropic
+import openai
+import pytest
+
+from tests.harness import Env, Sidecar
+from tests.test_proxy_e2e import boot, providers_yaml
+
+
+async def test_the_openai_sdk_retrieves_a_model_this_key_may_use(
+    env: Env, sidecars: list[Sidecar], token: str
+) -> None:
+    sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-one")]))
+    async with sc.openai(token) as client:
+        model = await client.models.retrieve("gpt-4o-mini")
+        assert (model.id, model.owned_by) == ("gpt-4o-mini", "openai")
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("no-such-model")
+
+
+async def test_a_model_outside_the_keys_scope_is_not_found(env: Env, sidecars: list[Sidecar]) -> None:
+    token = env.access_key("narrow", models=["gpt-4o-mini"])
+    sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-one")]))
+    async with sc.openai(token) as client:
+        assert (await client.models.retrieve("gpt-4o-mini")).id == "gpt-4o-mini"
+        with pytest.raises(openai.NotFoundError):
+            await client.models.retrieve("gpt-4o")
+        assert [m.id async for m in client.models.list()] == ["gpt-4o-mini"]
+
+
+async def test_the_anthropic_sdk_lists_and_retrieves_models_in_its_own_shape(
+    env: Env, sidecars: list[Sidecar], token: str
+) -> None:
+    sc = await boot(env, sidecars, providers_yaml(env, anthropic=[("a1", "sk-ant-one")]))
+    async with sc.anthropic(token) as client:
+        listed = [m async for m in client.models.list()]
+        assert "claude-haiku-4-5" in [m.id for m in listed]
+        assert all(m.type == "model" for m in listed)
+        one = await client.models.retrieve("claude-haiku-4-5")
+        assert (one.id, one.display_name) == ("claude-haiku-4-5", "claude-haiku-4-5")
+        with pytest.raises(anthropic.NotFoundError):
+            await client.models.retrieve("claude-no-such-model-at-all")
+
+
+async def test_the_responses_websocket_mode_is_refused_with_426_at_once(
+    env: Env, sidecars: list[Sidecar], token: str, http: aiohttp.ClientSession
+) -> None:
+    # The Codex CLI tries a WebSocket first and falls back to HTTPS on a 426; a 404 made
+    # it retry seven times.
+    sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-one")]))
+    with pytest.raises(aiohttp.WSServerHandshakeError) as info:
+        await http.ws_connect(sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"})
+    assert info.value.status == 426
+    async with http.get(sc.url + "/v1/responses", headers={
+        "Authorization": f"Bearer {token}", "Connection": "Upgrade", "Upgrade": "websocket",
+        "Sec-WebSocket-Version": "13", "Sec-WebSocket-Key": "dGhlIHNhbXBsZSBub25jZQ==",
+    }) as resp:  # fmt: skip
+        assert resp.status == 426
+        body = await resp.json()
+        assert body["error"]["code"] == "websocket_unsupported"
+        assert resp.headers["x-should-retry"] == "false"
+    async with http.get(sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"}) as resp:
+        assert resp.status == 404  # a plain GET is still no route
