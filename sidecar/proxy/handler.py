@@ -86,7 +86,9 @@ class Proxy:
         listed = [(m, owner) for m, owner in listable_models(runtime, access)
                   if wanted is None or m == wanted]  # fmt: skip
         if wanted is not None and not listed:
-            missing = ProxyError(ErrorCode.ROUTE_NOT_FOUND, f"no model {wanted!r} for this access key")
+            missing = ProxyError(
+                ErrorCode.ROUTE_NOT_FOUND, f"no model {wanted!r} for this access key"
+            )
             return await self._finish(ex, self._error(ex, missing))
         data = [_model_entry(m, owner, anthropic) for m, owner in listed]
         if wanted is not None:
