@@ -5,7 +5,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from sidecar.config import BUILTIN_PROVIDERS, load_config
+from sidecar.catalog import BUILTIN_PROVIDERS
+from sidecar.config import load_config
 from sidecar.crypto import PRIVATE_KEY_ENV, key_file_problems, load_private_key
 from sidecar.errors import ConfigError, VaultError
 from sidecar.runtime import build_runtime

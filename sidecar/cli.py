@@ -276,7 +276,7 @@ def _declared_providers(vault: Path, config: Path | None) -> dict[Path, set[str]
 
 def _unknown_provider_warning(provider: str, declared: Mapping[Path, set[str]]) -> str | None:
     """Why `provider` looks like a typo, or None when it is built in or declared."""
-    from sidecar.config import BUILTIN_PROVIDERS
+    from sidecar.catalog import BUILTIN_PROVIDERS
 
     if provider in BUILTIN_PROVIDERS or any(provider in ids for ids in declared.values()):
         return None

@@ -17,29 +17,12 @@ from urllib.parse import urlsplit
 
 import yaml
 
+from sidecar.catalog import AUTHS, BUILTIN_PROVIDERS, FORMATS, MANAGED_PROVIDERS, Auth, Format
 from sidecar.errors import ConfigError
 from sidecar.files import MAX_CONFIG_BYTES, read_regular_file
 from sidecar.ledger import parse_ledger_url
 from sidecar.names import MODEL_NAME_MAX, NAME, is_model_name_text
 from sidecar.secret import Secret
-
-Format = Literal["openai", "anthropic"]
-Auth = Literal["bearer", "x-api-key", "none"]
-FORMATS: Final = ("openai", "anthropic")
-AUTHS: Final = ("bearer", "x-api-key", "none")
-
-
-@dataclass(frozen=True, slots=True)
-class BuiltinProvider:
-    base_url: str
-    format: Format
-    auth: Auth
-
-
-BUILTIN_PROVIDERS: Final[Mapping[str, BuiltinProvider]] = {
-    "openai": BuiltinProvider("https://api.openai.com/v1", "openai", "bearer"),
-    "anthropic": BuiltinProvider("https://api.anthropic.com/v1", "anthropic", "x-api-key"),
-}
 
 DEFAULT_ON_STATUS: Final = (401, 403, 408, 409, 429, 500, 502, 503, 504, 529)
 
@@ -692,10 +675,10 @@ def parse_config(data: object, path: Path) -> Config:
         r.fail("managed", "expected a mapping of provider to keys")
         m = {}
     for prov, keys in m.items():
-        if prov not in BUILTIN_PROVIDERS:
+        if prov not in MANAGED_PROVIDERS:
             r.fail(
                 f"managed.{prov}",
-                f"managed keys exist only for built-in providers ({', '.join(BUILTIN_PROVIDERS)})",
+                f"managed keys exist only for built-in providers ({', '.join(MANAGED_PROVIDERS)})",
             )
             continue
         managed[prov] = _keys(r, keys, f"managed.{prov}")

@@ -30,8 +30,8 @@ from typing import Any
 
 import yaml
 
+from sidecar.catalog import BUILTIN_PROVIDERS
 from sidecar.config import (
-    BUILTIN_PROVIDERS,
     Config,
     ProviderConfig,
     SecretRef,

@@ -12,33 +12,11 @@ from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from typing import TYPE_CHECKING, Final
 
+from sidecar.catalog import CATALOG_PREFIXES
 from sidecar.errors import ErrorCode, ProxyError
 
 if TYPE_CHECKING:
     from sidecar.runtime import Provider
-
-#: Name prefixes of the built-in catalog.
-CATALOG_PREFIXES: Final = (
-    ("gpt-", "openai"),
-    ("o1", "openai"),
-    ("o3", "openai"),
-    ("o4", "openai"),
-    ("chatgpt-", "openai"),
-    ("codex-", "openai"),
-    ("text-embedding-", "openai"),
-    ("davinci-", "openai"),
-    ("babbage-", "openai"),
-    ("omni-moderation-", "openai"),
-    ("claude-", "anthropic"),
-)
-
-#: Listed by `GET /v1/models` for built-in providers without a `models:` list.
-CATALOG_LISTED: Final[Mapping[str, tuple[str, ...]]] = {
-    "openai": ("gpt-4o", "gpt-4o-mini", "gpt-4.1", "gpt-4.1-mini", "o3-mini", "o4-mini",
-               "text-embedding-3-small", "text-embedding-3-large"),
-    "anthropic": ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"),
-}  # fmt: skip
-
 
 _MISS: Final = object()
 

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import KeyHealth
 from sidecar.keys import CALLER_KEY_ID, KeySelection, KeySource, ProviderKey, select_keys
-from sidecar.models import CATALOG_LISTED, ResolvedModel, model_allowed
+from sidecar.catalog import CATALOG_LISTED
+from sidecar.models import ResolvedModel, model_allowed
 from sidecar.runtime import AccessKey, Provider, Runtime
 from sidecar.secret import Secret
 
@@ -182,11 +183,14 @@ def listable_models(runtime: Runtime, access: AccessKey | None) -> list[tuple[st
     """`GET /v1/models`: (name a caller can send, provider) for every model this key may use.
 
     The candidates are each provider's `models:` (else the catalog's well-known names)
-    plus the key's own exact `allowed_models` that belong to that provider; the same
-    scope rules as a request decide what is listed.
+    plus the key's own exact `allowed_models` that belong to that provider, for every
+    provider this key could get a provider key for; the same scope rules as a request
+    decide what is listed.
     """
     out: list[tuple[str, str]] = []
     for p in runtime.providers.values():
+        if access is not None and select_keys(access, p) is None:
+            continue  # no key this caller could use there: nothing of it is callable
         names = set(p.models) or set(CATALOG_LISTED.get(p.id, ()))
         for m in access.allowed_models if access is not None else ():
             prefix, sep, rest = m.partition(":")

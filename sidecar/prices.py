@@ -37,7 +37,7 @@ from dataclasses import dataclass
 from decimal import ROUND_CEILING, Decimal
 from typing import Final
 
-from sidecar.models import CATALOG_PREFIXES
+from sidecar.catalog import CATALOG_PREFIXES
 from sidecar.usage import Usage
 
 

@@ -14,7 +14,8 @@ from types import MappingProxyType
 from typing import NamedTuple
 from urllib.parse import urlencode
 
-from sidecar.config import BUILTIN_PROVIDERS, Auth, Config, Format, KeyConfig, SecretRef
+from sidecar.catalog import BUILTIN_PROVIDERS, Auth, Format
+from sidecar.config import Config, KeyConfig, SecretRef
 from sidecar.keys import NO_KEY_ID, KeySelection, KeySource, ProviderKey
 from sidecar.models import ModelResolver
 from sidecar.prices import Price, PriceTable

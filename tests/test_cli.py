@@ -540,10 +540,10 @@ def test_attach_with_an_explicit_config(dep: Deployment, tmp_path: Path) -> None
     assert (result.code, result.err) == (0, ""), result
     result = dep.run(
         "provider-key", "attach", "--vault", str(dep.vault), "--access-key", "checkout",
-        "--provider", "mistral", "--config", str(elsewhere), stdin=ATTACHED_TWO,
+        "--provider", "acme-llm", "--config", str(elsewhere), stdin=ATTACHED_TWO,
     )  # fmt: skip
     assert result.code == 0, result
-    assert "'mistral'" in result.err
+    assert "'acme-llm'" in result.err
     assert str(elsewhere) in result.err
 
 

@@ -301,7 +301,7 @@ def test_config_error_message_lists_every_problem_and_the_file() -> None:
         ),
         (
             "providers: [{id: openai, auth: basic}]",
-            "providers[0].auth: expected one of: bearer, x-api-key, none",
+            "providers[0].auth: expected one of: bearer, x-api-key, api-key, x-goog-api-key, none",
         ),
         (
             "providers: [{id: openai, api_keys: {value: x}}]",

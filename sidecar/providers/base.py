@@ -22,9 +22,10 @@ class Adapter(Protocol):
 
 
 def auth_header(auth: str, secret: Secret | None) -> tuple[str, str] | None:
-    """How a provider key goes on the wire: `Authorization: Bearer` or `x-api-key`."""
+    """How a provider key goes on the wire: `Authorization: Bearer`, or the header the
+    provider's `auth:` names (`x-api-key`, `api-key`, `x-goog-api-key`)."""
     if secret is None or auth == "none":
         return None
-    if auth == "x-api-key":
-        return ("x-api-key", secret.reveal())
+    if auth in ("x-api-key", "api-key", "x-goog-api-key"):  # Anthropic, Azure, Google
+        return (auth, secret.reveal())
     return ("Authorization", "Bearer " + secret.reveal())
