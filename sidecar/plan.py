@@ -10,10 +10,10 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 
+from sidecar.catalog import CATALOG_LISTED
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import KeyHealth
 from sidecar.keys import CALLER_KEY_ID, KeySelection, KeySource, ProviderKey, select_keys
-from sidecar.catalog import CATALOG_LISTED
 from sidecar.models import ResolvedModel, model_allowed
 from sidecar.runtime import AccessKey, Provider, Runtime
 from sidecar.secret import Secret

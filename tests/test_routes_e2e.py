@@ -23,7 +23,9 @@ async def test_the_openai_sdk_retrieves_a_model_this_key_may_use(
             await client.models.retrieve("no-such-model")
 
 
-async def test_a_model_outside_the_keys_scope_is_not_found(env: Env, sidecars: list[Sidecar]) -> None:
+async def test_a_model_outside_the_keys_scope_is_not_found(
+    env: Env, sidecars: list[Sidecar]
+) -> None:
     token = env.access_key("narrow", models=["gpt-4o-mini"])
     sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-one")]))
     async with sc.openai(token) as client:
@@ -54,7 +56,9 @@ async def test_the_responses_websocket_mode_is_refused_with_426_at_once(
     # it retry seven times.
     sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-one")]))
     with pytest.raises(aiohttp.WSServerHandshakeError) as info:
-        await http.ws_connect(sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"})
+        await http.ws_connect(
+            sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"}
+        )
     assert info.value.status == 426
     async with http.get(sc.url + "/v1/responses", headers={
         "Authorization": f"Bearer {token}", "Connection": "Upgrade", "Upgrade": "websocket",
@@ -64,5 +68,7 @@ async def test_the_responses_websocket_mode_is_refused_with_426_at_once(
         body = await resp.json()
         assert body["error"]["code"] == "websocket_unsupported"
         assert resp.headers["x-should-retry"] == "false"
-    async with http.get(sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"}) as resp:
+    async with http.get(
+        sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"}
+    ) as resp:
         assert resp.status == 404  # a plain GET is still no route
