@@ -42,6 +42,10 @@ BUILTIN_PROVIDERS: Final[Mapping[str, BuiltinProvider]] = {
         "https://api.anthropic.com/v1", "anthropic", "x-api-key", ("claude-",),
         ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"),
     ),
+    # Azure OpenAI's v1 API: OpenAI's format at the resource's own URL
+    # (`https://RESOURCE.openai.azure.com/openai/v1`, so no default), deployments as models,
+    # the key in `api-key`.
+    "azure": BuiltinProvider("", "openai", "api-key"),
     # OpenAI-compatible hosts: chat completions (and what else each serves) in OpenAI's format.
     "deepseek": BuiltinProvider(
         "https://api.deepseek.com/v1", "openai", "bearer", ("deepseek-",),

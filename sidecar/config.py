@@ -529,7 +529,12 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
         raw, "base_url", f"{path}.base_url", _http_url, builtin.base_url if builtin else ""
     )
     if not base_url and "base_url" not in raw:
-        r.fail(f"{path}.base_url", "expected an http(s) URL (required for a custom provider)")
+        need = (
+            "for azure: https://RESOURCE.openai.azure.com/openai/v1"
+            if builtin
+            else "required for a custom provider"
+        )
+        r.fail(f"{path}.base_url", f"expected an http(s) URL ({need})")
     fmt = r.get(
         raw, "format", f"{path}.format", _choice(FORMATS), builtin.format if builtin else ""
     )

@@ -127,7 +127,7 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
     providers: dict[str, Provider] = {}
     configured_ids = {p.id for p in config.providers} | set(config.managed)
     for pid, b in BUILTIN_PROVIDERS.items():
-        if config.provider(pid) is None:
+        if config.provider(pid) is None and b.base_url:  # azure exists once configured
             providers[pid] = Provider(
                 id=pid, format=b.format, auth=b.auth, base_url=b.base_url, builtin=True,
                 configured=pid in configured_ids, models=frozenset(), headers=(), query="",

@@ -4,15 +4,19 @@ only providers the caller has a key for."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import aiohttp
 import pytest
 from aiohttp.test_utils import TestServer
 
 from sidecar.catalog import BUILTIN_PROVIDERS, CATALOG_LISTED
+from sidecar.config import parse_config_text
+from sidecar.errors import ConfigError
 from tests.harness import Env, Sidecar
 from tests.test_proxy_e2e import MSG, REPLY, boot, keys_yaml, mock_log
 
-HOSTS = [pid for pid, row in BUILTIN_PROVIDERS.items() if pid not in ("openai", "anthropic")]
+HOSTS = [p for p, row in BUILTIN_PROVIDERS.items() if p not in ("openai", "anthropic", "azure")]
 
 
 def host_yaml(env: Env, pid: str, key: str, extra: str = "") -> str:
@@ -85,3 +89,31 @@ async def test_model_lists_show_only_providers_the_caller_has_a_key_for(
         ids = {m.id async for m in client.models.list()}
     assert owners == {"openai", "deepseek"}  # not anthropic, groq, … (no key for those)
     assert set(CATALOG_LISTED["deepseek"]) <= ids
+
+
+async def test_azure_deployments_fail_over_between_two_keys_and_are_listed(
+    env: Env, sidecars: list[Sidecar], token: str, http: aiohttp.ClientSession,
+    mock_server: TestServer,
+) -> None:  # fmt: skip
+    keys = keys_yaml(env, "azure", [("east-1", "az-fail-429"), ("east-2", "az-good")])
+    sc = await boot(env, sidecars, (
+        "providers:\n  - id: azure\n    base_url: UPSTREAM\n"
+        f"    models: [my-gpt-4o]\n    api_keys: {keys}\n"
+    ))  # fmt: skip
+    async with sc.openai(token) as client:
+        raw = await client.chat.completions.with_raw_response.create(
+            model="my-gpt-4o", messages=MSG
+        )
+        assert raw.parse().choices[0].message.content == REPLY
+        assert (raw.headers["x-sidecar-provider"], raw.headers["x-sidecar-key-id"]) == (
+            "azure", "east-2",
+        )  # fmt: skip
+        assert ("my-gpt-4o", "azure") in {(m.id, m.owned_by) async for m in client.models.list()}
+    sent = await mock_log(http, mock_server)
+    assert [r["headers"]["api-key"] for r in sent][-1] == "az-good"
+    assert all("authorization" not in r["headers"] for r in sent)
+
+
+def test_azure_needs_its_resource_url(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=r"providers\[0\]\.base_url: .*openai\.azure\.com"):
+        parse_config_text("providers:\n  - id: azure\n", tmp_path / "sidecar.yaml")

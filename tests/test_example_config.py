@@ -13,7 +13,7 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_example_config_parses_with_documented_values() -> None:
     cfg = load_config(ROOT / "config" / "sidecar.yaml")
     assert str(cfg.listen) == "127.0.0.1:8080"
-    assert [p.id for p in cfg.providers] == ["openai", "anthropic", "ollama", "azure"]
+    assert [p.id for p in cfg.providers] == ["openai", "anthropic", "ollama", "azure", "legacy-deployment"]
     assert cfg.providers[3].disabled
     assert cfg.failover.cooldown.server_error_threshold == 3
     assert set(cfg.managed) == {"openai", "anthropic"}
