@@ -92,6 +92,7 @@ class Engine:
         "_jitter",
         "_policy",
         "_pos",
+        "_refused",
         "_retries_left",
         "_retry_wait",
         "_stop",
@@ -120,6 +121,7 @@ class Engine:
         self._retry_wait: float | None = None
         self._failed: tuple[str, str] | None = None
         self._gone_models: set[str] = set()
+        self._refused: set[tuple[str, str]] = set()  # (provider, model) that refused a prefill
         self._stop: Stop | None = None
         self.attempts = 0
 
@@ -149,6 +151,7 @@ class Engine:
             model = cand.model.upstream if cand.model else None
             if (
                 (model is not None and model in self._gone_models)
+                or (cand.provider.id, model or "") in self._refused
                 or (accept is not None and not accept(cand))
                 or (self.attempts and self._cooling(cand))
             ):
@@ -183,8 +186,9 @@ class Engine:
             self._stop = Stop(StopReason.ANSWERED)
             return Verdict(final=True)
         if report.unsuitable:
-            if model:
-                self._gone_models.add(model)  # its other keys would refuse the same way
+            # This provider's model refuses; its other keys would too (another provider's
+            # model of the same name may not).
+            self._refused.add((cand.provider.id, model))
             return self._moving_on(cand, report)
         wait = None
         if (

@@ -276,6 +276,7 @@ class StreamTracker:
         "_cache_create",
         "_cache_read",
         "_cut",
+        "_done_choices",
         "_finished",
         "_handle",
         "_held",
@@ -284,6 +285,7 @@ class StreamTracker:
         "_laned",
         "_max_event",
         "_next_index",
+        "_open_choices",
         "_open_index",
         "_open_text",
         "_raw",
@@ -327,6 +329,9 @@ class StreamTracker:
         self.malformed = False
         self.terminated = False
         self._finished = False
+        # CHAT/COMPLETIONS choices (by index) seen with and without their finish_reason.
+        self._open_choices: set[object] = set()
+        self._done_choices: set[object] = set()
         self.usage = Usage()
         self.events = 0
         self._resumable = self._keep_text
@@ -390,9 +395,15 @@ class StreamTracker:
 
     @property
     def finished(self) -> bool:
-        """A finish reason was seen (choice 0's `finish_reason`, a `stop_reason`)."""
+        """The answer finished: every choice seen has its `finish_reason` (OpenAI), or the
+        `stop_reason` came (Anthropic)."""
         self._catch_up()
-        return self._finished
+        return self._finished and not self._open_choices
+
+    @property
+    def cut(self) -> bool:
+        """The stream ended inside an event (at `finish()`)."""
+        return self._cut
 
     @property
     def open_index(self) -> int | None:
@@ -684,8 +695,13 @@ class StreamTracker:
                         or delta.get("refusal")
                         or delta.get("reasoning_content")
                     )
-            if piece or not_text or choice.get("finish_reason") is not None:
+            if choice.get("finish_reason") is not None:
                 content = True
+                self._choice_finished(choice.get("index", 0))
+            else:
+                if piece or not_text:
+                    content = True
+                self._choice_open(choice.get("index", 0))
             if choice.get("index", 0) == 0:
                 first, text, other = choice, piece, not_text
             else:
@@ -698,8 +714,6 @@ class StreamTracker:
         if content:
             self.content_seen = True
         if first is not None:
-            if first.get("finish_reason") is not None:
-                self._finished = True
             if other:
                 self._resumable = False
             elif text and self._keep_text and self._resumable and type(text) is str:
@@ -718,11 +732,23 @@ class StreamTracker:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
-            if choice.get("text") or choice.get("finish_reason") is not None:
+            if choice.get("finish_reason") is not None:
                 self.content_seen = True
-            if choice.get("index", 0) == 0 and choice.get("finish_reason") is not None:
-                self._finished = True
+                self._choice_finished(choice.get("index", 0))
+            else:
+                if choice.get("text"):
+                    self.content_seen = True
+                self._choice_open(choice.get("index", 0))
         return _KEEP
+
+    def _choice_finished(self, index: object) -> None:
+        self._finished = True
+        self._done_choices.add(index)
+        self._open_choices.discard(index)
+
+    def _choice_open(self, index: object) -> None:
+        if index not in self._done_choices:
+            self._open_choices.add(index)
 
     def _responses(self, obj: dict[str, Any]) -> bytes | None:
         kind = obj.get("type")

@@ -362,3 +362,17 @@ def test_resuming_gives_the_continuation_a_fresh_total() -> None:
     step = eng.next()
     assert isinstance(step, Attempt)
     assert step.budget > 9.0
+
+
+def test_a_refused_prefill_passes_over_that_providers_model_only() -> None:
+    other = Provider(
+        id="azure", format="openai", auth="api-key", base_url="http://127.0.0.1:9/v1",
+        builtin=True, configured=True, models=frozenset(), headers=(), query="",
+        policy_keys=(), managed_keys=(), keyless=None,
+    )  # fmt: skip
+    elsewhere = Candidate(other, ResolvedModel("a", other, "a"), key("z1"))
+    eng, _, _ = engine([cand("k1", "a"), cand("k2", "a"), elsewhere])
+    attempt(eng)
+    eng.report(Report(Outcome.CLIENT_ERROR, 400, unsuitable=True))
+    step = attempt(eng)
+    assert (step.candidate.provider.id, step.candidate.key.key_id) == ("azure", "z1")

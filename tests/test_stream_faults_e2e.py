@@ -12,6 +12,7 @@ import asyncio
 import socket
 from typing import Any
 
+import aiohttp
 import openai
 import orjson
 import pytest
@@ -128,7 +129,9 @@ async def test_a_break_after_the_finish_reason_completes_the_answer(
                           "silent": [3.0]}[tail]  # fmt: skip
     script.queue.append([ROLE + chunk("The answer is 42."), chunk(None, "stop"), 0.05, *broken])
     script.queue.append([ROLE + chunk(" And more."), chunk(None, "stop"), DONE])
-    text = await chat_text(sc, token, ["gpt-4o-mini", "gpt-4o"], stream_options={"include_usage": True})
+    text = await chat_text(
+        sc, token, ["gpt-4o-mini", "gpt-4o"], stream_options={"include_usage": True}
+    )
     assert text == "The answer is 42."
     assert len(script.requests) == 1
 
@@ -287,3 +290,130 @@ async def test_a_retry_of_the_same_candidate_is_not_a_failover(
     m = await metrics_text(http, sc)
     assert metric_value(m, "sidecar_failovers_total") == 0
     assert metric_value(m, "sidecar_upstream_attempts_total", outcome="connect_error") == 1
+
+
+# -- a second review: more ways a stream can end, and who pays for it -----------------------
+
+
+def choices_event(choices: list[dict[str, Any]]) -> bytes:
+    obj = {"id": "x", "object": "chat.completion.chunk", "model": "m", "choices": choices}
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
+
+
+async def raw_stream(sc: Sidecar, token: str, body: dict[str, Any]) -> bytes:
+    async with (
+        aiohttp.ClientSession() as s,
+        s.post(
+            sc.url + "/v1/chat/completions", json=body, headers={"Authorization": f"Bearer {token}"}
+        ) as r,
+    ):
+        return await r.read()
+
+
+async def access_line(env: Env) -> dict[str, Any]:
+    for _ in range(40):  # the access log is written in batches
+        lines = [r for r in env.access.records() if r["path"] == "/v1/chat/completions"]
+        if lines:
+            return lines[-1]
+        await asyncio.sleep(0.1)
+    raise AssertionError("no access-log line")
+
+
+async def test_a_break_while_another_choice_is_unfinished_is_not_completed(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars)
+    script.queue.append([
+        choices_event([{"index": 0, "delta": {"role": "assistant", "content": "Short."}, "finish_reason": None},
+                       {"index": 1, "delta": {"role": "assistant", "content": "A much longer"},
+                        "finish_reason": None}]),
+        choices_event([{"index": 0, "delta": {}, "finish_reason": "stop"}]),
+        choices_event([{"index": 1, "delta": {"content": " answer that is"}, "finish_reason": None}]),
+        0.05, "close",
+    ])  # fmt: skip
+    out = await raw_stream(
+        sc, token, {"model": "gpt-4o-mini", "messages": MSG, "stream": True, "n": 2}
+    )
+    assert b"[DONE]" not in out
+    assert b'"stream_interrupted"' in out  # choice 1 was cut: an error, not a clean end
+
+
+async def test_a_failed_resume_leaves_the_usage_with_the_candidate_that_produced_it(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars, retries=0)
+    script.queue.append([ROLE + chunk("Hello " * 50), 0.05, "close"])
+    script.queue.append(
+        [ROLE, error("invalid_request_error", "assistant prefill is not supported")]
+    )
+    out = await raw_stream(sc, token, {"model": "gpt-4o-mini", "messages": MSG, "stream": True,
+                                       "models": ["gpt-4o-mini", "gpt-4o"]})  # fmt: skip
+    assert b'"stream_interrupted"' in out
+    line = await access_line(senv)
+    assert line["model"] == "gpt-4o-mini"
+    assert line["output_tokens"] >= 2
+
+
+async def test_a_caller_leaving_during_a_held_continuation_pays_for_both_attempts(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars, retries=0, first_token="8s", stream_idle="9s")
+    script.queue.append([ROLE + chunk("Hello " * 50), 0.05, "close"])
+    script.queue.append([ROLE, 6.0, chunk("late"), chunk(None, "stop"), DONE])
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True,
+                         "models": ["gpt-4o-mini", "gpt-4o"]})  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", sc.running.proxy_port)
+    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+                 + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    await writer.drain()
+    await reader.readuntil(b"Hello")
+    await asyncio.sleep(0.5)  # the continuation is being held for its first content
+    writer.close()
+    line = await access_line(senv)
+    assert (line["model"], line["status"]) == ("gpt-4o-mini", 499)
+    # The broken attempt's estimate, plus the held continuation's (its prompt carried the prefill).
+    assert line["input_tokens"] > 2 * len(body) // 4
+
+
+async def test_a_usage_chunk_cut_at_the_end_is_estimated_not_zero(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    sc, token = await start(senv, sidecars)
+    usage = (
+        b'data: {"id":"x","choices":[],"usage":{"prompt_tokens":3000,"completion_tokens":2000}}\n\n'
+    )
+    script.queue.append(
+        [ROLE + chunk("The answer is 42. " * 100), chunk(None, "stop"), 0.05, usage[:40]]
+    )
+    out = await raw_stream(sc, token, {"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    assert out.endswith(b"data: [DONE]\n\n")
+    line = await access_line(senv)
+    assert line["output_tokens"] > 0
+    assert line["input_tokens"] > 0
+
+
+@pytest.mark.parametrize("first_token", ["1s", "3s"])
+async def test_a_caller_that_takes_nothing_is_let_go_even_when_the_upstream_finishes(
+    senv: Env, sidecars: list[Sidecar], script: Script, http: Any, first_token: str
+) -> None:
+    sc, token = await start(senv, sidecars, first_token=first_token, stream_idle="1s")
+    script.queue.append(
+        [ROLE + chunk("Hello"), *([chunk("x" * 1000)] * 600), chunk(None, "stop"), DONE]
+    )
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", sc.running.proxy_port))
+    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
+              + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    try:
+        for _ in range(80):
+            await asyncio.sleep(0.1)
+            if metric_value(await metrics_text(http, sc), "sidecar_requests_total") >= 1:
+                break
+        else:
+            raise AssertionError("a caller that took nothing held the request past stream_idle")
+    finally:
+        s.close()

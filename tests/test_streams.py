@@ -889,3 +889,18 @@ def test_the_fast_lane_leaves_a_malformed_or_error_chunk_to_the_careful_path() -
     assert t.feed(good + b'data: {"error":{"message":"boom","type":"server_error"}}\n\n') == good
     assert t.error is not None
     assert t.text == "aa"
+
+
+def test_with_several_choices_the_answer_finishes_when_every_choice_has() -> None:
+    def ev(*choices: dict[str, Any]) -> bytes:
+        return sse({"id": "x", "object": "chat.completion.chunk", "choices": list(choices)})
+
+    tracker = StreamTracker(Shape.CHAT)
+    relay(tracker, [ev({"index": 0, "delta": {"content": "a"}, "finish_reason": None},
+                       {"index": 1, "delta": {"content": "b"}, "finish_reason": None}),
+                    ev({"index": 0, "delta": {}, "finish_reason": "stop"})])  # fmt: skip
+    assert not tracker.finished
+    assert tracker.terminator() is None  # choice 1 is cut: a break
+    relay(tracker, [ev({"index": 1, "delta": {}, "finish_reason": "length"})])
+    assert tracker.finished
+    assert tracker.terminator() == DONE

@@ -435,7 +435,7 @@ class Proxy:
             resp = await relay.open_stream(ex, res.upstream)
             while True:
                 if current.prefix:
-                    await resp.write(current.prefix)
+                    await relay.send(ex, resp, current.prefix)
                 brk = None
                 if not current.complete:
                     assert current.upstream is not None
@@ -443,7 +443,7 @@ class Proxy:
                 if brk is None:  # the whole answer
                     whole = True
                     engine.report(Report(Outcome.OK, 200, final=True))
-                    await resp.write_eof()
+                    await relay.end(ex, resp)
                     return resp
                 if brk.caller_gone:
                     ex.status = CLIENT_CLOSED
@@ -454,8 +454,8 @@ class Proxy:
                                      provider=ex.provider, cause=brk.cause)  # fmt: skip
                     engine.report(Report(Outcome.OK, 200, final=True))
                     if end:
-                        await resp.write(end)
-                    await resp.write_eof()
+                        await relay.send(ex, resp, end)
+                    await relay.end(ex, resp)
                     return resp  # metered as broken: its usage report may be what was lost
                 relay.interrupted(state, ex, brk.cause)
                 outcome = _BREAK_OUTCOME.get(brk.cause, Outcome.SERVER_ERROR)
@@ -489,7 +489,7 @@ class Proxy:
                 ex.charges.append((cand, spent))  # each attempt is paid for
                 ex.resumed = True
                 current, tracker, cand = nxt, nxt.tracker, ex.candidate
-        except ConnectionResetError:  # the caller left while the sidecar wrote to it
+        except (ConnectionResetError, relay.CallerStalled):  # the caller left, or took nothing
             ex.status = CLIENT_CLOSED
             if resp is None:
                 raise
@@ -497,8 +497,10 @@ class Proxy:
         finally:
             if current.upstream is not None:
                 current.upstream.release()
-            # A stream that did not end whole (broken, abandoned, cancelled) is still metered:
-            # what it reported, the rest estimated.
+            # A stream that did not end whole (broken, abandoned, cancelled), or reported no
+            # usage, is still metered: what it reported, the rest estimated.
+            reported = tracker.usage.input_tokens or tracker.usage.output_tokens
+            whole = whole and bool(reported)
             ex.usage = tracker.usage if whole else tracker.estimate(ex.body_size)
             if not whole:
                 state.oplog.info("usage_estimated", request_id=ex.request_id,
@@ -546,7 +548,13 @@ class Proxy:
                 payloads[model] = upstream.payload(raw, continued, model, adapter, path, True)[0]
             tracker = StreamTracker(shape, strip_usage=strip_usage,
                                     splice=Splice(shape, broken, trimmed))  # fmt: skip
-            res = await self._send(ex, step, prep, payloads[model], tracker)
+            try:
+                res = await self._send(ex, step, prep, payloads[model], tracker)
+            except asyncio.CancelledError:  # the caller left while a continuation was held
+                if tracker.events:  # that upstream had begun: it is paid for too
+                    ex.charges.append((cand, tracker.estimate(len(raw))))
+                ex.candidate = broken_cand  # the broken stream's own usage is its candidate's
+                raise
             if res.tracker is not None:
                 ex.body_size = len(raw)  # what a broken continuation's input is estimated from
                 state.metrics.stream_resumptions.labels(provider, "ok").inc()
@@ -563,8 +571,10 @@ class Proxy:
                 report = Report(report.outcome, report.status, unsuitable=True)
             self._report(ex, engine, cand, report)
         state.metrics.stream_resumptions.labels(provider, "failed").inc()
+        tried = ex.candidate
+        ex.candidate = broken_cand  # what the caller got, and its usage, came from there
         await _end_with_error(ex, resp, shape, brk, "no candidate could continue it",
-                              tried=(broken_cand,))  # fmt: skip
+                              tried=(tried,))  # fmt: skip
         return None
 
     # ----------------------------------------------------------------- finishing
@@ -586,7 +596,11 @@ class Proxy:
         if not resp.prepared:
             try:
                 await resp.prepare(ex.request)
-                await resp.write_eof()
+                await relay.end(ex, resp)  # a caller that takes nothing is let go
+            except relay.CallerStalled:  # its connection is closed already
+                ex.status = CLIENT_CLOSED
+                account(self.state, ex)
+                return resp
             except (asyncio.CancelledError, ConnectionResetError):
                 ex.status = CLIENT_CLOSED
                 account(self.state, ex)
@@ -622,8 +636,8 @@ async def _end_with_error(
         secrets = [c.key.secret for c in (*tried, ex.candidate) if c and c.key.secret]
         upstream_words = mask_key_fragments(brk.message.encode(), secrets).decode()
         message = f"{message}: {upstream_words}"
-    await resp.write(error_event(shape, message, code=code))
-    await resp.write_eof()
+    await relay.send(ex, resp, error_event(shape, message, code=code))
+    await relay.end(ex, resp)
 
 
 def _error_code(body: bytes) -> str:
@@ -633,7 +647,8 @@ def _error_code(body: bytes) -> str:
     except orjson.JSONDecodeError:
         return "stream_interrupted"
     err = doc.get("error") if isinstance(doc, dict) else None
-    code = err.get("code") if isinstance(err, dict) else None
+    # OpenAI errors carry a `code`; Anthropic's only a `type`.
+    code = (err.get("code") or err.get("type")) if isinstance(err, dict) else None
     return (
         code
         if isinstance(code, str) and code.isprintable() and len(code) <= 64

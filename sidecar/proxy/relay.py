@@ -7,7 +7,8 @@ import asyncio
 import contextlib
 import time
 from dataclasses import dataclass
-from typing import Final
+from collections.abc import Coroutine
+from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
@@ -41,31 +42,48 @@ class Break:
 
 
 CALLER_GONE: Final = Break("caller_gone")
-#: asyncio's default write high-water mark: past it, a write waits for the caller to read.
-_WRITE_HIGH: Final = 64 * 1024
+def _must_wait(ex: Exchange, size: int) -> bool:
+    """Whether writing `size` more bytes may wait for the caller to read: its connection is
+    paused (above the transport's high-water mark, until it drains to the low one), or these
+    bytes push it there. Otherwise the write goes straight to the socket buffer."""
+    request = ex.request
+    transport = request.transport
+    if transport is None:
+        return False
+    protocol = request.protocol
+    if protocol is not None and protocol.writing_paused:
+        return True
+    return transport.get_write_buffer_size() + size > transport.get_write_buffer_limits()[1]
 
 
-def _caller_behind(ex: Exchange) -> bool:
-    transport = ex.request.transport
-    return transport is not None and transport.get_write_buffer_size() > _WRITE_HIGH
+class CallerStalled(Exception):
+    """The caller took nothing for `stream_idle`: it is treated as gone (its connection is
+    closed, nothing more is written to it)."""
 
 
-class _CallerStalled(Exception):
-    """The caller took nothing for `stream_idle`: it is treated as gone."""
-
-
-async def _write(ex: Exchange, resp: web.StreamResponse, data: bytes, idle: float) -> None:
-    """Write to the caller; a write that must wait for it to read waits at most `idle`.
-    (The common write goes straight to the socket buffer and needs no timer.)"""
-    transport = ex.request.transport
-    if transport is None or transport.get_write_buffer_size() + len(data) <= _WRITE_HIGH:
+async def send(ex: Exchange, resp: web.StreamResponse, data: bytes) -> None:
+    """Write to the caller; a write that must wait for it to read waits at most `stream_idle`."""
+    if not _must_wait(ex, len(data) + 16):  # + chunk framing
         await resp.write(data)
         return
+    await _bounded(ex, resp.write(data))
+
+
+async def end(ex: Exchange, resp: web.StreamResponse) -> None:
+    """End the caller's response (it waits for what is buffered to drain), within `stream_idle`."""
+    if not _must_wait(ex, 16):
+        await resp.write_eof()
+        return
+    await _bounded(ex, resp.write_eof())
+
+
+async def _bounded(ex: Exchange, write: Coroutine[Any, Any, None]) -> None:
     try:
-        async with asyncio.timeout(idle):
-            await resp.write(data)
+        async with asyncio.timeout(ex.runtime.config.timeouts.stream_idle):
+            await write
     except TimeoutError:
-        raise _CallerStalled from None
+        close_caller(ex)
+        raise CallerStalled from None
 
 
 def respond(
@@ -132,27 +150,22 @@ async def pump(
                 chunk = await content.readany()
                 ex.upstream_wait += time.perf_counter() - t
                 if not chunk:
-                    tail = tracker.finish()
-                    if tail:
-                        await resp.write(tail)
-                    end = tracker.complete_on_eof()
-                    if end is None:
+                    tracker.finish()
+                    done = tracker.complete_on_eof()
+                    if done is None:
                         return Break("upstream_closed")
-                    if end:
-                        await resp.write(end)
+                    if done or tracker.cut:  # finished, then its tail was lost: the handler ends it
+                        return Break("tail_lost")
                     return None
                 out = tracker.feed(chunk)
                 if out:
-                    await _write(ex, resp, out, idle)
-    except ConnectionResetError:  # writing to a caller that went away
-        return CALLER_GONE
-    except _CallerStalled:
-        close_caller(ex)
+                    await send(ex, resp, out)
+    except (ConnectionResetError, CallerStalled):  # a caller that went away, or took nothing
         return CALLER_GONE
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         if ex.caller_gone:
             return CALLER_GONE
-        if isinstance(exc, TimeoutError) and _caller_behind(ex):
+        if isinstance(exc, TimeoutError) and _must_wait(ex, 0):
             close_caller(ex)  # the timer ran out while the caller took nothing
             return CALLER_GONE
         return Break("idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed")
@@ -178,7 +191,7 @@ async def relay_body(
     resp = await open_stream(ex, upstream)
     try:
         if prefix:
-            await resp.write(prefix)
+            await send(ex, resp, prefix)
         async with contextlib.nullcontext() if native_idle else asyncio.timeout(None) as timer:
             while True:
                 t = time.perf_counter()
@@ -190,12 +203,9 @@ async def relay_body(
                     break
                 usage_tail += chunk
                 del usage_tail[:-_USAGE_TAIL]
-                await _write(ex, resp, chunk, idle)
-        await resp.write_eof()
-    except ConnectionResetError:
-        ex.status = CLIENT_CLOSED
-    except _CallerStalled:
-        close_caller(ex)
+                await send(ex, resp, chunk)
+        await end(ex, resp)
+    except (ConnectionResetError, CallerStalled):
         ex.status = CLIENT_CLOSED
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         if ex.caller_gone:
