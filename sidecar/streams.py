@@ -695,14 +695,16 @@ class StreamTracker:
                         or delta.get("refusal")
                         or delta.get("reasoning_content")
                     )
+            index = choice.get("index", 0)
             if choice.get("finish_reason") is not None:
                 content = True
-                self._choice_finished(choice.get("index", 0))
+                self._choice_finished(index)
             else:
                 if piece or not_text:
                     content = True
-                self._choice_open(choice.get("index", 0))
-            if choice.get("index", 0) == 0:
+                if index not in self._done_choices:
+                    self._open_choices.add(index)
+            if index == 0:
                 first, text, other = choice, piece, not_text
             else:
                 self._resumable = False
