@@ -56,6 +56,11 @@ def _must_wait(ex: Exchange, size: int) -> bool:
     return transport.get_write_buffer_size() + size > transport.get_write_buffer_limits()[1]
 
 
+#: aiohttp's `StreamWriter.write` drains (and so may wait) once this many bytes were written
+#: since its last drain (its `LIMIT`; aiohttp is pinned in constraints.txt).
+_DRAIN_AT: Final = 0x10000
+
+
 class CallerStalled(Exception):
     """The caller took nothing for `stream_idle`: it is treated as gone (its connection is
     closed, nothing more is written to it)."""
@@ -63,7 +68,9 @@ class CallerStalled(Exception):
 
 async def send(ex: Exchange, resp: web.StreamResponse, data: bytes) -> None:
     """Write to the caller; a write that must wait for it to read waits at most `stream_idle`."""
-    if not _must_wait(ex, len(data) + 16):  # + chunk framing
+    size = len(data) + 16  # + chunk framing
+    writer = resp._payload_writer  # aiohttp's writer waits only past _DRAIN_AT since its last drain
+    if (writer is not None and writer.buffer_size + size <= _DRAIN_AT) or not _must_wait(ex, size):
         await resp.write(data)
         return
     await _bounded(ex, resp.write(data))
