@@ -125,7 +125,7 @@ class Billing:
     ) -> None:
         """Count tokens; charge managed-key usage to the access key (in the background)."""
         provider = cand.provider.id
-        model = cand.model.upstream if cand.model else ""
+        model = cand.upstream_model or ""
         label = self._metrics.model_label(model)
         if usage.input_tokens:
             self._metrics.tokens(provider, label, "input").inc(usage.input_tokens)

@@ -125,11 +125,6 @@ class Engine:
         self._stop: Stop | None = None
         self.attempts = 0
 
-    @property
-    def current(self) -> Candidate | None:
-        """The candidate of the latest attempt."""
-        return self._current
-
     def next(self, accept: Callable[[Candidate], bool] | None = None) -> Attempt | Stop:
         """The next attempt, or why there is none. `accept` narrows the candidates
         (a resumed stream needs one that takes a prefill)."""
@@ -148,7 +143,7 @@ class Engine:
             self._advance()
         while self._pos < len(self._candidates):
             cand = self._candidates[self._pos]
-            model = cand.model.upstream if cand.model else None
+            model = cand.upstream_model
             if (
                 (model is not None and model in self._gone_models)
                 or (cand.provider.id, model or "") in self._refused
@@ -171,10 +166,9 @@ class Engine:
         """Account for the latest attempt and decide what follows it."""
         cand = self._current
         assert cand is not None, "report() without an attempt"
-        model = cand.model.upstream if cand.model else ""
-        tracked = (
-            cand.key.source is not KeySource.PASSTHROUGH
-        )  # a caller's own key: no shared health
+        model = cand.upstream_model or ""
+        # A caller's own (passthrough) key keeps no shared health.
+        tracked = cand.key.source is not KeySource.PASSTHROUGH
         cooldown = self._policy.cooldown
         if report.model_level and not report.final and self._another_model_follows(model):
             self._gone_models.add(model)  # every key would get the same answer for this model
@@ -244,7 +238,7 @@ class Engine:
     def _cooling(self, cand: Candidate) -> bool:
         if cand.key.source is KeySource.PASSTHROUGH:
             return False
-        model = cand.model.upstream if cand.model else ""
+        model = cand.upstream_model or ""
         return self._health.cooling_until(cand.key.health_id, model) is not None
 
     def _another_model_follows(self, model: str) -> bool:

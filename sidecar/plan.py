@@ -25,6 +25,11 @@ class Candidate:
     model: ResolvedModel | None  # None: explicit route without a model in the body
     key: ProviderKey
 
+    @property
+    def upstream_model(self) -> str | None:
+        """The model name sent upstream (None: the body names none)."""
+        return self.model.upstream if self.model else None
+
 
 @dataclass(slots=True)
 class Plan:

@@ -73,6 +73,15 @@ async def stream(sc: Sidecar, token: str, primary: str) -> tuple[str, dict[str, 
         return "".join(pieces), dict(raw.headers)
 
 
+async def claude_stream(sc: Sidecar, token: str, primary: str) -> anthropic.types.Message:
+    """A streamed Anthropic request with the catalog's Claude model as its fallback."""
+    async with sc.anthropic(token) as client, client.messages.stream(
+        model=primary, max_tokens=64, messages=MSG,
+        extra_body={"models": [primary, CLAUDE_MODEL]},
+    ) as s:  # fmt: skip
+        return await s.get_final_message()
+
+
 def prefills(log: list[dict[str, Any]]) -> list[str | None]:
     """The assistant prefill each upstream request carried (None: none)."""
     out: list[str | None] = []
@@ -231,11 +240,7 @@ async def test_anthropic_streams_resume_natively_and_stay_well_formed(
     # the original's indices, so the SDK assembles one text block.
     sc = await boot(env, sidecars, config(env, openai_prefill=False))
     primary = f"{CLAUDE_MODEL}-break"
-    async with sc.anthropic(token) as client, client.messages.stream(
-        model=primary, max_tokens=64, messages=MSG,
-        extra_body={"models": [primary, CLAUDE_MODEL]},
-    ) as s:  # fmt: skip
-        message = await s.get_final_message()
+    message = await claude_stream(sc, token, primary)
     assert [b.type for b in message.content] == ["text"]
     assert message.content[0].text == REPLY  # type: ignore[union-attr]
     assert message.stop_reason == "end_turn"
@@ -288,11 +293,7 @@ async def test_a_resumed_stream_meters_every_attempt(
 ) -> None:  # fmt: skip
     sc = await boot(env, sidecars, config(env, openai_prefill=False))
     primary = f"{CLAUDE_MODEL}-stuck"
-    async with sc.anthropic(token) as client, client.messages.stream(
-        model=primary, max_tokens=64, messages=MSG,
-        extra_body={"models": [primary, CLAUDE_MODEL]},
-    ) as s:  # fmt: skip
-        message = await s.get_final_message()
+    message = await claude_stream(sc, token, primary)
     assert message.content[0].text == REPLY  # type: ignore[union-attr]
     await sc.stop()
     sidecars.remove(sc)

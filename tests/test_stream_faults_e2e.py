@@ -108,6 +108,13 @@ def anthropic_event(obj: dict[str, Any]) -> bytes:
 ROLE = chunk("", role=True)
 
 
+def post_bytes(token: str, body: bytes) -> bytes:
+    """A raw `POST /v1/chat/completions`, for a caller that then reads nothing or leaves."""
+    head = (f"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {token}\r\n"
+            f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n")  # fmt: skip
+    return head.encode() + body
+
+
 async def chat_text(sc: Sidecar, token: str, models: list[str], **kw: Any) -> str:
     async with sc.openai(token) as client:
         s = await client.chat.completions.create(
@@ -234,9 +241,7 @@ async def test_a_caller_that_reads_nothing_is_let_go_after_stream_idle(
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", sc.running.proxy_port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-              + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-              + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    s.sendall(post_bytes(token, body))
     try:
         for _ in range(100):  # the request must end within a few stream_idle, reading nothing
             await asyncio.sleep(0.1)
@@ -256,9 +261,7 @@ async def test_a_caller_leaving_during_the_first_token_hold_stops_the_upstream(
     script.queue.append([ROLE, 6.0, chunk("late"), chunk(None, "stop"), DONE])
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
     _, writer = await asyncio.open_connection("127.0.0.1", sc.running.proxy_port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    writer.write(post_bytes(token, body))
     await writer.drain()
     await asyncio.sleep(0.5)
     writer.close()
@@ -267,12 +270,7 @@ async def test_a_caller_leaving_during_the_first_token_hold_stops_the_upstream(
         if script.done:
             break
     assert script.done == 1
-    for _ in range(40):  # the access log is written in batches
-        lines = [r for r in senv.access.records() if r["path"] == "/v1/chat/completions"]
-        if lines:
-            break
-        await asyncio.sleep(0.1)
-    line = lines[-1]
+    line = await access_line(senv)
     assert line["status"] == 499
     assert line["input_tokens"]  # the prompt was sent: it is paid for
 
@@ -363,9 +361,7 @@ async def test_a_caller_leaving_during_a_held_continuation_pays_for_both_attempt
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True,
                          "models": ["gpt-4o-mini", "gpt-4o"]})  # fmt: skip
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.running.proxy_port)
-    writer.write(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-                 + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-                 + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    writer.write(post_bytes(token, body))
     await writer.drain()
     await reader.readuntil(b"Hello")
     await asyncio.sleep(0.5)  # the continuation is being held for its first content
@@ -405,9 +401,7 @@ async def test_a_caller_that_takes_nothing_is_let_go_even_when_the_upstream_fini
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", sc.running.proxy_port))
-    s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer "
-              + token.encode() + b"\r\nContent-Type: application/json\r\nContent-Length: "
-              + str(len(body)).encode() + b"\r\n\r\n" + body)  # fmt: skip
+    s.sendall(post_bytes(token, body))
     try:
         for _ in range(80):
             await asyncio.sleep(0.1)

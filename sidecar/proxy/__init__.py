@@ -5,7 +5,6 @@
 one request carries across its attempts.
 """
 
-from sidecar.proxy.exchange import CLIENT_CLOSED
 from sidecar.proxy.handler import Proxy
 
-__all__ = ["CLIENT_CLOSED", "Proxy"]
+__all__ = ["Proxy"]

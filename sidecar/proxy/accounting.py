@@ -8,6 +8,7 @@ from typing import Final
 from sidecar import inbound
 from sidecar.proxy.exchange import Exchange
 from sidecar.state import State
+from sidecar.usage import Usage
 
 #: Precomputed status label strings.
 _STATUS: Final = {code: str(code) for code in range(100, 600)}
@@ -30,7 +31,7 @@ def account(state: State, ex: Exchange) -> None:
         state.billing.record(ex.runtime.prices, ex.access, c, usage)
     if state.access_log.enabled:
         if ex.charges and usage is not None:
-            usage = type(usage)(
+            usage = Usage(
                 usage.input_tokens + sum(u.input_tokens for _, u in ex.charges),
                 usage.output_tokens + sum(u.output_tokens for _, u in ex.charges),
             )
@@ -43,7 +44,7 @@ def account(state: State, ex: Exchange) -> None:
                 "path": _logged_path(ex),
                 "format": ex.fmt,
                 "provider": provider or None,
-                "model": c.model.upstream if c and c.model else None,
+                "model": c.upstream_model if c else None,
                 "key_source": c.key.source.value if c else None,
                 "key_id": c.key.key_id if c else None,
                 "attempts": ex.attempts,

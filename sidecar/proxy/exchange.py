@@ -61,7 +61,7 @@ class Exchange:
         c = self.candidate
         if c is not None:
             h["x-sidecar-provider"] = c.provider.id
-            h["x-sidecar-model"] = c.model.upstream if c.model else ""
+            h["x-sidecar-model"] = c.upstream_model or ""
             h["x-sidecar-key-source"] = c.key.source.value
             h["x-sidecar-key-id"] = c.key.key_id
             h["x-sidecar-attempts"] = str(self.attempts)

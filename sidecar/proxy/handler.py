@@ -317,7 +317,7 @@ class Proxy:
         last: tuple[Candidate, Failed] | None = None  # the last failover-status answer
         while isinstance(step := engine.next(), Attempt):
             cand = step.candidate
-            model = cand.model.upstream if cand.model else None
+            model = cand.upstream_model
             if model not in payloads:
                 payloads[model] = upstream.payload(body, data, model, adapter, path, stream)
             payload, strip_usage = payloads[model]
@@ -379,25 +379,25 @@ class Proxy:
     @staticmethod
     def _classify(ex: Exchange, res: Result) -> Report:
         """What an attempt that did not start a stream came to, for the engine."""
-        if res.upstream is not None:  # an answer for the caller, unless another model may answer
-            status = res.upstream.status
-            model_level = res.body is not None and is_model_level_error(
-                status, res.body, ex.runtime.config.failover.next_model_on_codes
-            )
-            return Report(res.outcome, status, model_level=model_level, final=not model_level)
         failover = ex.runtime.config.failover
-        if res.inband and res.failed is not None and res.failed[0] not in failover.on_status:
+        if res.upstream is not None:  # an answer for the caller, unless another model may answer
+            status, body = res.upstream.status, res.body
+        elif res.inband and res.failed is not None and res.failed[0] not in failover.on_status:
             # An in-band error before the first token, as if it were that HTTP status.
-            status, _, body = res.failed
-            model_level = is_model_level_error(status, body, failover.next_model_on_codes)
-            return Report(res.outcome, status, model_level=model_level, final=not model_level)
-        return Report(res.outcome, res.status, res.retry_after, res.quota, timed_out=res.timed_out)
+            status, body = res.failed[0], res.failed[2]
+        else:
+            return Report(res.outcome, res.status, res.retry_after, res.quota,
+                          timed_out=res.timed_out)  # fmt: skip
+        model_level = body is not None and is_model_level_error(
+            status, body, failover.next_model_on_codes
+        )
+        return Report(res.outcome, status, model_level=model_level, final=not model_level)
 
     def _report(self, ex: Exchange, engine: Engine, cand: Candidate, report: Report) -> bool:
         """Tell the engine; log what it decided. True: relay this attempt's answer."""
         verdict = engine.report(report)
         key = cand.key
-        model = cand.model.upstream if cand.model else None
+        model = cand.upstream_model
         if report.model_level and not verdict.final:
             self.state.oplog.info("next_model", request_id=ex.request_id, provider=key.provider,
                                   model=model, status=report.status)  # fmt: skip
@@ -543,7 +543,7 @@ class Proxy:
         payloads: dict[str | None, bytes] = {}
         while isinstance(step := engine.next(accept=accept), Attempt):
             cand = step.candidate
-            model = cand.model.upstream if cand.model else None
+            model = cand.upstream_model
             if model not in payloads:
                 payloads[model] = upstream.payload(raw, continued, model, adapter, path, True)[0]
             tracker = StreamTracker(shape, strip_usage=strip_usage,
@@ -664,7 +664,7 @@ def _model_entry(model: str, owner: str, anthropic: bool) -> dict[str, Any]:
 
 
 def _takes_prefill(cand: Candidate) -> bool:
-    return cand.provider.accepts_prefill(cand.model.upstream if cand.model else None)
+    return cand.provider.accepts_prefill(cand.upstream_model)
 
 
 def _explicit_model(runtime: Runtime, provider_id: str, name: str) -> ResolvedModel:

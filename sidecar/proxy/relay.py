@@ -42,6 +42,8 @@ class Break:
 
 
 CALLER_GONE: Final = Break("caller_gone")
+
+
 def _must_wait(ex: Exchange, size: int) -> bool:
     """Whether writing `size` more bytes may wait for the caller to read: its connection is
     paused (above the transport's high-water mark, until it drains to the low one), or these
@@ -100,10 +102,8 @@ def respond(
     ex.status = upstream.status
     if upstream.status < 300:
         ex.usage = adapter.usage_from_body(body)
-    headers = relay_headers(upstream.headers)
-    headers.update(ex.sidecar_headers())
     body = masked(upstream.status, body, ex.candidate)
-    return web.Response(status=upstream.status, body=body, headers=headers)
+    return web.Response(status=upstream.status, body=body, headers=_headers(ex, upstream.headers))
 
 
 def respond_failed(ex: Exchange, cand: Candidate, failed: Failed) -> web.Response:
@@ -111,17 +111,14 @@ def respond_failed(ex: Exchange, cand: Candidate, failed: Failed) -> web.Respons
     status, failed_headers, failed_body = failed
     ex.candidate = cand
     ex.status = status
-    out = relay_headers(failed_headers)
-    out.update(ex.sidecar_headers())
-    return web.Response(status=status, body=masked(status, failed_body, cand), headers=out)
+    body = masked(status, failed_body, cand)
+    return web.Response(status=status, body=body, headers=_headers(ex, failed_headers))
 
 
 async def open_stream(ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
     """Send the response headers: from here on the caller has the first byte."""
     ex.status = upstream.status
-    headers = relay_headers(upstream.headers)
-    headers.update(ex.sidecar_headers())
-    resp = web.StreamResponse(status=upstream.status, headers=headers)
+    resp = web.StreamResponse(status=upstream.status, headers=_headers(ex, upstream.headers))
     await resp.prepare(ex.request)
     ex.streaming = True
     return resp
@@ -245,11 +242,13 @@ def close_caller(ex: Exchange) -> None:
         transport.close()
 
 
-def relay_headers(upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+def _headers(ex: Exchange, upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
+    """The upstream's end-to-end response headers, then the sidecar's own."""
     out: CIMultiDict[str] = CIMultiDict()
     for name, value in upstream.items():
         if name.lower() not in _DROP_RESPONSE:
             out.add(name, value)
+    out.update(ex.sidecar_headers())
     return out
 
 
