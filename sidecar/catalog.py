@@ -13,9 +13,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Final, Literal
 
-Format = Literal["openai", "anthropic"]
+Format = Literal["openai", "anthropic", "gemini"]
 Auth = Literal["bearer", "x-api-key", "api-key", "x-goog-api-key", "none"]
-FORMATS: Final = ("openai", "anthropic")
+FORMATS: Final = ("openai", "anthropic", "gemini")
 AUTHS: Final = ("bearer", "x-api-key", "api-key", "x-goog-api-key", "none")
 
 
@@ -42,9 +42,16 @@ BUILTIN_PROVIDERS: Final[Mapping[str, BuiltinProvider]] = {
         "https://api.anthropic.com/v1", "anthropic", "x-api-key", ("claude-",),
         ("claude-sonnet-4-5", "claude-haiku-4-5", "claude-opus-4-1", "claude-3-5-haiku-latest"),
     ),
-    # Azure OpenAI's v1 API: OpenAI's format at the resource's own URL
-    # (`https://RESOURCE.openai.azure.com/openai/v1`, so no default), deployments as models,
-    # the key in `api-key`.
+    # The Gemini API in its own format (`/models/{model}:generateContent`), key in x-goog-api-key.
+    "google": BuiltinProvider(
+        "https://generativelanguage.googleapis.com/v1beta", "gemini", "x-goog-api-key",
+        ("gemini-",),
+        ("gemini-2.5-pro", "gemini-2.5-flash", "gemini-2.5-flash-lite", "gemini-2.0-flash"),
+    ),
+    # Azure OpenAI: OpenAI's format at the resource's own URL (so no default), the key in
+    # `api-key`, deployments as models. A resource URL (`https://RESOURCE.openai.azure.com`)
+    # gets the deployment routes (`/openai/deployments/{model}/…?api-version=`); a URL ending
+    # in `/openai/v1` is Azure's v1 API, which takes the model in the body.
     "azure": BuiltinProvider("", "openai", "api-key"),
     # OpenAI-compatible hosts: chat completions (and what else each serves) in OpenAI's format.
     "deepseek": BuiltinProvider(
@@ -77,7 +84,10 @@ BUILTIN_PROVIDERS: Final[Mapping[str, BuiltinProvider]] = {
 }  # fmt: skip
 
 #: Managed (operator) keys exist for these providers only.
-MANAGED_PROVIDERS: Final = ("openai", "anthropic")
+MANAGED_PROVIDERS: Final = ("openai", "anthropic", "google")
+
+#: The `api-version` an Azure resource URL gets when `query_params` names none.
+AZURE_API_VERSION: Final = "2024-10-21"
 
 #: (prefix, provider) in table order: the built-in routing of model names.
 CATALOG_PREFIXES: Final = tuple(

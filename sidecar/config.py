@@ -530,7 +530,7 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     )
     if not base_url and "base_url" not in raw:
         need = (
-            "for azure: https://RESOURCE.openai.azure.com/openai/v1"
+            "for azure: https://RESOURCE.openai.azure.com"
             if builtin
             else "required for a custom provider"
         )
@@ -540,7 +540,7 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     )
     if not fmt and "format" not in raw:
         r.fail(
-            f"{path}.format", "expected one of: openai, anthropic (required for a custom provider)"
+            f"{path}.format", "expected one of: openai, anthropic, gemini (required for a custom provider)"
         )
     auth: str = r.get(
         raw, "auth", f"{path}.auth", _choice(AUTHS), str(builtin.auth if builtin else "bearer")

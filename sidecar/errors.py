@@ -18,6 +18,7 @@ class ErrorCode(enum.Enum):
     MODEL_UNKNOWN = (400, "model_unknown", "invalid_request_error")
     NO_PROVIDER_KEY = (400, "no_provider_key", "invalid_request_error")
     INVALID_REQUEST = (400, "invalid_request", "invalid_request_error")
+    TRANSLATION_UNSUPPORTED = (400, "translation_unsupported", "invalid_request_error")
     ACCESS_KEY_INVALID = (401, "access_key_invalid", "authentication_error")
     CREDITS_EXHAUSTED = (402, "credits_exhausted", "billing_error")
     PROVIDER_NOT_ALLOWED = (403, "provider_not_allowed", "permission_error")

@@ -9,9 +9,9 @@ from __future__ import annotations
 
 import enum
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Any, Final
 
 import orjson
 
@@ -45,13 +45,119 @@ def classify_status(status: int) -> Outcome:
     return Outcome.CLIENT_ERROR
 
 
+# In an OpenAI or Azure OpenAI 429: the account is out of credit, not going too fast.
+_QUOTA_MARKERS: Final = (
+    b"insufficient_quota",
+    b"billing_hard_limit",
+    b"exceeded your current quota",
+)
+_RPC_TYPE: Final = "type.googleapis.com/google.rpc."
+
+
 def is_quota_exhausted(body: bytes) -> bool:
-    """A 429 that means "out of money", not "slow down": cool down like a bad key."""
-    return b"insufficient_quota" in body or b"billing_hard_limit" in body
+    """A 429 that means "out of money" (or out of today's quota), not "slow down": cool down
+    like a bad key.
+
+    OpenAI and Azure OpenAI: `insufficient_quota`, `billing_hard_limit`, or "You exceeded
+    your current quota". Gemini (`RESOURCE_EXHAUSTED`): a google.rpc.QuotaFailure naming
+    a per-day quota; without a QuotaFailure, a message about the quota or the billing
+    ("You exceeded your current quota, please check your plan and billing details").
+    A Gemini per-minute quota is a plain rate limit whatever its message says.
+    """
+    if b"RESOURCE_EXHAUSTED" in body:
+        return _gemini_quota_exhausted(body)
+    return any(marker in body for marker in _QUOTA_MARKERS)
+
+
+def _error_of(body: bytes) -> dict[str, Any] | None:
+    """The `error` object of a JSON error body, or None."""
+    try:
+        doc = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return None
+    if isinstance(doc, list) and len(doc) == 1:  # Google's non-SSE stream: a JSON array
+        doc = doc[0]
+    err = doc.get("error") if isinstance(doc, dict) else None
+    return err if isinstance(err, dict) else None
+
+
+def _rpc_details(err: dict[str, Any], kind: str) -> list[dict[str, Any]]:
+    """The google.rpc details of type `kind` (`QuotaFailure`, `RetryInfo`) in a Gemini error."""
+    details = err.get("details")
+    if not isinstance(details, list):
+        return []
+    name = _RPC_TYPE + kind
+    return [d for d in details if isinstance(d, dict) and d.get("@type") == name]
+
+
+def _gemini_quota_exhausted(body: bytes) -> bool:
+    err = _error_of(body)
+    if err is None:
+        return False
+    violations = [
+        v
+        for failure in _rpc_details(err, "QuotaFailure")
+        if isinstance(failure.get("violations"), list)
+        for v in failure["violations"]
+        if isinstance(v, dict)
+    ]
+    if violations:
+        return any(_per_day(v) for v in violations)
+    message = err.get("message")
+    if not isinstance(message, str):
+        return False
+    lowered = message.lower()
+    return "exceeded your current quota" in lowered or "billing" in lowered
+
+
+def _per_day(violation: dict[str, Any]) -> bool:
+    quota_id, metric = violation.get("quotaId"), violation.get("quotaMetric")
+    return (isinstance(quota_id, str) and "PerDay" in quota_id) or (
+        isinstance(metric, str) and "per_day" in metric
+    )
+
+
+def retry_after_of(headers: Mapping[str, str], body: bytes) -> float | None:
+    """Seconds to wait before the same key may be asked again, from a failed answer: the
+    `retry-after` header, else Azure's `retry-after-ms`, else the google.rpc.RetryInfo
+    `retryDelay` of a Gemini error body ("34s"). None when none says (or it is out of
+    [0, 1 day]). `headers` must look names up case-insensitively, as aiohttp's do."""
+    seconds = parse_retry_after(headers.get("retry-after"))
+    if seconds is not None:
+        return seconds
+    millis = _number(headers.get("retry-after-ms"))
+    if millis is not None:
+        return _in_range(millis / 1000)
+    if b"RetryInfo" not in body:
+        return None
+    err = _error_of(body)
+    if err is None:
+        return None
+    for info in _rpc_details(err, "RetryInfo"):
+        delay = info.get("retryDelay")
+        if isinstance(delay, str) and delay.endswith("s"):
+            return _in_range(_number(delay[:-1]))
+    return None
+
+
+def _number(value: str | None) -> float | None:
+    if not value:
+        return None
+    try:
+        return float(value)
+    except ValueError:
+        return None
+
+
+def _in_range(seconds: float | None) -> float | None:
+    return seconds if seconds is not None and 0 <= seconds <= 86400 else None
 
 
 #: Upstream error codes that say another *model* could answer (the key is fine).
-MODEL_LEVEL_CODES: Final = frozenset({"context_length_exceeded", "model_not_found"})
+#: `DeploymentNotFound`: Azure OpenAI, where a deployment is the model.
+MODEL_LEVEL_CODES: Final = frozenset(
+    {"context_length_exceeded", "model_not_found", "DeploymentNotFound"}
+)
 _MODEL_LEVEL_STATUS: Final = frozenset({400, 404, 413, 422})
 
 
@@ -61,16 +167,14 @@ def is_model_level_error(status: int, body: bytes, extra_codes: frozenset[str]) 
     must not be asked to say what one refused).
 
     OpenAI-style bodies carry `error.code`; Anthropic's carry `error.type` and a message
-    (`prompt is too long`, or a `not_found_error` naming the model).
+    (`prompt is too long`, or a `not_found_error` naming the model); Gemini's an RPC
+    `error.status` and a message (INVALID_ARGUMENT "The input token count (…) exceeds the
+    maximum number of tokens allowed (…)", NOT_FOUND "models/… is not found for API version …").
     """
     if status not in _MODEL_LEVEL_STATUS or not body:
         return False
-    try:
-        doc = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        return False
-    err = doc.get("error") if isinstance(doc, dict) else None
-    if not isinstance(err, dict):
+    err = _error_of(body)
+    if err is None:
         return False
     code = err.get("code")
     if isinstance(code, str) and (code in MODEL_LEVEL_CODES or code in extra_codes):
@@ -78,9 +182,20 @@ def is_model_level_error(status: int, body: bytes, extra_codes: frozenset[str]) 
     kind, message = err.get("type"), err.get("message")
     if not isinstance(message, str):
         return False
-    if kind == "invalid_request_error" and message.lower().startswith("prompt is too long"):
+    lowered = message.lower()
+    if kind is None:
+        return _gemini_model_level(err.get("status"), lowered)
+    if kind == "invalid_request_error" and lowered.startswith("prompt is too long"):
         return True
-    return kind == "not_found_error" and message.lower().startswith("model:")
+    return kind == "not_found_error" and lowered.startswith("model:")
+
+
+def _gemini_model_level(rpc: object, message: str) -> bool:
+    if rpc == "INVALID_ARGUMENT":
+        return "input token count" in message and "exceeds the maximum" in message
+    if rpc == "NOT_FOUND":
+        return message.startswith("models/") and " is not found" in message
+    return False
 
 
 def same_candidate_wait(

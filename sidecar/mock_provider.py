@@ -1,11 +1,57 @@
-"""A local OpenAI + Anthropic look-alike upstream (`sidecar mock-provider`).
+"""A local OpenAI, Anthropic, Gemini and Azure OpenAI look-alike (`sidecar mock-provider`).
 
 For demos, the sidecar's own tests and users' CI. It answers the OpenAI
 routes (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
 `/v1/responses`, `GET /v1/models`; `Authorization: Bearer K` or Azure's
-`api-key: K`) and the Anthropic routes (`/v1/messages`,
-`/v1/messages/count_tokens`; `x-api-key: K` or Bearer) with deterministic
-bodies in the real wire shapes, streams included.
+`api-key: K`), the Anthropic routes (`/v1/messages`,
+`/v1/messages/count_tokens`; `x-api-key: K` or Bearer), the Gemini API
+(`POST /v1beta/models/{model}:generateContent`, `:streamGenerateContent`,
+`:countTokens`, `:embedContent`, `:batchEmbedContents`, also under `/v1/`;
+`x-goog-api-key: K` or `?key=K`) and Azure OpenAI
+(`/openai/deployments/{deployment}/chat/completions`, `/completions`,
+`/embeddings`, with `?api-version=` required, the deployment as the answer's
+`model`; `/openai/v1/chat/completions`, `/completions`, `/embeddings`,
+`/responses` with the model in the body; `api-key: K` or Bearer) with
+deterministic bodies in the real wire shapes, streams included.
+
+Gemini answers are GenerateContentResponses (`modelVersion` is the model of
+the path, `responseId` `mock-N`); `:streamGenerateContent?alt=sse` sends one
+`data: {...}\r\n\r\n` event per reply piece, then a last one with an empty
+text part, `finishReason` and `usageMetadata` (the only event with usage), and
+no terminator; without `alt=sse` it answers the same chunks as one JSON array.
+`:countTokens` answers `{"totalTokens": n}`, `:embedContent`
+`{"embedding": {"values": [...]}}` and `:batchEmbedContents` (what the SDK
+calls) `{"embeddings": [...]}`, each vector the one OpenAI's route gives the
+same text. Errors are `{"error": {"code", "message", "status"[, "details"]}}`;
+a request without a key gets Google's 403 `PERMISSION_DENIED`.
+
+Tools, in the three formats: a request that offers tools (OpenAI `tools[].function`,
+Anthropic `tools[]`, Gemini `tools[].functionDeclarations[]`), unless its tool
+choice is none (`"none"`, `{"type": "none"}`, mode `NONE`) or its last message
+is a prefill, gets a call to the first tool (or the one the tool choice names:
+`{"type": "function", "function": {"name"}}`, `{"type": "tool", "name"}`,
+`allowedFunctionNames[0]`), with arguments `{"location": "Paris"}` when the
+schema has a `location` property, else each required property filled (its
+first `enum` value, else "x", 1, true, [] or {} by type). OpenAI answers
+`tool_calls` (id `call_mock_N`, arguments as compact JSON) with finish reason
+`tool_calls`; Anthropic a `tool_use` block (id `toolu_mock_N`), stop reason
+`tool_use`; Gemini a whole `functionCall` part, finish reason `STOP` (streamed:
+one event). Streams deliver the arguments in 8-character pieces, at least two
+(OpenAI `tool_calls` deltas after a first delta with the id and name;
+Anthropic `input_json_delta`); the output token count is the number of pieces.
+A request whose last turn holds tool results (OpenAI trailing `tool`
+messages, Anthropic `tool_result` blocks in the last user message, Gemini
+`functionResponse` parts in the last content) gets the text answer
+"The tool said: R" (several results joined by "; "), R being the result's text
+(a Gemini `response` object with one string value: that value; else the object
+as compact JSON).
+
+Images: a request with images (OpenAI `image_url` parts, Anthropic `image`
+blocks, Gemini `inlineData`/`fileData` parts) and no tool business gets the
+text answer "I see N image(s) (D; D...)." with D `base64 <media type>, <n> bytes`
+(a data URL or inline data, its decoded size), `url <url>` (an image URL or a
+Gemini `fileUri`) or `file <file_id>`, e.g. "I see 1 image (base64 image/png,
+68 bytes)."
 
 Misbehaviour is provoked by directives inside the provider key or the
 request's `model`, each bounded by start/end or one of `-_:`
@@ -63,7 +109,37 @@ request's `model`, each bounded by start/end or one of `-_:`
   whitespace plus the object (a decompression bomb: ~1 KiB per MiB sent).
 - `leaky`: a 401/403 from `fail-401`/`fail-403` uses the provider's own wording,
   which names a masked fragment of the key sent, as OpenAI's does
-  (`Incorrect API key provided: sk-proj-********************ab12. ...`).
+  (`Incorrect API key provided: sk-proj-********************ab12. ...`; Gemini:
+  `API key not valid: AIz********************ab12. Please pass a valid API key.`).
+- `fail-badkey`: each provider's real answer to an unknown or revoked key:
+  OpenAI's 401 `invalid_api_key` (as `leaky`), Anthropic's 401 `invalid
+  x-api-key`, Azure's 401, and Google's 400 `INVALID_ARGUMENT` `API key not
+  valid. Please pass a valid API key.` with an ErrorInfo `API_KEY_INVALID`.
+
+In Gemini's shapes: `fail-429` is a 429 `RESOURCE_EXHAUSTED` ("Resource has
+been exhausted (e.g. check quota).") with a google.rpc.QuotaFailure violation
+`GenerateRequestsPerMinutePerProjectPerModel-FreeTier` and a google.rpc.RetryInfo
+`retryDelay` of `Ns` where the others send `retry-after: N` (Google sends no
+such header); `fail-quota` names `GenerateRequestsPerDayPerProjectPerModel-FreeTier`
+("You exceeded your current quota, ..."), no RetryInfo unless `-retry-N`;
+`fail-context` is a 400, `fail-nomodel` a 404 `NOT_FOUND`, and `fail-filter`
+Google's 200 `{"promptFeedback": {"blockReason": "SAFETY"}}` without candidates
+(one such event in a stream). The in-band error of `early-error`/`late-error`
+is `data: {"error": {"code": 503, "message": ..., "status": "UNAVAILABLE"}}`;
+`garble` truncates a chunk; `nodone` changes nothing (no terminator to omit);
+`first-N` waits before the first event (there is no preamble).
+
+In Azure's shapes: a 429 is `{"error": {"code": "429", "message": "Requests to
+the ChatCompletions_Create Operation under Azure OpenAI API version V have
+exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry
+after N seconds. Please go here: ..."}}` (`Completions_Create`,
+`Embeddings_Create`, `Responses_Create`; V is `v1` on `/openai/v1/`) with
+`retry-after: N` and `retry-after-ms: N000` (no sentence and no headers for
+`-retry-none`); a 401 or a missing key is Azure's `{"error": {"code": "401",
+"message": "Access denied due to invalid subscription key or wrong API
+endpoint. ..."}}`; `fail-nomodel` is a 404 `DeploymentNotFound`; a deployment
+route without `api-version` is a 404 `{"error": {"code": "404", "message":
+"Resource not found"}}`. Other errors, `fail-quota` included, are OpenAI's.
 
 `huge`, `bomb` and `hold` apply to successful JSON answers (not to streams);
 `break`, `stuck`, `garble`, `nodone`, `early-error` and `late-error` to streams
@@ -88,8 +164,14 @@ its `Content-Encoding` says gets a 400.
 Test hooks: every request outside `/_mock/` is kept in a bounded log (the last
 1000), unknown paths included (they answer 404 `unknown_url`):
 `GET /_mock/requests` returns `{"requests": [{method, path, raw_path, query,
-headers, body, key}]}` with header names lower-cased (`path` decoded,
-`raw_path` as sent, query string included; `body` null when not JSON),
+headers, body, key, format, auth, model}]}` with header names lower-cased
+(`path` decoded, `raw_path` as sent, query string included; `body` the request
+body as received, null when not JSON; `key` the credential the route reads,
+else any other one sent; `auth` where `key` came from: `authorization`,
+`x-api-key`, `api-key`, `x-goog-api-key` or `?key`, null without one; `format`
+the route's wire format, `openai` (Azure's routes too), `anthropic` or
+`gemini`, null on an unknown path; `model` the body's `model`, or the model or
+deployment of the path on Gemini and Azure deployment routes, else null),
 `DELETE /_mock/requests` clears it (and the `flaky-N` and `flap` counts),
 `GET /_mock/health` answers 200.
 """
@@ -150,7 +232,7 @@ _MODELS_BODY = orjson.dumps(
     }
 )
 _DIRECTIVE_RE = re.compile(
-    r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel|filter)(?:-retry-(\d+|none))?"
+    r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel|filter|badkey)(?:-retry-(\d+|none))?"
     r"|drop|break|leaky|silent|stuck|garble|nodone|early-error|late-error|noprefill|flap"
     r"|(slow|stall|hold|huge|bomb|flaky|first)-(\d+))(?=$|[-_:])"
 )
@@ -177,12 +259,23 @@ _ANTHROPIC_GARBLED = (b'event: content_block_delta\ndata: {"type": "content_bloc
                       b'"index": 0, "delta": {"type": "text_delta", "text": "oops\n\n')  # fmt: skip
 _NO_PREFILL = ("This model does not support assistant message prefill. "
                "The conversation must end with a user message.")  # fmt: skip
+# Gemini's streams end each event with CRLF CRLF, as Google sends them.
+_GEMINI_ERROR = (b'data: {"error": {"code": 503, "message": "Mock provider: overloaded '
+                 b'(early-error).", "status": "UNAVAILABLE"}}\r\n\r\n')  # fmt: skip
+_GEMINI_GARBLED = b'data: {"candidates": [{"content": {"parts": [{"text": "oops\r\n\r\n'
 _INVALID = object()
 
 
 class _Format(enum.Enum):
     OPENAI = "openai"
     ANTHROPIC = "anthropic"
+    GEMINI = "gemini"
+    AZURE = "azure"  # OpenAI's wire format at Azure's URLs, with Azure's key header and errors
+
+    @property
+    def wire(self) -> str:
+        """The wire format's name, as the request log records it."""
+        return "openai" if self is _Format.AZURE else self.value
 
 
 @dataclass(frozen=True, slots=True)
@@ -212,6 +305,7 @@ class Directives:
     late_error: bool = False
     noprefill: bool = False
     flap: bool = False  # odd-numbered requests of this key and model answer 503
+    bad_key: bool = False  # `fail-badkey`: the provider's own answer to a key it does not know
 
     @property
     def shapes_body(self) -> bool:
@@ -236,6 +330,8 @@ def parse_directives(text: str) -> Directives:
                 continue
             if code == "quota":
                 fields.update(fail=429, quota=True)
+            elif code == "badkey":
+                fields.update(fail=401, bad_key=True)
             elif code in ("context", "nomodel", "filter"):
                 fields.update(fail=404 if code == "nomodel" else 400, model_error=code)
             elif 400 <= int(code) <= 599:
@@ -328,12 +424,18 @@ def _error(
     code: str | None = None,
     param: str | None = None,
     headers: dict[str, str] | None = None,
+    details: list[dict[str, Any]] | None = None,
 ) -> web.Response:
+    if fmt is _Format.GEMINI:
+        err: dict[str, Any] = {"code": status, "message": message, "status": _rpc_status(status)}
+        if details:
+            err["details"] = details
+        return _json({"error": err}, status, headers)
     if fmt is _Format.ANTHROPIC:
         kind = _ANTHROPIC_ERRORS.get(
             status, "api_error" if status >= 500 else "invalid_request_error"
         )
-        err: dict[str, Any] = {"type": kind, "message": message}
+        err = {"type": kind, "message": message}
         if quota:
             err["code"] = "insufficient_quota"
         return _json({"type": "error", "error": err}, status, headers)
@@ -347,6 +449,26 @@ def _error(
     return _json(body, status, headers)
 
 
+_RPC_STATUS = {
+    400: "INVALID_ARGUMENT",
+    401: "UNAUTHENTICATED",
+    403: "PERMISSION_DENIED",
+    404: "NOT_FOUND",
+    409: "ABORTED",
+    429: "RESOURCE_EXHAUSTED",
+    499: "CANCELLED",
+    500: "INTERNAL",
+    501: "UNIMPLEMENTED",
+    503: "UNAVAILABLE",
+    504: "DEADLINE_EXCEEDED",
+}
+
+
+def _rpc_status(status: int) -> str:
+    """The google.rpc status name Google pairs with an HTTP status."""
+    return _RPC_STATUS.get(status, "INTERNAL" if status >= 500 else "FAILED_PRECONDITION")
+
+
 def masked_key(key: str) -> str:
     """A key as OpenAI's 401 names it: its prefix, stars, its last four characters."""
     prefix = "sk-proj-" if key.startswith("sk-proj-") else key[:3]
@@ -358,6 +480,9 @@ def _leaky_auth_error(fmt: _Format, status: int, key: str) -> web.Response:
     if fmt is _Format.ANTHROPIC:
         message = f"invalid x-api-key: {masked_key(key)}"
         return _error(fmt, status, message)
+    if fmt is _Format.GEMINI:
+        message = f"API key not valid: {masked_key(key)}. Please pass a valid API key."
+        return _error(fmt, status, message, details=[_GOOGLE_KEY_INVALID])
     message = (f"Incorrect API key provided: {masked_key(key)}. You can find your API key "
                "at https://platform.openai.com/account/api-keys.")  # fmt: skip
     body = {"error": {"message": message, "type": "invalid_request_error",
@@ -365,8 +490,54 @@ def _leaky_auth_error(fmt: _Format, status: int, key: str) -> web.Response:
     return _json(body, status)
 
 
-def _model_error(fmt: _Format, kind: str) -> web.Response:
+_GOOGLE_KEY_INVALID = {
+    "@type": "type.googleapis.com/google.rpc.ErrorInfo",
+    "reason": "API_KEY_INVALID",
+    "domain": "googleapis.com",
+    "metadata": {"service": "generativelanguage.googleapis.com"},
+}
+_GOOGLE_NO_KEY = ("Method doesn't allow unregistered callers (callers without established "
+                  "identity). Please use API Key or other form of API consumer identity to "
+                  "call this API.")  # fmt: skip
+_AZURE_401 = {"error": {"code": "401", "message": (
+    "Access denied due to invalid subscription key or wrong API endpoint. Make sure to provide "
+    "a valid key for an active subscription and use a correct regional API endpoint for your "
+    "resource.")}}  # fmt: skip
+_AZURE_NO_DEPLOYMENT = {"error": {"code": "DeploymentNotFound", "message": (
+    "The API deployment for this resource does not exist. If you created the deployment within "
+    "the last 5 minutes, please wait a moment and try again.")}}  # fmt: skip
+_AZURE_NOT_FOUND = {"error": {"code": "404", "message": "Resource not found"}}
+
+
+def _missing_key(fmt: _Format) -> web.Response:
+    """Each provider's answer to a request that carries no key it reads."""
+    if fmt is _Format.ANTHROPIC:
+        return _error(fmt, 401, "x-api-key header is required")
+    if fmt is _Format.GEMINI:
+        return _error(fmt, 403, _GOOGLE_NO_KEY)
+    if fmt is _Format.AZURE:
+        return _json(_AZURE_401, 401)
+    return _error(fmt, 401, "You didn't provide an API key (Authorization: Bearer).")
+
+
+def _bad_key(fmt: _Format, key: str) -> web.Response:
+    """`fail-badkey`: each provider's real answer to an unknown or revoked key (Google's is a 400)."""
+    if fmt is _Format.GEMINI:
+        message = "API key not valid. Please pass a valid API key."
+        return _error(fmt, 400, message, details=[_GOOGLE_KEY_INVALID])
+    if fmt is _Format.ANTHROPIC:
+        return _error(fmt, 401, "invalid x-api-key")
+    if fmt is _Format.AZURE:
+        return _json(_AZURE_401, 401)
+    return _leaky_auth_error(fmt, 401, key)
+
+
+def _model_error(fmt: _Format, kind: str, *, model: str, streaming: bool) -> web.Response:
     """A model-level error in the provider's own shape: another model could answer."""
+    if fmt is _Format.GEMINI:
+        return _gemini_model_error(kind, model, streaming)
+    if fmt is _Format.AZURE and kind == "nomodel":
+        return _json(_AZURE_NO_DEPLOYMENT, 404)
     if kind == "context":
         if fmt is _Format.ANTHROPIC:
             return _error(fmt, 400, "prompt is too long: 210000 tokens > 200000 maximum")
@@ -385,14 +556,107 @@ def _model_error(fmt: _Format, kind: str) -> web.Response:
                   code="model_not_found")  # fmt: skip
 
 
-def _failure(fmt: _Format, d: Directives, status: int, key: str) -> web.Response:
+def _gemini_model_error(kind: str, model: str, streaming: bool) -> web.Response:
+    """Gemini's model-level errors; a content-policy block is a 200 with `promptFeedback`."""
+    fmt = _Format.GEMINI
+    if kind == "context":
+        message = ("The input token count (2100000) exceeds the maximum number of tokens "
+                   "allowed (1048576).")  # fmt: skip
+        return _error(fmt, 400, message)
+    if kind == "nomodel":
+        message = ("models/mock-model-that-is-not-here is not found for API version v1beta, or "
+                   "is not supported for generateContent. Call ListModels to see the list of "
+                   "available models and their supported methods.")  # fmt: skip
+        return _error(fmt, 404, message)
+    blocked = {"promptFeedback": {"blockReason": "SAFETY"}, "modelVersion": model}
+    if streaming:
+        return web.Response(body=_gemini_sse(blocked), headers=_SSE_HEADERS)
+    return _json(blocked)
+
+
+def _retry_after(d: Directives, status: int) -> int | None:
+    """The seconds a failure tells the caller to wait, if it tells any."""
+    if d.retry_after is not None:
+        return d.retry_after
+    if status == 429 and not d.quota and not d.no_retry_after:
+        return 1
+    return None
+
+
+def _gemini_failure(d: Directives, status: int, model: str) -> web.Response:
+    """A `fail-*` answer as Google sends it: the wait is a RetryInfo detail, not a header."""
+    details: list[dict[str, Any]] = []
+    if d.quota:
+        message = ("You exceeded your current quota, please check your plan and billing "
+                   "details. For more information on this error, head to: "
+                   "https://ai.google.dev/gemini-api/docs/rate-limits.")  # fmt: skip
+        details.append(_quota_failure("GenerateRequestsPerDayPerProjectPerModel-FreeTier",
+                                      "50", model))  # fmt: skip
+    elif status == 429:
+        message = "Resource has been exhausted (e.g. check quota)."
+        details.append(_quota_failure("GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+                                      "15", model))  # fmt: skip
+    else:
+        message = f"Mock provider: simulated HTTP {status} (fail-{status})."
+    wait = _retry_after(d, status)
+    if wait is not None:
+        details.append(
+            {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": f"{wait}s"}
+        )
+    return _error(_Format.GEMINI, status, message, details=details)
+
+
+def _quota_failure(quota_id: str, value: str, model: str) -> dict[str, Any]:
+    violation = {
+        "quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+        "quotaId": quota_id,
+        "quotaDimensions": {"location": "global", "model": model},
+        "quotaValue": value,
+    }
+    return {"@type": "type.googleapis.com/google.rpc.QuotaFailure", "violations": [violation]}
+
+
+def _azure_429(d: Directives, where: str) -> web.Response:
+    """Azure OpenAI's rate-limit answer: its own body, `retry-after` and `retry-after-ms`."""
+    message = (f"Requests to the {where} have exceeded token rate limit of your current "
+               "OpenAI S0 pricing tier.")  # fmt: skip
+    headers = None
+    wait = _retry_after(d, 429)
+    if wait is not None:
+        message += f" Please retry after {wait} second{'' if wait == 1 else 's'}."
+        headers = {"retry-after": str(wait), "retry-after-ms": str(wait * 1000)}
+    message += (" Please go here: https://aka.ms/oai/quotaincrease if you would like to "
+                "further increase the default rate limit.")  # fmt: skip
+    return _json({"error": {"code": "429", "message": message}}, 429, headers)
+
+
+@dataclass(frozen=True, slots=True)
+class _Where:
+    """What a failure's wording names: the model, and Azure's operation and API version."""
+
+    model: str = ""
+    azure: str = ""  # "ChatCompletions_Create Operation under Azure OpenAI API version V"
+    streaming: bool = False
+
+
+def _failure(
+    fmt: _Format, d: Directives, status: int, key: str, where: _Where = _Where()
+) -> web.Response:
     if d.model_error:
-        return _model_error(fmt, d.model_error)
+        return _model_error(fmt, d.model_error, model=where.model, streaming=where.streaming)
+    if d.bad_key:
+        return _bad_key(fmt, key)
     if d.leaky and status in (401, 403):
         return _leaky_auth_error(fmt, status, key)
-    headers = None
-    if d.retry_after is not None or (status == 429 and not d.quota and not d.no_retry_after):
-        headers = {"retry-after": str(d.retry_after if d.retry_after is not None else 1)}
+    if fmt is _Format.GEMINI:
+        return _gemini_failure(d, status, where.model)
+    wait = _retry_after(d, status)
+    headers = None if wait is None else {"retry-after": str(wait)}
+    if fmt is _Format.AZURE and not d.quota:
+        if status == 429:
+            return _azure_429(d, where.azure)
+        if status == 401:
+            return _json(_AZURE_401, 401, headers)
     if d.quota:
         message = "Mock provider: you exceeded your current quota (fail-quota)."
     else:
@@ -412,6 +676,10 @@ def _sse(event: str | None, data: object) -> bytes:
     if event is None:
         return b"data: " + orjson.dumps(data) + b"\n\n"
     return b"event: " + event.encode() + b"\ndata: " + orjson.dumps(data) + b"\n\n"
+
+
+def _gemini_sse(data: object) -> bytes:
+    return b"data: " + orjson.dumps(data) + b"\r\n\r\n"
 
 
 def _gone(request: web.Request) -> bool:
@@ -497,7 +765,7 @@ class _Sse:
     head: Sequence[bytes]  # the preamble, before any content
     content: Sequence[bytes]  # one event per reply piece
     tail: Sequence[bytes]  # finish or stop reason, usage
-    end: bytes  # the terminator
+    end: bytes  # the terminator (empty for Gemini's streams, which have none)
     garbled: bytes = _OPENAI_GARBLED
     error: bytes = _OPENAI_ERROR
 
@@ -523,7 +791,7 @@ def _script(sse: _Sse, d: Directives) -> list[_Step]:
     if d.garble:
         steps.append(sse.garbled)
     steps += [*late, *sse.tail]
-    return steps if d.nodone else [*steps, sse.end]
+    return steps if d.nodone or not sse.end else [*steps, sse.end]
 
 
 async def _stream(call: _Call, sse: _Sse) -> web.StreamResponse:
@@ -584,19 +852,35 @@ def _prefill(body: dict[str, Any]) -> str | None:
     )
 
 
-def _continuation(prefill: str) -> str:
+def _gemini_prefill(body: dict[str, Any]) -> str | None:
+    """The text of a trailing `model` turn in Gemini's `contents`, or None without one."""
+    contents = body.get("contents")
+    last = contents[-1] if isinstance(contents, list) and contents else None
+    if not isinstance(last, dict) or last.get("role") != "model":
+        return None
+    return "".join(p["text"] for p in _list(last.get("parts")) if isinstance(p.get("text"), str))
+
+
+def _prefill_of(fmt: _Format, body: dict[str, Any]) -> str | None:
+    return _gemini_prefill(body) if fmt is _Format.GEMINI else _prefill(body)
+
+
+def _continuation(prefill: str, reply: str = _REPLY) -> str:
     """What is left of the reply after `prefill`: the whole reply if it does not start so."""
     for head in (prefill, prefill.rstrip()):
-        if _REPLY.startswith(head):
-            return _REPLY[len(head) :]
-    return _REPLY
+        if reply.startswith(head):
+            return reply[len(head) :]
+    return reply
 
 
 def _reply(
-    body: dict[str, Any], *limit_fields: str, prefill: str | None = None
+    body: dict[str, Any], *limit_fields: str, prefill: str | None = None, text: str = _REPLY
 ) -> tuple[tuple[str, ...], bool]:
     """The reply pieces (after a prefill) under the body's token limit, and whether it cut them."""
-    pieces = _PIECES if prefill is None else tuple(_PIECE_RE.findall(_continuation(prefill)))
+    if prefill is None:
+        pieces = _PIECES if text is _REPLY else tuple(_PIECE_RE.findall(text))
+    else:
+        pieces = tuple(_PIECE_RE.findall(_continuation(prefill, text)))
     for name in limit_fields:
         limit = body.get(name)
         if isinstance(limit, int) and not isinstance(limit, bool):
@@ -606,17 +890,274 @@ def _reply(
     return pieces, False
 
 
-def _credential(request: web.Request, fmt: _Format) -> tuple[str | None, str | None]:
+# --- what a request asks for: a tool call, a tool result, images ----------
+
+
+def _list(value: object) -> list[dict[str, Any]]:
+    """The objects in a JSON list (anything else: none)."""
+    return [v for v in value if isinstance(v, dict)] if isinstance(value, list) else []
+
+
+def _dict(value: object) -> dict[str, Any]:
+    return value if isinstance(value, dict) else {}
+
+
+@dataclass(frozen=True, slots=True)
+class _ToolCall:
+    """The call the mock makes: to the chosen tool, with arguments made from its schema."""
+
+    name: str
+    arguments: dict[str, Any]
+
+    @property
+    def json(self) -> str:
+        return orjson.dumps(self.arguments).decode()
+
+    def pieces(self) -> tuple[str, ...]:
+        """The arguments' JSON in pieces of 8 characters, at least two (streams split it)."""
+        text = self.json
+        cut = [text[i : i + 8] for i in range(0, len(text), 8)]
+        if len(cut) < 2:
+            half = max(len(text) // 2, 1)
+            cut = [text[:half], text[half:]]
+        return tuple(cut)
+
+
+@dataclass(frozen=True, slots=True)
+class _Plan:
+    """What the reply is: a tool call, or text (before any prefill and token limit)."""
+
+    text: str = _REPLY
+    call: _ToolCall | None = None
+
+
+_FILLERS: dict[str, object] = {"string": "x", "integer": 1, "number": 1, "boolean": True}
+
+
+def _arguments(schema: object) -> dict[str, Any]:
+    """`{"location": "Paris"}` if the schema has `location`, else each required property filled."""
+    props = _dict(_dict(schema).get("properties"))
+    if "location" in props:
+        return {"location": "Paris"}
+    required = _dict(schema).get("required")
+    out: dict[str, Any] = {}
+    for name in required if isinstance(required, list) else []:
+        if isinstance(name, str):
+            out[name] = _filler(_dict(props.get(name)))
+    return out
+
+
+def _filler(prop: dict[str, Any]) -> object:
+    enum_values = prop.get("enum")
+    if isinstance(enum_values, list) and enum_values:
+        return enum_values[0]
+    kind = prop.get("type")
+    if isinstance(kind, list):  # ["string", "null"]
+        kind = next((k for k in kind if k != "null"), None)
+    kind = kind.lower() if isinstance(kind, str) else "string"  # Gemini spells them "STRING"
+    if kind == "array":
+        return []
+    if kind == "object":
+        return {}
+    return _FILLERS.get(kind, "x")
+
+
+def _choose(tools: list[tuple[str, object]], choice: str | bool) -> _ToolCall | None:
+    """The call to make: to the tool `choice` names, else the first; none if `choice` is False."""
+    if not tools or choice is False:
+        return None
+    named = [t for t in tools if t[0] == choice] if isinstance(choice, str) else []
+    name, schema = (named or tools)[0]
+    return _ToolCall(name, _arguments(schema))
+
+
+def _decide(
+    results: list[str], call: _ToolCall | None, images: list[str], prefill: str | None
+) -> _Plan:
+    """A tool result gets quoted; else tools get called (unless prefilled); else images told."""
+    if results:
+        return _Plan(text="The tool said: " + "; ".join(results))
+    if call is not None and prefill is None:
+        return _Plan(call=call)
+    if images:
+        n = len(images)
+        return _Plan(text=f"I see {n} image{'' if n == 1 else 's'} ({'; '.join(images)}).")
+    return _Plan()
+
+
+def _text_of(content: object) -> str:
+    """A message's or tool result's text: a string, or its text parts joined."""
+    if isinstance(content, str):
+        return content
+    return "".join(b["text"] for b in _list(content) if isinstance(b.get("text"), str))
+
+
+def _decoded_size(data: str) -> int | None:
+    """Bytes that base64 (standard, else URL-safe) decodes to; None if it does not decode."""
+    try:
+        return len(base64.b64decode(data, validate=True))
+    except ValueError:
+        pass
+    try:
+        return len(base64.urlsafe_b64decode(data))
+    except ValueError:
+        return None
+
+
+def _inline_image(mime: object, data: object) -> str:
+    size = _decoded_size(data) if isinstance(data, str) else None
+    what = "undecodable" if size is None else f"{size} bytes"
+    return f"base64 {mime if isinstance(mime, str) else 'unknown'}, {what}"
+
+
+def _url_image(url: str) -> str:
+    """An image URL as the reply names it: a data URL by its type and size, else the URL."""
+    if url.startswith("data:"):
+        head, _, data = url.partition(",")
+        if head.endswith(";base64"):
+            return _inline_image(head[5:].split(";")[0], data)
+    return f"url {url}"
+
+
+def _openai_plan(body: dict[str, Any]) -> _Plan:
+    messages = _list(body.get("messages"))
+    results: list[str] = []
+    for m in reversed(messages):  # the trailing run of tool results
+        if m.get("role") != "tool":
+            break
+        results.insert(0, _text_of(m.get("content")))
+    tools = [
+        (f["name"], f.get("parameters"))
+        for t in _list(body.get("tools"))
+        if isinstance((f := _dict(t.get("function"))).get("name"), str)
+    ]
+    images = []
+    for m in messages:
+        for part in _list(m.get("content")):
+            if part.get("type") == "image_url":
+                ref = part.get("image_url")
+                url = ref if isinstance(ref, str) else _dict(ref).get("url")
+                images.append(_url_image(url) if isinstance(url, str) else "url unknown")
+    tc = body.get("tool_choice")
+    choice: str | bool = tc != "none"
+    if isinstance(tc, dict) and isinstance(name := _dict(tc.get("function")).get("name"), str):
+        choice = name
+    return _decide(results, _choose(tools, choice), images, _prefill(body))
+
+
+def _anthropic_plan(body: dict[str, Any]) -> _Plan:
+    messages = _list(body.get("messages"))
+    last = messages[-1] if messages else {}
+    results = []
+    if last.get("role") == "user":
+        results = [
+            _text_of(b.get("content"))
+            for b in _list(last.get("content"))
+            if b.get("type") == "tool_result"
+        ]
+    tools = [(t["name"], t.get("input_schema")) for t in _list(body.get("tools"))
+             if isinstance(t.get("name"), str)]  # fmt: skip
+    images = [
+        _anthropic_image(_dict(b.get("source")))
+        for m in messages
+        for b in _list(m.get("content"))
+        if b.get("type") == "image"
+    ]
+    tc = _dict(body.get("tool_choice"))
+    choice: str | bool = tc.get("type") != "none"
+    if tc.get("type") == "tool" and isinstance(tc.get("name"), str):
+        choice = tc["name"]
+    return _decide(results, _choose(tools, choice), images, _prefill(body))
+
+
+def _anthropic_image(source: dict[str, Any]) -> str:
+    kind = source.get("type")
+    if kind == "base64":
+        return _inline_image(source.get("media_type"), source.get("data"))
+    if kind == "url":
+        return f"url {source.get('url')}"
+    return f"file {source.get('file_id')}" if kind == "file" else f"{kind} unknown"
+
+
+def _camel(obj: dict[str, Any], name: str) -> Any:
+    """A field of a Gemini object by its JSON name or its proto name (`mimeType`, `mime_type`)."""
+    if name in obj:
+        return obj[name]
+    return obj.get(re.sub(r"[A-Z]", lambda m: "_" + m.group().lower(), name))
+
+
+def _gemini_plan(body: dict[str, Any]) -> _Plan:
+    contents = _list(body.get("contents"))
+    last = contents[-1] if contents else {}
+    results = [
+        _gemini_result(_dict(_camel(p, "functionResponse")))
+        for p in _list(last.get("parts"))
+        if _camel(p, "functionResponse") is not None
+    ]
+    tools = [
+        (d["name"], _camel(d, "parameters") or _camel(d, "parametersJsonSchema"))
+        for t in _list(body.get("tools"))
+        for d in _list(_camel(t, "functionDeclarations"))
+        if isinstance(d.get("name"), str)
+    ]
+    images = []
+    for c in contents:
+        for p in _list(c.get("parts")):
+            if (inline := _camel(p, "inlineData")) is not None:
+                images.append(_inline_image(_camel(_dict(inline), "mimeType"),
+                                            _dict(inline).get("data")))  # fmt: skip
+            elif (ref := _camel(p, "fileData")) is not None:
+                images.append(f"url {_camel(_dict(ref), 'fileUri')}")
+    config = _dict(_camel(_dict(_camel(body, "toolConfig")), "functionCallingConfig"))
+    choice: str | bool = config.get("mode") != "NONE"
+    allowed = _camel(config, "allowedFunctionNames")
+    if choice and isinstance(allowed, list) and allowed and isinstance(allowed[0], str):
+        choice = allowed[0]
+    return _decide(results, _choose(tools, choice), images, _gemini_prefill(body))
+
+
+def _gemini_result(response: dict[str, Any]) -> str:
+    """A functionResponse's result: its one string value, else its `response` as JSON."""
+    value = _dict(response.get("response"))
+    if len(value) == 1 and isinstance(only := next(iter(value.values())), str):
+        return only
+    return _dumps(value).decode()
+
+
+@dataclass(frozen=True, slots=True)
+class _Credential:
+    """The key a route accepts, and which key was sent where (for the log)."""
+
+    key: str | None  # what the route reads, None if it was not sent
+    sent: str | None  # the key the log records: the accepted one, else any other sent
+    auth: str | None  # where `sent` came from: a header name, or `?key` for the query
+
+
+_ACCEPTS = {
+    _Format.OPENAI: ("authorization", "api-key"),
+    _Format.ANTHROPIC: ("x-api-key", "authorization"),
+    _Format.GEMINI: ("x-goog-api-key", "?key"),
+    _Format.AZURE: ("api-key", "authorization"),
+}
+_KEY_PLACES = ("authorization", "api-key", "x-api-key", "x-goog-api-key", "?key")
+
+
+def _credential(request: web.Request, fmt: _Format) -> _Credential:
     """The credential this route accepts, and whichever one was sent (for the log)."""
-    bearer = None
+    found: dict[str, str] = {}
     auth = request.headers.get("authorization")
-    if auth is not None and auth[:7].lower() == "bearer ":
-        bearer = auth[7:].strip() or None
-    api_key = request.headers.get("x-api-key") or None
-    if fmt is _Format.ANTHROPIC:
-        return api_key or bearer, api_key or bearer
-    azure = request.headers.get("api-key") or None  # Azure OpenAI's header
-    return bearer or azure, bearer or azure or api_key
+    if auth is not None and auth[:7].lower() == "bearer " and auth[7:].strip():
+        found["authorization"] = auth[7:].strip()
+    for name in ("x-api-key", "api-key", "x-goog-api-key"):
+        if value := request.headers.get(name):
+            found[name] = value
+    if value := request.query.get("key"):
+        found["?key"] = value
+    accepted = next((p for p in _ACCEPTS[fmt] if p in found), None)
+    where = accepted or next((p for p in _KEY_PLACES if p in found), None)
+    return _Credential(
+        found[accepted] if accepted else None, found[where] if where else None, where
+    )
 
 
 def _parse_body(raw: bytes) -> object:
@@ -640,7 +1181,13 @@ def _dumps(obj: object) -> bytes:
         return json.dumps(obj).encode()
 
 
-def _record(request: web.Request, body: object, key: str | None) -> None:
+def _record(
+    request: web.Request,
+    body: object,
+    cred: _Credential,
+    fmt: _Format | None = None,
+    model: str | None = None,
+) -> None:
     request.app[_STATE].log.append(
         {
             "method": request.method,
@@ -649,7 +1196,10 @@ def _record(request: web.Request, body: object, key: str | None) -> None:
             "query": dict(request.query),
             "headers": {k.lower(): v for k, v in request.headers.items()},
             "body": None if body is _INVALID else body,
-            "key": key,
+            "key": cred.sent,
+            "format": None if fmt is None else fmt.wire,
+            "auth": cred.auth,
+            "model": model,
         }
     )
 
@@ -663,12 +1213,13 @@ def _counted_failure(seen: dict[str, int], which: str, d: Directives) -> bool:
 
 
 async def _instead(
-    request: web.Request, fmt: _Format, d: Directives, key: str, model: str, body: dict[str, Any]
-) -> web.StreamResponse | None:
+    request: web.Request, fmt: _Format, d: Directives, key: str, body: dict[str, Any],
+    where: _Where,
+) -> web.StreamResponse | None:  # fmt: skip
     """What the directives answer in place of the route (after any wait), if anything."""
     if d.slow_ms:
         await asyncio.sleep(d.slow_ms / 1000)
-    if d.first_ms and body.get("stream") is not True:
+    if d.first_ms and not where.streaming:
         await _pause(request, d.first_ms / 1000)
     if d.silent:
         await _pause(request, _HANG_S)
@@ -676,43 +1227,62 @@ async def _instead(
     if d.drop:
         return _drop(request)
     if d.fail is not None:
-        return _failure(fmt, d, d.fail, key)
-    if d.noprefill and _prefill(body) is not None:
+        return _failure(fmt, d, d.fail, key, where)
+    if d.noprefill and _prefill_of(fmt, body) is not None:
         return _error(fmt, 400, _NO_PREFILL, code="prefill_unsupported")
     if (d.flaky or d.flap) and _counted_failure(
-        request.app[_STATE].flaky_seen, f"{key}:{model}", d
+        request.app[_STATE].flaky_seen, f"{key}:{where.model}", d
     ):
-        return _failure(fmt, d, 503, key)
+        return _failure(fmt, d, 503, key, where)
     return None
 
 
 def _endpoint(
-    fmt: _Format, responder: _Responder, *, needs_body: bool = True
+    fmt: _Format,
+    responder: _Responder,
+    *,
+    needs_body: bool = True,
+    model_in: str | None = None,
+    streams: bool | None = None,
+    operation: str = "",
 ) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
-    """Wrap a responder with what every route does: log, auth, body, directives."""
+    """Wrap a responder with what every route does: log, auth, body, directives.
+
+    `model_in` names the path part that holds the model (Gemini's model, Azure's deployment)
+    instead of the body's `model`; `streams` is whether the route streams (else the body's
+    `stream` says); `operation` is Azure's name for the call, in its 429 wording.
+    """
 
     async def handler(request: web.Request) -> web.StreamResponse:
+        path_model = request.match_info[model_in] if model_in else None
         try:
             body = _parse_body(await request.read()) if request.body_exists else None
         except RequestPayloadError:  # not what its Content-Encoding says
-            _record(request, _INVALID, _credential(request, fmt)[1])
+            _record(request, _INVALID, _credential(request, fmt), fmt, path_model)
             return _error(fmt, 400, "The request body could not be decoded.")
-        key, sent = _credential(request, fmt)
-        _record(request, body, sent)
-        if key is None:
-            if fmt is _Format.ANTHROPIC:
-                return _error(fmt, 401, "x-api-key header is required")
-            return _error(fmt, 401, "You didn't provide an API key (Authorization: Bearer).")
+        cred = _credential(request, fmt)
+        fields: dict[str, Any] = body if isinstance(body, dict) else {}
+        named = fields.get("model")
+        model = path_model if model_in else named if isinstance(named, str) else None
+        _record(request, body, cred, fmt, model)
+        if fmt is _Format.AZURE and model_in and "api-version" not in request.query:
+            return _json(_AZURE_NOT_FOUND, 404)
+        if cred.key is None:
+            return _missing_key(fmt)
         if needs_body and not isinstance(body, dict):
             return _error(fmt, 400, "The request body is not a valid JSON object.")
-        fields: dict[str, Any] = body if isinstance(body, dict) else {}
-        model = fields.get("model")
-        if needs_body and (not isinstance(model, str) or not model):
+        if needs_body and not model:
             return _error(fmt, 400, "You must provide a model parameter.")
-        model = model if isinstance(model, str) else ""
-        d = parse_directives(f"{key}:{model}")
+        model = model or ""
+        d = parse_directives(f"{cred.key}:{model}")
         if d is not _NONE:
-            instead = await _instead(request, fmt, d, key, model, fields)
+            version = request.query.get("api-version", "v1")
+            where = _Where(
+                model,
+                f"{operation} Operation under Azure OpenAI API version {version}",
+                fields.get("stream") is True if streams is None else streams,
+            )
+            instead = await _instead(request, fmt, d, cred.key, fields, where)
             if instead is not None:
                 return instead
         n = request.app[_STATE].next_id()
@@ -743,9 +1313,23 @@ def _include_usage(body: dict[str, Any]) -> bool:
 async def _chat(call: _Call) -> web.StreamResponse:
     body = call.body
     prompt = max(_words(body.get("messages")), 1)
-    pieces, cut = _reply(body, "max_completion_tokens", "max_tokens", prefill=_prefill(body))
-    finish = "length" if cut else "stop"
+    plan = _openai_plan(body)
     ident, created = f"chatcmpl-mock-{call.n}", int(time.time())
+    if plan.call is not None:
+        tool = plan.call
+        pieces = tool.pieces()
+        finish = "tool_calls"
+        function = {"name": tool.name, "arguments": tool.json}
+        message: dict[str, Any] = {
+            "role": "assistant",
+            "content": None,
+            "tool_calls": [{"id": f"call_mock_{call.n}", "type": "function", "function": function}],
+        }
+    else:
+        pieces, cut = _reply(body, "max_completion_tokens", "max_tokens", prefill=_prefill(body),
+                             text=plan.text)  # fmt: skip
+        finish = "length" if cut else "stop"
+        message = {"role": "assistant", "content": "".join(pieces)}
     if body.get("stream") is not True:
         return _json(
             {
@@ -754,19 +1338,14 @@ async def _chat(call: _Call) -> web.StreamResponse:
                 "created": created,
                 "model": call.model,
                 "choices": [
-                    {
-                        "index": 0,
-                        "message": {"role": "assistant", "content": "".join(pieces)},
-                        "logprobs": None,
-                        "finish_reason": finish,
-                    }
+                    {"index": 0, "message": message, "logprobs": None, "finish_reason": finish}
                 ],
                 "usage": _usage(prompt, len(pieces)),
             }
         )
     with_usage = _include_usage(body)
 
-    def chunk(delta: dict[str, str], finish_reason: str | None) -> bytes:
+    def chunk(delta: dict[str, Any], finish_reason: str | None) -> bytes:
         obj: dict[str, Any] = {
             "id": ident,
             "object": "chat.completion.chunk",
@@ -780,8 +1359,17 @@ async def _chat(call: _Call) -> web.StreamResponse:
             obj["usage"] = None
         return _sse(None, obj)
 
-    head = [chunk({"role": "assistant", "content": ""}, None)]
-    content = [chunk({"content": p}, None) for p in pieces]
+    if plan.call is not None:  # the name at once, the arguments in pieces, as OpenAI streams them
+        opening = {**message["tool_calls"][0], "index": 0,
+                   "function": {"name": plan.call.name, "arguments": ""}}  # fmt: skip
+        head = [chunk({"role": "assistant", "content": None, "tool_calls": [opening]}, None)]
+        content = [
+            chunk({"tool_calls": [{"index": 0, "function": {"arguments": p}}]}, None)
+            for p in pieces
+        ]
+    else:
+        head = [chunk({"role": "assistant", "content": ""}, None)]
+        content = [chunk({"content": p}, None) for p in pieces]
     tail = [chunk({}, finish)]
     if with_usage:
         usage_chunk = {
@@ -928,14 +1516,26 @@ def _anthropic_prompt(body: dict[str, Any]) -> int:
 async def _messages(call: _Call) -> web.StreamResponse:
     body = call.body
     prompt = _anthropic_prompt(body)
-    pieces, cut = _reply(body, "max_tokens", prefill=_prefill(body))
-    stop = "max_tokens" if cut else "end_turn"
+    plan = _anthropic_plan(body)
+    if plan.call is not None:
+        pieces = plan.call.pieces()
+        stop = "tool_use"
+        block: dict[str, Any] = {"type": "tool_use", "id": f"toolu_mock_{call.n}",
+                                 "name": plan.call.name, "input": plan.call.arguments}  # fmt: skip
+        opening = {**block, "input": {}}
+        delta = [{"type": "input_json_delta", "partial_json": p} for p in pieces]
+    else:
+        pieces, cut = _reply(body, "max_tokens", prefill=_prefill(body), text=plan.text)
+        stop = "max_tokens" if cut else "end_turn"
+        block = {"type": "text", "text": "".join(pieces)}
+        opening = {"type": "text", "text": ""}
+        delta = [{"type": "text_delta", "text": p} for p in pieces]
     message: dict[str, Any] = {
         "id": f"msg_mock_{call.n}",
         "type": "message",
         "role": "assistant",
         "model": call.model,
-        "content": [{"type": "text", "text": "".join(pieces)}],
+        "content": [block],
         "stop_reason": stop,
         "stop_sequence": None,
         "usage": {"input_tokens": prompt, "output_tokens": len(pieces)},
@@ -952,20 +1552,13 @@ async def _messages(call: _Call) -> web.StreamResponse:
         _sse("message_start", {"type": "message_start", "message": start}),
         _sse(
             "content_block_start",
-            {
-                "type": "content_block_start",
-                "index": 0,
-                "content_block": {"type": "text", "text": ""},
-            },
+            {"type": "content_block_start", "index": 0, "content_block": opening},
         ),
         _sse("ping", {"type": "ping"}),
     ]
     content = [
-        _sse(
-            "content_block_delta",
-            {"type": "content_block_delta", "index": 0, "delta": {"type": "text_delta", "text": p}},
-        )
-        for p in pieces
+        _sse("content_block_delta", {"type": "content_block_delta", "index": 0, "delta": d})
+        for d in delta
     ]
     tail = [
         _sse("content_block_stop", {"type": "content_block_stop", "index": 0}),
@@ -987,6 +1580,118 @@ async def _count_tokens(call: _Call) -> web.StreamResponse:
     return _json({"input_tokens": _anthropic_prompt(call.body)})
 
 
+# --- Gemini -----------------------------------------------------------------
+
+
+def _gemini_words(value: object) -> int:
+    """Words of the text parts in Gemini `contents` or a `systemInstruction`."""
+    if isinstance(value, list):
+        return sum(_gemini_words(v) for v in value)
+    if isinstance(value, dict):
+        if "parts" in value:
+            return _gemini_words(value["parts"])
+        return _words(value.get("text"))
+    return _words(value)  # a bare string
+
+
+def _gemini_prompt(body: dict[str, Any]) -> int:
+    system = _camel(body, "systemInstruction")
+    return max(_gemini_words(body.get("contents")) + _gemini_words(system), 1)
+
+
+def _gemini_usage(prompt: int, output: int) -> dict[str, int]:
+    return {
+        "promptTokenCount": prompt,
+        "candidatesTokenCount": output,
+        "totalTokenCount": prompt + output,
+    }
+
+
+def _gemini_answer(
+    call: _Call,
+    parts: list[dict[str, Any]],
+    finish: str | None = None,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """A GenerateContentResponse (or a stream chunk of one) with one candidate."""
+    candidate: dict[str, Any] = {"content": {"parts": parts, "role": "model"}}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    candidate["index"] = 0
+    answer: dict[str, Any] = {"candidates": [candidate]}
+    if usage is not None:
+        answer["usageMetadata"] = usage
+    answer["modelVersion"] = call.model
+    answer["responseId"] = f"mock-{call.n}"
+    return answer
+
+
+@dataclass(frozen=True, slots=True)
+class _GeminiReply:
+    """A Gemini answer's parts: text pieces (one per stream chunk), or one whole functionCall."""
+
+    parts: list[dict[str, Any]]
+    finish: str
+    usage: dict[str, int]
+    call: bool
+
+
+def _gemini_reply(body: dict[str, Any]) -> _GeminiReply:
+    prompt = _gemini_prompt(body)
+    plan = _gemini_plan(body)
+    if plan.call is not None:
+        part = {"functionCall": {"name": plan.call.name, "args": plan.call.arguments}}
+        return _GeminiReply([part], "STOP", _gemini_usage(prompt, len(plan.call.pieces())), True)
+    config = _dict(_camel(body, "generationConfig"))
+    limit = {"maxOutputTokens": _camel(config, "maxOutputTokens")}
+    pieces, cut = _reply(limit, "maxOutputTokens", prefill=_gemini_prefill(body), text=plan.text)
+    usage = _gemini_usage(prompt, len(pieces))
+    return _GeminiReply(
+        [{"text": p} for p in pieces], "MAX_TOKENS" if cut else "STOP", usage, False
+    )
+
+
+async def _generate_content(call: _Call) -> web.StreamResponse:
+    reply = _gemini_reply(call.body)
+    parts = reply.parts if reply.call else [{"text": "".join(p["text"] for p in reply.parts)}]
+    return _json(_gemini_answer(call, parts, reply.finish, reply.usage))
+
+
+async def _stream_generate_content(call: _Call) -> web.StreamResponse:
+    """Text in one chunk per piece, then a last chunk with finishReason and usageMetadata."""
+    reply = _gemini_reply(call.body)
+    if reply.call:
+        content = [_gemini_answer(call, reply.parts, reply.finish, reply.usage)]
+        tail: list[dict[str, Any]] = []
+    else:
+        content = [_gemini_answer(call, [p]) for p in reply.parts]
+        tail = [_gemini_answer(call, [{"text": ""}], reply.finish, reply.usage)]
+    if call.request.query.get("alt") != "sse":  # without SSE, Google sends one JSON array
+        return _json([*content, *tail])
+    frames = [_gemini_sse(c) for c in content], [_gemini_sse(c) for c in tail]
+    sse = _Sse((), *frames, b"", _GEMINI_GARBLED, _GEMINI_ERROR)
+    return await _stream(call, sse)
+
+
+async def _gemini_count_tokens(call: _Call) -> web.StreamResponse:
+    inner = _dict(_camel(call.body, "generateContentRequest"))
+    return _json({"totalTokens": _gemini_prompt(inner or call.body)})
+
+
+def _gemini_vector(content: object) -> dict[str, list[float]]:
+    """An embedding of a Content's text, equal to OpenAI's embedding of the same string."""
+    return {"values": _vector(_text_of(_dict(content).get("parts")))}
+
+
+async def _embed_content(call: _Call) -> web.StreamResponse:
+    return _json({"embedding": _gemini_vector(call.body.get("content"))})
+
+
+async def _batch_embed_contents(call: _Call) -> web.StreamResponse:
+    requests = _list(call.body.get("requests"))
+    return _json({"embeddings": [_gemini_vector(r.get("content")) for r in requests]})
+
+
 # --- app --------------------------------------------------------------------
 
 
@@ -995,7 +1700,7 @@ async def _unknown_route(request: web.Request) -> web.StreamResponse:
         body = _parse_body(await request.read()) if request.body_exists else None
     except RequestPayloadError:
         body = _INVALID
-    _record(request, body, _credential(request, _Format.OPENAI)[1])
+    _record(request, body, _credential(request, _Format.OPENAI))
     message = f"Invalid URL ({request.method} {request.path})"
     return _error(_Format.OPENAI, 404, message, code="unknown_url")
 
@@ -1028,6 +1733,33 @@ def create_app() -> web.Application:
     app.router.add_get("/v1/models", _endpoint(openai, _models, needs_body=False), allow_head=False)
     app.router.add_post("/v1/messages", _endpoint(anthropic, _messages))
     app.router.add_post("/v1/messages/count_tokens", _endpoint(anthropic, _count_tokens))
+    gemini = _Format.GEMINI
+    for version in ("v1beta", "v1"):
+        for action, responder, streams in (
+            ("generateContent", _generate_content, False),
+            ("streamGenerateContent", _stream_generate_content, True),
+            ("countTokens", _gemini_count_tokens, False),
+            ("embedContent", _embed_content, False),
+            ("batchEmbedContents", _batch_embed_contents, False),
+        ):
+            app.router.add_post(
+                f"/{version}/models/{{model}}:{action}",
+                _endpoint(gemini, responder, model_in="model", streams=streams),
+            )
+    azure = _Format.AZURE
+    for route, responder, operation in (
+        ("chat/completions", _chat, "ChatCompletions_Create"),
+        ("completions", _completions, "Completions_Create"),
+        ("embeddings", _embeddings, "Embeddings_Create"),
+    ):
+        app.router.add_post(
+            f"/openai/deployments/{{deployment}}/{route}",
+            _endpoint(azure, responder, model_in="deployment", operation=operation),
+        )
+        app.router.add_post(f"/openai/v1/{route}", _endpoint(azure, responder, operation=operation))
+    app.router.add_post(
+        "/openai/v1/responses", _endpoint(azure, _responses, operation="Responses_Create")
+    )
     app.router.add_route("*", "/v1/{tail:.*}", _unknown_route)
     app.router.add_get("/_mock/requests", _log_get, allow_head=False)
     app.router.add_delete("/_mock/requests", _log_clear)

@@ -46,9 +46,15 @@ class Target:
 
 
 def resolve_targets(
-    runtime: Runtime, fmt: str, names: list[str], fallbacks: tuple[str, ...] = ()
+    runtime: Runtime,
+    fmt: str,
+    names: list[str],
+    fallbacks: tuple[str, ...] = (),
+    *,
+    any_format: bool = False,
 ) -> list[Target]:
-    """Model names → providers, checking each provider speaks the route's format.
+    """Model names → providers, checking each provider speaks the route's format, unless
+    `any_format` (a chat request, which is translated for a provider of another format).
 
     `fallbacks` (from the config's `fallbacks:`) follow the names; one that does not
     resolve, or whose provider speaks another format, is left out rather than failing
@@ -57,7 +63,7 @@ def resolve_targets(
     targets = []
     for name in names:
         resolved = runtime.resolver.resolve(name)
-        if resolved.provider.format != fmt:
+        if resolved.provider.format != fmt and not any_format:
             raise ProxyError(
                 ErrorCode.MODEL_UNKNOWN,
                 f"model {name!r} is served by provider {resolved.provider.id!r}, which speaks the "
@@ -71,7 +77,7 @@ def resolve_targets(
             resolved = runtime.resolver.resolve(name)
         except ProxyError:
             continue
-        if resolved.provider.format == fmt:
+        if resolved.provider.format == fmt or any_format:
             targets.append(Target(resolved.provider, resolved))
     return targets
 

@@ -1,7 +1,12 @@
 """Model prices in USD per 1M tokens, and the cost of a request's usage.
 
-The built-in table holds OpenAI and Anthropic list prices (standard tier,
-text tokens, no batch discount). The config's `prices:` map (model name →
+The built-in table holds list prices (standard tier, text tokens, no batch
+discount) of OpenAI and Anthropic, and of the common models of Google (Gemini),
+DeepSeek, Mistral, xAI, Groq, Cerebras, Perplexity and Moonshot AI, as taken on
+`PRICES_TAKEN` (2026-11-27) — prices change; the operator overrides them under
+`prices:`. Tiered prices are charged at their base tier (Gemini's ≤200k-token
+prompts, DeepSeek's peak hours); per-request fees (Perplexity's search fees) are
+not charged. The config's `prices:` map (model name →
 price) extends it and overrides built-in entries of the same name; a name
 that looks like an OpenAI or Anthropic model (`gpt-*`, `o1*`, `claude-*`, …)
 joins that provider's table, any other name (`llama3.2`) applies to every
@@ -102,9 +107,94 @@ _ANTHROPIC: Final[Mapping[str, Price]] = {
     "claude-3-haiku": Price(0.25, 1.25),
 }
 
+#: The day the built-in prices of the providers below (and the table as a whole) were taken.
+PRICES_TAKEN: Final = "2026-11-27"
+
+# "confirmed": seen on the provider's pricing page (or a dated transcription of it) in 2026;
+# "unconfirmed": not found there, our best knowledge of the list price. A family entry
+# (`gemini-2.5-flash`) also prices its dated and preview names; variants billed differently
+# (image output, turbo tiers) are listed on their own so they never fall to a cheaper family.
+_GOOGLE: Final[Mapping[str, Price]] = {
+    "gemini-3.8-flash": Price(0.75, 3.75),  # confirmed; $1.50 / $7.50 from 2027-01-01
+    "gemini-3.5-flash": Price(1.50, 9.00),  # confirmed
+    "gemini-3.5-flash-lite": Price(0.30, 2.50),  # confirmed
+    "gemini-3.1-pro": Price(2.00, 12.00),  # confirmed (prompts ≤ 200k; $4 / $18 above)
+    "gemini-3-pro": Price(2.00, 12.00),  # unconfirmed
+    "gemini-3-pro-image": Price(2.00, 120.00),  # output confirmed (image tokens), input unconfirmed
+    "gemini-3-flash": Price(0.50, 3.00),  # unconfirmed
+    "gemini-2.5-pro": Price(1.25, 10.00),  # input confirmed (prompts ≤ 200k), output unconfirmed
+    "gemini-2.5-flash": Price(0.30, 2.50),  # input confirmed (text/image/video), output unconfirmed
+    "gemini-2.5-flash-lite": Price(0.10, 0.40),  # output confirmed, input unconfirmed
+    "gemini-2.5-flash-image": Price(0.30, 30.00),  # unconfirmed (image output tokens)
+    "gemini-2.0-flash": Price(0.10, 0.40),  # unconfirmed
+    "gemini-2.0-flash-lite": Price(0.075, 0.30),  # unconfirmed
+    "gemini-embedding-001": Price(0.15, 0.0),  # unconfirmed
+}
+
+_DEEPSEEK: Final[Mapping[str, Price]] = {
+    "deepseek-chat": Price(0.28, 0.42),  # unconfirmed (V3.2 list price, cache miss)
+    "deepseek-reasoner": Price(0.28, 0.42),  # unconfirmed (V3.2 list price, cache miss)
+    "deepseek-v4-pro": Price(1.32, 3.96),  # confirmed, peak hours, cache miss
+    "deepseek-flash": Price(0.30, 1.20),  # confirmed, peak hours, cache miss
+}
+
+_MISTRAL: Final[Mapping[str, Price]] = {
+    "mistral-large-latest": Price(0.50, 1.50),  # unconfirmed (Mistral Large 3)
+    "mistral-large": Price(2.00, 6.00),  # unconfirmed (dated Large 2 releases)
+    "mistral-medium-latest": Price(0.40, 2.00),  # unconfirmed
+    "mistral-small-latest": Price(0.10, 0.30),  # unconfirmed
+    "mistral-small": Price(0.10, 0.30),  # unconfirmed
+    "codestral-latest": Price(0.30, 0.90),  # unconfirmed
+    "codestral": Price(0.30, 0.90),  # unconfirmed
+    "mistral-embed": Price(0.10, 0.0),  # unconfirmed
+}
+
+_XAI: Final[Mapping[str, Price]] = {
+    "grok-4": Price(3.00, 15.00),  # confirmed (≤ 128k context)
+    "grok-4.3": Price(1.25, 2.50),  # confirmed
+    "grok-4-1-fast": Price(0.20, 0.50),  # confirmed
+    "grok-4-fast": Price(0.20, 0.50),  # unconfirmed
+    "grok-code-fast-1": Price(0.20, 1.50),  # unconfirmed
+    "grok-3": Price(3.00, 15.00),  # confirmed
+    "grok-3-mini": Price(0.30, 0.50),  # unconfirmed
+}
+
+_GROQ: Final[Mapping[str, Price]] = {
+    "llama-3.3-70b-versatile": Price(0.59, 0.79),  # confirmed
+    "llama-3.1-8b-instant": Price(0.05, 0.08),  # confirmed
+}
+
+_CEREBRAS: Final[Mapping[str, Price]] = {
+    "llama-3.3-70b": Price(0.85, 1.20),  # unconfirmed
+    "llama3.1-8b": Price(0.10, 0.10),  # unconfirmed
+}
+
+_PERPLEXITY: Final[Mapping[str, Price]] = {
+    "sonar": Price(1.00, 1.00),  # confirmed; the per-request search fee is not charged
+    "sonar-pro": Price(3.00, 15.00),  # confirmed
+    "sonar-reasoning-pro": Price(2.00, 8.00),  # confirmed
+    "sonar-deep-research": Price(2.00, 8.00),  # confirmed (token prices only)
+}
+
+_MOONSHOTAI: Final[Mapping[str, Price]] = {
+    "kimi-k2-0905-preview": Price(0.60, 2.50),  # confirmed (cache miss)
+    "kimi-k2-0711-preview": Price(0.60, 2.50),  # confirmed
+    "kimi-k2-turbo-preview": Price(1.15, 8.00),  # confirmed
+    "kimi-k2-thinking": Price(0.60, 2.50),  # confirmed
+    "kimi-k2-thinking-turbo": Price(1.15, 8.00),  # confirmed
+}
+
 BUILTIN_PRICES: Final[Mapping[str, Mapping[str, Price]]] = {
     "openai": _OPENAI,
     "anthropic": _ANTHROPIC,
+    "google": _GOOGLE,
+    "deepseek": _DEEPSEEK,
+    "mistral": _MISTRAL,
+    "xai": _XAI,
+    "groq": _GROQ,
+    "cerebras": _CEREBRAS,
+    "perplexity": _PERPLEXITY,
+    "moonshotai": _MOONSHOTAI,
 }
 
 _CACHE_MAX: Final = 4096

@@ -142,9 +142,17 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
         r.add_post(path, proxy.openai)
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
         r.add_post(path, proxy.anthropic)
+    r.add_post("/v1/responses/input_tokens", proxy.openai)
     r.add_get("/v1/models", proxy.models)
     r.add_get("/v1/models/{model:.+}", proxy.models)
     r.add_get("/v1/responses", proxy.websocket)
+    # A stored response, by id (retrieve, delete, cancel, input items): OpenAI's own.
+    r.add_route("*", "/v1/responses/{id}", proxy.openai_stored)
+    r.add_route("*", "/v1/responses/{id}/{action}", proxy.openai_stored)
+    r.add_post("/v1beta/models/{target}", proxy.gemini)
+    r.add_get("/v1beta/models", proxy.models)
+    r.add_get("/v1beta/models/{model}", proxy.models)
+    r.add_route("*", "/v1beta/{tail:.*}", proxy.not_found)
     for root in ("/", "/{provider}"):  # probes of the base URL (GET also answers HEAD)
         r.add_get(root, proxy.root)
     r.add_route("*", "/v1/{tail:.*}", proxy.not_found)

@@ -10,6 +10,13 @@ Pure code: no I/O, no clock. The proxy feeds each upstream chunk to a
 * the usage so far (`usage`), and what is needed to resume the answer on
   another candidate (`text`, `resumable`; see `sidecar.resume`).
 
+Shapes: OpenAI chat completions, completions and Responses, Anthropic
+messages, and Gemini `streamGenerateContent?alt=sse` (GEMINI: `data:` events
+separated by `\r\n\r\n` or `\n\n`, one `GenerateContentResponse` each, no
+terminator; not resumable). On a translated attempt a `Translator` (`pre=`)
+turns the upstream's bytes into the caller's events first, and the tracker
+reads those.
+
 Everything forwarded is byte-for-byte what upstream sent, except the usage
 chunk the sidecar asked for itself (`strip_usage`), an in-band error or
 malformed event and everything after it, and — on a continuation stream
@@ -29,13 +36,16 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from sidecar.usage import Usage, openai_usage, token_count
+from sidecar.providers.gemini import error_object as gemini_error_object
+from sidecar.providers.gemini import http_status as gemini_http_status
+from sidecar.usage import Usage, gemini_usage, openai_usage, token_count
 
 __all__ = [
     "MAX_EVENT",
     "InbandError",
     "Shape",
     "StreamTracker",
+    "Translator",
     "error_event",
     "shape_for",
 ]
@@ -80,6 +90,27 @@ _ANTHROPIC_STATUS: Final = {
     "invalid_request_error": 400,
     "timeout_error": 504,
 }
+# An error kind (`ErrorCode.kind`, Anthropic's types) -> the HTTP status of a Gemini error event.
+_GEMINI_KIND_STATUS: Final = {
+    "api_error": 500,
+    "overloaded_error": 503,
+    "rate_limit_error": 429,
+    "timeout_error": 504,
+    "authentication_error": 401,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "invalid_request_error": 400,
+    "request_too_large": 413,
+    "billing_error": 402,
+}
+# Part fields that are content besides non-empty `text`.
+_GEMINI_CONTENT: Final = (
+    "functionCall",
+    "inlineData",
+    "fileData",
+    "executableCode",
+    "codeExecutionResult",
+)
 # Checked in order against an OpenAI error's `code`, then its `type`.
 _OPENAI_STATUS: Final = (
     ("rate_limit", 429),
@@ -99,11 +130,15 @@ class Shape(enum.Enum):
     COMPLETIONS = "completions"
     RESPONSES = "responses"
     MESSAGES = "messages"
+    GEMINI = "gemini"
     OTHER = "other"
 
 
 def shape_for(fmt: str, path: str) -> Shape:
-    """The stream shape of a request in format `fmt` (`openai`/`anthropic`) to `path`."""
+    """The stream shape of a request in format `fmt` (`openai`/`anthropic`/`gemini`) to `path`.
+
+    GEMINI is the SSE form only (`?alt=sse`): without it Google streams one JSON array, which
+    is not SSE — the caller of this function must not track such a stream as GEMINI."""
     if fmt == "openai":
         if path.endswith("/chat/completions"):
             return Shape.CHAT
@@ -113,6 +148,8 @@ def shape_for(fmt: str, path: str) -> Shape:
             return Shape.RESPONSES
     elif fmt == "anthropic" and path.endswith("/messages"):
         return Shape.MESSAGES
+    elif fmt == "gemini" and ":streamGenerateContent" in path:
+        return Shape.GEMINI
     return Shape.OTHER
 
 
@@ -137,7 +174,14 @@ def error_event(
     MESSAGES: `event: error` with `{"type": "error", "error": {...}}` — the
     `anthropic` SDK raises an `APIStatusError` on it. The OpenAI `type` is
     `server_error` for the default `kind` (`api_error`), else `kind`.
+    GEMINI: `data: {"error": {"code", "message", "status", "details"}}` — the
+    `google-genai` SDK raises `ServerError`/`ClientError` (by `code`) on a chunk
+    whose first key is `error`; `code` is the HTTP status `kind` implies (500 for
+    `api_error`), `details` one google.rpc.ErrorInfo whose `reason` is `code`.
     """
+    if shape is Shape.GEMINI:
+        status = _GEMINI_KIND_STATUS.get(kind, 500)
+        return b"data: " + orjson.dumps(gemini_error_object(status, message, code)) + b"\r\n\r\n"
     if shape is Shape.MESSAGES:
         err = {"type": kind, "message": message, "code": code}
         return b"event: error\ndata: " + orjson.dumps({"type": "error", "error": err}) + b"\n\n"
@@ -147,6 +191,19 @@ def error_event(
         obj = {"type": "error", "code": code, "message": message, "param": None, "error": error}
         return b"event: error\ndata: " + orjson.dumps(obj) + b"\n\n"
     return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
+
+
+def _gemini_error(error: dict[str, Any]) -> InbandError:
+    code = error.get("code")
+    if type(code) is int and 400 <= code <= 599:
+        status = code
+    else:
+        rpc = error.get("status")
+        status = gemini_http_status(rpc) if isinstance(rpc, str) else 500
+    message = error.get("message")
+    return InbandError(
+        status, orjson.dumps({"error": error}), message if isinstance(message, str) else ""
+    )
 
 
 def _openai_status(error: dict[str, Any]) -> int:
@@ -252,6 +309,21 @@ class Rewriter(Protocol):
     def messages(self, obj: dict[str, Any]) -> bytes | None: ...
 
 
+class Translator(Protocol):
+    """An upstream stream of another format turned into the caller's SSE events
+    (`StreamTracker(..., pre=)`; built by `sidecar.translate`).
+
+    `feed` takes upstream bytes split anywhere and returns the caller-format events they
+    complete (b"" for none); `finish` at upstream EOF returns what is still owed (say, the
+    caller format's terminator). Neither raises: a malformed upstream event comes out as
+    an event the tracker reads as malformed or as an in-band error.
+    """
+
+    def feed(self, chunk: bytes) -> bytes: ...
+
+    def finish(self) -> bytes: ...
+
+
 class StreamTracker:
     """Follows one upstream SSE stream as it is relayed to the caller.
 
@@ -262,7 +334,11 @@ class StreamTracker:
     (16 MiB by default) counts as malformed. After `error` or `malformed` is
     set, nothing more is forwarded. After the shape's terminator everything is
     forwarded unread. `finish()` at EOF drops an incomplete trailing event (a
-    cut) and returns b"".
+    cut) and returns the bytes still to forward (b"" unless translated).
+
+    With `pre=` (a translated attempt) every upstream chunk goes through
+    `pre.feed` first and the tracker reads what it returns, in the caller's shape;
+    `finish()` feeds what `pre.finish()` returns before its own end of stream.
 
     `started` turns True at the first content event (on a continuation stream
     it starts True); `content_seen` is True once this upstream stream itself
@@ -288,6 +364,7 @@ class StreamTracker:
         "_open_choices",
         "_open_index",
         "_open_text",
+        "_pre",
         "_raw",
         "_raw_len",
         "_resumable",
@@ -315,8 +392,10 @@ class StreamTracker:
         keep_text: bool = True,
         splice: Rewriter | None = None,
         max_event: int = MAX_EVENT,
+        pre: Translator | None = None,
     ) -> None:
         self.shape = shape
+        self._pre = pre
         self._strip = strip_usage and shape in (Shape.CHAT, Shape.COMPLETIONS)
         self._keep_text = keep_text and shape in (Shape.CHAT, Shape.MESSAGES)
         self._splice = splice
@@ -362,6 +441,8 @@ class StreamTracker:
             self._handle = self._completions
         elif shape is Shape.RESPONSES:
             self._handle = self._responses
+        elif shape is Shape.GEMINI:
+            self._handle = self._gemini
         else:
             self._handle = self._other
         if splice is not None:
@@ -395,8 +476,9 @@ class StreamTracker:
 
     @property
     def finished(self) -> bool:
-        """The answer finished: every choice seen has its `finish_reason` (OpenAI), or the
-        `stop_reason` came (Anthropic)."""
+        """The answer finished: every choice seen has its `finish_reason` (OpenAI), the
+        `stop_reason` came (Anthropic), or every candidate seen has its `finishReason` or
+        the prompt was blocked (Gemini)."""
         self._catch_up()
         return self._finished and not self._open_choices
 
@@ -448,6 +530,8 @@ class StreamTracker:
             return _MESSAGE_STOP_EVENT
         if self.shape in (Shape.CHAT, Shape.COMPLETIONS):
             return _DONE_EVENT
+        if self.shape is Shape.GEMINI:
+            return b""  # a Gemini stream has no terminator
         return None
 
     # -- relay -----------------------------------------------------------------
@@ -455,6 +539,10 @@ class StreamTracker:
     def feed(self, chunk: bytes) -> bytes:
         if self._stopped:
             return b""
+        if self._pre is not None:
+            chunk = self._pre.feed(chunk)
+            if not chunk:
+                return b""
         if self._through:
             if self._held:
                 chunk = bytes(self._held) + chunk
@@ -538,11 +626,20 @@ class StreamTracker:
                     self._chat(obj)
 
     def finish(self) -> bytes:
+        """At upstream EOF: the bytes still to forward (what the translator owed), after which
+        an incomplete trailing event is dropped (`cut`)."""
+        out = b""
+        pre = self._pre
+        if pre is not None:
+            self._pre = None  # what it owes is already in the caller's format
+            tail = pre.finish()
+            if tail:
+                out = self.feed(tail)
         if self._held.strip():
             self._cut = True
         self._held.clear()
         self._scan = 0
-        return b""
+        return out
 
     def _feed_whole(self, chunk: bytes) -> bytes:
         """A run of whole `\\n\\n`-terminated events: split in C, returned as is unless changed."""
@@ -823,6 +920,40 @@ class StreamTracker:
         elif kind != "ping":
             self.content_seen = True
         return result
+
+    def _gemini(self, obj: dict[str, Any]) -> bytes | None:
+        error = obj.get("error")
+        if type(error) is dict:
+            return self._stop(_gemini_error(error))
+        usage = obj.get("usageMetadata")
+        if type(usage) is dict:
+            self.usage = gemini_usage(usage)
+        candidates = obj.get("candidates")
+        if type(candidates) is list:
+            for candidate in candidates:
+                if type(candidate) is dict:
+                    self._gemini_candidate(candidate)
+        else:
+            feedback = obj.get("promptFeedback")
+            if type(feedback) is dict and feedback.get("blockReason"):
+                self._finished = True  # the prompt was blocked: a complete (empty) answer
+        return _KEEP
+
+    def _gemini_candidate(self, candidate: dict[str, Any]) -> None:
+        index = candidate.get("index", 0)
+        content = candidate.get("content")
+        parts = content.get("parts") if type(content) is dict else None
+        if type(parts) is list and not self.content_seen:
+            for part in parts:
+                if type(part) is dict and (
+                    part.get("text") or any(key in part for key in _GEMINI_CONTENT)
+                ):
+                    self.content_seen = True
+                    break
+        if candidate.get("finishReason"):
+            self._choice_finished(index)
+        else:
+            self._choice_open(index)
 
     def _anthropic_usage(self, usage: object) -> None:
         """Each counter is cumulative: the latest value of each one wins."""

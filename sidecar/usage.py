@@ -15,6 +15,7 @@ Where the numbers come from:
 | OpenAI chat/completions, embeddings | `usage.prompt_tokens` | `usage.completion_tokens` (0 for embeddings) |
 | OpenAI Responses API | `usage.input_tokens` (stream: `response.*` event's `response.usage`) | `usage.output_tokens` |
 | Anthropic messages | `usage.input_tokens` + `cache_creation_input_tokens` + `cache_read_input_tokens` (stream: `message_start`) | `usage.output_tokens` (stream: latest `message_delta`, cumulative) |
+| Gemini generateContent (also `embedContent` when it reports usage) | `usageMetadata.promptTokenCount` (cached tokens included) + `toolUsePromptTokenCount` | `usageMetadata.candidatesTokenCount` + `thoughtsTokenCount` (stream: latest chunk's `usageMetadata`, cumulative) |
 
 Nothing here raises on malformed input: a body or event that cannot be
 read simply yields no usage.
@@ -27,9 +28,10 @@ from typing import Any, Final, Literal
 
 import orjson
 
-Format = Literal["openai", "anthropic"]
+Format = Literal["openai", "anthropic", "gemini"]
 
 _USAGE: Final = b'"usage"'
+_USAGE_METADATA: Final = b'"usageMetadata"'
 
 
 @dataclass(slots=True)
@@ -69,12 +71,26 @@ def _anthropic_usage(usage: dict[str, Any]) -> Usage:
     )
 
 
+def gemini_usage(usage: dict[str, Any]) -> Usage:
+    """A Gemini `usageMetadata`: thinking tokens are billed as output, tool-use prompt
+    tokens (grounding, code execution) as input."""
+    return Usage(
+        token_count(usage.get("promptTokenCount"))
+        + token_count(usage.get("toolUsePromptTokenCount")),
+        token_count(usage.get("candidatesTokenCount"))
+        + token_count(usage.get("thoughtsTokenCount")),
+    )
+
+
 def usage_from_body(fmt: str, body: bytes) -> Usage | None:
     """Usage of a complete JSON response body, or None if it carries none.
 
-    `fmt` is the response format (`openai` or `anthropic`); any other value
-    yields None. Anthropic `count_tokens` answers have no `usage` and yield None.
+    `fmt` is the response format (`openai`, `anthropic` or `gemini`); any other
+    value yields None. Anthropic `count_tokens` and Gemini `countTokens` answers
+    have no usage and yield None.
     """
+    if fmt == "gemini":
+        return _gemini_from_body(body)
     if _USAGE not in body:
         return None
     obj = _loads(body)
@@ -90,18 +106,28 @@ def usage_from_body(fmt: str, body: bytes) -> Usage | None:
     return None
 
 
+def _gemini_from_body(body: bytes) -> Usage | None:
+    if _USAGE_METADATA not in body:
+        return None
+    obj = _loads(body)
+    usage = obj.get("usageMetadata") if isinstance(obj, dict) else None
+    return gemini_usage(usage) if isinstance(usage, dict) else None
+
+
 def usage_from_tail(fmt: str, tail: bytes) -> Usage | None:
     """Usage from the last bytes of a JSON body too large to hold whole.
 
     Providers put `usage` at the end of an answer (embeddings of a big batch run
     to tens of MB); the relay keeps only the tail, and this reads the last
-    `"usage": {...}` object in it. None when it is not there.
+    `"usage": {...}` object in it (Gemini: `"usageMetadata": {...}`). None when it is
+    not there.
     """
-    at = tail.rfind(_USAGE)
+    key = _USAGE_METADATA if fmt == "gemini" else _USAGE
+    at = tail.rfind(key)
     if at < 0:
         return None
     start = tail.find(b"{", at)
-    if start < 0 or tail[at + len(_USAGE) : start].strip(b" \t\r\n:"):
+    if start < 0 or tail[at + len(key) : start].strip(b" \t\r\n:"):
         return None
     depth = 0
     for i in range(start, len(tail)):
@@ -111,7 +137,7 @@ def usage_from_tail(fmt: str, tail: bytes) -> Usage | None:
         elif c == 0x7D:  # }
             depth -= 1
             if depth == 0:
-                return usage_from_body(fmt, b'{"usage":' + tail[start : i + 1] + b"}")
+                return usage_from_body(fmt, b"{" + key + b":" + tail[start : i + 1] + b"}")
     return None
 
 

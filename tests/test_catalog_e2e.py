@@ -16,7 +16,7 @@ from sidecar.errors import ConfigError
 from tests.harness import Env, Sidecar
 from tests.test_proxy_e2e import MSG, REPLY, boot, keys_yaml, mock_log
 
-HOSTS = [p for p, row in BUILTIN_PROVIDERS.items() if p not in ("openai", "anthropic", "azure")]
+HOSTS = [p for p, row in BUILTIN_PROVIDERS.items() if row.format == "openai" and p not in ("openai", "azure")]
 
 
 def host_yaml(env: Env, pid: str, key: str, extra: str = "") -> str:

@@ -419,7 +419,7 @@ def test_managed_keys_only_for_builtin_providers() -> None:
         """
     )
     assert found == [
-        "managed.ollama: managed keys exist only for built-in providers (openai, anthropic)"
+        "managed.ollama: managed keys exist only for built-in providers (openai, anthropic, google)"
     ]
 
 

@@ -290,3 +290,115 @@ def test_a_short_retry_after_is_waited_out_and_a_long_one_is_not() -> None:
 )
 def test_silence_and_dead_keys_are_not_tried_again(outcome: Outcome) -> None:
     assert same_candidate_wait(outcome, 1.0, False, RETRY, 0.3) is None
+
+
+# --------------------------------------------------------------------------- Gemini and Azure signals
+
+import orjson  # noqa: E402
+from multidict import CIMultiDict  # noqa: E402
+
+from sidecar.health import retry_after_of  # noqa: E402
+
+
+def gemini_429(message: str, *quota_ids: str, retry: str | None = None) -> bytes:
+    """A 429 as the Gemini API sends it (pretty-printed google.rpc.Status)."""
+    details: list[dict[str, object]] = []
+    if quota_ids:
+        violations = [{"quotaMetric": "generativelanguage.googleapis.com/generate_content_free_tier_requests",
+                       "quotaId": q, "quotaDimensions": {"location": "global", "model": "gemini-2.5-pro"}}
+                      for q in quota_ids]  # fmt: skip
+        details.append({"@type": "type.googleapis.com/google.rpc.QuotaFailure",
+                        "violations": violations})  # fmt: skip
+    details.append({"@type": "type.googleapis.com/google.rpc.Help",
+                    "links": [{"description": "Learn more", "url": "https://ai.google.dev/"}]})  # fmt: skip
+    if retry is not None:
+        details.append({"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": retry})
+    err = {"code": 429, "message": message, "status": "RESOURCE_EXHAUSTED", "details": details}
+    return orjson.dumps({"error": err}, option=orjson.OPT_INDENT_2)
+
+
+EXCEEDED = ("You exceeded your current quota, please check your plan and billing details. For more "
+            "information on this error, head to: https://ai.google.dev/gemini-api/docs/rate-limits.")  # fmt: skip
+PER_MINUTE = "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"
+PER_DAY = "GenerateRequestsPerDayPerProjectPerModel-FreeTier"
+
+
+@pytest.mark.parametrize(
+    ("body", "exhausted"),
+    [
+        (gemini_429(EXCEEDED, PER_DAY), True),
+        (gemini_429(EXCEEDED, PER_MINUTE, PER_DAY), True),  # the day's quota is gone too
+        (gemini_429("Quota exceeded.", "GenerateContentInputTokensPerModelPerDay"), True),
+        (gemini_429(EXCEEDED, PER_MINUTE), False),  # per minute: a plain rate limit
+        (gemini_429(EXCEEDED, PER_MINUTE, "GenerateContentInputTokensPerModelPerMinute-FreeTier"), False),
+        (gemini_429(EXCEEDED), True),  # no QuotaFailure: the message says billing
+        (gemini_429("Resource has been exhausted (e.g. check quota)."), False),
+        (b'{"error": {"code": 429, "status": "RESOURCE_EXHAUSTED"}}', False),
+        (b"RESOURCE_EXHAUSTED", False),
+        # Azure OpenAI / OpenAI
+        (b'{"error":{"code":"insufficient_quota","message":"You exceeded your current quota, please check your plan and billing details."}}', True),
+        (b'{"error":{"code":"429","message":"You exceeded your current quota, please check your plan."}}', True),
+        (b'{"error":{"code":"429","message":"Requests to the ChatCompletions_Create Operation under Azure OpenAI API version 2024-10-21 have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after 6 seconds."}}', False),
+        (b'{"error":{"code":"billing_hard_limit_reached"}}', True),
+    ],
+)  # fmt: skip
+def test_quota_exhausted_by_provider(body: bytes, exhausted: bool) -> None:
+    assert is_quota_exhausted(body) is exhausted
+
+
+@pytest.mark.parametrize(
+    ("headers", "body", "seconds"),
+    [
+        ({"retry-after": "7"}, b"", 7.0),
+        ({"Retry-After": "7", "retry-after-ms": "250"}, b"", 7.0),  # the header wins
+        ({"retry-after-ms": "250"}, b"", 0.25),  # Azure
+        ({"retry-after-ms": "1500.5"}, b"", 1.5005),
+        ({"retry-after-ms": "soon"}, b"", None),
+        ({"retry-after-ms": "-5"}, b"", None),
+        ({}, gemini_429(EXCEEDED, PER_MINUTE, retry="34s"), 34.0),
+        ({}, gemini_429(EXCEEDED, PER_MINUTE, retry="1.5s"), 1.5),
+        ({"retry-after": "3"}, gemini_429(EXCEEDED, retry="34s"), 3.0),
+        ({"retry-after": "a date"}, gemini_429(EXCEEDED, retry="34s"), 34.0),
+        ({}, gemini_429(EXCEEDED, retry="34"), None),  # not a Duration
+        ({}, gemini_429(EXCEEDED, retry="xs"), None),
+        ({}, gemini_429(EXCEEDED, retry="100000s"), None),  # beyond a day
+        ({}, gemini_429(EXCEEDED), None),
+        ({}, b'{"error": "RetryInfo"}', None),
+        ({}, b"RetryInfo but not json", None),
+        ({}, b"", None),
+    ],
+)
+def test_retry_after_of(headers: dict[str, str], body: bytes, seconds: float | None) -> None:
+    assert retry_after_of(CIMultiDict(headers), body) == seconds
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, orjson.dumps({"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                                      "message": "The input token count (1234567) exceeds the maximum number of tokens allowed (1048576)."}})),
+        (404, orjson.dumps({"error": {"code": 404, "status": "NOT_FOUND",
+                                      "message": "models/gemini-9-ultra is not found for API version v1beta, or is not supported for generateContent. Call ListModels to see the list of available models and their supported methods."}})),
+        (404, b'[{"error": {"code": 404, "status": "NOT_FOUND", "message": "models/gemini-x is not found for API version v1"}}]'),
+        (404, b'{"error":{"code":"DeploymentNotFound","message":"The API deployment for this resource does not exist."}}'),
+    ],
+)  # fmt: skip
+def test_gemini_and_azure_errors_another_model_could_answer(status: int, body: bytes) -> None:
+    assert is_model_level_error(status, body, frozenset())
+
+
+@pytest.mark.parametrize(
+    ("status", "body"),
+    [
+        (400, orjson.dumps({"error": {"code": 400, "status": "INVALID_ARGUMENT",
+                                      "message": "Request contains an invalid argument."}})),
+        (400, orjson.dumps({"error": {"code": 400, "status": "FAILED_PRECONDITION",
+                                      "message": "User location is not supported for the API use."}})),
+        (404, orjson.dumps({"error": {"code": 404, "status": "NOT_FOUND",
+                                      "message": "Requested entity was not found."}})),
+        (429, orjson.dumps({"error": {"code": 429, "status": "RESOURCE_EXHAUSTED",
+                                      "message": "The input token count exceeds the maximum"}})),
+    ],
+)  # fmt: skip
+def test_other_gemini_errors_go_back_to_the_caller(status: int, body: bytes) -> None:
+    assert not is_model_level_error(status, body, frozenset())

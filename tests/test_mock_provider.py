@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import aiohttp
@@ -14,8 +16,12 @@ import anthropic
 import openai
 import orjson
 import pytest
+import pytest_asyncio
 from aiohttp import web
 from aiohttp.test_utils import TestServer
+from google import genai
+from google.genai import errors as genai_errors
+from google.genai import types as gtypes
 from yarl import URL
 
 from sidecar.mock_provider import Directives, create_app, parse_directives, run
@@ -853,3 +859,678 @@ def test_a_429_without_retry_after() -> None:
     assert parse_directives("gpt-4o-fail-429-retry-none").no_retry_after
     assert parse_directives("gpt-4o-fail-429-retry-none").fail == 429
     assert not parse_directives("gpt-4o-fail-429").no_retry_after
+
+
+# --------------------------------------------------------------------------- Gemini, Azure, tools, images (issue #12)
+# One mock for the whole section, on the module's event loop.
+
+ON_MODULE_LOOP = pytest.mark.asyncio(loop_scope="module")
+GEMINI = "gemini-2.0-flash"
+GOOG = {"x-goog-api-key": "gk"}
+AZ = {"api-key": "az-k"}
+AZ_VERSION = "2024-10-21"
+WEATHER_OAI: Any = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+    "type": "object", "properties": {"location": {"type": "string"}}, "required": ["location"]}}}]  # fmt: skip
+WEATHER_ANT: Any = [{"name": "get_weather", "input_schema": {
+    "type": "object", "properties": {"location": {"type": "string"}}}}]  # fmt: skip
+PNG = b"\x89PNG\r\n\x1a\n" + bytes(60)  # 68 bytes
+PNG_B64 = base64.b64encode(PNG).decode()
+ONE_PNG = "I see 1 image (base64 image/png, 68 bytes)."
+
+
+@dataclass
+class Mock:
+    server: TestServer
+    http: aiohttp.ClientSession
+
+    def url(self, path: str) -> str:
+        return str(self.server.make_url(path))
+
+    async def post(self, path: str, body: Any, **headers: str) -> tuple[int, Any, Any]:
+        async with self.http.post(self.url(path), json=body, headers=headers) as resp:
+            return resp.status, resp.headers, await resp.json()
+
+    async def raw(self, path: str, body: Any, **headers: str) -> tuple[int, bytes]:
+        async with self.http.post(self.url(path), json=body, headers=headers) as resp:
+            return resp.status, await resp.read()
+
+    async def log(self) -> list[dict[str, Any]]:
+        async with self.http.get(self.url("/_mock/requests")) as resp:
+            return list((await resp.json())["requests"])
+
+    async def last(self) -> dict[str, Any]:
+        return (await self.log())[-1]
+
+    def gemini(self, key: str = "gk", version: str = "v1beta") -> genai.Client:
+        # The SDK's own aiohttp transport, on our session (its default one subclasses
+        # ClientSession, which aiohttp warns about, and warnings are errors here).
+        options = gtypes.HttpOptions(base_url=self.url("/"), api_version=version,
+                                     aiohttp_client=self.http)  # fmt: skip
+        return genai.Client(api_key=key, http_options=options)
+
+    def azure(self) -> openai.AsyncAzureOpenAI:
+        return openai.AsyncAzureOpenAI(azure_endpoint=self.url("/"), api_key="az-k",
+                                       api_version=AZ_VERSION, max_retries=0)  # fmt: skip
+
+    def openai(self) -> openai.AsyncOpenAI:
+        return openai.AsyncOpenAI(base_url=self.url("/v1"), api_key="k", max_retries=0)
+
+    def anthropic(self) -> anthropic.AsyncAnthropic:
+        return anthropic.AsyncAnthropic(base_url=self.url("/"), api_key="k", max_retries=0)
+
+
+@dataclass
+class Clients:
+    """The official SDKs pointed at the mock (closed when the module ends)."""
+
+    oai: openai.AsyncOpenAI
+    ant: anthropic.AsyncAnthropic
+    azure: openai.AsyncAzureOpenAI
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def mock() -> AsyncIterator[Mock]:
+    server = TestServer(create_app())
+    await server.start_server()
+    async with aiohttp.ClientSession() as http:
+        yield Mock(server, http)
+    await server.close()
+
+
+@pytest_asyncio.fixture(scope="module", loop_scope="module")
+async def sdks(mock: Mock) -> AsyncIterator[Clients]:
+    async with mock.openai() as oai, mock.anthropic() as ant, mock.azure() as azure:
+        yield Clients(oai, ant, azure)
+
+
+def gem_path(model: str, action: str) -> str:
+    return f"/v1beta/models/{model}:{action}"
+
+
+def gem_body(text: str = "say hi to me", **extra: Any) -> dict[str, Any]:
+    return {"contents": [{"role": "user", "parts": [{"text": text}]}], **extra}
+
+
+def gem_frames(raw: bytes) -> list[bytes]:
+    """The events of a Gemini stream, each checked to end in CRLF CRLF."""
+    assert raw.endswith(b"\r\n\r\n")
+    frames = raw.split(b"\r\n\r\n")[:-1]
+    assert all(f.startswith(b"data: ") and b"\n" not in f for f in frames)
+    return frames
+
+
+def gem_docs(raw: bytes) -> list[Any]:
+    return [orjson.loads(f[6:]) for f in gem_frames(raw)]
+
+
+def gem_text(docs: list[Any]) -> str:
+    return "".join(
+        p.get("text", "")
+        for d in docs
+        for c in d.get("candidates", [])
+        for p in c["content"]["parts"]
+    )
+
+
+def test_parse_badkey() -> None:
+    assert parse_directives("k:gemini-fail-badkey") == Directives(fail=401, bad_key=True)
+    assert parse_directives("fail-badkeys") == Directives()
+
+
+# --- Gemini through the real google-genai SDK
+
+
+@ON_MODULE_LOOP
+async def test_gemini_generate_content_and_its_log_record(mock: Mock) -> None:
+    r = await mock.gemini().aio.models.generate_content(model=GEMINI, contents="say hi to me")
+    assert r.text == REPLY
+    assert r.candidates is not None
+    assert r.candidates[0].finish_reason == gtypes.FinishReason.STOP
+    assert r.usage_metadata is not None
+    usage = r.usage_metadata
+    assert (usage.prompt_token_count, usage.candidates_token_count, usage.total_token_count) == (
+        4, 5, 9)  # fmt: skip
+    assert r.model_version == GEMINI
+    rec = await mock.last()
+    assert (rec["path"], rec["format"], rec["auth"], rec["model"], rec["key"]) == (
+        gem_path(GEMINI, "generateContent"), "gemini", "x-goog-api-key", GEMINI, "gk")  # fmt: skip
+    assert rec["body"] == {"contents": [{"parts": [{"text": "say hi to me"}], "role": "user"}]}
+
+
+@ON_MODULE_LOOP
+async def test_gemini_stream_through_the_sdk(mock: Mock) -> None:
+    client = mock.gemini()
+    stream = await client.aio.models.generate_content_stream(model=GEMINI, contents="say hi")
+    chunks = [c async for c in stream]
+    assert "".join(c.text or "" for c in chunks) == REPLY
+    assert [c.usage_metadata is not None for c in chunks] == [False] * 5 + [True]
+    last = chunks[-1]
+    assert last.candidates is not None
+    assert last.candidates[0].finish_reason == gtypes.FinishReason.STOP
+    assert last.usage_metadata is not None
+    assert last.usage_metadata.candidates_token_count == 5
+    rec = await mock.last()
+    assert (rec["path"], rec["query"]) == (
+        gem_path(GEMINI, "streamGenerateContent"),
+        {"alt": "sse"},
+    )
+
+
+@ON_MODULE_LOOP
+async def test_gemini_stream_on_the_wire(mock: Mock) -> None:
+    path = gem_path(GEMINI, "streamGenerateContent") + "?alt=sse"
+    code, raw = await mock.raw(path, gem_body(generationConfig={"maxOutputTokens": 2}), **GOOG)
+    docs = gem_docs(raw)
+    assert code == 200
+    assert b"[DONE]" not in raw
+    assert gem_text(docs) == "Hello from"
+    assert [d["candidates"][0].get("finishReason") for d in docs] == [None, None, "MAX_TOKENS"]
+    assert docs[-1]["usageMetadata"] == {
+        "promptTokenCount": 4, "candidatesTokenCount": 2, "totalTokenCount": 6}  # fmt: skip
+    assert docs[0] == {
+        "candidates": [{"content": {"parts": [{"text": "Hello"}], "role": "model"}, "index": 0}],
+        "modelVersion": GEMINI, "responseId": docs[0]["responseId"]}  # fmt: skip
+    # Without alt=sse, Google answers one JSON array of the same chunks.
+    code, _, array = await mock.post(gem_path(GEMINI, "streamGenerateContent"), gem_body(), **GOOG)
+    assert (code, gem_text(array), array[-1]["candidates"][0]["finishReason"]) == (
+        200,
+        REPLY,
+        "STOP",
+    )
+
+
+@ON_MODULE_LOOP
+async def test_gemini_count_tokens_and_embeddings(mock: Mock, sdks: Clients) -> None:
+    client = mock.gemini()
+    counted = await client.aio.models.count_tokens(model=GEMINI, contents="one two three")
+    assert counted.total_tokens == 3
+    code, _, doc = await mock.post(gem_path(GEMINI, "countTokens"),
+                                   {"generateContentRequest": gem_body("a b")}, **GOOG)  # fmt: skip
+    assert (code, doc) == (200, {"totalTokens": 2})
+    emb = await client.aio.models.embed_content(model="text-embedding-004", contents=["a b", "c"])
+    assert emb.embeddings is not None
+    assert [len(e.values or []) for e in emb.embeddings] == [8, 8]
+    assert (await mock.last())["path"] == gem_path("text-embedding-004", "batchEmbedContents")
+    code, _, one = await mock.post(gem_path("text-embedding-004", "embedContent"),
+                                   {"content": {"parts": [{"text": "a b"}]}}, **GOOG)  # fmt: skip
+    assert code == 200
+    assert one["embedding"]["values"] == emb.embeddings[0].values
+    oai = await sdks.oai.embeddings.create(model="text-embedding-3-small", input="a b")
+    assert oai.data[0].embedding == one["embedding"]["values"]  # the same text, the same vector
+
+
+@ON_MODULE_LOOP
+async def test_gemini_routes_take_models_prefix_v1_and_the_key_query_parameter(mock: Mock) -> None:
+    r = await mock.gemini(version="v1").aio.models.generate_content(
+        model=f"models/{GEMINI}", contents="hi"
+    )
+    assert r.text == REPLY
+    rec = await mock.last()
+    assert (rec["path"], rec["model"]) == (f"/v1/models/{GEMINI}:generateContent", GEMINI)
+    code, _, doc = await mock.post(gem_path(GEMINI, "generateContent") + "?key=qk", gem_body())
+    assert (code, gem_text([doc])) == (200, REPLY)
+    rec = await mock.last()
+    assert (rec["auth"], rec["key"], rec["format"]) == ("?key", "qk", "gemini")
+
+
+@ON_MODULE_LOOP
+async def test_gemini_auth_errors(mock: Mock) -> None:
+    path = gem_path(GEMINI, "generateContent")
+    code, _, err = await mock.post(path, gem_body(), authorization="Bearer k")
+    assert (code, err["error"]["code"], err["error"]["status"]) == (403, 403, "PERMISSION_DENIED")
+    assert "unregistered callers" in err["error"]["message"]
+    assert (await mock.last())["auth"] == "authorization"  # sent, not accepted
+    code, _, err = await mock.post(path, gem_body(), **{"x-goog-api-key": "gk-fail-401"})
+    assert err == {"error": {"code": 401, "status": "UNAUTHENTICATED",
+                             "message": "Mock provider: simulated HTTP 401 (fail-401)."}}  # fmt: skip
+    code, _, err = await mock.post(path, gem_body(), **{"x-goog-api-key": "gk-fail-badkey"})
+    assert (code, err["error"]["status"]) == (400, "INVALID_ARGUMENT")
+    assert err["error"]["message"] == "API key not valid. Please pass a valid API key."
+    assert err["error"]["details"][0]["reason"] == "API_KEY_INVALID"
+    code, _, err = await mock.post(
+        path, gem_body(), **{"x-goog-api-key": "AIza-leaky-fail-403-ab12"}
+    )
+    assert (code, err["error"]["status"]) == (403, "PERMISSION_DENIED")
+    assert "AIz********************ab12" in err["error"]["message"]
+    with pytest.raises(genai_errors.ClientError) as info:
+        await mock.gemini("gk-fail-403").aio.models.generate_content(model=GEMINI, contents="x")
+    assert (info.value.code, info.value.status) == (403, "PERMISSION_DENIED")
+
+
+RETRY_INFO = "type.googleapis.com/google.rpc.RetryInfo"
+QUOTA_FAILURE = "type.googleapis.com/google.rpc.QuotaFailure"
+
+
+@pytest.mark.parametrize(
+    ("model", "delay", "quota_id"),
+    [
+        ("gemini-fail-429", "1s", "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
+        ("gemini-fail-429-retry-7", "7s", "GenerateRequestsPerMinutePerProjectPerModel-FreeTier"),
+        (
+            "gemini-fail-429-retry-none",
+            None,
+            "GenerateRequestsPerMinutePerProjectPerModel-FreeTier",
+        ),
+        ("gemini-fail-quota", None, "GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+        ("gemini-fail-quota-retry-30", "30s", "GenerateRequestsPerDayPerProjectPerModel-FreeTier"),
+    ],
+)
+@ON_MODULE_LOOP
+async def test_gemini_resource_exhausted(
+    mock: Mock, model: str, delay: str | None, quota_id: str
+) -> None:
+    code, headers, err = await mock.post(gem_path(model, "generateContent"), gem_body(), **GOOG)
+    assert (code, err["error"]["code"], err["error"]["status"]) == (429, 429, "RESOURCE_EXHAUSTED")
+    assert "retry-after" not in headers  # Google says how long only in the body
+    details = {d["@type"]: d for d in err["error"]["details"]}
+    assert details.get(RETRY_INFO, {}).get("retryDelay") == delay
+    (violation,) = details[QUOTA_FAILURE]["violations"]
+    assert violation["quotaId"] == quota_id
+    assert violation["quotaDimensions"]["model"] == model
+    assert ("exceeded your current quota" in err["error"]["message"]) == ("quota" in model)
+
+
+@ON_MODULE_LOOP
+async def test_gemini_server_errors_and_model_errors(mock: Mock) -> None:
+    with pytest.raises(genai_errors.ServerError) as info:
+        await mock.gemini().aio.models.generate_content(model="gemini-fail-503", contents="x")
+    assert (info.value.code, info.value.status) == (503, "UNAVAILABLE")
+    code, _, err = await mock.post(
+        gem_path("g-fail-context", "generateContent"), gem_body(), **GOOG
+    )
+    assert (code, err["error"]["status"]) == (400, "INVALID_ARGUMENT")
+    assert "input token count" in err["error"]["message"]
+    code, _, err = await mock.post(
+        gem_path("g-fail-nomodel", "generateContent"), gem_body(), **GOOG
+    )
+    assert (code, err["error"]["status"]) == (404, "NOT_FOUND")
+    # A content-policy block is Google's 200 with promptFeedback and no candidates.
+    blocked = await mock.gemini().aio.models.generate_content(model="g-fail-filter", contents="x")
+    assert blocked.candidates is None
+    assert blocked.prompt_feedback is not None
+    assert blocked.prompt_feedback.block_reason == gtypes.BlockedReason.SAFETY
+    path = gem_path("g-fail-filter", "streamGenerateContent") + "?alt=sse"
+    code, raw = await mock.raw(path, gem_body(), **GOOG)
+    assert (code, gem_docs(raw)) == (200, [{"promptFeedback": {"blockReason": "SAFETY"},
+                                            "modelVersion": "g-fail-filter"}])  # fmt: skip
+
+
+GEM_ERROR = {"error": {"code": 503, "message": OVERLOADED, "status": "UNAVAILABLE"}}
+
+
+@ON_MODULE_LOOP
+async def test_gemini_stream_faults(mock: Mock) -> None:
+    def path(model: str) -> str:
+        return gem_path(model, "streamGenerateContent") + "?alt=sse"
+
+    _, raw = await mock.raw(path("g-early-error"), gem_body(), **GOOG)
+    assert gem_docs(raw) == [GEM_ERROR]
+    _, raw = await mock.raw(path("g-late-error"), gem_body(), **GOOG)
+    docs = gem_docs(raw)
+    assert (gem_text(docs[:-1]), docs[-1]) == ("Hello from", GEM_ERROR)
+    _, raw = await mock.raw(path("g-garble"), gem_body(), **GOOG)
+    frames = gem_frames(raw)
+    assert frames[2] == b'data: {"candidates": [{"content": {"parts": [{"text": "oops'
+    assert gem_text([orjson.loads(f[6:]) for i, f in enumerate(frames) if i != 2]) == REPLY
+    _, raw = await mock.raw(path("g-nodone"), gem_body(), **GOOG)  # no terminator to leave out
+    assert gem_text(gem_docs(raw)) == REPLY
+    with pytest.raises(aiohttp.ClientPayloadError):
+        await mock.raw(path("g-break"), gem_body(), **GOOG)
+    stream = await mock.gemini().aio.models.generate_content_stream(model="g-late-error",
+                                                                    contents="x")  # fmt: skip
+    seen: list[str] = []
+
+    async def drain() -> None:
+        async for chunk in stream:
+            seen.append(chunk.text or "")
+
+    with pytest.raises(genai_errors.ServerError, match="overloaded"):
+        await drain()
+    assert "".join(seen) == "Hello from"
+
+
+@ON_MODULE_LOOP
+async def test_gemini_first_token_wait_and_stuck(mock: Mock) -> None:
+    path = gem_path("g-first-300", "streamGenerateContent") + "?alt=sse"
+    async with mock.http.post(mock.url(path), json=gem_body(), headers=GOOG) as resp:
+        with pytest.raises(asyncio.TimeoutError):  # no preamble: nothing until the first token
+            await asyncio.wait_for(resp.content.readuntil(b"\r\n\r\n"), 0.1)
+        assert gem_text(gem_docs(await resp.read())) == REPLY
+    path = gem_path("g-stuck", "streamGenerateContent") + "?alt=sse"
+    async with mock.http.post(mock.url(path), json=gem_body(), headers=GOOG) as resp:
+        seen = [await asyncio.wait_for(resp.content.readuntil(b"\r\n\r\n"), 2) for _ in range(2)]
+        with pytest.raises(asyncio.TimeoutError):
+            await asyncio.wait_for(resp.content.readuntil(b"\r\n\r\n"), 0.2)
+    assert gem_text(gem_docs(b"".join(seen))) == "Hello from"
+
+
+@ON_MODULE_LOOP
+async def test_gemini_prefill_and_noprefill(mock: Mock) -> None:
+    body = {
+        "contents": [*gem_body()["contents"], {"role": "model", "parts": [{"text": "Hello from"}]}]
+    }
+    code, _, doc = await mock.post(gem_path(GEMINI, "generateContent"), body, **GOOG)
+    assert (code, gem_text([doc])) == (200, " the mock provider.")
+    assert doc["usageMetadata"]["candidatesTokenCount"] == 3
+    code, _, err = await mock.post(gem_path("g-noprefill", "generateContent"), body, **GOOG)
+    assert (code, err["error"]["status"], err["error"]["message"]) == (
+        400, "INVALID_ARGUMENT", NO_PREFILL)  # fmt: skip
+
+
+# --- tool calls, in the three formats
+
+
+def weather_decl(**schema: Any) -> gtypes.Tool:
+    params = gtypes.Schema(type=gtypes.Type.OBJECT,
+                           properties={"location": gtypes.Schema(type=gtypes.Type.STRING)}, **schema)  # fmt: skip
+    return gtypes.Tool(function_declarations=[gtypes.FunctionDeclaration(name="get_weather",
+                                                                         parameters=params)])  # fmt: skip
+
+
+NO_AFC = gtypes.AutomaticFunctionCallingConfig(disable=True)
+
+
+@ON_MODULE_LOOP
+async def test_openai_tool_call_round_trip(mock: Mock, sdks: Clients) -> None:
+    client = sdks.oai
+    r = await client.chat.completions.create(model="m", messages=USER, tools=WEATHER_OAI)
+    choice = r.choices[0]
+    assert (choice.finish_reason, choice.message.content) == ("tool_calls", None)
+    assert choice.message.tool_calls is not None
+    (tool_call,) = choice.message.tool_calls
+    assert tool_call.type == "function"
+    assert (tool_call.function.name, tool_call.function.arguments) == (
+        "get_weather", '{"location":"Paris"}')  # fmt: skip
+    assert r.usage is not None
+    assert r.usage.completion_tokens == 3  # one per streamed argument piece
+    follow_up: Any = [
+        *USER,
+        {"role": "assistant", "content": None, "tool_calls": [tool_call.model_dump()]},
+        {"role": "tool", "tool_call_id": tool_call.id, "content": "22C and sunny"},
+    ]
+    r = await client.chat.completions.create(model="m", messages=follow_up, tools=WEATHER_OAI)
+    assert (r.choices[0].message.content, r.choices[0].finish_reason) == (
+        "The tool said: 22C and sunny", "stop")  # fmt: skip
+
+
+@ON_MODULE_LOOP
+async def test_openai_tool_call_stream(mock: Mock, sdks: Clients) -> None:
+    stream = await sdks.oai.chat.completions.create(
+        model="m", messages=USER, tools=WEATHER_OAI, stream=True
+    )
+    chunks = [c async for c in stream]
+    deltas = [c.choices[0].delta for c in chunks]
+    assert deltas[0].tool_calls is not None
+    assert deltas[0].tool_calls[0].function is not None
+    assert deltas[0].tool_calls[0].function.name == "get_weather"
+    pieces = [d.tool_calls[0].function.arguments for d in deltas[1:-1] if d.tool_calls and d.tool_calls[0].function]  # fmt: skip
+    assert len(pieces) >= 2
+    assert "".join(p or "" for p in pieces) == '{"location":"Paris"}'
+    assert chunks[-1].choices[0].finish_reason == "tool_calls"
+    async with sdks.oai.chat.completions.stream(model="m", messages=USER, tools=WEATHER_OAI) as st:
+        final = await st.get_final_completion()
+    assert final.choices[0].message.tool_calls is not None
+    assert final.choices[0].message.tool_calls[0].function.arguments == '{"location":"Paris"}'
+
+
+TOOL_SCHEMAS: Any = [
+    ({"type": "object", "properties": {"location": {"type": "string"}}}, {"location": "Paris"}),
+    ({"type": "object", "properties": {"q": {"type": "string"}, "n": {"type": "integer"},
+      "on": {"type": "boolean"}, "unit": {"type": "string", "enum": ["c", "f"]}, "opt": {"type": "string"}},
+      "required": ["q", "n", "on", "unit"]}, {"q": "x", "n": 1, "on": True, "unit": "c"}),
+    ({"type": "object", "properties": {}}, {}),
+    (None, {}),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(("schema", "arguments"), TOOL_SCHEMAS)
+@ON_MODULE_LOOP
+async def test_tool_arguments_follow_the_schema(mock: Mock, schema: Any, arguments: Any) -> None:
+    fn: dict[str, Any] = {"name": "f"} if schema is None else {"name": "f", "parameters": schema}
+    body = {"model": "m", "messages": USER, "tools": [{"type": "function", "function": fn}]}
+    _, _, doc = await mock.post("/v1/chat/completions", body, **OAI)
+    assert (
+        json.loads(doc["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"])
+        == arguments
+    )
+    ant = {"model": "c", "max_tokens": 9, "messages": USER,
+           "tools": [{"name": "f", "input_schema": schema or {"type": "object"}}]}  # fmt: skip
+    _, _, msg = await mock.post("/v1/messages", ant, **ANT)
+    assert msg["content"][0]["input"] == arguments
+
+
+@ON_MODULE_LOOP
+async def test_tool_choice_picks_or_refuses_a_tool(mock: Mock) -> None:
+    two = [*WEATHER_OAI, {"type": "function", "function": {"name": "other"}}]
+    picked = {"type": "function", "function": {"name": "other"}}
+    for choice, expected in [("none", None), ("required", "get_weather"), (picked, "other")]:
+        body = {"model": "m", "messages": USER, "tools": two, "tool_choice": choice}
+        _, _, doc = await mock.post("/v1/chat/completions", body, **OAI)
+        calls = doc["choices"][0]["message"].get("tool_calls")
+        assert (calls[0]["function"]["name"] if calls else doc["choices"][0]["message"]["content"]) == (
+            expected or REPLY)  # fmt: skip
+    ant_two = [*WEATHER_ANT, {"name": "other", "input_schema": {"type": "object"}}]
+    for ant_choice, expected in [
+        ({"type": "none"}, None),
+        ({"type": "tool", "name": "other"}, "other"),
+    ]:
+        body = {
+            "model": "c",
+            "max_tokens": 9,
+            "messages": USER,
+            "tools": ant_two,
+            "tool_choice": ant_choice,
+        }
+        _, _, msg = await mock.post("/v1/messages", body, **ANT)
+        assert msg["content"][0].get("name", msg["content"][0].get("text")) == (expected or REPLY)
+
+
+@ON_MODULE_LOOP
+async def test_anthropic_tool_use_round_trip(mock: Mock, sdks: Clients) -> None:
+    client = sdks.ant
+    msg = await client.messages.create(model="c", max_tokens=50, messages=USER, tools=WEATHER_ANT)
+    assert msg.stop_reason == "tool_use"
+    (block,) = msg.content
+    assert block.type == "tool_use"
+    assert (block.name, block.input, block.id) == ("get_weather", {"location": "Paris"}, block.id)
+    async with client.messages.stream(
+        model="c", max_tokens=50, messages=USER, tools=WEATHER_ANT
+    ) as stream:
+        final = await stream.get_final_message()
+    assert final.content[0].type == "tool_use"
+    assert final.content[0].input == {"location": "Paris"}
+    assert (final.stop_reason, final.usage.output_tokens) == ("tool_use", 3)
+    follow_up: Any = [
+        *USER,
+        {"role": "assistant", "content": [block.model_dump()]},
+        {"role": "user", "content": [{"type": "tool_result", "tool_use_id": block.id,
+                                      "content": [{"type": "text", "text": "22C"}]}]},
+    ]  # fmt: skip
+    msg = await client.messages.create(
+        model="c", max_tokens=50, messages=follow_up, tools=WEATHER_ANT
+    )
+    assert msg.content[0].type == "text"
+    assert (msg.content[0].text, msg.stop_reason) == ("The tool said: 22C", "end_turn")
+
+
+@ON_MODULE_LOOP
+async def test_anthropic_tool_use_stream_on_the_wire(mock: Mock) -> None:
+    body = {"model": "c", "max_tokens": 50, "messages": USER, "tools": WEATHER_ANT, "stream": True}
+    _, raw = await mock.raw("/v1/messages", body, **ANT)
+    docs = [_data(f) for f in _frames(raw)]
+    n = docs[0]["message"]["id"].removeprefix("msg_mock_")
+    assert docs[1]["content_block"] == {
+        "type": "tool_use", "id": f"toolu_mock_{n}", "name": "get_weather", "input": {}}  # fmt: skip
+    parts = [d["delta"]["partial_json"] for d in docs if d["type"] == "content_block_delta"]
+    assert len(parts) >= 2
+    assert "".join(parts) == '{"location":"Paris"}'
+    assert [d["type"] for d in docs[-3:]] == ["content_block_stop", "message_delta", "message_stop"]
+    assert docs[-2]["delta"]["stop_reason"] == "tool_use"
+
+
+@ON_MODULE_LOOP
+async def test_gemini_function_call_round_trip(mock: Mock) -> None:
+    client = mock.gemini()
+    config = gtypes.GenerateContentConfig(tools=[weather_decl()], automatic_function_calling=NO_AFC)
+    r = await client.aio.models.generate_content(model=GEMINI, contents="weather?", config=config)
+    assert r.function_calls is not None
+    (call,) = r.function_calls
+    assert (call.name, call.args) == ("get_weather", {"location": "Paris"})
+    assert r.candidates is not None
+    assert r.candidates[0].finish_reason == gtypes.FinishReason.STOP
+    stream = await client.aio.models.generate_content_stream(model=GEMINI, contents="weather?",
+                                                             config=config)  # fmt: skip
+    chunks = [c async for c in stream]
+    assert len(chunks) == 1  # Gemini sends a function call whole
+    assert chunks[0].function_calls is not None
+    assert chunks[0].function_calls[0].args == {"location": "Paris"}
+    assert chunks[0].usage_metadata is not None
+    contents = [
+        gtypes.Content(role="user", parts=[gtypes.Part.from_text(text="weather?")]),
+        gtypes.Content(role="model", parts=[gtypes.Part(function_call=call)]),
+        gtypes.Content(role="user", parts=[gtypes.Part.from_function_response(
+            name="get_weather", response={"result": "22C"})]),
+    ]  # fmt: skip
+    r = await client.aio.models.generate_content(model=GEMINI, contents=contents, config=config)
+    assert r.text == "The tool said: 22C"
+    body = gem_body(tools=[{"functionDeclarations": [{"name": "get_weather"}, {"name": "b"}]}],
+                    toolConfig={"functionCallingConfig": {"mode": "ANY", "allowedFunctionNames": ["b"]}})  # fmt: skip
+    _, _, doc = await mock.post(gem_path(GEMINI, "generateContent"), body, **GOOG)
+    assert doc["candidates"][0]["content"]["parts"] == [{"functionCall": {"name": "b", "args": {}}}]
+    body["toolConfig"] = {"functionCallingConfig": {"mode": "NONE"}}
+    _, _, doc = await mock.post(gem_path(GEMINI, "generateContent"), body, **GOOG)
+    assert gem_text([doc]) == REPLY
+    response = {"functionResponse": {"name": "b", "response": {"temp": 22, "sky": "clear"}}}
+    body = {"contents": [{"role": "user", "parts": [response]}]}
+    _, _, doc = await mock.post(gem_path(GEMINI, "generateContent"), body, **GOOG)
+    assert gem_text([doc]) == 'The tool said: {"temp":22,"sky":"clear"}'
+
+
+# --- images
+
+
+@ON_MODULE_LOOP
+async def test_images_are_counted_and_named_in_every_format(mock: Mock, sdks: Clients) -> None:
+    parts: Any = [
+        {"type": "text", "text": "what are these"},
+        {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{PNG_B64}"}},
+        {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
+    ]
+    r = await sdks.oai.chat.completions.create(
+        model="m", messages=[{"role": "user", "content": parts}]
+    )
+    assert r.choices[0].message.content == (
+        "I see 2 images (base64 image/png, 68 bytes; url https://example.com/cat.jpg)."
+    )
+    source = {"type": "base64", "media_type": "image/png", "data": PNG_B64}
+    blocks: Any = [{"type": "image", "source": source}, {"type": "text", "text": "what"}]
+    async with sdks.ant.messages.stream(
+        model="c", max_tokens=50, messages=[{"role": "user", "content": blocks}]
+    ) as stream:
+        assert await stream.get_final_text() == ONE_PNG
+    client = mock.gemini()
+    png = gtypes.Part.from_bytes(data=PNG, mime_type="image/png")
+    r2 = await client.aio.models.generate_content(model=GEMINI, contents=[png, "what"])
+    assert r2.text == ONE_PNG
+    remote = gtypes.Part.from_uri(file_uri="https://example.com/a.png", mime_type="image/png")
+    r2 = await client.aio.models.generate_content(model=GEMINI, contents=[png, remote, "what"])
+    assert r2.text == "I see 2 images (base64 image/png, 68 bytes; url https://example.com/a.png)."
+    rec = await mock.last()
+    assert rec["body"]["contents"][0]["parts"][0]["inlineData"]["data"] == PNG_B64
+
+
+# --- Azure OpenAI
+
+
+@ON_MODULE_LOOP
+async def test_azure_deployments_through_the_sdk(mock: Mock, sdks: Clients) -> None:
+    client = sdks.azure
+    r = await client.chat.completions.create(model="my-gpt", messages=USER)
+    assert (r.model, r.choices[0].message.content) == ("my-gpt", REPLY)
+    rec = await mock.last()
+    assert (rec["path"], rec["format"], rec["auth"], rec["model"], rec["key"]) == (
+        "/openai/deployments/my-gpt/chat/completions", "openai", "api-key", "my-gpt", "az-k")  # fmt: skip
+    assert rec["query"] == {"api-version": AZ_VERSION}
+    assert rec["body"]["messages"] == USER
+    stream = await client.chat.completions.create(model="my-gpt", messages=USER, stream=True)
+    assert "".join([c.choices[0].delta.content or "" async for c in stream if c.choices]) == REPLY
+    emb = await client.embeddings.create(model="my-embedder", input="a b")
+    assert (emb.model, len(emb.data[0].embedding)) == ("my-embedder", 8)
+    comp = await client.completions.create(model="my-instruct", prompt="x")
+    assert (comp.model, comp.choices[0].text) == ("my-instruct", REPLY)
+
+
+@ON_MODULE_LOOP
+async def test_azure_v1_api(mock: Mock) -> None:
+    body = {"model": "gpt-4o-mini", "messages": USER}
+    code, _, doc = await mock.post("/openai/v1/chat/completions", body, **AZ)
+    assert (code, doc["model"], doc["choices"][0]["message"]["content"]) == (
+        200,
+        "gpt-4o-mini",
+        REPLY,
+    )
+    rec = await mock.last()
+    assert (rec["auth"], rec["model"], rec["format"]) == ("api-key", "gpt-4o-mini", "openai")
+    code, _, _ = await mock.post("/openai/v1/chat/completions", body, authorization="Bearer t")
+    assert code == 200
+    code, headers, err = await mock.post("/openai/v1/chat/completions",
+                                         {**body, "model": "m-fail-429-retry-3"}, **AZ)  # fmt: skip
+    assert (code, headers["retry-after"], headers["retry-after-ms"]) == (429, "3", "3000")
+    assert "Operation under Azure OpenAI API version v1 have" in err["error"]["message"]
+
+
+@ON_MODULE_LOOP
+async def test_azure_errors(mock: Mock, sdks: Clients) -> None:
+    path = "/openai/deployments/my-gpt/chat/completions"
+    body = {"messages": USER}
+    code, _, err = await mock.post(path, body, **AZ)  # no api-version
+    assert (code, err) == (404, {"error": {"code": "404", "message": "Resource not found"}})
+    versioned = f"?api-version={AZ_VERSION}"
+    code, _, err = await mock.post(path + versioned, body, authorization="Bearer")
+    assert (code, err["error"]["code"]) == (401, "401")
+    assert err["error"]["message"].startswith("Access denied due to invalid subscription key")
+    code, _, err = await mock.post(path + versioned, body, **{"api-key": "az-fail-401"})
+    assert (code, err["error"]["code"]) == (401, "401")
+    code, _, err = await mock.post(
+        "/openai/deployments/gone-fail-nomodel/chat/completions" + versioned, body, **AZ
+    )
+    assert (code, err["error"]["code"]) == (404, "DeploymentNotFound")
+    with pytest.raises(openai.RateLimitError) as info:
+        await sdks.azure.embeddings.create(model="emb-fail-429-retry-7", input="x")
+    headers = info.value.response.headers
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("7", "7000")
+    assert info.value.body == {"code": "429", "message": (
+        f"Requests to the Embeddings_Create Operation under Azure OpenAI API version {AZ_VERSION} "
+        "have exceeded token rate limit of your current OpenAI S0 pricing tier. Please retry after "
+        "7 seconds. Please go here: https://aka.ms/oai/quotaincrease if you would like to further "
+        "increase the default rate limit.")}  # fmt: skip
+    code, headers, err = await mock.post(
+        "/openai/deployments/d-fail-429-retry-none/chat/completions" + versioned, body, **AZ
+    )
+    assert code == 429
+    assert "retry-after" not in headers
+    assert "retry-after-ms" not in headers
+    assert "Please retry after" not in err["error"]["message"]
+    assert "ChatCompletions_Create Operation" in err["error"]["message"]
+
+
+# --- the request log
+
+
+@ON_MODULE_LOOP
+async def test_the_log_records_format_auth_and_model_for_every_request(mock: Mock) -> None:
+    await mock.post("/v1/chat/completions", {"model": "gpt-4o-mini", "messages": USER}, **OAI)
+    await mock.post("/v1/messages", {"model": "claude-x", "max_tokens": 5, "messages": USER},
+                    authorization="Bearer b")  # fmt: skip
+    await mock.post("/v1/messages", {"model": "claude-x-fail-500", "max_tokens": 5}, **ANT)
+    await mock.post("/nowhere", {"model": "m"}, **GOOG)
+    await mock.post(gem_path(GEMINI, "countTokens"), {"contents": []}, **{"api-key": "wrong-place"})
+    log = (await mock.log())[-5:]
+    assert [(r["format"], r["auth"], r["model"], r["key"]) for r in log] == [
+        ("openai", "authorization", "gpt-4o-mini", "k"),
+        ("anthropic", "authorization", "claude-x", "b"),
+        ("anthropic", "x-api-key", "claude-x-fail-500", "k"),
+        (None, "x-goog-api-key", None, "gk"),
+        ("gemini", "api-key", GEMINI, "wrong-place"),
+    ]
+    assert log[2]["body"] == {"model": "claude-x-fail-500", "max_tokens": 5}

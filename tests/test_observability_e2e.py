@@ -54,8 +54,8 @@ MODEL_CAP = (
 
 SPEC_ACCESS_LOG_FIELDS = frozenset(
     {"ts", "request_id", "access_key", "method", "path", "format", "provider", "model",
-     "key_source", "key_id", "attempts", "status", "resumed", "duration_ms", "overhead_ms",
-     "input_tokens", "output_tokens"}
+     "key_source", "key_id", "attempts", "status", "resumed", "translated", "duration_ms",
+     "overhead_ms", "input_tokens", "output_tokens"}
 )  # fmt: skip
 
 CONFIG = """\

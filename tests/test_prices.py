@@ -2,7 +2,8 @@ from __future__ import annotations
 
 import pytest
 
-from sidecar.prices import BUILTIN_PRICES, Price, PriceTable
+from sidecar.catalog import CATALOG_LISTED
+from sidecar.prices import BUILTIN_PRICES, PRICES_TAKEN, Price, PriceTable
 from sidecar.usage import Usage
 
 
@@ -114,3 +115,68 @@ def test_lookups_are_cached_and_bounded(table: PriceTable) -> None:
         table.price_for("openai", f"gpt-4o-{i}")
     assert len(table._cache) <= 4096
     assert table.price_for("openai", "gpt-4o-1") == (BUILTIN_PRICES["openai"]["gpt-4o"], True)
+
+
+# --- the providers of the built-in catalog ------------------------------------------------
+
+
+def test_prices_are_dated() -> None:
+    assert PRICES_TAKEN == "2026-11-27"
+
+
+@pytest.mark.parametrize(
+    ("provider", "model"),
+    [(pid, model) for pid, models in CATALOG_LISTED.items() for model in models],
+)
+def test_every_listed_catalog_model_has_a_price(
+    table: PriceTable, provider: str, model: str
+) -> None:
+    price, known = table.price_for(provider, model)
+    assert known
+    assert price in BUILTIN_PRICES[provider].values()  # its own provider's price
+
+
+@pytest.mark.parametrize(
+    ("provider", "model", "family"),
+    [
+        ("google", "gemini-2.5-flash-preview-05-20", "gemini-2.5-flash"),
+        ("google", "gemini-2.5-flash-lite-preview-09-2025", "gemini-2.5-flash-lite"),
+        ("google", "gemini-2.5-flash-image-preview", "gemini-2.5-flash-image"),
+        ("google", "gemini-2.5-pro-preview-06-05", "gemini-2.5-pro"),
+        ("google", "gemini-3.1-pro-preview", "gemini-3.1-pro"),
+        ("google", "gemini-3-pro-image-preview", "gemini-3-pro-image"),
+        ("google", "gemini-2.0-flash-001", "gemini-2.0-flash"),
+        ("google", "gemini-2.0-flash-lite-001", "gemini-2.0-flash-lite"),
+        ("xai", "grok-4-0709", "grok-4"),
+        ("xai", "grok-4-1-fast-reasoning", "grok-4-1-fast"),
+        ("xai", "grok-3-mini-beta", "grok-3-mini"),
+        ("mistral", "mistral-large-2411", "mistral-large"),
+        ("mistral", "codestral-2508", "codestral"),
+        ("perplexity", "sonar-pro", "sonar-pro"),
+        ("moonshotai", "kimi-k2-turbo-preview", "kimi-k2-turbo-preview"),
+    ],
+)
+def test_new_providers_find_their_family(
+    table: PriceTable, provider: str, model: str, family: str
+) -> None:
+    assert table.price_for(provider, model) == (BUILTIN_PRICES[provider][family], True)
+
+
+def test_image_and_turbo_variants_are_not_priced_as_the_cheaper_family(table: PriceTable) -> None:
+    image, _ = table.price_for("google", "gemini-2.5-flash-image")
+    text, _ = table.price_for("google", "gemini-2.5-flash")
+    assert image.output > text.output
+    turbo, _ = table.price_for("moonshotai", "kimi-k2-thinking-turbo")
+    assert turbo.output > table.price_for("moonshotai", "kimi-k2-thinking")[0].output
+
+
+def test_unknown_gemini_model_is_charged_googles_highest(table: PriceTable) -> None:
+    google = BUILTIN_PRICES["google"].values()
+    price, known = table.price_for("google", "gemini-9-ultra")
+    assert not known
+    assert price == Price(max(p.input for p in google), max(p.output for p in google))
+
+
+def test_a_gemini_override_joins_googles_table() -> None:
+    table = PriceTable({"gemini-2.5-pro": Price(9.0, 9.0)})
+    assert table.price_for("google", "gemini-2.5-pro-preview-06-05") == (Price(9.0, 9.0), True)

@@ -285,6 +285,11 @@ async def test_max_attempts_caps_attempts(
 
 ORPHAN = {"openai": "orphan-gpt", "anthropic": "orphan-claude"}
 OTHER_FORMAT_MODEL = {"openai": CLAUDE_MODEL, "anthropic": OPENAI_MODEL}
+#: A field the other format has no place for (served translated, it would be lost).
+UNCARRIED: dict[str, dict[str, Any]] = {
+    "openai": {"logprobs": True},
+    "anthropic": {"thinking": {"type": "enabled", "budget_tokens": 1024}},
+}
 Body = Callable[[str], Any]  # fmt -> JSON document, or raw bytes
 
 ERROR_CASES = [
@@ -296,11 +301,11 @@ ERROR_CASES = [
         "model_unknown", 400, "app", lambda f: payload(f, model="mystery-1"), id="model_unknown"
     ),
     pytest.param(
-        "model_unknown",
+        "translation_unsupported",
         400,
         "app",
-        lambda f: payload(f, model=OTHER_FORMAT_MODEL[f]),
-        id="model_of_other_format",
+        lambda f: payload(f, model=OTHER_FORMAT_MODEL[f], **UNCARRIED[f]),
+        id="field_not_translatable",
     ),
     pytest.param(
         "no_provider_key", 400, "app", lambda f: payload(f, model=ORPHAN[f]), id="no_provider_key"

@@ -13,7 +13,15 @@ import orjson
 import pytest
 from openai._streaming import SSEDecoder
 
-from sidecar.streams import MAX_EVENT, InbandError, Shape, StreamTracker, error_event, shape_for
+from sidecar.streams import (
+    MAX_EVENT,
+    InbandError,
+    Shape,
+    StreamTracker,
+    Translator,
+    error_event,
+    shape_for,
+)
 from sidecar.usage import Usage
 
 # --- real-shaped streams (as sidecar/mock_provider.py and the providers send them) ---------
@@ -218,6 +226,10 @@ def relay(tracker: StreamTracker, chunks: Iterable[bytes]) -> bytes:
         ("anthropic", "/v1/chat/completions", Shape.OTHER),
         ("openai", "/v1/messages", Shape.OTHER),
         ("gemini", "/v1/chat/completions", Shape.OTHER),
+        ("gemini", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", Shape.GEMINI),
+        ("gemini", "/v1beta/models/gemini-2.5-flash:generateContent", Shape.OTHER),
+        ("gemini", "/v1beta/models/gemini-2.5-flash:countTokens", Shape.OTHER),
+        ("openai", "/v1beta/models/gemini-2.5-flash:streamGenerateContent", Shape.OTHER),
     ],
 )
 def test_shape_for(fmt: str, path: str, shape: Shape) -> None:
@@ -904,3 +916,306 @@ def test_with_several_choices_the_answer_finishes_when_every_choice_has() -> Non
     relay(tracker, [ev({"index": 1, "delta": {}, "finish_reason": "length"})])
     assert tracker.finished
     assert tracker.terminator() == DONE
+
+
+# --- Gemini streamGenerateContent?alt=sse ---------------------------------------------------
+
+
+def gemini_sse(obj: object, sep: bytes = b"\r\n\r\n") -> bytes:
+    return b"data: " + orjson.dumps(obj) + sep
+
+
+def gemini_chunk(
+    parts: list[dict[str, Any]] | None = None,
+    finish: str | None = None,
+    *,
+    index: int = 0,
+    usage: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    candidate: dict[str, Any] = {"content": {"role": "model", "parts": parts or []}, "index": index}
+    if finish is not None:
+        candidate["finishReason"] = finish
+    obj: dict[str, Any] = {"candidates": [candidate], "modelVersion": "gemini-2.5-flash",
+                           "responseId": "r1"}  # fmt: skip
+    if usage is not None:
+        obj["usageMetadata"] = usage
+    return obj
+
+
+GEMINI_USAGE = {"promptTokenCount": 11, "candidatesTokenCount": 5, "thoughtsTokenCount": 3,
+                "totalTokenCount": 19}  # fmt: skip
+
+
+def gemini_events(sep: bytes = b"\r\n\r\n") -> list[bytes]:
+    """As Google sends them: usage in every chunk, the finish and the final usage last."""
+    events = [gemini_sse(gemini_chunk([{"text": p}], usage={"promptTokenCount": 11}), sep)
+              for p in PIECES]  # fmt: skip
+    events.append(gemini_sse(gemini_chunk([{"text": ""}], "STOP", usage=GEMINI_USAGE), sep))
+    return events
+
+
+@pytest.mark.parametrize("how", SPLITS)
+@pytest.mark.parametrize("sep", [b"\r\n\r\n", b"\n\n"])
+def test_gemini_stream_is_relayed_and_read(how: str, sep: bytes) -> None:
+    data = b"".join(gemini_events(sep))
+    tracker = StreamTracker(Shape.GEMINI)
+    assert relay(tracker, splits(data, how)) == data
+    assert tracker.started
+    assert tracker.finished
+    assert not tracker.terminated  # Gemini sends no terminator
+    assert tracker.usage == Usage(11, 8)  # thinking tokens are output
+    assert tracker.complete_on_eof() == b""
+    assert tracker.terminator() == b""
+    assert tracker.error is None
+    assert not tracker.malformed
+    assert not tracker.cut
+
+
+def test_gemini_is_not_resumable() -> None:
+    tracker = StreamTracker(Shape.GEMINI)
+    relay(tracker, gemini_events()[:2])
+    assert tracker.started
+    assert not tracker.resumable
+    assert tracker.text == ""
+
+
+def test_gemini_truncated_stream_is_a_break() -> None:
+    tracker = StreamTracker(Shape.GEMINI)
+    relay(tracker, gemini_events()[:3])
+    assert tracker.started
+    assert not tracker.finished
+    assert tracker.complete_on_eof() is None
+    assert tracker.terminator() is None
+
+
+@pytest.mark.parametrize(
+    ("parts", "content"),
+    [
+        ([{"text": "hi"}], True),
+        ([{"functionCall": {"name": "f", "args": {}}}], True),
+        ([{"inlineData": {"mimeType": "image/png", "data": "AA=="}}], True),
+        ([{"text": "", "thoughtSignature": "c2ln"}], False),
+        ([{"text": ""}], False),
+        ([], False),
+    ],
+)
+def test_gemini_content_parts(parts: list[dict[str, Any]], content: bool) -> None:
+    tracker = StreamTracker(Shape.GEMINI)
+    tracker.feed(gemini_sse(gemini_chunk(parts)))
+    assert tracker.started is content
+
+
+def test_gemini_usage_only_and_preamble_chunks_are_not_content() -> None:
+    tracker = StreamTracker(Shape.GEMINI)
+    tracker.feed(gemini_sse({"usageMetadata": {"promptTokenCount": 4}}) + b": keep-alive\r\n\r\n")
+    assert not tracker.started
+    assert tracker.usage == Usage(4, 0)
+
+
+def test_gemini_every_candidate_must_finish() -> None:
+    tracker = StreamTracker(Shape.GEMINI)
+    tracker.feed(gemini_sse(gemini_chunk([{"text": "a"}], index=0)))
+    tracker.feed(gemini_sse(gemini_chunk([{"text": "b"}], index=1)))
+    tracker.feed(gemini_sse(gemini_chunk([{"text": "c"}], "STOP", index=0)))
+    assert not tracker.finished
+    assert tracker.complete_on_eof() is None
+    tracker.feed(gemini_sse(gemini_chunk([], "MAX_TOKENS", index=1)))
+    assert tracker.finished
+    assert tracker.complete_on_eof() == b""
+
+
+def test_gemini_blocked_prompt_is_a_complete_empty_answer() -> None:
+    tracker = StreamTracker(Shape.GEMINI)
+    tracker.feed(gemini_sse({"promptFeedback": {"blockReason": "SAFETY"},
+                             "usageMetadata": {"promptTokenCount": 6}}))  # fmt: skip
+    assert not tracker.started
+    assert tracker.finished
+    assert tracker.complete_on_eof() == b""
+
+
+@pytest.mark.parametrize(
+    ("error", "status"),
+    [
+        ({"code": 429, "message": "slow down", "status": "RESOURCE_EXHAUSTED"}, 429),
+        ({"code": 500, "message": "boom", "status": "INTERNAL"}, 500),
+        ({"message": "busy", "status": "UNAVAILABLE"}, 503),
+        ({"message": "bad", "status": "INVALID_ARGUMENT"}, 400),
+        ({"message": "odd", "status": "SOMETHING_NEW"}, 500),
+        ({"message": "none"}, 500),
+    ],
+)
+def test_gemini_inband_error(error: dict[str, Any], status: int) -> None:
+    head = gemini_events()[0]
+    after = gemini_events()[1]
+    tracker = StreamTracker(Shape.GEMINI)
+    assert relay(tracker, [head + gemini_sse({"error": error}) + after]) == head
+    assert tracker.error == InbandError(status, orjson.dumps({"error": error}), error["message"])
+    assert tracker.feed(after) == b""
+    assert tracker.complete_on_eof() is None
+
+
+def test_gemini_malformed_event_stops_the_output() -> None:
+    head = gemini_events()[0]
+    tracker = StreamTracker(Shape.GEMINI)
+    assert tracker.feed(head + b'data: {"candidates": [\r\n\r\n' + head) == head
+    assert tracker.malformed
+
+
+@pytest.mark.parametrize(
+    ("kind", "code", "rpc"),
+    [
+        ("api_error", 500, "INTERNAL"),
+        ("overloaded_error", 503, "UNAVAILABLE"),
+        ("rate_limit_error", 429, "RESOURCE_EXHAUSTED"),
+        ("timeout_error", 504, "DEADLINE_EXCEEDED"),
+        ("invalid_request_error", 400, "INVALID_ARGUMENT"),
+        ("something_else", 500, "INTERNAL"),
+    ],
+)
+def test_gemini_error_event(kind: str, code: int, rpc: str) -> None:
+    event = error_event(Shape.GEMINI, "cut off", kind=kind, code="stream_interrupted")
+    assert event.startswith(b"data: {")
+    assert event.endswith(b"}\r\n\r\n")
+    assert orjson.loads(event[6:]) == {"error": {
+        "code": code, "message": "cut off", "status": rpc,
+        "details": [{"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                     "reason": "stream_interrupted", "domain": "ai-gateway-sidecar"}],
+    }}  # fmt: skip
+    tracker = StreamTracker(Shape.GEMINI)
+    tracker.feed(event)
+    assert tracker.error is not None
+    assert (tracker.error.status, tracker.error.message) == (code, "cut off")
+
+
+def _genai_stream(body: bytes) -> list[str]:
+    """Read `body` as a streamGenerateContent answer with the real google-genai SDK (its HTTP
+    transport replaced by a canned response); the texts it yielded before it raised."""
+    from google import genai
+    from google.genai import types
+
+    seen: list[str] = []
+
+    def handler(request: httpx2.Request) -> httpx2.Response:
+        seen.append(str(request.url))
+        return httpx2.Response(200, content=body, headers={"content-type": "text/event-stream"})
+
+    options = types.HttpOptions(
+        base_url="http://sidecar.test",
+        api_version="v1beta",
+        httpx_client=httpx2.Client(transport=httpx2.MockTransport(handler)),
+    )
+    client = genai.Client(api_key="k", http_options=options)
+    got: list[str] = []
+    try:
+        for chunk in client.models.generate_content_stream(model="gemini-2.5-flash", contents="hi"):
+            got.append(chunk.text or "")
+    finally:
+        assert seen == [
+            "http://sidecar.test/v1beta/models/gemini-2.5-flash:streamGenerateContent?alt=sse"
+        ]
+    return got
+
+
+def test_genai_sdk_reads_the_stream_and_raises_the_error_event() -> None:
+    from google.genai import errors
+
+    assert _genai_stream(b"".join(gemini_events())) == [*PIECES, ""]  # no error: it ends quietly
+
+    body = b"".join(gemini_events()[:2]) + error_event(Shape.GEMINI, "upstream went away")
+    got: list[str] = []
+    with pytest.raises(errors.ServerError) as info:
+        got.extend(_genai_stream(body))
+    assert (info.value.code, info.value.status) == (500, "INTERNAL")
+    assert info.value.message == "upstream went away"
+
+    body = gemini_events()[0] + error_event(Shape.GEMINI, "slow down", kind="rate_limit_error")
+    with pytest.raises(errors.ClientError) as client_info:
+        _genai_stream(body)
+    assert (client_info.value.code, client_info.value.status) == (429, "RESOURCE_EXHAUSTED")
+
+
+# --- translated attempts (pre=) ----------------------------------------------------------------
+
+
+class LinesToChat:
+    """A toy upstream format: one text per line (`!` an error); EOF owes the finish chunk
+    and [DONE]."""
+
+    def __init__(self, tail: bytes | None = None) -> None:
+        self.held = b""
+        self.fed: list[bytes] = []
+        self.tail = tail
+
+    def feed(self, chunk: bytes) -> bytes:
+        self.fed.append(chunk)
+        self.held += chunk
+        *lines, self.held = self.held.split(b"\n")
+        return b"".join(self._event(line) for line in lines)
+
+    def _event(self, line: bytes) -> bytes:
+        if line == b"!":
+            return openai_error("server_error", "server_error", "upstream failed")
+        return sse(chat_chunk({"content": line.decode()}))
+
+    def finish(self) -> bytes:
+        if self.tail is not None:
+            return self.tail
+        return sse(chat_chunk({}, "stop")) + sse(CHAT_USAGE) + DONE
+
+
+def test_translator_protocol_is_met_by_the_toy() -> None:
+    pre: Translator = LinesToChat()
+    assert pre.feed(b"a\n") == sse(chat_chunk({"content": "a"}))
+
+
+def test_pre_translates_every_chunk_and_finish_returns_what_it_owed() -> None:
+    pre = LinesToChat()
+    tracker = StreamTracker(Shape.CHAT, pre=pre, strip_usage=True)
+    assert tracker.feed(b"Hel") == b""  # nothing complete yet
+    assert not tracker.started
+    out = tracker.feed(b"lo\nwor")
+    assert out == sse(chat_chunk({"content": "Hello"}))
+    assert tracker.started
+    assert tracker.feed(b"ld\n") == sse(chat_chunk({"content": "world"}))
+    assert pre.fed == [b"Hel", b"lo\nwor", b"ld\n"]
+    assert not tracker.finished
+    tail = tracker.finish()
+    # The finish chunk and [DONE] relayed; the usage chunk the sidecar asked for is stripped.
+    assert tail == sse(chat_chunk({}, "stop")) + DONE
+    assert tracker.finished
+    assert tracker.terminated
+    assert tracker.usage == Usage(12, 5)
+    assert tracker.text == "Helloworld"
+    assert tracker.complete_on_eof() == b""
+
+
+def test_pre_finish_that_owes_an_error_sets_it() -> None:
+    tracker = StreamTracker(Shape.CHAT, pre=LinesToChat(tail=openai_error("server_error", "x")))
+    tracker.feed(b"a\n")
+    assert tracker.finish() == b""
+    assert tracker.error is not None
+    assert tracker.complete_on_eof() is None
+
+
+def test_pre_finish_that_owes_nothing_leaves_a_break() -> None:
+    tracker = StreamTracker(Shape.CHAT, pre=LinesToChat(tail=b""))
+    tracker.feed(b"a\n")
+    assert tracker.finish() == b""
+    assert tracker.complete_on_eof() is None
+
+
+def test_pre_is_not_asked_after_an_error() -> None:
+    pre = LinesToChat()
+    tracker = StreamTracker(Shape.CHAT, pre=pre)
+    assert tracker.feed(b"") == b""
+    assert tracker.feed(b"a\n!\n") == sse(chat_chunk({"content": "a"}))
+    assert tracker.error is not None
+    assert tracker.error.message == "upstream failed"
+    assert tracker.feed(b"b\n") == b""
+    assert pre.fed == [b"", b"a\n!\n"]
+
+
+def test_finish_without_pre_returns_nothing() -> None:
+    tracker = StreamTracker(Shape.CHAT)
+    tracker.feed(b"".join(chat_events()[:2]))
+    assert tracker.finish() == b""

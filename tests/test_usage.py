@@ -12,6 +12,7 @@ from sidecar.usage import (
     ensure_stream_usage,
     request_wants_stream_usage,
     usage_from_body,
+    usage_from_tail,
 )
 
 
@@ -314,3 +315,60 @@ def test_strip_random_multi_splits_are_byte_exact(newline: bytes) -> None:
         assert meter.usage == Usage(12, 34)
 
 
+# --- Gemini -----------------------------------------------------------------------------
+
+GEMINI_BODY = {
+    "candidates": [{"content": {"role": "model", "parts": [{"text": "hi"}]},
+                    "finishReason": "STOP", "index": 0}],
+    "usageMetadata": {"promptTokenCount": 40, "candidatesTokenCount": 7, "thoughtsTokenCount": 9,
+                      "cachedContentTokenCount": 30, "toolUsePromptTokenCount": 2,
+                      "totalTokenCount": 58},
+    "modelVersion": "gemini-2.5-flash",
+}  # fmt: skip
+
+
+def test_gemini_body() -> None:
+    # Cached tokens are part of promptTokenCount already; thinking is billed as output.
+    assert usage_from_body("gemini", orjson.dumps(GEMINI_BODY)) == Usage(42, 16)
+
+
+def test_gemini_body_pretty_printed_as_google_sends_it() -> None:
+    body = orjson.dumps(GEMINI_BODY, option=orjson.OPT_INDENT_2)
+    assert usage_from_body("gemini", body) == Usage(42, 16)
+
+
+def test_gemini_body_without_thoughts() -> None:
+    body = {"usageMetadata": {"promptTokenCount": 3, "candidatesTokenCount": 4}}
+    assert usage_from_body("gemini", orjson.dumps(body)) == Usage(3, 4)
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b'{"totalTokens": 31}',  # countTokens
+        b'{"embedding": {"values": [0.1]}}',  # embedContent without usage
+        b'{"usageMetadata": "x"}',
+        b'{"usageMetadata": {',
+        b"[]",
+        orjson.dumps({"usage": {"prompt_tokens": 3}}),  # another format's usage
+    ],
+)
+def test_gemini_body_without_usage(body: bytes) -> None:
+    assert usage_from_body("gemini", body) is None
+
+
+def test_gemini_usage_is_not_read_as_another_format() -> None:
+    assert usage_from_body("openai", orjson.dumps(GEMINI_BODY)) is None
+
+
+def test_gemini_garbage_counts_are_zero() -> None:
+    body = {"usageMetadata": {"promptTokenCount": "3", "candidatesTokenCount": True,
+                              "thoughtsTokenCount": -1}}  # fmt: skip
+    assert usage_from_body("gemini", orjson.dumps(body)) == Usage(0, 0)
+
+
+def test_gemini_usage_from_tail() -> None:
+    body = orjson.dumps(GEMINI_BODY, option=orjson.OPT_INDENT_2)
+    tail = body[body.index(b'"usageMetadata"') - 40 :]
+    assert usage_from_tail("gemini", tail) == Usage(42, 16)
+    assert usage_from_tail("gemini", b'"usage": {"prompt_tokens": 1}}') is None

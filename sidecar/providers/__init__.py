@@ -12,9 +12,14 @@ from typing import Final
 
 from sidecar.providers.anthropic import ANTHROPIC
 from sidecar.providers.base import Adapter, auth_header
+from sidecar.providers.gemini import GEMINI
 from sidecar.providers.openai import OPENAI
 
-ADAPTERS: Final[Mapping[str, Adapter]] = {"openai": OPENAI, "anthropic": ANTHROPIC}
+ADAPTERS: Final[Mapping[str, Adapter]] = {
+    "openai": OPENAI,
+    "anthropic": ANTHROPIC,
+    "gemini": GEMINI,
+}
 
 
 def adapter_for(fmt: str) -> Adapter:

@@ -50,6 +50,7 @@ def account(state: State, ex: Exchange) -> None:
                 "attempts": ex.attempts,
                 "status": ex.status,
                 "resumed": ex.resumed,
+                "translated": ex.translated,
                 "duration_ms": round(duration * 1000, 3),
                 "overhead_ms": round(overhead * 1000, 3),
                 "input_tokens": usage.input_tokens if usage else None,

@@ -42,6 +42,7 @@ class Exchange:
     body_size: int = 0
     streaming: bool = False  # response headers sent: a cut breaks a stream
     resumed: bool = False  # a broken stream was continued from another candidate
+    translated: str | None = None  # `caller->upstream` when the attempt was translated
 
     @property
     def transport(self) -> asyncio.Transport | None:
@@ -65,6 +66,8 @@ class Exchange:
             h["x-sidecar-key-source"] = c.key.source.value
             h["x-sidecar-key-id"] = c.key.key_id
             h["x-sidecar-attempts"] = str(self.attempts)
+            if self.translated:
+                h["x-sidecar-translated"] = self.translated
             if self.rejected:
                 h["x-sidecar-rejected-models"] = inbound.rejected_header(self.rejected)
             self.overhead = time.perf_counter() - self.started - self.upstream_wait

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import Callable
 from typing import Any, Final
@@ -27,15 +28,17 @@ from sidecar.inflight import InFlight
 from sidecar.models import ResolvedModel, fallbacks_for
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
 from sidecar.providers import Adapter, adapter_for
-from sidecar.proxy import relay, upstream
+from sidecar.proxy import outbound, relay, upstream
 from sidecar.proxy.accounting import account
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
+from sidecar.proxy.outbound import Outbound, Route
 from sidecar.proxy.upstream import Failed, Prepared, Result
 from sidecar.resume import Splice, prefill_body
 from sidecar.runtime import AccessKey, Runtime
 from sidecar.secret import Secret, mask_key_fragments
 from sidecar.state import State
 from sidecar.streams import Shape, StreamTracker, error_event, shape_for
+from sidecar.translate import Translation
 from sidecar.upstream_url import explicit_tail
 from sidecar.vault import hash_access_key
 
@@ -62,6 +65,14 @@ class Proxy:
     async def anthropic(self, request: web.Request) -> web.StreamResponse:
         return await self._handle(request, "anthropic", None)
 
+    async def gemini(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1beta/models/{model}:{action}`: the Gemini API's own routes."""
+        return await self._handle(request, "gemini", None)
+
+    async def openai_stored(self, request: web.Request) -> web.StreamResponse:
+        """`/v1/responses/{id}` (and its `cancel`, `input_items`): a stored response, at OpenAI."""
+        return await self._handle(request, "openai", None)
+
     async def explicit(self, request: web.Request) -> web.StreamResponse:
         runtime = self.state.runtime
         provider = runtime.providers.get(request.match_info["provider"])
@@ -71,11 +82,16 @@ class Proxy:
 
     async def models(self, request: web.Request) -> web.StreamResponse:
         """`GET /v1/models` and `GET /v1/models/{id}`: what this access key may use, in the
-        Anthropic shape when an Anthropic client asks (`anthropic-version`), else OpenAI's."""
+        Anthropic shape when an Anthropic client asks (`anthropic-version`), else OpenAI's;
+        `GET /v1beta/models[/{id}]` in the Gemini API's."""
         runtime = self.state.runtime
         anthropic = "anthropic-version" in request.headers
-        ex = self._exchange(request, "anthropic" if anthropic else "openai", runtime)
+        gemini = request.path.startswith("/v1beta/")
+        fmt = "gemini" if gemini else "anthropic" if anthropic else "openai"
+        ex = self._exchange(request, fmt, runtime)
         wanted = request.match_info.get("model")
+        if gemini and wanted is not None:
+            wanted = wanted.removeprefix("models/")
         try:
             inbound.check_target(request.raw_path)
             access, _ = self._authenticate(ex)
@@ -90,9 +106,11 @@ class Proxy:
                 ErrorCode.ROUTE_NOT_FOUND, f"no model {wanted!r} for this access key"
             )
             return await self._finish(ex, self._error(ex, missing))
-        data = [_model_entry(m, owner, anthropic) for m, owner in listed]
+        data = [_model_entry(m, owner, fmt) for m, owner in listed]
         if wanted is not None:
             doc: dict[str, Any] = data[0]
+        elif gemini:
+            doc = {"models": data}
         elif anthropic:
             doc = {"data": data, "has_more": False, "first_id": data[0]["id"] if data else None,
                    "last_id": data[-1]["id"] if data else None}  # fmt: skip
@@ -119,6 +137,8 @@ class Proxy:
 
     async def not_found(self, request: web.Request) -> web.StreamResponse:
         fmt = "anthropic" if "anthropic-version" in request.headers else "openai"
+        if request.path.startswith("/v1beta/"):
+            fmt = "gemini"
         ex = self._exchange(request, fmt, self.state.runtime)
         with contextlib.suppress(ProxyError):  # who asked, for the access log only
             self._authenticate(ex)
@@ -175,11 +195,13 @@ class Proxy:
         if token[:7].lower() == "bearer ":
             token = token[7:].strip()
         else:
-            token = headers.get("x-api-key", "").strip()
+            token = (headers.get("x-api-key") or headers.get("x-goog-api-key") or "").strip()
+        if not token and ex.fmt == "gemini":  # the Gemini API also takes its key as `?key=`
+            token = ex.request.rel_url.query.get("key", "").strip()
         if not token:
             raise ProxyError(
                 ErrorCode.ACCESS_KEY_INVALID,
-                "missing access key (Authorization: Bearer or x-api-key)",
+                "missing access key (Authorization: Bearer, x-api-key or x-goog-api-key)",
             )
         inbound.check_token(token)
         ex.token = Secret(token)
@@ -249,23 +271,32 @@ class Proxy:
                 data = parsed
             elif must_be_json:
                 raise ProxyError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
-        names = inbound.model_names(data, required=explicit is None)
 
         if explicit is None:
-            # The config's `fallbacks:` apply when the caller sent no `models` of its own.
-            fallbacks = (
-                () if data is None or "models" in data else fallbacks_for(cfg.fallbacks, names[0])
-            )
-            targets = resolve_targets(runtime, ex.fmt, names, fallbacks)
-            path = "/" + request.path.removeprefix("/v1/")
+            route, names = _caller_route(ex.fmt, request, data)
+            if names:
+                # The config's `fallbacks:` apply when the caller sent no `models` of its own.
+                fallbacks = (
+                    () if data is not None and "models" in data
+                    else fallbacks_for(cfg.fallbacks, names[0])
+                )  # fmt: skip
+                targets = resolve_targets(runtime, ex.fmt, names, fallbacks, any_format=route.chat)
+            else:  # a stored response: no model names it
+                targets = [Target(runtime.providers["openai"], None)]
         else:
+            names = inbound.model_names(data, required=False)
             provider = runtime.providers[explicit]
             targets = [
                 Target(provider, _explicit_model(runtime, provider.id, n)) for n in names
             ] or [Target(provider, None)]
             path = explicit_tail(request.raw_path.partition("?")[0], provider.id)
-            if path.startswith("/v1/") and provider.base_url.endswith("/v1"):
-                path = path[3:]  # SDKs that add /v1 themselves (Anthropic's) must not get /v1/v1
+            for version in ("/v1", "/v1beta"):  # SDKs that add it themselves must not get it twice
+                if path.startswith(version + "/") and provider.base_url.endswith(version):
+                    path = path[len(version) :]
+            stream = bool(data and data.get("stream") is True) or (
+                ex.fmt == "gemini" and ":streamGenerateContent" in path
+            )
+            route = Route(ex.fmt, path, stream, explicit=True)
         ex.resolved_provider = targets[0].provider.id
         try:
             plan = build_plan(
@@ -283,7 +314,7 @@ class Proxy:
         ex.rejected = plan.rejected_models
         if plan.managed_providers:
             await self._require_credits(ex, plan)
-        return await self._run(ex, plan, body, data, path)
+        return await self._run(ex, plan, body, data, route)
 
     async def _require_credits(self, ex: Exchange, plan: Plan) -> None:
         """Managed keys are charged to the access key: refuse before any upstream call when broke."""
@@ -304,46 +335,48 @@ class Proxy:
     # ----------------------------------------------------------------- attempts
 
     async def _run(
-        self, ex: Exchange, plan: Plan, body: bytes, data: dict[str, Any] | None, path: str
+        self, ex: Exchange, plan: Plan, body: bytes, data: dict[str, Any] | None, route: Route
     ) -> web.StreamResponse:
         cfg = ex.runtime.config
         adapter = adapter_for(ex.fmt)
-        prep = upstream.prepare(ex, path)
-        stream = bool(data and data.get("stream") is True)
-        shape = shape_for(ex.fmt, path) if stream else None
+        prep = upstream.prepare(ex)
+        shape = shape_for(ex.fmt, route.path) if route.stream else None
+        outs = self._outbounds(ex, plan, route, body, data, adapter)
         engine = Engine(plan.candidates, cfg.failover, self.state.health,
                         ex.started + cfg.timeouts.total)  # fmt: skip
-        payloads: dict[str | None, tuple[bytes, bool]] = {}
-        last: tuple[Candidate, Failed] | None = None  # the last failover-status answer
+        # The last failover-status answer, and the translation its body still needs (an in-band
+        # error was read from the translated stream: it is in the caller's format already).
+        last: tuple[Candidate, Failed, Translation | None] | None = None
+        last_label: str | None = None
         while isinstance(step := engine.next(), Attempt):
             cand = step.candidate
-            model = cand.upstream_model
-            if model not in payloads:
-                payloads[model] = upstream.payload(body, data, model, adapter, path, stream)
-            payload, strip_usage = payloads[model]
-            tracker = StreamTracker(shape, strip_usage=strip_usage) if shape is not None else None
+            out = outs[cand.provider.id, cand.upstream_model]
+            tracker = _tracker(shape, out, cand) if shape is not None else None
             try:
-                res = await self._send(ex, step, prep, payload, tracker)
+                res = await self._send(ex, step, prep, out, tracker)
             except asyncio.CancelledError:
                 if tracker is not None and tracker.events:  # the upstream had begun: paid for
                     ex.usage = tracker.estimate(ex.body_size)
                 raise
             if res.tracker is not None:  # a stream with its first content: the caller's now
-                return await self._stream(ex, engine, res, adapter, prep, data, shape, strip_usage)
+                return await self._stream(ex, engine, res, adapter, prep, data, shape, route)
             report = self._classify(ex, res)
             verdict = self._report(ex, engine, cand, report)
             if verdict:
+                tr = out.translation
                 if res.upstream is None:  # an in-band error that goes back as its status
                     assert res.failed is not None
-                    return relay.respond_failed(ex, cand, res.failed)
+                    return relay.respond_failed(ex, cand, res.failed, None if res.inband else tr)
                 if res.body is not None:
-                    return relay.respond(ex, res.upstream, res.body, adapter)
+                    return relay.respond(ex, res.upstream, res.body, adapter, tr)
                 return await relay.relay_body(self.state, ex, res.upstream, res.native_idle,
                                               adapter, res.prefix)  # fmt: skip
             if res.failed is not None:
-                last = (cand, res.failed)
+                last = (cand, res.failed, None if res.inband else out.translation)
+                last_label = ex.translated
         assert isinstance(step, Stop)
         if last is not None:  # every candidate failed: the caller gets the last upstream answer
+            ex.translated = last_label
             return relay.respond_failed(ex, *last)
         if step.reason is StopReason.TIMED_OUT:
             raise ProxyError(
@@ -351,12 +384,45 @@ class Proxy:
             )
         raise ProxyError(ErrorCode.UPSTREAM_UNAVAILABLE, "no upstream answered")
 
+    def _outbounds(
+        self,
+        ex: Exchange,
+        plan: Plan,
+        route: Route,
+        body: bytes,
+        data: dict[str, Any] | None,
+        adapter: Adapter,
+    ) -> dict[tuple[str, str | None], Outbound]:
+        """What each candidate's attempt sends. A candidate the request cannot be translated
+        for is left out; when that leaves none, the caller learns what could not be carried."""
+        outs: dict[tuple[str, str | None], Outbound | ProxyError] = {}
+        for cand in plan.candidates:
+            k = (cand.provider.id, cand.upstream_model)
+            if k not in outs:
+                try:
+                    outs[k] = outbound.build(route, cand, body, data, adapter)
+                except ProxyError as err:
+                    if err.code is not ErrorCode.TRANSLATION_UNSUPPORTED:
+                        raise
+                    outs[k] = err
+                    self.state.oplog.info("translation_unsupported", request_id=ex.request_id,
+                                          provider=cand.provider.id, model=k[1],
+                                          reason=err.message)  # fmt: skip
+        kept = [c for c in plan.candidates
+                if isinstance(outs[c.provider.id, c.upstream_model], Outbound)]  # fmt: skip
+        if not kept:
+            refused = next(o for o in outs.values() if isinstance(o, ProxyError))
+            ex.resolved_provider = refused.provider or ex.resolved_provider
+            raise refused
+        plan.candidates = kept
+        return {k: o for k, o in outs.items() if isinstance(o, Outbound)}
+
     async def _send(
         self,
         ex: Exchange,
         step: Attempt,
         prep: Prepared,
-        payload: bytes,
+        out: Outbound,
         tracker: StreamTracker | None,
     ) -> Result:
         """One attempt: count it, wait its backoff, send it."""
@@ -369,9 +435,10 @@ class Proxy:
             await asyncio.sleep(step.wait)
         ex.attempts = step.number
         ex.candidate = cand
+        ex.translated = out.translation.label if out.translation else None
         metrics.key_selections(*key.labels).inc()
-        url, headers = upstream.target(cand, prep)
-        res = await upstream.attempt(self.state, ex, cand, url, headers, payload,
+        url, headers = upstream.target(cand, prep, out)
+        res = await upstream.attempt(self.state, ex, cand, url, headers, out.body,
                                      max(0.001, step.budget), tracker)  # fmt: skip
         metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
         return res
@@ -418,7 +485,7 @@ class Proxy:
         prep: Prepared,
         data: dict[str, Any] | None,
         shape: Shape | None,
-        strip_usage: bool,
+        route: Route,
     ) -> web.StreamResponse:
         """Relay a stream that has its first content; continue it elsewhere if it breaks."""
         assert res.upstream is not None
@@ -478,7 +545,7 @@ class Proxy:
                 engine.restart(time.perf_counter() + ex.runtime.config.timeouts.total)
                 spent = tracker.estimate(ex.body_size)
                 nxt = await self._resume(ex, resp, engine, adapter, prep, data, shape,
-                                         strip_usage, tracker, brk)  # fmt: skip
+                                         route, tracker, brk)  # fmt: skip
                 if nxt is None:
                     return resp
                 assert nxt.tracker is not None
@@ -516,7 +583,7 @@ class Proxy:
         prep: Prepared,
         data: dict[str, Any] | None,
         shape: Shape,
-        strip_usage: bool,
+        route: Route,
         broken: StreamTracker,
         brk: relay.Break,
     ) -> Result | None:
@@ -539,17 +606,21 @@ class Proxy:
             return None
         continued, trimmed = body
         raw = inbound.dump_json(continued)
-        path = prep.path
-        payloads: dict[str | None, bytes] = {}
+        outs: dict[tuple[str, str | None], Outbound] = {}
         while isinstance(step := engine.next(accept=accept), Attempt):
             cand = step.candidate
             model = cand.upstream_model
-            if model not in payloads:
-                payloads[model] = upstream.payload(raw, continued, model, adapter, path, True)[0]
-            tracker = StreamTracker(shape, strip_usage=strip_usage,
-                                    splice=Splice(shape, broken, trimmed))  # fmt: skip
+            k = (cand.provider.id, model)
+            if k not in outs:
+                try:
+                    outs[k] = outbound.build(route, cand, raw, continued, adapter)
+                except ProxyError:  # the continuation cannot be carried to its format
+                    self._report(ex, engine, cand, Report(Outcome.OK, 400, unsuitable=True))
+                    continue
+            out = outs[k]
+            tracker = _tracker(shape, out, cand, Splice(shape, broken, trimmed))
             try:
-                res = await self._send(ex, step, prep, payloads[model], tracker)
+                res = await self._send(ex, step, prep, out, tracker)
             except asyncio.CancelledError:  # the caller left while a continuation was held
                 if tracker.events:  # that upstream had begun: it is paid for too
                     ex.charges.append((cand, tracker.estimate(len(raw))))
@@ -656,11 +727,64 @@ def _error_code(body: bytes) -> str:
     )
 
 
-def _model_entry(model: str, owner: str, anthropic: bool) -> dict[str, Any]:
-    if anthropic:
+def _model_entry(model: str, owner: str, fmt: str) -> dict[str, Any]:
+    if fmt == "gemini":
+        return {"name": f"models/{model}", "displayName": model,
+                "supportedGenerationMethods": ["generateContent", "countTokens"]}  # fmt: skip
+    if fmt == "anthropic":
         return {"type": "model", "id": model, "display_name": model,
                 "created_at": "1970-01-01T00:00:00Z"}  # fmt: skip
     return {"id": model, "object": "model", "created": 0, "owned_by": owner}
+
+
+def _tracker(
+    shape: Shape, out: Outbound, cand: Candidate, splice: Splice | None = None
+) -> StreamTracker:
+    """A stream's tracker: it reads the caller's format, after the translation if any."""
+    pre = out.translation.stream(cand.upstream_model or "") if out.translation else None
+    return StreamTracker(shape, strip_usage=out.strip_usage, splice=splice, pre=pre)
+
+
+#: Gemini API actions served on `/v1beta/models/{model}:{action}`.
+_GEMINI_ACTIONS: Final = frozenset(
+    {"generateContent", "streamGenerateContent", "countTokens", "embedContent",
+     "batchEmbedContents"}
+)  # fmt: skip
+_GEMINI_CHAT: Final = ("generateContent", "streamGenerateContent")
+_OPENAI_CHAT: Final = "/chat/completions"
+_ANTHROPIC_CHAT: Final = "/messages"
+
+
+def _caller_route(
+    fmt: str, request: web.Request, data: dict[str, Any] | None
+) -> tuple[Route, list[str]]:
+    """The caller's route and the model names it asks for, in order."""
+    if fmt == "gemini":
+        model, _, action = request.match_info["target"].rpartition(":")
+        if action not in _GEMINI_ACTIONS or not model:
+            raise ProxyError(ErrorCode.ROUTE_NOT_FOUND, f"no such Gemini API action {action!r}")
+        inbound.check_model_name(model)
+        listed = {"model": model, "models": data.get("models") if data else None}
+        names = inbound.model_names(listed, required=True)
+        route = Route("gemini", f"/models/{model}:{action}", action == "streamGenerateContent",
+                      chat=action in _GEMINI_CHAT, action=action)  # fmt: skip
+        return route, names
+    path = "/" + request.path.removeprefix("/v1/")
+    stream = bool(data and data.get("stream") is True)
+    stored = request.match_info.get("id")
+    if stored is not None:  # a stored response: its id goes in the path
+        inbound.check_method(request.method)
+        if not _RESPONSE_ID.fullmatch(stored) or request.match_info.get("action", "x") not in (
+            "x", "cancel", "input_items"
+        ):
+            raise ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such response route")
+        return Route("openai", path, stream), inbound.model_names(data, required=False)
+    chat = path == (_OPENAI_CHAT if fmt == "openai" else _ANTHROPIC_CHAT)
+    return Route(fmt, path, stream, chat=chat), inbound.model_names(data, required=True)
+
+
+#: A stored response's id (`resp_…`): one safe path segment.
+_RESPONSE_ID: Final = re.compile(r"[A-Za-z0-9_-]{1,256}")
 
 
 def _takes_prefill(cand: Candidate) -> bool:

@@ -21,6 +21,7 @@ from sidecar.proxy.upstream import HOP_BY_HOP, Failed
 from sidecar.secret import mask_key_fragments
 from sidecar.state import State
 from sidecar.streams import StreamTracker
+from sidecar.translate import Translation
 from sidecar.usage import Usage, usage_from_tail
 
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
@@ -96,23 +97,48 @@ async def _bounded(ex: Exchange, write: Coroutine[Any, Any, None]) -> None:
 
 
 def respond(
-    ex: Exchange, upstream: aiohttp.ClientResponse, body: bytes, adapter: Adapter
+    ex: Exchange,
+    upstream: aiohttp.ClientResponse,
+    body: bytes,
+    adapter: Adapter,
+    translation: Translation | None = None,
 ) -> web.Response:
-    """A JSON answer read whole (its usage is metered from the body)."""
-    ex.status = upstream.status
-    if upstream.status < 300:
+    """A JSON answer read whole (its usage is metered from the body, in the caller's format)."""
+    status = upstream.status
+    ex.status = status
+    if translation is not None:
+        body = _translated(ex, translation, status, body)
+        status = ex.status
+    if status < 300:
         ex.usage = adapter.usage_from_body(body)
-    body = masked(upstream.status, body, ex.candidate)
-    return web.Response(status=upstream.status, body=body, headers=_headers(ex, upstream.headers))
+    body = masked(status, body, ex.candidate)
+    return web.Response(status=status, body=body, headers=_headers(ex, upstream.headers))
 
 
-def respond_failed(ex: Exchange, cand: Candidate, failed: Failed) -> web.Response:
+def respond_failed(
+    ex: Exchange, cand: Candidate, failed: Failed, translation: Translation | None = None
+) -> web.Response:
     """The last failover-status answer, when every candidate failed."""
     status, failed_headers, failed_body = failed
     ex.candidate = cand
     ex.status = status
+    if translation is not None:
+        failed_body = translation.error(status, failed_body)
     body = masked(status, failed_body, cand)
     return web.Response(status=status, body=body, headers=_headers(ex, failed_headers))
+
+
+def _translated(ex: Exchange, translation: Translation, status: int, body: bytes) -> bytes:
+    """An upstream's answer or error in the caller's format; an answer that cannot be read
+    as one becomes the caller's 502."""
+    if status >= 300:
+        return translation.error(status, body)
+    model = ex.candidate.upstream_model if ex.candidate else None
+    out = translation.response(body, model or "")
+    if out is None:
+        ex.status = 502
+        return translation.error(502, b"the upstream's answer could not be translated")
+    return out
 
 
 async def open_stream(ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
@@ -154,7 +180,13 @@ async def pump(
                 chunk = await content.readany()
                 ex.upstream_wait += time.perf_counter() - t
                 if not chunk:
-                    tracker.finish()
+                    tail = tracker.finish()
+                    if tail:  # what a translation still held
+                        await send(ex, resp, tail)
+                    if tracker.error is not None:
+                        return Break("inband_error", tracker.error.message)
+                    if tracker.malformed:
+                        return Break("malformed")
                     done = tracker.complete_on_eof()
                     if done is None:
                         return Break("upstream_closed")

@@ -14,18 +14,19 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Final
 
 import aiohttp
 from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import inbound
-from sidecar.health import Outcome, classify_status, is_quota_exhausted, parse_retry_after
+from sidecar.health import Outcome, classify_status, is_quota_exhausted, retry_after_of
 from sidecar.keys import KeySource
 from sidecar.plan import Candidate
-from sidecar.providers import Adapter, auth_header
+from sidecar.providers import auth_header
 from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.outbound import Outbound, translated_headers
 from sidecar.secret import SENSITIVE_HEADERS
 from sidecar.state import State
 from sidecar.streams import StreamTracker
@@ -87,64 +88,30 @@ class Result:
 class Prepared:
     """What every attempt of one request shares."""
 
-    path: str  # decoded and checked
     query: str  # raw, the caller's credentials stripped
     headers: CIMultiDict[str]  # end-to-end request headers, no credentials
 
 
-def prepare(ex: Exchange, path: str) -> Prepared:
+def prepare(ex: Exchange) -> Prepared:
     token = ex.token.reveal() if ex.token else ""
     base_headers = _forward_headers(ex.request.headers, token)
     query = inbound.strip_credentials(ex.request.rel_url.raw_query_string, (token,))
-    return Prepared(path, query, base_headers)
+    return Prepared(query, base_headers)
 
 
-def payload(
-    body: bytes,
-    data: dict[str, Any] | None,
-    model: str | None,
-    adapter: Adapter,
-    path: str,
-    stream: bool,
-) -> tuple[bytes, bool]:
-    """The body for one model candidate, and whether the stream's added usage chunk must be
-    stripped. The caller's bytes go out untouched when nothing changes."""
-    if data is None:
-        return body, False
-    changes: dict[str, Any] = {}
-    if "models" in data:
-        changes["models"] = None
-    if model is not None and data.get("model") != model:
-        changes["model"] = model
-    strip = False
-    if stream:
-        probe = dict(data)
-        if isinstance(probe.get("stream_options"), dict):  # never mutate the caller's own dict
-            probe["stream_options"] = dict(probe["stream_options"])
-        strip = adapter.prepare_stream(path, probe)
-        if strip:
-            changes["stream_options"] = probe["stream_options"]
-    if not changes:
-        return body, False
-    out = dict(data)
-    for k, v in changes.items():
-        if v is None:
-            out.pop(k, None)
-        else:
-            out[k] = v
-    return inbound.dump_json(out), strip
-
-
-def target(cand: Candidate, prep: Prepared) -> tuple[URL, CIMultiDict[str]]:
+def target(cand: Candidate, prep: Prepared, out: Outbound) -> tuple[URL, CIMultiDict[str]]:
     """URL and headers for one attempt."""
     p = cand.provider
-    query = prep.query
-    if query and p.query:  # the provider's own `query_params` cannot be overridden by the caller
-        own = [part.partition("=")[0] for part in p.query.split("&")]
-        query = inbound.strip_credentials(query, drop=own)
-    params = f"{query}&{p.query}" if query and p.query else (query or p.query)
-    url = upstream_url(p.base_url, prep.path, params)
-    headers = prep.headers.copy()
+    query = prep.query if out.caller_query else ""
+    own = "&".join(q for q in (out.query, p.query) if q)
+    if query and own:  # the attempt's own parameters cannot be overridden by the caller
+        query = inbound.strip_credentials(query, drop=[q.partition("=")[0] for q in own.split("&")])
+    params = f"{query}&{own}" if query and own else (query or own)
+    url = upstream_url(p.base_url, out.path, params)
+    if out.translation is None:
+        headers = prep.headers.copy()
+    else:
+        headers = translated_headers(prep.headers, p.format)
     for name, secret in p.headers:
         headers[name] = secret.reveal()
     auth = auth_header(p.auth if cand.key.source is not KeySource.PASSTHROUGH else _caller_auth(p.auth),
@@ -247,7 +214,7 @@ async def attempt(
 def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> Result:
     res = Result(classify_status(status), status, failed=(status, headers, body))
     if status == 429:
-        res.retry_after = parse_retry_after(headers.get("retry-after"))
+        res.retry_after = retry_after_of(headers, body)
         res.quota = is_quota_exhausted(body)
     return res
 

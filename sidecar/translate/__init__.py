@@ -1,0 +1,175 @@
+"""Serving a chat request in one wire format from a provider of another
+(docs/reference.md#translation).
+
+`Translation(caller, upstream)` is one attempt's translation: the request body
+into the upstream's format, its answer, error or stream back into the caller's.
+Every pair goes through the pivot (`sidecar.translate.base`): the caller's module
+turns its side into the pivot and back, the upstream's module likewise. Pure code:
+no aiohttp; the proxy decides when to translate and where to send it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Final, Protocol
+
+import orjson
+
+from sidecar.translate import anthropic, gemini, openai
+from sidecar.translate.base import Event, Pivot, StreamFromPivot, StreamToPivot, Unsupported
+
+__all__ = ["FORMATS", "SseTranslator", "Translation", "Unsupported", "translation"]
+
+
+class _Module(Protocol):
+    def request_to_pivot(self, body: dict[str, Any]) -> Pivot: ...
+    def request_from_pivot(self, pivot: Pivot, model: str, stream: bool) -> dict[str, Any]: ...
+    def response_to_pivot(self, body: dict[str, Any]) -> Pivot: ...
+    def response_from_pivot(self, pivot: Pivot, model: str) -> dict[str, Any]: ...
+    def error_to_pivot(self, status: int, body: bytes) -> Pivot: ...
+    def error_from_pivot(self, pivot: Pivot) -> dict[str, Any]: ...
+
+
+_MODULES: Final[dict[str, Any]] = {"openai": openai, "anthropic": anthropic, "gemini": gemini}
+FORMATS: Final = tuple(_MODULES)
+#: An event held longer than this without its end is malformed (as in `sidecar.streams`).
+_MAX_EVENT: Final = 16 * 1024 * 1024
+#: What a malformed upstream event becomes: a data line no parser accepts, so the caller's
+#: stream tracker sees it as malformed and fails over or resumes.
+_MALFORMED: Final = b"data: {malformed\n\n"
+_DONE: Final = b"data: [DONE]\n\n"
+
+
+@dataclass(frozen=True, slots=True)
+class Translation:
+    caller: str
+    upstream: str
+
+    @property
+    def label(self) -> str:
+        """The `x-sidecar-translated` value."""
+        return f"{self.caller}->{self.upstream}"
+
+    def request(self, data: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
+        """The caller's request body as the upstream's, for `model`; `Unsupported` names what
+        cannot be carried."""
+        pivot = _MODULES[self.caller].request_to_pivot(data)
+        pivot.pop("model", None)
+        return dict(_MODULES[self.upstream].request_from_pivot(pivot, model, stream))
+
+    def response(self, body: bytes, model: str) -> bytes | None:
+        """The upstream's JSON answer in the caller's format; None if it is not an answer."""
+        try:
+            doc = orjson.loads(body)
+        except orjson.JSONDecodeError:
+            return None
+        if not isinstance(doc, dict):
+            return None
+        try:
+            pivot = _MODULES[self.upstream].response_to_pivot(doc)
+            return orjson.dumps(_MODULES[self.caller].response_from_pivot(pivot, model))
+        except (Unsupported, KeyError, TypeError, ValueError, AttributeError):
+            return None  # not an answer this translation can read
+
+    def error(self, status: int, body: bytes) -> bytes:
+        """An upstream error body in the caller's error shape (the status is kept by the caller)."""
+        pivot = _MODULES[self.upstream].error_to_pivot(status, body)
+        return orjson.dumps(_MODULES[self.caller].error_from_pivot(pivot))
+
+    def stream(self, model: str) -> SseTranslator:
+        to_pivot = _MODULES[self.upstream].ToPivot(model)
+        from_pivot = _MODULES[self.caller].FromPivot(model)
+        return SseTranslator(to_pivot, from_pivot, self.caller)
+
+
+def translation(caller: str, upstream: str) -> Translation | None:
+    """The translation an attempt needs, or None when both speak the same format."""
+    return None if caller == upstream else Translation(caller, upstream)
+
+
+class SseTranslator:
+    """An upstream SSE stream rewritten event by event into the caller's format.
+
+    `feed` takes upstream bytes split anywhere (`\\n` or `\\r\\n` line ends) and returns the
+    caller's events for every upstream event completed by them; `finish` at EOF drops an
+    incomplete event (the caller's tracker sees a stream that ended early). The caller's
+    `StreamTracker` reads what comes out, so the failover rules apply to it unchanged.
+    """
+
+    __slots__ = ("_from", "_held", "_named", "_stopped", "_to")
+
+    def __init__(self, to_pivot: StreamToPivot, from_pivot: StreamFromPivot, caller: str) -> None:
+        self._to = to_pivot
+        self._from = from_pivot
+        self._named = caller == "anthropic"
+        self._held = bytearray()
+        self._stopped = False
+
+    def feed(self, chunk: bytes) -> bytes:
+        if self._stopped:
+            return b""
+        held = self._held
+        held += chunk
+        if b"\r" in held:  # one line-end style; a `\r` last may be half of a `\r\n`
+            cr = held.endswith(b"\r")
+            body = (held[:-1] if cr else held).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            held[:] = body + b"\r" if cr else body
+        out = bytearray()
+        start = 0
+        while (end := held.find(b"\n\n", start)) >= 0:
+            out += self._event(bytes(held[start:end]))
+            start = end + 2
+            if self._stopped:
+                break
+        del held[:start]
+        if len(held) > _MAX_EVENT:
+            self._stopped = True
+            out += _MALFORMED
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        self._held.clear()
+        return b""
+
+    def _event(self, raw: bytes) -> bytes:
+        name: str | None = None
+        datas: list[bytes] = []
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data:"):
+                value = line[5:]
+                datas.append(value[1:] if value.startswith(b" ") else value)
+            elif line.startswith(b"event:"):
+                name = line[6:].strip().decode("utf-8", "replace")
+        if not datas:
+            return b""  # a comment or a keep-alive
+        data = b"\n".join(datas)
+        if data.strip() == b"[DONE]":
+            return self._emit([None])
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            obj = None
+        if not isinstance(obj, dict):
+            self._stopped = True
+            return _MALFORMED
+        try:
+            return self._emit(self._to.event(name, obj))
+        except (Unsupported, KeyError, TypeError, ValueError, AttributeError):
+            self._stopped = True  # an event this translation cannot read: malformed
+            return _MALFORMED
+
+    def _emit(self, pivots: list[Pivot | None]) -> bytes:
+        out = bytearray()
+        for pivot in pivots:
+            for event in self._from.chunk(pivot):
+                out += self._frame(event)
+            if pivot is None and not self._named and isinstance(self._from, openai.FromPivot):
+                out += _DONE
+        return bytes(out)
+
+    def _frame(self, event: Event) -> bytes:
+        name, data = event
+        body = orjson.dumps(data)
+        if name is not None:
+            return b"event: " + name.encode() + b"\ndata: " + body + b"\n\n"
+        return b"data: " + body + b"\n\n"
