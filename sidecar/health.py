@@ -54,6 +54,14 @@ _QUOTA_MARKERS: Final = (
 _RPC_TYPE: Final = "type.googleapis.com/google.rpc."
 
 
+def answer_status(status: int, body: bytes) -> int:
+    """The HTTP status an upstream answer stands for. The Gemini API answers an invalid API
+    key with 400 `INVALID_ARGUMENT` (reason `API_KEY_INVALID`): that is the key's fault, a 401."""
+    if status == 400 and b"API_KEY_INVALID" in body:
+        return 401
+    return status
+
+
 def is_quota_exhausted(body: bytes) -> bool:
     """A 429 that means "out of money" (or out of today's quota), not "slow down": cool down
     like a bad key.

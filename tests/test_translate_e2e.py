@@ -295,3 +295,28 @@ async def test_upstream_errors_reach_each_sdk_as_its_own_exception(
             await ask(world, caller, model, stream=False)
         if caller == "gemini":
             assert getattr(info.value, "code", None) == 400
+
+
+async def test_a_translated_stream_that_breaks_is_resumed_in_the_callers_format(
+    world: World,
+) -> None:
+    """An OpenAI caller's stream served by Anthropic breaks after two words; the rest comes
+    from the fallback (a prefill, translated too), and the SDK assembles one answer."""
+    client = world.openai()
+    async with client.chat.completions.stream(
+        model="claude-haiku-4-5-break", messages=[{"role": "user", "content": PROMPT}],
+        extra_body={"models": [MODELS["anthropic"]]},
+    ) as s:  # fmt: skip
+        final = await s.get_final_completion()
+    assert final.choices[0].message.content == REPLY
+    prefill = (await world.mock_log())[-1]["body"]["messages"][-1]
+    assert prefill["role"] == "assistant"  # the continuation went out as Anthropic's prefill
+    assert REPLY.startswith(str(prefill["content"][0]["text"] if isinstance(
+        prefill["content"], list) else prefill["content"]).strip())  # fmt: skip
+
+
+async def test_a_gemini_callers_broken_stream_ends_with_an_error_the_sdk_raises(
+    world: World,
+) -> None:
+    with pytest.raises(genai_errors.APIError):
+        await ask(world, "gemini", "claude-haiku-4-5-break", stream=True)

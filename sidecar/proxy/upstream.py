@@ -21,7 +21,13 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import inbound
-from sidecar.health import Outcome, classify_status, is_quota_exhausted, retry_after_of
+from sidecar.health import (
+    Outcome,
+    answer_status,
+    classify_status,
+    is_quota_exhausted,
+    retry_after_of,
+)
 from sidecar.keys import KeySource
 from sidecar.plan import Candidate
 from sidecar.providers import auth_header
@@ -202,7 +208,8 @@ async def attempt(
         answer = b""  # a failover-status answer whose body did not arrive: still that status
     ex.upstream_wait += time.perf_counter() - sent
     upstream.release()
-    status = upstream.status
+    status = answer_status(upstream.status, answer)
+    failover = failover or status in cfg.failover.on_status
     outcome = classify_status(status)
     if not failover:
         return Result(outcome, status, upstream=upstream, body=answer)
