@@ -30,6 +30,7 @@ from sidecar.vault import (
     add_access_key,
     create_vault,
     edit_vault,
+    read_vault,
     set_secret,
 )
 
@@ -65,6 +66,9 @@ providers:
       - {{id: backup, value: "${{secrets.get('openai', 'backup')}}"}}
   - id: anthropic
     base_url: {mock}/v1
+  - id: google
+    base_url: {mock}/v1beta
+    api_keys: [{{id: primary, value: "${{secrets.get('google', 'primary')}}"}}]
 managed:
   anthropic: [{{id: pool-1, value: "${{secrets.get('managed', 'anthropic-1')}}"}}]
 ledger: {{url: "sqlite:///ledger.db"}}
@@ -74,6 +78,7 @@ _DEMO_SECRETS: Final = {
     ("openai", "primary"): "demo-openai-fail-429-retry-30",
     ("openai", "backup"): "demo-openai-good",
     ("managed", "anthropic-1"): "demo-anthropic-pool",
+    ("google", "primary"): "demo-google-good",
 }
 
 
@@ -105,10 +110,21 @@ def prepare(state_dir: Path, addresses: DemoAddresses = DEFAULTS) -> tuple[Path,
     # The access key is written last: with it, the rest is complete.
     if not (token_file.exists() and vault.exists() and key_file.exists()):
         _create(state_dir, key_file, vault, token_file)
+    _add_missing_secrets(vault)  # a demo folder from an older version lacks newer ones
     text = demo_config(addresses)
     if not config.exists() or config.read_text() != text:
         config.write_text(text)
     return config, Secret(token_file.read_text().strip())
+
+
+def _add_missing_secrets(vault: Path) -> None:
+    have = read_vault(vault).secrets
+    if all(name in have.get(ns, {}) for ns, name in _DEMO_SECRETS):
+        return
+    with edit_vault(vault) as doc:
+        for (ns, name), value in _DEMO_SECRETS.items():
+            if name not in doc.secrets.get(ns, {}):
+                set_secret(doc, ns, name, Secret(value))
 
 
 def _create(state_dir: Path, key_file: Path, vault: Path, token_file: Path) -> None:
@@ -133,7 +149,7 @@ def _banner(token: Secret, token_file: Path, bound: DemoAddresses) -> str:
   AI gateway sidecar demo is up.
     proxy   {proxy}   (OpenAI base_url {proxy}/v1, Anthropic {proxy})
     admin   {admin}/metrics  /healthz  /readyz
-    mock    {mock}   (the upstream: a local OpenAI + Anthropic look-alike)
+    mock    {mock}   (the upstream: a local OpenAI + Anthropic + Gemini look-alike)
   Demo access key (also in {token_file}): {t}
 
   Try it (policy keys, the first one rate-limited, so watch x-sidecar-attempts):
@@ -142,6 +158,12 @@ def _banner(token: Secret, token_file: Path, bound: DemoAddresses) -> str:
   Managed keys, charged to the demo credits:
     curl -s -i {proxy}/v1/messages -H "x-api-key: {t}" -H 'anthropic-version: 2023-06-01' \\
       -H 'content-type: application/json' -d '{{"model":"claude-haiku-4-5","max_tokens":64,"messages":[{{"role":"user","content":"hello"}}]}}'
+  Any SDK, any model: the OpenAI route asking for Claude, translated (x-sidecar-translated):
+    curl -s -i {proxy}/v1/chat/completions -H "Authorization: Bearer {t}" \
+      -H 'content-type: application/json' -d '{{"model":"claude-haiku-4-5","messages":[{{"role":"user","content":"hello"}}]}}'
+  The Gemini API (the Google GenAI SDK's base_url {proxy}):
+    curl -s -i {proxy}/v1beta/models/gemini-2.5-flash:generateContent -H "x-goog-api-key: {t}" \
+      -H 'content-type: application/json' -d '{{"contents":[{{"parts":[{{"text":"hello"}}]}}]}}'
   Then: curl -s {admin}/metrics | grep ^sidecar_
   Ctrl-C stops everything.
 """

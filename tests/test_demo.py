@@ -15,6 +15,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+import aiohttp
 import anthropic
 import openai
 import pytest
@@ -23,6 +24,7 @@ from sidecar.check import run_check
 from sidecar.cli import build_parser, main
 from sidecar.config import HostPort, load_config
 from sidecar.demo import DEFAULTS, DemoAddresses, prepare
+from sidecar.vault import edit_vault
 from tests.harness import free_port, raw_request, sidecar_cmd, subprocess_env
 
 CHOSEN = DemoAddresses(
@@ -47,18 +49,31 @@ def test_prepare_creates_a_valid_setup_once(tmp_path: Path) -> None:
     assert {p.name: p.read_bytes() for p in demo.iterdir()} == before
 
 
+def test_prepare_adds_the_secrets_a_newer_demo_needs_to_an_older_folder(tmp_path: Path) -> None:
+    demo = tmp_path / ".demo"
+    config, token = prepare(demo)
+    with edit_vault(demo / "vault.json") as doc:  # as an older version left it
+        del doc.secrets["google"]
+    assert run_check(config) != []
+    again, token2 = prepare(demo)
+    assert token2 == token
+    assert run_check(again) == []
+
+
 def test_prepare_writes_the_chosen_addresses_and_keeps_the_keys(tmp_path: Path) -> None:
     demo = tmp_path / ".demo"
     config, token = prepare(demo)
     loaded = load_config(config)
     assert (loaded.listen, loaded.admin_listen) == (DEFAULTS.listen, DEFAULTS.admin_listen)
-    assert {p.base_url for p in loaded.providers} == {"http://127.0.0.1:8089/v1"}
+    assert {p.base_url for p in loaded.providers} == {"http://127.0.0.1:8089/v1",
+                                                      "http://127.0.0.1:8089/v1beta"}  # fmt: skip
     vault = (demo / "vault.json").read_bytes()
 
     again, token2 = prepare(demo, CHOSEN)
     loaded = load_config(again)
     assert (loaded.listen, loaded.admin_listen) == (CHOSEN.listen, CHOSEN.admin_listen)
-    assert {p.base_url for p in loaded.providers} == {"http://127.0.0.1:18089/v1"}
+    assert {p.base_url for p in loaded.providers} == {"http://127.0.0.1:18089/v1",
+                                                      "http://127.0.0.1:18089/v1beta"}  # fmt: skip
     assert token2 == token
     assert (demo / "vault.json").read_bytes() == vault
     assert run_check(again) == []
@@ -135,7 +150,9 @@ def demo(tmp_path: Path) -> Iterator[Demo]:
 async def test_demo_runs_on_the_chosen_ports(demo: Demo) -> None:
     proxy = f"http://127.0.0.1:{demo.port}"
     curls = re.findall(r"curl -s -i (\S+)", demo.banner)
-    assert curls == [f"{proxy}/v1/chat/completions", f"{proxy}/v1/messages"], demo.banner
+    assert curls == [f"{proxy}/v1/chat/completions", f"{proxy}/v1/messages",
+                     f"{proxy}/v1/chat/completions",
+                     f"{proxy}/v1beta/models/gemini-2.5-flash:generateContent"], demo.banner  # fmt: skip
     for default_port in (":8080", ":9090", ":8089"):
         assert default_port not in demo.banner
     assert demo.cwd_entries == ["demo.err", "state"]
@@ -150,6 +167,18 @@ async def test_demo_runs_on_the_chosen_ports(demo: Demo) -> None:
             model="claude-haiku-4-5", max_tokens=32, messages=[{"role": "user", "content": "hello"}]
         )
     assert raw2.headers["x-sidecar-key-source"] == "managed"
+    # The banner's third line: the OpenAI SDK asking for Claude, translated; the fourth: Gemini.
+    async with openai.AsyncOpenAI(base_url=proxy + "/v1", api_key=demo.token, max_retries=0) as oa:
+        raw3 = await oa.chat.completions.with_raw_response.create(
+            model="claude-haiku-4-5", messages=[{"role": "user", "content": "hello"}]
+        )
+    assert raw3.headers["x-sidecar-translated"] == "openai->anthropic"
+    async with aiohttp.ClientSession() as http, http.post(
+        curls[3], headers={"x-goog-api-key": demo.token},
+        json={"contents": [{"parts": [{"text": "hello"}]}]},
+    ) as r:  # fmt: skip
+        assert r.status == 200
+        assert (await r.json())["candidates"][0]["content"]["parts"][0]["text"]
 
     # As with `serve`, a malformed request's raw bytes (a key, say) never reach stderr.
     marker = "sk-sc-demo-malformed-marker"
