@@ -2,6 +2,8 @@
 --
 -- BENCH_TOKEN   the bearer credential (read from the environment, never an argument)
 -- BENCH_STREAM  "1" for `"stream": true` (SSE), anything else for a JSON answer
+-- BENCH_MODEL   the model asked for (default gpt-4o-mini; claude-haiku-4-5 for the
+--               sidecar in the xjson/xstream modes, which it translates to Anthropic)
 --
 -- The path comes from the URL on wrk's command line. No `response()` hook: defining one
 -- makes wrk buffer and hand every body to Lua, which would slow the load generator down.
@@ -10,11 +12,13 @@
 
 local token = os.getenv("BENCH_TOKEN") or ""
 local stream = os.getenv("BENCH_STREAM") == "1"
+local model = os.getenv("BENCH_MODEL") or "gpt-4o-mini"
+if model == "" then model = "gpt-4o-mini" end
 
 wrk.method = "POST"
 wrk.headers["Content-Type"] = "application/json"
 wrk.headers["Authorization"] = "Bearer " .. token
-wrk.body = '{"model":"gpt-4o-mini","messages":[{"role":"user",'
+wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
   .. '"content":"Say hello to the benchmark, please."}]'
   .. (stream and ',"stream":true' or '') .. '}'
 

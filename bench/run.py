@@ -12,7 +12,12 @@ what saturates. Each server runs in its own process:
 - **sidecar-nolog** (only when asked for with `--targets`): the same with
   `log: {access_log: false}`.
 
-For a non-streaming and a streaming OpenAI chat completion, wrk holds
+For a non-streaming (`json`) and a streaming (`stream`) OpenAI chat completion
+of gpt-4o-mini — and, with `--mode xjson,xstream` or `all`, the same requests
+for claude-haiku-4-5, which the sidecar translates to Anthropic messages (its
+config then gains an `anthropic` provider on the mock; direct and
+pass-through, which cannot translate, get the gpt-4o-mini request, so the
+ratio is the cost of translation on top of the sidecar's own) — wrk holds
 `--connections` keep-alive connections busy for `--duration` seconds per
 target; targets alternate within a round, the starting target rotating from
 round to round, and the tables show the median over `--rounds`. The headline
@@ -51,7 +56,10 @@ from typing import Final
 
 REPO: Final = Path(__file__).resolve().parents[1]
 LUA: Final = Path(__file__).resolve().parent / "chat.lua"
-MODES: Final = ("json", "stream")
+MODES: Final = ("json", "stream", "xjson", "xstream")
+MODE_SETS: Final = {"both": ("json", "stream"), "all": MODES}
+TRANSLATED: Final = ("xjson", "xstream")  # the sidecar translates openai->anthropic
+_UNTRANSLATED: Final = {"xjson": "json", "xstream": "stream"}
 TARGETS: Final = ("direct", "pass-through", "sidecar", "sidecar-nolog")
 DEFAULT_TARGETS: Final = ("direct", "pass-through", "sidecar")
 MAX_ERROR_RATE: Final = 0.01
@@ -62,11 +70,11 @@ _UPSTREAM_KEY: Final = "sk-bench-upstream"
 _PATH: Final = "/v1/chat/completions"
 _RESULT_MARK: Final = "BENCH-RESULT "
 _CLK_TCK: Final = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+_MODEL: Final = "gpt-4o-mini"
+_X_MODEL: Final = "claude-haiku-4-5"  # an Anthropic model: the sidecar translates
+_X_LABEL: Final = "openai->anthropic"  # its `x-sidecar-translated` header
+_MODE_WIDTH: Final = max(len(m) for m in MODES) + 1
 _PROMPT: Final = b'"messages":[{"role":"user","content":"Say hello to the benchmark, please."}]'
-_BODIES: Final = {  # what bench/chat.lua sends
-    "json": b'{"model":"gpt-4o-mini",' + _PROMPT + b"}",
-    "stream": b'{"model":"gpt-4o-mini",' + _PROMPT + b',"stream":true}',
-}
 _STREAM_END: Final = b"data: [DONE]\n\n"
 _NAN: Final = float("nan")
 
@@ -226,6 +234,27 @@ class Target:
     proxy: Server | None = None  # None: the mock is hit directly
     access_log: Path | None = None
     admin_url: str | None = None
+    translates: bool = False  # a sidecar: x-modes send it the Anthropic model
+
+
+def is_stream(mode: str) -> bool:
+    return mode in ("stream", "xstream")
+
+
+def translated(mode: str, target: Target) -> bool:
+    """Whether `target` gets the request to translate in `mode` (only sidecars can)."""
+    return mode in TRANSLATED and target.translates
+
+
+def request_model(mode: str, target: Target) -> str:
+    """The model bench/chat.lua asks for: the Anthropic one only where it is translated."""
+    return _X_MODEL if translated(mode, target) else _MODEL
+
+
+def request_body(mode: str, target: Target) -> bytes:
+    """What bench/chat.lua sends in `mode` to `target`."""
+    model = f'{{"model":"{request_model(mode, target)}",'.encode()
+    return model + _PROMPT + (b',"stream":true}' if is_stream(mode) else b"}")
 
 
 @dataclass(slots=True)
@@ -271,16 +300,23 @@ def _spawn(fleet: Fleet, name: str, argv: list[str], *, tree: Tree, workdir: Pat
     return server
 
 
-def _http(url: str, body: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
+def _exchange(url: str, body: bytes | None = None,
+              token: str | None = None) -> tuple[int, dict[str, str], bytes]:  # fmt: skip
+    """Status, headers (lower-case names) and body of one request."""
     headers = {"Content-Type": "application/json"} if body is not None else {}
     if token is not None:
         headers["Authorization"] = f"Bearer {token}"
     req = urllib.request.Request(url, data=body, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=10) as resp:
-            return int(resp.status), resp.read()
+            return int(resp.status), {k.lower(): v for k, v in resp.headers.items()}, resp.read()
     except urllib.error.HTTPError as exc:
-        return exc.code, exc.read()
+        return exc.code, {k.lower(): v for k, v in exc.headers.items()}, exc.read()
+
+
+def _http(url: str, body: bytes | None = None, token: str | None = None) -> tuple[int, bytes]:
+    status, _, text = _exchange(url, body, token)
+    return status, text
 
 
 def _wait_ready(server: Server) -> None:
@@ -308,33 +344,53 @@ def _sidecar_cli(tree: Tree, workdir: Path, *args: str, stdin: str = "") -> str:
     return done.stdout.strip()
 
 
-def _write_sidecar_files(tree: Tree, workdir: Path) -> str:
+def _write_sidecar_files(tree: Tree, workdir: Path, providers: Sequence[str]) -> str:
     """Key pair and vault (through the CLI: works on any tree); returns the access key."""
     public = _sidecar_cli(tree, workdir, "keygen", "--private-key", "sidecar.key")
     _sidecar_cli(tree, workdir, "vault", "init", "--vault", "vault.json", "--public-key", public)
-    _sidecar_cli(tree, workdir, "secret", "set", "--vault", "vault.json", "bench", "openai",
-                 stdin=_UPSTREAM_KEY)  # fmt: skip
+    for provider in providers:
+        _sidecar_cli(tree, workdir, "secret", "set", "--vault", "vault.json", "bench", provider,
+                     stdin=_UPSTREAM_KEY)  # fmt: skip
     return _sidecar_cli(tree, workdir, "access-key", "create", "--vault", "vault.json", "bench")
 
 
-def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool) -> str:
-    """Defaults everywhere (metrics, metering, access log on) but the ports and the one key."""
+def _sidecar_providers(modes: Sequence[str]) -> tuple[str, ...]:
+    """`openai`, and `anthropic` only for x-modes (so json/stream run an older tree's config)."""
+    return ("openai", "anthropic") if any(m in TRANSLATED for m in modes) else ("openai",)
+
+
+def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool,
+                    providers: Sequence[str] = ("openai",)) -> str:  # fmt: skip
+    """Defaults everywhere (metrics, metering, access log on) but the ports and one key per
+    provider, each on the mock."""
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"admin_listen: 127.0.0.1:{admin}\n"
         "vault: {path: vault.json, private_key_file: sidecar.key}\n"
         + ("" if access_log else "log: {access_log: false}\n")
         + "providers:\n"
-        "  - id: openai\n"
-        f"    base_url: http://127.0.0.1:{mock_port}/v1\n"
-        "    api_keys:\n"
-        "      - id: bench\n"
-        "        value: \"${secrets.get('bench', 'openai')}\"\n"
+        + "".join(
+            f"  - id: {provider}\n"
+            f"    base_url: http://127.0.0.1:{mock_port}/v1\n"
+            "    api_keys:\n"
+            "      - id: bench\n"
+            f"        value: \"${{secrets.get('bench', '{provider}')}}\"\n"
+            for provider in providers
+        )
     )
 
 
-def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores,
-                workdir: Path) -> dict[str, Target]:  # fmt: skip
+def check_tree(tree: Tree, modes: Sequence[str]) -> None:
+    """x-modes need a sidecar that translates (sidecar/translate/): refuse an older tree."""
+    asked = [m for m in modes if m in TRANSLATED]
+    if asked and not (tree.path / "sidecar" / "translate" / "__init__.py").is_file():
+        raise BenchError(f"--mode {','.join(asked)} needs a sidecar that translates formats; "
+                         f"{tree.path} has no sidecar/translate/: measure it with "
+                         "--mode json,stream (or both)")  # fmt: skip
+
+
+def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, workdir: Path,
+                modes: Sequence[str] = MODE_SETS["both"]) -> dict[str, Target]:  # fmt: skip
     """Start the mock and the proxies `names` need; wait until all of them answer."""
     here = Tree(REPO, sys.executable)  # the yardsticks (mock, pass-through) come from this checkout
     mock_port = _free_port()
@@ -356,36 +412,48 @@ def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores,
         targets["pass-through"] = Target("pass-through", f"http://127.0.0.1:{port}{_PATH}",
                                          _UPSTREAM_KEY, mock, proxy)  # fmt: skip
     sidecars = [n for n in names if n.startswith("sidecar")]
-    token = _write_sidecar_files(tree, workdir) if sidecars else ""
+    providers = _sidecar_providers(modes)
+    token = _write_sidecar_files(tree, workdir, providers) if sidecars else ""
     for name in sidecars:
         port, admin = _free_port(), _free_port()
         access_log = name == "sidecar"
         config = workdir / f"{name}.yaml"
-        config.write_text(_sidecar_config(port, admin, mock_port, access_log=access_log))
+        config.write_text(_sidecar_config(port, admin, mock_port, access_log=access_log,
+                                          providers=providers))  # fmt: skip
         log = workdir / f"{name}.access.log" if access_log else None
         proxy = _spawn(fleet, name, [tree.python, "-m", "sidecar", "serve", "--config",
                                      str(config)], tree=tree, workdir=workdir, prefix=cores.prefix(cores.server),
                        health_url=f"http://127.0.0.1:{admin}/readyz", stdout=log)  # fmt: skip
         targets[name] = Target(name, f"http://127.0.0.1:{port}{_PATH}", token, mock, proxy,
-                               access_log=log, admin_url=f"http://127.0.0.1:{admin}")  # fmt: skip
+                               access_log=log, admin_url=f"http://127.0.0.1:{admin}",
+                               translates=True)  # fmt: skip
     for server in fleet.servers:
         _wait_ready(server)
     return {n: targets[n] for n in names}
 
 
-def smoke(target: Target) -> None:
+def smoke_modes(modes: Sequence[str]) -> tuple[str, ...]:
+    """json and stream always (as before x-modes), then the x-modes asked for."""
+    return (*MODE_SETS["both"], *(m for m in TRANSLATED if m in modes))
+
+
+def smoke(target: Target, modes: Sequence[str]) -> None:
     """One request per mode before any load: a wrong answer here is a setup failure."""
-    for mode, body in _BODIES.items():
+    for mode in modes:
         try:
-            status, text = _http(target.url, body, target.token)
+            status, headers, text = _exchange(target.url, request_body(mode, target), target.token)
         except OSError as exc:
             raise BenchError(f"{target.name} {mode}: {type(exc).__name__}: {exc}") from None
         if status != 200:
             raise BenchError(f"{target.name} {mode}: HTTP {status}: {text[:300]!r}")
-        if mode == "stream" and not text.endswith(_STREAM_END):
+        if is_stream(mode) and not text.endswith(_STREAM_END):
             raise BenchError(f"{target.name} {mode}: stream without [DONE]: {text[-300:]!r}")
-        if mode == "json" and b'"choices"' not in text:
+        if not is_stream(mode) and b'"choices"' not in text:
             raise BenchError(f"{target.name} {mode}: no choices in {text[:300]!r}")
+        label = headers.get("x-sidecar-translated")
+        if translated(mode, target) and label != _X_LABEL:
+            raise BenchError(f"{target.name} {mode}: {_X_MODEL} not translated: "
+                             f"x-sidecar-translated {label!r}, expected {_X_LABEL!r}")  # fmt: skip
 
 
 # --------------------------------------------------------------------------- one wrk run
@@ -473,7 +541,8 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
     env = {
         **os.environ,
         "BENCH_TOKEN": target.token,
-        "BENCH_STREAM": "1" if mode == "stream" else "0",
+        "BENCH_STREAM": "1" if is_stream(mode) else "0",
+        "BENCH_MODEL": request_model(mode, target),
     }
     try:
         before = _cpu_snapshot(fleet)
@@ -538,7 +607,7 @@ def measure(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settin
                 results.samples.setdefault((mode, name), []).append(s)
                 results.completed[name] += s.requests
                 proxy = "proxy" if targets[name].proxy is not None else "mock"
-                print(f"  {mode:<7}{name:<14}{s.rps:>8.0f} req/s  {s.ms_per_request(proxy):.3f} "
+                print(f"  {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>8.0f} req/s  {s.ms_per_request(proxy):.3f} "
                       f"{proxy} CPU ms/req" + (f"  errors {s.errors}" if s.errors else ""),
                       file=sys.stderr, flush=True)  # fmt: skip
     return results
@@ -568,12 +637,22 @@ def _cpu_pct(samples: list[Sample], who: str) -> float:
     return _median(s.core_percent(who) for s in samples)
 
 
+def mode_title(mode: str, rounds: int) -> str:
+    """What a mode's table measures (two lines for a translated mode)."""
+    label = (
+        "streaming (SSE) chat completion" if is_stream(mode) else "non-streaming chat completion"
+    )
+    if mode not in TRANSLATED:
+        return f"{mode}: {label}; median of {rounds} round(s)"
+    return (f"{mode}: {label}, {_X_MODEL} translated {_X_LABEL} by the sidecar; median of "
+            f"{rounds} round(s)\n  (direct and pass-through cannot translate: they get "
+            f"{_MODEL} untranslated, so sidecar ÷ pass-through is the cost of translation on top "
+            "of the sidecar's own cost)")  # fmt: skip
+
+
 def print_tables(results: Results, settings: Settings) -> None:
     for mode in settings.modes:
-        label = (
-            "non-streaming chat completion" if mode == "json" else "streaming (SSE) chat completion"
-        )
-        print(f"\n{mode}: {label}; median of {settings.rounds} round(s)")
+        print(f"\n{mode_title(mode, settings.rounds)}")
         print(f"{'target':<15}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}  │ CPU ms/req "
               f"{'proxy':>7}{'mock':>7}{'wrk':>7}  │ % of a core {'proxy':>6}{'mock':>6}"
               f"{'wrk':>6}{'other':>6}")  # fmt: skip
@@ -599,8 +678,12 @@ def _ratio_line(results: Results, mode: str, name: str) -> str | None:
     paired = [a.ms_per_request("proxy") / b.ms_per_request("proxy") for a, b in zip(side, base, strict=False)]  # fmt: skip
     spread = f" (rounds {min(paired):.2f}-{max(paired):.2f})" if len(paired) > 1 else ""
     rps = _column(side, lambda s: s.rps) / _column(base, lambda s: s.rps)
-    return (f"  {mode:<7}{name:<14}{s_ms:.3f} ÷ {b_ms:.3f} ms = {s_ms / b_ms:.2f}x{spread}; "
-            f"+{s_ms - b_ms:.3f} ms/req; req/s ratio {rps:.2f}")  # fmt: skip
+    line = (f"  {mode:<{_MODE_WIDTH}}{name:<14}{s_ms:.3f} ÷ {b_ms:.3f} ms = {s_ms / b_ms:.2f}x"
+            f"{spread}; +{s_ms - b_ms:.3f} ms/req; req/s ratio {rps:.2f}")  # fmt: skip
+    plain = results.of(_UNTRANSLATED.get(mode, mode), name)
+    if mode in TRANSLATED and plain:  # the same sidecar on the untranslated request
+        line += f"; translation {s_ms - _cpu_ms(plain, 'proxy'):+.3f} ms/req"
+    return line
 
 
 def print_headline(results: Results, settings: Settings) -> None:
@@ -610,9 +693,14 @@ def print_headline(results: Results, settings: Settings) -> None:
         print("\nHEADLINE proxy CPU ms per request, sidecar ÷ pass-through (lower is better, 1.00 "
               "is the floor):")  # fmt: skip
         print("\n".join(lines))
+        xs = [m for m in settings.modes if m in TRANSLATED]
+        if xs:
+            print(f"  ({', '.join(xs)}: translated sidecar ÷ untranslated pass-through; "
+                  "`translation`: the sidecar's CPU ms/req minus its own in "
+                  f"{', '.join(_UNTRANSLATED[m] for m in xs)}, when measured)")  # fmt: skip
 
 
-def print_sanity(targets: dict[str, Target], completed: Counter[str]) -> None:
+def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: int) -> None:
     """Evidence that the sidecar's default features were on: access log lines, request counter."""
     for t in targets.values():
         if t.admin_url is None:
@@ -624,7 +712,7 @@ def print_sanity(targets: dict[str, Target], completed: Counter[str]) -> None:
                 rb"^sidecar_requests_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.MULTILINE))  # fmt: skip
         except OSError:
             counted = _NAN
-        print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {len(_BODIES)} smoke); "
+        print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke); "
               f"sidecar_requests_total {counted:.0f}"
               + (f", access log {lines} lines" if lines is not None else ", access log off"))  # fmt: skip
 
@@ -652,16 +740,18 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
           f"target and mode after {settings.warmup:g} s warm-up; {cores.describe()}")  # fmt: skip
     if tree.path != REPO:
         print(f"# sidecar from {tree.path} ({tree.python}); mock and pass-through from {REPO}")
+    check_tree(tree, settings.modes)
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         try:
-            targets = start_fleet(fleet, settings.targets, tree, cores, Path(tmp))
+            targets = start_fleet(fleet, settings.targets, tree, cores, Path(tmp), settings.modes)
+            smoked = smoke_modes(settings.modes)
             for target in targets.values():
-                smoke(target)
+                smoke(target, smoked)
             results = measure(wrk, fleet, targets, settings, cores)
             print_tables(results, settings)
             print_headline(results, settings)
             print()
-            print_sanity(targets, results.completed)
+            print_sanity(targets, results.completed, len(smoked))
         finally:
             fleet.stop()
     busy = _median(s.core_percent("other") for ss in results.samples.values() for s in ss)
@@ -685,6 +775,14 @@ def _names(text: str, allowed: Sequence[str], what: str) -> tuple[str, ...]:
     return names
 
 
+def parse_modes(text: str) -> tuple[str, ...]:
+    """`--mode`: a comma-separated list of modes and of `both` (json,stream) and `all` (the four),
+    expanded and without repeats, in the order given."""
+    names = _names(text, (*MODES, *MODE_SETS), "--mode")
+    expanded = (m for n in names for m in MODE_SETS.get(n, (n,)))
+    return tuple(dict.fromkeys(expanded))
+
+
 def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
@@ -702,8 +800,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     p.add_argument("--targets", default=",".join(DEFAULT_TARGETS),
                    type=lambda t: _names(t, TARGETS, "--targets"),
                    help=f"comma-separated, from {', '.join(TARGETS)} ({','.join(DEFAULT_TARGETS)})")  # fmt: skip
-    p.add_argument("--mode", default="both", choices=("json", "stream", "both"),
-                   help="which request (both)")  # fmt: skip
+    p.add_argument("--mode", default="both", type=parse_modes,
+                   help=f"comma-separated, from {', '.join(MODES)}, both (= json,stream), all "
+                        "(= the four); x-modes ask the sidecar for an Anthropic model (both)")  # fmt: skip
     p.add_argument("--tree", type=Path, metavar="PATH",
                    help="measure the sidecar of another checkout (its .venv if it has one)")  # fmt: skip
     p.add_argument("--no-pin", dest="pin", action="store_false",
@@ -717,8 +816,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
         p.error("--duration at least 1; --rounds, --connections and --threads at least 1")
     if a.threads > a.connections:
         p.error("--threads must not exceed --connections")
-    modes = MODES if a.mode == "both" else (a.mode,)
-    settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, modes)
+    settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode)
     return settings, a.tree, Cores.choose(a.pin)
 
 
