@@ -531,3 +531,19 @@ def test_an_event_held_past_the_limit_is_malformed() -> None:
 def test_comments_and_keep_alives_are_not_events() -> None:
     tr = Translation("openai", "anthropic").stream("m")
     assert tr.feed(b": keep-alive\n\nevent: ping\ndata: {\"type\": \"ping\"}\n\n") == b""
+
+
+def test_an_upstream_side_refusal_names_the_callers_own_field() -> None:
+    """A field the upstream's format refuses is named where the caller put it, not by the
+    pivot's (OpenAI chat) name for it."""
+    with pytest.raises(Unsupported) as info:
+        Translation("gemini", "anthropic").request(
+            {"contents": [{"parts": [{"text": "hi"}]}],
+             "generationConfig": {"presencePenalty": 0.5}}, MODEL["anthropic"], False)  # fmt: skip
+    assert info.value.field == "generationConfig.presencePenalty"
+    body = {"model": "x", "max_tokens": 10, "system": "Be brief.", "messages": [
+        {"role": "user", "content": [{"type": "text", "text": "hi"}, {"type": "image", "source": {
+            "type": "url", "url": "https://example.com/cat"}}]}]}  # fmt: skip
+    with pytest.raises(Unsupported) as info:
+        Translation("anthropic", "gemini").request(body, MODEL["gemini"], False)
+    assert info.value.field == "messages[0].content[1].source.url"

@@ -576,16 +576,7 @@ NAMED = {  # the refused field, as the caller's own request names it
 }
 
 
-@pytest.mark.parametrize(
-    "caller",
-    [
-        "openai",
-        pytest.param("anthropic", marks=pytest.mark.xfail(strict=True, reason=(
-            "an upstream-side refusal names the pivot's (OpenAI) path, not the caller's: "
-            "Translation.request does not map Unsupported.field back to the caller's request"
-        ))),
-    ],
-)  # fmt: skip
+@pytest.mark.parametrize("caller", ["openai", "anthropic"])
 async def test_an_image_url_gemini_cannot_type_is_refused_by_its_name_and_nothing_is_sent(
     world: World, caller: str
 ) -> None:

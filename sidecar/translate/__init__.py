@@ -10,6 +10,7 @@ no aiohttp; the proxy decides when to translate and where to send it.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any, Final, Protocol
 
@@ -55,7 +56,12 @@ class Translation:
         cannot be carried."""
         pivot = _MODULES[self.caller].request_to_pivot(data)
         pivot.pop("model", None)
-        return dict(_MODULES[self.upstream].request_from_pivot(pivot, model, stream))
+        try:
+            return dict(_MODULES[self.upstream].request_from_pivot(pivot, model, stream))
+        except Unsupported as exc:
+            if self.caller == "openai":
+                raise
+            raise Unsupported(caller_field(self.caller, exc.field, pivot, data), exc.why) from None
 
     def response(self, body: bytes, model: str) -> bytes | None:
         """The upstream's JSON answer in the caller's format; None if it is not an answer."""
@@ -80,6 +86,70 @@ class Translation:
         to_pivot = _MODULES[self.upstream].ToPivot(model)
         from_pivot = _MODULES[self.caller].FromPivot(model)
         return SseTranslator(to_pivot, from_pivot, self.caller)
+
+
+#: Where the pivot's top-level fields live in each caller format's own request.
+_CALLER_FIELDS: Final[dict[str, dict[str, str]]] = {
+    "anthropic": {"stop": "stop_sequences", "user": "metadata.user_id",
+                  "parallel_tool_calls": "tool_choice.disable_parallel_tool_use"},
+    "gemini": {"stop": "generationConfig.stopSequences", "max_tokens":
+               "generationConfig.maxOutputTokens", "temperature": "generationConfig.temperature",
+               "top_p": "generationConfig.topP", "top_k": "generationConfig.topK",
+               "seed": "generationConfig.seed", "presence_penalty":
+               "generationConfig.presencePenalty", "frequency_penalty":
+               "generationConfig.frequencyPenalty", "response_format":
+               "generationConfig.responseMimeType", "tool_choice": "toolConfig",
+               "n": "generationConfig.candidateCount", "messages": "contents"},
+}  # fmt: skip
+_PATH_PART: Final = re.compile(r"[^.\[\]]+|\[\d+\]")
+
+
+def caller_field(caller: str, field: str, pivot: dict[str, Any], body: dict[str, Any]) -> str:
+    """An upstream-side refusal's field (a path in the pivot), named as the caller's own
+    request names it: a top-level field by its place in the caller's format; a field inside
+    the conversation by where its value stands in the caller's body; else in OpenAI terms."""
+    parts = _PATH_PART.findall(field)
+    if not parts:
+        return field
+    top = _CALLER_FIELDS.get(caller, {})
+    if len(parts) == 1 or parts[0] != "messages":
+        name = top.get(parts[0])
+        return name + field[len(parts[0]) :] if name else field
+    value = _at(pivot, parts)
+    if isinstance(value, str) and len(value) >= 4:
+        found = _path_of(body, value, "")
+        if found:
+            return found
+    return f"{field} (in OpenAI chat terms)"
+
+
+def _at(doc: Any, parts: list[str]) -> Any:
+    for part in parts:
+        if part.startswith("["):
+            i = int(part[1:-1])
+            if not isinstance(doc, list) or i >= len(doc):
+                return None
+            doc = doc[i]
+        elif isinstance(doc, dict):
+            doc = doc.get(part)
+        else:
+            return None
+    return doc
+
+
+def _path_of(doc: Any, value: str, path: str, depth: int = 0) -> str | None:
+    """The path of the first string in `doc` that is `value` (or holds it: a data URL)."""
+    if depth > 12:
+        return None
+    if isinstance(doc, str):
+        return path if doc == value or (len(value) > 16 and value in doc) else None
+    items = doc.items() if isinstance(doc, dict) else enumerate(doc) if isinstance(doc, list) else ()
+    for key, item in items:
+        sub = f"{path}.{key}" if isinstance(key, str) else f"{path}[{key}]"
+        found = _path_of(item, value, sub.lstrip("."), depth + 1)
+        if found:
+            return found
+    return None
 
 
 def translation(caller: str, upstream: str) -> Translation | None:
