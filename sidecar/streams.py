@@ -36,8 +36,8 @@ from typing import Any, Final, Protocol
 
 import orjson
 
-from sidecar.providers.gemini import error_object as gemini_error_object
-from sidecar.providers.gemini import http_status as gemini_http_status
+from sidecar.formats.gemini import error_object as gemini_error_object
+from sidecar.formats.gemini import http_status as gemini_http_status
 from sidecar.usage import Usage, gemini_usage, openai_usage, token_count
 
 __all__ = [

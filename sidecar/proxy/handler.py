@@ -23,11 +23,11 @@ from aiohttp import web
 from sidecar import inbound
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.failover import Attempt, Engine, Report, Stop, StopReason
+from sidecar.formats import Adapter, adapter_for
 from sidecar.health import Outcome, classify_status, is_model_level_error, is_quota_exhausted
 from sidecar.inflight import InFlight
 from sidecar.models import ResolvedModel, fallbacks_for
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
-from sidecar.providers import Adapter, adapter_for
 from sidecar.proxy import outbound, relay, upstream
 from sidecar.proxy.accounting import account
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange

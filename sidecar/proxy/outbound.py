@@ -2,33 +2,26 @@
 
 A request goes out as the caller sent it when the candidate's provider speaks the
 caller's format; a chat request to a provider of another format is translated
-(`sidecar.translate`), per attempt, because each attempt may go elsewhere. Some
-upstreams take the model in the path: Gemini (`/models/{model}:generateContent`) and
-an Azure resource URL (`/openai/deployments/{model}/chat/completions?api-version=`).
+(`sidecar.translate`), per attempt, because each attempt may go elsewhere. Where it
+goes under the provider's base URL is the upstream's to say (`sidecar.upstreams`).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any, Final
 
 from multidict import CIMultiDict
-from yarl import URL
 
 from sidecar import inbound
-from sidecar.catalog import AZURE_API_VERSION
 from sidecar.errors import ErrorCode, ProxyError
+from sidecar.formats import Adapter
 from sidecar.plan import Candidate
-from sidecar.providers import Adapter
-from sidecar.runtime import Provider
 from sidecar.translate import Translation, Unsupported, translation
+from sidecar.upstreams import upstream_for
 
-#: The path a translated chat request takes on each upstream format.
-_CHAT_PATH: Final = {"openai": "/chat/completions", "anthropic": "/messages"}
 #: Request headers that belong to the caller's format: not sent to another format's upstream.
 _FORMAT_HEADER_PREFIXES: Final = ("anthropic-", "openai-", "x-goog-", "x-stainless-")
-ANTHROPIC_VERSION: Final = "2023-06-01"
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +44,7 @@ class Outbound:
     query: str = ""  # this attempt's own query parameters (`alt=sse`, `api-version=`)
     caller_query: bool = True  # the caller's query is forwarded (not to another format)
     translation: Translation | None = None
+    chat_headers: tuple[tuple[str, str], ...] = ()  # what a translated request must carry
 
 
 def build(
@@ -67,12 +61,12 @@ def build(
     if route.explicit:
         sent, strip = payload(body, data, model, adapter, route.path, route.stream)
         return Outbound(sent, strip, route.path)
+    up = upstream_for(provider.id, provider.format, provider.base_url, provider.query)
     if provider.format == route.fmt:
-        if route.fmt == "gemini":
-            sent, _ = payload(body, data, None, adapter, route.path, False)
-            return Outbound(sent, False, _gemini_path(model, route.action))
-        sent, strip = payload(body, data, model, adapter, route.path, route.stream)
-        path, query = _openai_path(provider, model, route.path)
+        # Gemini's model is in the path, never in the body.
+        named = None if route.fmt == "gemini" else model
+        sent, strip = payload(body, data, named, adapter, route.path, route.stream)
+        path, query = up.native(route.path, model, route.action)
         return Outbound(sent, strip, path, query)
     tr = translation(route.fmt, provider.format)
     assert tr is not None
@@ -89,16 +83,14 @@ def build(
             provider=provider.id,
         ) from None
     strip = route.stream and route.fmt == "openai" and not _asked_usage(data)
-    sent = inbound.dump_json(translated)
-    if provider.format == "gemini":
-        action = "streamGenerateContent" if route.stream else "generateContent"
-        return Outbound(sent, strip, _gemini_path(model, action),
-                        "alt=sse" if route.stream else "", False, tr)  # fmt: skip
-    path, query = _openai_path(provider, model, _CHAT_PATH[provider.format])
-    return Outbound(sent, strip, path, query, False, tr)
+    path, query = up.chat(model, route.stream)
+    return Outbound(inbound.dump_json(translated), strip, path, query, False, tr,
+                    up.chat_headers)  # fmt: skip
 
 
-def translated_headers(headers: CIMultiDict[str], upstream_format: str) -> CIMultiDict[str]:
+def translated_headers(
+    headers: CIMultiDict[str], needed: tuple[tuple[str, str], ...]
+) -> CIMultiDict[str]:
     """A translated attempt's request headers: none that belong to the caller's format, and
     what the upstream's format needs (Anthropic's version)."""
     out = headers.copy()
@@ -106,8 +98,8 @@ def translated_headers(headers: CIMultiDict[str], upstream_format: str) -> CIMul
         if name.lower().startswith(_FORMAT_HEADER_PREFIXES):
             del out[name]
     out["content-type"] = "application/json"
-    if upstream_format == "anthropic":
-        out["anthropic-version"] = ANTHROPIC_VERSION
+    for name, value in needed:
+        out[name] = value
     return out
 
 
@@ -150,35 +142,3 @@ def payload(
 def _asked_usage(data: dict[str, Any]) -> bool:
     opts = data.get("stream_options")
     return isinstance(opts, dict) and opts.get("include_usage") is True
-
-
-def _gemini_path(model: str | None, action: str) -> str:
-    return f"/models/{_segment(model)}:{action}"
-
-
-def _openai_path(provider: Provider, model: str | None, path: str) -> tuple[str, str]:
-    """An Azure resource URL takes the deployment (the model) in the path, and `api-version`."""
-    under = _azure_deployments(provider.id, provider.base_url)
-    if under is None:
-        return path, ""
-    query = "" if "api-version=" in provider.query else f"api-version={AZURE_API_VERSION}"
-    return f"{under}/{_segment(model)}{path}", query
-
-
-@functools.lru_cache(maxsize=64)
-def _azure_deployments(provider_id: str, base_url: str) -> str | None:
-    """The built-in `azure` at a resource URL (not Azure's v1 API, not a deployment URL): the
-    path of its deployments under the base URL; else None."""
-    if provider_id != "azure":
-        return None
-    path = URL(base_url).path.rstrip("/")
-    return {"": "/openai/deployments", "/openai": "/deployments"}.get(path)
-
-
-def _segment(model: str | None) -> str:
-    """A model name that goes in the URL path: one segment, or 400 (nothing is sent)."""
-    if not model or "/" in model or "\\" in model or model in (".", "..") or "?" in model \
-            or "#" in model:  # fmt: skip
-        raise ProxyError(ErrorCode.INVALID_REQUEST,
-                         "a model name sent in the URL path must be a single path segment")  # fmt: skip
-    return model

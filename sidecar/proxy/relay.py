@@ -14,8 +14,8 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.formats import Adapter
 from sidecar.plan import Candidate
-from sidecar.providers import Adapter
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
 from sidecar.proxy.upstream import HOP_BY_HOP, Failed
 from sidecar.secret import mask_key_fragments

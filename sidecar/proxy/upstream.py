@@ -30,13 +30,13 @@ from sidecar.health import (
 )
 from sidecar.keys import KeySource
 from sidecar.plan import Candidate
-from sidecar.providers import auth_header
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.outbound import Outbound, translated_headers
 from sidecar.secret import SENSITIVE_HEADERS
 from sidecar.state import State
 from sidecar.streams import StreamTracker
 from sidecar.upstream_url import upstream_url
+from sidecar.upstreams import auth_header
 
 HOP_BY_HOP: Final = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer",
@@ -117,7 +117,7 @@ def target(cand: Candidate, prep: Prepared, out: Outbound) -> tuple[URL, CIMulti
     if out.translation is None:
         headers = prep.headers.copy()
     else:
-        headers = translated_headers(prep.headers, p.format)
+        headers = translated_headers(prep.headers, out.chat_headers)
     for name, secret in p.headers:
         headers[name] = secret.reveal()
     auth = auth_header(p.auth if cand.key.source is not KeySource.PASSTHROUGH else _caller_auth(p.auth),

@@ -5,7 +5,6 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from sidecar.errors import ErrorCode
-from sidecar.secret import Secret
 from sidecar.usage import Usage
 
 
@@ -19,13 +18,3 @@ class Adapter(Protocol):
         """Adjust a streaming request so usage can be metered. True: strip the added usage chunk."""
 
     def usage_from_body(self, body: bytes) -> Usage | None: ...
-
-
-def auth_header(auth: str, secret: Secret | None) -> tuple[str, str] | None:
-    """How a provider key goes on the wire: `Authorization: Bearer`, or the header the
-    provider's `auth:` names (`x-api-key`, `api-key`, `x-goog-api-key`)."""
-    if secret is None or auth == "none":
-        return None
-    if auth in ("x-api-key", "api-key", "x-goog-api-key"):  # Anthropic, Azure, Google
-        return (auth, secret.reveal())
-    return ("Authorization", "Bearer " + secret.reveal())

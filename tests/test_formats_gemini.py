@@ -1,4 +1,4 @@
-"""Unit tests of sidecar.providers.gemini: the Gemini API's error shape and metering hooks."""
+"""Unit tests of sidecar.formats.gemini: the Gemini API's error shape and metering hooks."""
 
 from __future__ import annotations
 
@@ -11,8 +11,8 @@ from google import genai
 from google.genai import errors, types
 
 from sidecar.errors import ErrorCode
-from sidecar.providers import ADAPTERS, adapter_for
-from sidecar.providers.gemini import GEMINI, http_status, rpc_status
+from sidecar.formats import ADAPTERS, adapter_for
+from sidecar.formats.gemini import GEMINI, http_status, rpc_status
 from sidecar.usage import Usage
 
 # The RPC status each HTTP status of the sidecar's own errors goes out with.
