@@ -55,10 +55,18 @@ _RPC_TYPE: Final = "type.googleapis.com/google.rpc."
 
 
 def answer_status(status: int, body: bytes) -> int:
-    """The HTTP status an upstream answer stands for. The Gemini API answers an invalid API
-    key with 400 `INVALID_ARGUMENT` (reason `API_KEY_INVALID`): that is the key's fault, a 401."""
-    if status == 400 and b"API_KEY_INVALID" in body:
-        return 401
+    """The HTTP status an upstream answer stands for, for key health. The Gemini API answers
+    an invalid API key with 400 `INVALID_ARGUMENT` and a google.rpc.ErrorInfo of reason
+    `API_KEY_INVALID` from `googleapis.com`: that is the key's fault, a 401. Only that exact
+    structure counts: a 400's message may quote the caller's own request."""
+    if status != 400 or b"API_KEY_INVALID" not in body:
+        return status
+    err = _error_of(body)
+    if err is None or err.get("status") != "INVALID_ARGUMENT":
+        return status
+    for info in _rpc_details(err, "ErrorInfo"):
+        if info.get("reason") == "API_KEY_INVALID" and info.get("domain") == "googleapis.com":
+            return 401
     return status
 
 

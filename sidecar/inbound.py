@@ -223,8 +223,12 @@ def dump_json(data: Any) -> bytes:
     """The counterpart of `parse_json`: what orjson cannot write, the standard library can."""
     try:
         return orjson.dumps(data)
-    except TypeError:  # orjson.JSONEncodeError: a lone surrogate or an integer over 64 bits
+    except TypeError:  # orjson.JSONEncodeError: a lone surrogate, an integer over 64 bits,
+        pass  # or nesting deeper than orjson writes
+    try:
         return json.dumps(data, separators=(",", ":")).encode()
+    except RecursionError:
+        raise ProxyError(ErrorCode.INVALID_REQUEST, "request body is nested too deeply") from None
 
 
 # --------------------------------------------------------------------------- query

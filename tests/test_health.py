@@ -10,6 +10,7 @@ from sidecar.health import (
     KeyState,
     Outcome,
     ScopeHealth,
+    answer_status,
     classify_status,
     is_quota_exhausted,
     parse_retry_after,
@@ -402,3 +403,38 @@ def test_gemini_and_azure_errors_another_model_could_answer(status: int, body: b
 )  # fmt: skip
 def test_other_gemini_errors_go_back_to_the_caller(status: int, body: bytes) -> None:
     assert not is_model_level_error(status, body, frozenset())
+
+
+_BAD_KEY_INFO = {"@type": "type.googleapis.com/google.rpc.ErrorInfo",
+                 "reason": "API_KEY_INVALID", "domain": "googleapis.com"}  # fmt: skip
+
+
+def _google_400(message: str, details: list[object]) -> bytes:
+    return orjson.dumps({"error": {"code": 400, "message": message, "status": "INVALID_ARGUMENT",
+                                   "details": details}})  # fmt: skip
+
+
+def test_googles_invalid_key_answer_stands_for_a_401() -> None:
+    assert answer_status(400, _google_400("API key not valid.", [_BAD_KEY_INFO])) == 401
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        # Google's 400 quotes unknown request fields back: a caller cannot make it a bad key.
+        _google_400(
+            'Invalid JSON payload received. Unknown name "API_KEY_INVALID": Cannot find field.',
+            [],
+        ),
+        _google_400("x", [{**_BAD_KEY_INFO, "domain": "evil.example"}]),
+        _google_400("x", [{**_BAD_KEY_INFO, "@type": "type.googleapis.com/other"}]),
+        b'{"error": {"message": "API_KEY_INVALID"}}',
+        b"API_KEY_INVALID",
+    ],
+)
+def test_anything_else_that_mentions_api_key_invalid_stays_a_400(body: bytes) -> None:
+    assert answer_status(400, body) == 400
+
+
+def test_only_a_400_is_reread() -> None:
+    assert answer_status(403, _google_400("API key not valid.", [_BAD_KEY_INFO])) == 403

@@ -7,9 +7,10 @@ import aiohttp
 import anthropic
 import openai
 import pytest
+from aiohttp.test_utils import TestServer
 
 from tests.harness import Env, Sidecar
-from tests.test_proxy_e2e import boot, providers_yaml
+from tests.test_proxy_e2e import boot, mock_log, providers_yaml
 
 
 async def test_the_openai_sdk_retrieves_a_model_this_key_may_use(
@@ -72,3 +73,29 @@ async def test_the_responses_websocket_mode_is_refused_with_426_at_once(
         sc.url + "/v1/responses", headers={"Authorization": f"Bearer {token}"}
     ) as resp:
         assert resp.status == 404  # a plain GET is still no route
+
+
+async def test_a_passthrough_key_never_goes_to_a_provider_of_another_format(
+    env: Env, sidecars: list[Sidecar], mock_server: TestServer, http: aiohttp.ClientSession
+) -> None:
+    """The caller's own OpenAI key is for OpenAI-format providers: a cross-format fallback
+    (which translation would otherwise allow) is not tried with it."""
+    config = (
+        "providers:\n  - id: openai\n    base_url: UPSTREAM\n  - id: anthropic\n"
+        "    base_url: UPSTREAM\n"
+        "fallbacks:\n  gpt-4o-mini-fail-503: [claude-haiku-4-5]\npassthrough: true\n"
+    )
+    sc = await boot(env, sidecars, config)
+    callers_key = "sk-proj-callers-own-openai-key-0123456789"
+    async with sc.openai(callers_key) as client:
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(
+                model="gpt-4o-mini-fail-503", messages=[{"role": "user", "content": "hi"}]
+            )
+        with pytest.raises(openai.BadRequestError):  # asked for by name: refused, not sent
+            await client.chat.completions.create(
+                model="claude-haiku-4-5", messages=[{"role": "user", "content": "hi"}]
+            )
+    sent = await mock_log(http, mock_server)
+    assert sent
+    assert {r["path"] for r in sent} == {"/v1/chat/completions"}

@@ -825,7 +825,6 @@ def _image(url: str, **extra: Any) -> dict[str, Any]:
 @pytest.mark.parametrize(
     ("pivot", "field"),
     [
-        (_msgs(user="u-1"), "user"),
         (_msgs(n=2), "n"),
         (_msgs(logprobs=True), "logprobs"),
         (_msgs(top_logprobs=2), "top_logprobs"),
@@ -852,6 +851,90 @@ def _image(url: str, **extra: Any) -> dict[str, Any]:
 )  # fmt: skip
 def test_request_from_pivot_refusals_name_the_field(pivot: dict[str, Any], field: str) -> None:
     assert refused(lambda: request_from_pivot(pivot, "gemini-2.5-flash", False)) == field
+
+
+def test_request_from_pivot_ignores_the_end_user_id() -> None:
+    """`user` changes nothing in an answer and Gemini has no such field: not sent, not refused."""
+    body = request_from_pivot(_msgs(user="u-1"), "gemini-2.5-flash", False)
+    assert body == request_from_pivot(_msgs(), "gemini-2.5-flash", False)
+    assert "u-1" not in json.dumps(body)
+
+
+def _nested_schema(depth: int) -> dict[str, Any]:
+    schema: dict[str, Any] = {"type": "STRING"}
+    for _ in range(depth):
+        schema = {"type": "OBJECT", "properties": {"a": schema}}
+    return schema
+
+
+def _nested(depth: int) -> Any:
+    value: Any = {}
+    for _ in range(depth):
+        value = {"a": value}
+    return value
+
+
+@pytest.mark.parametrize("depth", [65, 505, 2000])
+def test_request_to_pivot_refuses_a_schema_nested_too_deeply(depth: int) -> None:
+    body = _with(
+        tools=[{"functionDeclarations": [{"name": "f", "parameters": _nested_schema(depth)}]}]
+    )
+    with pytest.raises(Unsupported) as caught:
+        request_to_pivot(body)
+    assert caught.value.field.startswith("tools[0].functionDeclarations[0].parameters.properties.a")
+    assert "nested too deeply" in str(caught.value)
+    schema = {"responseMimeType": "application/json", "responseSchema": _nested_schema(depth)}
+    assert refused(lambda: request_to_pivot(_with(generationConfig=schema))).startswith(
+        "generationConfig.responseSchema.properties"
+    )
+
+
+def test_request_to_pivot_carries_a_schema_nested_within_the_cap() -> None:
+    body = _with(
+        tools=[{"functionDeclarations": [{"name": "f", "parameters": _nested_schema(63)}]}]
+    )
+    schema = request_to_pivot(body)["tools"][0]["function"]["parameters"]
+    for _ in range(63):
+        schema = schema["properties"]["a"]
+    assert schema == {"type": "string"}
+
+
+def test_deeply_nested_call_arguments_and_results_are_refused_not_crashed() -> None:
+    deep = _nested(1020)  # what orjson still parses, beyond Python's recursion limit
+    call = _with(
+        contents=[{"role": "model", "parts": [{"functionCall": {"name": "f", "args": deep}}]}]
+    )
+    assert refused(lambda: request_to_pivot(call)) == "contents[0].parts[0].functionCall.args"
+    result = _with(
+        contents=[
+            {"role": "model", "parts": [{"functionCall": {"name": "f", "args": {}}}]},
+            {"role": "user", "parts": [{"functionResponse": {"name": "f", "response": deep}}]},
+        ]
+    )
+    assert (
+        refused(lambda: request_to_pivot(result))
+        == "contents[1].parts[0].functionResponse.response"
+    )
+    answer = {
+        "candidates": [{"content": {"parts": [{"functionCall": {"name": "f", "args": deep}}]}}]
+    }
+    assert refused(lambda: response_to_pivot(answer)).endswith("functionCall.args")
+    assert refused(lambda: ToPivot("m").event(None, answer)).endswith("functionCall.args")
+
+
+def test_deeply_nested_argument_strings_are_refused_not_crashed() -> None:
+    deep = "[" * 100_000 + "]" * 100_000
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": deep}}
+    pivot = _msgs(
+        {"role": "assistant", "content": None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": "c", "content": deep},
+    )
+    assert refused(lambda: request_from_pivot(pivot, "gemini-2.5-flash", False)) == (
+        "messages[0].tool_calls[0].function.arguments"
+    )
+    pivot["messages"][0]["tool_calls"][0]["function"]["arguments"] = "{}"
+    body = request_from_pivot(pivot, "gemini-2.5-flash", False)
+    assert body["contents"][1]["parts"][0]["functionResponse"]["response"] == {"result": deep}
 
 
 def test_a_gemini_request_survives_the_round_trip() -> None:
@@ -1090,6 +1173,38 @@ def test_a_gemini_answer_survives_the_round_trip_through_the_pivot() -> None:
     }
 
 
+def _length_cut_answer(finish: str) -> dict[str, Any]:
+    call = {
+        "id": "call_1",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Par'},
+    }
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    return {"id": "c", "choices": [{"index": 0, "message": message, "finish_reason": finish}]}  # fmt: skip
+
+
+def test_response_from_pivot_carries_a_call_cut_by_the_token_limit() -> None:
+    answer = response_from_pivot(_length_cut_answer("length"), "m")
+    [candidate] = answer["candidates"]
+    assert candidate["finishReason"] == "MAX_TOKENS"
+    assert candidate["content"]["parts"] == [
+        {"functionCall": {"name": "get_weather", "args": {}, "id": "call_1"}}
+    ]
+
+
+@pytest.mark.parametrize("finish", ["tool_calls", "stop", None])
+def test_response_from_pivot_refuses_bad_arguments_in_a_complete_answer(finish: str | None) -> None:
+    field = refused(lambda: response_from_pivot(_length_cut_answer(finish), "m"))  # type: ignore[arg-type]
+    assert field == "choices[0].message.tool_calls[0].function.arguments"
+
+
+def test_response_from_pivot_keeps_valid_arguments_cut_by_the_token_limit() -> None:
+    pivot = _length_cut_answer("length")
+    pivot["choices"][0]["message"]["tool_calls"][0]["function"]["arguments"] = '{"city": "Rome"}'
+    parts = response_from_pivot(pivot, "m")["candidates"][0]["content"]["parts"]
+    assert parts[0]["functionCall"]["args"] == {"city": "Rome"}
+
+
 # --- errors -----------------------------------------------------------------------
 
 
@@ -1155,6 +1270,38 @@ def test_error_to_pivot_any_body(status: int, body: bytes, message: str, kind: s
 def test_error_from_pivot_rpc_status(status: int, code: str | None, rpc: str) -> None:
     pivot = {"error": {"message": "m", "type": "x", "code": code}, "status": status}
     assert error_from_pivot(pivot) == {"error": {"code": status, "message": "m", "status": rpc}}
+
+
+@pytest.mark.parametrize(
+    "body",
+    [
+        b"[" * 100_000,
+        b'{"error": {"message": ' + b"[" * 1020 + b"]" * 1020 + b"}}",
+        b'{"error": {"message": "m", "details": [' + b"[" * 1020 + b"]" * 1020 + b"]}}",
+        b'{"error": ' * 5000 + b"1" + b"}" * 5000,
+        b'{"error": {"message": "m", "status": {"a": 1}, "details": "x"}}',
+    ],
+)
+def test_error_to_pivot_never_raises_on_a_hostile_body(body: bytes) -> None:
+    pivot = error_to_pivot(502, body)
+    assert pivot["status"] == 502
+    assert pivot["error"]["type"] == "api_error"
+    assert isinstance(pivot["error"]["message"], str)
+    assert pivot["error"]["message"]
+    assert error_from_pivot(pivot)["error"]["code"] == 502
+
+
+def test_a_deeply_nested_in_band_stream_error_becomes_a_pivot_error() -> None:
+    error = {"code": 500, "message": _nested(1020), "status": "INTERNAL"}
+    [pivot] = ToPivot("m").event(None, {"error": error})
+    assert pivot is not None
+    assert (pivot["status"], pivot["error"]["code"]) == (500, "INTERNAL")
+    assert isinstance(pivot["error"]["message"], str)
+
+
+def test_error_from_pivot_takes_only_a_string_message() -> None:
+    pivot = {"error": {"message": _nested(1020), "type": "api_error", "code": None}, "status": 500}
+    assert error_from_pivot(pivot)["error"]["message"] == ""
 
 
 def test_the_sdk_raises_its_own_error_for_error_from_pivot() -> None:
@@ -1423,3 +1570,89 @@ def test_streams_round_trip_gemini_to_gemini() -> None:
         "candidatesTokenCount": 6,
         "totalTokenCount": 10,
     }
+
+
+def _call_delta(index: int, arguments: str, name: str | None = None) -> dict[str, Any]:
+    function: dict[str, Any] = {"arguments": arguments}
+    if name is not None:
+        function["name"] = name
+    return pivot_chunk({"tool_calls": [{"index": index, "id": f"c{index}", "function": function}]})
+
+
+def test_from_pivot_collects_argument_pieces_in_a_list() -> None:
+    translator = FromPivot("m")
+    translator.chunk(_call_delta(0, '{"city": ', "get_weather"))
+    for piece in ('"Pa', "ris", '"}'):
+        translator.chunk(_call_delta(0, piece))
+    assert translator._calls[0].pieces == ['{"city": ', '"Pa', "ris", '"}']
+    translator.chunk(pivot_chunk({}, "tool_calls"))
+    [(_, data)] = translator.chunk(None)
+    assert data["candidates"][0]["content"]["parts"] == [
+        {"functionCall": {"name": "get_weather", "args": {"city": "Paris"}, "id": "c0"}}
+    ]
+
+
+def _assert_refused_as_too_large(events: list[Any], translator: FromPivot) -> None:
+    assert len(events) == 1
+    name, data = events[0]
+    assert name is None
+    assert data["error"]["code"] == 502
+    assert data["error"]["status"] in ("UNAVAILABLE", "INTERNAL")
+    assert "function call" in data["error"]["message"]
+    assert translator.chunk(pivot_chunk({"content": "more"})) == []
+    assert translator.chunk(None) == []
+
+
+def test_from_pivot_refuses_arguments_past_16_mib() -> None:
+    translator = FromPivot("m")
+    piece = "x" * (4 * 1024 * 1024)
+    for index in range(4):  # 16 MiB, spread over calls: still within the cap
+        assert translator.chunk(_call_delta(index, piece, "f")) == []
+    _assert_refused_as_too_large(translator.chunk(_call_delta(0, "y")), translator)
+
+
+def test_from_pivot_counts_argument_bytes_not_characters() -> None:
+    translator = FromPivot("m")
+    assert translator.chunk(_call_delta(0, "\u00e9" * (8 * 1024 * 1024), "f")) == []
+    _assert_refused_as_too_large(translator.chunk(_call_delta(0, "y")), translator)
+
+
+def test_from_pivot_refuses_more_than_128_calls() -> None:
+    translator = FromPivot("m")
+    for index in range(128):
+        assert translator.chunk(_call_delta(index, "{}", "f")) == []
+    _assert_refused_as_too_large(translator.chunk(_call_delta(128, "{}", "f")), translator)
+
+
+def test_from_pivot_text_before_the_cap_in_the_same_chunk_is_kept() -> None:
+    translator = FromPivot("m")
+    for index in range(128):
+        translator.chunk(_call_delta(index, "{}", "f"))
+    chunk = pivot_chunk(
+        {"content": "hi", "tool_calls": [{"index": 128, "function": {"name": "f"}}]}
+    )
+    events = translator.chunk(chunk)
+    assert events[0][1]["candidates"][0]["content"]["parts"] == [{"text": "hi"}]
+    assert events[1][1]["error"]["code"] == 502
+    assert translator.chunk(None) == []
+
+
+def test_from_pivot_stream_call_cut_by_the_token_limit() -> None:
+    translator = FromPivot("m")
+    translator.chunk(_call_delta(0, '{"city": "Par', "get_weather"))
+    translator.chunk(pivot_chunk({}, "length"))
+    [(_, data)] = translator.chunk(None)
+    [candidate] = data["candidates"]
+    assert candidate["finishReason"] == "MAX_TOKENS"
+    assert candidate["content"]["parts"] == [
+        {"functionCall": {"name": "get_weather", "args": {}, "id": "c0"}}
+    ]
+
+
+def test_from_pivot_ignores_malformed_tool_call_deltas() -> None:
+    translator = FromPivot("m")
+    chunk = pivot_chunk({"tool_calls": ["nope", {"index": "0", "function": "x"}, {"index": 0, "function": {"name": "f", "arguments": "{}"}}]})  # fmt: skip
+    assert translator.chunk(chunk) == []
+    [(_, data)] = translator.chunk(None)
+    parts = data["candidates"][0]["content"]["parts"]
+    assert [part["functionCall"]["name"] for part in parts] == ["f"]

@@ -171,7 +171,7 @@ def test_a_request_for_a_stream_asks_the_upstream_for_one(caller: str, upstream:
 
 UNCARRIED = [
     ("openai", "anthropic", {"logprobs": True}, "logprobs"),
-    ("openai", "gemini", {"user": "u-1"}, "user"),
+    ("openai", "gemini", {"parallel_tool_calls": False}, "parallel_tool_calls"),
     ("openai", "anthropic", {"brand_new_field": 1}, "brand_new_field"),
     ("anthropic", "openai", {"thinking": {"type": "enabled", "budget_tokens": 2000}}, "thinking"),
     ("anthropic", "gemini", {"top_k": 5, "service_tier": "auto"}, "service_tier"),
@@ -547,3 +547,34 @@ def test_an_upstream_side_refusal_names_the_callers_own_field() -> None:
     with pytest.raises(Unsupported) as info:
         Translation("anthropic", "gemini").request(body, MODEL["gemini"], False)
     assert info.value.field == "messages[0].content[1].source.url"
+
+
+@pytest.mark.parametrize(("caller", "upstream"), PAIRS)
+def test_a_stream_split_at_every_byte_gives_the_same_events(caller: str, upstream: str) -> None:
+    raw = upstream_stream(upstream, tool=True)
+    whole = Translation(caller, upstream).stream(MODEL[upstream])
+    want = events_of(whole.feed(raw) + whole.finish())
+    tr = Translation(caller, upstream).stream(MODEL[upstream])
+    got = b"".join(tr.feed(raw[i : i + 1]) for i in range(len(raw))) + tr.finish()
+    assert events_of(got) == want
+
+
+@pytest.mark.parametrize("caller", ["anthropic", "gemini"])
+def test_a_finished_answer_that_lost_its_terminator_is_ended_for_the_caller(caller: str) -> None:
+    """OpenAI's `[DONE]` lost after the finish and the usage: the answer was whole, so the
+    caller's stream is ended (Anthropic `message_stop`, Gemini's last chunk), not broken."""
+    raw = upstream_stream("openai").replace(b"data: [DONE]\n\n", b"")
+    tr = Translation(caller, "openai").stream(MODEL["openai"])
+    out = tr.feed(raw)
+    assert not read_stream(caller, out)[4]  # not ended before EOF
+    out += tr.finish()
+    whole = read_stream("openai", upstream_stream("openai"))
+    assert read_stream(caller, out) == (*whole[:4], True)
+
+
+def test_an_unfinished_answer_is_not_ended_at_eof() -> None:
+    raw = upstream_stream("anthropic")
+    cut = raw[: raw.index(b"event: message_delta")]
+    tr = Translation("openai", "anthropic").stream(MODEL["anthropic"])
+    out = tr.feed(cut) + tr.finish()
+    assert not read_stream("openai", out)[4]

@@ -280,7 +280,9 @@ class Proxy:
                     () if data is not None and "models" in data
                     else fallbacks_for(cfg.fallbacks, names[0])
                 )  # fmt: skip
-                targets = resolve_targets(runtime, ex.fmt, names, fallbacks, any_format=route.chat)
+                # A caller's own key (passthrough) goes only to providers of its own format.
+                translate = route.chat and passthrough_key is None
+                targets = resolve_targets(runtime, ex.fmt, names, fallbacks, any_format=translate)
             else:  # a stored response: no model names it
                 targets = [Target(runtime.providers["openai"], None)]
         else:
@@ -350,7 +352,8 @@ class Proxy:
         last_label: str | None = None
         while isinstance(step := engine.next(), Attempt):
             cand = step.candidate
-            out = outs[cand.provider.id, cand.upstream_model]
+            k = (cand.provider.id, cand.upstream_model)
+            out = outs.get(k) or outs.setdefault(k, outbound.build(route, cand, body, data, adapter))
             tracker = _tracker(shape, out, cand) if shape is not None else None
             try:
                 res = await self._send(ex, step, prep, out, tracker)
@@ -369,6 +372,8 @@ class Proxy:
                     return relay.respond_failed(ex, cand, res.failed, None if res.inband else tr)
                 if res.body is not None:
                     return relay.respond(ex, res.upstream, res.body, adapter, tr)
+                if tr is not None:  # not JSON, or too large to hold: it cannot be translated
+                    return await relay.respond_unreadable(ex, res.upstream, tr)
                 return await relay.relay_body(self.state, ex, res.upstream, res.native_idle,
                                               adapter, res.prefix)  # fmt: skip
             if res.failed is not None:
@@ -393,29 +398,36 @@ class Proxy:
         data: dict[str, Any] | None,
         adapter: Adapter,
     ) -> dict[tuple[str, str | None], Outbound]:
-        """What each candidate's attempt sends. A candidate the request cannot be translated
-        for is left out; when that leaves none, the caller learns what could not be carried."""
-        outs: dict[tuple[str, str | None], Outbound | ProxyError] = {}
+        """Check every candidate before anything is sent: a model name its upstream's URL
+        cannot carry is the caller's 400; a candidate the request cannot be translated for is
+        left out, and when that leaves none the caller learns what could not be carried.
+        Translated bodies are made here; the others when their attempt comes."""
+        outs: dict[tuple[str, str | None], Outbound] = {}
+        refused: dict[tuple[str, str | None], ProxyError] = {}
         for cand in plan.candidates:
             k = (cand.provider.id, cand.upstream_model)
-            if k not in outs:
-                try:
-                    outs[k] = outbound.build(route, cand, body, data, adapter)
-                except ProxyError as err:
-                    if err.code is not ErrorCode.TRANSLATION_UNSUPPORTED:
-                        raise
-                    outs[k] = err
-                    self.state.oplog.info("translation_unsupported", request_id=ex.request_id,
-                                          provider=cand.provider.id, model=k[1],
-                                          reason=err.message)  # fmt: skip
-        kept = [c for c in plan.candidates
-                if isinstance(outs[c.provider.id, c.upstream_model], Outbound)]  # fmt: skip
-        if not kept:
-            refused = next(o for o in outs.values() if isinstance(o, ProxyError))
-            ex.resolved_provider = refused.provider or ex.resolved_provider
-            raise refused
-        plan.candidates = kept
-        return {k: o for k, o in outs.items() if isinstance(o, Outbound)}
+            if k in outs or k in refused:
+                continue
+            if route.explicit or cand.provider.format == route.fmt:
+                outbound.check(route, cand)
+                continue
+            try:
+                outs[k] = outbound.build(route, cand, body, data, adapter)
+            except ProxyError as err:
+                if err.code is not ErrorCode.TRANSLATION_UNSUPPORTED:
+                    raise
+                refused[k] = err
+                self.state.oplog.info("translation_unsupported", request_id=ex.request_id,
+                                      provider=cand.provider.id, model=k[1],
+                                      reason=err.message)  # fmt: skip
+        if refused:
+            kept = [c for c in plan.candidates if (c.provider.id, c.upstream_model) not in refused]
+            if not kept:
+                first = next(iter(refused.values()))
+                ex.resolved_provider = first.provider or ex.resolved_provider
+                raise first
+            plan.candidates = kept
+        return outs
 
     async def _send(
         self,
@@ -750,7 +762,6 @@ _GEMINI_ACTIONS: Final = frozenset(
     {"generateContent", "streamGenerateContent", "countTokens", "embedContent",
      "batchEmbedContents"}
 )  # fmt: skip
-_GEMINI_CHAT: Final = ("generateContent", "streamGenerateContent")
 _OPENAI_CHAT: Final = "/chat/completions"
 _ANTHROPIC_CHAT: Final = "/messages"
 
@@ -766,8 +777,12 @@ def _caller_route(
         inbound.check_model_name(model)
         listed = {"model": model, "models": data.get("models") if data else None}
         names = inbound.model_names(listed, required=True)
-        route = Route("gemini", f"/models/{model}:{action}", action == "streamGenerateContent",
-                      chat=action in _GEMINI_CHAT, action=action)  # fmt: skip
+        stream = action == "streamGenerateContent"
+        # Without `alt=sse` Google answers a stream as one JSON array, which only the google
+        # provider itself writes: such a request is not translated.
+        sse = request.rel_url.query.get("alt") == "sse"
+        route = Route("gemini", f"/models/{model}:{action}", stream,
+                      chat=action == "generateContent" or (stream and sse), action=action)  # fmt: skip
         return route, names
     path = "/" + request.path.removeprefix("/v1/")
     stream = bool(data and data.get("stream") is True)

@@ -88,6 +88,16 @@ def build(
                     up.chat_headers)  # fmt: skip
 
 
+def check(route: Route, cand: Candidate) -> None:
+    """What `build` would refuse of a request in the candidate's own format, without building
+    it: a model name its upstream's URL path cannot carry (400, nothing is sent)."""
+    if route.explicit:
+        return
+    provider = cand.provider
+    up = upstream_for(provider.id, provider.format, provider.base_url, provider.query)
+    up.native(route.path, cand.upstream_model, route.action)
+
+
 def translated_headers(
     headers: CIMultiDict[str], needed: tuple[tuple[str, str], ...]
 ) -> CIMultiDict[str]:

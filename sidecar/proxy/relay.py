@@ -14,7 +14,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
-from sidecar.formats import Adapter
+from sidecar.formats import Adapter, adapter_for
 from sidecar.plan import Candidate
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
 from sidecar.proxy.upstream import HOP_BY_HOP, Failed
@@ -26,6 +26,8 @@ from sidecar.usage import Usage, usage_from_tail
 
 #: Response headers never relayed: aiohttp decompresses and re-frames the body.
 _DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
+#: How much of an answer that cannot be translated is read for its error message.
+_UNREADABLE_HEAD: Final = 4096
 #: How much of the end of an answer relayed unread is kept to find its `usage`.
 _USAGE_TAIL: Final = 64 << 10
 
@@ -106,11 +108,14 @@ def respond(
     """A JSON answer read whole (its usage is metered from the body, in the caller's format)."""
     status = upstream.status
     ex.status = status
+    if status < 300:
+        # Metered from what the upstream said, in its own format: an answer that cannot be
+        # translated was still paid for.
+        meter = adapter if translation is None else adapter_for(translation.upstream)
+        ex.usage = meter.usage_from_body(body)
     if translation is not None:
         body = _translated(ex, translation, status, body)
         status = ex.status
-    if status < 300:
-        ex.usage = adapter.usage_from_body(body)
     body = masked(status, body, ex.candidate)
     return web.Response(status=status, body=body, headers=_headers(ex, upstream.headers))
 
@@ -126,6 +131,29 @@ def respond_failed(
         failed_body = translation.error(status, failed_body)
     body = masked(status, failed_body, cand)
     return web.Response(status=status, body=body, headers=_headers(ex, failed_headers))
+
+
+async def respond_unreadable(
+    ex: Exchange, upstream: aiohttp.ClientResponse, translation: Translation
+) -> web.Response:
+    """A translated attempt's answer that is neither JSON nor SSE, or too large to hold: it
+    cannot be translated. An error keeps its status, its start read as the error's message;
+    anything else is the caller's 502. Never the upstream's own bytes in the wrong format."""
+    head = b""
+    try:
+        async with asyncio.timeout(ex.runtime.config.timeouts.stream_idle):
+            head = await upstream.content.read(_UNREADABLE_HEAD)
+    except (TimeoutError, aiohttp.ClientError):
+        pass
+    finally:
+        upstream.close()  # the rest is not wanted
+    status = upstream.status
+    if status < 300:
+        status, head = 502, b"the upstream's answer could not be translated"
+    ex.status = status
+    body = masked(status, translation.error(status, head), ex.candidate)
+    return web.Response(status=status, body=body, content_type="application/json",
+                        headers=ex.sidecar_headers())  # fmt: skip
 
 
 def _translated(ex: Exchange, translation: Translation, status: int, body: bytes) -> bytes:

@@ -215,7 +215,9 @@ async def attempt(
         return Result(outcome, status, upstream=upstream, body=answer)
     state.oplog.warning("upstream_failed", request_id=ex.request_id, provider=key.provider,
                         key_id=key.key_id, status=status, outcome=outcome.value)  # fmt: skip
-    return failed_result(status, upstream.headers, answer)
+    res = failed_result(status, upstream.headers, answer)
+    res.failed = (upstream.status, upstream.headers, answer)  # relayed as the upstream said it
+    return res
 
 
 def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> Result:

@@ -54,10 +54,15 @@ class Translation:
     def request(self, data: dict[str, Any], model: str, stream: bool) -> dict[str, Any]:
         """The caller's request body as the upstream's, for `model`; `Unsupported` names what
         cannot be carried."""
-        pivot = _MODULES[self.caller].request_to_pivot(data)
-        pivot.pop("model", None)
+        try:
+            pivot = _MODULES[self.caller].request_to_pivot(data)
+            pivot.pop("model", None)
+        except RecursionError:
+            raise Unsupported("request", "nested too deeply") from None
         try:
             return dict(_MODULES[self.upstream].request_from_pivot(pivot, model, stream))
+        except RecursionError:
+            raise Unsupported("request", "nested too deeply") from None
         except Unsupported as exc:
             if self.caller == "openai":
                 raise
@@ -69,18 +74,22 @@ class Translation:
             doc = orjson.loads(body)
         except orjson.JSONDecodeError:
             return None
-        if not isinstance(doc, dict):
+        if not isinstance(doc, dict) or not _is_answer(self.upstream, doc):
             return None
         try:
             pivot = _MODULES[self.upstream].response_to_pivot(doc)
             return orjson.dumps(_MODULES[self.caller].response_from_pivot(pivot, model))
-        except (Unsupported, KeyError, TypeError, ValueError, AttributeError):
+        except (Unsupported, KeyError, TypeError, ValueError, AttributeError, RecursionError):
             return None  # not an answer this translation can read
 
     def error(self, status: int, body: bytes) -> bytes:
         """An upstream error body in the caller's error shape (the status is kept by the caller)."""
-        pivot = _MODULES[self.upstream].error_to_pivot(status, body)
-        return orjson.dumps(_MODULES[self.caller].error_from_pivot(pivot))
+        try:
+            pivot = _MODULES[self.upstream].error_to_pivot(status, body)
+            return orjson.dumps(_MODULES[self.caller].error_from_pivot(pivot))
+        except (KeyError, TypeError, ValueError, AttributeError, RecursionError):
+            fallback = openai.error_to_pivot(status, b"the upstream's error could not be read")
+            return orjson.dumps(_MODULES[self.caller].error_from_pivot(fallback))
 
     def stream(self, model: str) -> SseTranslator:
         to_pivot = _MODULES[self.upstream].ToPivot(model)
@@ -152,6 +161,24 @@ def _path_of(doc: Any, value: str, path: str, depth: int = 0) -> str | None:
     return None
 
 
+def _is_answer(fmt: str, doc: dict[str, Any]) -> bool:
+    """Whether a 2xx JSON body is an answer in `fmt` (not, say, an error sent with a 200)."""
+    if "error" in doc:
+        return False
+    if fmt == "openai":
+        return isinstance(doc.get("choices"), list)
+    if fmt == "anthropic":
+        return doc.get("type") == "message"
+    return isinstance(doc.get("candidates"), list) or isinstance(doc.get("promptFeedback"), dict)
+
+
+def _gives_finish(chunk: Pivot) -> bool:
+    choices = chunk.get("choices")
+    return isinstance(choices, list) and any(
+        isinstance(c, dict) and c.get("finish_reason") for c in choices
+    )
+
+
 def translation(caller: str, upstream: str) -> Translation | None:
     """The translation an attempt needs, or None when both speak the same format."""
     return None if caller == upstream else Translation(caller, upstream)
@@ -166,39 +193,57 @@ class SseTranslator:
     `StreamTracker` reads what comes out, so the failover rules apply to it unchanged.
     """
 
-    __slots__ = ("_from", "_held", "_named", "_stopped", "_to")
+    __slots__ = ("_ended", "_finished", "_from", "_held", "_named", "_scan", "_stopped", "_to")
 
     def __init__(self, to_pivot: StreamToPivot, from_pivot: StreamFromPivot, caller: str) -> None:
         self._to = to_pivot
         self._from = from_pivot
         self._named = caller == "anthropic"
         self._held = bytearray()
+        self._scan = 0  # where in `_held` the search for the next event's end resumes
         self._stopped = False
+        self._finished = False  # the upstream's answer gave its finish reason
+        self._ended = False  # the caller's end of the answer was written
 
     def feed(self, chunk: bytes) -> bytes:
         if self._stopped:
             return b""
         held = self._held
-        held += chunk
-        if b"\r" in held:  # one line-end style; a `\r` last may be half of a `\r\n`
-            cr = held.endswith(b"\r")
-            body = (held[:-1] if cr else held).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
-            held[:] = body + b"\r" if cr else body
+        if b"\r" in chunk or held.endswith(b"\r"):
+            # One line-end style. Only the new bytes are rewritten; a `\r` last may be the
+            # first half of a `\r\n`, so it waits for the next chunk.
+            if held.endswith(b"\r"):
+                del held[-1]
+                chunk = b"\r" + chunk
+            cr = chunk.endswith(b"\r")
+            held += (chunk[:-1] if cr else chunk).replace(b"\r\n", b"\n").replace(b"\r", b"\n")
+            if cr:
+                held += b"\r"
+        else:
+            held += chunk
         out = bytearray()
         start = 0
-        while (end := held.find(b"\n\n", start)) >= 0:
+        # Each byte is searched about once: a held event's end can only be in the new bytes,
+        # or straddle the old end (whose last byte may have been a `\r` that was moved).
+        scan = max(0, min(self._scan, len(held)) - 2)
+        while (end := held.find(b"\n\n", scan)) >= 0:
             out += self._event(bytes(held[start:end]))
-            start = end + 2
+            start = scan = end + 2
             if self._stopped:
                 break
         del held[:start]
-        if len(held) > _MAX_EVENT:
+        self._scan = len(held)
+        if not self._stopped and len(held) > _MAX_EVENT:
             self._stopped = True
             out += _MALFORMED
         return bytes(out)
 
     def finish(self) -> bytes:
+        """At the upstream's EOF: an incomplete event is dropped; an answer that had given its
+        finish reason but lost its terminator (OpenAI's `[DONE]`) is ended for the caller."""
         self._held.clear()
+        if self._finished and not self._ended and not self._stopped:
+            return self._emit([None])
         return b""
 
     def _event(self, raw: bytes) -> bytes:
@@ -224,13 +269,19 @@ class SseTranslator:
             return _MALFORMED
         try:
             return self._emit(self._to.event(name, obj))
-        except (Unsupported, KeyError, TypeError, ValueError, AttributeError):
+        except (Unsupported, KeyError, TypeError, ValueError, AttributeError, RecursionError):
             self._stopped = True  # an event this translation cannot read: malformed
             return _MALFORMED
 
     def _emit(self, pivots: list[Pivot | None]) -> bytes:
         out = bytearray()
         for pivot in pivots:
+            if pivot is None:
+                if self._ended:
+                    continue
+                self._ended = True
+            elif not self._finished and _gives_finish(pivot):
+                self._finished = True
             for event in self._from.chunk(pivot):
                 out += self._frame(event)
             if pivot is None and not self._named and isinstance(self._from, openai.FromPivot):

@@ -13,6 +13,12 @@ answer, so ids stay unique over a conversation), and a response without one
 takes the id of the earliest unanswered call of that name in the model turn
 before it. Going to Gemini, a tool message's function name is looked up from
 the assistant tool call it answers.
+
+The pivot's `user` (an end-user id) is not sent to Gemini, which has no such
+field: it changes nothing in the answer, so it is ignored rather than refused.
+A function call the upstream cut off at the token limit (`finish_reason:
+"length"`) whose arguments are not complete JSON goes out with `args: {}` and
+`finishReason: "MAX_TOKENS"`.
 """
 
 from __future__ import annotations
@@ -20,8 +26,11 @@ from __future__ import annotations
 import json
 import re
 from collections import deque
+from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import urlsplit
+
+import orjson
 
 from sidecar.translate.base import Event, Pivot, Unsupported
 
@@ -140,6 +149,13 @@ _RPC_NAMES = frozenset(
     }
 )  # fmt: skip
 _MAX_ERROR_TEXT = 1000
+#: Levels of a Gemini `Schema` read (each is a Python call): deeper is refused.
+_MAX_SCHEMA_DEPTH = 64
+#: A streamed answer's function calls are held until its end: at most this many,
+_MAX_CALLS = 128
+#: and this many bytes of arguments over all of them.
+_MAX_ARGUMENT_BYTES = 16 * 1024 * 1024
+_TOO_DEEP = "nested too deeply"
 
 
 # --- shared helpers ---------------------------------------------------------------
@@ -192,40 +208,74 @@ def _number(value: Any) -> Any:
     return value
 
 
-def _call_arguments(args: Any) -> str:
-    return json.dumps(args if args is not None else {}, ensure_ascii=False)
+def _dumps(value: Any, path: str) -> str:
+    """`value` as JSON text; nesting deeper than Python's recursion limit is refused."""
+    try:
+        return json.dumps(value, ensure_ascii=False)
+    except RecursionError:
+        raise Unsupported(path, _TOO_DEEP) from None
 
 
-def _args_object(arguments: Any, path: str) -> dict[str, Any]:
-    """A tool call's JSON `arguments` as the object Gemini's `functionCall.args` must be."""
+def _loads(text: str) -> Any:
+    """JSON text as a value, or None when it is not JSON (or nested too deeply to read).
+
+    The standard parser reads integers wider than 64 bits exactly, as orjson does not.
+    """
+    try:
+        return json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+
+
+def _call_arguments(args: Any, path: str) -> str:
+    return _dumps(args if args is not None else {}, path)
+
+
+def _args_object(arguments: Any, path: str, cut: bool = False) -> dict[str, Any]:
+    """A tool call's JSON `arguments` as the object Gemini's `functionCall.args` must be.
+
+    `cut`: the answer stopped at the token limit, so arguments that are not a
+    JSON object are the unfinished ones: `{}` rather than a refusal.
+    """
     if isinstance(arguments, dict):
         return arguments
     if arguments is None or arguments == "":
         return {}
-    try:
-        value = json.loads(arguments) if isinstance(arguments, str) else None
-    except ValueError:
-        value = None
-    if not isinstance(value, dict):
-        raise Unsupported(path, "function arguments must be a JSON object")
-    return value
+    value = _loads(arguments) if isinstance(arguments, str) else None
+    if isinstance(value, dict):
+        return value
+    if cut:
+        return {}
+    raise Unsupported(path, "function arguments must be a JSON object")
 
 
 def _response_object(text: str) -> dict[str, Any]:
     """A tool result as `functionResponse.response`: a JSON object as it is, else `{"result": text}`."""
-    try:
-        value = json.loads(text)
-    except ValueError:
-        value = None
+    value = _loads(text)
     return value if isinstance(value, dict) else {"result": text}
 
 
-def _response_text(response: Any) -> str:
+def _response_text(response: Any, path: str) -> str:
     if isinstance(response, dict) and set(response) == {"result"}:
         result = response["result"]
         if isinstance(result, str):
             return result
-    return json.dumps(response, ensure_ascii=False)
+    return _dumps(response, path)
+
+
+def _shown(value: Any) -> str:
+    """A value from a request or answer, for a message: scalars as they are, else the type.
+
+    (The `str`/`repr` of a deeply nested value raises RecursionError.)
+    """
+    if value is None or isinstance(value, (str, int, float, bool)):
+        return repr(value)
+    return f"a JSON {'list' if isinstance(value, list) else 'object'}"
+
+
+def _upper(value: Any, path: str) -> str:
+    """An enum value (Gemini takes any case) in upper case."""
+    return _text(value, path).upper()
 
 
 def _pivot_text(content: Any, path: str) -> str:
@@ -392,7 +442,7 @@ def _call_to_pivot(call: Any, path: str, ids: _CallIds) -> Pivot:
     return {
         "id": ids.call(name, fields.get("id")),
         "type": "function",
-        "function": {"name": name, "arguments": _call_arguments(args)},
+        "function": {"name": name, "arguments": _call_arguments(args, f"{path}.args")},
     }
 
 
@@ -436,7 +486,7 @@ def _file_to_pivot(file: Any, path: str) -> Pivot:
     if parts.scheme not in ("http", "https") or parts.hostname == _GEMINI_FILES_HOST:
         raise Unsupported(f"{path}.fileUri", "only public http(s) image URLs are carried")
     mime = fields.get("mimeType") or _IMAGE_TYPES.get(_extension(uri), "")
-    if not str(mime).startswith("image/"):
+    if not isinstance(mime, str) or not mime.startswith("image/"):
         raise Unsupported(f"{path}.mimeType", "only images are carried")
     return {"type": "image_url", "image_url": {"url": uri}}
 
@@ -448,7 +498,7 @@ def _result_to_pivot(result: Any, path: str, ids: _CallIds) -> Pivot:
     return {
         "role": "tool",
         "tool_call_id": call_id,
-        "content": _response_text(fields.get("response", {})),
+        "content": _response_text(fields.get("response", {}), f"{path}.response"),
     }
 
 
@@ -485,27 +535,29 @@ def _declaration_to_pivot(decl: Any, path: str) -> Pivot:
     return {"type": "function", "function": function}
 
 
-def _schema_to_json(schema: Any, path: str) -> dict[str, Any]:
+def _schema_to_json(schema: Any, path: str, depth: int = 0) -> dict[str, Any]:
     """A Gemini `Schema` (an OpenAPI subset, upper-case types) as JSON Schema."""
+    if depth >= _MAX_SCHEMA_DEPTH:
+        raise Unsupported(path, f"{_TOO_DEEP} (more than {_MAX_SCHEMA_DEPTH} levels)")
     fields = _fields(schema, path, _SCHEMA_KEYS)
     out: dict[str, Any] = {}
     for key, value in fields.items():
         if key == "type":
-            kind = str(value).lower()
+            kind = _text(value, f"{path}.type").lower()
             if kind != "type_unspecified":
                 out["type"] = kind
         elif key == "properties":
             if not isinstance(value, dict):
                 raise Unsupported(f"{path}.properties", "expected a JSON object")
             out["properties"] = {
-                name: _schema_to_json(sub, f"{path}.properties.{name}")
+                name: _schema_to_json(sub, f"{path}.properties.{name}", depth + 1)
                 for name, sub in value.items()
             }
         elif key == "items":
-            out["items"] = _schema_to_json(value, f"{path}.items")
+            out["items"] = _schema_to_json(value, f"{path}.items", depth + 1)
         elif key == "anyOf":
             out["anyOf"] = [
-                _schema_to_json(sub, f"{path}.anyOf[{k}]")
+                _schema_to_json(sub, f"{path}.anyOf[{k}]", depth + 1)
                 for k, sub in enumerate(_list(value, f"{path}.anyOf"))
             ]
         elif key in _SCHEMA_INT_KEYS:
@@ -544,7 +596,7 @@ def _tool_config_to_pivot(config: Any, declared: list[str]) -> Any:
         return None
     path = "toolConfig.functionCallingConfig"
     calling = _fields(fields["functionCallingConfig"], path, {"mode", "allowedFunctionNames"})
-    mode = str(calling.get("mode", "AUTO")).upper()
+    mode = _upper(calling.get("mode", "AUTO"), f"{path}.mode")
     names = [
         _text(name, f"{path}.allowedFunctionNames[{k}]")
         for k, name in enumerate(
@@ -582,7 +634,8 @@ def _generation_to_pivot(config: Any) -> Pivot:
     modalities = _list(
         fields.get("responseModalities", ["TEXT"]), "generationConfig.responseModalities"
     )
-    if [str(m).upper() for m in modalities] != ["TEXT"]:
+    path = "generationConfig.responseModalities"
+    if [_upper(m, f"{path}[{k}]") for k, m in enumerate(modalities)] != ["TEXT"]:
         raise Unsupported("generationConfig.responseModalities", "only TEXT is carried")
     response_format = _response_format_to_pivot(fields)
     if response_format is not None:
@@ -606,7 +659,7 @@ def _response_format_to_pivot(fields: dict[str, Any]) -> Pivot | None:
     if mime == "application/json":
         return {"type": "json_object"}
     if mime != "text/plain":
-        raise Unsupported("generationConfig.responseMimeType", f"{mime} is not carried")
+        raise Unsupported("generationConfig.responseMimeType", f"{_shown(mime)} is not carried")
     return None
 
 
@@ -618,8 +671,8 @@ def request_from_pivot(pivot: Pivot, model: str, stream: bool) -> dict[str, Any]
     for key, value in pivot.items():
         if value is not None and key not in _PIVOT_KEYS:
             raise Unsupported(key)
-    if pivot.get("user") is not None:
-        raise Unsupported("user", "Gemini has no end-user field")
+    # `user` (an end-user id) changes nothing in the answer and Gemini has no such
+    # field: ignored, like Anthropic's `cache_control` (docs/reference.md#translation).
     if pivot.get("n") not in (None, 1):
         raise Unsupported("n", "Gemini answers with one candidate here")
     if pivot.get("logprobs"):
@@ -679,7 +732,7 @@ def _messages_from_pivot(messages: Any, model: str) -> tuple[list[Pivot], list[P
             if turn["parts"]:
                 contents.append(turn)
         else:
-            raise Unsupported(f"{path}.role", f"{role!r} is not carried")
+            raise Unsupported(f"{path}.role", f"{_shown(role)} is not carried")
     return system, contents
 
 
@@ -704,7 +757,7 @@ def _user_parts(content: Any, path: str) -> list[Pivot]:
             _only_pivot(part, {"type", "image_url"}, ppath)
             parts.append(_image_from_pivot(part.get("image_url"), f"{ppath}.image_url"))
         else:
-            raise Unsupported(f"{ppath}.type", f"{kind!r} parts are not carried")
+            raise Unsupported(f"{ppath}.type", f"{_shown(kind)} parts are not carried")
     return parts
 
 
@@ -846,7 +899,7 @@ def _response_format_from_pivot(response_format: Any) -> dict[str, Any]:
             spec, {"name", "schema", "strict", "description"}, "response_format.json_schema"
         )
         return {"responseMimeType": "application/json", "responseJsonSchema": spec["schema"]}
-    raise Unsupported("response_format.type", f"{kind!r} is not carried")
+    raise Unsupported("response_format.type", f"{_shown(kind)} is not carried")
 
 
 # --- answers ------------------------------------------------------------------------
@@ -855,13 +908,13 @@ def _response_format_from_pivot(response_format: Any) -> dict[str, Any]:
 def _finish_to_pivot(reason: Any, has_calls: bool) -> str:
     if reason == "MAX_TOKENS":
         return "length"
-    if reason in _FILTERED:
+    if isinstance(reason, str) and reason in _FILTERED:
         return "content_filter"
     return "tool_calls" if has_calls else "stop"
 
 
 def _finish_from_pivot(reason: Any) -> str:
-    return _FINISH_FROM_PIVOT.get(str(reason), "STOP")
+    return _FINISH_FROM_PIVOT.get(reason, "STOP") if isinstance(reason, str) else "STOP"
 
 
 def _usage_to_pivot(metadata: Any) -> Pivot:
@@ -911,19 +964,22 @@ def _candidate(body: dict[str, Any]) -> dict[str, Any]:
     return {}
 
 
-def _candidate_parts(candidate: dict[str, Any]) -> tuple[list[str], list[dict[str, Any]]]:
-    """The answer's text and function calls; thoughts and other parts are not the answer."""
+def _candidate_parts(
+    candidate: dict[str, Any],
+) -> tuple[list[str], list[tuple[str, dict[str, Any]]]]:
+    """The answer's text, and its function calls with their paths; thoughts and other
+    parts are not the answer."""
     content = candidate.get("content")
     parts = content.get("parts") if isinstance(content, dict) else None
     texts: list[str] = []
-    calls: list[dict[str, Any]] = []
-    for part in parts if isinstance(parts, list) else []:
+    calls: list[tuple[str, dict[str, Any]]] = []
+    for j, part in enumerate(parts if isinstance(parts, list) else []):
         if not isinstance(part, dict) or part.get("thought"):
             continue
         if isinstance(part.get("text"), str):
             texts.append(part["text"])
         elif isinstance(part.get("functionCall"), dict):
-            calls.append(part["functionCall"])
+            calls.append((f"candidates[0].content.parts[{j}].functionCall", part["functionCall"]))
     return texts, calls
 
 
@@ -944,13 +1000,14 @@ def _call_prefix(body: dict[str, Any]) -> str:
     return "call_"
 
 
-def _pivot_call(call: dict[str, Any], call_id: str) -> Pivot:
+def _pivot_call(call: dict[str, Any], call_id: str, path: str) -> Pivot:
+    name = call.get("name")
     return {
         "id": call_id,
         "type": "function",
         "function": {
-            "name": str(call.get("name", "")),
-            "arguments": _call_arguments(call.get("args")),
+            "name": name if isinstance(name, str) else "",
+            "arguments": _call_arguments(call.get("args"), f"{path}.args"),
         },
     }
 
@@ -963,7 +1020,8 @@ def response_to_pivot(body: dict[str, Any]) -> Pivot:
     message: Pivot = {"role": "assistant", "content": "".join(texts) if texts else None}
     if calls:
         message["tool_calls"] = [
-            _pivot_call(call, _given_id(call) or f"{prefix}{n}") for n, call in enumerate(calls)
+            _pivot_call(call, _given_id(call) or f"{prefix}{n}", path)
+            for n, (path, call) in enumerate(calls)
         ]
     finish = (
         "content_filter"
@@ -974,10 +1032,17 @@ def response_to_pivot(body: dict[str, Any]) -> Pivot:
         "id": _answer_id(body),
         "object": "chat.completion",
         "created": 0,
-        "model": str(body.get("modelVersion", "")),
+        "model": _id_text(body.get("modelVersion")),
         "choices": [{"index": 0, "message": message, "finish_reason": finish}],
         "usage": _usage_to_pivot(body.get("usageMetadata")),
     }
+
+
+def _id_text(value: Any) -> str:
+    """An id or model name from an answer: a string or a number, else empty."""
+    if isinstance(value, str):
+        return value
+    return str(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else ""
 
 
 def _given_id(call: dict[str, Any]) -> str | None:
@@ -994,8 +1059,9 @@ def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
     text = _pivot_text(message.get("content"), "choices[0].message.content")
     if text:
         parts.append({"text": text})
+    cut = choice.get("finish_reason") == "length"
     for j, call in enumerate(message.get("tool_calls") or []):
-        parts.append(_gemini_call(call, f"choices[0].message.tool_calls[{j}]"))
+        parts.append(_gemini_call(call, f"choices[0].message.tool_calls[{j}]", cut))
     return {
         "candidates": [
             {
@@ -1005,18 +1071,20 @@ def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
             }
         ],
         "usageMetadata": _usage_from_pivot(pivot.get("usage")),
-        "modelVersion": model or str(pivot.get("model", "")),
-        "responseId": str(pivot.get("id", "")),
+        "modelVersion": model or _id_text(pivot.get("model")),
+        "responseId": _id_text(pivot.get("id")),
     }
 
 
-def _gemini_call(call: Any, path: str) -> Pivot:
+def _gemini_call(call: Any, path: str, cut: bool) -> Pivot:
+    """A pivot tool call as a Gemini function call part (`cut`: see `_args_object`)."""
     function = call.get("function") if isinstance(call, dict) else None
     if not isinstance(function, dict):
         raise Unsupported(f"{path}.function", "expected a JSON object")
+    name = function.get("name")
     gemini_call: Pivot = {
-        "name": str(function.get("name", "")),
-        "args": _args_object(function.get("arguments"), f"{path}.function.arguments"),
+        "name": name if isinstance(name, str) else "",
+        "args": _args_object(function.get("arguments"), f"{path}.function.arguments", cut),
     }
     call_id = call.get("id")
     if isinstance(call_id, str) and call_id:
@@ -1040,45 +1108,75 @@ def _rpc_status(status: int) -> str:
 
 
 def error_to_pivot(status: int, body: bytes) -> Pivot:
-    """A Gemini error body (or any bytes) as a pivot error; the HTTP status is kept."""
+    """A Gemini error body (or any bytes) as a pivot error; the HTTP status is kept.
+
+    Never raises: a body that is not a Gemini error (not JSON, nested too deeply
+    to read, another shape) is carried as its text.
+    """
     try:
-        parsed: Any = json.loads(body)
-    except ValueError:
+        parsed: Any = orjson.loads(body)
+    except (orjson.JSONDecodeError, TypeError):
         parsed = None
     if isinstance(parsed, list) and len(parsed) == 1:
         parsed = parsed[0]  # the error of a stream read without ?alt=sse
     error = parsed.get("error") if isinstance(parsed, dict) else None
     if isinstance(error, dict):
-        message = str(error.get("message") or "")
-        code = error.get("status") if isinstance(error.get("status"), str) else None
-        details = error.get("details")
-    else:
-        message = body.decode("utf-8", "replace").strip()[:_MAX_ERROR_TEXT]
-        code, details = None, None
+        return _error_pivot(status, error)
+    return _error_pivot(status, {"message": _body_text(body)})
+
+
+def _body_text(body: Any) -> str:
+    if not isinstance(body, (bytes, bytearray)):
+        return ""
+    return bytes(body[: _MAX_ERROR_TEXT * 4]).decode("utf-8", "replace").strip()[:_MAX_ERROR_TEXT]
+
+
+def _error_pivot(status: int, error: dict[str, Any]) -> Pivot:
+    """A Gemini `error` object as a pivot error (only its string fields are read)."""
+    message = error.get("message")
+    code = error.get("status")
     out: Pivot = {
-        "message": message or f"upstream answered HTTP {status}",
+        "message": message if isinstance(message, str) and message else _no_message(status),
         "type": _error_type(status),
-        "code": code,
+        "code": code if isinstance(code, str) else None,
     }
-    if isinstance(details, list):
+    details = _details(error.get("details"))
+    if details is not None:
         out["details"] = details
     return {"error": out, "status": status}
+
+
+def _no_message(status: int) -> str:
+    return f"upstream answered HTTP {status}"
+
+
+def _details(details: Any) -> list[Any] | None:
+    """An error's `details` list, kept only if it can be written back out as JSON."""
+    if not isinstance(details, list):
+        return None
+    try:
+        orjson.dumps(details)
+    except TypeError:  # orjson.JSONEncodeError: nested too deeply, ...
+        return None
+    return details
 
 
 def error_from_pivot(pivot: Pivot) -> dict[str, Any]:
     """A pivot error as Gemini's `{"error": {"code", "message", "status"}}`."""
     status = pivot.get("status")
-    code = status if isinstance(status, int) else 500
+    code = status if isinstance(status, int) and not isinstance(status, bool) else 500
     error = pivot.get("error")
     error = error if isinstance(error, dict) else {}
     rpc = error.get("code")
+    message = error.get("message")
     out: dict[str, Any] = {
         "code": code,
-        "message": str(error.get("message") or ""),
+        "message": message if isinstance(message, str) else "",
         "status": rpc if isinstance(rpc, str) and rpc in _RPC_NAMES else _rpc_status(code),
     }
-    if isinstance(error.get("details"), list):
-        out["details"] = error["details"]
+    details = _details(error.get("details"))
+    if details is not None:
+        out["details"] = details
     return {"error": out}
 
 
@@ -1107,7 +1205,7 @@ class ToPivot:
             return []
         if isinstance(data.get("error"), dict):
             self._done = True
-            return [error_to_pivot(_error_code(data["error"]), json.dumps(data).encode())]
+            return [_error_pivot(_error_code(data["error"]), data["error"])]
         if self._id is None:
             self._id = _answer_id(data)
             self._prefix = _call_prefix(data)
@@ -1137,13 +1235,13 @@ class ToPivot:
         if texts and "".join(texts):
             delta["content"] = "".join(texts)
         if calls:
-            delta["tool_calls"] = [self._tool_call(call) for call in calls]
+            delta["tool_calls"] = [self._tool_call(call, path) for path, call in calls]
         return delta
 
-    def _tool_call(self, call: dict[str, Any]) -> Pivot:
+    def _tool_call(self, call: dict[str, Any], path: str) -> Pivot:
         index = self._calls
         self._calls += 1
-        pivot = _pivot_call(call, _given_id(call) or f"{self._prefix}{index}")
+        pivot = _pivot_call(call, _given_id(call) or f"{self._prefix}{index}", path)
         return {"index": index, **pivot}
 
     def _chunk(self, delta: Pivot, finish: str | None) -> Pivot:
@@ -1172,16 +1270,29 @@ def _error_code(error: dict[str, Any]) -> int:
     return code if isinstance(code, int) and 400 <= code <= 599 else 500
 
 
+@dataclass
+class _Call:
+    """A streamed function call, held until the answer ends: its argument deltas are
+    collected in `pieces` and joined once."""
+
+    id: str = ""
+    name: str = ""
+    pieces: list[str] = field(default_factory=list)
+
+
 class FromPivot:
     """Pivot chunks as Gemini stream chunks: one per text delta; function calls whole at the end.
 
     The last chunk carries the function calls, `finishReason` and `usageMetadata`.
+    Function calls are held until then: more than `_MAX_CALLS` of them, or more
+    than `_MAX_ARGUMENT_BYTES` of arguments, end the stream with an error event.
     """
 
     def __init__(self, model: str) -> None:
         self._model = model
         self._id = ""
-        self._calls: dict[int, dict[str, str]] = {}
+        self._calls: dict[int, _Call] = {}
+        self._argument_bytes = 0
         self._finish: str | None = None
         self._usage: Any = None
         self._done = False
@@ -1203,34 +1314,58 @@ class FromPivot:
         for choice in chunk.get("choices") or []:
             if not isinstance(choice, dict) or choice.get("index", 0) != 0:
                 continue
-            delta = choice.get("delta") or {}
+            delta = choice.get("delta")
+            delta = delta if isinstance(delta, dict) else {}
             text = delta.get("content")
             if isinstance(text, str) and text:
                 events.append((None, self._body([{"text": text}])))
-            for call in delta.get("tool_calls") or []:
-                self._add_call(call)
+            calls = delta.get("tool_calls")
+            for call in calls if isinstance(calls, list) else []:
+                refusal = self._add_call(call)
+                if refusal is not None:
+                    self._done = True
+                    return [*events, (None, error_from_pivot(refusal))]
             if choice.get("finish_reason") is not None:
                 self._finish = choice["finish_reason"]
         return events
 
-    def _add_call(self, call: dict[str, Any]) -> None:
-        index = call.get("index", len(self._calls))
-        known = self._calls.setdefault(index, {"id": "", "name": "", "arguments": ""})
-        if call.get("id"):
-            known["id"] = call["id"]
-        function = call.get("function") or {}
-        if function.get("name"):
-            known["name"] = function["name"]
-        if function.get("arguments"):
-            known["arguments"] += function["arguments"]
+    def _add_call(self, call: Any) -> Pivot | None:
+        """Adds a tool call delta; a pivot error when the answer's calls pass a cap."""
+        if not isinstance(call, dict):
+            return None
+        index = call.get("index")
+        if not isinstance(index, int) or isinstance(index, bool):
+            index = len(self._calls)
+        known = self._calls.get(index)
+        if known is None:
+            if len(self._calls) >= _MAX_CALLS:
+                return _too_large(f"more than {_MAX_CALLS} function calls")
+            known = self._calls[index] = _Call()
+        if isinstance(call.get("id"), str) and call["id"]:
+            known.id = call["id"]
+        function = call.get("function")
+        if not isinstance(function, dict):
+            return None
+        if isinstance(function.get("name"), str) and function["name"]:
+            known.name = function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, str) and arguments:
+            self._argument_bytes += _utf8_size(arguments)
+            if self._argument_bytes > _MAX_ARGUMENT_BYTES:
+                return _too_large(f"function call arguments over {_MAX_ARGUMENT_BYTES} bytes")
+            known.pieces.append(arguments)
+        return None
 
     def _final(self) -> Event:
         parts: list[Pivot] = []
+        cut = self._finish == "length"
         for index in sorted(self._calls):
             call = self._calls[index]
-            pivot_call = {"id": call["id"], "function": call}
+            function = {"name": call.name, "arguments": "".join(call.pieces)}
             try:
-                parts.append(_gemini_call(pivot_call, f"tool_calls[{index}]"))
+                parts.append(
+                    _gemini_call({"id": call.id, "function": function}, f"tool_calls[{index}]", cut)
+                )
             except Unsupported as exc:
                 return (None, error_from_pivot(_bad_arguments(exc)))
         body = self._body(parts)
@@ -1245,6 +1380,24 @@ class FromPivot:
             "modelVersion": self._model,
             "responseId": self._id,
         }
+
+
+def _utf8_size(text: str) -> int:
+    if text.isascii():
+        return len(text)
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _too_large(what: str) -> Pivot:
+    """The upstream's answer holds more function calls than the gateway translates."""
+    return {
+        "error": {
+            "message": f"the upstream's answer is too large to translate: {what}",
+            "type": "api_error",
+            "code": "INTERNAL",
+        },
+        "status": 502,
+    }
 
 
 def _bad_arguments(exc: Unsupported) -> Pivot:

@@ -13,6 +13,8 @@ import orjson
 
 from sidecar.translate.base import Event, Pivot, Unsupported
 
+#: OpenAI models that take only `max_completion_tokens` (its reasoning models).
+_COMPLETION_TOKENS_ONLY: Final = ("o1", "o3", "o4", "gpt-5")
 #: Pivot fields OpenAI chat completions has no place for.
 _NOT_OPENAI: Final = ("top_k",)
 _TYPES: Final = {
@@ -43,6 +45,9 @@ def request_from_pivot(pivot: Pivot, model: str, stream: bool) -> dict[str, Any]
     out = dict(pivot)
     out["model"] = model
     out.pop("stream_options", None)
+    if model.startswith(_COMPLETION_TOKENS_ONLY) and "max_tokens" in out:
+        # OpenAI's reasoning models refuse `max_tokens` (Anthropic callers always send one).
+        out["max_completion_tokens"] = out.pop("max_tokens")
     if stream:
         out["stream"] = True
         out["stream_options"] = {"include_usage": True}  # metered: the usage chunk is always asked
