@@ -578,3 +578,21 @@ def test_an_unfinished_answer_is_not_ended_at_eof() -> None:
     tr = Translation("openai", "anthropic").stream(MODEL["anthropic"])
     out = tr.feed(cut) + tr.finish()
     assert not read_stream("openai", out)[4]
+
+
+@pytest.mark.parametrize(("model", "field"), [("o3-mini", "max_completion_tokens"),
+                                              ("gpt-5", "max_completion_tokens"),
+                                              ("gpt-4o-mini", "max_tokens")])  # fmt: skip
+def test_openais_reasoning_models_get_max_completion_tokens(model: str, field: str) -> None:
+    """Anthropic callers always send `max_tokens`; OpenAI's reasoning models refuse it."""
+    sent = Translation("anthropic", "openai").request(conversation("anthropic"), model, False)
+    assert sent[field] == 50
+    other = "max_tokens" if field == "max_completion_tokens" else "max_completion_tokens"
+    assert other not in sent
+
+
+@pytest.mark.parametrize(("caller", "upstream"), PAIRS)
+def test_a_200_that_is_not_an_answer_is_not_translated_into_one(caller: str, upstream: str) -> None:
+    tr = Translation(caller, upstream)
+    assert tr.response(b'{"error": {"message": "Provider returned error"}}', "m") is None
+    assert tr.response(b'{"object": "list", "data": []}', "m") is None
