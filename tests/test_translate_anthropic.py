@@ -8,6 +8,7 @@ in-memory transport), so "the SDK assembles the same answer" is checked by the S
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import anthropic as anthropic_sdk
@@ -840,7 +841,7 @@ def test_request_from_pivot_images_base64_and_url() -> None:
                     {"type": "text", "text": "Same?"},
                     {
                         "type": "image_url",
-                        "image_url": {"url": f"data:image/png;base64,{PNG_B64}", "detail": "low"},
+                        "image_url": {"url": f"data:image/png;base64,{PNG_B64}", "detail": "auto"},
                     },
                     {"type": "image_url", "image_url": {"url": "https://example.com/cat.jpg"}},
                 ],
@@ -952,6 +953,24 @@ def _user(content: Any) -> dict[str, Any]:
         (
             _user([{"type": "image_url", "image_url": {"url": "ftp://x/y.png"}}]),
             "messages[0].content[0].image_url.url",
+        ),
+        (
+            _user(
+                [{"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "low"}}]
+            ),
+            "messages[0].content[0].image_url.detail",
+        ),
+        (
+            _user(
+                [
+                    {"type": "text", "text": "a"},
+                    {
+                        "type": "image_url",
+                        "image_url": {"url": "https://x/y.png", "detail": "high"},
+                    },
+                ]
+            ),
+            "messages[0].content[1].image_url.detail",
         ),
         (
             {
@@ -1129,9 +1148,35 @@ def test_response_from_pivot_invents_stable_ids_when_there_are_none() -> None:
     assert first == again
 
 
-def test_response_from_pivot_malformed_arguments_names_them() -> None:
+@pytest.mark.parametrize("finish", ["tool_calls", "stop"])
+def test_response_from_pivot_malformed_arguments_names_them(finish: str) -> None:
     pivot = copy.deepcopy(PIVOT_COMPLETION)
     pivot["choices"][0]["message"]["tool_calls"][1]["function"]["arguments"] = '{"city": '
+    pivot["choices"][0]["finish_reason"] = finish
+    with pytest.raises(Unsupported) as caught:
+        tr.response_from_pivot(pivot, "claude-x")
+    assert caught.value.field == "choices[0].message.tool_calls[1].function.arguments"
+
+
+@pytest.mark.parametrize("cut", ['{"city": ', '{"city": "Ro', "", "[1", "7"])
+def test_response_from_pivot_tool_call_cut_by_max_tokens_has_empty_input(cut: str) -> None:
+    pivot = copy.deepcopy(PIVOT_COMPLETION)
+    pivot["choices"][0]["message"]["tool_calls"][1]["function"]["arguments"] = cut
+    pivot["choices"][0]["finish_reason"] = "length"
+    answer = tr.response_from_pivot(pivot, "claude-x")
+    assert answer["stop_reason"] == "max_tokens"
+    assert answer["content"][1:] == [
+        {"type": "tool_use", "id": "call_1", "name": "get_weather", "input": {"city": "Paris"}},
+        {"type": "tool_use", "id": "call_2", "name": "get_weather", "input": {}},
+    ]
+    message = anthropic_sdk.types.Message.model_validate(answer)
+    assert message.stop_reason == "max_tokens"
+
+
+def test_response_from_pivot_cut_by_max_tokens_still_refuses_a_non_string() -> None:
+    pivot = copy.deepcopy(PIVOT_COMPLETION)
+    pivot["choices"][0]["message"]["tool_calls"][1]["function"]["arguments"] = {"city": "Rome"}
+    pivot["choices"][0]["finish_reason"] = "length"
     with pytest.raises(Unsupported) as caught:
         tr.response_from_pivot(pivot, "claude-x")
     assert caught.value.field == "choices[0].message.tool_calls[1].function.arguments"
@@ -1567,3 +1612,208 @@ def test_streams_compose_both_ways() -> None:
     assert final.stop_reason == "tool_use"
     assert final.usage.input_tokens + (final.usage.cache_read_input_tokens or 0) == 125
     assert final.usage.output_tokens == 30
+
+
+def _final_message(events: list[tuple[str | None, dict[str, Any]]]) -> Any:
+    """What the Anthropic SDK's stream helper assembles from `events`."""
+    with httpx2.Client(transport=sse_transport(anthropic_sse(events))) as http:
+        client = anthropic_sdk.Anthropic(
+            api_key="test", base_url="http://upstream.test", http_client=http
+        )
+        with client.messages.stream(
+            model="claude-haiku-4-5", max_tokens=10, messages=[{"role": "user", "content": "a"}]
+        ) as stream:
+            return stream.get_final_message()
+
+
+def _calls_chunk(calls: list[dict[str, Any]], finish: str | None = None) -> dict[str, Any]:
+    choice = {"index": 0, "delta": {"tool_calls": calls}, "finish_reason": finish}
+    return {"id": "c", "object": "chat.completion.chunk", "model": "m", "choices": [choice]}
+
+
+def _tool_inputs(chunks: list[dict[str, Any] | None]) -> list[tuple[str, str, Any]]:
+    final = _final_message(run_from_pivot(chunks))
+    return [(block.id, block.name, block.input) for block in final.content]
+
+
+def test_from_pivot_whole_tool_calls_without_index_stay_apart() -> None:
+    """Some OpenAI-compatible upstreams omit `index`: a new id starts a new call."""
+    paris = {"id": "call_a", "type": "function"}
+    paris["function"] = {"name": "get_weather", "arguments": '{"city":"Paris"}'}
+    cet = {"id": "call_b", "type": "function"}
+    cet["function"] = {"name": "get_time", "arguments": '{"tz":"CET"}'}
+    chunks = [_calls_chunk([paris]), _calls_chunk([cet], "tool_calls"), None]
+    assert _tool_inputs(chunks) == [
+        ("call_a", "get_weather", {"city": "Paris"}),
+        ("call_b", "get_time", {"tz": "CET"}),
+    ]
+    both = [_calls_chunk([paris, cet], "tool_calls"), None]
+    assert _tool_inputs(both) == _tool_inputs(chunks)
+
+
+def test_from_pivot_pieces_without_index_continue_the_latest_call() -> None:
+    chunks: list[dict[str, Any] | None] = [
+        _calls_chunk([{"id": "call_a", "function": {"name": "get_weather", "arguments": ""}}]),
+        _calls_chunk([{"function": {"arguments": '{"city":'}}]),
+        _calls_chunk([{"id": "call_a", "function": {"arguments": '"Paris"}'}}]),  # id repeated
+        _calls_chunk([{"function": {"name": "get_time", "arguments": '{"tz":'}}]),  # new name
+        _calls_chunk([{"function": {"arguments": '"CET"}'}}], "tool_calls"),
+        None,
+    ]
+    inputs = _tool_inputs(chunks)
+    assert [(name, given) for _, name, given in inputs] == [
+        ("get_weather", {"city": "Paris"}),
+        ("get_time", {"tz": "CET"}),
+    ]
+    assert inputs[0][0] == "call_a"
+    assert inputs[1][0].startswith("toolu_")
+
+
+def test_from_pivot_indexed_calls_are_unchanged_by_the_index_less_rule() -> None:
+    """With `index`, a repeated name or a later id does not split a call."""
+    chunks: list[dict[str, Any] | None] = [
+        _calls_chunk([{"index": 0, "id": "call_a", "function": {"name": "f", "arguments": "{"}}]),
+        _calls_chunk(
+            [{"index": 0, "id": "call_a", "function": {"name": "f", "arguments": '"a":'}}]
+        ),
+        _calls_chunk([{"index": 0, "function": {"name": "f", "arguments": "1}"}}]),
+        _calls_chunk([{"index": 1, "id": "call_b", "function": {"name": "f", "arguments": "{}"}}]),
+        _calls_chunk([], "tool_calls"),
+        None,
+    ]
+    assert _tool_inputs(chunks) == [("call_a", "f", {"a": 1}), ("call_b", "f", {})]
+
+
+# -- robustness: a request raises Unsupported or nothing -----------------------------------
+
+
+def _nested(depth: int) -> dict[str, Any]:
+    """A JSON-schema-like object nested `depth` levels (built without recursion)."""
+    value: dict[str, Any] = {"type": "string"}
+    for _ in range(depth):
+        value = {"type": "object", "properties": {"a": value}}
+    return value
+
+
+@pytest.mark.parametrize("depth", [300, 1000, 5000])
+def test_request_deeply_nested_schemas_pass_through_without_recursion(depth: int) -> None:
+    schema = _nested(depth)
+    body = {
+        "max_tokens": 10,
+        "messages": [{"role": "user", "content": "a"}],
+        "tools": [{"name": "f", "input_schema": schema}],
+    }
+    pivot = tr.request_to_pivot(body)
+    assert pivot["tools"][0]["function"]["parameters"] is schema
+    assert tr.request_from_pivot(pivot, "m", False)["tools"][0]["input_schema"] is schema
+
+
+def test_request_deeply_nested_tool_result_content_is_refused_by_name() -> None:
+    content = [{"type": "text", "text": "x", "extra": _nested(5000)}]
+    result = {"type": "tool_result", "tool_use_id": "t", "content": content}
+    with pytest.raises(Unsupported) as caught:
+        tr.request_to_pivot({"max_tokens": 1, "messages": [{"role": "user", "content": [result]}]})
+    assert caught.value.field == "messages[0].content[0].content[0].extra"
+
+
+@pytest.mark.parametrize("given", [_nested(300), {"big": 2**70}, {"s": "\ud800"}])
+def test_request_to_pivot_tool_use_input_orjson_cannot_write_is_still_carried(
+    given: dict[str, Any],
+) -> None:
+    body = _with_message([{"type": "tool_use", "id": "t", "name": "f", "input": given}])
+    arguments = tr.request_to_pivot(body)["messages"][1]["tool_calls"][0]["function"]["arguments"]
+    assert json.loads(arguments) == given
+
+
+def test_request_to_pivot_tool_use_input_too_deep_to_write_is_unsupported() -> None:
+    body = _with_message([{"type": "tool_use", "id": "t", "name": "f", "input": _nested(5000)}])
+    with pytest.raises(Unsupported) as caught:
+        tr.request_to_pivot(body)
+    assert caught.value.field == "messages[1].content[0].input"
+    assert caught.value.why == "nested too deeply"
+
+
+def test_request_from_pivot_deep_arguments_are_unsupported_by_name() -> None:
+    arguments = '{"a":' * 2000 + "1" + "}" * 2000
+    call = {"id": "c", "type": "function", "function": {"name": "f", "arguments": arguments}}
+    pivot = {"messages": [{"role": "assistant", "content": None, "tool_calls": [call]}]}
+    with pytest.raises(Unsupported) as caught:
+        tr.request_from_pivot(pivot, "m", False)
+    assert caught.value.field == "messages[0].tool_calls[0].function.arguments"
+
+
+_HOSTILE: list[Any] = [None, 0, 7, -1, 1.5, True, "", "x", [], [None], [7], ["x"], {}, {"a": 1}]
+_HOSTILE.append(_nested(2000))
+
+
+def _paths(value: Any, path: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+    """Every place in a JSON value (the root excluded)."""
+    out: list[tuple[Any, ...]] = [path] if path else []
+    if isinstance(value, (dict, list)):
+        for key, inner in value.items() if isinstance(value, dict) else enumerate(value):
+            out += _paths(inner, (*path, key))
+    return out
+
+
+def _replaced(doc: Any, path: tuple[Any, ...], value: Any) -> Any:
+    doc = copy.deepcopy(doc)
+    inner = doc
+    for key in path[:-1]:
+        inner = inner[key]
+    inner[path[-1]] = value
+    return doc
+
+
+def _only_unsupported(function: Any, doc: Any) -> None:
+    escaped = []
+    for path in _paths(doc):
+        for value in _HOSTILE:
+            try:
+                function(_replaced(doc, path, value))
+            except Unsupported:
+                pass
+            except Exception as exc:  # the test's point: name the inputs that escaped
+                shown = value if isinstance(value, (str, int, float)) else type(value).__name__
+                escaped.append(f"{path} = {shown}: {type(exc).__name__}: {str(exc)[:80]}")
+    assert escaped == []
+
+
+def test_request_to_pivot_raises_only_unsupported_whatever_the_values() -> None:
+    full = copy.deepcopy(ANTHROPIC_TOOL_REQUEST)
+    full["metadata"] = {"user_id": "u"}
+    full["stop_sequences"] = ["x"]
+    full["tool_choice"] = {"type": "tool", "name": "get_weather"}
+    full["messages"][0]["content"] = [
+        {"type": "text", "text": "a"},
+        {"type": "image", "source": {"type": "base64", "media_type": "image/png", "data": "AA"}},
+        {"type": "image", "source": {"type": "url", "url": "https://x/y.png"}},
+    ]
+    _only_unsupported(tr.request_to_pivot, full)
+
+
+def test_request_from_pivot_raises_only_unsupported_whatever_the_values() -> None:
+    full = tr.request_to_pivot(copy.deepcopy(ANTHROPIC_TOOL_REQUEST))
+    full["messages"].append(
+        {
+            "role": "user",
+            "content": [
+                {"type": "text", "text": "a"},
+                {"type": "image_url", "image_url": {"url": "https://x/y.png", "detail": "auto"}},
+            ],
+        }
+    )
+    full.update(stop=["x"], user="u", response_format={"type": "text"}, n=1, seed=None)
+    full["tool_choice"] = {"type": "function", "function": {"name": "get_weather"}}
+    full["parallel_tool_calls"] = False
+    _only_unsupported(lambda pivot: tr.request_from_pivot(pivot, "m", True), full)
+
+
+def test_invented_ids_survive_what_orjson_cannot_write() -> None:
+    pivot = copy.deepcopy(PIVOT_COMPLETION)
+    del pivot["id"]
+    for extra in (_nested(2000), 2**70, "\ud800"):
+        first = tr.response_from_pivot({**pivot, "system_fingerprint": extra}, "claude-x")["id"]
+        assert first == tr.response_from_pivot({**pivot, "system_fingerprint": extra}, "m")["id"]
+        assert first.startswith("msg_")
+        chunk = {"choices": [{"index": 0, "delta": {"content": "a"}}], "x": extra}
+        assert tr.FromPivot("m").chunk(chunk)[0][1]["message"]["id"].startswith("msg_")

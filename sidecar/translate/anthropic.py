@@ -8,22 +8,29 @@ documents, server tools, citations in a request, `output_config`...) raises
 to OpenAI's default (`n: 1`, `presence_penalty: 0`, `logprobs: false`...) or JSON
 `null` carries nothing and is accepted.
 
-Deliberate approximations, documented for callers: `cache_control` (and
-OpenAI's `prompt_cache_*`) are caching hints and are ignored; OpenAI's `user`
-(else `safety_identifier`) is `metadata.user_id`; a `tool_result` with `is_error: true` becomes the result
-text prefixed with "Error: "; system and developer messages anywhere in an
-OpenAI conversation become Anthropic's top-level `system`, in order; a pivot
-request without `max_tokens` gets `DEFAULT_MAX_TOKENS` (Anthropic requires one);
-tool-call ids are made Anthropic-safe (`[A-Za-z0-9_-]`) the same way in
-`tool_use` and `tool_result`. Thinking blocks and citations in an answer are
-left out of the pivot answer. Ids the upstream gave are kept; where there is
-none, one is derived from a hash of what it names (stable, no clock, no
+Deliberate approximations, documented for callers: `cache_control` (and OpenAI's
+`prompt_cache_*`) are caching hints and are ignored; OpenAI's `user` (else
+`safety_identifier`) is `metadata.user_id`; a `tool_result` with `is_error:
+true` becomes the result text prefixed with "Error: "; system and developer
+messages anywhere in an OpenAI conversation become Anthropic's top-level
+`system`, in order; a pivot request without `max_tokens` gets
+`DEFAULT_MAX_TOKENS` (Anthropic requires one); tool-call ids are made
+Anthropic-safe (`[A-Za-z0-9_-]`) the same way in `tool_use` and `tool_result`.
+Thinking blocks and citations in an answer are left out of the pivot answer. An
+answer cut by the token limit (`finish_reason: length`) carries a tool call
+whose `arguments` end mid-JSON with an empty `input` (the stream passes the
+partial JSON on); a complete answer with malformed arguments is refused.
+OpenAI's `image_url.detail` other than "auto" is refused (Anthropic has none).
+Streamed tool-call deltas without `index` (some OpenAI-compatible upstreams) are
+told apart by a new `id` or `name`. Ids the upstream gave are kept; where there
+is none, one is derived from a hash of what it names (stable, no clock, no
 randomness). `created` is 0: this module has no clock.
 """
 
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 from typing import Any, Final
 
@@ -127,6 +134,7 @@ _REQUEST_KEYS: Final = frozenset(
 )
 _UNSAFE_ID: Final = re.compile(r"[^A-Za-z0-9_-]")
 _MAX_ERROR_TEXT: Final = 500
+_MAX_NAMED: Final = 64  # characters of a refused value shown in the field that names it
 
 
 # -- small helpers -------------------------------------------------------------------------
@@ -143,6 +151,16 @@ def _check_keys(obj: dict[str, Any], allowed: frozenset[str], path: str) -> None
     for key, value in obj.items():
         if value not in (None, [], {}) and key not in allowed and key != "cache_control":
             raise Unsupported(f"{path}.{key}")
+
+
+def _is(path: str, value: Any) -> str:
+    """`path=value` naming a refused value: a string as itself (cut short), `None` as None,
+    anything else by its JSON kind, never its text (which may be huge or nested deeply)."""
+    if isinstance(value, str):
+        return f"{path}={value[:_MAX_NAMED]}"
+    if value is None:
+        return f"{path}=None"
+    return f"{path}=<{type(value).__name__}>"
 
 
 def _object(value: Any, path: str) -> dict[str, Any]:
@@ -164,13 +182,30 @@ def _string(obj: dict[str, Any], key: str, path: str) -> str:
     return value
 
 
-def _dumps(value: Any) -> str:
-    return orjson.dumps(value).decode()
+def _dumps(value: Any, path: str = "") -> str:
+    """`value` as a JSON string. What orjson cannot write (an integer over 64 bits, a lone
+    surrogate, nesting over 254 levels) the standard library writes; nesting past Python's
+    recursion limit is `Unsupported(path)`."""
+    try:
+        return orjson.dumps(value).decode()
+    except TypeError:  # orjson.JSONEncodeError
+        pass
+    try:
+        return json.dumps(value, separators=(",", ":"))
+    except RecursionError:
+        raise Unsupported(path, "nested too deeply") from None
 
 
 def _stable_id(prefix: str, *parts: Any) -> str:
     """An id derived from what it names: the same input gives the same id."""
-    digest = hashlib.sha256(orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)).hexdigest()
+    try:
+        data = orjson.dumps(parts, option=orjson.OPT_SORT_KEYS)
+    except TypeError:  # what orjson cannot write: see `_dumps`
+        try:
+            data = json.dumps(parts, sort_keys=True).encode()
+        except RecursionError:  # too deep to write at all: its top-level keys name it
+            data = repr([sorted(p) if isinstance(p, dict) else type(p) for p in parts]).encode()
+    digest = hashlib.sha256(data).hexdigest()
     return prefix + digest[:24]
 
 
@@ -187,6 +222,27 @@ def _parse_arguments(raw: Any, path: str) -> dict[str, Any]:
     if not isinstance(value, dict):
         raise Unsupported(path, "not a JSON object")
     return value
+
+
+def _answer_input(raw: Any, path: str, cut: bool) -> dict[str, Any]:
+    """An answer's tool-call `arguments` as `input`. A call cut by the token limit (`cut`)
+    may end mid-JSON: it is carried with an empty `input` (the answer stops at max_tokens),
+    as the stream carries the partial JSON; an answer that claims to be whole is refused."""
+    try:
+        return _parse_arguments(raw, path)
+    except Unsupported:
+        if cut and isinstance(raw, str):
+            return {}
+        raise
+
+
+def _stop_sequences(value: Any, path: str) -> list[str]:
+    """A stop sequence or a list of them, as a list of strings."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and all(isinstance(item, str) for item in value):
+        return list(value)
+    raise Unsupported(path, "expected a string or a list of strings")
 
 
 def _collapse(parts: list[dict[str, Any]]) -> str | list[dict[str, Any]]:
@@ -218,8 +274,7 @@ def request_to_pivot(body: dict[str, Any]) -> Pivot:
         if key in body:
             pivot[key] = body[key]
     if "stop_sequences" in body:
-        stop = body["stop_sequences"]
-        pivot["stop"] = [stop] if isinstance(stop, str) else list(stop)
+        pivot["stop"] = _stop_sequences(body["stop_sequences"], "stop_sequences")
     if "metadata" in body:
         metadata = _object(body["metadata"], "metadata")
         _check_keys(metadata, frozenset({"user_id"}), "metadata")
@@ -247,7 +302,7 @@ def _text_blocks(content: Any, path: str) -> list[dict[str, Any]]:
     parts = []
     for j, block in enumerate(_objects(content, path)):
         if block.get("type") != "text":
-            raise Unsupported(f"{path}[{j}].type={block.get('type')}")
+            raise Unsupported(_is(f"{path}[{j}].type", block.get("type")))
         parts.append(_text_of(block, f"{path}[{j}]"))
     return parts
 
@@ -276,7 +331,7 @@ def _messages_to_pivot(messages: Any, path: str) -> list[Pivot]:
         elif role == "assistant":
             out.append(_assistant_to_pivot(_content_blocks(content, f"{here}.content"), here))
         else:
-            raise Unsupported(f"{here}.role={role}")
+            raise Unsupported(_is(f"{here}.role", role))
     return out
 
 
@@ -295,7 +350,7 @@ def _user_to_pivot(blocks: list[dict[str, Any]], path: str) -> list[Pivot]:
         elif kind == "tool_result":
             results.append(_tool_result_to_pivot(block, here))
         else:
-            raise Unsupported(f"{here}.type={kind}")
+            raise Unsupported(_is(f"{here}.type", kind))
     if parts:
         results.append({"role": "user", "content": _collapse(parts)})
     return results
@@ -314,7 +369,7 @@ def _image_to_pivot(block: dict[str, Any], path: str) -> dict[str, Any]:
         _check_keys(source, frozenset({"type", "url"}), f"{path}.source")
         url = _string(source, "url", f"{path}.source")
     else:
-        raise Unsupported(f"{path}.source.type={kind}")
+        raise Unsupported(_is(f"{path}.source.type", kind))
     return {"type": "image_url", "image_url": {"url": url}}
 
 
@@ -353,12 +408,12 @@ def _assistant_to_pivot(blocks: list[dict[str, Any]], path: str) -> Pivot:
                     "type": "function",
                     "function": {
                         "name": _string(block, "name", here),
-                        "arguments": _dumps(arguments),
+                        "arguments": _dumps(arguments, f"{here}.input"),
                     },
                 }
             )
         else:
-            raise Unsupported(f"{here}.type={kind}")
+            raise Unsupported(_is(f"{here}.type", kind))
     message: Pivot = {"role": "assistant", "content": _collapse(texts) if texts else None}
     if calls:
         message["tool_calls"] = calls
@@ -368,12 +423,14 @@ def _assistant_to_pivot(blocks: list[dict[str, Any]], path: str) -> Pivot:
 def _tool_to_pivot(tool: dict[str, Any], path: str) -> Pivot:
     kind = tool.get("type")
     if kind not in (None, "custom"):
-        raise Unsupported(f"{path}.type={kind}")
+        raise Unsupported(_is(f"{path}.type", kind))
     _check_keys(tool, frozenset({"type", "name", "description", "input_schema", "strict"}), path)
     function: dict[str, Any] = {"name": _string(tool, "name", path)}
     if "description" in tool:
         function["description"] = tool["description"]
-    function["parameters"] = tool.get("input_schema") or dict(_EMPTY_SCHEMA)
+    schema = tool.get("input_schema")
+    schema = {} if schema is None else _object(schema, f"{path}.input_schema")
+    function["parameters"] = schema or dict(_EMPTY_SCHEMA)
     if "strict" in tool:
         function["strict"] = tool["strict"]
     return {"type": "function", "function": function}
@@ -385,10 +442,10 @@ def _tool_choice_to_pivot(choice: dict[str, Any], pivot: Pivot) -> None:
     if kind == "tool":
         name = _string(choice, "name", "tool_choice")
         pivot["tool_choice"] = {"type": "function", "function": {"name": name}}
-    elif kind in _TOOL_CHOICE_TO_PIVOT:
+    elif isinstance(kind, str) and kind in _TOOL_CHOICE_TO_PIVOT:
         pivot["tool_choice"] = _TOOL_CHOICE_TO_PIVOT[kind]
     else:
-        raise Unsupported(f"tool_choice.type={kind}")
+        raise Unsupported(_is("tool_choice.type", kind))
     if choice.get("disable_parallel_tool_use"):
         pivot["parallel_tool_calls"] = False
 
@@ -406,13 +463,13 @@ def request_from_pivot(pivot: Pivot, model: str, stream: bool) -> dict[str, Any]
         if key in ("temperature", "top_p", "top_k"):
             body[key] = value
         elif key == "stop":
-            body["stop_sequences"] = [value] if isinstance(value, str) else list(value)
+            body["stop_sequences"] = _stop_sequences(value, key)
         elif key in ("user", "safety_identifier"):
             body["metadata"] = {"user_id": pivot.get("user", value)}
         elif key == "response_format":
             kind = _object(value, key).get("type")
             if kind != "text":
-                raise Unsupported(key, f"type {kind} has no Anthropic equivalent")
+                raise Unsupported(key, f"{_is('type', kind)} has no Anthropic equivalent")
         elif key in _PIVOT_DEFAULTS:
             if value != _PIVOT_DEFAULTS[key]:
                 raise Unsupported(key, "no Anthropic equivalent")
@@ -471,7 +528,7 @@ def _messages_from_pivot(
             _check_keys(message, frozenset({"role", "content", "tool_call_id", "name"}), here)
             _append(out, "user", [_tool_result_from_pivot(message, here)])
         else:
-            raise Unsupported(f"{here}.role={role}")
+            raise Unsupported(_is(f"{here}.role", role))
     for message in out:
         message["content"] = _collapse(message["content"])
     return system, out
@@ -491,7 +548,7 @@ def _pivot_text(content: Any, path: str) -> list[dict[str, Any]]:
     blocks = []
     for j, part in enumerate(_objects(content, path)):
         if part.get("type") != "text":
-            raise Unsupported(f"{path}[{j}].type={part.get('type')}")
+            raise Unsupported(_is(f"{path}[{j}].type", part.get("type")))
         blocks.append(_text_of(part, f"{path}[{j}]"))
     return blocks
 
@@ -509,9 +566,11 @@ def _user_from_pivot(content: Any, path: str) -> list[dict[str, Any]]:
             _check_keys(part, frozenset({"type", "image_url"}), here)
             image = _object(part.get("image_url"), f"{here}.image_url")
             _check_keys(image, frozenset({"url", "detail"}), f"{here}.image_url")
+            if image.get("detail") not in (None, "auto"):
+                raise Unsupported(f"{here}.image_url.detail", "Anthropic has no per-image detail")
             blocks.append(_image_from_url(_string(image, "url", f"{here}.image_url"), here))
         else:
-            raise Unsupported(f"{here}.type={kind}")
+            raise Unsupported(_is(f"{here}.type", kind))
     return _nonempty(blocks)
 
 
@@ -539,7 +598,7 @@ def _assistant_from_pivot(message: dict[str, Any], path: str) -> list[dict[str, 
     for k, call in enumerate(_objects(calls, f"{path}.tool_calls")):
         here = f"{path}.tool_calls[{k}]"
         if call.get("type", "function") != "function":
-            raise Unsupported(f"{here}.type={call.get('type')}")
+            raise Unsupported(_is(f"{here}.type", call.get("type")))
         _check_keys(call, frozenset({"id", "type", "function", "index"}), here)
         function = _object(call.get("function"), f"{here}.function")
         _check_keys(function, frozenset({"name", "arguments"}), f"{here}.function")
@@ -566,13 +625,15 @@ def _tool_result_from_pivot(message: dict[str, Any], path: str) -> dict[str, Any
 
 def _tool_from_pivot(tool: dict[str, Any], path: str) -> dict[str, Any]:
     if tool.get("type") != "function":
-        raise Unsupported(f"{path}.type={tool.get('type')}")
+        raise Unsupported(_is(f"{path}.type", tool.get("type")))
     _check_keys(tool, frozenset({"type", "function"}), path)
     function = _object(tool.get("function"), f"{path}.function")
     _check_keys(
         function, frozenset({"name", "description", "parameters", "strict"}), f"{path}.function"
     )
-    schema = function.get("parameters") or dict(_EMPTY_SCHEMA)
+    schema = function.get("parameters")
+    schema = {} if schema is None else _object(schema, f"{path}.function.parameters")
+    schema = schema or dict(_EMPTY_SCHEMA)
     if "type" not in schema:
         schema = {"type": "object", **schema}
     out: dict[str, Any] = {"name": _string(function, "name", f"{path}.function")}
@@ -594,7 +655,9 @@ def _tool_choice_from_pivot(choice: Any, parallel: Any) -> dict[str, Any] | None
         out = {"type": "tool", "name": _string(function, "name", "tool_choice.function")}
     else:
         kind = choice.get("type") if isinstance(choice, dict) else choice
-        raise Unsupported(f"tool_choice.type={kind}" if isinstance(choice, dict) else "tool_choice")
+        raise Unsupported(
+            _is("tool_choice.type", kind) if isinstance(choice, dict) else "tool_choice"
+        )
     if out is not None and parallel is False and out["type"] != "none":
         out["disable_parallel_tool_use"] = True
     return out
@@ -686,6 +749,7 @@ def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
     refusal = message.get("refusal")
     if refusal:
         content.append({"type": "text", "text": refusal})
+    cut = choice.get("finish_reason") == "length"
     for k, call in enumerate(message.get("tool_calls") or []):
         function = call.get("function") or {}
         content.append(
@@ -693,9 +757,10 @@ def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
                 "type": "tool_use",
                 "id": call.get("id") or _stable_id("toolu_", message_id, k),
                 "name": function.get("name") or "",
-                "input": _parse_arguments(
+                "input": _answer_input(
                     function.get("arguments"),
                     f"choices[0].message.tool_calls[{k}].function.arguments",
+                    cut,
                 ),
             }
         )
@@ -897,6 +962,7 @@ class FromPivot:
     __slots__ = (
         "_ended",
         "_id",
+        "_latest",
         "_model",
         "_next",
         "_open",
@@ -914,7 +980,8 @@ class FromPivot:
         self._ended = False
         self._next = 0  # the next block's index
         self._open: tuple[int, str] | None = None  # (index, "text" | "tool") of the open block
-        self._tools: dict[int, int] = {}  # pivot tool-call index -> block index
+        self._tools: dict[int | str, int] = {}  # pivot tool-call key (see `_call_key`) -> block
+        self._latest: tuple[int | str, str, str] | None = None  # (key, id, name) of the last call
         self._stop = "end_turn"
         self._refused = False
         self._usage: dict[str, Any] | None = None
@@ -990,9 +1057,32 @@ class FromPivot:
         )
         return events
 
+    def _call_key(self, call: dict[str, Any], function: dict[str, Any]) -> int | str:
+        """Which call a tool-call delta belongs to: its `index`. Some OpenAI-compatible
+        upstreams omit it; then a new `id` (or, without an id, a new `name`) starts a call
+        and a delta with neither continues the latest one."""
+        index = call.get("index")
+        if isinstance(index, int):
+            return index
+        latest = self._latest
+        given, name = call.get("id"), function.get("name")
+        if (
+            latest is None
+            or (given and given != latest[1])
+            or (not given and name and name != latest[2])
+        ):
+            return f"call-{len(self._tools)}"
+        return latest[0]
+
     def _tool_call(self, call: dict[str, Any]) -> list[Event]:
-        position = call.get("index", 0)
         function = call.get("function") or {}
+        position = self._call_key(call, function)
+        latest = self._latest or (position, "", "")
+        self._latest = (
+            position,
+            call.get("id") or (latest[1] if latest[0] == position else ""),
+            function.get("name") or (latest[2] if latest[0] == position else ""),
+        )
         events: list[Event] = []
         if position not in self._tools:
             block: dict[str, Any] = {
