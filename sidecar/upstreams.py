@@ -42,6 +42,10 @@ class Upstream(Protocol):
     def chat_headers(self) -> tuple[tuple[str, str], ...]:
         """Headers a translated chat request needs (the caller's format had its own)."""
 
+    @property
+    def model_in_path(self) -> bool:
+        """Whether the model goes in the URL path (so its name must be one path segment)."""
+
 
 @dataclass(frozen=True, slots=True)
 class _Routed:
@@ -49,6 +53,7 @@ class _Routed:
 
     chat_path: str
     chat_headers: tuple[tuple[str, str], ...] = ()
+    model_in_path: bool = False
 
     def native(self, path: str, model: str | None, action: str) -> tuple[str, str]:
         return path, ""
@@ -62,6 +67,7 @@ class _Gemini:
     """The Gemini API: the model and the action in the path."""
 
     chat_headers: tuple[tuple[str, str], ...] = ()
+    model_in_path: bool = True
 
     def native(self, path: str, model: str | None, action: str) -> tuple[str, str]:
         return f"/models/{_segment(model)}:{action}", ""
@@ -79,6 +85,7 @@ class _AzureDeployments:
     under: str  # the deployments' path under the base URL
     query: str  # `api-version=…` unless the provider's `query_params` set one
     chat_headers: tuple[tuple[str, str], ...] = ()
+    model_in_path: bool = True
 
     def native(self, path: str, model: str | None, action: str) -> tuple[str, str]:
         return f"{self.under}/{_segment(model)}{path}", self.query

@@ -71,3 +71,11 @@ def test_each_auth_style_puts_the_key_in_its_header() -> None:
         assert auth_header(name, key) == (name, "sk-1")
     assert auth_header("none", key) is None
     assert auth_header("bearer", None) is None
+
+
+def test_only_upstreams_with_the_model_in_the_path_say_so() -> None:
+    assert upstream_for("google", "gemini", "https://g.example/v1beta", "").model_in_path
+    assert upstream_for("azure", "openai", AZURE, "").model_in_path
+    assert not upstream_for("openai", "openai", "https://api.openai.com/v1", "").model_in_path
+    assert not upstream_for("anthropic", "anthropic", "https://api.anthropic.com/v1",
+                            "").model_in_path  # fmt: skip

@@ -24,7 +24,7 @@ from sidecar.upstreams import upstream_for
 _FORMAT_HEADER_PREFIXES: Final = ("anthropic-", "openai-", "x-goog-", "x-stainless-")
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)  # not frozen: built for every request, and a frozen init is slower
 class Route:
     """The caller's side of a request, the same for every attempt."""
 
@@ -36,7 +36,7 @@ class Route:
     explicit: bool = False  # `/{provider}/…`: the path is forwarded as it is
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class Outbound:
     body: bytes
     strip_usage: bool  # the stream's usage chunk was asked for by the sidecar, not the caller
@@ -95,7 +95,8 @@ def check(route: Route, cand: Candidate) -> None:
         return
     provider = cand.provider
     up = upstream_for(provider.id, provider.format, provider.base_url, provider.query)
-    up.native(route.path, cand.upstream_model, route.action)
+    if up.model_in_path:
+        up.native(route.path, cand.upstream_model, route.action)
 
 
 def translated_headers(

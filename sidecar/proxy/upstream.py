@@ -109,7 +109,7 @@ def target(cand: Candidate, prep: Prepared, out: Outbound) -> tuple[URL, CIMulti
     """URL and headers for one attempt."""
     p = cand.provider
     query = prep.query if out.caller_query else ""
-    own = "&".join(q for q in (out.query, p.query) if q)
+    own = f"{out.query}&{p.query}" if out.query and p.query else (out.query or p.query)
     if query and own:  # the attempt's own parameters cannot be overridden by the caller
         query = inbound.strip_credentials(query, drop=[q.partition("=")[0] for q in own.split("&")])
     params = f"{query}&{own}" if query and own else (query or own)
