@@ -794,8 +794,15 @@ def _caller_route(
         ):
             raise ProxyError(ErrorCode.ROUTE_NOT_FOUND, "no such response route")
         return Route("openai", path, stream), inbound.model_names(data, required=False)
-    chat = path == (_OPENAI_CHAT if fmt == "openai" else _ANTHROPIC_CHAT)
-    return Route(fmt, path, stream, chat=chat), inbound.model_names(data, required=True)
+    # The OpenAI and Anthropic routes are a handful of fixed paths: their Routes are made once.
+    fixed = _ROUTES.get((fmt, path, stream))
+    if fixed is None:
+        chat = path == (_OPENAI_CHAT if fmt == "openai" else _ANTHROPIC_CHAT)
+        fixed = _ROUTES.setdefault((fmt, path, stream), Route(fmt, path, stream, chat=chat))
+    return fixed, inbound.model_names(data, required=True)
+
+
+_ROUTES: dict[tuple[str, str, bool], Route] = {}
 
 
 #: A stored response's id (`resp_…`): one safe path segment.

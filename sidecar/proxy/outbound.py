@@ -24,7 +24,7 @@ from sidecar.upstreams import upstream_for
 _FORMAT_HEADER_PREFIXES: Final = ("anthropic-", "openai-", "x-goog-", "x-stainless-")
 
 
-@dataclass(slots=True)  # not frozen: built for every request, and a frozen init is slower
+@dataclass(frozen=True, slots=True)
 class Route:
     """The caller's side of a request, the same for every attempt."""
 
