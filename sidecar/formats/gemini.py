@@ -33,6 +33,7 @@ RPC_STATUS: Final = {
     502: "UNAVAILABLE",
     503: "UNAVAILABLE",
     504: "DEADLINE_EXCEEDED",
+    529: "UNAVAILABLE",  # Anthropic's "overloaded", translated
 }
 
 
@@ -55,6 +56,10 @@ _HTTP_OF_RPC: Final = {
     "UNAVAILABLE": 503,
     "DEADLINE_EXCEEDED": 504,
 }
+
+
+#: Every google.rpc status name.
+RPC_NAMES: Final = frozenset(_HTTP_OF_RPC) | {"OK"}
 
 
 def http_status(rpc: str) -> int:

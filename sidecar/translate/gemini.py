@@ -32,6 +32,7 @@ from urllib.parse import urlsplit
 
 import orjson
 
+from sidecar.formats.gemini import RPC_NAMES, rpc_status
 from sidecar.translate.base import Event, Pivot, Unsupported
 
 __all__ = [
@@ -124,30 +125,6 @@ _ERROR_TYPES = {
     429: "rate_limit_error",
     529: "overloaded_error",
 }
-_RPC_STATUS = {
-    400: "INVALID_ARGUMENT",
-    401: "UNAUTHENTICATED",
-    403: "PERMISSION_DENIED",
-    404: "NOT_FOUND",
-    408: "DEADLINE_EXCEEDED",
-    409: "ABORTED",
-    429: "RESOURCE_EXHAUSTED",
-    499: "CANCELLED",
-    500: "INTERNAL",
-    501: "UNIMPLEMENTED",
-    502: "UNAVAILABLE",
-    503: "UNAVAILABLE",
-    504: "DEADLINE_EXCEEDED",
-    529: "UNAVAILABLE",
-}
-_RPC_NAMES = frozenset(
-    {
-        "OK", "CANCELLED", "UNKNOWN", "INVALID_ARGUMENT", "DEADLINE_EXCEEDED", "NOT_FOUND",
-        "ALREADY_EXISTS", "PERMISSION_DENIED", "RESOURCE_EXHAUSTED", "FAILED_PRECONDITION",
-        "ABORTED", "OUT_OF_RANGE", "UNIMPLEMENTED", "INTERNAL", "UNAVAILABLE", "DATA_LOSS",
-        "UNAUTHENTICATED",
-    }
-)  # fmt: skip
 _MAX_ERROR_TEXT = 1000
 #: Levels of a Gemini `Schema` read (each is a Python call): deeper is refused.
 _MAX_SCHEMA_DEPTH = 64
@@ -1101,12 +1078,6 @@ def _error_type(status: int) -> str:
     return "api_error" if status >= 500 else "invalid_request_error"
 
 
-def _rpc_status(status: int) -> str:
-    if status in _RPC_STATUS:
-        return _RPC_STATUS[status]
-    return "INTERNAL" if status >= 500 else "INVALID_ARGUMENT"
-
-
 def error_to_pivot(status: int, body: bytes) -> Pivot:
     """A Gemini error body (or any bytes) as a pivot error; the HTTP status is kept.
 
@@ -1172,7 +1143,7 @@ def error_from_pivot(pivot: Pivot) -> dict[str, Any]:
     out: dict[str, Any] = {
         "code": code,
         "message": message if isinstance(message, str) else "",
-        "status": rpc if isinstance(rpc, str) and rpc in _RPC_NAMES else _rpc_status(code),
+        "status": rpc if isinstance(rpc, str) and rpc in RPC_NAMES else rpc_status(code),
     }
     details = _details(error.get("details"))
     if details is not None:
