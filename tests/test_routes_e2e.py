@@ -10,7 +10,7 @@ import pytest
 from aiohttp.test_utils import TestServer
 
 from tests.harness import Env, Sidecar
-from tests.test_proxy_e2e import boot, mock_log, providers_yaml
+from tests.test_proxy_e2e import boot, keys_yaml, mock_log, providers_yaml
 
 
 async def test_the_openai_sdk_retrieves_a_model_this_key_may_use(
@@ -99,3 +99,44 @@ async def test_a_passthrough_key_never_goes_to_a_provider_of_another_format(
     sent = await mock_log(http, mock_server)
     assert sent
     assert {r["path"] for r in sent} == {"/v1/chat/completions"}
+
+
+async def test_a_passthrough_key_stays_with_the_provider_its_model_names(
+    env: Env, sidecars: list[Sidecar], mock_server: TestServer, http: aiohttp.ClientSession
+) -> None:
+    """Not even an OpenAI-compatible fallback host gets the caller's own OpenAI key."""
+    config = (
+        "providers:\n  - id: openai\n    base_url: UPSTREAM\n  - id: deepseek\n"
+        "    base_url: UPSTREAM\n"
+        "fallbacks:\n  gpt-4o-mini-fail-503: ['deepseek:deepseek-chat']\npassthrough: true\n"
+    )
+    sc = await boot(env, sidecars, config)
+    async with sc.openai("sk-proj-callers-own-openai-key-0123456789") as client:
+        with pytest.raises(openai.InternalServerError):
+            await client.chat.completions.create(
+                model="gpt-4o-mini-fail-503", messages=[{"role": "user", "content": "hi"}],
+                extra_body={"models": ["deepseek:deepseek-chat"]},
+            )  # fmt: skip
+    sent = await mock_log(http, mock_server)
+    assert sent
+    assert {r["model"] for r in sent} == {"gpt-4o-mini-fail-503"}
+
+
+async def test_a_config_fallback_no_url_can_carry_is_left_out_not_a_400(
+    env: Env, sidecars: list[Sidecar], token: str
+) -> None:
+    config = providers_yaml(env, openai=[("k1", "sk-one")]) + (
+        "  - id: google\n    base_url: UPSTREAM\n    api_keys: "
+        + keys_yaml(env, "google", [("g1", "g-one")]) + "\n"
+        "fallbacks:\n  gpt-4o-mini: ['google:tuned/x']\n"
+    )  # fmt: skip
+    sc = await boot(env, sidecars, config)
+    async with sc.openai(token) as client:
+        done = await client.chat.completions.create(
+            model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+        )
+        assert done.choices[0].message.content
+        with pytest.raises(openai.BadRequestError):  # asked for by the caller: its own 400
+            await client.chat.completions.create(
+                model="google:tuned/x", messages=[{"role": "user", "content": "hi"}]
+            )

@@ -224,3 +224,38 @@ async def test_a_schema_nested_past_sense_is_refused_by_name_not_a_500(w: World)
 @pytest.fixture
 def w(world: World) -> World:
     return world
+
+
+async def test_a_failover_status_page_is_relayed_as_the_callers_json_error(w: World) -> None:
+    async def page(request: web.Request) -> web.StreamResponse:
+        return web.Response(status=503, text="<html>Service Unavailable</html>",
+                            content_type="text/html")  # fmt: skip
+
+    w.upstream.handler = page
+    status, headers, body = await w.post("/v1/messages", {**chat("gpt-4o-mini-x"),
+                                         "max_tokens": 5}, **anthropic_headers(w))  # fmt: skip
+    assert status == 503
+    assert headers["content-type"].startswith("application/json")
+    assert orjson.loads(body)["type"] == "error"
+
+
+@pytest.mark.parametrize("action", ["generateContent", "streamGenerateContent?alt=sse"])
+async def test_a_gemini_chat_without_a_body_is_a_400_not_a_crash(w: World, action: str) -> None:
+    before = w.upstream.seen
+    async with w.http.post(w.sc.url + f"/v1beta/models/gpt-4o-mini:{action}",
+                           headers={"x-goog-api-key": w.token}) as r:  # fmt: skip
+        assert r.status == 400
+        assert (await r.json())["error"]["status"] == "INVALID_ARGUMENT"
+    assert w.upstream.seen == before
+
+
+async def test_an_answer_that_names_no_model_gets_the_one_that_was_asked(w: World) -> None:
+    async def nameless(request: web.Request) -> web.StreamResponse:
+        return web.json_response({"candidates": [{"content": {"role": "model", "parts": [
+            {"text": "hi"}]}, "finishReason": "STOP"}],
+            "usageMetadata": {"promptTokenCount": 1, "candidatesTokenCount": 1}})  # fmt: skip
+
+    w.upstream.handler = nameless
+    status, _, body = await w.post("/v1/chat/completions", chat("gemini-2.5-flash"), **bearer(w))
+    assert status == 200
+    assert orjson.loads(body)["model"] == "gemini-2.5-flash"

@@ -596,3 +596,9 @@ def test_a_200_that_is_not_an_answer_is_not_translated_into_one(caller: str, ups
     tr = Translation(caller, upstream)
     assert tr.response(b'{"error": {"message": "Provider returned error"}}', "m") is None
     assert tr.response(b'{"object": "list", "data": []}', "m") is None
+
+
+@pytest.mark.parametrize("caller", ["anthropic", "gemini"])
+def test_an_answer_with_a_null_error_field_is_still_an_answer(caller: str) -> None:
+    doc = {**answer("openai", tool=False), "error": None}
+    assert Translation(caller, "openai").response(orjson.dumps(doc), "m") is not None

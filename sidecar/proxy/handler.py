@@ -280,9 +280,12 @@ class Proxy:
                     () if data is not None and "models" in data
                     else fallbacks_for(cfg.fallbacks, names[0])
                 )  # fmt: skip
-                # A caller's own key (passthrough) goes only to providers of its own format.
+                # A caller's own key (passthrough) goes only to the provider its first model
+                # names: never translated, never to another host through a fallback.
                 translate = route.chat and passthrough_key is None
                 targets = resolve_targets(runtime, ex.fmt, names, fallbacks, any_format=translate)
+                if passthrough_key is not None:
+                    targets = [t for t in targets if t.provider.id == targets[0].provider.id]
             else:  # a stored response: no model names it
                 targets = [Target(runtime.providers["openai"], None)]
         else:
@@ -316,7 +319,7 @@ class Proxy:
         ex.rejected = plan.rejected_models
         if plan.managed_providers:
             await self._require_credits(ex, plan)
-        return await self._run(ex, plan, body, data, route)
+        return await self._run(ex, plan, body, data, route, frozenset(names))
 
     async def _require_credits(self, ex: Exchange, plan: Plan) -> None:
         """Managed keys are charged to the access key: refuse before any upstream call when broke."""
@@ -337,13 +340,19 @@ class Proxy:
     # ----------------------------------------------------------------- attempts
 
     async def _run(
-        self, ex: Exchange, plan: Plan, body: bytes, data: dict[str, Any] | None, route: Route
+        self,
+        ex: Exchange,
+        plan: Plan,
+        body: bytes,
+        data: dict[str, Any] | None,
+        route: Route,
+        asked: frozenset[str] = frozenset(),
     ) -> web.StreamResponse:
         cfg = ex.runtime.config
         adapter = adapter_for(ex.fmt)
         prep = upstream.prepare(ex)
         shape = shape_for(ex.fmt, route.path) if route.stream else None
-        outs = self._outbounds(ex, plan, route, body, data, adapter)
+        outs = self._outbounds(ex, plan, route, body, data, adapter, asked)
         engine = Engine(plan.candidates, cfg.failover, self.state.health,
                         ex.started + cfg.timeouts.total)  # fmt: skip
         # The last failover-status answer, and the translation its body still needs (an in-band
@@ -397,29 +406,36 @@ class Proxy:
         body: bytes,
         data: dict[str, Any] | None,
         adapter: Adapter,
+        asked: frozenset[str],
     ) -> dict[tuple[str, str | None], Outbound]:
-        """Check every candidate before anything is sent: a model name its upstream's URL
-        cannot carry is the caller's 400; a candidate the request cannot be translated for is
-        left out, and when that leaves none the caller learns what could not be carried.
-        Translated bodies are made here; the others when their attempt comes."""
+        """Check every candidate before anything is sent: a model name the caller sent that
+        its upstream's URL cannot carry is the caller's 400 (a config fallback's is left out);
+        a candidate the request cannot be translated for is left out, and when that leaves
+        none the caller learns what could not be carried. Translated bodies are made here;
+        the others when their attempt comes."""
         outs: dict[tuple[str, str | None], Outbound] = {}
         refused: dict[tuple[str, str | None], ProxyError] = {}
         for cand in plan.candidates:
             k = (cand.provider.id, cand.upstream_model)
             if k in outs or k in refused:
                 continue
-            if route.explicit or cand.provider.format == route.fmt:
-                outbound.check(route, cand)
-                continue
             try:
+                if route.explicit or cand.provider.format == route.fmt:
+                    outbound.check(route, cand)
+                    continue
                 outs[k] = outbound.build(route, cand, body, data, adapter)
             except ProxyError as err:
-                if err.code is not ErrorCode.TRANSLATION_UNSUPPORTED:
+                own = err.code is ErrorCode.INVALID_REQUEST and (
+                    cand.model is None or cand.model.requested in asked
+                )
+                if own or err.code not in (ErrorCode.TRANSLATION_UNSUPPORTED,
+                                           ErrorCode.INVALID_REQUEST):  # fmt: skip
                     raise
                 refused[k] = err
-                self.state.oplog.info("translation_unsupported", request_id=ex.request_id,
-                                      provider=cand.provider.id, model=k[1],
-                                      reason=err.message)  # fmt: skip
+                event = ("translation_unsupported" if err.code is ErrorCode.TRANSLATION_UNSUPPORTED
+                         else "fallback_unusable")  # fmt: skip
+                self.state.oplog.info(event, request_id=ex.request_id, provider=cand.provider.id,
+                                      model=k[1], reason=err.message)  # fmt: skip
         if refused:
             kept = [c for c in plan.candidates if (c.provider.id, c.upstream_model) not in refused]
             if not kept:
@@ -775,6 +791,8 @@ def _caller_route(
         if action not in _GEMINI_ACTIONS or not model:
             raise ProxyError(ErrorCode.ROUTE_NOT_FOUND, f"no such Gemini API action {action!r}")
         inbound.check_model_name(model)
+        if data is None and action != "countTokens":
+            raise ProxyError(ErrorCode.INVALID_JSON, "request body must be a JSON object")
         listed = {"model": model, "models": data.get("models") if data else None}
         names = inbound.model_names(listed, required=True)
         stream = action == "streamGenerateContent"

@@ -117,7 +117,10 @@ def respond(
         body = _translated(ex, translation, status, body)
         status = ex.status
     body = masked(status, body, ex.candidate)
-    return web.Response(status=status, body=body, headers=_headers(ex, upstream.headers))
+    headers = _headers(ex, upstream.headers)
+    if translation is not None:
+        headers["content-type"] = "application/json"
+    return web.Response(status=status, body=body, headers=headers)
 
 
 def respond_failed(
@@ -130,7 +133,10 @@ def respond_failed(
     if translation is not None:
         failed_body = translation.error(status, failed_body)
     body = masked(status, failed_body, cand)
-    return web.Response(status=status, body=body, headers=_headers(ex, failed_headers))
+    headers = _headers(ex, failed_headers)
+    if translation is not None:  # the upstream's page, whatever it was, is now a JSON error
+        headers["content-type"] = "application/json"
+    return web.Response(status=status, body=body, headers=headers)
 
 
 async def respond_unreadable(

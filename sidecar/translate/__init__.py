@@ -163,7 +163,7 @@ def _path_of(doc: Any, value: str, path: str, depth: int = 0) -> str | None:
 
 def _is_answer(fmt: str, doc: dict[str, Any]) -> bool:
     """Whether a 2xx JSON body is an answer in `fmt` (not, say, an error sent with a 200)."""
-    if "error" in doc:
+    if doc.get("error") is not None:
         return False
     if fmt == "openai":
         return isinstance(doc.get("choices"), list)

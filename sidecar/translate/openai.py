@@ -61,6 +61,8 @@ def response_to_pivot(body: dict[str, Any]) -> Pivot:
 
 
 def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
+    if not pivot.get("model") and model:
+        return {**pivot, "model": model}  # the upstream did not say (Gemini may not)
     return pivot
 
 
