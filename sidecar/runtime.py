@@ -20,6 +20,7 @@ from sidecar.keys import NO_KEY_ID, KeySelection, KeySource, ProviderKey
 from sidecar.models import ModelResolver
 from sidecar.prices import Price, PriceTable
 from sidecar.secret import Secret, fingerprint
+from sidecar.upstreams import Upstream, upstream_for
 from sidecar.vault import OpenedVault
 
 
@@ -40,6 +41,14 @@ class Provider:
     #: whether a model continues a partial assistant message (stream resumption)
     prefill: bool = False
     model_prefill: Mapping[str, bool] = field(default_factory=dict)
+
+    #: where its requests go and how (`sidecar.upstreams`), derived once from the fields above
+    upstream: Upstream = field(init=False, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(
+            self, "upstream", upstream_for(self.id, self.format, self.base_url, self.query)
+        )
 
     def accepts_prefill(self, model: str | None) -> bool:
         if model is None:

@@ -38,6 +38,7 @@ import orjson
 
 from sidecar.formats.gemini import error_object as gemini_error_object
 from sidecar.formats.gemini import http_status as gemini_http_status
+from sidecar.translate.openai import openai_error_status
 from sidecar.usage import Usage, gemini_usage, openai_usage, token_count
 
 __all__ = [
@@ -110,16 +111,6 @@ _GEMINI_CONTENT: Final = (
     "fileData",
     "executableCode",
     "codeExecutionResult",
-)
-# Checked in order against an OpenAI error's `code`, then its `type`.
-_OPENAI_STATUS: Final = (
-    ("rate_limit", 429),
-    ("insufficient_quota", 429),
-    ("invalid_api_key", 401),
-    ("authentication", 401),
-    ("context_length_exceeded", 400),
-    ("model_not_found", 404),
-    ("invalid_request_error", 400),
 )
 
 
@@ -206,23 +197,10 @@ def _gemini_error(error: dict[str, Any]) -> InbandError:
     )
 
 
-def _openai_status(error: dict[str, Any]) -> int:
-    code = error.get("code")
-    if type(code) is int and 400 <= code <= 599:
-        return code
-    for field in (code, error.get("type")):
-        if isinstance(field, str):
-            lowered = field.lower()
-            for needle, status in _OPENAI_STATUS:
-                if needle in lowered:
-                    return status
-    return 500
-
-
 def _openai_error(error: dict[str, Any]) -> InbandError:
     message = error.get("message")
     return InbandError(
-        _openai_status(error),
+        openai_error_status(error),
         orjson.dumps({"error": error}),
         message if isinstance(message, str) else "",
     )

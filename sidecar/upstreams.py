@@ -17,7 +17,6 @@ A model name that goes into a path must be one path segment, or nothing is sent.
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Final, Protocol
 
@@ -99,7 +98,6 @@ _ANTHROPIC: Final = _Routed("/messages", (("anthropic-version", ANTHROPIC_VERSIO
 _GEMINI: Final = _Gemini()
 
 
-@functools.lru_cache(maxsize=128)
 def upstream_for(provider_id: str, fmt: str, base_url: str, query: str) -> Upstream:
     """The upstream of a provider (its id, format, `base_url` and `query_params`)."""
     if fmt == "gemini":

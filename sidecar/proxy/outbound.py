@@ -18,7 +18,6 @@ from sidecar.errors import ErrorCode, ProxyError
 from sidecar.formats import Adapter
 from sidecar.plan import Candidate
 from sidecar.translate import Translation, Unsupported, translation
-from sidecar.upstreams import upstream_for
 
 #: Request headers that belong to the caller's format: not sent to another format's upstream.
 _FORMAT_HEADER_PREFIXES: Final = ("anthropic-", "openai-", "x-goog-", "x-stainless-")
@@ -61,7 +60,7 @@ def build(
     if route.explicit:
         sent, strip = payload(body, data, model, adapter, route.path, route.stream)
         return Outbound(sent, strip, route.path)
-    up = upstream_for(provider.id, provider.format, provider.base_url, provider.query)
+    up = provider.upstream
     if provider.format == route.fmt:
         # Gemini's model is in the path, never in the body.
         named = None if route.fmt == "gemini" else model
@@ -93,8 +92,7 @@ def check(route: Route, cand: Candidate) -> None:
     it: a model name its upstream's URL path cannot carry (400, nothing is sent)."""
     if route.explicit:
         return
-    provider = cand.provider
-    up = upstream_for(provider.id, provider.format, provider.base_url, provider.query)
+    up = cand.provider.upstream
     if up.model_in_path:
         up.native(route.path, cand.upstream_model, route.action)
 

@@ -36,7 +36,7 @@ from typing import Any, Final
 
 import orjson
 
-from sidecar.translate.base import Event, Pivot, Unsupported
+from sidecar.translate.base import PIVOT_ERROR_TYPES, Event, Pivot, Unsupported, pivot_error_type
 
 __all__ = [
     "DEFAULT_MAX_TOKENS",
@@ -72,18 +72,8 @@ _FINISH_TO_STOP: Final = {
 }
 _TOOL_CHOICE_TO_PIVOT: Final = {"auto": "auto", "any": "required", "none": "none"}
 _TOOL_CHOICE_FROM_PIVOT: Final = {"auto": "auto", "required": "any", "none": "none"}
-#: The pivot's error type by status (the contract's table).
-_PIVOT_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
 #: Anthropic's error types by status: the pivot's plus the two Anthropic has of its own.
-_ANTHROPIC_TYPES: Final = {**_PIVOT_TYPES, 402: "billing_error", 504: "timeout_error"}
+_ANTHROPIC_TYPES: Final = {**PIVOT_ERROR_TYPES, 402: "billing_error", 504: "timeout_error"}
 _STATUS_BY_TYPE: Final = {kind: status for status, kind in _ANTHROPIC_TYPES.items()} | {
     "api_error": 500
 }
@@ -780,10 +770,6 @@ def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
 # -- errors --------------------------------------------------------------------------------
 
 
-def _pivot_type(status: int) -> str:
-    return _PIVOT_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
-
 def _anthropic_type(status: int) -> str:
     return _ANTHROPIC_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
@@ -818,7 +804,7 @@ def error_to_pivot(status: int, body: bytes) -> Pivot:
     return {
         "error": {
             "message": message or f"upstream answered HTTP {status}",
-            "type": kind or _pivot_type(status),
+            "type": kind or pivot_error_type(status),
             "code": None,
         },
         "status": status,

@@ -13,13 +13,30 @@ Gemini both have it; OpenAI does not). A field one side cannot carry raises
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from typing import Any, Final, Protocol
 
 #: The pivot request, answer or stream chunk: an OpenAI chat-completions JSON object.
 Pivot = dict[str, Any]
 
 #: An SSE event in a format's own framing: (`event:` name or None, JSON data).
 Event = tuple[str | None, dict[str, Any]]
+
+
+#: The pivot error's `type` by HTTP status; Anthropic's types are these plus two of its own.
+PIVOT_ERROR_TYPES: Final = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "request_too_large",
+    429: "rate_limit_error",
+    529: "overloaded_error",
+}
+
+
+def pivot_error_type(status: int) -> str:
+    """The pivot error's `type` for an HTTP status."""
+    return PIVOT_ERROR_TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
 
 
 class Unsupported(ValueError):

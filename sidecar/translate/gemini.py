@@ -33,7 +33,7 @@ from urllib.parse import urlsplit
 import orjson
 
 from sidecar.formats.gemini import RPC_NAMES, rpc_status
-from sidecar.translate.base import Event, Pivot, Unsupported
+from sidecar.translate.base import Event, Pivot, Unsupported, pivot_error_type
 
 __all__ = [
     "FromPivot",
@@ -116,15 +116,6 @@ _FINISH_FROM_PIVOT = {
     "content_filter": "SAFETY",
 }
 
-_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-    529: "overloaded_error",
-}
 _MAX_ERROR_TEXT = 1000
 #: Levels of a Gemini `Schema` read (each is a Python call): deeper is refused.
 _MAX_SCHEMA_DEPTH = 64
@@ -1072,12 +1063,6 @@ def _gemini_call(call: Any, path: str, cut: bool) -> Pivot:
 # --- errors ---------------------------------------------------------------------------
 
 
-def _error_type(status: int) -> str:
-    if status in _ERROR_TYPES:
-        return _ERROR_TYPES[status]
-    return "api_error" if status >= 500 else "invalid_request_error"
-
-
 def error_to_pivot(status: int, body: bytes) -> Pivot:
     """A Gemini error body (or any bytes) as a pivot error; the HTTP status is kept.
 
@@ -1108,7 +1093,7 @@ def _error_pivot(status: int, error: dict[str, Any]) -> Pivot:
     code = error.get("status")
     out: Pivot = {
         "message": message if isinstance(message, str) and message else _no_message(status),
-        "type": _error_type(status),
+        "type": pivot_error_type(status),
         "code": code if isinstance(code, str) else None,
     }
     details = _details(error.get("details"))

@@ -11,28 +11,22 @@ from typing import Any, Final
 
 import orjson
 
-from sidecar.translate.base import Event, Pivot, Unsupported
+from sidecar.translate.base import Event, Pivot, Unsupported, pivot_error_type
 
 #: OpenAI models that take only `max_completion_tokens` (its reasoning models).
 _COMPLETION_TOKENS_ONLY: Final = ("o1", "o3", "o4", "gpt-5")
+# Checked in order against an OpenAI error's `code`, then its `type`.
+_OPENAI_STATUS: Final = (
+    ("rate_limit", 429),
+    ("insufficient_quota", 429),
+    ("invalid_api_key", 401),
+    ("authentication", 401),
+    ("context_length_exceeded", 400),
+    ("model_not_found", 404),
+    ("invalid_request_error", 400),
+)
 #: Pivot fields OpenAI chat completions has no place for.
 _NOT_OPENAI: Final = ("top_k",)
-_TYPES: Final = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    403: "permission_error",
-    404: "not_found_error",
-    413: "request_too_large",
-    429: "rate_limit_error",
-}
-
-
-def error_type(status: int) -> str:
-    """The pivot's error `type` for an HTTP status."""
-    if status == 529:
-        return "overloaded_error"
-    return _TYPES.get(status, "api_error" if status >= 500 else "invalid_request_error")
-
 
 def request_to_pivot(body: dict[str, Any]) -> Pivot:
     return dict(body)
@@ -79,14 +73,14 @@ def error_to_pivot(status: int, body: bytes) -> Pivot:
         return {
             "error": {
                 "message": message if isinstance(message, str) else "",
-                "type": kind if isinstance(kind, str) and kind else error_type(status),
+                "type": kind if isinstance(kind, str) and kind else pivot_error_type(status),
                 "code": code if isinstance(code, str) else None,
             },
             "status": status,
         }
     text = body[:512].decode("utf-8", "replace").strip()
     return {
-        "error": {"message": text or f"upstream status {status}", "type": error_type(status),
+        "error": {"message": text or f"upstream status {status}", "type": pivot_error_type(status),
                   "code": None},
         "status": status,
     }  # fmt: skip
@@ -109,7 +103,7 @@ class ToPivot:
     def event(self, name: str | None, data: dict[str, Any]) -> list[Pivot | None]:
         err = data.get("error")
         if isinstance(err, dict):
-            status = _status_of(err)
+            status = openai_error_status(err)
             return [error_to_pivot(status, orjson.dumps(data))]
         return [data]
 
@@ -132,15 +126,16 @@ class FromPivot:
         return [(None, chunk)]
 
 
-def _status_of(err: dict[str, Any]) -> int:
-    code = err.get("code")
+def openai_error_status(error: dict[str, Any]) -> int:
+    """The HTTP status an OpenAI error object stands for: an integer `code`, else what its
+    `code` or `type` says (rate limit, quota, auth, bad request, no such model), else 500."""
+    code = error.get("code")
     if type(code) is int and 400 <= code <= 599:
         return code
-    text = f"{code} {err.get('type')}".lower()
-    if "rate_limit" in text or "insufficient_quota" in text:
-        return 429
-    if "auth" in text or "invalid_api_key" in text:
-        return 401
-    if "invalid_request" in text or "context_length" in text:
-        return 400
+    for field in (code, error.get("type")):
+        if isinstance(field, str):
+            lowered = field.lower()
+            for needle, status in _OPENAI_STATUS:
+                if needle in lowered:
+                    return status
     return 500
