@@ -320,3 +320,18 @@ async def test_a_gemini_callers_broken_stream_ends_with_an_error_the_sdk_raises(
 ) -> None:
     with pytest.raises(genai_errors.APIError):
         await ask(world, "gemini", "claude-haiku-4-5-break", stream=True)
+
+
+async def test_no_key_reaches_the_logs_or_metrics_of_translated_requests(world: World) -> None:
+    """Runs after the module's other tests: every key they used stays out of what is written."""
+    # An upstream 401 that quotes part of the key, translated for another SDK: masked.
+    with pytest.raises(genai_errors.ClientError) as info:
+        await ask(world, "gemini", MODELS["anthropic"] + "-fail-401-leaky", stream=False)
+    assert info.value.code == 401
+    assert "sk-ant-one" not in str(info.value)
+    assert "invalid x-api-key: ***" in str(info.value)  # the quoted fragment, masked
+    world.sc.running.state.access_log.flush()
+    written = world.env.oplog.getvalue() + world.env.access.getvalue() + await world.metrics()
+    assert written  # the module's requests were logged
+    for secret in ("sk-oa-one", "sk-ant-one", "gm-managed-google", world.token, world.payer):
+        assert secret not in written

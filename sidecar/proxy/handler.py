@@ -415,13 +415,16 @@ class Proxy:
         the others when their attempt comes."""
         outs: dict[tuple[str, str | None], Outbound] = {}
         refused: dict[tuple[str, str | None], ProxyError] = {}
+        seen: set[tuple[str, str | None]] = set()  # a provider's other keys need no new check
         for cand in plan.candidates:
             k = (cand.provider.id, cand.upstream_model)
-            if k in outs or k in refused:
+            if k in seen:
                 continue
+            seen.add(k)
             try:
                 if route.explicit or cand.provider.format == route.fmt:
-                    outbound.check(route, cand)
+                    if cand.provider.upstream.model_in_path:
+                        outbound.check(route, cand)
                     continue
                 outs[k] = outbound.build(route, cand, body, data, adapter)
             except ProxyError as err:

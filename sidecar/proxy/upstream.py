@@ -208,7 +208,9 @@ async def attempt(
         answer = b""  # a failover-status answer whose body did not arrive: still that status
     ex.upstream_wait += time.perf_counter() - sent
     upstream.release()
-    status = answer_status(upstream.status, answer)
+    status = upstream.status
+    if status == 400:  # what some upstreams mean by it depends on the body
+        status = answer_status(status, answer)
     failover = failover or status in cfg.failover.on_status
     outcome = classify_status(status)
     if not failover:
