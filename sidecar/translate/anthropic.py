@@ -530,17 +530,9 @@ def _nonempty(blocks: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def _pivot_text(content: Any, path: str) -> list[dict[str, Any]]:
-    """Pivot text content (None, a string or text parts) as Anthropic text blocks."""
-    if content is None:
-        return []
-    if isinstance(content, str):
-        return [{"type": "text", "text": content}]
-    blocks = []
-    for j, part in enumerate(_objects(content, path)):
-        if part.get("type") != "text":
-            raise Unsupported(_is(f"{path}[{j}].type", part.get("type")))
-        blocks.append(_text_of(part, f"{path}[{j}]"))
-    return blocks
+    """Pivot text content (None, a string or text parts) as Anthropic text blocks: the same
+    `{"type": "text", "text"}` shape on both sides."""
+    return [] if content is None else _text_blocks(content, path)
 
 
 def _user_from_pivot(content: Any, path: str) -> list[dict[str, Any]]:
