@@ -11,6 +11,7 @@ from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
 from sidecar.health import HealthSnapshot
+from sidecar.quota import QuotaBook
 from sidecar.runtime import KeyRef
 from sidecar.state import STATE, State
 
@@ -41,6 +42,8 @@ async def readyz(request: web.Request) -> web.Response:
     ledger = state.billing.ledger_status()
     if ledger is not None:
         body["ledger"] = ledger
+    if state.shared is not None:  # traffic goes on without it: never a reason to be unready
+        body["shared_state"] = {"status": "ok" if state.shared.up else "local"}
     return web.json_response(body, status=status)
 
 
@@ -56,19 +59,27 @@ def _wall_iso(seconds: float) -> str:
 
 
 def keys_report(
-    key_labels: Mapping[str, tuple[KeyRef, ...]], snapshot: HealthSnapshot, wall_now: float
+    key_labels: Mapping[str, tuple[KeyRef, ...]],
+    snapshot: HealthSnapshot,
+    wall_now: float,
+    quota: QuotaBook | None = None,
 ) -> list[dict[str, Any]]:
     """The `GET /keys` body: one entry per way a key appears and per scope of its health.
 
     Deadlines on the health (monotonic) clock become wall-clock UTC here, from
-    `wall_now` taken with the snapshot. Never a key value or a health id.
+    `wall_now` taken with the snapshot; so do the quota readings' reset times (the
+    quota book keeps the same clock). Never a key value or a health id.
     """
     out: list[dict[str, Any]] = []
+    headroom: dict[str, list[dict[str, Any]]] = {}
     for scope in snapshot.scopes:
         until = None
         if scope.until is not None:
             until = _wall_iso(wall_now + (scope.until - snapshot.now))
-        for ref in key_labels.get(scope.health_id, ()):
+        hid = scope.health_id
+        if hid not in headroom:
+            headroom[hid] = _quota_of(quota, hid, snapshot.now, wall_now) if quota else []
+        for ref in key_labels.get(hid, ()):
             out.append({
                 "provider": ref.provider,
                 "source": ref.source,
@@ -79,10 +90,25 @@ def keys_report(
                 "until": until,
                 "reason": scope.reason.value if scope.reason else None,
                 "last_status": scope.last_status,
+                "quota": headroom[hid],
             })  # fmt: skip
     out.sort(key=lambda e: (e["provider"], e["source"], e["key_id"], e["access_key"] or "",
                             e["model"] is not None, e["model"] or ""))  # fmt: skip
     return out
+
+
+def _quota_of(quota: QuotaBook, hid: str, now: float, wall_now: float) -> list[dict[str, Any]]:
+    """What the provider's headers last said is left for one key, per model and kind."""
+    return [
+        {
+            "model": model,
+            "kind": r.kind.value,
+            "remaining": r.remaining,
+            "limit": r.limit,
+            "reset": _wall_iso(wall_now + (r.reset_at - now)) if r.reset_at is not None else None,
+        }
+        for model, r in quota.readings(hid)
+    ]
 
 
 async def keys(request: web.Request) -> web.Response:
@@ -90,7 +116,7 @@ async def keys(request: web.Request) -> web.Response:
     state = request.app[STATE]
     key_labels = state.runtime.key_labels
     snapshot = state.health.snapshot(key_labels)
-    body = keys_report(key_labels, snapshot, request.app[WALL_CLOCK]())
+    body = keys_report(key_labels, snapshot, request.app[WALL_CLOCK](), state.quota)
     return web.json_response({"keys": body})
 
 

@@ -24,6 +24,7 @@ from sidecar.errors import ConfigError, UserError, VaultError, problems_text
 from sidecar.names import NAME_RULE, is_name
 from sidecar.secret import Secret
 from sidecar.vault import (
+    MAX_RATE_LIMIT,
     add_access_key,
     attach_key,
     create_vault,
@@ -48,6 +49,7 @@ _ADMIN_URL: Final = "http://127.0.0.1:9090"
 _ADMIN_TIMEOUT_S: Final = 5.0
 _STATUS_COLUMNS: Final = ("provider", "source", "key_id", "access_key", "model", "state",
                           "until", "reason", "last_status")  # fmt: skip
+_KEEP: Final = object()  # `set-limits`: the option was not given, keep the limit
 _NO_CONFIG: Final = (
     f"no config: pass --config PATH or set {CONFIG_ENV} "
     "(for the self-contained demo, run `sidecar demo`)"
@@ -71,6 +73,29 @@ def _usd(value: str) -> float:
     if amount < 0 or amount != amount or amount == float("inf"):
         raise argparse.ArgumentTypeError("expected a non-negative amount in USD")
     return amount
+
+
+def _rate_limit(value: str) -> int:
+    """A per-minute limit: a plain decimal integer from 1 to `MAX_RATE_LIMIT`."""
+    # Digits only: `int()` would also take "+5", " 5", "1_000" and non-ASCII digits.
+    limit = int(value) if value.isascii() and value.isdigit() and len(value) <= 10 else 0
+    if not 1 <= limit <= MAX_RATE_LIMIT:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_RATE_LIMIT}, got {value!r}"
+        )
+    return limit
+
+
+def _rate_limit_or_none(value: str) -> int | None:
+    """`_rate_limit`, or `none` for unlimited."""
+    if value.lower() == "none":
+        return None
+    try:
+        return _rate_limit(value)
+    except argparse.ArgumentTypeError:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number from 1 to {MAX_RATE_LIMIT} or `none`, got {value!r}"
+        ) from None
 
 
 def _address(value: str) -> HostPort:
@@ -136,7 +161,8 @@ def cmd_secret_list(args: argparse.Namespace) -> None:
 def cmd_access_key_create(args: argparse.Namespace) -> None:
     with edit_vault(Path(args.vault)) as doc:
         token = add_access_key(doc, args.name, credits_usd=args.credits,
-                               providers=args.allow_provider or [], models=args.allow_model or [])  # fmt: skip
+                               providers=args.allow_provider or [], models=args.allow_model or [],
+                               rpm=args.rpm, tpm=args.tpm)  # fmt: skip
     # The one and only time an access key is shown: stdout, alone, for scripts.
     _out(token.reveal())
 
@@ -161,11 +187,32 @@ def cmd_access_key_set_credits(args: argparse.Namespace) -> None:
     print(f"{args.name}: credits grant set to {args.usd:.2f} USD", file=sys.stderr)
 
 
+def cmd_access_key_set_limits(args: argparse.Namespace) -> None:
+    if args.rpm is _KEEP and args.tpm is _KEEP:
+        args.usage_error("give --rpm, --tpm or both (N, or `none` for unlimited)")  # exits 2
+        return
+    with edit_vault(Path(args.vault)) as doc:
+        entry = doc.access_keys.get(args.name)
+        if entry is None:
+            raise UserError(f"no access key named {args.name!r}")
+        if args.rpm is not _KEEP:
+            entry.rpm = args.rpm
+        if args.tpm is not _KEEP:
+            entry.tpm = args.tpm
+    print(
+        f"{args.name}: rpm {_limit_text(entry.rpm)}, tpm {_limit_text(entry.tpm)}", file=sys.stderr
+    )
+
+
+def _limit_text(limit: int | None, unlimited: str = "unlimited") -> str:
+    return unlimited if limit is None else str(limit)
+
+
 def cmd_access_key_list(args: argparse.Namespace) -> None:
     doc = read_vault(Path(args.vault))
     names = sorted(doc.access_keys)
     spent = _spent_from_ledger(_config_path(args), names)
-    _out("NAME\tSTATUS\tCREDITS_USD\tSPENT_USD\tREMAINING_USD\tPROVIDERS\tMODELS\tATTACHED\tCREATED\tREVOKED")  # fmt: skip
+    _out("NAME\tSTATUS\tCREDITS_USD\tSPENT_USD\tREMAINING_USD\tRPM\tTPM\tPROVIDERS\tMODELS\tATTACHED\tCREATED\tREVOKED")  # fmt: skip
     for name in names:
         e = doc.access_keys[name]
         if spent is None:
@@ -181,6 +228,8 @@ def cmd_access_key_list(args: argparse.Namespace) -> None:
                     f"{e.credits_usd:.2f}",
                     spent_usd,
                     remaining_usd,
+                    _limit_text(e.rpm, "-"),
+                    _limit_text(e.tpm, "-"),
                     ",".join(e.allowed_providers) or "*",
                     ",".join(e.allowed_models) or "*",
                     str(len(e.attached)),
@@ -506,6 +555,10 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="M",
         help="restrict to model M, `*` suffix allowed (repeatable)",
     )
+    s.add_argument("--rpm", type=_rate_limit, metavar="N",
+                   help="at most N requests per minute (default: unlimited)")  # fmt: skip
+    s.add_argument("--tpm", type=_rate_limit, metavar="N",
+                   help="at most N tokens per minute (default: unlimited)")  # fmt: skip
     s.set_defaults(func=cmd_access_key_create)
     s = ak.add_parser(
         "revoke",
@@ -521,13 +574,25 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("name", metavar="NAME")
     s.add_argument("usd", metavar="USD", type=_usd)
     s.set_defaults(func=cmd_access_key_set_credits)
+    s = ak.add_parser("set-limits", help="set an access key's requests and tokens per minute",
+                      description="Set the rate limits of an access key: --rpm (requests per "
+                      "minute) and --tpm (tokens per minute), each a whole number from 1 to "
+                      f"{MAX_RATE_LIMIT} or `none` for unlimited. A limit not given is kept. "
+                      "Running sidecars apply it at their next reload.")  # fmt: skip
+    vault_arg(s)
+    s.add_argument("name", metavar="NAME", type=_name("access key name"))
+    s.add_argument("--rpm", type=_rate_limit_or_none, default=_KEEP, metavar="N|none",
+                   help="requests per minute, or `none` (unlimited); default: keep")  # fmt: skip
+    s.add_argument("--tpm", type=_rate_limit_or_none, default=_KEEP, metavar="N|none",
+                   help="tokens per minute, or `none` (unlimited); default: keep")  # fmt: skip
+    s.set_defaults(func=cmd_access_key_set_limits, usage_error=s.error)
     s = ak.add_parser(
         "list",
-        help="names, scopes, credits, spend, dates (never hashes or keys)",
+        help="names, scopes, credits, spend, limits, dates (never hashes or keys)",
         description="List access keys: name, status, credit grant, spent and remaining credits "
         "(read from the ledger of the config named by --config or $SIDECAR_CONFIG; `unknown` "
-        "without one), allowed providers and models, number of attached keys, creation and "
-        "revocation times. Never keys or hashes.",
+        "without one), rate limits (RPM, TPM; `-` for unlimited), allowed providers and "
+        "models, number of attached keys, creation and revocation times. Never keys or hashes.",
     )
     vault_arg(s)
     s.add_argument("--config", metavar="PATH",

@@ -186,6 +186,15 @@ class LedgerConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class SharedStateConfig:
+    """`shared_state:`: the Redis the replicas share key health and rate-limit counters on."""
+
+    url: str = field(repr=False)  # may hold a password
+    #: bounds every Redis call (connect, each read); past it the replica runs on local state
+    timeout: float = 0.5
+
+
+@dataclass(frozen=True, slots=True)
 class PriceConfig:
     input: float
     output: float
@@ -218,6 +227,7 @@ class Config:
     reload_interval: float
     #: `fallbacks:` (model name or glob → fallback models), in config order
     fallbacks: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    shared_state: SharedStateConfig | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -391,7 +401,7 @@ _TOP_KEYS: Final = {
     "listen", "admin_listen", "vault", "shutdown_grace", "passthrough",
     "only_allow_configured_providers", "only_allow_configured_models", "limits",
     "timeouts", "failover", "providers", "managed", "ledger", "prices", "log",
-    "reload_interval", "fallbacks",
+    "reload_interval", "fallbacks", "shared_state",
 }  # fmt: skip
 #: Fallback models per entry of `fallbacks:` (a request's `models` array has its own cap).
 MAX_FALLBACKS: Final = 16
@@ -577,6 +587,36 @@ def _ledger_url(v: object) -> str:
     return v
 
 
+def _redis_url(v: object) -> str:
+    if not isinstance(v, str) or parse_ledger_url(v)[0] != "redis":
+        shown = f"a {v.partition('://')[0]}:// URL" if isinstance(v, str) and "://" in v else "no URL"
+        raise ValueError(f"expected redis://[:password@]host:port/db, got {shown}")
+    return v
+
+
+def _redis_timeout(v: object) -> float:
+    seconds = parse_duration(v)
+    if not 0.01 <= seconds <= 5:
+        raise ValueError("expected a duration from 10ms to 5s")
+    return seconds
+
+
+def _shared_state(r: _Reader, data: Mapping[str, Any]) -> SharedStateConfig | None:
+    if data.get("shared_state") is None:
+        return None
+    raw = r.section(data, "shared_state", "shared_state", {"url", "timeout"})
+    if not isinstance(data["shared_state"], Mapping):
+        return None
+    url = r.get(raw, "url", "shared_state.url", _redis_url, "")
+    if not url:
+        if "url" not in raw:
+            r.fail("shared_state.url", "required (redis://host:6379/0)")
+        return None
+    return SharedStateConfig(
+        url=url, timeout=r.get(raw, "timeout", "shared_state.timeout", _redis_timeout, 0.5)
+    )
+
+
 def parse_config(data: object, path: Path) -> Config:
     """Validate a parsed YAML document. Raises `ConfigError` listing every problem."""
     r = _Reader()
@@ -750,6 +790,7 @@ def parse_config(data: object, path: Path) -> Config:
         log=log,
         reload_interval=r.get(data, "reload_interval", "reload_interval", _reload_interval, 2.0),
         fallbacks=_fallbacks(r, data.get("fallbacks")),
+        shared_state=_shared_state(r, data),
     )
     if r.problems:
         raise ConfigError(r.problems, str(path))

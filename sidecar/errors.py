@@ -30,6 +30,7 @@ class ErrorCode(enum.Enum):
     UNSUPPORTED_MEDIA = (415, "unsupported_media", "invalid_request_error")
     WEBSOCKET_UNSUPPORTED = (426, "websocket_unsupported", "invalid_request_error")
     ALL_KEYS_COOLING_DOWN = (429, "all_keys_cooling_down", "rate_limit_error")
+    RATE_LIMIT_EXCEEDED = (429, "rate_limit_exceeded", "rate_limit_error")
     UPSTREAM_UNAVAILABLE = (502, "upstream_unavailable", "api_error")
     LEDGER_UNAVAILABLE = (503, "ledger_unavailable", "api_error")
     GATEWAY_TIMEOUT = (504, "gateway_timeout", "timeout_error")
@@ -55,12 +56,15 @@ class ProxyError(Exception):
         *,
         retry_after: int | None = None,
         provider: str | None = None,
+        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
         self.provider = provider
+        #: overrides `code.retryable` for `x-should-retry` (a wait too long for an SDK's retry)
+        self.should_retry = should_retry
 
 
 class ConfigError(Exception):

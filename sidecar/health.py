@@ -242,6 +242,10 @@ def parse_retry_after(value: str | None) -> float | None:
     return seconds if 0 <= seconds <= 86400 else None
 
 
+#: (health_id, model or None for the whole key, until on the health clock, reason, last status)
+CooldownListener = Callable[[str, "str | None", float, "Outcome", "int | None"], None]
+
+
 @dataclass(slots=True)
 class _State:
     until: float = 0.0
@@ -291,6 +295,9 @@ class KeyHealth:
         self._clock = clock
         self._states: dict[tuple[str, str | None], _State] = {}
         self._last_status: dict[str, int] = {}  # per key, any model
+        #: told of every cooldown that starts or reaches further here (not of `apply`'s):
+        #: the shared state publishes them to the other replicas
+        self.on_cooldown: CooldownListener | None = None
 
     def cooling_until(self, health_id: str, model: str = "") -> float | None:
         """The deadline if the key (for this model) is cooling now, else None."""
@@ -345,11 +352,52 @@ class KeyHealth:
             return None
         if status is not None:
             st.last_status = status
-        deadline = self._clock() + duration
-        if deadline > st.until:  # a key failing again while cooling keeps the later deadline
-            st.until = deadline
-            st.reason = outcome
+        scope = _KEY if st is self._states.get((health_id, _KEY)) else model
+        self._extend(health_id, scope, st, self._clock() + duration, outcome, share=True)
         return self.cooling_until(health_id, model)  # a key-wide cooldown may reach further
+
+    def hold(
+        self,
+        health_id: str,
+        model: str | None,
+        until: float,
+        reason: Outcome,
+        status: int | None = None,
+        *,
+        share: bool = True,
+    ) -> None:
+        """Cool a scope until `until` (health clock): the pair (key, `model`), or the whole key
+        when `model` is None. A later deadline already in force is kept.
+
+        For what is learnt outside an attempt's outcome: a provider saying no quota is left
+        until a reset time, or (`share=False`) a cooldown another replica saw.
+        """
+        st = self._states.setdefault((health_id, model), _State())
+        if status is not None:
+            st.last_status = status
+            self._last_status.setdefault(health_id, status)
+        self._extend(health_id, model, st, until, reason, share=share)
+
+    def _extend(
+        self, health_id: str, scope: str | None, st: _State, until: float, reason: Outcome,
+        *, share: bool,
+    ) -> None:  # fmt: skip
+        if until <= st.until:  # a key failing again while cooling keeps the later deadline
+            return
+        st.until = until
+        st.reason = reason
+        if share and self.on_cooldown is not None:
+            self.on_cooldown(health_id, scope, until, reason, st.last_status)
+
+    def active(self) -> list[tuple[str, str | None, float, Outcome, int | None]]:
+        """Every cooldown in force: (health_id, model or None for the key, until, reason,
+        last status), for a replica that reconnects to the shared state."""
+        now = self._clock()
+        return [
+            (hid, scope, st.until, st.reason, st.last_status)
+            for (hid, scope), st in self._states.items()
+            if st.until > now and st.reason is not None
+        ]
 
     def soonest_recovery(self, health_ids: Iterable[str], model: str = "") -> float | None:
         """Seconds until the first of these keys recovers for `model` (None if one is usable now)."""

@@ -56,6 +56,8 @@ LEDGER_OPERATIONS: Final = ("read", "write")
 CoolingSource = Callable[[], Iterator[tuple[str, str, str, str]]]
 #: Yields (provider, source, key_id, access_key) of every key that exists now.
 KeysSource = Callable[[], Iterator[tuple[str, str, str, str]]]
+#: Yields ((provider, source, key_id, kind), remaining) of every key with a current quota reading.
+QuotaSource = Callable[[], Iterator[tuple[tuple[str, str, str, str], int]]]
 
 
 class _CoolingCollector(Collector):
@@ -72,6 +74,22 @@ class _CoolingCollector(Collector):
         cooling = set(self._cooling())
         for labels in sorted(set(self._keys()) | cooling):
             g.add_metric(list(labels), 1.0 if labels in cooling else 0.0)
+        yield g
+
+
+class _QuotaCollector(Collector):
+    def __init__(self, quota: QuotaSource) -> None:
+        self._quota = quota
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        g = GaugeMetricFamily(
+            "sidecar_key_quota_remaining",
+            "What the provider's rate-limit headers last said is left for a key (the lowest "
+            "across its models), while that reading is current",
+            labels=["provider", "source", "key_id", "kind"],
+        )
+        for labels, remaining in sorted(self._quota()):
+            g.add_metric(list(labels), float(remaining))
         yield g
 
 
@@ -212,6 +230,14 @@ class Metrics:
                                "(also when no ledger is in use)", registry=r)  # fmt: skip
         self.ledger_errors = Counter("sidecar_ledger_errors", "Credits-ledger operations that failed",
                                      ["operation"], registry=r)  # fmt: skip
+        self.rate_limited = Counter("sidecar_rate_limited", "Requests refused (429 rate_limit_exceeded) "
+                                    "by their access key's own rpm or tpm", ["access_key", "limit"],
+                                    registry=r)  # fmt: skip
+        # Exported once `shared_state` is configured (`enable_shared_state`).
+        self.shared_state_up = Gauge("sidecar_shared_state_up",
+                                     "1 while the shared-state Redis is reachable; 0 while this "
+                                     "replica runs on its own local state", registry=None)  # fmt: skip
+        self._shared_enabled = False
         self._models: set[str] = set()
         for result in ("ok", "error"):
             self.vault_reloads.labels(result)
@@ -219,11 +245,19 @@ class Metrics:
         for operation in LEDGER_OPERATIONS:
             self.ledger_errors.labels(operation)
 
-    def prime(self, providers: Iterable[tuple[str, bool]], access_keys: Iterable[str]) -> None:
+    def prime(
+        self,
+        providers: Iterable[tuple[str, bool]],
+        access_keys: Iterable[str],
+        rate_limits: Iterable[tuple[str, str]] = (),
+    ) -> None:
         """Create the series alerts rely on at 0, so `increase()` sees their first event.
 
-        `providers`: (provider id, has managed keys); `access_keys`: names of usable access keys.
+        `providers`: (provider id, has managed keys); `access_keys`: names of usable access
+        keys; `rate_limits`: (access key name, `rpm`|`tpm`) of each limit set.
         """
+        for name, limit in rate_limits:
+            self.rate_limited.labels(name, limit)
         for pid, managed in providers:
             for reason in ("no_key", "all_cooling", *(("credits_exhausted",) if managed else ())):
                 self.no_key_available.labels(pid, reason)
@@ -232,6 +266,14 @@ class Metrics:
 
     def watch_cooling(self, keys: KeysSource, cooling: CoolingSource) -> None:
         self.registry.register(_CoolingCollector(keys, cooling))
+
+    def watch_quota(self, quota: QuotaSource) -> None:
+        self.registry.register(_QuotaCollector(quota))
+
+    def enable_shared_state(self) -> None:
+        if not self._shared_enabled:
+            self._shared_enabled = True
+            self.registry.register(self.shared_state_up)
 
     def model_label(self, model: str) -> str:
         if model in self._models:

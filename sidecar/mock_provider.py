@@ -60,6 +60,18 @@ request's `model`, each bounded by start/end or one of `-_:`
 - `fail-NNN` (400..599): that status with the format's error body;
   `fail-429` adds `retry-after: 1`, `fail-429-retry-N` makes it N seconds,
   `fail-429-retry-none` sends no `retry-after`.
+- `quota-N`, `quota-N-reset-S` (S defaults to 60): a quota of N requests per S seconds,
+  counted per key and model (the count starts again S seconds after a window's first
+  request). Every answer for that key and model carries the format's quota headers, the
+  count including this request: OpenAI and Azure `x-ratelimit-limit-requests: N`,
+  `x-ratelimit-remaining-requests: max(0, N - count)`, `x-ratelimit-reset-requests: Ss`
+  and `x-ratelimit-limit-tokens: 1000*N`, `x-ratelimit-remaining-tokens`
+  (1000 times the requests left), `x-ratelimit-reset-tokens: Ss`; Anthropic
+  `anthropic-ratelimit-requests-limit|remaining|reset` and `anthropic-ratelimit-tokens-*`
+  with the same numbers, the reset an RFC 3339 UTC time S seconds ahead (rounded up to
+  the second). Past N (nothing left), the answer is a 429 in the format's shape with
+  `retry-after: S` (Azure's with `retry-after-ms` too; Gemini's a RESOURCE_EXHAUSTED with
+  RetryInfo `Ss`). Gemini answers carry no quota headers, as Google's do not.
 - `fail-quota`: 429 `insufficient_quota`, no `retry-after`.
 - `fail-context`: 400, the prompt is too long for this model (OpenAI
   `context_length_exceeded`; Anthropic `prompt is too long: …`).
@@ -172,7 +184,7 @@ else any other one sent; `auth` where `key` came from: `authorization`,
 the route's wire format, `openai` (Azure's routes too), `anthropic` or
 `gemini`, null on an unknown path; `model` the body's `model`, or the model or
 deployment of the path on Gemini and Azure deployment routes, else null),
-`DELETE /_mock/requests` clears it (and the `flaky-N` and `flap` counts),
+`DELETE /_mock/requests` clears it (and the `flaky-N`, `flap` and `quota-N` counts),
 `GET /_mock/health` answers 200.
 """
 
@@ -185,6 +197,7 @@ import functools
 import hashlib
 import itertools
 import json
+import math
 import re
 import struct
 import time
@@ -234,13 +247,14 @@ _MODELS_BODY = orjson.dumps(
 _DIRECTIVE_RE = re.compile(
     r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel|filter|badkey)(?:-retry-(\d+|none))?"
     r"|drop|break|leaky|silent|stuck|garble|nodone|early-error|late-error|noprefill|flap"
-    r"|(slow|stall|hold|huge|bomb|flaky|first)-(\d+))(?=$|[-_:])"
+    r"|(slow|stall|hold|huge|bomb|flaky|first)-(\d+)|quota-(\d+)(?:-reset-(\d+))?)(?=$|[-_:])"
 )
 # Directive words and `word-N` amounts, by the Directives field they set.
 _FLAGS = {"break": "brk", "early-error": "early_error", "late-error": "late_error"}
 _AMOUNTS = {"slow": "slow_ms", "stall": "stall_ms", "hold": "hold_ms", "huge": "huge_mib",
             "bomb": "bomb_mib", "flaky": "flaky", "first": "first_ms"}  # fmt: skip
 _HANG_S = 600.0  # `silent` and `stuck` give up on a caller that never leaves
+_QUOTA_RESET_S = 60  # `quota-N` without `-reset-S`
 _MIB = 1 << 20
 _SPACES = b" " * _MIB  # one padding chunk, shared by every padded answer
 _SSE_HEADERS = {"content-type": "text/event-stream", "cache-control": "no-cache"}
@@ -306,6 +320,8 @@ class Directives:
     noprefill: bool = False
     flap: bool = False  # odd-numbered requests of this key and model answer 503
     bad_key: bool = False  # `fail-badkey`: the provider's own answer to a key it does not know
+    quota_limit: int | None = None  # `quota-N`: N requests per window, with quota headers
+    quota_reset_s: int = _QUOTA_RESET_S  # `quota-N-reset-S`: the window, in seconds
 
     @property
     def shapes_body(self) -> bool:
@@ -324,7 +340,7 @@ def parse_directives(text: str) -> Directives:
     """
     fields: dict[str, Any] = {}
     for m in _DIRECTIVE_RE.finditer(text):
-        word, code, retry_s, name, amount = m.groups()
+        word, code, retry_s, name, amount, quota_n, quota_s = m.groups()
         if code is not None:
             if "fail" in fields:
                 continue
@@ -344,6 +360,9 @@ def parse_directives(text: str) -> Directives:
                 fields["retry_after"] = int(retry_s) if retry_s is not None else None
         elif name is not None:
             fields[_AMOUNTS[name]] = int(amount)
+        elif quota_n is not None:
+            fields["quota_limit"] = int(quota_n)
+            fields["quota_reset_s"] = _QUOTA_RESET_S if quota_s is None else int(quota_s)
         else:
             fields[_FLAGS.get(word, word)] = True
     found = Directives(**fields)
@@ -353,12 +372,14 @@ def parse_directives(text: str) -> Directives:
 class _State:
     """The app's request log and id counter."""
 
-    __slots__ = ("_n", "flaky_seen", "log")
+    __slots__ = ("_n", "flaky_seen", "log", "quota_seen")
 
     def __init__(self) -> None:
         self.log: deque[dict[str, Any]] = deque(maxlen=_LOG_SIZE)
         self._n = 0
         self.flaky_seen: dict[str, int] = {}  # `flaky-N`, `flap`: requests seen per key and model
+        # `quota-N`: per key and model, when its window started and the requests in it
+        self.quota_seen: dict[str, tuple[float, int]] = {}
 
     def next_id(self) -> int:
         self._n += 1
@@ -366,6 +387,8 @@ class _State:
 
 
 _STATE = web.AppKey("mock_provider_state", _State)
+# The quota headers of this request's answer, whatever sends it (see `_add_quota_headers`).
+_QUOTA_HEADERS: web.RequestKey[dict[str, str]] = web.RequestKey("mock_quota_headers")
 
 
 @dataclass(frozen=True, slots=True)
@@ -1204,6 +1227,72 @@ def _record(
     )
 
 
+def _quota_count(seen: dict[str, tuple[float, int]], which: str, window_s: int) -> int | None:
+    """This request's number in the current `quota-N` window of key and model `which`."""
+    if len(seen) >= _LOG_SIZE and which not in seen:  # bounded, like the request log
+        return None
+    now = time.monotonic()
+    start, count = seen.get(which, (now, 0))
+    if now - start >= window_s:
+        start, count = now, 0
+    seen[which] = (start, count + 1)
+    return count + 1
+
+
+def _quota_headers(fmt: _Format, limit: int, count: int, reset_s: int) -> dict[str, str]:
+    """The format's remaining-quota headers for request number `count` of `limit`."""
+    left = max(0, limit - count)
+    numbers = {"requests": (limit, left), "tokens": (1000 * limit, 1000 * left)}
+    if fmt is _Format.ANTHROPIC:
+        reset = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(math.ceil(time.time() + reset_s)))
+        names = "anthropic-ratelimit-{kind}-{part}"
+    else:
+        reset = f"{reset_s}s"
+        names = "x-ratelimit-{part}-{kind}"
+    headers = {}
+    for kind, (most, now_left) in numbers.items():
+        headers[names.format(kind=kind, part="limit")] = str(most)
+        headers[names.format(kind=kind, part="remaining")] = str(now_left)
+        headers[names.format(kind=kind, part="reset")] = reset
+    return headers
+
+
+def _quota_429(fmt: _Format, d: Directives, where: _Where) -> web.Response:
+    """The answer past a `quota-N`: each provider's rate-limit 429, `retry-after` the window."""
+    limit, wait = d.quota_limit, d.quota_reset_s
+    if fmt is _Format.GEMINI:
+        return _gemini_failure(Directives(fail=429, retry_after=wait), 429, where.model)
+    if fmt is _Format.AZURE:
+        return _azure_429(Directives(fail=429, retry_after=wait), where.azure)
+    headers = {"retry-after": str(wait)}
+    if fmt is _Format.ANTHROPIC:
+        message = (f"This request would exceed your organization's rate limit of {limit} "
+                   f"requests per {wait} seconds (mock provider, quota-{limit}).")  # fmt: skip
+        return _error(fmt, 429, message, headers=headers)
+    message = (f"Rate limit reached for {where.model} on requests: Limit {limit}, Used "
+               f"{limit}, Requested 1. Please try again in {wait}s (mock provider, "
+               f"quota-{limit}).")  # fmt: skip
+    return _error(fmt, 429, message, headers=headers)
+
+
+def _over_quota(request: web.Request, fmt: _Format, limit: int, reset_s: int, which: str) -> bool:
+    """Count a `quota-N` request of key and model `which`, set its answer's quota headers;
+    whether nothing was left for it."""
+    count = _quota_count(request.app[_STATE].quota_seen, which, reset_s)
+    if count is None:
+        return False
+    if fmt is not _Format.GEMINI:  # Google sends no such headers
+        request[_QUOTA_HEADERS] = _quota_headers(fmt, limit, count, reset_s)
+    return count > limit
+
+
+async def _add_quota_headers(request: web.Request, response: web.StreamResponse) -> None:
+    """`on_response_prepare`: a `quota-N` answer's headers, on JSON answers and streams alike."""
+    headers = request.get(_QUOTA_HEADERS)
+    if headers:
+        response.headers.update(headers)
+
+
 def _counted_failure(seen: dict[str, int], which: str, d: Directives) -> bool:
     """Whether `flaky-N` or `flap` fails this request of key and model `which`."""
     if len(seen) >= _LOG_SIZE and which not in seen:  # bounded, like the request log
@@ -1226,6 +1315,10 @@ async def _instead(
         return _drop(request)
     if d.drop:
         return _drop(request)
+    if d.quota_limit is not None and _over_quota(
+        request, fmt, d.quota_limit, d.quota_reset_s, f"{key}:{where.model}"
+    ):
+        return _quota_429(fmt, d, where)
     if d.fail is not None:
         return _failure(fmt, d, d.fail, key, where)
     if d.noprefill and _prefill_of(fmt, body) is not None:
@@ -1714,6 +1807,7 @@ async def _log_clear(request: web.Request) -> web.StreamResponse:
     cleared = len(state.log)
     state.log.clear()
     state.flaky_seen.clear()  # `flaky-N` and `flap` counts start again too
+    state.quota_seen.clear()  # and `quota-N` windows
     return _json({"cleared": cleared})
 
 
@@ -1725,6 +1819,7 @@ def create_app() -> web.Application:
     """The mock provider app; its request log lives in the app's state."""
     app = web.Application()
     app[_STATE] = _State()
+    app.on_response_prepare.append(_add_quota_headers)
     openai, anthropic = _Format.OPENAI, _Format.ANTHROPIC
     app.router.add_post("/v1/chat/completions", _endpoint(openai, _chat))
     app.router.add_post("/v1/completions", _endpoint(openai, _completions))

@@ -8,6 +8,7 @@ should get (scope, no key, all cooling). No I/O; the handler runs the plan.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from sidecar.catalog import CATALOG_LISTED
@@ -15,6 +16,7 @@ from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import KeyHealth
 from sidecar.keys import CALLER_KEY_ID, KeySelection, KeySource, ProviderKey, select_keys
 from sidecar.models import ResolvedModel, model_allowed
+from sidecar.quota import QuotaBook
 from sidecar.runtime import AccessKey, Provider, Runtime
 from sidecar.secret import Secret
 
@@ -117,8 +119,10 @@ def build_plan(
     health: KeyHealth,
     *,
     passthrough_key: Secret | None = None,
+    quota: QuotaBook | None = None,
 ) -> Plan:
-    """Scope-check the targets, pick each provider's key source, drop cooling keys."""
+    """Scope-check the targets, pick each provider's key source, drop cooling keys, and (with
+    `quota`) put a source's nearly exhausted keys behind those with headroom."""
     plan = Plan(candidates=[])
     allowed: list[Target] = []
     first_error: ProxyError | None = None
@@ -153,7 +157,7 @@ def build_plan(
             continue
         model = t.model.upstream if t.model is not None else ""
         if sel.source is KeySource.PASSTHROUGH:
-            usable = list(sel.keys)  # the caller's own key: its failures are not shared state
+            usable: Sequence[ProviderKey] = sel.keys  # the caller's own key: its failures are not shared state
         else:  # cooling is per key and model: a key rate-limited on one model serves the others
             usable = [k for k in sel.keys if health.cooling_until(k.health_id, model) is None]
         if not usable:
@@ -161,6 +165,8 @@ def build_plan(
             if soonest is None or wait < soonest[1]:
                 soonest = (pid, wait)
             continue
+        if quota is not None and len(usable) > 1:
+            usable = quota.order(usable, model, _health_id)
         if sel.source is KeySource.MANAGED:
             plan.managed_providers.add(pid)
         plan.candidates.extend(Candidate(t.provider, t.model, k) for k in usable)
@@ -177,6 +183,10 @@ def build_plan(
             ErrorCode.NO_PROVIDER_KEY, f"no provider key for provider {missing!r}", provider=missing
         )
     return plan
+
+
+def _health_id(key: ProviderKey) -> str:
+    return key.health_id
 
 
 def _name_at(runtime: Runtime, provider: Provider, name: str) -> ResolvedModel:

@@ -134,6 +134,12 @@ class Reloader:
             self._refused = False
             self.state.runtime = runtime
             self.state.health.forget_except(list(runtime.key_labels))
+            self.state.quota.forget_except(list(runtime.key_labels))
+            self.state.admission.local.forget_except(a.name for a in runtime.access_keys.values())
+            shared = self.state.shared
+            if runtime.config.shared_state != (shared.config if shared else None):
+                self.state.oplog.warning("shared_state_change_needs_restart",
+                                         keeping="on" if shared else "off")  # fmt: skip
             self.state.oplog.set_level(runtime.config.log.level)
             self.state.access_log.enabled = runtime.config.log.access_log
             self.state.metrics.reload_ok()

@@ -19,6 +19,7 @@ from sidecar.config import Config, KeyConfig, SecretRef
 from sidecar.keys import NO_KEY_ID, KeySelection, KeySource, ProviderKey
 from sidecar.models import ModelResolver
 from sidecar.prices import Price, PriceTable
+from sidecar.ratelimits import RateLimits
 from sidecar.secret import Secret, fingerprint
 from sidecar.upstreams import Upstream, upstream_for
 from sidecar.vault import OpenedVault
@@ -64,6 +65,7 @@ class AccessKey:
     allowed_providers: frozenset[str]
     allowed_models: frozenset[str]
     attached: Mapping[str, tuple[ProviderKey, ...]]  # provider → newest first
+    limits: RateLimits = field(default_factory=RateLimits)  # requests / tokens per minute
 
 
 class KeyRef(NamedTuple):
@@ -86,11 +88,15 @@ class Runtime:
     #: attached to two access keys), for the cooling gauge and `GET /keys`.
     key_labels: Mapping[str, tuple[KeyRef, ...]] = field(default_factory=dict)
 
-    def metric_seeds(self) -> tuple[list[tuple[str, bool]], list[str]]:
+    def metric_seeds(
+        self,
+    ) -> tuple[list[tuple[str, bool]], list[str], list[tuple[str, str]]]:
         """What `Metrics.prime` creates at 0 for this version."""
         providers = [(p.id, bool(p.managed_keys)) for p in self.providers.values()]
-        names = [a.name for a in self.access_keys.values() if not a.revoked]
-        return providers, names
+        live = [a for a in self.access_keys.values() if not a.revoked]
+        limits = [(a.name, kind) for a in live
+                  for kind, n in (("rpm", a.limits.rpm), ("tpm", a.limits.tpm)) if n]  # fmt: skip
+        return providers, [a.name for a in live], limits
 
     def access_key_named(self, name: str) -> AccessKey | None:
         return next((a for a in self.access_keys.values() if a.name == name), None)
@@ -191,6 +197,7 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             allowed_providers=rec.allowed_providers,
             allowed_models=rec.allowed_models,
             attached=MappingProxyType({k: tuple(v) for k, v in attached.items()}),
+            limits=RateLimits(rpm=rec.rpm, tpm=rec.tpm),
         )
 
     labels: dict[str, set[KeyRef]] = {}

@@ -22,6 +22,7 @@ import aiohttp
 from aiohttp import web
 
 from sidecar.admin import build_admin_app
+from sidecar.admission import Admission
 from sidecar.billing import Billing
 from sidecar.connections import ConnectionLimits, GuardedRunner, GuardedServer, raise_fd_limit
 from sidecar.errors import UserError
@@ -30,6 +31,7 @@ from sidecar.inflight import InFlight
 from sidecar.logs import AccessLog, OpLog, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from sidecar.quota import QuotaBook
 from sidecar.reload import Reloader, load_with_signature
 from sidecar.runtime import KeyRef
 from sidecar.state import STATE, State
@@ -60,19 +62,30 @@ def build_state(
     oplog.set_level(cfg.log.level)
     billing = Billing(metrics, oplog)
     billing.configure(cfg)
+    health = KeyHealth()
+    shared = None
+    if cfg.shared_state is not None:
+        from sidecar.shared.replicas import SharedState  # imports the Redis client
+
+        shared = SharedState(cfg.shared_state, health, metrics, oplog,
+                             lambda hid: hid in state.runtime.key_labels)  # fmt: skip
     state = State(
         runtime=runtime,
-        health=KeyHealth(),
+        health=health,
         metrics=metrics,
         oplog=oplog,
         access_log=access_log or AccessLog(cfg.log.access_log),
         billing=billing,
         files=signature,
+        quota=QuotaBook(),
+        admission=Admission(metrics, shared),
+        shared=shared,
     )
     metrics.watch_cooling(
         lambda: (ls for group in state.runtime.key_labels.values() for ls in group),
         lambda: _cooling_labels(state),
     )
+    metrics.watch_quota(lambda: _quota_labels(state))
     return state
 
 
@@ -81,6 +94,33 @@ def _cooling_labels(state: State) -> Iterator[KeyRef]:
     for hid in state.health.cooling():
         if hid in labels:
             yield from labels[hid]
+
+
+def _quota_labels(state: State) -> Iterator[tuple[tuple[str, str, str, str], int]]:
+    """(provider, source, key_id, kind) → remaining, for `sidecar_key_quota_remaining`."""
+    labels = state.runtime.key_labels
+    seen: set[tuple[str, str, str, str]] = set()
+    for (hid, kind), remaining in state.quota.remaining().items():
+        for ref in labels.get(hid, ()):
+            series = (ref.provider, ref.source, ref.key_id, kind.value)
+            if series not in seen:  # one key attached to two access keys is one series
+                seen.add(series)
+                yield series, remaining
+
+
+async def _shared_ctx(app: web.Application) -> AsyncIterator[None]:
+    """The link to the shared-state Redis, kept in the background (when configured)."""
+    state = app[STATE]
+    shared = state.shared
+    task = asyncio.create_task(shared.run()) if shared is not None else None
+    yield
+    if task is not None:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+    await state.admission.close()
+    if shared is not None:
+        await shared.close()
 
 
 async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -158,7 +198,7 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     r.add_route("*", "/v1/{tail:.*}", proxy.not_found)
     r.add_route("*", "/{provider}/{tail:.*}", proxy.explicit)
     r.add_route("*", "/{tail:.*}", proxy.not_found)
-    app.cleanup_ctx.extend([_session_ctx, _billing_ctx, _access_log_ctx, _reload_ctx])
+    app.cleanup_ctx.extend([_session_ctx, _shared_ctx, _billing_ctx, _access_log_ctx, _reload_ctx])
     return app
 
 

@@ -14,7 +14,10 @@ from sidecar.metrics import Metrics
 from sidecar.runtime import Runtime
 
 if TYPE_CHECKING:
+    from sidecar.admission import Admission
     from sidecar.billing import Billing
+    from sidecar.quota import QuotaBook
+    from sidecar.shared.replicas import SharedState
 
 
 @dataclass(slots=True)
@@ -27,6 +30,9 @@ class State:
     billing: Billing
     #: (stat, content) signature of the files the first version was loaded from
     files: tuple[tuple[object, ...], str]
+    quota: QuotaBook  # the providers' remaining-quota headers, per key and model
+    admission: Admission  # per-access-key rate limits
+    shared: SharedState | None = None  # `shared_state:` configured
     session: aiohttp.ClientSession = field(init=False)
     draining: bool = False
     ready: bool = False

@@ -30,6 +30,8 @@ from sidecar.secret import Secret
 
 VAULT_VERSION: Final = 1
 ACCESS_KEY_PREFIX: Final = "sk-sc-"
+#: the largest `rpm` / `tpm` an access key may have; absent (None) means unlimited
+MAX_RATE_LIMIT: Final = 1_000_000_000
 
 
 # --------------------------------------------------------------------------- slots
@@ -50,6 +52,11 @@ def hash_access_key(token: str) -> str:
 
 def new_access_key() -> Secret:
     return Secret(ACCESS_KEY_PREFIX + _random.token_urlsafe(32))
+
+
+def is_rate_limit(value: object) -> bool:
+    """Whether `value` is a valid `rpm` / `tpm`: an int from 1 to `MAX_RATE_LIMIT` (not a bool)."""
+    return type(value) is int and 1 <= value <= MAX_RATE_LIMIT
 
 
 def now_iso() -> str:
@@ -82,6 +89,34 @@ class AccessKeyEntry:
     allowed_providers: list[str] = field(default_factory=list)
     allowed_models: list[str] = field(default_factory=list)
     attached: list[AttachedEntry] = field(default_factory=list)
+    rpm: int | None = None  # requests per minute; None = unlimited
+    tpm: int | None = None  # tokens per minute; None = unlimited
+
+    def to_dict(self) -> dict[str, Any]:
+        out: dict[str, Any] = {
+            "hash": self.hash,
+            "created_at": self.created_at,
+            "revoked": self.revoked,
+            "revoked_at": self.revoked_at,
+            "credits_usd": self.credits_usd,
+            "allowed_providers": self.allowed_providers,
+            "allowed_models": self.allowed_models,
+            "attached": [
+                {
+                    "id": a.id,
+                    "provider": a.provider,
+                    "attached_at": a.attached_at,
+                    "sealed": a.sealed,
+                }
+                for a in self.attached
+            ],
+        }
+        # Written only when set, so a vault without limits reads the same to older sidecars.
+        if self.rpm is not None:
+            out["rpm"] = self.rpm
+        if self.tpm is not None:
+            out["tpm"] = self.tpm
+        return out
 
 
 @dataclass(slots=True)
@@ -96,27 +131,7 @@ class VaultDoc:
                 "version": VAULT_VERSION,
                 "recipient": self.recipient,
                 "secrets": self.secrets,
-                "access_keys": {
-                    name: {
-                        "hash": e.hash,
-                        "created_at": e.created_at,
-                        "revoked": e.revoked,
-                        "revoked_at": e.revoked_at,
-                        "credits_usd": e.credits_usd,
-                        "allowed_providers": e.allowed_providers,
-                        "allowed_models": e.allowed_models,
-                        "attached": [
-                            {
-                                "id": a.id,
-                                "provider": a.provider,
-                                "attached_at": a.attached_at,
-                                "sealed": a.sealed,
-                            }
-                            for a in e.attached
-                        ],
-                    }
-                    for name, e in self.access_keys.items()
-                },
+                "access_keys": {name: e.to_dict() for name, e in self.access_keys.items()},
             },
             option=orjson.OPT_INDENT_2 | orjson.OPT_SORT_KEYS | orjson.OPT_APPEND_NEWLINE,
         )
@@ -134,6 +149,15 @@ def _str_list(value: Any, where: str) -> list[str]:
         "a list of strings",
     )
     return list(value)
+
+
+def _rate_limit(value: Any, where: str) -> int | None:
+    if value is None:
+        return None
+    _expect(
+        is_rate_limit(value), where, f"an integer from 1 to {MAX_RATE_LIMIT}, or null (unlimited)"
+    )
+    return int(value)
 
 
 def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
@@ -206,6 +230,8 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
             allowed_providers=_str_list(e.get("allowed_providers", []), f"{w}.allowed_providers"),
             allowed_models=_str_list(e.get("allowed_models", []), f"{w}.allowed_models"),
             attached=attached,
+            rpm=_rate_limit(e.get("rpm"), f"{w}.rpm"),
+            tpm=_rate_limit(e.get("tpm"), f"{w}.tpm"),
         )
     return VaultDoc(recipient=recipient, secrets=secrets, access_keys=access_keys)
 
@@ -246,10 +272,16 @@ def add_access_key(
     credits_usd: float = 0.0,
     providers: Iterable[str] = (),
     models: Iterable[str] = (),
+    rpm: int | None = None,
+    tpm: int | None = None,
 ) -> Secret:
-    """Create an access key; returns the token, which the vault keeps only as a hash."""
+    """Create an access key; returns the token, which the vault keeps only as a hash.
+
+    `rpm` / `tpm` are its requests / tokens per minute (None = unlimited).
+    """
     if name in doc.access_keys:
         raise VaultError(f"access key {name!r} already exists")
+    check_rate_limits(rpm=rpm, tpm=tpm)
     token = new_access_key()
     doc.access_keys[name] = AccessKeyEntry(
         hash=hash_access_key(token.reveal()),
@@ -257,8 +289,17 @@ def add_access_key(
         credits_usd=credits_usd,
         allowed_providers=sorted(set(providers)),
         allowed_models=sorted(set(models)),
+        rpm=rpm,
+        tpm=tpm,
     )
     return token
+
+
+def check_rate_limits(*, rpm: int | None, tpm: int | None) -> None:
+    """Raise `VaultError` unless each is None (unlimited) or valid (`is_rate_limit`)."""
+    for what, value in (("rpm", rpm), ("tpm", tpm)):
+        if value is not None and not is_rate_limit(value):
+            raise VaultError(f"{what}: expected an integer from 1 to {MAX_RATE_LIMIT}, or none")
 
 
 def attach_key(doc: VaultDoc, access_key: str, provider: str, key_id: str, value: Secret) -> None:
@@ -341,6 +382,8 @@ class AccessKeyRecord:
     allowed_providers: frozenset[str]
     allowed_models: frozenset[str]
     attached: tuple[AttachedKey, ...]  # newest first
+    rpm: int | None = None  # requests per minute; None = unlimited
+    tpm: int | None = None  # tokens per minute; None = unlimited
 
 
 @dataclass(frozen=True, slots=True)
@@ -385,6 +428,8 @@ def open_vault(doc: VaultDoc, opener: Opener) -> tuple[OpenedVault, list[str]]:
                 allowed_providers=frozenset(e.allowed_providers),
                 allowed_models=frozenset(e.allowed_models),
                 attached=tuple(t[2] for t in attached),
+                rpm=e.rpm,
+                tpm=e.tpm,
             )
         )
     return OpenedVault(doc.recipient, secrets, tuple(records)), problems

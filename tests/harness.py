@@ -87,10 +87,11 @@ class Env:
         return f"${{secrets.get('{ns}', '{name}')}}"
 
     def access_key(self, name: str, *, credits: float = 0.0, providers: list[str] | None = None,
-                   models: list[str] | None = None) -> str:  # fmt: skip
+                   models: list[str] | None = None, rpm: int | None = None,
+                   tpm: int | None = None) -> str:  # fmt: skip
         with edit_vault(self.vault) as doc:
             token = add_access_key(doc, name, credits_usd=credits, providers=providers or [],
-                                   models=models or [])  # fmt: skip
+                                   models=models or [], rpm=rpm, tpm=tpm)  # fmt: skip
         return token.reveal()
 
     def attach(self, access_key: str, provider: str, key_id: str, value: str) -> None:

@@ -33,15 +33,15 @@ def test_keys_report_converts_deadlines_to_wall_clock_and_lists_every_appearance
     assert report == [
         {"provider": "anthropic", "source": "managed", "key_id": "pool-1", "access_key": None,
          "model": None, "state": "dead", "until": "2026-01-02T03:09:03.000Z",
-         "reason": "auth_failed", "last_status": 401},
+         "reason": "auth_failed", "last_status": 401, "quota": []},
         {"provider": "openai", "source": "attached", "key_id": "team-key", "access_key": "team",
          "model": "gpt-4o", "state": "cooling", "until": "2026-01-02T03:04:15.500Z",
-         "reason": "rate_limited", "last_status": 429},
+         "reason": "rate_limited", "last_status": 429, "quota": []},
         {"provider": "openai", "source": "policy", "key_id": "pol", "access_key": None,
          "model": "gpt-4o", "state": "cooling", "until": "2026-01-02T03:04:15.500Z",
-         "reason": "rate_limited", "last_status": 429},
+         "reason": "rate_limited", "last_status": 429, "quota": []},
         {"provider": "openai", "source": "policy", "key_id": "spare", "access_key": None,
-         "model": None, "state": "ok", "until": None, "reason": None, "last_status": 200},
+         "model": None, "state": "ok", "until": None, "reason": None, "last_status": 200, "quota": []},
     ]  # fmt: skip
     assert not any("fp-" in str(v) for entry in report for v in entry.values())
 

@@ -366,6 +366,118 @@ def test_set_credits(dep: Deployment) -> None:
     )
 
 
+# --------------------------------------------------------------------------- rate limits
+
+
+def test_access_key_create_with_rate_limits(dep: Deployment) -> None:
+    v = str(dep.vault)
+    dep.ok("access-key", "create", "--vault", v, "checkout", "--rpm", "600", "--tpm", "90000")
+    dep.ok("access-key", "create", "--vault", v, "batch", "--tpm", "1000000000")
+    dep.ok("access-key", "create", "--vault", v, "free")
+    raw = dep.raw()["access_keys"]
+    assert (raw["checkout"]["rpm"], raw["checkout"]["tpm"]) == (600, 90_000)
+    assert ("rpm" in raw["batch"], raw["batch"]["tpm"]) == (False, 1_000_000_000)
+    assert "rpm" not in raw["free"]
+    assert "tpm" not in raw["free"]
+    opened, _ = open_vault(read_vault(dep.vault), dep.opener())
+    assert {r.name: (r.rpm, r.tpm) for r in opened.access_keys} == {
+        "checkout": (600, 90_000),
+        "batch": (None, 1_000_000_000),
+        "free": (None, None),
+    }
+    listed = dep.ok("access-key", "list", "--vault", v).out
+    header = listed.splitlines()[0].split("\t")
+    assert header[header.index("REMAINING_USD") + 1 :][:3] == ["RPM", "TPM", "PROVIDERS"]
+    rows = table(listed)
+    assert {n: (r["RPM"], r["TPM"]) for n, r in rows.items()} == {
+        "checkout": ("600", "90000"),
+        "batch": ("-", "1000000000"),
+        "free": ("-", "-"),
+    }
+
+
+def test_set_limits_sets_what_is_given_keeps_the_rest_and_clears_with_none(
+    dep: Deployment,
+) -> None:
+    v = str(dep.vault)
+    dep.ok("access-key", "create", "--vault", v, "checkout", "--credits", "5")
+    before = dep.raw()["access_keys"]["checkout"]
+    steps = [
+        (["--rpm", "600"], "checkout: rpm 600, tpm unlimited", (600, None)),
+        (["--tpm", "5000"], "checkout: rpm 600, tpm 5000", (600, 5000)),
+        (["--rpm", "none"], "checkout: rpm unlimited, tpm 5000", (None, 5000)),
+        (["--tpm", "7", "--rpm", "9"], "checkout: rpm 9, tpm 7", (9, 7)),
+        (
+            ["--rpm", "None", "--tpm", "NONE"],
+            "checkout: rpm unlimited, tpm unlimited",
+            (None, None),
+        ),
+    ]
+    for options, said, (rpm, tpm) in steps:
+        result = dep.ok("access-key", "set-limits", "--vault", v, "checkout", *options)
+        assert (result.out, result.err) == ("", said + "\n")
+        entry = dep.raw()["access_keys"]["checkout"]
+        assert (entry.get("rpm"), entry.get("tpm")) == (rpm, tpm), options
+        row = table(dep.ok("access-key", "list", "--vault", v).out)["checkout"]
+        assert (row["RPM"], row["TPM"]) == (str(rpm or "-"), str(tpm or "-"))
+    # Cleared limits leave the entry as it was before any were set (other fields untouched).
+    assert dep.raw()["access_keys"]["checkout"] == before
+
+
+def test_set_limits_unknown_access_key_is_a_user_error(dep: Deployment) -> None:
+    before = dep.vault.read_bytes()
+    result = cli("access-key", "set-limits", "--vault", str(dep.vault), "ghost", "--rpm", "5")
+    assert_one_error_line(result, "ghost")
+    assert dep.vault.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    "options", [[], ["--rpm", "0"], ["--tpm", "lots"], ["--rpm", "none", "--tpm", "-1"]]
+)
+def test_set_limits_usage_errors_leave_the_vault_alone(dep: Deployment, options: list[str]) -> None:
+    dep.ok("access-key", "create", "--vault", str(dep.vault), "checkout", "--rpm", "60")
+    before = dep.vault.read_bytes()
+    result = cli("access-key", "set-limits", "--vault", str(dep.vault), "checkout", *options)
+    assert result.code == 2, result
+    assert result.out == ""
+    assert dep.vault.read_bytes() == before
+
+
+@pytest.mark.parametrize(
+    ("command", "value"),
+    [
+        ("create", "0"), ("create", "-5"), ("create", "1.5"), ("create", "1e3"), ("create", " 5"),
+        ("create", "+5"), ("create", "1_000"), ("create", "1000000001"), ("create", "\u0663"),
+        ("create", ""), ("create", "none"), ("create", "9" * 5000),
+        ("set-limits", "0"), ("set-limits", "1000000001"), ("set-limits", "0x10"),
+        ("set-limits", "nothing"), ("set-limits", ""),
+    ],
+)  # fmt: skip
+@pytest.mark.parametrize("option", ["--rpm", "--tpm"])
+def test_a_bad_rate_limit_is_a_usage_error_saying_what_is_expected(
+    tmp_path: Path, command: str, value: str, option: str
+) -> None:
+    result = cli("access-key", command, "--vault", str(tmp_path / "v.json"), "k", option, value)
+    assert result.code == 2, result
+    assert result.out == ""
+    assert f"argument {option}: expected a whole number from 1 to 1000000000" in result.err
+    if command == "set-limits":
+        assert "or `none`" in result.err
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_set_limits_refuses_a_hostile_name(dep: Deployment) -> None:
+    before = dep.vault.read_bytes()
+    for name in ("../checkout", "bad\nname", "x\x1b[31m", "-", "a" * 65):
+        result = cli(
+            "access-key", "set-limits", "--vault", str(dep.vault), "--rpm", "5", "--", name
+        )
+        assert result.code == 2, result
+        assert "invalid access key name" in result.err.splitlines()[-1]
+        assert all(c.isprintable() for c in result.err.replace("\n", "")), result.err
+    assert dep.vault.read_bytes() == before
+
+
 # --------------------------------------------------------------------------- provider keys
 
 
@@ -823,6 +935,7 @@ def test_no_secret_value_in_any_output(dep: Deployment) -> None:
     created = len(dep.outputs)
     dep.ok("access-key", "list", "--vault", v)
     dep.ok("access-key", "set-credits", "--vault", v, "checkout", "9")
+    dep.ok("access-key", "set-limits", "--vault", v, "checkout", "--rpm", "60", "--tpm", "none")
     dep.ok("access-key", "revoke", "--vault", v, "retired")
     attach = (
         "provider-key",
@@ -937,6 +1050,7 @@ HELP_COMMANDS = [
     pytest.param(["access-key", "create"], id="access-key-create"),
     pytest.param(["access-key", "revoke"], id="access-key-revoke"),
     pytest.param(["access-key", "set-credits"], id="access-key-set-credits"),
+    pytest.param(["access-key", "set-limits"], id="access-key-set-limits"),
     pytest.param(["access-key", "list"], id="access-key-list"),
     pytest.param(["provider-key", "attach"], id="provider-key-attach"),
     pytest.param(["provider-key", "detach"], id="provider-key-detach"),
@@ -968,7 +1082,7 @@ def test_every_command_explains_itself(argv: list[str]) -> None:
     [
         ("vault", ["init"]),
         ("secret", ["set", "list"]),
-        ("access-key", ["create", "revoke", "set-credits", "list"]),
+        ("access-key", ["create", "revoke", "set-credits", "set-limits", "list"]),
         ("provider-key", ["attach", "detach", "list"]),
     ],
 )

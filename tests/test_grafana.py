@@ -89,11 +89,31 @@ SPEC_METRICS: dict[str, _Family] = {
     "sidecar_vault_last_success_timestamp_seconds": _Family("gauge", {}),
     # Ledger health (issue #10): documented with the ledger in docs/credits.md.
     "sidecar_ledger_up": _Family("gauge", {}),
-    "sidecar_ledger_errors_total": _Family(
-        "counter", {"operation": frozenset({"read", "write"})}
-    ),
+    "sidecar_ledger_errors_total": _Family("counter", {"operation": frozenset({"read", "write"})}),
     "sidecar_ledger_pending_spend_usd": _Family("gauge", {}),
 }
+
+# Shared state, rate limits and provider quota (issue #13, SPEC §11). These exist only under a
+# config or an event the end-to-end workload does not set up: `sidecar_shared_state_up` only
+# when `shared_state` is configured, `sidecar_rate_limited_total` once an access key hits its
+# own limit, `sidecar_key_quota_remaining` while a provider's rate-limit headers are current.
+CONDITIONAL_METRICS: dict[str, _Family] = {
+    "sidecar_shared_state_up": _Family("gauge", {}),
+    "sidecar_rate_limited_total": _Family(
+        "counter", {"access_key": None, "limit": frozenset({"rpm", "tpm"})}
+    ),
+    "sidecar_key_quota_remaining": _Family(
+        "gauge",
+        {
+            "provider": None,
+            "source": _SOURCES,
+            "key_id": None,
+            "kind": frozenset({"requests", "tokens"}),
+        },
+    ),
+}
+
+ALL_METRICS: dict[str, _Family] = {**SPEC_METRICS, **CONDITIONAL_METRICS}
 
 # Added by the Prometheus scrape config, so present on every series.
 SCRAPE_LABELS = frozenset({"namespace", "pod", "job", "instance"})
@@ -109,7 +129,7 @@ class _Series:
 def _exported_series() -> dict[str, _Series]:
     """Every series name a query may use, as prometheus-client exports the families."""
     series: dict[str, _Series] = {}
-    for name, fam in SPEC_METRICS.items():
+    for name, fam in ALL_METRICS.items():
         if fam.type == "histogram":
             series[f"{name}_bucket"] = _Series(name, True, {**fam.labels, "le": None})
             series[f"{name}_sum"] = _Series(name, True, fam.labels)
@@ -124,7 +144,7 @@ QUERYABLE_SERIES = _exported_series()
 # PROMETHEUS_DISABLE_CREATED_SERIES turns them off, so no query may depend on them.
 CREATED_SERIES = frozenset(
     f"{name.removesuffix('_total')}_created"
-    for name, fam in SPEC_METRICS.items()
+    for name, fam in ALL_METRICS.items()
     if fam.type in ("counter", "histogram")
 )
 
@@ -841,7 +861,7 @@ def test_every_metric_is_on_the_dashboard() -> None:
         for _, expr in _dashboard_queries()
         for name in analyze(grafana_to_promql(expr)).metric_names
     }
-    assert set(SPEC_METRICS) - used == set()
+    assert set(ALL_METRICS) - used == set()
 
 
 # --------------------------------------------------------------------------- dashboard structure
@@ -894,6 +914,27 @@ def test_dashboard_panels_do_not_overlap() -> None:
                 cells[(x, y)] = panel["title"]
 
 
+def test_dashboard_rows_hold_the_panels_below_them() -> None:
+    """Top-level panels are listed in layout order, so each row owns the panels under it."""
+    positions = [(p["gridPos"]["y"], p["gridPos"]["x"]) for p in _load_dashboard()["panels"]]
+    assert positions == sorted(positions)
+
+
+def test_shared_state_row() -> None:
+    """The row of issue #13 shows the shared-state, rate-limit and quota families."""
+    panels = _load_dashboard()["panels"]
+    rows = [i for i, p in enumerate(panels) if p["type"] == "row"]
+    start = next(i for i in rows if panels[i]["title"] == "Shared state & rate limits")
+    end = next((i for i in rows if i > start), len(panels))
+    families = {
+        QUERYABLE_SERIES[name].family
+        for panel in panels[start + 1 : end]
+        for target in panel["targets"]
+        for name in analyze(grafana_to_promql(target["expr"])).metric_names
+    }
+    assert families == set(CONDITIONAL_METRICS)
+
+
 # --------------------------------------------------------------------------- alert rule schema
 
 _DURATION_RE = re.compile(r"^(?:\d+y)?(?:\d+w)?(?:\d+d)?(?:\d+h)?(?:\d+m)?(?:\d+s)?(?:\d+ms)?$")
@@ -908,6 +949,8 @@ EXPECTED_ALERTS = {
     "LedgerFailing",
     "High5xxRate",
     "SidecarOverheadHigh",
+    "SidecarSharedStateDown",
+    "SidecarAccessKeyRateLimited",
 }
 
 
@@ -977,6 +1020,15 @@ def _promtool() -> str:
 
 def _run(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(args, capture_output=True, text=True, timeout=30, check=False)
+
+
+def test_every_alert_has_unit_tests_that_fire_and_stay_quiet() -> None:
+    """promtool matches exp_alerts exactly; each alert needs a case where it fires and one where not."""
+    doc = yaml.safe_load(ALERT_TESTS_FILE.read_text())
+    evals = [e for case in doc["tests"] for e in case.get("alert_rule_test", [])]
+    for alert in EXPECTED_ALERTS:
+        outcomes = {bool(e["exp_alerts"]) for e in evals if e["alertname"] == alert}
+        assert outcomes == {True, False}, f"{alert}: {outcomes}"
 
 
 def test_promtool_check_rules() -> None:

@@ -89,6 +89,7 @@ async def test_every_key_starts_ok_with_every_field(sc: Sidecar, token: str) -> 
     assert entries(keys, provider="openai", key_id="pol") == [{
         "provider": "openai", "source": "policy", "key_id": "pol", "access_key": None,
         "model": None, "state": "ok", "until": None, "reason": None, "last_status": None,
+        "quota": [],
     }]  # fmt: skip
     assert {(k["provider"], k["key_id"], k["state"]) for k in keys} == {
         ("openai", "pol", "ok"), ("anthropic", "dead", "ok"), ("broke", "broke-key", "ok")
@@ -157,7 +158,7 @@ async def test_an_attached_key_names_its_access_key_in_keys_status_and_the_gauge
     assert attached == {
         "provider": "openai", "source": "attached", "key_id": "team-key", "access_key": "team",
         "model": LIMITED, "state": "cooling", "until": attached["until"],
-        "reason": "rate_limited", "last_status": attached["last_status"],
+        "reason": "rate_limited", "last_status": attached["last_status"], "quota": [],
     }  # fmt: skip
     (policy,) = entries(keys, source="policy")
     assert (policy["access_key"], policy["state"], policy["last_status"]) == (None, "ok", None)

@@ -25,6 +25,7 @@ from google.genai import types as gtypes
 from yarl import URL
 
 from sidecar.mock_provider import Directives, create_app, parse_directives, run
+from sidecar.quota import QuotaKind, parse_quota_headers
 
 REPLY = "Hello from the mock provider."
 USER: Any = [{"role": "user", "content": "say hi to me"}]  # 4 words
@@ -1534,3 +1535,87 @@ async def test_the_log_records_format_auth_and_model_for_every_request(mock: Moc
         ("gemini", "api-key", GEMINI, "wrong-place"),
     ]
     assert log[2]["body"] == {"model": "claude-x-fail-500", "max_tokens": 5}
+
+
+# --- quota-N: the providers' remaining-quota headers (issue #13)
+
+
+def test_parse_quota() -> None:
+    assert parse_directives("sk-quota-3") == Directives(quota_limit=3)
+    assert parse_directives("k:m-quota-2-reset-5") == Directives(quota_limit=2, quota_reset_s=5)
+    assert parse_directives("sk-quota-x:fail-quota") == Directives(fail=429, quota=True)
+
+
+def _quota(headers: Mapping[str, str], prefix: str) -> dict[str, str]:
+    return {k.lower(): v for k, v in headers.items() if k.lower().startswith(prefix)}
+
+
+@ON_MODULE_LOOP
+async def test_quota_headers_count_down_then_429_openai(mock: Mock) -> None:
+    auth = {"authorization": "Bearer sk-quota-2-reset-7"}
+    body = {"model": "gpt-4o-mini", "messages": USER}
+    code, headers, _ = await mock.post("/v1/chat/completions", body, **auth)
+    assert code == 200
+    assert _quota(headers, "x-ratelimit-") == {
+        "x-ratelimit-limit-requests": "2", "x-ratelimit-remaining-requests": "1",
+        "x-ratelimit-reset-requests": "7s", "x-ratelimit-limit-tokens": "2000",
+        "x-ratelimit-remaining-tokens": "1000", "x-ratelimit-reset-tokens": "7s",
+    }  # fmt: skip
+    async with mock.http.post(mock.url("/v1/chat/completions"), headers=auth,
+                              json={**body, "stream": True}) as resp:  # fmt: skip
+        assert resp.status == 200
+        assert resp.headers["x-ratelimit-remaining-requests"] == "0"  # a stream carries them too
+        assert (await resp.read()).endswith(b"data: [DONE]\n\n")
+    code, headers, err = await mock.post("/v1/chat/completions", body, **auth)
+    assert (code, headers["retry-after"], err["error"]["code"]) == (429, "7", "rate_limit_exceeded")
+    assert (headers["x-ratelimit-remaining-requests"], headers["x-ratelimit-remaining-tokens"]) == (
+        "0", "0")  # fmt: skip
+    code, headers, _ = await mock.post("/v1/chat/completions", {**body, "model": "gpt-4o"}, **auth)
+    assert (code, headers["x-ratelimit-remaining-requests"]) == (200, "1")  # per model
+    code, headers, _ = await mock.post("/v1/chat/completions", body, **OAI)
+    assert code == 200
+    assert not _quota(headers, "x-ratelimit-")
+
+
+@ON_MODULE_LOOP
+async def test_quota_headers_anthropic_azure_gemini(mock: Mock) -> None:
+    body = {"model": "claude-x", "max_tokens": 5, "messages": USER}
+    before = time.time()
+    code, headers, _ = await mock.post("/v1/messages", body, **{"x-api-key": "ak-quota-1"})
+    assert code == 200
+    assert set(_quota(headers, "anthropic-ratelimit-")) == {
+        f"anthropic-ratelimit-{kind}-{part}"
+        for kind in ("requests", "tokens") for part in ("limit", "remaining", "reset")
+    }  # fmt: skip
+    readings = parse_quota_headers(headers, 0.0, before)
+    assert [(r.kind, r.remaining, r.limit) for r in readings] == [
+        (QuotaKind.REQUESTS, 0, 1), (QuotaKind.TOKENS, 0, 1000)]  # fmt: skip
+    assert all(r.reset_at is not None and 60 <= r.reset_at <= 62 for r in readings)
+    code, headers, err = await mock.post("/v1/messages", body, **{"x-api-key": "ak-quota-1"})
+    assert (code, headers["retry-after"], err["error"]["type"]) == (429, "60", "rate_limit_error")
+    azure = "/openai/deployments/d/chat/completions?api-version=" + AZ_VERSION
+    for expected in (200, 429):
+        code, headers, _ = await mock.post(azure, {"messages": USER}, **{"api-key": "az-quota-1"})
+        assert (code, headers["x-ratelimit-limit-requests"]) == (expected, "1")
+    assert (headers["retry-after"], headers["retry-after-ms"]) == ("60", "60000")
+    path = gem_path(GEMINI, "generateContent")
+    code, headers, _ = await mock.post(path, gem_body(), **{"x-goog-api-key": "gk-quota-1"})
+    assert code == 200
+    assert not _quota(headers, "x-ratelimit-")
+    code, headers, err = await mock.post(path, gem_body(), **{"x-goog-api-key": "gk-quota-1"})
+    assert (code, err["error"]["status"]) == (429, "RESOURCE_EXHAUSTED")
+    assert {"@type": "type.googleapis.com/google.rpc.RetryInfo", "retryDelay": "60s"} in err[
+        "error"]["details"]  # fmt: skip
+    assert "retry-after" not in headers
+
+
+async def test_clearing_the_log_restarts_quota_counts(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    auth = {"authorization": "Bearer sk-quota-1"}
+    body = {"model": "gpt-4o-mini", "messages": USER}
+    assert (await post(http, server, "/v1/chat/completions", body, **auth))[0] == 200
+    assert (await post(http, server, "/v1/chat/completions", body, **auth))[0] == 429
+    async with http.delete(server.make_url("/_mock/requests")):
+        pass
+    assert (await post(http, server, "/v1/chat/completions", body, **auth))[0] == 200

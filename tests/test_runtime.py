@@ -9,6 +9,7 @@ import pytest
 
 from sidecar.config import Config, parse_config_text
 from sidecar.keys import NO_KEY_ID, KeySource
+from sidecar.ratelimits import RateLimits
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.secret import Secret, fingerprint
 from sidecar.vault import AccessKeyRecord, AttachedKey, OpenedVault, hash_access_key
@@ -77,6 +78,8 @@ def opened_vault(secrets: dict[tuple[str, str], Secret] | None = None) -> Opened
                     AttachedKey("ant-1", "anthropic", 150.0, ATTACHED_ANT),
                     AttachedKey("team-old", "openai", 100.0, ATTACHED_OLD),
                 ),
+                rpm=600,
+                tpm=90_000,
             ),
             AccessKeyRecord(
                 name="retired",
@@ -191,6 +194,16 @@ def test_revoked_access_key_stays_indexed(runtime: Runtime) -> None:
     ak = runtime.access_keys[token_key(TOKENS["retired"])]
     assert ak.name == "retired"
     assert ak.revoked is True
+
+
+def test_rate_limits_come_from_the_vault_record(runtime: Runtime) -> None:
+    checkout = runtime.access_key_named("checkout")
+    retired = runtime.access_key_named("retired")
+    assert checkout is not None
+    assert retired is not None
+    assert checkout.limits == RateLimits(rpm=600, tpm=90_000)
+    assert retired.limits == RateLimits()
+    assert not retired.limits
 
 
 def test_attached_keys_grouped_by_provider_newest_first(runtime: Runtime) -> None:

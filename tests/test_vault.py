@@ -18,9 +18,11 @@ from sidecar.errors import VaultError
 from sidecar.secret import Secret
 from sidecar.vault import (
     ACCESS_KEY_PREFIX,
+    MAX_RATE_LIMIT,
     AccessKeyEntry,
     AttachedEntry,
     VaultDoc,
+    add_access_key,
     attached_slot,
     create_vault,
     edit_vault,
@@ -201,6 +203,75 @@ def test_malformed_vault_names_the_bad_path(vault: Path, mutate: object, where: 
 def test_not_json_is_a_vault_error() -> None:
     with pytest.raises(VaultError, match="not valid JSON"):
         parse_vault(b"{nope", "v.json")
+
+
+# --------------------------------------------------------------------------- rate limits
+
+
+def test_rate_limits_round_trip_and_reach_the_opened_record(vault: Path, opener: Opener) -> None:
+    with edit_vault(vault) as doc:
+        add_access_key(doc, "both", rpm=600, tpm=90_000)
+        add_access_key(doc, "rpm-only", rpm=MAX_RATE_LIMIT)
+        add_access_key(doc, "tokens-only", tpm=1)
+    doc = read_vault(vault)
+    assert parse_vault(doc.to_json()) == doc
+    raw = orjson.loads(vault.read_bytes())["access_keys"]
+    assert (raw["both"]["rpm"], raw["both"]["tpm"]) == (600, 90_000)
+    assert (raw["rpm-only"]["rpm"], "tpm" in raw["rpm-only"]) == (MAX_RATE_LIMIT, False)
+    assert ("rpm" in raw["tokens-only"], raw["tokens-only"]["tpm"]) == (False, 1)
+    opened, problems = open_vault(doc, opener)
+    assert problems == []
+    limits = {r.name: (r.rpm, r.tpm) for r in opened.access_keys}
+    assert limits == {
+        "both": (600, 90_000),
+        "rpm-only": (MAX_RATE_LIMIT, None),
+        "tokens-only": (None, 1),
+    }
+
+
+def test_a_key_without_limits_is_written_as_before(vault: Path) -> None:
+    """Older sidecars read the vault unchanged: no `rpm` / `tpm` fields unless set."""
+    with edit_vault(vault) as doc:
+        add_access_key(doc, "checkout", credits_usd=5.0)
+    entry = orjson.loads(vault.read_bytes())["access_keys"]["checkout"]
+    assert sorted(entry) == [
+        "allowed_models", "allowed_providers", "attached", "created_at", "credits_usd", "hash",
+        "revoked", "revoked_at",
+    ]  # fmt: skip
+    e = read_vault(vault).access_keys["checkout"]
+    assert (e.rpm, e.tpm) == (None, None)
+
+
+def test_null_rate_limits_mean_unlimited(vault: Path) -> None:
+    raw = orjson.loads(vault.read_bytes())
+    raw["access_keys"] = {"k": {"hash": "sha256:00", "rpm": None, "tpm": None}}
+    e = parse_vault(orjson.dumps(raw)).access_keys["k"]
+    assert (e.rpm, e.tpm) == (None, None)
+    assert b"rpm" not in parse_vault(orjson.dumps(raw)).to_json()
+
+
+@pytest.mark.parametrize("field", ["rpm", "tpm"])
+@pytest.mark.parametrize(
+    "bad", [0, -1, True, False, 1.0, 60.5, "600", [600], {"n": 1}, MAX_RATE_LIMIT + 1]
+)
+def test_a_bad_rate_limit_is_a_vault_error_naming_its_path(
+    vault: Path, field: str, bad: object
+) -> None:
+    raw = orjson.loads(vault.read_bytes())
+    raw["access_keys"] = {"k": {"hash": "sha256:00", field: bad}}
+    with pytest.raises(VaultError, match=r"^v\.json: ") as info:
+        parse_vault(orjson.dumps(raw), "v.json")
+    assert f"access_keys.k.{field}: expected an integer from 1 to" in str(info.value)
+
+
+@pytest.mark.parametrize(
+    ("limits", "what"), [({"rpm": 0}, "rpm"), ({"tpm": True}, "tpm"), ({"rpm": 2.0}, "rpm")]
+)
+def test_add_access_key_refuses_a_bad_rate_limit(limits: dict[str, Any], what: str) -> None:
+    doc = VaultDoc(recipient=Opener(generate_private_key()).public_key)
+    with pytest.raises(VaultError, match=f"^{what}: expected an integer"):
+        add_access_key(doc, "k", **limits)
+    assert doc.access_keys == {}
 
 
 # --------------------------------------------------------------------------- atomic, locked edits

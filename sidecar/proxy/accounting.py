@@ -29,6 +29,14 @@ def account(state: State, ex: Exchange) -> None:
         state.billing.record(ex.runtime.prices, ex.access, earlier, spent)
     if usage is not None and c is not None:
         state.billing.record(ex.runtime.prices, ex.access, c, usage)
+    if ex.ticket is not None:  # the rate-limit estimate, settled with what was metered
+        used = None
+        if usage is not None:
+            used = usage.input_tokens + usage.output_tokens
+            used += sum(u.input_tokens + u.output_tokens for _, u in ex.charges)
+        elif c is None or ex.status >= 400:
+            used = 0  # nothing went upstream, or it answered with an error: no tokens spent
+        state.admission.settle(ex.ticket, used)
     if state.access_log.enabled:
         if ex.charges and usage is not None:
             usage = Usage(

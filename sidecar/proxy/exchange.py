@@ -10,6 +10,7 @@ from typing import Final
 from aiohttp import web
 
 from sidecar import inbound
+from sidecar.admission import Ticket
 from sidecar.plan import Candidate
 from sidecar.runtime import AccessKey, Runtime
 from sidecar.secret import Secret
@@ -43,6 +44,7 @@ class Exchange:
     streaming: bool = False  # response headers sent: a cut breaks a stream
     resumed: bool = False  # a broken stream was continued from another candidate
     translated: str | None = None  # `caller->upstream` when the attempt was translated
+    ticket: Ticket | None = None  # the access key's rate-limit count, settled when done
 
     @property
     def transport(self) -> asyncio.Transport | None:

@@ -33,6 +33,7 @@ from sidecar.proxy.accounting import account
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
 from sidecar.proxy.outbound import Outbound, Route
 from sidecar.proxy.upstream import Failed, Prepared, Result
+from sidecar.ratelimits import estimate_tokens
 from sidecar.resume import Splice, prefill_body
 from sidecar.runtime import AccessKey, Runtime
 from sidecar.secret import Secret, mask_key_fragments
@@ -304,9 +305,8 @@ class Proxy:
             route = Route(ex.fmt, path, stream, explicit=True)
         ex.resolved_provider = targets[0].provider.id
         try:
-            plan = build_plan(
-                runtime, access, targets, self.state.health, passthrough_key=passthrough_key
-            )
+            plan = build_plan(runtime, access, targets, self.state.health,
+                              passthrough_key=passthrough_key, quota=self.state.quota)  # fmt: skip
         except ProxyError as err:
             ex.resolved_provider = err.provider or ex.resolved_provider
             if (
@@ -319,6 +319,8 @@ class Proxy:
         ex.rejected = plan.rejected_models
         if plan.managed_providers:
             await self._require_credits(ex, plan)
+        if access is not None and access.limits:  # the last check before anything goes upstream
+            ex.ticket = await self.state.admission.admit(access, estimate_tokens(ex.body_size))
         return await self._run(ex, plan, body, data, route, frozenset(names))
 
     async def _require_credits(self, ex: Exchange, plan: Plan) -> None:
@@ -685,7 +687,7 @@ class Proxy:
         ex.status = err.code.status
         adapter = adapter_for(ex.fmt)
         headers = ex.sidecar_headers() if ex.candidate else {"x-sidecar-request-id": ex.request_id}
-        if not err.code.retryable:
+        if not (err.code.retryable if err.should_retry is None else err.should_retry):
             headers["x-should-retry"] = "false"
         if err.retry_after is not None:
             headers["retry-after"] = str(err.retry_after)

@@ -32,6 +32,7 @@ from sidecar.keys import KeySource
 from sidecar.plan import Candidate
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.outbound import Outbound, translated_headers
+from sidecar.quota import parse_quota_headers
 from sidecar.secret import SENSITIVE_HEADERS
 from sidecar.state import State
 from sidecar.streams import StreamTracker
@@ -168,6 +169,8 @@ async def attempt(
             ttfb = time.perf_counter() - sent
             state.metrics.upstream_ttfb(key.provider).observe(ttfb)
             status = upstream.status
+            if key.source is not KeySource.PASSTHROUGH:  # a caller's own key keeps no state
+                _note_quota(state, cand, upstream.headers, status)
             failover = status in cfg.failover.on_status
             ctype = upstream.headers.get("content-type", "")
             if not failover and "json" not in ctype:
@@ -220,6 +223,21 @@ async def attempt(
     res = failed_result(status, upstream.headers, answer)
     res.failed = (upstream.status, upstream.headers, answer)  # relayed as the upstream said it
     return res
+
+
+def _note_quota(
+    state: State, cand: Candidate, headers: CIMultiDictProxy[str], status: int
+) -> None:
+    """Keep what the provider says is left for this key and model; a key with nothing left
+    is held back until the provider's reset time (docs/reference.md#quota-aware-key-order)."""
+    readings = parse_quota_headers(headers, time.monotonic(), time.time())
+    if not readings:
+        return
+    hid = cand.key.health_id
+    model = cand.upstream_model or ""
+    until = state.quota.record(hid, model, readings)
+    if until is not None:
+        state.health.hold(hid, model, until, Outcome.RATE_LIMITED, status)
 
 
 def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> Result:

@@ -1,0 +1,66 @@
+"""What every user of the shared Redis needs: one error type and one way to connect."""
+
+from __future__ import annotations
+
+from typing import Final
+from urllib.parse import parse_qsl, urlsplit
+
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import NoBackoff
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import RedisError
+
+from sidecar.ledger.urls import redact_url
+
+#: Every key the sidecar writes starts with this.
+PREFIX: Final = "sidecar:"
+#: What a Redis call can raise: the driver's errors, and sockets' (a timeout is an OSError).
+REDIS_ERRORS: Final = (RedisError, OSError)
+
+
+class SharedStateUnavailable(Exception):
+    """Redis could not be reached or answered with an error. Never carries a password."""
+
+
+def open_redis(url: str, *, timeout: float, max_connections: int = 16) -> aioredis.Redis:
+    """A client whose every call is bounded by `timeout` seconds (connect and each read).
+
+    A blocking pool: a burst waits at most `timeout` for a free connection rather
+    than failing at once. One immediate retry on a broken pooled connection (one
+    the server closed); none on a timeout, whose write may have landed.
+    """
+    try:
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=max_connections,
+            timeout=timeout,
+            socket_timeout=timeout,
+            socket_connect_timeout=timeout,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            health_check_interval=0,
+        )
+    except ValueError:
+        raise ValueError(f"shared_state.url: invalid redis URL {redact_url(url)}") from None
+    return aioredis.Redis.from_pool(pool)
+
+
+def unavailable(where: str, url: str, exc: BaseException) -> SharedStateUnavailable:
+    """`exc` as a SharedStateUnavailable naming `where`, with any password of `url` masked."""
+    detail = str(exc)
+    password = _password(url)
+    if password:
+        detail = detail.replace(password, "***")
+    return SharedStateUnavailable(f"{where} {redact_url(url)}: {type(exc).__name__}: {detail}")
+
+
+def _password(url: str) -> str | None:
+    try:
+        parts = urlsplit(url)
+        found = parts.password
+        for key, value in parse_qsl(parts.query):
+            if key.lower() == "password":
+                found = value
+        return found or None
+    except ValueError:
+        return None

@@ -1,0 +1,168 @@
+"""Per-access-key rate limits counted on Redis, across every replica.
+
+The same algorithm as `sidecar.ratelimits.LocalLimiter` (see its module
+docstring for the window and what a refusal's `retry_after` means), run as one
+Lua script per operation, so checking and counting are atomic however many
+replicas admit at once. The script reads Redis's own clock (`TIME`): replicas
+with skewed clocks still agree, and `Decision.second` is Redis's second.
+
+One hash per access key, `{prefix}rl:{name}`, with fields `r:<second>`
+(requests) and `t:<second>` (tokens). `admit` deletes the fields that have left
+the window and sets the hash to expire 62 s after the last admitted request, so
+an idle key vanishes. Every Redis or socket error becomes
+`SharedStateUnavailable` (no retry, nothing swallowed, no password in the
+message): the caller picks the fallback.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Any, Final
+
+import redis.asyncio as aioredis
+
+from sidecar.ratelimits import WINDOW_S, Decision, LimitKind, RateLimits
+from sidecar.shared.base import PREFIX, REDIS_ERRORS, unavailable
+
+#: The hash expires this long after the last admitted request: its newest
+#: bucket stops counting 61 s after it started.
+_EXPIRE_MS: Final = (WINDOW_S + 2) * 1000
+
+# KEYS[1] the hash; ARGV rpm (0 = unlimited), tpm (0 = unlimited), tokens, window, expire ms.
+# Returns {allowed 0|1, second, limit ('' | 'rpm' | 'tpm'), retry_after ms (-1 = never)}.
+_ADMIT: Final = """
+local t = redis.call('TIME')
+local now_s = tonumber(t[1])
+local now_ms = now_s * 1000 + math.floor(tonumber(t[2]) / 1000)
+local rpm, tpm, tokens = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+local window, expire_ms = tonumber(ARGV[4]), tonumber(ARGV[5])
+local oldest = now_s - window
+
+local fields = redis.call('HGETALL', KEYS[1])
+local reqs, toks, seconds, stale = {}, {}, {}, {}
+local used_r, used_t = 0, 0
+for i = 1, #fields, 2 do
+  local field = fields[i]
+  local s = tonumber(string.sub(field, 3))
+  local v = tonumber(fields[i + 1])
+  if s == nil or s < oldest then
+    stale[#stale + 1] = field
+  else
+    if reqs[s] == nil and toks[s] == nil then seconds[#seconds + 1] = s end
+    if string.sub(field, 1, 1) == 'r' then
+      reqs[s] = v
+      used_r = used_r + v
+    else
+      toks[s] = v
+      used_t = used_t + v
+    end
+  end
+end
+if #stale > 0 then redis.call('HDEL', KEYS[1], unpack(stale)) end
+
+local limit = ''
+if rpm > 0 and used_r + 1 > rpm then
+  limit = 'rpm'
+elseif tpm > 0 and used_t + tokens > tpm then
+  limit = 'tpm'
+end
+if limit == '' then
+  redis.call('HINCRBY', KEYS[1], 'r:' .. now_s, 1)
+  redis.call('HINCRBY', KEYS[1], 't:' .. now_s, ARGV[3])
+  redis.call('PEXPIRE', KEYS[1], expire_ms)
+  return {1, now_s, '', 0}
+end
+if tpm > 0 and tokens > tpm then
+  return {0, now_s, limit, -1}
+end
+
+table.sort(seconds)
+local function until_freed(counts, excess)
+  if excess <= 0 then return 0 end
+  local freed = 0
+  for _, s in ipairs(seconds) do
+    freed = freed + (counts[s] or 0)
+    if freed >= excess then return math.max(0, (s + window + 1) * 1000 - now_ms) end
+  end
+  return -1
+end
+local wait = 0
+if rpm > 0 then wait = until_freed(reqs, used_r + 1 - rpm) end
+if tpm > 0 and wait >= 0 then
+  local wait_t = until_freed(toks, used_t + tokens - tpm)
+  if wait_t < 0 then wait = -1 elseif wait_t > wait then wait = wait_t end
+end
+return {0, now_s, limit, wait}
+"""
+
+# KEYS[1] the hash; ARGV second, delta, window. Returns the bucket's tokens, or -1 if untouched.
+_SETTLE: Final = """
+local t = redis.call('TIME')
+local second, window = tonumber(ARGV[1]), tonumber(ARGV[3])
+if second < tonumber(t[1]) - window then return -1 end
+if redis.call('HEXISTS', KEYS[1], 'r:' .. second) == 0 then return -1 end
+local field = 't:' .. second
+local tokens = redis.call('HINCRBY', KEYS[1], field, ARGV[2])
+if tokens < 0 then
+  redis.call('HSET', KEYS[1], field, 0)
+  return 0
+end
+return tokens
+"""
+
+
+class RedisLimiter:
+    """`admit` and `settle` of `LocalLimiter`, on a Redis shared by every replica."""
+
+    def __init__(self, client: aioredis.Redis, url: str, *, prefix: str = PREFIX) -> None:
+        self._client = client
+        self._url = url  # only to name Redis (password masked) in errors
+        self._prefix = prefix
+        self._admit = client.register_script(_ADMIT)
+        self._settle = client.register_script(_SETTLE)
+
+    def __repr__(self) -> str:
+        return "RedisLimiter()"
+
+    def key(self, name: str) -> str:
+        """The Redis hash holding the window of access key `name`."""
+        return f"{self._prefix}rl:{name}"
+
+    async def admit(self, name: str, limits: RateLimits, tokens: int) -> Decision:
+        """Count one request of `tokens` estimated tokens for `name` unless a limit refuses.
+
+        With no limit set nothing is counted and Redis is not called (`second`
+        is then the local clock's).
+        """
+        if tokens < 0:
+            raise ValueError("tokens must be >= 0")
+        if not limits:
+            return Decision(True, math.floor(time.time()))
+        args = (limits.rpm or 0, limits.tpm or 0, tokens, WINDOW_S, _EXPIRE_MS)
+        try:
+            reply = await self._admit(keys=[self.key(name)], args=args)
+        except REDIS_ERRORS as exc:
+            raise unavailable("shared state", self._url, exc) from None
+        return _decision(reply)
+
+    async def settle(self, name: str, second: int, delta: int) -> None:
+        """Add `delta` tokens to the bucket `second` (a Redis second) if it is still in the window.
+
+        Never below 0; a bucket out of the window, or never counted, is not touched.
+        """
+        if delta == 0:
+            return
+        try:
+            await self._settle(keys=[self.key(name)], args=(second, delta, WINDOW_S))
+        except REDIS_ERRORS as exc:
+            raise unavailable("shared state", self._url, exc) from None
+
+
+def _decision(reply: list[Any]) -> Decision:
+    allowed, second, limit, wait_ms = reply
+    if allowed == 1:
+        return Decision(True, int(second))
+    kind = LimitKind(limit.decode() if isinstance(limit, bytes) else limit)
+    retry_after = math.inf if wait_ms < 0 else wait_ms / 1000
+    return Decision(False, int(second), kind, retry_after)
