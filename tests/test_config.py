@@ -784,3 +784,30 @@ def test_bad_prefill_and_resume_values_are_reported_with_their_paths() -> None:
     for path in ("failover.resume", "timeouts.first_token", "providers[0].prefill",
                  "providers[0].models[0].prefill", "providers[0].models[0].extra"):  # fmt: skip
         assert path in text
+
+
+def test_shared_state_is_optional_and_takes_a_redis_url_and_a_bounded_timeout() -> None:
+    assert parse("log: {level: info}").shared_state is None
+    cfg = parse('shared_state: {url: "redis://:hunter2@redis.infra:6379/2", timeout: 250ms}')
+    assert cfg.shared_state is not None
+    assert (cfg.shared_state.url, cfg.shared_state.timeout) == ("redis://:hunter2@redis.infra:6379/2", 0.25)
+    assert "hunter2" not in repr(cfg.shared_state)
+    assert parse('shared_state: {url: "redis://h:6379/0"}').shared_state.timeout == 0.5  # type: ignore[union-attr]
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("shared_state: {}", "shared_state.url: required"),
+        ("shared_state: redis://h", "shared_state: expected a mapping"),
+        ('shared_state: {url: "sqlite:///x.db"}', "shared_state.url: expected redis://"),
+        ('shared_state: {url: "redis://:hunter2@h:port/0"}', "shared_state.url: invalid redis URL"),
+        ('shared_state: {url: "redis://h:6379/0", timeout: 6s}', "shared_state.timeout: expected"),
+        ('shared_state: {url: "redis://h:6379/0", timeout: 1ms}', "shared_state.timeout: expected"),
+        ('shared_state: {url: "redis://h:6379/0", pool: 3}', "shared_state.pool: unknown key"),
+    ],
+)
+def test_shared_state_problems_name_their_key_and_never_a_password(body: str, problem: str) -> None:
+    found = problems(body)
+    assert any(p.startswith(problem) for p in found), found
+    assert not any("hunter2" in p for p in found)

@@ -438,3 +438,42 @@ def test_anything_else_that_mentions_api_key_invalid_stays_a_400(body: bytes) ->
 
 def test_only_a_400_is_reread() -> None:
     assert answer_status(403, _google_400("API key not valid.", [_BAD_KEY_INFO])) == 403
+
+
+def test_hold_keeps_the_later_deadline_and_tells_the_listener_unless_told_not_to(
+    clock: Clock,
+) -> None:
+    h = KeyHealth(clock)
+    told: list[tuple[str, str | None, float, Outcome, int | None]] = []
+    h.on_cooldown = lambda *a: told.append(a)
+    h.hold("k", "m", 1030.0, Outcome.RATE_LIMITED, 200)
+    assert h.cooling_until("k", "m") == 1030.0
+    assert h.cooling_until("k", "other") is None
+    h.hold("k", "m", 1010.0, Outcome.RATE_LIMITED)  # shorter: kept as it was, nobody told
+    h.hold("k", None, 1100.0, Outcome.AUTH_FAILED, 401, share=False)  # another replica's
+    assert h.cooling_until("k", "other") == 1100.0
+    assert told == [("k", "m", 1030.0, Outcome.RATE_LIMITED, 200)]
+    assert sorted(h.active(), key=str) == sorted(
+        [("k", "m", 1030.0, Outcome.RATE_LIMITED, 200), ("k", None, 1100.0, Outcome.AUTH_FAILED, 401)],
+        key=str,
+    )
+    clock.now = 1050.0
+    assert h.active() == [("k", None, 1100.0, Outcome.AUTH_FAILED, 401)]
+
+
+def test_record_tells_the_listener_of_each_cooldown_with_its_scope(clock: Clock) -> None:
+    h = KeyHealth(clock)
+    told: list[tuple[str, str | None, float, Outcome, int | None]] = []
+    h.on_cooldown = lambda *a: told.append(a)
+    h.record("k", Outcome.RATE_LIMITED, CD, model="m", retry_after=5, status=429)
+    h.record("k", Outcome.RATE_LIMITED, CD, model="m", retry_after=1, status=429)  # not further
+    h.record("k", Outcome.AUTH_FAILED, CD, model="m", status=401)  # the whole key
+    for _ in range(CD.server_error_threshold - 1):
+        h.record("j", Outcome.SERVER_ERROR, CD, model="m", status=500)
+    assert len(told) == 2  # below the threshold nothing cools
+    h.record("j", Outcome.SERVER_ERROR, CD, model="m", status=500)
+    assert told == [
+        ("k", "m", 1005.0, Outcome.RATE_LIMITED, 429),
+        ("k", None, 1300.0, Outcome.AUTH_FAILED, 401),
+        ("j", "m", 1015.0, Outcome.SERVER_ERROR, 500),
+    ]

@@ -11,6 +11,7 @@ from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import KeyHealth, Outcome
 from sidecar.keys import KeySource, select_keys
 from sidecar.plan import build_plan, resolve_targets
+from sidecar.quota import QuotaBook, QuotaKind, Reading
 from sidecar.runtime import Runtime, build_runtime
 from sidecar.secret import Secret
 from sidecar.vault import AccessKeyRecord, AttachedKey, OpenedVault
@@ -218,3 +219,21 @@ def test_config_fallbacks_that_cannot_serve_the_route_are_left_out() -> None:
     assert [(t.provider.id, t.model.upstream if t.model else None) for t in targets] == [
         ("openai", "gpt-4o"), ("ollama", "llama3.2"),
     ]  # fmt: skip
+
+
+def test_quota_puts_a_nearly_exhausted_key_behind_within_its_source_only() -> None:
+    now = [0.0]
+    book = QuotaBook(lambda: now[0])
+    rt = runtime(CONFIG, _access("a"))
+    ak = access(rt, "a")
+    p1, p2 = rt.providers["openai"].policy_keys
+    targets = resolve_targets(rt, "openai", ["gpt-4o", "gpt-4o-mini"])
+    # 1 of 100 requests left on the first key for gpt-4o: it goes behind the second there.
+    book.record(p1.health_id, "gpt-4o", [Reading(QuotaKind.REQUESTS, 1, 100, 30.0)])
+    plan = build_plan(rt, ak, targets, KeyHealth(lambda: now[0]), quota=book)
+    order = [(c.upstream_model, c.key.key_id) for c in plan.candidates]
+    assert order == [("gpt-4o", p2.key_id), ("gpt-4o", p1.key_id),
+                     ("gpt-4o-mini", p1.key_id), ("gpt-4o-mini", p2.key_id)]  # fmt: skip
+    now[0] = 31.0  # past its reset the reading says nothing: the source's order again
+    plan = build_plan(rt, ak, targets, KeyHealth(lambda: now[0]), quota=book)
+    assert [c.key.key_id for c in plan.candidates][:2] == [p1.key_id, p2.key_id]

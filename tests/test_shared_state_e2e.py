@@ -10,6 +10,8 @@ one-second promise with a deadline; everything else polls with a generous one.
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from typing import Any
@@ -291,3 +293,33 @@ async def test_redis_going_away_loses_no_request_and_the_view_is_shared_again_af
         log = p.stderr_path.read_text()
         assert log.count('"shared_state_unavailable"') == 1, log
         assert log.count('"shared_state_recovered"') == 1, log
+
+
+async def test_a_redis_that_stops_answering_does_not_stop_rate_limited_requests(
+    env: Env,
+    mock_server: TestServer,
+    processes: list[Process],
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """Frozen, not gone (SIGSTOP: connections stay open, nothing answers): a rate-limited
+    key's requests still pass, counted locally, and the replica says it is on its own."""
+    metered = env.access_key("metered", rpm=1000)
+    body = providers_yaml(env, openai=[("k", "sk-k")]) + shared_yaml(redis_server.url)
+    (p,) = await spawn(env, body, processes, n=1)
+    await eventually(lambda: shared_up(http, p), 1.0)
+    pid = redis_server.pid
+    assert pid is not None
+    os.kill(pid, signal.SIGSTOP)
+    try:
+        async with client(p, metered) as c:
+            for _ in range(5):
+                await c.chat.completions.create(model=MODEL, messages=PROMPT)
+        assert await shared_up(http, p) == 0.0
+        ready = await admin(http, p, "/readyz")
+        assert ready["shared_state"] == {"status": "local"}
+    finally:
+        os.kill(pid, signal.SIGCONT)
+    await eventually(lambda: shared_up(http, p), 1.0)
+    assert (await admin(http, p, "/readyz"))["shared_state"] == {"status": "ok"}
+    assert len(await mock_log(http, mock_server)) == 5
