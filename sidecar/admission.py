@@ -24,7 +24,7 @@ from sidecar.errors import ErrorCode, ProxyError
 from sidecar.metrics import Metrics
 from sidecar.ratelimits import WINDOW_S, Decision, LocalLimiter, RateLimits
 from sidecar.runtime import AccessKey
-from sidecar.shared.base import SharedStateUnavailable
+from sidecar.shared import SharedStateUnavailable
 
 if TYPE_CHECKING:  # the Redis client is imported only where `shared_state` is configured
     from sidecar.shared.replicas import SharedState
@@ -65,8 +65,11 @@ class Admission:
         shared = self._shared
         decision: Decision | None = None
         if shared is not None and shared.up:
-            try:
-                decision = await shared.limiter.admit(access.name, limits, tokens)
+            try:  # one bound over the whole call: waiting for a connection, a retry, the read
+                async with asyncio.timeout(shared.config.timeout):
+                    decision = await shared.limiter.admit(access.name, limits, tokens)
+            except TimeoutError:
+                shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
             except SharedStateUnavailable as exc:
                 shared.failed(exc)
         on_redis = decision is not None
@@ -98,7 +101,10 @@ class Admission:
         if not shared.up:
             return  # counted on a Redis that is gone for now: the estimate stands there
         try:
-            await shared.limiter.settle(ticket.name, ticket.second, delta)
+            async with asyncio.timeout(shared.config.timeout):
+                await shared.limiter.settle(ticket.name, ticket.second, delta)
+        except TimeoutError:
+            shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
         except SharedStateUnavailable as exc:
             shared.failed(exc)
 

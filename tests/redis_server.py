@@ -95,8 +95,7 @@ def redis_executable() -> str | None:
     return shutil.which("redis-server")
 
 
-@pytest.fixture
-def redis_server() -> Iterator[RedisServer]:
+def _running_server() -> Iterator[RedisServer]:
     executable = redis_executable()
     if executable is None:
         message = "redis-server is not on PATH"
@@ -116,6 +115,18 @@ def redis_server() -> Iterator[RedisServer]:
             yield server
         finally:
             server.stop()
+
+
+@pytest.fixture
+def redis_server() -> Iterator[RedisServer]:
+    yield from _running_server()
+
+
+@pytest.fixture(scope="module")
+def module_redis_url() -> Iterator[str]:
+    """One redis-server for a whole module (tests that need their own use `redis_server`)."""
+    for server in _running_server():
+        yield server.url
 
 
 @pytest.fixture

@@ -85,6 +85,9 @@ async def test_a_key_with_nothing_left_is_skipped_until_its_reset(
         "cooling", "claude-haiku-4-5", "rate_limited", 200
     )  # fmt: skip
     assert {q["kind"]: q["remaining"] for q in line["quota"]} == {"requests": 0, "tokens": 0}
+    (logged,) = [r for r in env.oplog.records() if r.get("event") == "key_quota_used_up"]
+    assert (logged["key_id"], logged["model"]) == ("a1", "claude-haiku-4-5")
+    assert 0 < logged["reset_in_s"] <= 61  # the mock says: a minute from its (whole) second
 
 
 async def test_an_access_key_over_its_rpm_is_refused_before_any_upstream_call(

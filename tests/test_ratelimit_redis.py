@@ -9,11 +9,8 @@ from __future__ import annotations
 import asyncio
 import itertools
 import math
-import os
-import tempfile
 import time
-from collections.abc import AsyncIterator, Iterator
-from pathlib import Path
+from collections.abc import AsyncIterator
 
 import pytest
 import pytest_asyncio
@@ -22,7 +19,7 @@ import redis.asyncio as aioredis
 from sidecar.ratelimits import WINDOW_S, Decision, LimitKind, LocalLimiter, RateLimits
 from sidecar.shared.base import PREFIX, SharedStateUnavailable, open_redis
 from sidecar.shared.ratelimit import RedisLimiter
-from tests.redis_server import RedisServer, free_port, redis_executable
+from tests.redis_server import free_port, module_redis_url  # noqa: F401  (fixture)
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
@@ -34,31 +31,8 @@ def fresh_name() -> str:
     return f"app-{next(_names)}"
 
 
-@pytest.fixture(scope="module")
-def module_redis_url() -> Iterator[str]:
-    """One redis-server for the module (the shared fixture is per test)."""
-    executable = redis_executable()
-    if executable is None:
-        if os.environ.get("SIDECAR_TEST_REQUIRE_REDIS") == "1":
-            pytest.fail("redis-server is not on PATH and SIDECAR_TEST_REQUIRE_REDIS=1")
-        pytest.skip("redis-server is not on PATH")
-    with tempfile.TemporaryDirectory(prefix="sidecar-redis-") as tmp:
-        for attempt in range(3):
-            server = RedisServer(executable, Path(tmp))
-            try:
-                server.start()
-                break
-            except RuntimeError:
-                if attempt == 2:
-                    raise  # the free port was taken before redis bound it, thrice
-        try:
-            yield server.url
-        finally:
-            server.stop()
-
-
 @pytest_asyncio.fixture(scope="module", loop_scope="module")
-async def clients(module_redis_url: str) -> AsyncIterator[list[aioredis.Redis]]:
+async def clients(module_redis_url: str) -> AsyncIterator[list[aioredis.Redis]]:  # noqa: F811
     """Three clients, as three replicas would hold."""
     opened = [open_redis(module_redis_url, timeout=TIMEOUT) for _ in range(3)]
     yield opened
@@ -67,7 +41,10 @@ async def clients(module_redis_url: str) -> AsyncIterator[list[aioredis.Redis]]:
 
 
 @pytest.fixture
-def limiters(clients: list[aioredis.Redis], module_redis_url: str) -> list[RedisLimiter]:
+def limiters(
+    clients: list[aioredis.Redis],
+    module_redis_url: str,  # noqa: F811
+) -> list[RedisLimiter]:
     return [RedisLimiter(client, module_redis_url) for client in clients]
 
 

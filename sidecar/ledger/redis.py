@@ -10,33 +10,14 @@ it is kept out of `repr` and of every error message.
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import parse_qsl, urlsplit
-
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import NoBackoff
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
 
 from sidecar.ledger.base import LedgerUnavailable
-from sidecar.ledger.urls import redact_url
+from sidecar.ledger.urls import redact_url, url_password
 from sidecar.secret import Secret
+from sidecar.shared.base import REDIS_ERRORS as _ERRORS
+from sidecar.shared.base import open_redis
 
 SPEND_KEY: Final = "sidecar:spend"
-# asyncio.TimeoutError is the builtin TimeoutError, an OSError.
-_ERRORS: Final = (RedisError, OSError)
-
-
-def _password(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-        found = parts.password
-        for key, value in parse_qsl(parts.query):
-            if key.lower() == "password":
-                found = value
-        return found or None
-    except ValueError:
-        return None
 
 
 class RedisLedger:
@@ -51,26 +32,11 @@ class RedisLedger:
         max_connections: int = 32,
     ) -> None:
         self._where = redact_url(url)
-        password = _password(url)
+        password = url_password(url)
         self._password = Secret(password) if password else None
         self._key = key
-        try:
-            # A blocking pool: a burst of requests waits briefly for a free
-            # connection instead of failing with "Too many connections".
-            pool = aioredis.BlockingConnectionPool.from_url(
-                url,
-                max_connections=max_connections,
-                timeout=timeout,
-                socket_timeout=timeout,
-                socket_connect_timeout=timeout,
-                # One immediate retry on a broken connection (a pooled socket
-                # the server closed); none on timeouts, whose write may have
-                # landed.
-                retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
-            )
-        except ValueError:
-            raise ValueError(f"ledger.url: invalid redis URL {self._where}") from None
-        self._client = aioredis.Redis.from_pool(pool)
+        self._client = open_redis(url, timeout=timeout, max_connections=max_connections,
+                                  setting="ledger.url")  # fmt: skip
 
     def __repr__(self) -> str:
         return f"RedisLedger({self._where!r})"

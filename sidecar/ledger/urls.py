@@ -51,6 +51,19 @@ def _check_redis_url(url: str) -> None:
         raise ValueError(problem)
 
 
+def url_password(url: str) -> str | None:
+    """The password a Redis URL carries (userinfo or `password=` query), to mask it in messages."""
+    try:
+        parts = urlsplit(url)
+        found = parts.password
+        for key, value in parse_qsl(parts.query):
+            if key.lower() == "password":
+                found = value
+        return found or None
+    except ValueError:
+        return None
+
+
 def redact_url(url: str) -> str:
     """The URL with any password (userinfo or `password=` query) masked."""
     try:

@@ -236,8 +236,15 @@ def _note_quota(
     hid = cand.key.health_id
     model = cand.upstream_model or ""
     until = state.quota.record(hid, model, readings)
-    if until is not None:
-        state.health.hold(hid, model, until, Outcome.RATE_LIMITED, status)
+    if until is None:
+        return
+    was_cooling = state.health.cooling_until(hid, model) is not None
+    state.health.hold(hid, model, until, Outcome.RATE_LIMITED, status)
+    if not was_cooling:  # once, not on every answer that says so again
+        key = cand.key
+        state.oplog.info("key_quota_used_up", provider=key.provider, source=key.source.value,
+                         key_id=key.key_id, model=model,
+                         reset_in_s=round(until - time.monotonic(), 3))  # fmt: skip
 
 
 def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> Result:

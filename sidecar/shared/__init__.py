@@ -5,3 +5,10 @@ the `shared_state` Redis. Redis is never in the way of traffic: every
 operation has a short bound, and while Redis is unreachable each replica
 keeps its own state.
 """
+
+
+class SharedStateUnavailable(Exception):
+    """Redis could not be reached or answered with an error. Never carries a password.
+
+    Here, not in `sidecar.shared.base`, so that what only catches it imports no Redis client.
+    """

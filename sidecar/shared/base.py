@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from typing import Final
-from urllib.parse import parse_qsl, urlsplit
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -11,7 +10,10 @@ from redis.backoff import NoBackoff
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 
-from sidecar.ledger.urls import redact_url
+from sidecar.ledger.urls import redact_url, url_password
+from sidecar.shared import SharedStateUnavailable
+
+__all__ = ["PREFIX", "REDIS_ERRORS", "SharedStateUnavailable", "open_redis", "unavailable"]
 
 #: Every key the sidecar writes starts with this.
 PREFIX: Final = "sidecar:"
@@ -19,11 +21,9 @@ PREFIX: Final = "sidecar:"
 REDIS_ERRORS: Final = (RedisError, OSError)
 
 
-class SharedStateUnavailable(Exception):
-    """Redis could not be reached or answered with an error. Never carries a password."""
-
-
-def open_redis(url: str, *, timeout: float, max_connections: int = 16) -> aioredis.Redis:
+def open_redis(
+    url: str, *, timeout: float, max_connections: int = 16, setting: str = "shared_state.url"
+) -> aioredis.Redis:
     """A client whose every call is bounded by `timeout` seconds (connect and each read).
 
     A blocking pool: a burst waits at most `timeout` for a free connection rather
@@ -41,26 +41,15 @@ def open_redis(url: str, *, timeout: float, max_connections: int = 16) -> aiored
             health_check_interval=0,
         )
     except ValueError:
-        raise ValueError(f"shared_state.url: invalid redis URL {redact_url(url)}") from None
+        raise ValueError(f"{setting}: invalid redis URL {redact_url(url)}") from None
     return aioredis.Redis.from_pool(pool)
 
 
 def unavailable(where: str, url: str, exc: BaseException) -> SharedStateUnavailable:
     """`exc` as a SharedStateUnavailable naming `where`, with any password of `url` masked."""
     detail = str(exc)
-    password = _password(url)
+    password = url_password(url)
     if password:
         detail = detail.replace(password, "***")
     return SharedStateUnavailable(f"{where} {redact_url(url)}: {type(exc).__name__}: {detail}")
 
-
-def _password(url: str) -> str | None:
-    try:
-        parts = urlsplit(url)
-        found = parts.password
-        for key, value in parse_qsl(parts.query):
-            if key.lower() == "password":
-                found = value
-        return found or None
-    except ValueError:
-        return None
