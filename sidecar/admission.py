@@ -29,12 +29,15 @@ from sidecar.shared import SharedStateUnavailable
 if TYPE_CHECKING:  # the Redis client is imported only where `shared_state` is configured
     from sidecar.shared.replicas import SharedState
 
-#: A wait longer than this is told to SDKs as not worth their automatic retries: a whole
-#: window, as counted (a request counts for up to 61 s: `sidecar.ratelimits`), so only a
-#: request that can never pass is.
+#: The `retry-after` of a request that can never pass: a whole window, as counted (a
+#: request counts for up to 61 s: `sidecar.ratelimits`).
 _SDK_RETRY_S: Final = WINDOW_S + 1
 #: Settlements in flight at most; past it the estimate stands (errs on counting more).
 _MAX_SETTLING: Final = 1024
+#: Rate-limit calls to Redis in flight at once (admissions and settlements): fewer than the
+#: shared client's connections, which the link's ping and cooldown announcements also use.
+#: A request that finds no slot within `shared_state.timeout` is counted on this replica.
+REDIS_SLOTS: Final = 24
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,7 @@ class Admission:
         self._shared = shared
         self.local = LocalLimiter()
         self._settling: set[asyncio.Task[None]] = set()
+        self._slots = asyncio.Semaphore(REDIS_SLOTS)
 
     async def admit(self, access: AccessKey, estimate: int) -> Ticket | None:
         """Count one request of `access` (and `estimate` tokens); None when it has no limits.
@@ -61,22 +65,18 @@ class Admission:
         limits = access.limits
         if not limits:
             return None
-        tokens = estimate if limits.tpm else 0
+        # A request is counted at most a whole `tpm` up front: bytes overstate what images and
+        # other media cost, and the metered usage settles the difference.
+        tokens = min(estimate, limits.tpm) if limits.tpm else 0
         shared = self._shared
         decision: Decision | None = None
         if shared is not None and shared.up:
-            try:  # one bound over the whole call: waiting for a connection, a retry, the read
-                async with asyncio.timeout(shared.config.timeout):
-                    decision = await shared.limiter.admit(access.name, limits, tokens)
-            except TimeoutError:
-                shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
-            except SharedStateUnavailable as exc:
-                shared.failed(exc)
+            decision = await self._admit_shared(shared, access.name, limits, tokens)
         on_redis = decision is not None
         if decision is None:
             decision = self.local.admit(access.name, limits, tokens)
         if not decision.allowed:
-            raise self._refusal(access.name, limits, decision, tokens)
+            raise self._refusal(access.name, limits, decision)
         return Ticket(access.name, decision.second, tokens, on_redis, bool(limits.tpm))
 
     def settle(self, ticket: Ticket, used: int | None) -> None:
@@ -95,11 +95,38 @@ class Admission:
         self._settling.add(task)
         task.add_done_callback(self._settling.discard)
 
+    async def _admit_shared(
+        self, shared: SharedState, name: str, limits: RateLimits, tokens: int
+    ) -> Decision | None:
+        """The decision of the shared Redis, or None to count on this replica: Redis failed or
+        is too slow (then the replica leaves the link), or every slot stayed busy for the
+        whole timeout (a burst: this request alone is counted here)."""
+        if not await self._slot(shared.config.timeout):
+            return None
+        try:  # one bound over the whole call: a connection, its one retry, the answer
+            async with asyncio.timeout(shared.config.timeout):
+                return await shared.limiter.admit(name, limits, tokens)
+        except TimeoutError:
+            shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
+        except SharedStateUnavailable as exc:
+            shared.failed(exc)
+        finally:
+            self._slots.release()
+        return None
+
+    async def _slot(self, wait: float) -> bool:
+        try:
+            async with asyncio.timeout(wait):
+                await self._slots.acquire()
+        except TimeoutError:
+            return False
+        return True
+
     async def _settle_shared(self, ticket: Ticket, delta: int) -> None:
         shared = self._shared
         assert shared is not None
-        if not shared.up:
-            return  # counted on a Redis that is gone for now: the estimate stands there
+        if not shared.up or not await self._slot(shared.config.timeout):
+            return  # Redis gone for now, or busy: the estimate stands there
         try:
             async with asyncio.timeout(shared.config.timeout):
                 await shared.limiter.settle(ticket.name, ticket.second, delta)
@@ -107,28 +134,25 @@ class Admission:
             shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
         except SharedStateUnavailable as exc:
             shared.failed(exc)
+        finally:
+            self._slots.release()
 
-    def _refusal(self, name: str, limits: RateLimits, d: Decision, tokens: int) -> ProxyError:
+    def _refusal(self, name: str, limits: RateLimits, d: Decision) -> ProxyError:
         assert d.limit is not None
         kind = d.limit.value
         self._metrics.rate_limited.labels(name, kind).inc()
-        if math.isinf(d.retry_after):
-            return ProxyError(
-                ErrorCode.RATE_LIMIT_EXCEEDED,
-                f"this request alone (about {tokens} tokens) is over access key {name!r}'s "
-                f"limit of {limits.tpm} tokens per minute",
-                retry_after=WINDOW_S,
-                should_retry=False,
-            )
-        wait = max(1, math.ceil(d.retry_after))
         limit = limits.rpm if kind == "rpm" else limits.tpm
         unit = "requests" if kind == "rpm" else "tokens"
+        # Every count leaves the window within 61 s; only a request that can never pass (its
+        # tokens alone over `tpm`, which the capped estimate avoids) is told not to retry.
+        never = math.isinf(d.retry_after)
+        wait = _SDK_RETRY_S if never else max(1, math.ceil(d.retry_after))
         return ProxyError(
             ErrorCode.RATE_LIMIT_EXCEEDED,
             f"access key {name!r} is over its limit of {limit} {unit} per minute; "
             f"retry in {wait} s",
             retry_after=wait,
-            should_retry=wait <= _SDK_RETRY_S,
+            should_retry=not never,
         )
 
     async def close(self) -> None:

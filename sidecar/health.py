@@ -446,6 +446,13 @@ class KeyHealth:
                                               st.last_status))  # fmt: skip
         return HealthSnapshot(now, tuple(scopes))
 
+    def sweep(self) -> None:
+        """Drop scopes whose cooldown has passed and that count no failures (they say nothing
+        any more), so what other replicas announce does not pile up."""
+        now = self._clock()
+        for scoped in [k for k, st in self._states.items() if st.until <= now and not st.failures]:
+            del self._states[scoped]
+
     def forget_except(self, keep: Iterable[str]) -> None:
         """Drop state of keys that no longer exist (after a reload)."""
         alive = set(keep)

@@ -13,7 +13,9 @@ exceed `rpm`, or when the request's tokens would exceed `tpm` (rpm is checked
 first and named first). Tokens are charged up front from an estimate
 (`estimate_tokens`) and corrected by `settle` once the metered usage is known,
 so concurrent requests in flight can overshoot `tpm` by the difference between
-their estimates and what they really used; `rpm` is never overshot.
+their estimates and what they really used; `rpm` is never overshot. Tokens
+owed by an answer that outlived its bucket (over a minute) are counted in the
+current second instead.
 
 A refusal carries `retry_after`: when the same request would first pass,
 computed from the buckets (each bucket stops counting at `s + 61`).
@@ -187,15 +189,19 @@ class LocalLimiter:
         return Decision(True, second)
 
     def settle(self, name: str, second: int, delta: int) -> None:
-        """Add `delta` tokens to the bucket `second` of `name`, if it is still in the window.
+        """Add `delta` tokens to the bucket `second` of `name`.
 
-        A bucket never goes below 0; a bucket that has left the window (or was
-        never counted) is not touched.
+        A bucket never goes below 0. When that bucket has left the window (an answer
+        that took over a minute), tokens still owed are counted now, in the current
+        second; a refund for a bucket that is gone is dropped.
         """
-        if name not in self._keys:
+        now_s = math.floor(self._clock())
+        if name not in self._keys and delta <= 0:
             return
-        buckets = self._live(name, math.floor(self._clock()))
+        buckets = self._live(name, now_s)
         bucket = buckets.get(second)
+        if bucket is None and delta > 0:
+            bucket = buckets[now_s] = buckets.get(now_s) or _Bucket()
         if bucket is not None:
             bucket.tokens = max(0, bucket.tokens + delta)
         elif not buckets:

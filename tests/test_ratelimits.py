@@ -175,19 +175,24 @@ def test_settle_corrects_the_estimate_both_ways_and_never_below_zero(
     assert not limiter.admit("app", limits, 1).allowed
 
 
-def test_settle_of_a_bucket_out_of_the_window_is_ignored(
+def test_tokens_owed_for_a_bucket_out_of_the_window_count_now_and_refunds_are_dropped(
     limiter: LocalLimiter, clock: Clock
 ) -> None:
+    """An answer that took over a minute: its bucket is gone, what it still owes is not."""
     limits = RateLimits(tpm=100)
     old = limiter.admit("app", limits, 10)
     clock.now = T0 + 61
-    fresh = limiter.admit("app", limits, 100)
+    fresh = limiter.admit("app", limits, 40)
     assert fresh.allowed
-    limiter.settle("app", old.second, -50)  # gone: must not touch anything
-    limiter.settle("app", old.second, 50)  # nor create anything
-    assert limiter.bucket_count() == 1
+    limiter.settle("app", old.second, -50)  # a refund for a bucket that is gone: dropped
+    assert limiter.admit("app", limits, 60).allowed  # 40 + 60: full
     assert not limiter.admit("app", limits, 1).allowed
-    limiter.settle("other", fresh.second, 5)  # a name never counted
+    clock.now = T0 + 61.5
+    limiter.settle("app", old.second, 30)  # owed: counted in the current second
+    assert not limiter.admit("app", RateLimits(tpm=130), 1).allowed
+    assert limiter.admit("app", RateLimits(tpm=131), 1).allowed
+    assert limiter.bucket_count() == 1
+    limiter.settle("other", fresh.second, -5)  # a refund to a name never counted: nothing
     assert limiter.bucket_count() == 1
 
 

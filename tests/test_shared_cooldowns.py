@@ -14,7 +14,8 @@ def test_a_cooldown_round_trips_and_its_key_names_its_scope() -> None:
     assert decode(encode(pair)) == pair
     assert decode(encode(whole).decode()) == whole
     assert redis_key("openai:fp1", "gpt-4o") == "sidecar:cool:openai:fp1|gpt-4o"
-    assert redis_key("openai:fp1", None) == "sidecar:cool:openai:fp1|*"
+    assert redis_key("openai:fp1", None) == "sidecar:cool:openai:fp1"
+    assert redis_key("openai:fp1", "*") == "sidecar:cool:openai:fp1|*"  # a model named `*`: not the key
     assert redis_key("openai:fp1", "") == "sidecar:cool:openai:fp1|"
 
 

@@ -19,7 +19,9 @@ from typing import Any
 import aiohttp
 import openai
 import pytest
+import redis.asyncio as aioredis
 from aiohttp.test_utils import TestServer
+from redis.exceptions import RedisError
 
 from tests.harness import Env, Process, metric_value, spawn_sidecar
 from tests.redis_server import RedisServer, redis_server, redis_url  # noqa: F401  (fixtures)
@@ -323,3 +325,39 @@ async def test_a_redis_that_stops_answering_does_not_stop_rate_limited_requests(
     await eventually(lambda: shared_up(http, p), 1.0)
     assert (await admin(http, p, "/readyz"))["shared_state"] == {"status": "ok"}
     assert len(await mock_log(http, mock_server)) == 5
+
+
+async def test_a_quick_redis_restart_gets_the_cooldowns_in_force_written_back(
+    env: Env,
+    mock_server: TestServer,
+    processes: list[Process],
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """Restarted between two beats, Redis comes back empty while every connection seems
+    fine: the replica notices the new server and writes what is in force again."""
+    token = env.access_key("app")
+    body = providers_yaml(
+        env, openai=[("limited", "sk-l-fail-429-retry-30"), ("spare", "sk-s")]
+    ) + shared_yaml(redis_server.url)
+    (p,) = await spawn(env, body, processes, n=1)
+    await eventually(lambda: shared_up(http, p), 1.0)
+    async with client(p, token) as c:
+        await c.chat.completions.create(model=MODEL, messages=PROMPT)
+    redis = aioredis.Redis.from_url(redis_server.url)
+    try:
+
+        async def cooling_in_redis() -> int:
+            try:
+                return int(await redis.zcard("sidecar:cool-index"))
+            except (RedisError, OSError):
+                return -1
+
+        await eventually(cooling_in_redis, 1)
+        redis_server.stop()
+        redis_server.start()
+        assert await cooling_in_redis() in (-1, 0)  # an empty Redis
+        await eventually(cooling_in_redis, 1)  # written back by the replica
+    finally:
+        await redis.aclose()
+    assert await pair_state(http, p, "limited", MODEL) == ("cooling", MODEL)

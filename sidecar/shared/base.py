@@ -37,6 +37,7 @@ def open_redis(
             timeout=timeout,
             socket_timeout=timeout,
             socket_connect_timeout=timeout,
+            socket_keepalive=True,  # an idle pooled connection a NAT dropped shows up as closed
             retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             health_check_interval=0,
         )

@@ -1,13 +1,17 @@
-"""Cooldowns on the shared Redis: one key per cooling scope, and a channel that announces them.
+"""Cooldowns on the shared Redis: one key per cooling scope, an index, and a channel.
 
-A cooldown is stored as `sidecar:cool:<health id>|<model>` (`*` for a whole key),
-its value the JSON of `SharedCooldown`, expiring at its deadline (`PXAT`), so a
-replica that starts later reads what is current with one `SCAN`. Every new or
-longer cooldown is also published on `sidecar:cooldowns`, which every replica
-listens to: the others learn of it within milliseconds. Deadlines travel as
-wall-clock times (Unix seconds); each replica turns them into its own clock.
+A cooldown is stored as `sidecar:cool:<health id>` (the whole key: dead) or
+`sidecar:cool:<health id>|<model>` (one model; a health id never holds `|`), its
+value the JSON of `SharedCooldown`, expiring at its deadline (`PXAT`). The sorted
+set `sidecar:cool-index` names them by deadline, so a replica that starts later
+(or comes back) reads what is in force with one range query, however many other
+keys that Redis holds. Every new or longer cooldown is also published on
+`sidecar:cooldowns`, which every replica listens to: the others learn of it
+within milliseconds. Deadlines travel as wall-clock times (Unix seconds); each
+replica turns them into its own clock.
 
-A key id is a fingerprint of the key (`sidecar.secret.fingerprint`), never its value.
+A key's health id is its provider and a fingerprint of it (`sidecar.secret.fingerprint`),
+never its value. Needs Redis 6.2 or later (`PXAT`).
 """
 
 from __future__ import annotations
@@ -23,15 +27,19 @@ from sidecar.health import Outcome
 from sidecar.shared.base import PREFIX, REDIS_ERRORS, unavailable
 
 CHANNEL: Final = PREFIX + "cooldowns"
+INDEX: Final = PREFIX + "cool-index"
 _KEY_PREFIX: Final = PREFIX + "cool:"
-_WHOLE_KEY: Final = "*"
 #: Bounds on what is read back: a value this long, this many cooldowns in one resync.
 _MAX_VALUE: Final = 2048
 MAX_READ: Final = 10_000
 _REASONS: Final = frozenset(o.value for o in Outcome)
 
+# KEYS[1] the cooldown's key, KEYS[2] the index; ARGV value, until (s), until (ms), channel.
 # Keep the later deadline: a shorter cooldown never shortens one in force. PXAT: wall clock.
+# Index entries past their deadline are dropped on the way.
 _PUBLISH: Final = """
+local t = redis.call('TIME')
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', tonumber(t[1]) * 1000)
 local old = redis.call('GET', KEYS[1])
 if old then
   local ok, doc = pcall(cjson.decode, old)
@@ -40,6 +48,7 @@ if old then
   end
 end
 redis.call('SET', KEYS[1], ARGV[1], 'PXAT', ARGV[3])
+redis.call('ZADD', KEYS[2], ARGV[3], KEYS[1])
 redis.call('PUBLISH', ARGV[4], ARGV[1])
 return 1
 """
@@ -85,7 +94,7 @@ def decode(raw: bytes | str) -> SharedCooldown | None:
 
 
 def redis_key(health_id: str, model: str | None) -> str:
-    return f"{_KEY_PREFIX}{health_id}|{_WHOLE_KEY if model is None else model}"
+    return f"{_KEY_PREFIX}{health_id}" if model is None else f"{_KEY_PREFIX}{health_id}|{model}"
 
 
 class CooldownStore:
@@ -101,22 +110,21 @@ class CooldownStore:
         True when it was announced."""
         try:
             done = await self._publish(
-                keys=[redis_key(c.health_id, c.model)],
+                keys=[redis_key(c.health_id, c.model), INDEX],
                 args=[encode(c), repr(c.until), int(c.until * 1000), CHANNEL],
             )
         except REDIS_ERRORS as exc:
             raise unavailable("shared state", self._url, exc) from None
         return bool(done)
 
-    async def current(self) -> list[SharedCooldown]:
-        """Every cooldown in Redis now (at most `MAX_READ`)."""
+    async def current(self, wall_now: float) -> list[SharedCooldown]:
+        """Every cooldown in force (at most `MAX_READ`, the latest deadlines first)."""
         out: list[SharedCooldown] = []
         try:
-            keys: list[bytes] = []
-            async for key in self._client.scan_iter(match=_KEY_PREFIX + "*", count=500):
-                keys.append(key)
-                if len(keys) >= MAX_READ:
-                    break
+            found = await self._client.zrevrangebyscore(
+                INDEX, "+inf", f"({int(wall_now * 1000)}", start=0, num=MAX_READ
+            )
+            keys = [k for k in found if isinstance(k, bytes | str)]
             for i in range(0, len(keys), 500):
                 for raw in await self._client.mget(keys[i : i + 500]):
                     c = decode(raw) if raw is not None else None

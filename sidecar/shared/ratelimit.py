@@ -96,12 +96,17 @@ end
 return {0, now_s, limit, wait}
 """
 
-# KEYS[1] the hash; ARGV second, delta, window. Returns the bucket's tokens, or -1 if untouched.
+# KEYS[1] the hash; ARGV second, delta, window, expire ms. Returns the bucket's tokens, or -1
+# if untouched. Tokens owed for a bucket that has left the window go to the current second.
 _SETTLE: Final = """
 local t = redis.call('TIME')
-local second, window = tonumber(ARGV[1]), tonumber(ARGV[3])
-if second < tonumber(t[1]) - window then return -1 end
-if redis.call('HEXISTS', KEYS[1], 'r:' .. second) == 0 then return -1 end
+local now_s = tonumber(t[1])
+local second, delta, window = tonumber(ARGV[1]), tonumber(ARGV[2]), tonumber(ARGV[3])
+if second < now_s - window or redis.call('HEXISTS', KEYS[1], 'r:' .. second) == 0 then
+  if delta <= 0 then return -1 end
+  second = now_s
+  redis.call('PEXPIRE', KEYS[1], ARGV[4])
+end
 local field = 't:' .. second
 local tokens = redis.call('HINCRBY', KEYS[1], field, ARGV[2])
 if tokens < 0 then
@@ -147,14 +152,13 @@ class RedisLimiter:
         return _decision(reply)
 
     async def settle(self, name: str, second: int, delta: int) -> None:
-        """Add `delta` tokens to the bucket `second` (a Redis second) if it is still in the window.
-
-        Never below 0; a bucket out of the window, or never counted, is not touched.
-        """
+        """Add `delta` tokens to the bucket `second` (a Redis second), as `LocalLimiter.settle`
+        does: never below 0; tokens owed for a bucket that has left the window are counted
+        in Redis's current second, a refund for it is dropped."""
         if delta == 0:
             return
         try:
-            await self._settle(keys=[self.key(name)], args=(second, delta, WINDOW_S))
+            await self._settle(keys=[self.key(name)], args=(second, delta, WINDOW_S, _EXPIRE_MS))
         except REDIS_ERRORS as exc:
             raise unavailable("shared state", self._url, exc) from None
 

@@ -44,6 +44,10 @@ _LONGEST_S: Final = 7 * 86400.0
 T = TypeVar("T")
 
 
+class _Restarted(Exception):
+    """Redis answers, but it is another process than the one this link synced with."""
+
+
 class SharedState:
     def __init__(
         self,
@@ -67,6 +71,7 @@ class SharedState:
         self._store = CooldownStore(self._client, config.url)
         self.limiter = RedisLimiter(self._client, config.url)
         self.up = False
+        self._syncing = False  # subscribed, resyncing: new cooldowns are announced already
         self._ever_up = False
         self._logged_down = False
         self._trouble = asyncio.Event()
@@ -91,8 +96,13 @@ class SharedState:
             pubsub = self._client.pubsub()
             try:
                 await self._follow(pubsub)
+            except _Restarted:  # the same Redis, emptied: write what is in force again, now
+                self._oplog.info("shared_state_resync", reason="redis restarted")
+                continue
             except SharedStateUnavailable as exc:
                 self._down(exc)
+            except Exception as exc:  # the link's boundary: it must never end for good
+                self._down(SharedStateUnavailable(f"shared state: {type(exc).__name__}: {exc}"))
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), self.config.timeout)  # type: ignore[no-untyped-call]
@@ -111,12 +121,17 @@ class SharedState:
         timeout = self.config.timeout
         try:
             async with asyncio.timeout(timeout):
-                await self._client.ping()
+                run_id = await self._run_id()
                 await pubsub.subscribe(CHANNEL)
+                confirmed = await pubsub.get_message(timeout=timeout)
         except (TimeoutError, *REDIS_ERRORS) as exc:
             raise unavailable("shared state", self.config.url, exc) from None
-        # Subscribed before reading: nothing announced from here on is missed.
-        for c in await self._bounded(self._store.current()):
+        if not confirmed or confirmed.get("type") != "subscribe":
+            raise SharedStateUnavailable("shared state: the subscription was not confirmed")
+        # Subscribed before reading: nothing announced from here on is missed, and what this
+        # replica cools from here on is announced at once.
+        self._syncing = True
+        for c in await self._bounded(self._store.current(self._wall())):
             self._apply(c)
         for hid, model, until, reason, status in self._health.active():
             await self._bounded(self._store.publish(self._shared(hid, model, until, reason, status)))
@@ -129,12 +144,19 @@ class SharedState:
                     await asyncio.wait_for(self._trouble.wait(), _BEAT)
                 if self._trouble.is_set():
                     raise SharedStateUnavailable("shared state: a call failed")
-                await self._bounded(self._client.ping())
+                if await self._bounded(self._run_id()) != run_id:
+                    raise _Restarted  # reconnected by itself to an empty Redis: resync
+                self._health.sweep()
             listening.result()  # its failure, if that is why it ended
         finally:
             listening.cancel()
             with contextlib.suppress(asyncio.CancelledError, SharedStateUnavailable):
                 await listening
+
+    async def _run_id(self) -> str:
+        """This Redis process's id: a restart between two beats changes it."""
+        info = await self._client.info("server")
+        return str(info.get("run_id", ""))
 
     async def _listen(self, pubsub: PubSub) -> None:
         async for c in announcements(pubsub, self.config.url, poll=min(0.25, self.config.timeout)):
@@ -166,6 +188,7 @@ class SharedState:
     def _down(self, exc: SharedStateUnavailable) -> None:
         was_up = self.up
         self.up = False
+        self._syncing = False
         self._metrics.shared_state_up.set(0)
         if was_up or not self._logged_down:  # once per outage (and once if never reached)
             self._logged_down = True
@@ -183,7 +206,7 @@ class SharedState:
         self, hid: str, model: str | None, until: float, reason: Outcome, status: int | None
     ) -> None:
         """KeyHealth's hook: announce a cooldown this replica started (in the background)."""
-        if not self.up or len(self._publishing) >= _MAX_PUBLISHING:
+        if not (self.up or self._syncing) or len(self._publishing) >= _MAX_PUBLISHING:
             return  # while down it stays local; a reconnection writes what is still in force
         task = asyncio.get_running_loop().create_task(
             self._publish(self._shared(hid, model, until, reason, status))
