@@ -6,7 +6,7 @@ import time
 from typing import Final
 
 from sidecar import inbound
-from sidecar.proxy.exchange import Exchange
+from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
 from sidecar.state import State
 from sidecar.usage import Usage
 
@@ -34,8 +34,10 @@ def account(state: State, ex: Exchange) -> None:
         if usage is not None:
             used = usage.input_tokens + usage.output_tokens
             used += sum(u.input_tokens + u.output_tokens for _, u in ex.charges)
-        elif c is None or ex.status >= 400:
-            used = 0  # nothing went upstream, or it answered with an error: no tokens spent
+        elif c is None or (ex.status >= 400 and ex.status != CLIENT_CLOSED):
+            # Nothing went upstream, or it answered with an error: no tokens spent. A caller
+            # that left mid-answer may have been paid for upstream: its estimate stands.
+            used = 0
         state.admission.settle(ex.ticket, used)
     if state.access_log.enabled:
         if ex.charges and usage is not None:
