@@ -35,7 +35,7 @@ test: $(TEST_STAMP) lint
 	$(BIN)/python -m pytest -q -n 2 --dist worksteal
 
 bench: $(TEST_STAMP)
-	$(BIN)/python -m bench.run
+	$(BIN)/python -m bench.run $(ARGS)
 
 clean:
 	rm -rf $(VENV) .demo build *.egg-info

@@ -10,7 +10,12 @@ what saturates. Each server runs in its own process:
   mock and the default config (metrics, metering, access log on, written to
   a file);
 - **sidecar-nolog** (only when asked for with `--targets`): the same with
-  `log: {access_log: false}`.
+  `log: {access_log: false}`;
+- **redis** (only with `--shared-state`): a `redis-server` of the bench's own,
+  the sidecars' `shared_state`; its CPU per sidecar request is reported too.
+  With `--limits` the bench's access key has `rpm` and `tpm` limits far above
+  what it sends, so every request is counted (on Redis with `--shared-state`,
+  in the sidecar otherwise) and none is refused.
 
 For a non-streaming (`json`) and a streaming (`stream`) OpenAI chat completion
 of gpt-4o-mini — and, with `--mode xjson,xstream` or `all`, the same requests
@@ -25,8 +30,9 @@ is each proxy's CPU time per completed request (user + system time from
 /proc/<pid>/stat over the run, divided by wrk's completed requests) and the
 ratio sidecar ÷ pass-through of that number. Exit status is non-zero only
 when wrk is missing, a server does not start or dies, a smoke request fails,
-or a run answers more than 1% of its requests with an error — never because
-of a ratio. How to read the output: bench/README.md.
+or a run answers more than 1% of its requests with an error (with
+`--shared-state`: also when redis-server is missing or a sidecar does not link
+to it) — never because of a ratio. How to read the output: bench/README.md.
 """
 
 from __future__ import annotations
@@ -77,6 +83,10 @@ _MODE_WIDTH: Final = max(len(m) for m in MODES) + 1
 _PROMPT: Final = b'"messages":[{"role":"user","content":"Say hello to the benchmark, please."}]'
 _STREAM_END: Final = b"data: [DONE]\n\n"
 _NAN: Final = float("nan")
+#: `--limits`: the access key's rpm and tpm, never reached (the largest a vault accepts)
+BENCH_RATE_LIMIT: Final = 1_000_000_000
+_REDIS_TIMEOUT: Final = "500ms"  # shared_state.timeout
+_SHARED_STATE_UP: Final = re.compile(rb"^sidecar_shared_state_up(?:\{[^}]*\})? 1(?:\.0)?$", re.M)
 
 
 class BenchError(Exception):
@@ -235,6 +245,7 @@ class Target:
     access_log: Path | None = None
     admin_url: str | None = None
     translates: bool = False  # a sidecar: x-modes send it the Anthropic model
+    redis: Server | None = None  # a sidecar with shared_state: its Redis, whose CPU it costs
 
 
 def is_stream(mode: str) -> bool:
@@ -286,13 +297,14 @@ def _free_port() -> int:
 
 def _spawn(fleet: Fleet, name: str, argv: list[str], *, tree: Tree, workdir: Path,
            health_url: str, prefix: list[str], env: dict[str, str] | None = None,
-           stdout: Path | None = None) -> Server:  # fmt: skip
-    """Start a server in its own session (Ctrl-C reaches only us; we stop it in order)."""
+           stdout: Path | None = None, merge_stdout: bool = False) -> Server:  # fmt: skip
+    """Start a server in its own session (Ctrl-C reaches only us; we stop it in order).
+    `merge_stdout`: its stdout goes to the stderr file too (a server that logs to stdout)."""
     err_path = workdir / f"{name}.err"
     with err_path.open("wb") as err, (stdout or Path(os.devnull)).open("wb") as out:
         proc = subprocess.Popen(
-            [*prefix, *argv], cwd=tree.path, stdin=subprocess.DEVNULL, stdout=out,
-            stderr=err, start_new_session=True,
+            [*prefix, *argv], cwd=tree.path, stdin=subprocess.DEVNULL,
+            stdout=err if merge_stdout else out, stderr=err, start_new_session=True,
             env={**os.environ, "PYTHONPATH": str(tree.path), **(env or {})},
         )  # fmt: skip
     server = Server(name, proc, err_path, health_url)
@@ -319,6 +331,52 @@ def _http(url: str, body: bytes | None = None, token: str | None = None) -> tupl
     return status, text
 
 
+def _redis_address(url: str) -> tuple[str, int]:
+    """Host and port of `redis://host:port/db` (the bench's own Redis: no password)."""
+    host, _, port = url.removeprefix("redis://").partition("/")[0].rpartition(":")
+    return host, int(port)
+
+
+def _redis_command(url: str, *args: str) -> bytes:
+    """One command to the Redis at `url`; its reply, raw (RESP), read until complete."""
+    request = b"".join([f"*{len(args)}\r\n".encode(),
+                        *(f"${len(a.encode())}\r\n{a}\r\n".encode() for a in args)])  # fmt: skip
+    with socket.create_connection(_redis_address(url), timeout=2) as sock:
+        sock.sendall(request)
+        reply = b""
+        while not _resp_complete(reply):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            reply += chunk
+    return reply
+
+
+def _resp_complete(reply: bytes) -> bool:
+    """Whether `reply` holds a whole simple, error, integer or bulk-string RESP reply."""
+    head, sep, rest = reply.partition(b"\r\n")
+    if not sep:
+        return False
+    if not head.startswith(b"$"):
+        return True
+    size = int(head[1:])
+    return size < 0 or len(rest) >= size + 2
+
+
+def parse_redis_info(reply: bytes) -> dict[str, str]:
+    """The `field:value` lines of an `INFO` reply (a bulk string); sections and blanks dropped."""
+    body = reply.partition(b"\r\n")[2].decode(errors="replace")
+    return dict(line.split(":", 1) for line in body.splitlines()
+                if ":" in line and not line.startswith("#"))  # fmt: skip
+
+
+def _answers(url: str) -> bool:
+    """Whether the server at `url` is ready: PONG from a redis:// URL, HTTP 200 otherwise."""
+    if url.startswith("redis://"):
+        return _redis_command(url, "PING").startswith(b"+PONG")
+    return _http(url)[0] == 200
+
+
 def _wait_ready(server: Server) -> None:
     deadline = time.monotonic() + _START_TIMEOUT
     while time.monotonic() < deadline:
@@ -326,7 +384,7 @@ def _wait_ready(server: Server) -> None:
             raise BenchError(f"{server.name} exited with status {server.proc.returncode}:\n"
                              f"{server.tail()}")  # fmt: skip
         with contextlib.suppress(OSError):
-            if _http(server.health_url)[0] == 200:
+            if _answers(server.health_url):
                 return
         time.sleep(0.05)
     raise BenchError(f"{server.name} did not become ready within {_START_TIMEOUT:.0f} s:\n"
@@ -344,14 +402,25 @@ def _sidecar_cli(tree: Tree, workdir: Path, *args: str, stdin: str = "") -> str:
     return done.stdout.strip()
 
 
-def _write_sidecar_files(tree: Tree, workdir: Path, providers: Sequence[str]) -> str:
+def access_key_args(limits: bool) -> tuple[str, ...]:
+    """`sidecar access-key create` arguments of the bench's access key: `--limits` gives it an
+    rpm and a tpm no run reaches (every request counted, none refused); otherwise none (an
+    older tree's CLI has no --rpm/--tpm)."""
+    base = ("access-key", "create", "--vault", "vault.json", "bench")
+    if not limits:
+        return base
+    return (*base, "--rpm", str(BENCH_RATE_LIMIT), "--tpm", str(BENCH_RATE_LIMIT))
+
+
+def _write_sidecar_files(tree: Tree, workdir: Path, providers: Sequence[str],
+                         limits: bool = False) -> str:  # fmt: skip
     """Key pair and vault (through the CLI: works on any tree); returns the access key."""
     public = _sidecar_cli(tree, workdir, "keygen", "--private-key", "sidecar.key")
     _sidecar_cli(tree, workdir, "vault", "init", "--vault", "vault.json", "--public-key", public)
     for provider in providers:
         _sidecar_cli(tree, workdir, "secret", "set", "--vault", "vault.json", "bench", provider,
                      stdin=_UPSTREAM_KEY)  # fmt: skip
-    return _sidecar_cli(tree, workdir, "access-key", "create", "--vault", "vault.json", "bench")
+    return _sidecar_cli(tree, workdir, *access_key_args(limits))
 
 
 def _sidecar_providers(modes: Sequence[str]) -> tuple[str, ...]:
@@ -360,14 +429,17 @@ def _sidecar_providers(modes: Sequence[str]) -> tuple[str, ...]:
 
 
 def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool,
-                    providers: Sequence[str] = ("openai",)) -> str:  # fmt: skip
+                    providers: Sequence[str] = ("openai",),
+                    shared_state: str | None = None) -> str:  # fmt: skip
     """Defaults everywhere (metrics, metering, access log on) but the ports and one key per
-    provider, each on the mock."""
+    provider, each on the mock; `shared_state` (a redis:// URL): that section, set."""
+    shared = f'shared_state: {{url: "{shared_state}", timeout: {_REDIS_TIMEOUT}}}\n'
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"admin_listen: 127.0.0.1:{admin}\n"
         "vault: {path: vault.json, private_key_file: sidecar.key}\n"
         + ("" if access_log else "log: {access_log: false}\n")
+        + (shared if shared_state else "")
         + "providers:\n"
         + "".join(
             f"  - id: {provider}\n"
@@ -380,19 +452,70 @@ def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool,
     )
 
 
-def check_tree(tree: Tree, modes: Sequence[str]) -> None:
-    """x-modes need a sidecar that translates (sidecar/translate/): refuse an older tree."""
+#: flag -> the file of the tree that shows it has the feature the flag measures
+FEATURE_FILES: Final = {
+    "--shared-state": Path("sidecar", "shared", "replicas.py"),
+    "--limits": Path("sidecar", "ratelimits.py"),
+}
+
+
+def check_tree(tree: Tree, modes: Sequence[str], *, shared_state: bool = False,
+               limits: bool = False) -> None:  # fmt: skip
+    """Refuse what an older tree cannot do: x-modes need a sidecar that translates
+    (sidecar/translate/), `--shared-state` one with shared_state (sidecar/shared/replicas.py),
+    `--limits` one with access-key rate limits (sidecar/ratelimits.py)."""
     asked = [m for m in modes if m in TRANSLATED]
     if asked and not (tree.path / "sidecar" / "translate" / "__init__.py").is_file():
         raise BenchError(f"--mode {','.join(asked)} needs a sidecar that translates formats; "
                          f"{tree.path} has no sidecar/translate/: measure it with "
                          "--mode json,stream (or both)")  # fmt: skip
+    flags = [f for f, on in (("--shared-state", shared_state), ("--limits", limits)) if on]
+    missing = [f for f in flags if not (tree.path / FEATURE_FILES[f]).is_file()]
+    if missing:
+        files = ", ".join(str(FEATURE_FILES[f]) for f in missing)
+        raise BenchError(f"{' and '.join(missing)}: {tree.path} predates shared_state and "
+                         f"access-key rate limits (no {files}): measure it without "
+                         f"{' and '.join(missing)}")  # fmt: skip
+
+
+def start_redis(fleet: Fleet, cores: Cores, workdir: Path) -> Server:
+    """`redis-server` from PATH on a free loopback port, nothing persisted, its files in
+    `workdir`; on the load core (with wrk and the mock), so the sidecar keeps its own core.
+    Waits until it answers PING."""
+    executable = shutil.which("redis-server")
+    if executable is None:
+        raise BenchError("--shared-state needs redis-server on PATH: install it (Debian/Ubuntu: "
+                         "`sudo apt-get install -y redis-server`) and run again")  # fmt: skip
+    port = _free_port()
+    argv = [executable, "--port", str(port), "--bind", "127.0.0.1", "--save", "",
+            "--appendonly", "no", "--dir", str(workdir)]  # fmt: skip
+    redis = _spawn(fleet, "redis", argv, tree=Tree(REPO, sys.executable), workdir=workdir,
+                   health_url=f"redis://127.0.0.1:{port}/0", prefix=cores.prefix(cores.load),
+                   merge_stdout=True)  # fmt: skip
+    _wait_ready(redis)
+    return redis
+
+
+def _wait_shared_state_up(target: Target) -> None:
+    """A sidecar with shared_state links to Redis in the background after it is ready: wait
+    until its `sidecar_shared_state_up` is 1, so that no run measures the local fallback."""
+    deadline = time.monotonic() + _START_TIMEOUT
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError):
+            if _SHARED_STATE_UP.search(_http(f"{target.admin_url}/metrics")[1]):
+                return
+        time.sleep(0.1)
+    raise BenchError(f"{target.name}: sidecar_shared_state_up did not reach 1 within "
+                     f"{_START_TIMEOUT:.0f} s:\n{target.proxy.tail() if target.proxy else ''}")  # fmt: skip
 
 
 def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, workdir: Path,
-                modes: Sequence[str] = MODE_SETS["both"]) -> dict[str, Target]:  # fmt: skip
-    """Start the mock and the proxies `names` need; wait until all of them answer."""
+                modes: Sequence[str] = MODE_SETS["both"], *, shared_state: bool = False,
+                limits: bool = False) -> dict[str, Target]:  # fmt: skip
+    """Start the mock and the proxies `names` need (and, first, Redis for `shared_state`);
+    wait until all of them answer."""
     here = Tree(REPO, sys.executable)  # the yardsticks (mock, pass-through) come from this checkout
+    redis = start_redis(fleet, cores, workdir) if shared_state else None
     mock_port = _free_port()
     mock = _spawn(fleet, "mock", [sys.executable, "-m", "sidecar", "mock-provider", "--listen",
                                   f"127.0.0.1:{mock_port}"], tree=here, workdir=workdir,
@@ -413,22 +536,26 @@ def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, wo
                                          _UPSTREAM_KEY, mock, proxy)  # fmt: skip
     sidecars = [n for n in names if n.startswith("sidecar")]
     providers = _sidecar_providers(modes)
-    token = _write_sidecar_files(tree, workdir, providers) if sidecars else ""
+    token = _write_sidecar_files(tree, workdir, providers, limits) if sidecars else ""
     for name in sidecars:
         port, admin = _free_port(), _free_port()
         access_log = name == "sidecar"
         config = workdir / f"{name}.yaml"
         config.write_text(_sidecar_config(port, admin, mock_port, access_log=access_log,
-                                          providers=providers))  # fmt: skip
+                                          providers=providers,
+                                          shared_state=redis.health_url if redis else None))  # fmt: skip
         log = workdir / f"{name}.access.log" if access_log else None
         proxy = _spawn(fleet, name, [tree.python, "-m", "sidecar", "serve", "--config",
                                      str(config)], tree=tree, workdir=workdir, prefix=cores.prefix(cores.server),
                        health_url=f"http://127.0.0.1:{admin}/readyz", stdout=log)  # fmt: skip
         targets[name] = Target(name, f"http://127.0.0.1:{port}{_PATH}", token, mock, proxy,
                                access_log=log, admin_url=f"http://127.0.0.1:{admin}",
-                               translates=True)  # fmt: skip
+                               translates=True, redis=redis)  # fmt: skip
     for server in fleet.servers:
         _wait_ready(server)
+    for target in targets.values():
+        if target.redis is not None:
+            _wait_shared_state_up(target)
     return {n: targets[n] for n in names}
 
 
@@ -468,6 +595,18 @@ class Settings:
     rounds: int
     targets: tuple[str, ...]
     modes: tuple[str, ...]
+    shared_state: bool = False  # the sidecars' shared_state on a redis-server of the bench's own
+    limits: bool = False  # the access key has rpm and tpm (BENCH_RATE_LIMIT, never reached)
+
+    def features(self) -> str:
+        """What the sidecars ran with beyond the defaults: for comparing two runs' numbers."""
+        shared = ("shared_state on (a redis-server of the bench's; its CPU is the `redis` "
+                  "column)" if self.shared_state else "shared_state off")  # fmt: skip
+        if not self.limits:
+            return f"{shared}; access key without rate limits"
+        where = "on Redis" if self.shared_state else "in the sidecar"
+        return (f"{shared}; access key with rpm {BENCH_RATE_LIMIT} and tpm {BENCH_RATE_LIMIT} "
+                f"(never reached: every request counted {where})")  # fmt: skip
 
 
 @dataclass(frozen=True, slots=True)
@@ -479,7 +618,7 @@ class Sample:
     errors: dict[str, int]
     p50_ms: float
     p99_ms: float
-    cpu: dict[str, float]  # "proxy", "mock", "wrk", "other" -> CPU seconds during the run
+    cpu: dict[str, float]  # "proxy", "mock", "wrk", "redis", "other" -> CPU seconds in the run
 
     @property
     def rps(self) -> float:
@@ -514,6 +653,8 @@ def _cpu_deltas(before: dict[str, float | None], after: dict[str, float | None],
         out["mock"] = delta[target.mock.name]
     if target.proxy is not None and target.proxy.name in delta:
         out["proxy"] = delta[target.proxy.name]
+    if target.redis is not None and target.redis.name in delta:
+        out["redis"] = delta[target.redis.name]
     if "machine" in delta:
         # Everything not ours (idle servers of other targets count as ours).
         ours = sum(v for k, v in delta.items() if k != "machine")
@@ -650,24 +791,27 @@ def mode_title(mode: str, rounds: int) -> str:
             "of the sidecar's own cost)")  # fmt: skip
 
 
+def processes(settings: Settings) -> tuple[str, ...]:
+    """The processes whose CPU the tables show: `redis` too with `--shared-state`."""
+    return ("proxy", "mock", "wrk", *(("redis",) if settings.shared_state else ()))
+
+
 def print_tables(results: Results, settings: Settings) -> None:
+    who = processes(settings)
     for mode in settings.modes:
         print(f"\n{mode_title(mode, settings.rounds)}")
         print(f"{'target':<15}{'req/s':>8}{'p50 ms':>8}{'p99 ms':>8}  │ CPU ms/req "
-              f"{'proxy':>7}{'mock':>7}{'wrk':>7}  │ % of a core {'proxy':>6}{'mock':>6}"
-              f"{'wrk':>6}{'other':>6}")  # fmt: skip
+              + "".join(f"{w:>7}" for w in who) + "  │ % of a core "
+              + "".join(f"{w:>6}" for w in (*who, "other")))  # fmt: skip
         for name in settings.targets:
             ss = results.of(mode, name)
             if not ss:
                 continue
-            ms = {w: _cpu_ms(ss, w) for w in ("proxy", "mock", "wrk")}
-            pct = {w: _cpu_pct(ss, w) for w in ("proxy", "mock", "wrk", "other")}
             print(f"{name:<15}{_num(_column(ss, lambda s: s.rps), 8, '.0f')}"
                   f"{_num(_column(ss, lambda s: s.p50_ms), 8, '.2f')}"
                   f"{_num(_column(ss, lambda s: s.p99_ms), 8, '.2f')}  │ {'':<10}"
-                  f"{_num(ms['proxy'], 7)}{_num(ms['mock'], 7)}{_num(ms['wrk'], 7)}  │ {'':<11}"
-                  f"{_num(pct['proxy'], 6, '.0f')}{_num(pct['mock'], 6, '.0f')}"
-                  f"{_num(pct['wrk'], 6, '.0f')}{_num(pct['other'], 6, '.0f')}")  # fmt: skip
+                  + "".join(_num(_cpu_ms(ss, w), 7) for w in who) + f"  │ {'':<11}"
+                  + "".join(_num(_cpu_pct(ss, w), 6, '.0f') for w in (*who, "other")))  # fmt: skip
 
 
 def _ratio_line(results: Results, mode: str, name: str) -> str | None:
@@ -686,12 +830,29 @@ def _ratio_line(results: Results, mode: str, name: str) -> str | None:
     return line
 
 
+def _redis_line(results: Results, mode: str, name: str) -> str | None:
+    """Redis's CPU per request of the sidecar `name`, and sidecar + Redis ÷ pass-through."""
+    side, base = results.of(mode, name), results.of(mode, "pass-through")
+    r_ms = _cpu_ms(side, "redis")
+    if r_ms != r_ms:  # no Redis behind this sidecar
+        return None
+    line = f"  {mode:<{_MODE_WIDTH}}{'+ redis':<14}{r_ms:.3f} ms/req"
+    if base:
+        both = _median(s.ms_per_request("proxy") + s.ms_per_request("redis") for s in side)
+        b_ms = _cpu_ms(base, "proxy")
+        line += f"; sidecar + redis {both:.3f} ÷ {b_ms:.3f} ms = {both / b_ms:.2f}x"
+    return line
+
+
 def print_headline(results: Results, settings: Settings) -> None:
     lines = [line for mode in settings.modes for name in settings.targets
-             if name.startswith("sidecar") and (line := _ratio_line(results, mode, name))]  # fmt: skip
+             if name.startswith("sidecar")
+             for line in (_ratio_line(results, mode, name), _redis_line(results, mode, name))
+             if line]  # fmt: skip
     if lines:
         print("\nHEADLINE proxy CPU ms per request, sidecar ÷ pass-through (lower is better, 1.00 "
               "is the floor):")  # fmt: skip
+        print(f"  [{settings.features()}]")
         print("\n".join(lines))
         xs = [m for m in settings.modes if m in TRANSLATED]
         if xs:
@@ -700,21 +861,68 @@ def print_headline(results: Results, settings: Settings) -> None:
                   f"{', '.join(_UNTRANSLATED[m] for m in xs)}, when measured)")  # fmt: skip
 
 
+def _metric_sum(metrics: bytes, name: str) -> float:
+    """The sum of every series of `name` in a Prometheus text page (0 when it has none)."""
+    return sum(float(m.group(1)) for m in re.finditer(
+        rb"^" + re.escape(name.encode()) + rb"(?:\{[^}]*\})? ([0-9.e+-]+)$", metrics, re.MULTILINE))  # fmt: skip
+
+
 def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: int) -> None:
-    """Evidence that the sidecar's default features were on: access log lines, request counter."""
+    """Evidence that the sidecar's features were on: access log lines, request counter, and
+    with shared_state the link to Redis and the commands Redis ran."""
     for t in targets.values():
         if t.admin_url is None:
             continue
         lines = _count_lines(t.access_log) if t.access_log else None
         try:
             _, metrics = _http(f"{t.admin_url}/metrics")
-            counted = sum(float(m.group(1)) for m in re.finditer(
-                rb"^sidecar_requests_total\{[^}]*\} ([0-9.e+]+)$", metrics, re.MULTILINE))  # fmt: skip
+            counted = _metric_sum(metrics, "sidecar_requests_total")
+            shared = (f", sidecar_shared_state_up {_metric_sum(metrics, 'sidecar_shared_state_up'):.0f}"
+                      f", Redis link lost {_link_losses(t)} time(s)" if t.redis is not None else "")  # fmt: skip
+            limited = _metric_sum(metrics, "sidecar_rate_limited_total")
         except OSError:
-            counted = _NAN
+            counted, shared, limited = _NAN, "", _NAN
         print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke); "
               f"sidecar_requests_total {counted:.0f}"
-              + (f", access log {lines} lines" if lines is not None else ", access log off"))  # fmt: skip
+              + (f", access log {lines} lines" if lines is not None else ", access log off")
+              + shared + (f", sidecar_rate_limited_total {limited:.0f}" if limited else ""))  # fmt: skip
+    redis = next((t.redis for t in targets.values() if t.redis is not None), None)
+    if redis is not None:
+        print_redis_sanity(redis, sum(completed[n] for n, t in targets.items() if t.redis))
+
+
+def _link_losses(target: Target) -> int:
+    """How often the sidecar fell back to local state (its `shared_state_unavailable` lines):
+    while it was off the link, requests were counted locally and Redis did none of their work."""
+    if target.proxy is None:
+        return 0
+    with contextlib.suppress(OSError), target.proxy.stderr.open("rb") as f:
+        return sum(line.count(b"shared_state_unavailable") for line in f)
+    return 0
+
+
+def print_redis_sanity(redis: Server, requests: int) -> None:
+    """The commands Redis ran over the whole bench, per request the sidecars completed."""
+    try:
+        stats = parse_redis_info(_redis_command(redis.health_url, "INFO", "stats"))
+        calls = parse_redis_info(_redis_command(redis.health_url, "INFO", "commandstats"))
+    except (OSError, ValueError):
+        print("# redis: INFO failed")
+        return
+    total = int(stats.get("total_commands_processed", "0"))
+    counts = command_calls(calls)
+    top = ", ".join(f"{name} {n}" for name, n in counts.most_common(6))
+    scripts = counts["evalsha"] + counts["eval"]
+    per = f" ({scripts / requests:.2f} per request wrk completed)" if requests else ""
+    print(f"# redis: {total} commands processed ({top}); Lua script calls (EVAL/EVALSHA) "
+          f"{scripts}{per}")  # fmt: skip
+
+
+def command_calls(commandstats: dict[str, str]) -> Counter[str]:
+    """Calls per command from `INFO commandstats` (`cmdstat_get:calls=3,usec=...`), which counts
+    the commands a Lua script runs as well as the script itself."""
+    return Counter({k.removeprefix("cmdstat_"): int(v.split(",")[0].removeprefix("calls="))
+                    for k, v in commandstats.items() if k.startswith("cmdstat_")})  # fmt: skip
 
 
 def _count_lines(path: Path) -> int:
@@ -738,12 +946,14 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
     print(f"# {os.cpu_count()} CPUs, load average {_load_average()}; wrk -t{settings.threads} "
           f"-c{settings.connections}, {settings.rounds} round(s) of {settings.duration:g} s per "
           f"target and mode after {settings.warmup:g} s warm-up; {cores.describe()}")  # fmt: skip
+    print(f"# {settings.features()}")
     if tree.path != REPO:
         print(f"# sidecar from {tree.path} ({tree.python}); mock and pass-through from {REPO}")
-    check_tree(tree, settings.modes)
+    check_tree(tree, settings.modes, shared_state=settings.shared_state, limits=settings.limits)
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         try:
-            targets = start_fleet(fleet, settings.targets, tree, cores, Path(tmp), settings.modes)
+            targets = start_fleet(fleet, settings.targets, tree, cores, Path(tmp), settings.modes,
+                                  shared_state=settings.shared_state, limits=settings.limits)  # fmt: skip
             smoked = smoke_modes(settings.modes)
             for target in targets.values():
                 smoke(target, smoked)
@@ -805,6 +1015,12 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
                         "(= the four); x-modes ask the sidecar for an Anthropic model (both)")  # fmt: skip
     p.add_argument("--tree", type=Path, metavar="PATH",
                    help="measure the sidecar of another checkout (its .venv if it has one)")  # fmt: skip
+    p.add_argument("--shared-state", action="store_true",
+                   help="start a redis-server and set the sidecars' shared_state to it; its CPU "
+                        "per request is reported as `redis`")  # fmt: skip
+    p.add_argument("--limits", action="store_true",
+                   help=f"give the access key rpm and tpm {BENCH_RATE_LIMIT} (never reached): "
+                        "every request is counted, on Redis with --shared-state")  # fmt: skip
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin processes to cores")  # fmt: skip
     p.add_argument("--quick", action="store_true",
@@ -816,7 +1032,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
         p.error("--duration at least 1; --rounds, --connections and --threads at least 1")
     if a.threads > a.connections:
         p.error("--threads must not exceed --connections")
-    settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode)
+    settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode,
+                        shared_state=a.shared_state, limits=a.limits)  # fmt: skip
     return settings, a.tree, Cores.choose(a.pin)
 
 
