@@ -31,13 +31,22 @@ if TYPE_CHECKING:  # the Redis client is imported only where `shared_state` is c
 
 #: The `retry-after` of a request that can never pass: a whole window, as counted (a
 #: request counts for up to 61 s: `sidecar.ratelimits`).
-_SDK_RETRY_S: Final = WINDOW_S + 1
-#: Settlements in flight at most; past it the estimate stands (errs on counting more).
-_MAX_SETTLING: Final = 1024
-#: Rate-limit calls to Redis in flight at once (admissions and settlements): fewer than the
-#: shared client's connections, which the link's ping and cooldown announcements also use.
-#: A request that finds no slot within `shared_state.timeout` is counted on this replica.
+_NEVER_WAIT_S: Final = WINDOW_S + 1
+#: Rate-limit calls to Redis in flight at once (batches of admissions, and corrections): fewer
+#: than the shared client's connections, which the link's ping and announcements also use.
+#: A batch that finds no slot within `shared_state.timeout` is counted on this replica.
 REDIS_SLOTS: Final = 24
+#: Requests of one access key waiting for their turn on Redis at most; past it a request is
+#: counted on this replica alone. And how many one call decides at most.
+_MAX_WAITING: Final = 4096
+_MAX_BATCH: Final = 512
+#: Token corrections are sent to Redis together, this often; for this many (key, second) at
+#: most in between (past it the estimate stands: it errs on counting more).
+_SETTLE_EVERY_S: Final = 0.1
+_MAX_OWED: Final = 4096
+
+#: The requests of one access key waiting for the next call: (tokens, where the decision goes).
+_Waiting = list[tuple[int, "asyncio.Future[Decision | None]"]]
 
 
 @dataclass(frozen=True, slots=True)
@@ -56,7 +65,10 @@ class Admission:
         self._metrics = metrics
         self._shared = shared
         self.local = LocalLimiter()
-        self._settling: set[asyncio.Task[None]] = set()
+        self._settling: set[asyncio.Task[None]] = set()  # calls to Redis on their way
+        self._groups: dict[tuple[str, RateLimits], _Waiting] = {}
+        self._owed: dict[tuple[str, int], int] = {}  # (name, Redis second) → tokens to settle
+        self._settle_timer: asyncio.TimerHandle | None = None
         self._slots = asyncio.Semaphore(REDIS_SLOTS)
 
     async def admit(self, access: AccessKey, estimate: int) -> Ticket | None:
@@ -89,23 +101,66 @@ class Admission:
         if not ticket.shared:
             self.local.settle(ticket.name, ticket.second, delta)
             return
-        if len(self._settling) >= _MAX_SETTLING:
-            return
-        task = asyncio.get_running_loop().create_task(self._settle_shared(ticket, delta))
-        self._settling.add(task)
-        task.add_done_callback(self._settling.discard)
+        where = (ticket.name, ticket.second)
+        if where not in self._owed and len(self._owed) >= _MAX_OWED:
+            return  # the estimate stands (errs on counting more)
+        self._owed[where] = self._owed.get(where, 0) + delta
+        if self._settle_timer is None:  # corrections go to Redis together, a few times a second
+            self._settle_timer = asyncio.get_running_loop().call_later(
+                _SETTLE_EVERY_S, self._start_settling
+            )
+
+    # -- on the shared Redis -----------------------------------------------------------
 
     async def _admit_shared(
         self, shared: SharedState, name: str, limits: RateLimits, tokens: int
     ) -> Decision | None:
         """The decision of the shared Redis, or None to count on this replica: Redis failed or
-        is too slow (then the replica leaves the link), or every slot stayed busy for the
-        whole timeout (a burst: this request alone is counted here)."""
-        if not await self._slot(shared.config.timeout):
+        is too slow (then the replica leaves the link), or too many wait already.
+
+        Requests of one access key that arrive while its last call is on its way go together
+        in the next call (one Lua script run decides them in order), so a busy key costs
+        one round trip per batch, not per request."""
+        group = self._groups.get((name, limits))
+        if group is None:
+            group = self._groups[(name, limits)] = []
+            task = asyncio.get_running_loop().create_task(self._drain(shared, name, limits, group))
+            self._settling.add(task)  # held until done, and waited for at close
+            task.add_done_callback(self._settling.discard)
+        elif len(group) >= _MAX_WAITING:
+            return None
+        decided: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
+        group.append((tokens, decided))
+        return await decided
+
+    async def _drain(
+        self, shared: SharedState, name: str, limits: RateLimits, group: _Waiting
+    ) -> None:
+        """Send what waits for one access key, batch after batch, until nothing does."""
+        try:
+            while group:
+                batch = group[:_MAX_BATCH]
+                del group[:_MAX_BATCH]
+                decisions = await self._call_admit(shared, name, limits, [t for t, _ in batch])
+                for i, (_, decided) in enumerate(batch):
+                    if not decided.done():  # its caller may have left
+                        decided.set_result(decisions[i] if decisions else None)
+        finally:
+            del self._groups[(name, limits)]
+            for _, decided in group:  # only after an error of this task itself
+                if not decided.done():
+                    decided.set_result(None)
+
+    async def _call_admit(
+        self, shared: SharedState, name: str, limits: RateLimits, tokens: list[int]
+    ) -> list[Decision] | None:
+        """One call for a batch; None when Redis is down, fails, or every slot stayed busy
+        (many keys at once: that batch is counted here, and Redis is not taken for down)."""
+        if not shared.up or not await self._slot(shared.config.timeout):
             return None
         try:  # one bound over the whole call: a connection, its one retry, the answer
             async with asyncio.timeout(shared.config.timeout):
-                return await shared.limiter.admit(name, limits, tokens)
+                return await shared.limiter.admit_many(name, limits, tokens)
         except TimeoutError:
             shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
         except SharedStateUnavailable as exc:
@@ -122,14 +177,22 @@ class Admission:
             return False
         return True
 
-    async def _settle_shared(self, ticket: Ticket, delta: int) -> None:
+    def _start_settling(self) -> None:
+        self._settle_timer = None
+        owed, self._owed = self._owed, {}
+        task = asyncio.get_running_loop().create_task(self._settle_shared(owed))
+        self._settling.add(task)
+        task.add_done_callback(self._settling.discard)
+
+    async def _settle_shared(self, owed: dict[tuple[str, int], int]) -> None:
         shared = self._shared
-        assert shared is not None
-        if not shared.up or not await self._slot(shared.config.timeout):
-            return  # Redis gone for now, or busy: the estimate stands there
+        if shared is None or not shared.up or not owed:
+            return  # Redis gone for now: the estimates stand there
+        if not await self._slot(shared.config.timeout):
+            return  # busy: the estimates stand
         try:
             async with asyncio.timeout(shared.config.timeout):
-                await shared.limiter.settle(ticket.name, ticket.second, delta)
+                await shared.limiter.settle_many([(n, s, d) for (n, s), d in owed.items()])
         except TimeoutError:
             shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
         except SharedStateUnavailable as exc:
@@ -146,7 +209,7 @@ class Admission:
         # Every count leaves the window within 61 s; only a request that can never pass (its
         # tokens alone over `tpm`, which the capped estimate avoids) is told not to retry.
         never = math.isinf(d.retry_after)
-        wait = _SDK_RETRY_S if never else max(1, math.ceil(d.retry_after))
+        wait = _NEVER_WAIT_S if never else max(1, math.ceil(d.retry_after))
         return ProxyError(
             ErrorCode.RATE_LIMIT_EXCEEDED,
             f"access key {name!r} is over its limit of {limit} {unit} per minute; "
@@ -156,5 +219,9 @@ class Admission:
         )
 
     async def close(self) -> None:
+        """Send the corrections still owed, and wait for those on their way."""
+        if self._settle_timer is not None:
+            self._settle_timer.cancel()
+            self._start_settling()
         if self._settling:
             await asyncio.gather(*self._settling, return_exceptions=True)

@@ -205,3 +205,18 @@ async def test_unreachable_redis_raises_without_the_password() -> None:
         assert "shared state" in str(error)
         assert error.__cause__ is None
     assert "hunter2" not in repr(limiter)
+
+
+async def test_a_batch_is_decided_in_order_as_if_each_came_alone(
+    limiters: list[RedisLimiter], clients: list[aioredis.Redis]
+) -> None:
+    name = fresh_name()
+    decisions = await limiters[0].admit_many(name, RateLimits(rpm=3, tpm=100), [40, 70, 50, 10, 0])
+    assert [d.allowed for d in decisions] == [True, False, True, True, False]
+    assert [d.limit for d in decisions] == [None, LimitKind.TPM, None, None, LimitKind.RPM]
+    assert all(0 < d.retry_after <= 61 for d in decisions if not d.allowed)
+    second = decisions[0].second
+    fields = await clients[0].hgetall(limiters[0].key(name))
+    assert fields == {f"r:{second}".encode(): b"3", f"t:{second}".encode(): b"100"}
+    await limiters[1].settle_many([(name, second, -60), (fresh_name(), second, 5), (name, second, 0)])
+    assert await clients[0].hget(limiters[0].key(name), f"t:{second}") == b"40"
