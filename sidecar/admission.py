@@ -131,23 +131,30 @@ class Admission:
             return None
         decided: asyncio.Future[Decision | None] = asyncio.get_running_loop().create_future()
         group.append((tokens, decided))
-        return await decided
+        try:  # the whole wait, its turn included, is bounded
+            return await asyncio.wait_for(decided, shared.config.timeout)
+        except TimeoutError:  # counted here (and maybe there too, if its call went out: safe)
+            return None
 
     async def _drain(
         self, shared: SharedState, name: str, limits: RateLimits, group: _Waiting
     ) -> None:
         """Send what waits for one access key, batch after batch, until nothing does."""
+        batch: _Waiting = []
         try:
             while group:
-                batch = group[:_MAX_BATCH]
+                # Whoever stopped waiting (left, or timed out) is not counted on Redis.
+                batch = [(t, decided) for t, decided in group[:_MAX_BATCH] if not decided.done()]
                 del group[:_MAX_BATCH]
+                if not batch:
+                    continue
                 decisions = await self._call_admit(shared, name, limits, [t for t, _ in batch])
                 for i, (_, decided) in enumerate(batch):
-                    if not decided.done():  # its caller may have left
+                    if not decided.done():
                         decided.set_result(decisions[i] if decisions else None)
         finally:
             del self._groups[(name, limits)]
-            for _, decided in group:  # only after an error of this task itself
+            for _, decided in (*batch, *group):  # only after an error of this task itself
                 if not decided.done():
                     decided.set_result(None)
 
@@ -157,6 +164,9 @@ class Admission:
         """One call for a batch; None when Redis is down, fails, or every slot stayed busy
         (many keys at once: that batch is counted here, and Redis is not taken for down)."""
         if not shared.up or not await self._slot(shared.config.timeout):
+            return None
+        if not shared.up:  # it went down while this waited for a slot
+            self._slots.release()
             return None
         try:  # one bound over the whole call: a connection, its one retry, the answer
             async with asyncio.timeout(shared.config.timeout):
@@ -190,6 +200,9 @@ class Admission:
             return  # Redis gone for now: the estimates stand there
         if not await self._slot(shared.config.timeout):
             return  # busy: the estimates stand
+        if not shared.up:
+            self._slots.release()
+            return
         try:
             async with asyncio.timeout(shared.config.timeout):
                 await shared.limiter.settle_many([(n, s, d) for (n, s), d in owed.items()])

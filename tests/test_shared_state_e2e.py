@@ -361,3 +361,34 @@ async def test_a_quick_redis_restart_gets_the_cooldowns_in_force_written_back(
     finally:
         await redis.aclose()
     assert await pair_state(http, p, "limited", MODEL) == ("cooling", MODEL)
+
+
+async def test_a_redis_user_without_dangerous_commands_runs_the_link(
+    env: Env,
+    mock_server: TestServer,
+    processes: list[Process],
+    http: aiohttp.ClientSession,
+    redis_server: RedisServer,  # noqa: F811
+) -> None:
+    """The usual application account (`+@all -@dangerous`: no INFO, no KEYS) is enough, and
+    its password appears nowhere the sidecar writes."""
+    admin_client = aioredis.Redis.from_url(redis_server.url)
+    try:
+        await admin_client.acl_setuser("app", enabled=True, passwords=["+s3cret-LEAKPROBE"],
+                                       keys=["*"], channels=["*"],
+                                       commands=["+@all", "-@dangerous"])  # fmt: skip
+    finally:
+        await admin_client.aclose()
+    url = f"redis://app:s3cret-LEAKPROBE@127.0.0.1:{redis_server.port}/0"
+    metered = env.access_key("metered", rpm=2)
+    (p,) = await spawn(env, providers_yaml(env, openai=[("k", "sk-k")]) + shared_yaml(url),
+                       processes, n=1)  # fmt: skip
+    await eventually(lambda: shared_up(http, p), 1.0)
+    async with client(p, metered) as c:
+        for _ in range(2):
+            await c.chat.completions.create(model=MODEL, messages=PROMPT)
+        with pytest.raises(openai.RateLimitError):
+            await c.chat.completions.create(model=MODEL, messages=PROMPT)
+    assert await shared_up(http, p) == 1.0  # counted on Redis, never fell back
+    assert "LEAKPROBE" not in p.stderr_path.read_text()
+    assert "LEAKPROBE" not in await admin(http, p, "/metrics")

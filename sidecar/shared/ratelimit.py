@@ -80,6 +80,7 @@ end
 
 local out = {now_s}
 local added_r, added_t = 0, 0
+local ordered = nil  -- the seconds in order, made at the first refusal, again after a new one
 for i = 5, #ARGV do
   local tokens = tonumber(ARGV[i])
   local limit = ''
@@ -91,13 +92,14 @@ for i = 5, #ARGV do
   if limit == '' then
     used_r, used_t = used_r + 1, used_t + tokens
     added_r, added_t = added_r + 1, added_t + tokens
+    if reqs[now_s] == nil and toks[now_s] == nil then ordered = nil end
     reqs[now_s] = (reqs[now_s] or 0) + 1
     toks[now_s] = (toks[now_s] or 0) + tokens
     out[#out + 1] = 1; out[#out + 1] = ''; out[#out + 1] = 0
   elseif tpm > 0 and tokens > tpm then
     out[#out + 1] = 0; out[#out + 1] = limit; out[#out + 1] = -1
   else
-    local ordered = seconds()
+    if ordered == nil then ordered = seconds() end
     local wait = 0
     if rpm > 0 then wait = until_freed(ordered, reqs, used_r + 1 - rpm) end
     if tpm > 0 and wait >= 0 then

@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+import uuid
 from collections.abc import Awaitable, Callable
 from typing import Final, TypeVar
 
@@ -29,10 +30,18 @@ from sidecar.config import SharedStateConfig
 from sidecar.health import KeyHealth, Outcome
 from sidecar.logs import OpLog
 from sidecar.metrics import Metrics
-from sidecar.shared.base import REDIS_ERRORS, SharedStateUnavailable, open_redis, unavailable
+from sidecar.shared.base import (
+    PREFIX,
+    REDIS_ERRORS,
+    SharedStateUnavailable,
+    open_redis,
+    unavailable,
+)
 from sidecar.shared.cooldowns import CHANNEL, CooldownStore, SharedCooldown, announcements
 from sidecar.shared.ratelimit import RedisLimiter
 
+#: Set once per life of the Redis; its value changing or vanishing means a restart.
+EPOCH: Final = PREFIX + "epoch"
 #: Seconds between pings while up, and between reconnection attempts while down.
 _BEAT: Final = 1.0
 #: Publications in flight at most; past it a cooldown stays local (the others then learn
@@ -45,7 +54,7 @@ T = TypeVar("T")
 
 
 class _Restarted(Exception):
-    """Redis answers, but it is another process than the one this link synced with."""
+    """Redis answers, but it lost what this link synced with it (a restart, a flush)."""
 
 
 class SharedState:
@@ -102,7 +111,7 @@ class SharedState:
             except SharedStateUnavailable as exc:
                 self._down(exc)
             except Exception as exc:  # the link's boundary: it must never end for good
-                self._down(SharedStateUnavailable(f"shared state: {type(exc).__name__}: {exc}"))
+                self._down(unavailable("shared state", self.config.url, exc))
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), self.config.timeout)  # type: ignore[no-untyped-call]
@@ -121,7 +130,7 @@ class SharedState:
         timeout = self.config.timeout
         try:
             async with asyncio.timeout(timeout):
-                run_id = await self._run_id()
+                epoch = await self._epoch()
                 await pubsub.subscribe(CHANNEL)
                 confirmed = await pubsub.get_message(timeout=timeout)
         except (TimeoutError, *REDIS_ERRORS) as exc:
@@ -129,13 +138,15 @@ class SharedState:
         if not confirmed or confirmed.get("type") != "subscribe":
             raise SharedStateUnavailable("shared state: the subscription was not confirmed")
         # Subscribed before reading: nothing announced from here on is missed, and what this
-        # replica cools from here on is announced at once.
+        # replica cools from here on is announced at once. A failure from here on counts.
+        self._trouble.clear()
         self._syncing = True
         for c in await self._bounded(self._store.current(self._wall())):
             self._apply(c)
         for hid, model, until, reason, status in self._health.active():
             await self._bounded(self._store.publish(self._shared(hid, model, until, reason, status)))
-        self._trouble.clear()
+        if self._trouble.is_set():
+            raise SharedStateUnavailable("shared state: a call failed while resyncing")
         self._up()
         listening = asyncio.create_task(self._listen(pubsub))
         try:
@@ -144,8 +155,8 @@ class SharedState:
                     await asyncio.wait_for(self._trouble.wait(), _BEAT)
                 if self._trouble.is_set():
                     raise SharedStateUnavailable("shared state: a call failed")
-                if await self._bounded(self._run_id()) != run_id:
-                    raise _Restarted  # reconnected by itself to an empty Redis: resync
+                if await self._bounded(self._epoch_now()) != epoch:
+                    raise _Restarted  # reconnected by itself to an emptied Redis: resync
                 self._health.sweep()
             listening.result()  # its failure, if that is why it ended
         finally:
@@ -153,10 +164,17 @@ class SharedState:
             with contextlib.suppress(asyncio.CancelledError, SharedStateUnavailable):
                 await listening
 
-    async def _run_id(self) -> str:
-        """This Redis process's id: a restart between two beats changes it."""
-        info = await self._client.info("server")
-        return str(info.get("run_id", ""))
+    async def _epoch(self) -> bytes | None:
+        """The mark of this Redis's current life: set once by whichever replica comes first,
+        gone when Redis restarts empty (or is flushed). GET and SET only, so a Redis user
+        without the `@dangerous` commands (INFO) can run the link."""
+        await self._client.set(EPOCH, uuid.uuid4().hex, nx=True)
+        found = await self._client.get(EPOCH)
+        return found if isinstance(found, bytes) else None
+
+    async def _epoch_now(self) -> bytes | None:
+        found = await self._client.get(EPOCH)
+        return found if isinstance(found, bytes) else None
 
     async def _listen(self, pubsub: PubSub) -> None:
         async for c in announcements(pubsub, self.config.url, poll=min(0.25, self.config.timeout)):
