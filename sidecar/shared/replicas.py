@@ -2,7 +2,7 @@
 
 One background task owns the link (`run`). Connected, it subscribes to the cooldown
 channel, reads every cooldown in force, writes its own (those it learnt while
-alone), then applies what the others announce as it comes and pings Redis every
+alone), then applies what the others announce as it comes and checks Redis every
 second. Any failure — a call past its `shared_state.timeout`, a refused
 connection, a broken subscription, or a failed rate-limit call reported through
 `failed` — takes the replica off the link at once: `up` is False, the
