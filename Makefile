@@ -6,7 +6,8 @@ BIN    := $(VENV)/bin
 # test extras (pytest, SDKs, linters) on top.
 RUN_STAMP  := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
-# Extra arguments for `sidecar demo`, e.g. make run ARGS="--listen 127.0.0.1:18080"
+# Extra arguments for `sidecar demo` (make run ARGS="--listen 127.0.0.1:18080") or for the
+# benchmark (make bench ARGS="--shared-state --limits")
 ARGS :=
 
 .PHONY: run test lint bench clean
