@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import resource
 import signal
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Final
 
 import aiohttp
 from aiohttp import web
@@ -322,8 +324,25 @@ async def run(config_path: Path) -> None:
     route_library_logs(oplog)  # aiohttp's and asyncio's own log lines: JSON, no raw request bytes
     raise_fd_limit()
     running = await start(config_path, oplog=oplog)
+    tune_gc()
     await stop.wait()
     await running.stop()
+
+
+#: Allocations (net) between young-generation collections. A request allocates a few thousand
+#: objects and frees nearly all of them by reference counting; at CPython's default of 700
+#: the collector ran several times per request for nothing (about 8% of the CPU under load).
+_GC_YOUNG: Final = 10_000
+
+
+def tune_gc() -> None:
+    """Once serving: what startup built (modules, config, runtime) is set aside so that no
+    collection walks it again, and collections run when garbage can really pile up.
+    Reference cycles are still collected, only less often."""
+    gc.collect()
+    gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(_GC_YOUNG, older, oldest)
 
 
 def serve_forever(config_path: Path) -> None:
