@@ -17,21 +17,19 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Final
+from typing import TYPE_CHECKING, Final, TypeVar
 
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.metrics import Metrics
-from sidecar.ratelimits import WINDOW_S, Decision, LocalLimiter, RateLimits
+from sidecar.ratelimits import Decision, LocalLimiter, RateLimits
 from sidecar.runtime import AccessKey
 from sidecar.shared import SharedStateUnavailable
 
 if TYPE_CHECKING:  # the Redis client is imported only where `shared_state` is configured
     from sidecar.shared.replicas import SharedState
 
-#: The `retry-after` of a request that can never pass: a whole window, as counted (a
-#: request counts for up to 61 s: `sidecar.ratelimits`).
-_NEVER_WAIT_S: Final = WINDOW_S + 1
 #: Rate-limit calls to Redis in flight at once (batches of admissions, and corrections): fewer
 #: than the shared client's connections, which the link's ping and announcements also use.
 #: A batch that finds no slot within `shared_state.timeout` is counted on this replica.
@@ -44,6 +42,8 @@ _MAX_BATCH: Final = 512
 #: most in between (past it the estimate stands: it errs on counting more).
 _SETTLE_EVERY_S: Final = 0.1
 _MAX_OWED: Final = 4096
+
+T = TypeVar("T")
 
 #: The requests of one access key waiting for the next call: (tokens, where the decision goes).
 _Waiting = list[tuple[int, "asyncio.Future[Decision | None]"]]
@@ -161,23 +161,23 @@ class Admission:
     async def _call_admit(
         self, shared: SharedState, name: str, limits: RateLimits, tokens: list[int]
     ) -> list[Decision] | None:
-        """One call for a batch; None when Redis is down, fails, or every slot stayed busy
-        (many keys at once: that batch is counted here, and Redis is not taken for down)."""
+        return await self._on_redis(shared, lambda: shared.limiter.admit_many(name, limits, tokens))
+
+    async def _on_redis(self, shared: SharedState, call: Callable[[], Awaitable[T]]) -> T | None:
+        """`call()` on the shared Redis within its timeout; None when Redis is down, fails
+        (then the replica leaves the link), or every slot stayed busy for the whole timeout
+        (many keys at once: this one is done here, and Redis is not taken for down)."""
         if not shared.up or not await self._slot(shared.config.timeout):
             return None
-        if not shared.up:  # it went down while this waited for a slot
-            self._slots.release()
-            return None
-        try:  # one bound over the whole call: a connection, its one retry, the answer
-            async with asyncio.timeout(shared.config.timeout):
-                return await shared.limiter.admit_many(name, limits, tokens)
-        except TimeoutError:
-            shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
+        try:
+            if not shared.up:  # it went down while this waited for a slot
+                return None
+            return await shared.bounded(call())
         except SharedStateUnavailable as exc:
             shared.failed(exc)
+            return None
         finally:
             self._slots.release()
-        return None
 
     async def _slot(self, wait: float) -> bool:
         try:
@@ -195,40 +195,26 @@ class Admission:
         task.add_done_callback(self._settling.discard)
 
     async def _settle_shared(self, owed: dict[tuple[str, int], int]) -> None:
+        """Send the corrections; when Redis is gone or busy, the estimates stand there."""
         shared = self._shared
-        if shared is None or not shared.up or not owed:
-            return  # Redis gone for now: the estimates stand there
-        if not await self._slot(shared.config.timeout):
-            return  # busy: the estimates stand
-        if not shared.up:
-            self._slots.release()
-            return
-        try:
-            async with asyncio.timeout(shared.config.timeout):
-                await shared.limiter.settle_many([(n, s, d) for (n, s), d in owed.items()])
-        except TimeoutError:
-            shared.failed(SharedStateUnavailable("shared state: a rate-limit call timed out"))
-        except SharedStateUnavailable as exc:
-            shared.failed(exc)
-        finally:
-            self._slots.release()
+        if shared is not None and owed:
+            corrections = [(n, s, d) for (n, s), d in owed.items()]
+            await self._on_redis(shared, lambda: shared.limiter.settle_many(corrections))
 
     def _refusal(self, name: str, limits: RateLimits, d: Decision) -> ProxyError:
+        """Every count leaves the window within 61 s, so the wait is finite: the estimate is
+        capped at `tpm`, and no request is over the limit alone."""
         assert d.limit is not None
         kind = d.limit.value
         self._metrics.rate_limited.labels(name, kind).inc()
         limit = limits.rpm if kind == "rpm" else limits.tpm
         unit = "requests" if kind == "rpm" else "tokens"
-        # Every count leaves the window within 61 s; only a request that can never pass (its
-        # tokens alone over `tpm`, which the capped estimate avoids) is told not to retry.
-        never = math.isinf(d.retry_after)
-        wait = _NEVER_WAIT_S if never else max(1, math.ceil(d.retry_after))
+        wait = max(1, math.ceil(d.retry_after))
         return ProxyError(
             ErrorCode.RATE_LIMIT_EXCEEDED,
             f"access key {name!r} is over its limit of {limit} {unit} per minute; "
             f"retry in {wait} s",
             retry_after=wait,
-            should_retry=not never,
         )
 
     async def close(self) -> None:

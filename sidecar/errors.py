@@ -56,15 +56,12 @@ class ProxyError(Exception):
         *,
         retry_after: int | None = None,
         provider: str | None = None,
-        should_retry: bool | None = None,
     ) -> None:
         super().__init__(message)
         self.code = code
         self.message = message
         self.retry_after = retry_after
         self.provider = provider
-        #: overrides `code.retryable` for `x-should-retry` (a wait too long for an SDK's retry)
-        self.should_retry = should_retry
 
 
 class ConfigError(Exception):

@@ -12,10 +12,10 @@ from __future__ import annotations
 from typing import Final
 
 from sidecar.ledger.base import LedgerUnavailable
-from sidecar.ledger.urls import redact_url, url_password
+from sidecar.ledger.urls import redact_url
 from sidecar.secret import Secret
 from sidecar.shared.base import REDIS_ERRORS as _ERRORS
-from sidecar.shared.base import open_redis
+from sidecar.shared.base import describe_error, open_redis
 
 SPEND_KEY: Final = "sidecar:spend"
 
@@ -32,8 +32,7 @@ class RedisLedger:
         max_connections: int = 32,
     ) -> None:
         self._where = redact_url(url)
-        password = url_password(url)
-        self._password = Secret(password) if password else None
+        self._url = Secret(url)  # may hold a password: only for `describe_error` to mask it
         self._key = key
         self._client = open_redis(url, timeout=timeout, max_connections=max_connections,
                                   setting="ledger.url")  # fmt: skip
@@ -60,7 +59,4 @@ class RedisLedger:
         await self._client.aclose()
 
     def _unavailable(self, exc: BaseException) -> LedgerUnavailable:
-        detail = str(exc)
-        if self._password:
-            detail = detail.replace(self._password.reveal(), "***")
-        return LedgerUnavailable(f"redis ledger {self._where}: {type(exc).__name__}: {detail}")
+        return LedgerUnavailable(describe_error("redis ledger", self._url.reveal(), exc))

@@ -687,7 +687,7 @@ class Proxy:
         ex.status = err.code.status
         adapter = adapter_for(ex.fmt)
         headers = ex.sidecar_headers() if ex.candidate else {"x-sidecar-request-id": ex.request_id}
-        if not (err.code.retryable if err.should_retry is None else err.should_retry):
+        if not err.code.retryable:
             headers["x-should-retry"] = "false"
         if err.retry_after is not None:
             headers["retry-after"] = str(err.retry_after)

@@ -13,7 +13,9 @@ from redis.exceptions import RedisError
 from sidecar.ledger.urls import redact_url, url_password
 from sidecar.shared import SharedStateUnavailable
 
-__all__ = ["PREFIX", "REDIS_ERRORS", "SharedStateUnavailable", "open_redis", "unavailable"]
+__all__ = [
+    "PREFIX", "REDIS_ERRORS", "SharedStateUnavailable", "describe_error", "open_redis", "unavailable",
+]  # fmt: skip
 
 #: Every key the sidecar writes starts with this.
 PREFIX: Final = "sidecar:"
@@ -48,9 +50,14 @@ def open_redis(
 
 def unavailable(where: str, url: str, exc: BaseException) -> SharedStateUnavailable:
     """`exc` as a SharedStateUnavailable naming `where`, with any password of `url` masked."""
+    return SharedStateUnavailable(describe_error(where, url, exc))
+
+
+def describe_error(where: str, url: str, exc: BaseException) -> str:
+    """`where`, the Redis (password masked) and what went wrong, with the password masked in
+    the driver's message too (some quote the URL)."""
     detail = str(exc)
     password = url_password(url)
     if password:
         detail = detail.replace(password, "***")
-    return SharedStateUnavailable(f"{where} {redact_url(url)}: {type(exc).__name__}: {detail}")
-
+    return f"{where} {redact_url(url)}: {type(exc).__name__}: {detail}"

@@ -141,10 +141,10 @@ class SharedState:
         # replica cools from here on is announced at once. A failure from here on counts.
         self._trouble.clear()
         self._syncing = True
-        for c in await self._bounded(self._store.current(self._wall())):
+        for c in await self.bounded(self._store.current(self._wall())):
             self._apply(c)
         for hid, model, until, reason, status in self._health.active():
-            await self._bounded(self._store.publish(self._shared(hid, model, until, reason, status)))
+            await self.bounded(self._store.publish(self._shared(hid, model, until, reason, status)))
         if self._trouble.is_set():
             raise SharedStateUnavailable("shared state: a call failed while resyncing")
         self._up()
@@ -155,7 +155,7 @@ class SharedState:
                     await asyncio.wait_for(self._trouble.wait(), _BEAT)
                 if self._trouble.is_set():
                     raise SharedStateUnavailable("shared state: a call failed")
-                if await self._bounded(self._epoch_now()) != epoch:
+                if await self.bounded(self._epoch_now()) != epoch:
                     raise _Restarted  # reconnected by itself to an emptied Redis: resync
                 self._health.sweep()
             listening.result()  # its failure, if that is why it ended
@@ -181,7 +181,7 @@ class SharedState:
             if c is not None:
                 self._apply(c)
 
-    async def _bounded(self, call: Awaitable[T]) -> T:
+    async def bounded(self, call: Awaitable[T]) -> T:
         """`call` within `shared_state.timeout`; any failure is SharedStateUnavailable."""
         try:
             async with asyncio.timeout(self.config.timeout):
@@ -234,7 +234,7 @@ class SharedState:
 
     async def _publish(self, c: SharedCooldown) -> None:
         try:
-            await self._bounded(self._store.publish(c))
+            await self.bounded(self._store.publish(c))
         except SharedStateUnavailable as exc:
             self.failed(exc)
 
