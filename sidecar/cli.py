@@ -37,6 +37,7 @@ from sidecar.vault import (
 
 if TYPE_CHECKING:
     from sidecar.config import HostPort
+    from sidecar.inject.annotations import SidecarSettings
 
 # Config, server and demo modules are imported where used: vault edits stay fast to start.
 
@@ -49,6 +50,9 @@ _ADMIN_URL: Final = "http://127.0.0.1:9090"
 _ADMIN_TIMEOUT_S: Final = 5.0
 _STATUS_COLUMNS: Final = ("provider", "source", "key_id", "access_key", "model", "state",
                           "until", "reason", "last_status")  # fmt: skip
+_INJECT_LISTEN: Final = "0.0.0.0:8443"
+_INJECT_SERVICE: Final = "ai-gateway-sidecar-injector"
+_INJECT_NAMESPACE: Final = "ai-gateway-sidecar"
 _KEEP: Final = object()  # `set-limits`: the option was not given, keep the limit
 _NO_CONFIG: Final = (
     f"no config: pass --config PATH or set {CONFIG_ENV} "
@@ -105,6 +109,36 @@ def _address(value: str) -> HostPort:
         return parse_host_port(value)
     except ValueError as exc:
         raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def _image(value: str) -> str:
+    from sidecar.inject.annotations import IMAGE_MAX, is_image
+
+    if not is_image(value):
+        raise argparse.ArgumentTypeError(
+            f"expected an image reference (registry/name:tag or @sha256:..., at most {IMAGE_MAX})"
+        )
+    return value
+
+
+def _dns_label(value: str) -> str:
+    """A Service or namespace name: a DNS-1123 label."""
+    from sidecar.inject.annotations import is_dns1123_subdomain
+
+    if "." in value or len(value) > 63 or not is_dns1123_subdomain(value):
+        raise argparse.ArgumentTypeError(
+            f"invalid name {value!r}: lowercase letters, digits and '-' (at most 63)"
+        )
+    return value
+
+
+def _days(value: str) -> int:
+    days = int(value) if value.isascii() and value.isdigit() and len(value) <= 5 else 0
+    if not 1 <= days <= 3650:
+        raise argparse.ArgumentTypeError(
+            f"expected a whole number of days from 1 to 3650, got {value!r}"
+        )
+    return days
 
 
 def _config_path(args: argparse.Namespace) -> Path | None:
@@ -442,6 +476,79 @@ def status_table(keys: Sequence[Mapping[str, object]]) -> list[str]:
     return ["  ".join(v.ljust(w) for v, w in zip(r, widths, strict=True)).rstrip() for r in rows]
 
 
+def cmd_inject(args: argparse.Namespace) -> None:
+    from sidecar.inject.annotations import DEFAULT_IMAGE, SidecarSettings
+
+    defaults = SidecarSettings(image=args.image or DEFAULT_IMAGE)
+    if args.make_certs:
+        _inject_make_certs(args)
+    elif args.dry_run:
+        if not args.filename:
+            args.usage_error("--dry-run needs -f FILE (- for standard input)")  # exits 2
+            return
+        _inject_dry_run(args.filename, defaults)
+    else:
+        if not (args.tls_cert and args.tls_key):
+            args.usage_error("serving needs --tls-cert and --tls-key (or use --dry-run)")  # exits 2
+            return
+        _inject_serve(args.listen, Path(args.tls_cert), Path(args.tls_key), defaults)
+
+
+def _inject_dry_run(filename: str, defaults: SidecarSettings) -> None:
+    from sidecar.inject.manifests import ManifestError, inject_documents
+
+    try:
+        text = sys.stdin.read() if filename == "-" else Path(filename).read_text()
+    except (OSError, UnicodeDecodeError) as exc:
+        raise UserError(
+            f"cannot read {filename}: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    try:
+        result = inject_documents(text, defaults)
+    except ManifestError as exc:
+        raise UserError(f"{filename}: {exc}") from None
+    sys.stdout.write(result.text)
+    for warning in result.warnings:
+        print(f"warning: {warning}", file=sys.stderr)
+    print(f"injected {result.injected} pod template(s)", file=sys.stderr)
+
+
+def _inject_serve(listen: HostPort, cert: Path, key: Path, defaults: SidecarSettings) -> None:
+    import ssl
+
+    from sidecar.inject.webhook import ServingCert, serve
+    from sidecar.logs import OpLog
+
+    try:
+        certs = ServingCert(cert, key)
+    except (OSError, ssl.SSLError) as exc:
+        raise UserError(
+            f"cannot load --tls-cert/--tls-key: {getattr(exc, 'strerror', None) or exc}"
+        ) from None
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(listen, certs, defaults, OpLog()))
+
+
+def _inject_make_certs(args: argparse.Namespace) -> None:
+    from sidecar.inject.certs import make_certs
+
+    made = make_certs(Path(args.make_certs), args.service, args.namespace, days=args.days)
+    _out(made.ca_bundle)
+    secret = f"{args.service}-tls"
+    print(
+        f"wrote {made.ca}, {made.cert} and {made.key} (for {made.dns_names[2]}, valid until "
+        f"{made.not_after:%Y-%m-%d}); the CA's private key was not kept.\n"
+        "next:\n"
+        f"  kubectl -n {args.namespace} create secret tls {secret} "
+        f"--cert={made.cert} --key={made.key}\n"
+        f"  kubectl patch mutatingwebhookconfiguration {_INJECT_SERVICE} --type=json "
+        '-p \'[{"op": "add", "path": "/webhooks/0/clientConfig/caBundle", '
+        '"value": "\'"$CA_BUNDLE"\'"}]\'\n'
+        "  (CA_BUNDLE is the line printed on standard output)",
+        file=sys.stderr,
+    )
+
+
 def cmd_mock_provider(args: argparse.Namespace) -> None:
     from sidecar.config import parse_host_port
     from sidecar.mock_provider import run
@@ -657,6 +764,36 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--admin", default=_ADMIN_URL, metavar="URL",
                    help=f"the admin port's base URL (default {_ADMIN_URL})")  # fmt: skip
     s.set_defaults(func=cmd_status)
+
+    s = sub.add_parser("inject", help="add the sidecar to annotated pods (webhook, --dry-run)",
+                       description="Serve the mutating admission webhook that adds the sidecar to "
+                       "pods annotated ai-gateway-sidecar/inject: \"true\" (POST /mutate, GET "
+                       "/healthz, over TLS); or, with --dry-run -f FILE, print FILE's manifests with "
+                       "the sidecar injected, offline; or, with --make-certs DIR, write a self-signed "
+                       "CA and the webhook's serving certificate and print the caBundle.")  # fmt: skip
+    s.add_argument("--listen", type=_address, default=_INJECT_LISTEN, metavar="ADDR",
+                   help=f"webhook address (default {_INJECT_LISTEN})")  # fmt: skip
+    s.add_argument(
+        "--tls-cert", metavar="PATH", help="serving certificate (PEM), re-read when it changes"
+    )
+    s.add_argument("--tls-key", metavar="PATH", help="its private key (PEM)")
+    s.add_argument("--image", type=_image, metavar="IMAGE",
+                   help="sidecar image when the pod does not name one (default: this version's)")  # fmt: skip
+    mode = s.add_mutually_exclusive_group()
+    mode.add_argument("--dry-run", action="store_true",
+                      help="inject into the manifests of -f FILE and print them; no cluster needed")  # fmt: skip
+    mode.add_argument("--make-certs", metavar="DIR",
+                      help="write ca.crt, tls.crt, tls.key into DIR and print the caBundle")  # fmt: skip
+    s.add_argument(
+        "-f", "--filename", metavar="FILE", help="with --dry-run: manifests (YAML), - for stdin"
+    )
+    s.add_argument("--service", type=_dns_label, default=_INJECT_SERVICE, metavar="NAME",
+                   help=f"with --make-certs: the webhook's Service (default {_INJECT_SERVICE})")  # fmt: skip
+    s.add_argument("--namespace", type=_dns_label, default=_INJECT_NAMESPACE, metavar="NS",
+                   help=f"with --make-certs: its namespace (default {_INJECT_NAMESPACE})")  # fmt: skip
+    s.add_argument("--days", type=_days, default=365, metavar="N",
+                   help="with --make-certs: validity in days (default 365)")  # fmt: skip
+    s.set_defaults(func=cmd_inject, usage_error=s.error)
 
     s = sub.add_parser("mock-provider", help="a local OpenAI + Anthropic look-alike",
                        description="Serve a local OpenAI + Anthropic look-alike for demos and CI. "

@@ -1058,6 +1058,7 @@ HELP_COMMANDS = [
     pytest.param(["migrate"], id="migrate"),
     pytest.param(["check"], id="check"),
     pytest.param(["mock-provider"], id="mock-provider"),
+    pytest.param(["inject"], id="inject"),
 ]
 
 
@@ -1097,7 +1098,7 @@ def test_top_level_help_lists_every_command() -> None:
     out = cli("--help").out
     for command in (
         "serve", "demo", "keygen", "vault", "secret", "access-key", "provider-key", "migrate",
-        "check", "mock-provider",
+        "check", "mock-provider", "inject",
     ):  # fmt: skip
         assert command in out
 
