@@ -5,6 +5,14 @@
 -- BENCH_MODEL   the model asked for (default gpt-4o-mini; claude-haiku-4-5 for the
 --               sidecar in the xjson/xstream modes, which it translates to Anthropic)
 --
+-- The fixed-rate run (bench/pace.py) paces the connections; without BENCH_DELAY_MS there is
+-- no `delay()` and wrk runs flat out as before:
+-- BENCH_DELAY_MS     ms each connection waits after an answer (a fraction: spread over the
+--                    requests, since wrk truncates what `delay()` returns to whole ms)
+-- BENCH_INTERVAL_MS  the target time between two requests of a connection; the connections
+-- BENCH_CONNECTIONS  start at evenly spread moments of it (wrk -c and -t, to number them),
+-- BENCH_THREADS      so that requests arrive spread out, not in bursts of -c
+--
 -- The path comes from the URL on wrk's command line. No `response()` hook: defining one
 -- makes wrk buffer and hand every body to Lua, which would slow the load generator down.
 -- At the end one line `BENCH-RESULT {json}` carries what bench/run.py reads
@@ -21,6 +29,35 @@ wrk.headers["Authorization"] = "Bearer " .. token
 wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
   .. '"content":"Say hello to the benchmark, please."}]'
   .. (stream and ',"stream":true' or '') .. '}'
+
+local pace_delay = tonumber(os.getenv("BENCH_DELAY_MS") or "")
+if pace_delay then
+  local interval = tonumber(os.getenv("BENCH_INTERVAL_MS") or "") or pace_delay
+  local connections = tonumber(os.getenv("BENCH_CONNECTIONS") or "") or 1
+  local threads = tonumber(os.getenv("BENCH_THREADS") or "") or 1
+  local per_thread = math.floor(connections / threads)
+  local numbered = 0
+
+  -- Runs in the main state, once per thread: `thread_id` becomes a global of that thread's state.
+  function setup(thread)
+    thread:set("thread_id", numbered)
+    numbered = numbered + 1
+  end
+
+  local started = 0 -- connections of this thread given their start so far
+  local carry = 0 -- the fractions of a ms not waited yet
+  function delay()
+    if started < per_thread then -- each connection's first call, as it connects: its start
+      local k = started * threads + (thread_id or 0)
+      started = started + 1
+      return math.floor(k * interval / connections)
+    end
+    carry = carry + pace_delay
+    local whole = math.floor(carry)
+    carry = carry - whole
+    return whole
+  end
+end
 
 function done(summary, latency, requests)
   local e = summary.errors

@@ -28,17 +28,31 @@ target; targets alternate within a round, the starting target rotating from
 round to round, and the tables show the median over `--rounds`. The headline
 is each proxy's CPU time per completed request (user + system time from
 /proc/<pid>/stat over the run, divided by wrk's completed requests) and the
-ratio sidecar ÷ pass-through of that number. Exit status is non-zero only
-when wrk is missing, a server does not start or dies, a smoke request fails,
-or a run answers more than 1% of its requests with an error (with
-`--shared-state`: also when redis-server is missing or a sidecar does not link
-to it) — never because of a ratio. How to read the output: bench/README.md.
+ratio sidecar ÷ pass-through of that number.
+
+Then two more parts (bench/pace.py, bench/memory.py): a fixed-rate run, in which
+the pass-through and the sidecars are each offered `--rate` req/s (1,000) in json
+and stream by wrk paced with its Lua `delay()` (closed loop, calibrated per target
+to the rate) and the sidecar's added p99 over the pass-through is printed; and
+memory, each proxy's resident set idle, after the load, with `--streams` (1,000)
+streams held open through it by a raw asyncio client, and a few seconds after
+they were hung up on.
+
+Exit status is non-zero only when wrk is missing, a server does not start or
+dies, a smoke request fails, or a run answers more than 1% of its requests
+with an error (with `--shared-state`: also when redis-server is missing or a
+sidecar does not link to it) — never because of a ratio, a latency or a memory
+size (the issue's goals are printed beside the numbers). How to read the
+output: bench/README.md.
 """
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
+import dataclasses
+import functools
 import json
 import os
 import re
@@ -59,6 +73,17 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from types import FrameType
 from typing import Final
+
+from bench import memory
+from bench.pace import (
+    CALIBRATION_SECONDS,
+    DEFAULT_RATE,
+    OFF_TARGET,
+    Pace,
+    added_p99_line,
+    calibrate,
+    describe,
+)
 
 REPO: Final = Path(__file__).resolve().parents[1]
 LUA: Final = Path(__file__).resolve().parent / "chat.lua"
@@ -597,6 +622,19 @@ class Settings:
     modes: tuple[str, ...]
     shared_state: bool = False  # the sidecars' shared_state on a redis-server of the bench's own
     limits: bool = False  # the access key has rpm and tpm (BENCH_RATE_LIMIT, never reached)
+    rate: int = DEFAULT_RATE  # the fixed-rate run's req/s; 0: no fixed-rate run
+    streams: int = memory.DEFAULT_STREAMS  # streams held open to measure memory; 0: none
+    quick: bool = False  # shorter calibration and hold (--quick)
+
+    @property
+    def calibrations(self) -> int:
+        """Calibration runs before each fixed-rate run, at most."""
+        return 1 if self.quick else 2
+
+    @property
+    def hold_seconds(self) -> float:
+        """How long the streams stay open, all of them, while the RSS is sampled."""
+        return 1.0 if self.quick else 2.0
 
     def features(self) -> str:
         """What the sidecars ran with beyond the defaults: for comparing two runs' numbers."""
@@ -619,6 +657,7 @@ class Sample:
     p50_ms: float
     p99_ms: float
     cpu: dict[str, float]  # "proxy", "mock", "wrk", "redis", "other" -> CPU seconds in the run
+    max_ms: float = _NAN
 
     @property
     def rps(self) -> float:
@@ -671,19 +710,22 @@ def _parse_wrk(stdout: str, stderr: str) -> dict[str, float]:
 
 
 def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
-            settings: Settings, cores: Cores) -> Sample:  # fmt: skip
-    """Load `target` with wrk for `seconds`; CPU deltas of every process over the run."""
+            settings: Settings, cores: Cores, pace: Pace | None = None) -> Sample:  # fmt: skip
+    """Load `target` with wrk for `seconds` (flat out, or at `pace`'s fixed rate); CPU deltas
+    of every process over the run."""
     direct = target.proxy is None
     if direct:
         _pin(target.mock.proc.pid, cores.server)
-    argv = [*cores.prefix(cores.load), wrk, "-t", str(settings.threads), "-c",
-            str(settings.connections), "-d", f"{seconds}s", "--timeout", "10s",
-            "-s", str(LUA), target.url]  # fmt: skip
+    threads, connections = (pace.threads, pace.connections) if pace else (settings.threads,
+                                                                         settings.connections)  # fmt: skip
+    argv = [*cores.prefix(cores.load), wrk, "-t", str(threads), "-c", str(connections),
+            "-d", f"{seconds}s", "--timeout", "10s", "-s", str(LUA), target.url]  # fmt: skip
     env = {
         **os.environ,
         "BENCH_TOKEN": target.token,
         "BENCH_STREAM": "1" if is_stream(mode) else "0",
         "BENCH_MODEL": request_model(mode, target),
+        **(pace.env() if pace else {}),
     }
     try:
         before = _cpu_snapshot(fleet)
@@ -709,6 +751,7 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
         p50_ms=result["p50_us"] / 1000,
         p99_ms=result["p99_us"] / 1000,
         cpu=_cpu_deltas(before, after, target),
+        max_ms=result.get("max_us", _NAN) / 1000,
     )
 
 
@@ -720,6 +763,7 @@ class Results:
     samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)  # (mode, target)
     loads: list[str] = field(default_factory=list)  # load average before each round
     completed: Counter[str] = field(default_factory=Counter)  # target -> all requests wrk completed
+    fixed: dict[tuple[str, str], tuple[Pace, Sample]] = field(default_factory=dict)  # fixed rate
 
     def of(self, mode: str, target: str) -> list[Sample]:
         return self.samples.get((mode, target), [])
@@ -752,6 +796,84 @@ def measure(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settin
                       f"{proxy} CPU ms/req" + (f"  errors {s.errors}" if s.errors else ""),
                       file=sys.stderr, flush=True)  # fmt: skip
     return results
+
+
+#: what the fixed-rate run offers its rate to: the floor and the sidecars, untranslated modes
+FIXED_TARGETS: Final = ("pass-through", "sidecar", "sidecar-nolog")
+FIXED_MODES: Final = ("json", "stream")
+
+
+def fixed_rate_plan(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...]]:
+    """The modes and targets of the fixed-rate run (none with `--rate 0`)."""
+    if settings.rate <= 0:
+        return (), ()
+    return (tuple(m for m in settings.modes if m in FIXED_MODES),
+            tuple(n for n in settings.targets if n in FIXED_TARGETS))  # fmt: skip
+
+
+def measure_fixed_rate(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settings,
+                       cores: Cores, results: Results) -> None:  # fmt: skip
+    """Offer each target `settings.rate` req/s: calibrate wrk's pacing on it, then one run of
+    `settings.duration` seconds."""
+    modes, names = fixed_rate_plan(settings)
+    for mode in modes:
+        for name in names:
+            target = targets[name]
+
+            def trial(p: Pace, target: Target = target, mode: str = mode) -> float:
+                s = run_wrk(wrk, fleet, target, mode, CALIBRATION_SECONDS, settings, cores, p)
+                results.completed[target.name] += s.requests
+                return s.rps
+
+            start = Pace.start(settings.rate, settings.threads)
+            paced, rates = calibrate(trial, start, settings.calibrations)
+            s = run_wrk(wrk, fleet, target, mode, settings.duration, settings, cores, paced)
+            results.completed[name] += s.requests
+            results.fixed[(mode, name)] = (paced, s)
+            print(f"  fixed {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>6.0f} req/s (calibration "
+                  f"{', '.join(f'{r:.0f}' for r in rates)}; delay {paced.delay_ms:.2f} ms)  p99 "
+                  f"{s.p99_ms:.2f} ms" + (f"  errors {s.errors}" if s.errors else ""),
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+
+def memory_targets(targets: dict[str, Target]) -> list[tuple[Target, Server]]:
+    """The targets with a proxy, whose memory is measured (`direct` has none), and the proxy."""
+    return [(t, t.proxy) for t in targets.values() if t.proxy is not None]
+
+
+def proxy_rss(targets: dict[str, Target]) -> dict[str, int | None]:
+    """Each proxy's resident set now, in KiB."""
+    return {t.name: memory.rss_kib(proxy.proc.pid) for t, proxy in memory_targets(targets)}
+
+
+def measure_memory(fleet: Fleet, targets: dict[str, Target], settings: Settings,
+                   idle: dict[str, int | None]) -> list[memory.MemoryRow]:  # fmt: skip
+    """Per proxy: its RSS now (after the load), then with `settings.streams` streams held open
+    through it, then `memory.AFTER_SECONDS` after they were hung up on."""
+    rows = []
+    for target, proxy in memory_targets(targets):
+        pid = proxy.proc.pid
+        before = memory.rss_kib(pid)
+        if settings.streams <= 0:
+            rows.append(memory.MemoryRow(target.name, idle.get(target.name), before))
+            continue
+        host, port = _host_port(target.url)
+        request = memory.stream_request(host, port, _PATH, target.token, memory.STREAM_MODEL)
+        held = asyncio.run(memory.hold_streams(host, port, request, settings.streams,
+                                               functools.partial(memory.rss_kib, pid),
+                                               hold_seconds=settings.hold_seconds))  # fmt: skip
+        time.sleep(memory.AFTER_SECONDS)
+        after = memory.rss_kib(pid)
+        fleet.check_alive()
+        rows.append(memory.MemoryRow(target.name, idle.get(target.name), before, held, after))
+        print(f"  memory {target.name:<14}{held.summary()}", file=sys.stderr, flush=True)
+    return rows
+
+
+def _host_port(url: str) -> tuple[str, int]:
+    """Host and port of `http://host:port/...`."""
+    host, _, port = url.removeprefix("http://").partition("/")[0].rpartition(":")
+    return host, int(port)
 
 
 # --------------------------------------------------------------------------- report
@@ -861,15 +983,43 @@ def print_headline(results: Results, settings: Settings) -> None:
                   f"{', '.join(_UNTRANSLATED[m] for m in xs)}, when measured)")  # fmt: skip
 
 
+def fixed_rate_lines(results: Results, settings: Settings) -> list[str]:
+    """The fixed-rate section: achieved rate, latency and the proxy's CPU per target and mode,
+    then `added p99 at N req/s: sidecar MINUS pass-through = X ms` per mode and sidecar."""
+    modes, names = fixed_rate_plan(settings)
+    runs = [(m, n, *results.fixed[(m, n)]) for m in modes for n in names if (m, n) in results.fixed]
+    if not runs:
+        return []
+    lines = [describe(runs[0][2], settings.duration, settings.calibrations),
+             f"{'mode':<{_MODE_WIDTH}}{'target':<15}{'req/s':>7}{'off by':>8}{'p50 ms':>8}"
+             f"{'p99 ms':>8}{'max ms':>8}  │ proxy CPU ms/req  % of a core  │ delay ms"]  # fmt: skip
+    for mode, name, paced, s in runs:
+        lines.append(f"{mode:<{_MODE_WIDTH}}{name:<15}{s.rps:>7.0f}{paced.off_by(s.rps):>+8.1%}"
+                     f"{s.p50_ms:>8.2f}{s.p99_ms:>8.2f}{s.max_ms:>8.2f}  │ "
+                     f"{_num(s.ms_per_request('proxy'), 16)}{_num(s.core_percent('proxy'), 13, '.0f')}"
+                     f"  │ {paced.delay_ms:>8.2f}")  # fmt: skip
+    for mode in modes:
+        base = results.fixed.get((mode, "pass-through"))
+        for name in names:
+            side = results.fixed.get((mode, name))
+            if base and side and name != "pass-through":
+                reached = all(p.on_target(s.rps, OFF_TARGET) for p, s in (base, side))
+                lines.append(added_p99_line(mode, name, settings.rate, side[1].p99_ms,
+                                            base[1].p99_ms, reached=reached, width=_MODE_WIDTH))  # fmt: skip
+    return lines
+
+
 def _metric_sum(metrics: bytes, name: str) -> float:
     """The sum of every series of `name` in a Prometheus text page (0 when it has none)."""
     return sum(float(m.group(1)) for m in re.finditer(
         rb"^" + re.escape(name.encode()) + rb"(?:\{[^}]*\})? ([0-9.e+-]+)$", metrics, re.MULTILINE))  # fmt: skip
 
 
-def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: int) -> None:
+def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: int,
+                 streams: int = 0) -> None:  # fmt: skip
     """Evidence that the sidecar's features were on: access log lines, request counter, and
-    with shared_state the link to Redis and the commands Redis ran."""
+    with shared_state the link to Redis and the commands Redis ran. `streams`: the streams
+    each proxy was sent to measure memory (counted by the sidecar too)."""
     for t in targets.values():
         if t.admin_url is None:
             continue
@@ -882,7 +1032,8 @@ def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: in
             limited = _metric_sum(metrics, "sidecar_rate_limited_total")
         except OSError:
             counted, shared, limited = _NAN, "", _NAN
-        print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke); "
+        held = f", + {streams} held streams" if streams else ""
+        print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke{held}); "
               f"sidecar_requests_total {counted:.0f}"
               + (f", access log {lines} lines" if lines is not None else ", access log off")
               + shared + (f", sidecar_rate_limited_total {limited:.0f}" if limited else ""))  # fmt: skip
@@ -931,9 +1082,11 @@ def _count_lines(path: Path) -> int:
 
 
 def failures(results: Results) -> list[str]:
-    return [f"{name} {mode}: {s.error_rate:.1%} of requests failed: {s.errors}"
-            for (mode, name), ss in sorted(results.samples.items()) for s in ss
-            if s.error_rate > MAX_ERROR_RATE]  # fmt: skip
+    runs = [(f"{name} {mode}", s) for (mode, name), ss in sorted(results.samples.items())
+            for s in ss] + [(f"{name} {mode} at a fixed rate", s)
+                            for (mode, name), (_, s) in sorted(results.fixed.items())]  # fmt: skip
+    return [f"{what}: {s.error_rate:.1%} of requests failed: {s.errors}"
+            for what, s in runs if s.error_rate > MAX_ERROR_RATE]  # fmt: skip
 
 
 # --------------------------------------------------------------------------- main
@@ -943,10 +1096,16 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
     """Start the servers into `fleet`, measure, print; the caller stops the fleet."""
     wrk = find_wrk()
     started = time.monotonic()
+    nofile = memory.raise_nofile()  # before any server starts: they inherit it
+    streams = memory.stream_cap(settings.streams, nofile)
     print(f"# {os.cpu_count()} CPUs, load average {_load_average()}; wrk -t{settings.threads} "
           f"-c{settings.connections}, {settings.rounds} round(s) of {settings.duration:g} s per "
           f"target and mode after {settings.warmup:g} s warm-up; {cores.describe()}")  # fmt: skip
     print(f"# {settings.features()}")
+    if streams < settings.streams:
+        print(f"# open-files limit {nofile}: {streams} streams held open instead of "
+              f"{settings.streams} (raise `ulimit -n`)")  # fmt: skip
+        settings = dataclasses.replace(settings, streams=streams)
     if tree.path != REPO:
         print(f"# sidecar from {tree.path} ({tree.python}); mock and pass-through from {REPO}")
     check_tree(tree, settings.modes, shared_state=settings.shared_state, limits=settings.limits)
@@ -957,11 +1116,21 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
             smoked = smoke_modes(settings.modes)
             for target in targets.values():
                 smoke(target, smoked)
+            idle = proxy_rss(targets)
             results = measure(wrk, fleet, targets, settings, cores)
+            parts = [time.monotonic()]
+            measure_fixed_rate(wrk, fleet, targets, settings, cores, results)
+            parts.append(time.monotonic())
+            rows = measure_memory(fleet, targets, settings, idle)
+            parts.append(time.monotonic())
             print_tables(results, settings)
             print_headline(results, settings)
+            for lines in (fixed_rate_lines(results, settings),
+                          memory.memory_lines(rows, settings.streams, memory.AFTER_SECONDS)):  # fmt: skip
+                if lines:
+                    print("\n" + "\n".join(lines))
             print()
-            print_sanity(targets, results.completed, len(smoked))
+            print_sanity(targets, results.completed, len(smoked), settings.streams)
         finally:
             fleet.stop()
     busy = _median(s.core_percent("other") for ss in results.samples.values() for s in ss)
@@ -969,7 +1138,8 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
         print(f"# WARNING: other processes used {busy:.0f}% of a core (median) while measuring: "
               "CPU ms/req is inflated and noisy under contention; rerun at a quiet moment")  # fmt: skip
     print(f"# load average before each round: {'; '.join(results.loads)}; "
-          f"{time.monotonic() - started:.0f} s in all")  # fmt: skip
+          f"{time.monotonic() - started:.0f} s in all (fixed rate {parts[1] - parts[0]:.0f} s, "
+          f"memory {parts[2] - parts[1]:.0f} s)")  # fmt: skip
     problems = failures(results)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -1023,8 +1193,15 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
                         "every request is counted, on Redis with --shared-state")  # fmt: skip
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin processes to cores")  # fmt: skip
+    p.add_argument("--rate", type=int, default=DEFAULT_RATE, metavar="N",
+                   help="the fixed-rate run: N req/s offered to pass-through and sidecar in json "
+                        f"and stream; 0 skips it ({DEFAULT_RATE})")  # fmt: skip
+    p.add_argument("--streams", type=int, default=memory.DEFAULT_STREAMS, metavar="N",
+                   help="memory: N streams held open through each proxy at once; 0 skips them "
+                        f"(the idle RSS is still shown) ({memory.DEFAULT_STREAMS})")  # fmt: skip
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 1 round of 2 s after 1 s warm-up (about 25 s)")  # fmt: skip
+                   help="a smoke run: 1 round of 2 s after 1 s warm-up, 1 calibration per "
+                        "fixed-rate run, streams held 1 s (about 50 s)")  # fmt: skip
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.rounds = 2, 1, 1
@@ -1032,8 +1209,11 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
         p.error("--duration at least 1; --rounds, --connections and --threads at least 1")
     if a.threads > a.connections:
         p.error("--threads must not exceed --connections")
+    if a.rate < 0 or a.streams < 0:
+        p.error("--rate and --streams must not be negative (0 skips)")
     settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode,
-                        shared_state=a.shared_state, limits=a.limits)  # fmt: skip
+                        shared_state=a.shared_state, limits=a.limits, rate=a.rate,
+                        streams=a.streams, quick=a.quick)  # fmt: skip
     return settings, a.tree, Cores.choose(a.pin)
 
 

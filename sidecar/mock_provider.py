@@ -93,6 +93,11 @@ request's `model`, each bounded by start/end or one of `-_:`
   until the caller hangs up (after 10 minutes the connection is closed).
 - `stuck`: a stream sends its preamble and two content events, then nothing,
   holding the connection open until the caller hangs up (10 minutes at most).
+- `drip-N`: a stream that never ends: its preamble and first content event at
+  once, then one content event every N ms — the reply's pieces over and over —
+  until the caller hangs up (after 10 minutes the connection is closed).
+  Long-lived streams that keep flowing, as `make bench` holds open to measure
+  memory; it replaces `stall-N`.
 - `garble`: a stream sends its preamble and two content events, then one event
   whose data is truncated JSON (`data: {"choices": [{"delta": {"content": "oops`
   in the OpenAI formats; a cut content event in the others), then the rest.
@@ -154,8 +159,8 @@ route without `api-version` is a 404 `{"error": {"code": "404", "message":
 "Resource not found"}}`. Other errors, `fail-quota` included, are OpenAI's.
 
 `huge`, `bomb` and `hold` apply to successful JSON answers (not to streams);
-`break`, `stuck`, `garble`, `nodone`, `early-error` and `late-error` to streams
-only. "Two content events" means fewer when the reply is shorter (a short
+`break`, `stuck`, `drip`, `garble`, `nodone`, `early-error` and `late-error` to
+streams only. "Two content events" means fewer when the reply is shorter (a short
 `max_tokens` or a prefill): the fault then comes after the last of them.
 
 Prefill: on `/v1/chat/completions` and `/v1/messages`, a trailing assistant
@@ -211,6 +216,8 @@ import orjson
 from aiohttp import web
 from aiohttp.web_protocol import RequestPayloadError
 
+from sidecar.connections import raise_fd_limit
+
 __all__ = [
     "DEFAULT_LISTEN",
     "Directives",
@@ -247,13 +254,13 @@ _MODELS_BODY = orjson.dumps(
 _DIRECTIVE_RE = re.compile(
     r"(?:^|[-_:])(fail-(\d{3}|quota|context|nomodel|filter|badkey)(?:-retry-(\d+|none))?"
     r"|drop|break|leaky|silent|stuck|garble|nodone|early-error|late-error|noprefill|flap"
-    r"|(slow|stall|hold|huge|bomb|flaky|first)-(\d+)|quota-(\d+)(?:-reset-(\d+))?)(?=$|[-_:])"
+    r"|(slow|stall|hold|huge|bomb|flaky|first|drip)-(\d+)|quota-(\d+)(?:-reset-(\d+))?)(?=$|[-_:])"
 )
 # Directive words and `word-N` amounts, by the Directives field they set.
 _FLAGS = {"break": "brk", "early-error": "early_error", "late-error": "late_error"}
 _AMOUNTS = {"slow": "slow_ms", "stall": "stall_ms", "hold": "hold_ms", "huge": "huge_mib",
-            "bomb": "bomb_mib", "flaky": "flaky", "first": "first_ms"}  # fmt: skip
-_HANG_S = 600.0  # `silent` and `stuck` give up on a caller that never leaves
+            "bomb": "bomb_mib", "flaky": "flaky", "first": "first_ms", "drip": "drip_ms"}  # fmt: skip
+_HANG_S = 600.0  # `silent`, `stuck` and `drip` give up on a caller that never leaves
 _QUOTA_RESET_S = 60  # `quota-N` without `-reset-S`
 _MIB = 1 << 20
 _SPACES = b" " * _MIB  # one padding chunk, shared by every padded answer
@@ -313,6 +320,7 @@ class Directives:
     first_ms: int = 0
     silent: bool = False
     stuck: bool = False
+    drip_ms: int = 0  # `drip-N`: a stream of content events N ms apart, until the caller leaves
     garble: bool = False
     nodone: bool = False
     early_error: bool = False
@@ -817,19 +825,32 @@ def _script(sse: _Sse, d: Directives) -> list[_Step]:
     return steps if d.nodone or not sse.end else [*steps, sse.end]
 
 
+def _drip(sse: _Sse, d: Directives) -> Iterator[_Step]:
+    """`drip-N`: the preamble, then the content events over and over, for `_HANG_S` at most
+    (the gaps come from `_stream`), then the connection is closed."""
+    yield from sse.head
+    frames = max(1, int(_HANG_S * 1000 // d.drip_ms) - len(sse.head))
+    yield from itertools.islice(itertools.cycle(sse.content), frames)
+    yield None
+
+
 async def _stream(call: _Call, sse: _Sse) -> web.StreamResponse:
-    """Send a stream one write per frame, as `_script` and `stall-N` say."""
-    request, stall = call.request, call.directives.stall_ms / 1000
+    """Send a stream one write per frame, as `_script` and `stall-N` (or `_drip`) say."""
+    request, d = call.request, call.directives
+    stall = (d.drip_ms or d.stall_ms) / 1000
+    at_once = len(sse.head) + 1 if d.drip_ms else 1  # frames sent before the first gap
     resp = web.StreamResponse(headers=_SSE_HEADERS)
     await resp.prepare(request)
     sent = 0
-    for step in _script(sse, call.directives):
+    for step in _drip(sse, d) if d.drip_ms else _script(sse, d):
         if step is None:
             _drop(request)
             return resp
         if isinstance(step, bytes):
-            if stall and sent:
+            if stall and sent >= at_once:
                 await asyncio.sleep(stall)
+                if _gone(request):  # the caller left during the gap: nobody to write to
+                    return resp
             await resp.write(step)
             sent += 1
         else:
@@ -1864,11 +1885,14 @@ def create_app() -> web.Application:
 
 
 async def run(host: str, port: int) -> None:
-    """Serve the mock provider on host:port until cancelled."""
+    """Serve the mock provider on host:port until cancelled. Its open-files limit is raised
+    to the hard one and its listen backlog is 1024, so it holds thousands of callers (the
+    benchmark opens 1,000 streams through a proxy at once)."""
+    raise_fd_limit()
     runner = web.AppRunner(create_app(), access_log=None, shutdown_timeout=1.0)
     await runner.setup()
     try:
-        await web.TCPSite(runner, host, port).start()
+        await web.TCPSite(runner, host, port, backlog=1024).start()
         await asyncio.Event().wait()
     finally:
         await runner.cleanup()

@@ -1,20 +1,32 @@
-"""bench/run.py's pure helpers: --mode parsing, what each target is sent, and the sidecar's
-files with --shared-state and --limits (no wrk, no servers)."""
+"""bench/run.py's pure helpers: --mode parsing, what each target is sent, the sidecar's files
+with --shared-state and --limits, the fixed-rate run's pacing and report (bench/pace.py) and
+the memory report (bench/memory.py); no wrk. One in-process mock holds a few streams open
+through bench/memory.py's raw client."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import contextlib
 import io
 import json
+import os
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
+from aiohttp import web
+from aiohttp.test_utils import TestServer
 
-from bench import run
+from bench import memory, run
+from bench.pace import Pace, added_p99_line, calibrate
 from sidecar.cli import main as cli_main
 from sidecar.config import parse_config_text
+from sidecar.mock_provider import create_app
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+MINUS = "\N{MINUS SIGN}"  # as the report prints it: `sidecar − pass-through`  # noqa: RUF003
 
 
 @pytest.mark.parametrize(
@@ -160,3 +172,230 @@ def test_redis_info_replies_are_read_into_calls_per_command() -> None:
     calls = run.command_calls(run.parse_redis_info(reply))
     assert calls == {"evalsha": 12, "ping": 3}
     assert run._redis_address("redis://127.0.0.1:6399/0") == ("127.0.0.1", 6399)
+
+
+# --------------------------------------------------------------------------- the fixed-rate run
+
+
+def test_a_fixed_rate_starts_with_one_request_per_50_ms_per_connection() -> None:
+    p = Pace.start(1000, 2)
+    assert (p.connections, p.threads, p.interval_ms) == (50, 2, 50.0)
+    assert p.delay_ms == 49.0  # the interval less a guessed 1 ms answer
+    odd = Pace.start(700, 4)
+    assert odd.connections % 4 == 0  # wrk gives each thread connections ÷ threads
+    assert odd.interval_ms == pytest.approx(odd.connections * 1000 / 700)
+    assert Pace.start(10, 2).connections == 2  # never fewer than one per thread
+    with pytest.raises(ValueError, match="rate > 0"):
+        Pace.start(0, 2)
+
+
+def _closed_loop(rest_ms: float) -> Callable[[Pace], float]:
+    """A target whose answers and wrk's timer take `rest_ms` of every cycle: the rate it gives."""
+    return lambda p: p.connections * 1000 / (p.delay_ms + rest_ms)
+
+
+def test_one_calibration_finds_the_delay_of_a_steady_target() -> None:
+    start = Pace.start(1000, 2)
+    achieved = _closed_loop(3.5)(start)
+    assert not start.on_target(achieved)  # 49 + 3.5 ms per cycle: 952 req/s, 4.8% short
+    fixed = start.adjusted(achieved)
+    assert fixed.delay_ms == pytest.approx(46.5)
+    assert _closed_loop(3.5)(fixed) == pytest.approx(1000)
+    assert fixed.off_by(980) == pytest.approx(-0.02)
+    assert fixed.on_target(1015)
+    assert not fixed.on_target(1025)
+
+
+def test_an_unreachable_rate_calibrates_to_no_delay_at_all() -> None:
+    start = Pace.start(1000, 2)
+    assert start.adjusted(400).delay_ms == 0.0  # 125 ms a cycle without waiting: flat out
+    assert start.adjusted(0).delay_ms == start.delay_ms  # nothing completed: nothing learnt
+
+
+def test_calibration_stops_once_on_target_and_runs_at_most_as_often_as_allowed() -> None:
+    trials: list[float] = []
+
+    def trial(p: Pace) -> float:
+        trials.append(p.delay_ms)
+        return _closed_loop(3.0)(p)  # 961 req/s at first: 3.9% short
+
+    paced, rates = calibrate(trial, Pace.start(1000, 2), runs=3)
+    assert len(trials) == 2  # the first missed, the second hit
+    assert rates[1] == pytest.approx(1000)
+    assert paced.delay_ms == pytest.approx(47.0)
+    trials.clear()
+    once, rates = calibrate(trial, Pace.start(1000, 2), runs=1)
+    assert len(trials) == len(rates) == 1
+    assert once.delay_ms == pytest.approx(47.0)  # adjusted after the last run, unverified
+
+
+def test_the_pace_reaches_chat_lua_in_its_environment() -> None:
+    env = Pace(1000, 50, 2, 46.25).env()
+    assert env == {"BENCH_DELAY_MS": "46.2500", "BENCH_INTERVAL_MS": "50.0000",
+                   "BENCH_CONNECTIONS": "50", "BENCH_THREADS": "2"}  # fmt: skip
+    lua = run.LUA.read_text()
+    assert all(f'os.getenv("{name}")' in lua for name in env)
+    assert "function delay()" in lua
+
+
+def test_the_added_p99_line_names_the_rate_and_never_judges() -> None:
+    line = added_p99_line("json", "sidecar", 1000, 2.45, 1.75)
+    assert f"added p99 at 1000 req/s: sidecar {MINUS} pass-through = 0.70 ms" in line
+    assert "goal ≤ 2 ms" in line
+    worse = added_p99_line("stream", "sidecar", 1000, 9.0, 1.0, reached=False)
+    assert "= 8.00 ms" in worse
+    assert "NOT at 1000 req/s" in worse
+    assert "NOT" not in line
+
+
+def _sample(rps: float, p99_ms: float, errors: dict[str, int] | None = None) -> run.Sample:
+    return run.Sample(requests=int(rps * 5), seconds=5.0, errors=errors or {}, p50_ms=p99_ms / 2,
+                      p99_ms=p99_ms, cpu={"proxy": rps * 5 * 0.0002}, max_ms=p99_ms * 2)  # fmt: skip
+
+
+def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() -> None:
+    settings = run.parse_args(["--duration", "5"])[0]
+    results = run.Results()
+    pace = Pace(1000, 50, 2, 48.0)
+    results.fixed = {("json", "pass-through"): (pace, _sample(998, 1.5)),
+                     ("json", "sidecar"): (pace, _sample(1004, 2.0)),
+                     ("stream", "pass-through"): (pace, _sample(1000, 3.0)),
+                     ("stream", "sidecar"): (pace, _sample(900, 9.0))}  # fmt: skip
+    text = "\n".join(run.fixed_rate_lines(results, settings))
+    assert text.startswith("FIXED RATE 1000 req/s offered to each target, one run of 5 s")
+    assert "50 connections" in text
+    assert f"json    added p99 at 1000 req/s: sidecar {MINUS} pass-through = 0.50 ms" in text
+    assert f"stream  added p99 at 1000 req/s: sidecar {MINUS} pass-through = 6.00 ms" in text
+    assert "-10.0%" in text  # the stream sidecar's achieved rate, off by
+    assert text.count("NOT at 1000 req/s") == 1  # only the stream pair missed the rate
+    assert run.fixed_rate_lines(run.Results(), settings) == []
+
+
+def test_the_fixed_rate_run_covers_json_and_stream_of_the_proxies_asked_for() -> None:
+    plan = run.fixed_rate_plan
+    assert plan(run.parse_args([])[0]) == (("json", "stream"), ("pass-through", "sidecar"))
+    assert plan(run.parse_args(["--mode", "all", "--targets", "direct,sidecar"])[0]) == (
+        ("json", "stream"), ("sidecar",))  # fmt: skip
+    assert plan(run.parse_args(["--rate", "0"])[0]) == ((), ())
+    assert run.parse_args(["--rate", "250"])[0].rate == 250
+
+
+def test_errors_at_the_fixed_rate_fail_the_run_like_any_other() -> None:
+    results = run.Results()
+    results.fixed[("json", "sidecar")] = (Pace(1000, 50, 2, 48.0),
+                                          _sample(1000, 2.0, {"status": 400}))  # fmt: skip
+    assert run.failures(results) == [
+        "sidecar json at a fixed rate: 8.0% of requests failed: {'status': 400}"
+    ]
+
+
+@pytest.mark.parametrize("argv", [["--rate", "-1"], ["--streams", "-5"]])
+def test_negative_rates_and_stream_counts_are_refused(argv: list[str]) -> None:
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        run.parse_args(argv)
+
+
+def test_quick_keeps_the_new_parts_short() -> None:
+    quick, full = run.parse_args(["--quick"])[0], run.parse_args([])[0]
+    assert (quick.calibrations, quick.hold_seconds) == (1, 1.0)
+    assert (full.calibrations, full.hold_seconds) == (2, 2.0)
+    assert (full.rate, full.streams) == (1000, 1000)
+    assert run.parse_args(["--streams", "0"])[0].streams == 0
+
+
+# --------------------------------------------------------------------------- memory
+
+STATUS = "Name:\tpython\nVmPeak:\t  300000 kB\nVmRSS:\t   51234 kB\nRssAnon:\t   40000 kB\n"
+
+
+def test_vmrss_is_read_from_proc_status_in_kib() -> None:
+    assert memory.parse_vmrss_kib(STATUS) == 51234
+    assert memory.parse_vmrss_kib("Name:\tkthreadd\nVmPeak:\t0 kB\n") is None  # a kernel thread
+    assert memory.parse_vmrss_kib("VmRSS:\n") is None
+    own = memory.rss_kib(os.getpid())
+    assert own is not None
+    assert own > 1024  # this very process: over 1 MiB
+    assert memory.mib(51234) == pytest.approx(50.03, abs=0.01)
+
+
+def test_streams_are_capped_by_the_open_files_limit() -> None:
+    assert memory.stream_cap(1000, 20000) == 1000
+    assert memory.stream_cap(1000, 1024) == 384  # (1024 - 256) // 2: two descriptors a stream
+    assert memory.stream_cap(1000, 100) == 0
+
+
+def test_the_stream_request_is_one_well_formed_http_post() -> None:
+    raw = memory.stream_request("127.0.0.1", 8080, "/v1/chat/completions", "sk-t", "m-drip-1000")
+    head, _, body = raw.partition(b"\r\n\r\n")
+    lines = head.decode().split("\r\n")
+    assert lines[0] == "POST /v1/chat/completions HTTP/1.1"
+    assert f"Content-Length: {len(body)}" in lines
+    assert "Authorization: Bearer sk-t" in lines
+    sent = json.loads(body)
+    assert (sent["model"], sent["stream"]) == ("m-drip-1000", True)
+    assert memory.STREAM_MODEL.startswith("gpt-")  # the sidecar routes it to openai: the mock
+    assert memory.STREAM_MODEL.endswith("-drip-2000")
+    assert memory.status_of(b"HTTP/1.1 503 Service Unavailable\r\nx: y\r\n\r\n") == 503
+    assert memory.status_of(b"garbage") == 0
+
+
+def test_the_memory_section_shows_each_proxy_and_the_sidecar_goals() -> None:
+    hold = memory.Hold(1000, opened=998, open_seconds=2.04, peak_kib=140 * 1024)
+    hold.errors["timeout"] = 2
+    rows = [memory.MemoryRow("pass-through", 30 * 1024, 32 * 1024, hold, 35 * 1024),
+            memory.MemoryRow("sidecar", 52 * 1024, 55 * 1024, hold, 60 * 1024)]  # fmt: skip
+    lines = memory.memory_lines(rows, 1000, 3.0)
+    assert lines[0].startswith("MEMORY resident set")
+    assert "1000 streams" in lines[1]
+    assert "3 s after" in lines[1]
+    assert lines[3].split()[:5] == ["sidecar", "52.0", "55.0", "140.0", "60.0"]
+    assert "998 of 1000 open in 2.0 s (failed: timeout 2)" in lines[3]
+    assert lines[4] == ("  sidecar: idle 52.0 MiB (goal ≤ 60), 998 open streams 140.0 MiB "
+                        "(goal ≤ 150 with 1000), 3 s after they closed 60.0 MiB "
+                        "(+8.0 over idle)")  # fmt: skip
+    assert len(lines) == 5  # no goal line for the pass-through
+    idle_only = memory.memory_lines([memory.MemoryRow("sidecar", 52 * 1024, None)], 0, 3.0)
+    assert "streams" not in idle_only[1]
+    assert "no streams held (--streams 0)" in idle_only[0]
+    assert idle_only[-1] == "  sidecar: idle 52.0 MiB (goal ≤ 60)"
+
+
+async def test_streams_are_held_open_through_a_server_and_hung_up_on(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    finished = 0
+    all_finished = asyncio.Event()
+
+    @web.middleware
+    async def count(request: web.Request, handler: Handler) -> web.StreamResponse:
+        nonlocal finished
+        try:
+            return await handler(request)
+        finally:
+            finished += 1
+            if finished == 20:
+                all_finished.set()
+
+    app = create_app()
+    app.middlewares.append(count)
+    server = await aiohttp_server(app)
+    host, port = str(server.host), int(server.port or 0)
+    request = memory.stream_request(host, port, "/v1/chat/completions", "k", "m-drip-20")
+    samples: list[int] = []
+
+    def sample() -> int:
+        samples.append(finished)  # while held: no stream has ended
+        return 1000 + len(samples)
+
+    held = await memory.hold_streams(host, port, request, 20, sample, hold_seconds=0.3,
+                                     concurrency=8)  # fmt: skip
+    assert (held.opened, held.errors) == (20, {})
+    assert samples
+    assert set(samples) == {0}
+    assert held.peak_kib == 1000 + len(samples)
+    async with asyncio.timeout(3):  # hung up on: each stream's next gap ends it
+        await all_finished.wait()
+    refused = memory.stream_request(host, port, "/v1/chat/completions", "k", "m-fail-503")
+    bad = await memory.hold_streams(host, port, refused, 3, lambda: None, hold_seconds=0)
+    assert (bad.opened, bad.errors) == (0, {"HTTP 503": 3})
+    assert bad.summary() == f"0 of 3 open in {bad.open_seconds:.1f} s (failed: HTTP 503 3)"

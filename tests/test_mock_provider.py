@@ -561,7 +561,8 @@ PREAMBLE = {"chat": 1, "completions": 0, "responses": 3, "messages": 3}
         ("gpt-fail-filter", Directives(fail=400, model_error="filter")),
         ("claude-noprefill", Directives(noprefill=True)),
         ("k:m-flap", Directives(flap=True)),
-        ("firstly-silently-flapjack-nodoner-error", Directives()),
+        ("gpt-4o-mini-drip-1000", Directives(drip_ms=1000)),
+        ("firstly-silently-flapjack-nodoner-error-dripping-10", Directives()),
     ],
 )
 def test_parse_fault_lab_directives(text: str, expected: Directives) -> None:
@@ -652,6 +653,63 @@ async def test_stuck_stalls_mid_stream_with_the_connection_open(
         assert not resp.content.at_eof()
         assert resp.connection is not None
     assert _text(seen) == "Hello from"
+
+
+@pytest.mark.parametrize("route", list(ROUTES))
+async def test_drip_keeps_sending_the_reply_over_and_over_without_an_end(
+    http: aiohttp.ClientSession, server: TestServer, route: str
+) -> None:
+    path, headers, _ = ROUTES[route]
+    async with http.post(server.make_url(path), json=_body(route, "m-drip-5"),
+                         headers=headers) as resp:  # fmt: skip
+        assert resp.status == 200
+        start = time.monotonic()
+        first = await _next_frame(resp)
+        seen = [first, *[await _next_frame(resp) for _ in range(PREAMBLE[route] + 11)]]
+        elapsed = time.monotonic() - start
+        assert not resp.content.at_eof()
+    assert _text(seen) == REPLY + REPLY + "Hello from"  # 12 content events; a reply is 5
+    # the preamble and the first content event at once, then one event every 5 ms
+    assert elapsed >= 0.005 * (len(seen) - PREAMBLE[route] - 1) * 0.9
+    ends = (b"[DONE]", b"message_stop", b"response.completed", b'"finish_reason":"stop"')
+    assert not any(end in f for f in seen for end in ends)
+
+
+async def test_drip_opens_with_its_first_content_event_at_once(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    path, headers, _ = ROUTES["messages"]
+    async with http.post(server.make_url(path), json=_body("messages", "m-drip-60000"),
+                         headers=headers) as resp:  # fmt: skip
+        seen = [await _next_frame(resp, 1.0) for _ in range(PREAMBLE["messages"] + 1)]
+        with pytest.raises(asyncio.TimeoutError):
+            await _next_frame(resp, 0.2)  # the next one is a minute away
+    assert _text(seen) == "Hello"
+
+
+async def test_drip_stops_when_the_caller_leaves(
+    http: aiohttp.ClientSession, aiohttp_server: ServerFactory
+) -> None:
+    finished = asyncio.Event()
+
+    @web.middleware
+    async def note(request: web.Request, handler: Handler) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        finally:
+            finished.set()
+
+    app = create_app()
+    app.middlewares.append(note)
+    server = await aiohttp_server(app)
+    path, headers, _ = ROUTES["chat"]
+    async with http.post(server.make_url(path), json=_body("chat", "m-drip-20"),
+                         headers=headers) as resp:  # fmt: skip
+        await _next_frame(resp)
+        await _next_frame(resp)
+        resp.close()  # hang up mid-stream
+    async with asyncio.timeout(2):  # the next gap notices: not the ten minutes of a stream
+        await finished.wait()
 
 
 @pytest.mark.parametrize("route", list(ROUTES))
