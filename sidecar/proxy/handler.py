@@ -385,8 +385,7 @@ class Proxy:
                     return relay.respond(ex, res.upstream, res.body, adapter, tr)
                 if tr is not None:  # not JSON, or too large to hold: it cannot be translated
                     return await relay.respond_unreadable(ex, res.upstream, tr)
-                return await relay.relay_body(self.state, ex, res.upstream, res.native_idle,
-                                              adapter, res.prefix)  # fmt: skip
+                return await relay.relay_body(self.state, ex, res.upstream, adapter, res.prefix)
             if res.failed is not None:
                 last = (cand, res.failed, None if res.inband else out.translation)
                 last_label = ex.translated
@@ -539,7 +538,7 @@ class Proxy:
                 brk = None
                 if not current.complete:
                     assert current.upstream is not None
-                    brk = await relay.pump(ex, resp, current.upstream, tracker, current.native_idle)
+                    brk = await relay.pump(ex, resp, current.upstream, tracker)
                 if brk is None:  # the whole answer
                     whole = True
                     engine.report(Report(Outcome.OK, 200, final=True))

@@ -4,7 +4,6 @@ arrives, or an SSE stream pumped event by event until it ends or breaks."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections.abc import Coroutine
 from dataclasses import dataclass
@@ -14,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict, CIMultiDictProxy
 
+from sidecar.deadlines import deadline
 from sidecar.formats import Adapter, adapter_for
 from sidecar.plan import Candidate
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
@@ -189,28 +189,25 @@ async def pump(
     resp: web.StreamResponse,
     upstream: aiohttp.ClientResponse,
     tracker: StreamTracker,
-    native_idle: bool,
 ) -> Break | None:
     """Relay a started SSE stream until it ends (None) or breaks (why).
 
-    `stream_idle` bounds every gap: natively (aiohttp's per-read timer) when it can, else
-    our own timer, re-armed per chunk, which also covers a caller taking nothing. A clean
-    end without the format's terminator is a break unless the answer had finished (then
-    the terminator is added).
+    `stream_idle` bounds every gap, a deadline moved on per chunk, which also covers a
+    caller taking nothing. A clean end without the format's terminator is a break unless
+    the answer had finished (then the terminator is added).
     """
     content = upstream.content
     loop = asyncio.get_running_loop()
     idle = ex.runtime.config.timeouts.stream_idle
     try:
-        async with contextlib.nullcontext() if native_idle else asyncio.timeout(None) as timer:
+        with deadline(None) as timer:
             while True:
                 if tracker.error is not None:  # also in the chunk that carried the first content
                     return Break("inband_error", tracker.error.message)
                 if tracker.malformed:
                     return Break("malformed")
                 t = time.perf_counter()
-                if timer is not None:
-                    timer.reschedule(loop.time() + idle)
+                timer.reschedule(loop.time() + idle)
                 chunk = await content.readany()
                 ex.upstream_wait += time.perf_counter() - t
                 if not chunk:
@@ -247,7 +244,6 @@ async def relay_body(
     state: State,
     ex: Exchange,
     upstream: aiohttp.ClientResponse,
-    native_idle: bool,
     adapter: Adapter,
     prefix: bytes = b"",
 ) -> web.StreamResponse:
@@ -262,11 +258,10 @@ async def relay_body(
     try:
         if prefix:
             await send(ex, resp, prefix)
-        async with contextlib.nullcontext() if native_idle else asyncio.timeout(None) as timer:
+        with deadline(None) as timer:
             while True:
                 t = time.perf_counter()
-                if timer is not None:
-                    timer.reschedule(loop.time() + idle)
+                timer.reschedule(loop.time() + idle)
                 chunk = await content.readany()
                 ex.upstream_wait += time.perf_counter() - t
                 if not chunk:

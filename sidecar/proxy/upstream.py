@@ -11,7 +11,6 @@ before that still fails over too.
 from __future__ import annotations
 
 import asyncio
-import functools
 import time
 from dataclasses import dataclass
 from typing import Final
@@ -21,6 +20,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 from sidecar import inbound
+from sidecar.deadlines import deadline
 from sidecar.health import (
     Outcome,
     answer_status,
@@ -64,12 +64,6 @@ _JSON_HEADERS: Final = CIMultiDictProxy(CIMultiDict({"content-type": "applicatio
 Failed = tuple[int, "CIMultiDictProxy[str]", bytes]
 
 
-@functools.lru_cache(maxsize=8)
-def read_timeout(stream_idle: float) -> aiohttp.ClientTimeout:
-    """aiohttp's own per-read timer, re-armed natively on every chunk the upstream sends."""
-    return aiohttp.ClientTimeout(total=None, connect=None, sock_connect=None, sock_read=stream_idle)
-
-
 @dataclass(slots=True)
 class Result:
     """What one attempt produced."""
@@ -82,7 +76,6 @@ class Result:
     retry_after: float | None = None
     quota: bool = False
     timed_out: bool = False  # the attempt ran into timeouts.total
-    native_idle: bool = False  # stream gaps are bounded by aiohttp's per-read timer
     #: what was already read of an answer relayed as it arrives (a stream's held events,
     #: or the start of a body too large to hold): relayed first
     prefix: bytes = b""
@@ -149,21 +142,16 @@ async def attempt(
     timeouts = cfg.timeouts
     key = cand.key
     sent = time.perf_counter()
-    deadline = sent + budget
+    ends = sent + budget  # perf_counter clock
     upstream: aiohttp.ClientResponse | None = None
     failover = False
     loop = asyncio.get_running_loop()
     idle = timeouts.stream_idle
-    first = tracker is not None
-    limit = timeouts.first_token if first else timeouts.per_request
-    # aiohttp's native per-read timer bounds stream gaps when it cannot cut a wait that a
-    # longer timer owns (the first token of a stream, or a whole non-streamed generation).
-    native_idle = first and timeouts.first_token <= idle
+    limit = timeouts.first_token if tracker is not None else timeouts.per_request
     try:
-        async with asyncio.timeout(min(limit, budget)) as timer:
+        with deadline(loop.time() + min(limit, budget)) as timer:
             upstream = await state.session.request(
-                ex.request.method, url, data=body, headers=headers,
-                timeout=read_timeout(idle) if native_idle else _NO_CLIENT_TIMEOUT,
+                ex.request.method, url, data=body, headers=headers, timeout=_NO_CLIENT_TIMEOUT,
                 allow_redirects=False,
             )  # fmt: skip
             ttfb = time.perf_counter() - sent
@@ -175,21 +163,19 @@ async def attempt(
             ctype = upstream.headers.get("content-type", "")
             if not failover and "json" not in ctype:
                 if tracker is not None and status < 300 and "text/event-stream" in ctype:
-                    res = await _hold(upstream, tracker, native_idle)
+                    res = await _hold(upstream, tracker)
                     ex.upstream_wait += time.perf_counter() - sent
                     return res
                 ex.upstream_wait += ttfb  # other media: relayed as it arrives
-                return Result(classify_status(status), status, upstream=upstream,
-                              native_idle=native_idle)  # fmt: skip
+                return Result(classify_status(status), status, upstream=upstream)
             # The body is still before the caller's first byte: timeouts.total bounds it too.
-            timer.reschedule(loop.time() + min(idle, max(0.001, deadline - time.perf_counter())))
+            timer.reschedule(loop.time() + min(idle, max(0.001, ends - time.perf_counter())))
             answer, whole = await _read_body_of(
                 upstream, _FAILED_BODY_LIMIT if failover else _READ_WHOLE_LIMIT
             )
             if not whole and not failover:  # too large to hold: relay it as it arrives
                 ex.upstream_wait += time.perf_counter() - sent
-                return Result(classify_status(status), status, upstream=upstream,
-                              native_idle=native_idle, prefix=answer)  # fmt: skip
+                return Result(classify_status(status), status, upstream=upstream, prefix=answer)
     except asyncio.CancelledError:  # the caller left: stop the upstream's generation too
         if upstream is not None:
             upstream.close()
@@ -204,7 +190,7 @@ async def attempt(
                 state.oplog.warning("upstream_timeout", request_id=ex.request_id,
                                     provider=key.provider, key_id=key.key_id,
                                     waited_s=round(waited, 3))  # fmt: skip
-                return Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= deadline)
+                return Result(Outcome.TIMEOUT, timed_out=time.perf_counter() >= ends)
             state.oplog.warning("upstream_error", request_id=ex.request_id, provider=key.provider,
                                 key_id=key.key_id, error=type(exc).__name__)  # fmt: skip
             return Result(Outcome.CONNECT_ERROR)
@@ -255,9 +241,7 @@ def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> R
     return res
 
 
-async def _hold(
-    upstream: aiohttp.ClientResponse, tracker: StreamTracker, native_idle: bool
-) -> Result:
+async def _hold(upstream: aiohttp.ClientResponse, tracker: StreamTracker) -> Result:
     """Read a 2xx stream until its first content event (within the caller's timer).
 
     Before it, an in-band error fails over like the same HTTP error, and a stream that
@@ -286,8 +270,7 @@ async def _hold(
             return _broken_before_content(tracker)
         if len(held) > _HOLD_LIMIT:
             break  # a preamble this long: relay it as it is
-    return Result(Outcome.OK, status, upstream=upstream, native_idle=native_idle,
-                  prefix=bytes(held), tracker=tracker)  # fmt: skip
+    return Result(Outcome.OK, status, upstream=upstream, prefix=bytes(held), tracker=tracker)
 
 
 def _broken_before_content(tracker: StreamTracker) -> Result:
