@@ -20,7 +20,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-import aiohttp
 from aiohttp import web
 
 from sidecar.admin import build_admin_app
@@ -33,6 +32,7 @@ from sidecar.inflight import InFlight
 from sidecar.logs import AccessLog, OpLog, route_library_logs
 from sidecar.metrics import Metrics
 from sidecar.proxy import Proxy
+from sidecar.proxy.client import UpstreamClient
 from sidecar.quota import QuotaBook
 from sidecar.reload import Reloader, load_with_signature
 from sidecar.runtime import KeyRef
@@ -47,6 +47,8 @@ _UNWIND_S = 0.3
 _CLOSE_BUDGET_S = 0.6
 #: File descriptors kept for everything but proxy connections (admin, upstream, files).
 _FD_RESERVE = 256
+#: How long an idle upstream connection is kept for the next request.
+_UPSTREAM_KEEPALIVE_S = 30.0
 
 
 def build_state(
@@ -125,16 +127,11 @@ async def _shared_ctx(app: web.Application) -> AsyncIterator[None]:
         await shared.close()
 
 
-async def _session_ctx(app: web.Application) -> AsyncIterator[None]:
+async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
-    connector = aiohttp.TCPConnector(
-        limit=0, limit_per_host=0, ttl_dns_cache=300, keepalive_timeout=30
-    )
-    state.session = aiohttp.ClientSession(
-        connector=connector, auto_decompress=True, cookie_jar=aiohttp.DummyCookieJar()
-    )
+    state.client = UpstreamClient(keepalive=_UPSTREAM_KEEPALIVE_S)
     yield
-    await state.session.close()
+    await state.client.close()
 
 
 async def _billing_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -200,7 +197,7 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     r.add_route("*", "/v1/{tail:.*}", proxy.not_found)
     r.add_route("*", "/{provider}/{tail:.*}", proxy.explicit)
     r.add_route("*", "/{tail:.*}", proxy.not_found)
-    app.cleanup_ctx.extend([_session_ctx, _shared_ctx, _billing_ctx, _access_log_ctx, _reload_ctx])
+    app.cleanup_ctx.extend([_client_ctx, _shared_ctx, _billing_ctx, _access_log_ctx, _reload_ctx])
     return app
 
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
-import aiohttp
 from aiohttp import web
 
 from sidecar.health import KeyHealth
@@ -16,6 +15,7 @@ from sidecar.runtime import Runtime
 if TYPE_CHECKING:
     from sidecar.admission import Admission
     from sidecar.billing import Billing
+    from sidecar.proxy.client import UpstreamClient
     from sidecar.quota import QuotaBook
     from sidecar.shared.replicas import SharedState
 
@@ -33,7 +33,7 @@ class State:
     quota: QuotaBook  # the providers' remaining-quota headers, per key and model
     admission: Admission  # per-access-key rate limits
     shared: SharedState | None = None  # `shared_state:` configured
-    session: aiohttp.ClientSession = field(init=False)
+    client: UpstreamClient = field(init=False)  # the request path's upstream connections
     draining: bool = False
     ready: bool = False
 

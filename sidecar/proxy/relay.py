@@ -16,6 +16,7 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from sidecar.deadlines import deadline
 from sidecar.formats import Adapter, adapter_for
 from sidecar.plan import Candidate
+from sidecar.proxy.client import UpstreamResponse
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
 from sidecar.proxy.upstream import HOP_BY_HOP, Failed
 from sidecar.secret import mask_key_fragments
@@ -100,7 +101,7 @@ async def _bounded(ex: Exchange, write: Coroutine[Any, Any, None]) -> None:
 
 def respond(
     ex: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     body: bytes,
     adapter: Adapter,
     translation: Translation | None = None,
@@ -140,7 +141,7 @@ def respond_failed(
 
 
 async def respond_unreadable(
-    ex: Exchange, upstream: aiohttp.ClientResponse, translation: Translation
+    ex: Exchange, upstream: UpstreamResponse, translation: Translation
 ) -> web.Response:
     """A translated attempt's answer that is neither JSON nor SSE, or too large to hold: it
     cannot be translated. An error keeps its status, its start read as the error's message;
@@ -175,7 +176,7 @@ def _translated(ex: Exchange, translation: Translation, status: int, body: bytes
     return out
 
 
-async def open_stream(ex: Exchange, upstream: aiohttp.ClientResponse) -> web.StreamResponse:
+async def open_stream(ex: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
     """Send the response headers: from here on the caller has the first byte."""
     ex.status = upstream.status
     resp = web.StreamResponse(status=upstream.status, headers=_headers(ex, upstream.headers))
@@ -187,7 +188,7 @@ async def open_stream(ex: Exchange, upstream: aiohttp.ClientResponse) -> web.Str
 async def pump(
     ex: Exchange,
     resp: web.StreamResponse,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     tracker: StreamTracker,
 ) -> Break | None:
     """Relay a started SSE stream until it ends (None) or breaks (why).
@@ -243,7 +244,7 @@ async def pump(
 async def relay_body(
     state: State,
     ex: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: UpstreamResponse,
     adapter: Adapter,
     prefix: bytes = b"",
 ) -> web.StreamResponse:

@@ -30,6 +30,7 @@ from sidecar.health import (
 )
 from sidecar.keys import KeySource
 from sidecar.plan import Candidate
+from sidecar.proxy.client import UpstreamResponse
 from sidecar.proxy.exchange import Exchange
 from sidecar.proxy.outbound import Outbound, translated_headers
 from sidecar.quota import parse_quota_headers
@@ -55,9 +56,6 @@ _READ_WHOLE_LIMIT: Final = 8 << 20
 #: A stream's events before its first content are held at most this long (bytes); past it
 #: the stream is relayed as it is.
 _HOLD_LIMIT: Final = 1 << 20
-_NO_CLIENT_TIMEOUT: Final = aiohttp.ClientTimeout(
-    total=None, connect=None, sock_connect=None, sock_read=None
-)
 _JSON_HEADERS: Final = CIMultiDictProxy(CIMultiDict({"content-type": "application/json"}))
 
 #: A failover-status answer kept in case it is the last one: (status, headers, body).
@@ -70,7 +68,7 @@ class Result:
 
     outcome: Outcome
     status: int | None = None
-    upstream: aiohttp.ClientResponse | None = None  # an answer for the caller
+    upstream: UpstreamResponse | None = None  # an answer for the caller
     body: bytes | None = None  # its body, when read whole (JSON)
     failed: Failed | None = None  # a failover-status answer
     retry_after: float | None = None
@@ -143,17 +141,14 @@ async def attempt(
     key = cand.key
     sent = time.perf_counter()
     ends = sent + budget  # perf_counter clock
-    upstream: aiohttp.ClientResponse | None = None
+    upstream: UpstreamResponse | None = None
     failover = False
     loop = asyncio.get_running_loop()
     idle = timeouts.stream_idle
     limit = timeouts.first_token if tracker is not None else timeouts.per_request
     try:
         with deadline(loop.time() + min(limit, budget)) as timer:
-            upstream = await state.session.request(
-                ex.request.method, url, data=body, headers=headers, timeout=_NO_CLIENT_TIMEOUT,
-                allow_redirects=False,
-            )  # fmt: skip
+            upstream = await state.client.request(ex.request.method, url, headers, body)
             ttfb = time.perf_counter() - sent
             state.metrics.upstream_ttfb(key.provider).observe(ttfb)
             status = upstream.status
@@ -241,7 +236,7 @@ def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> R
     return res
 
 
-async def _hold(upstream: aiohttp.ClientResponse, tracker: StreamTracker) -> Result:
+async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
     """Read a 2xx stream until its first content event (within the caller's timer).
 
     Before it, an in-band error fails over like the same HTTP error, and a stream that
@@ -302,7 +297,7 @@ def _caller_auth(auth: str) -> str:
     return "bearer" if auth == "none" else auth
 
 
-async def _read_body_of(upstream: aiohttp.ClientResponse, limit: int) -> tuple[bytes, bool]:
+async def _read_body_of(upstream: UpstreamResponse, limit: int) -> tuple[bytes, bool]:
     """An upstream body up to about `limit` decoded bytes, and whether that was all of it.
 
     aiohttp decompresses in bounded chunks, so a compressed answer never unpacks past

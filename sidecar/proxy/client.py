@@ -1,0 +1,250 @@
+"""The upstream HTTP/1.1 client of the request path (docs/reference.md#upstream-connections).
+
+aiohttp's `ClientSession` builds a request object per call, merges default headers twice,
+runs cookie, tracing, redirect and proxy machinery and a generic connector: about half of
+what a bare aiohttp pass-through spends on a request. An attempt needs none of it: its URL,
+headers and whole body are in hand, it never follows a redirect and keeps no cookie.
+
+This client keeps idle keep-alive connections per origin (scheme, host, port), writes each
+request in one piece, and reads the answer with aiohttp's own protocol and C parser
+(`ResponseHandler`): the answer's `content` is the same `StreamReader`, its failures the
+same `aiohttp.ClientError`s (`ClientPayloadError`, `ServerDisconnectedError`, ...), and
+bodies are decompressed the same way, in bounded chunks.
+
+A connection goes back to its origin's pool only when its answer was read to the end and
+neither side asked to close; an answer released early, cancelled or broken closes its
+connection. A connection is only ever reused for the origin it was opened to.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+import time
+from collections import deque
+from typing import Final
+
+import aiohttp
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http_exceptions import HttpProcessingError
+from aiohttp.streams import StreamReader
+from multidict import CIMultiDict, CIMultiDictProxy
+from yarl import URL
+
+#: Headers the request always carries unless given (what aiohttp's client adds).
+_DEFAULTS: Final = (*ClientRequest.DEFAULT_HEADERS.items(), ("User-Agent", SERVER_SOFTWARE))
+_DEFAULT_NAMES: Final = tuple(name.lower() for name, _ in _DEFAULTS)
+#: Idle connections kept per origin; more are closed when released (a burst of streams
+#: must not leave a thousand sockets and their buffers behind).
+IDLE_PER_ORIGIN: Final = 128
+#: How many bytes of an answer are read from the socket before the reader waits.
+_READ_BUFSIZE: Final = 1 << 16
+_MAX_LINE: Final = 8190
+
+Origin = tuple[str, str, int]  # scheme, host, port
+
+
+class UpstreamResponse:
+    """An upstream's answer: `status`, `headers`, and `content` to read its body from."""
+
+    __slots__ = ("_client", "_done", "_origin", "_protocol", "content", "headers", "status")
+
+    def __init__(
+        self,
+        client: UpstreamClient,
+        origin: Origin,
+        protocol: ResponseHandler,
+        status: int,
+        headers: CIMultiDictProxy[str],
+        content: StreamReader,
+    ) -> None:
+        self._client = client
+        self._origin = origin
+        self._protocol: ResponseHandler | None = protocol
+        self.status = status
+        self.headers = headers
+        self.content = content
+        self._done = False
+
+    def _at_eof(self) -> None:
+        """The whole body arrived: the connection can serve the next request."""
+        self.release()
+
+    def release(self) -> None:
+        """Done with the answer: its connection is kept if the body was read to the end and
+        the connection may stay open, else closed."""
+        protocol = self._protocol
+        if protocol is None:
+            return
+        self._protocol = None
+        if self.content.is_eof() and not protocol.should_close:
+            self._client._keep(self._origin, protocol)
+        else:
+            protocol.close()
+
+    def close(self) -> None:
+        """Close the connection now, whatever is left of the answer (it is not wanted)."""
+        protocol = self._protocol
+        self._protocol = None
+        if protocol is not None:
+            protocol.close()
+
+
+class UpstreamClient:
+    """Keep-alive connections per origin; `request` sends one request and returns its answer
+    once the status line and headers are in."""
+
+    def __init__(
+        self, *, keepalive: float = 30.0, ssl_context: ssl.SSLContext | None = None
+    ) -> None:
+        self._keepalive = keepalive
+        self._ssl = ssl_context
+        self._idle: dict[Origin, deque[tuple[ResponseHandler, float]]] = {}
+        self._sweeper: asyncio.TimerHandle | None = None
+        self._closed = False
+
+    async def request(
+        self, method: str, url: URL, headers: CIMultiDict[str], body: bytes
+    ) -> UpstreamResponse:
+        """Send `method url` with `headers` and `body`; the answer, its body still to read.
+
+        Raises `aiohttp.ClientError` (the connection failed or broke, or the answer is not
+        HTTP) or `ValueError` (a header carries a line break: nothing is sent)."""
+        if self._closed:
+            raise aiohttp.ClientConnectionError("the upstream client is closed")
+        head = _request_head(method, url, headers, body)
+        scheme = url.scheme
+        host = url.raw_host or ""
+        origin = (scheme, host, url.port or (443 if scheme == "https" else 80))
+        protocol = self._take(origin)
+        if protocol is None:  # (not `or`: a protocol with nothing queued is falsy)
+            protocol = await self._connect(origin)
+        try:
+            protocol.set_response_params(
+                skip_payload=method == "HEAD", read_bufsize=_READ_BUFSIZE,
+                max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
+            )  # fmt: skip
+            transport = protocol.transport
+            if transport is None:
+                raise aiohttp.ServerDisconnectedError()
+            transport.writelines((head, body)) if body else transport.write(head)
+            while True:
+                try:
+                    message, payload = await protocol.read()
+                except HttpProcessingError as exc:
+                    raise aiohttp.ClientPayloadError(
+                        f"the upstream's answer is not HTTP: {exc.message}"
+                    ) from None
+                if not 100 <= message.code <= 199 or message.code == 101:
+                    break  # an interim answer (100 Continue) is skipped
+        except BaseException:
+            protocol.close()  # half a request or an unread answer: never reused
+            raise
+        answer = UpstreamResponse(self, origin, protocol, message.code, message.headers, payload)
+        if payload.is_eof():  # no body (204, HEAD, Content-Length: 0)
+            answer.release()
+        else:
+            payload.on_eof(answer._at_eof)
+        return answer
+
+    def _take(self, origin: Origin) -> ResponseHandler | None:
+        idle = self._idle.get(origin)
+        if not idle:
+            return None
+        oldest_allowed = time.monotonic() - self._keepalive
+        while idle:
+            protocol, since = idle.pop()  # the most recent: least likely closed by the peer
+            if since >= oldest_allowed and protocol.is_connected() and not protocol.should_close:
+                return protocol
+            protocol.close()
+        return None
+
+    async def _connect(self, origin: Origin) -> ResponseHandler:
+        scheme, host, port = origin
+        loop = asyncio.get_running_loop()
+        tls: ssl.SSLContext | None = None
+        if scheme == "https":
+            tls = self._ssl or _default_tls()
+        try:
+            transport, protocol = await loop.create_connection(
+                lambda: ResponseHandler(loop), host, port, ssl=tls,
+                server_hostname=host.strip("[]") if tls is not None else None,
+            )  # fmt: skip
+        except OSError as exc:  # refused, unreachable, no such host, TLS failure
+            why = exc.strerror or type(exc).__name__
+            raise aiohttp.ClientOSError(exc.errno, f"cannot connect to the upstream: {why}") from None
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return protocol
+
+    def _keep(self, origin: Origin, protocol: ResponseHandler) -> None:
+        idle = self._idle.get(origin)
+        if idle is None:
+            idle = self._idle[origin] = deque()
+        if self._closed or len(idle) >= IDLE_PER_ORIGIN or not protocol.is_connected():
+            protocol.close()
+            return
+        idle.append((protocol, time.monotonic()))
+        if self._sweeper is None:
+            loop = asyncio.get_running_loop()
+            self._sweeper = loop.call_later(self._keepalive, self._sweep)
+
+    def _sweep(self) -> None:
+        """Close connections idle longer than the keep-alive time."""
+        self._sweeper = None
+        oldest_allowed = time.monotonic() - self._keepalive
+        for origin, idle in list(self._idle.items()):
+            while idle and (idle[0][1] < oldest_allowed or not idle[0][0].is_connected()):
+                idle.popleft()[0].close()
+            if not idle:
+                del self._idle[origin]
+        if self._idle:
+            self._sweeper = asyncio.get_running_loop().call_later(self._keepalive, self._sweep)
+
+    def idle_connections(self) -> int:
+        return sum(len(idle) for idle in self._idle.values())
+
+    async def close(self) -> None:
+        self._closed = True
+        if self._sweeper is not None:
+            self._sweeper.cancel()
+            self._sweeper = None
+        for idle in self._idle.values():
+            for protocol, _ in idle:
+                protocol.close()
+        self._idle.clear()
+
+
+def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:
+    """The request line and headers. A line break in any of them would split the request
+    (a header smuggled to the upstream): refused before anything is sent."""
+    host = headers.get("Host")  # a provider's own (config), as aiohttp lets it override
+    lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host or url.host_port_subcomponent}\r\n"]
+    lines.extend(
+        f"{name}: {value}\r\n" for name, value in headers.items() if host is None or name.lower() != "host"
+    )
+    for (name, value), lname in zip(_DEFAULTS, _DEFAULT_NAMES, strict=True):
+        if lname not in headers:
+            lines.append(f"{name}: {value}\r\n")
+    if body or method in ("POST", "PUT", "PATCH"):
+        lines.append(f"Content-Length: {len(body)}\r\n")
+    lines.append("\r\n")
+    text = "".join(lines)
+    breaks = len(lines) + 1  # each line's CRLF, and the one inside the first
+    if text.count("\n") != breaks or text.count("\r") != breaks:
+        raise ValueError("a request header carries a line break")
+    return text.encode("utf-8", "surrogateescape")  # bytes a caller sent go on as they came
+
+
+_TLS: list[ssl.SSLContext] = []
+
+
+def _default_tls() -> ssl.SSLContext:
+    """The system's trusted CAs, certificate and host name checked (made once)."""
+    if not _TLS:
+        _TLS.append(ssl.create_default_context())
+    return _TLS[0]
