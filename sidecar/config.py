@@ -195,6 +195,21 @@ class SharedStateConfig:
 
 
 @dataclass(frozen=True, slots=True)
+class TracingConfig:
+    """`tracing:`: OTLP/HTTP trace export (docs/reference.md#traces); absent, nothing is traced."""
+
+    #: the collector's OTLP/HTTP traces URL; one given without a path gets `/v1/traces`
+    endpoint: str
+    service_name: str = "ai-gateway-sidecar"
+    #: share of new traces kept; a caller's `traceparent` decides for its own trace
+    sample_ratio: float = 1.0
+    #: sent with every export (a collector's token may be one): never shown
+    headers: tuple[tuple[str, Secret], ...] = field(default=(), repr=False)
+    #: bounds each export request (the SDK retries within it)
+    timeout: float = 10.0
+
+
+@dataclass(frozen=True, slots=True)
 class PriceConfig:
     input: float
     output: float
@@ -228,6 +243,7 @@ class Config:
     #: `fallbacks:` (model name or glob → fallback models), in config order
     fallbacks: tuple[tuple[str, tuple[str, ...]], ...] = ()
     shared_state: SharedStateConfig | None = None
+    tracing: TracingConfig | None = None
 
     @property
     def base_dir(self) -> Path:
@@ -401,7 +417,7 @@ _TOP_KEYS: Final = {
     "listen", "admin_listen", "vault", "shutdown_grace", "passthrough",
     "only_allow_configured_providers", "only_allow_configured_models", "limits",
     "timeouts", "failover", "providers", "managed", "ledger", "prices", "log",
-    "reload_interval", "fallbacks", "shared_state",
+    "reload_interval", "fallbacks", "shared_state", "tracing",
 }  # fmt: skip
 #: Fallback models per entry of `fallbacks:` (a request's `models` array has its own cap).
 MAX_FALLBACKS: Final = 16
@@ -550,7 +566,8 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     )
     if not fmt and "format" not in raw:
         r.fail(
-            f"{path}.format", "expected one of: openai, anthropic, gemini (required for a custom provider)"
+            f"{path}.format",
+            "expected one of: openai, anthropic, gemini (required for a custom provider)",
         )
     auth: str = r.get(
         raw, "auth", f"{path}.auth", _choice(AUTHS), str(builtin.auth if builtin else "bearer")
@@ -589,7 +606,9 @@ def _ledger_url(v: object) -> str:
 
 def _redis_url(v: object) -> str:
     if not isinstance(v, str) or parse_ledger_url(v)[0] != "redis":
-        shown = f"a {v.partition('://')[0]}:// URL" if isinstance(v, str) and "://" in v else "no URL"
+        shown = (
+            f"a {v.partition('://')[0]}:// URL" if isinstance(v, str) and "://" in v else "no URL"
+        )
         raise ValueError(f"expected redis://[:password@]host:port/db, got {shown}")
     return v
 
@@ -615,6 +634,96 @@ def _shared_state(r: _Reader, data: Mapping[str, Any]) -> SharedStateConfig | No
     return SharedStateConfig(
         url=url, timeout=r.get(raw, "timeout", "shared_state.timeout", _redis_timeout, 0.5)
     )
+
+
+#: Header names: RFC 9110 tokens.
+_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
+_TRACING_MAX_HEADERS: Final = 32
+_SERVICE_NAME_MAX: Final = 128
+
+
+def _otlp_url(v: object) -> str:
+    """An OTLP/HTTP traces URL; without a path, the standard `/v1/traces` is added."""
+    expected = "expected an http(s) URL like http://otel-collector:4318/v1/traces"
+    if not isinstance(v, str) or not v.isascii() or not v.isprintable():
+        raise ValueError(expected)
+    parts = urlsplit(v)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(expected)
+    if "@" in parts.netloc or parts.fragment or "#" in v:
+        raise ValueError(f"{expected}, without user info or fragment (credentials go in headers)")
+    try:
+        parts.port  # noqa: B018 -- raises ValueError for a port that is no number
+    except ValueError:
+        raise ValueError(f"{expected}, with a numeric port") from None
+    if parts.path in ("", "/") and not parts.query:
+        return v.rstrip("/") + "/v1/traces"
+    return v
+
+
+def _service_name(v: object) -> str:
+    if not isinstance(v, str) or not v or len(v) > _SERVICE_NAME_MAX or not v.isprintable():
+        raise ValueError(f"expected a printable name of 1 to {_SERVICE_NAME_MAX} characters")
+    return v
+
+
+def _ratio(v: object) -> float:
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= 1:
+        raise ValueError("expected a number from 0 to 1")
+    return float(v)
+
+
+def _export_timeout(v: object) -> float:
+    seconds = parse_duration(v)
+    if not 0.1 <= seconds <= 60:
+        raise ValueError("expected a duration from 100ms to 60s")
+    return seconds
+
+
+def _tracing_headers(r: _Reader, raw: object) -> tuple[tuple[str, Secret], ...]:
+    """Literal header values only: their text is never echoed in a problem."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, Mapping) or len(raw) > _TRACING_MAX_HEADERS:
+        r.fail("tracing.headers", f"expected a mapping of at most {_TRACING_MAX_HEADERS} "
+               "header names to strings")  # fmt: skip
+        return ()
+    out: list[tuple[str, Secret]] = []
+    for name, value in raw.items():
+        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+            r.fail("tracing.headers", "expected header names of letters, digits and -")
+            continue
+        path = f"tracing.headers.{name}"
+        if not isinstance(value, str) or not value:
+            r.fail(path, "expected a non-empty string")
+        elif "${" in value:
+            r.fail(path, "vault references are not read here: put the header in the "
+                   "OTEL_EXPORTER_OTLP_TRACES_HEADERS environment variable (from a Secret)")  # fmt: skip
+        elif not value.isascii() or not value.isprintable():
+            r.fail(path, "expected printable ASCII (no line breaks)")
+        else:
+            out.append((name.lower(), Secret(value)))
+    return tuple(out)
+
+
+def _tracing(r: _Reader, data: Mapping[str, Any]) -> TracingConfig | None:
+    if data.get("tracing") is None:
+        return None
+    raw = r.section(data, "tracing", "tracing",
+                    {"endpoint", "service_name", "sample_ratio", "headers", "timeout"})  # fmt: skip
+    if not isinstance(data["tracing"], Mapping):
+        return None
+    endpoint = r.get(raw, "endpoint", "tracing.endpoint", _otlp_url, "")
+    headers = _tracing_headers(r, raw.get("headers"))
+    service = r.get(raw, "service_name", "tracing.service_name", _service_name,
+                    "ai-gateway-sidecar")  # fmt: skip
+    ratio = r.get(raw, "sample_ratio", "tracing.sample_ratio", _ratio, 1.0)
+    timeout = r.get(raw, "timeout", "tracing.timeout", _export_timeout, 10.0)
+    if not endpoint:
+        if "endpoint" not in raw:
+            r.fail("tracing.endpoint", "required (http://otel-collector:4318/v1/traces)")
+        return None
+    return TracingConfig(endpoint, service, ratio, headers, timeout)
 
 
 def parse_config(data: object, path: Path) -> Config:
@@ -791,6 +900,7 @@ def parse_config(data: object, path: Path) -> Config:
         reload_interval=r.get(data, "reload_interval", "reload_interval", _reload_interval, 2.0),
         fallbacks=_fallbacks(r, data.get("fallbacks")),
         shared_state=_shared_state(r, data),
+        tracing=_tracing(r, data),
     )
     if r.problems:
         raise ConfigError(r.problems, str(path))

@@ -140,6 +140,10 @@ class Reloader:
             if runtime.config.shared_state != (shared.config if shared else None):
                 self.state.oplog.warning("shared_state_change_needs_restart",
                                          keeping="on" if shared else "off")  # fmt: skip
+            tracing = self.state.tracing
+            if runtime.config.tracing != (tracing.config if tracing else None):
+                self.state.oplog.warning("tracing_change_needs_restart",
+                                         keeping="on" if tracing else "off")  # fmt: skip
             self.state.oplog.set_level(runtime.config.log.level)
             self.state.access_log.enabled = runtime.config.log.access_log
             self.state.metrics.reload_ok()

@@ -37,6 +37,7 @@ from sidecar.quota import QuotaBook
 from sidecar.reload import Reloader, load_with_signature
 from sidecar.runtime import KeyRef
 from sidecar.state import STATE, State
+from sidecar.tracing import Tracing
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
 INFLIGHT: web.AppKey[InFlight] = web.AppKey("sidecar_inflight", InFlight)
@@ -84,6 +85,7 @@ def build_state(
         quota=QuotaBook(),
         admission=Admission(metrics, shared),
         shared=shared,
+        tracing=Tracing.from_config(cfg, oplog),
     )
     metrics.watch_cooling(
         lambda: (ls for group in state.runtime.key_labels.values() for ls in group),
@@ -245,6 +247,8 @@ class Running:
             lost = state.billing.unwritten()
             state.oplog.error("shutdown_incomplete", budget_s=round(budget, 3),
                               unwritten_micro_usd=sum(lost.values()), by_access_key=lost)  # fmt: skip
+        if state.tracing is not None:  # queued spans go out within what is left
+            await state.tracing.close(max(0.1, deadline + 1.0 - loop.time()))
         await self.admin_runner.cleanup()
         state.oplog.info("stopped")
 

@@ -18,6 +18,7 @@ if TYPE_CHECKING:
     from sidecar.proxy.client import UpstreamClient
     from sidecar.quota import QuotaBook
     from sidecar.shared.replicas import SharedState
+    from sidecar.tracing import Tracing
 
 
 @dataclass(slots=True)
@@ -33,6 +34,7 @@ class State:
     quota: QuotaBook  # the providers' remaining-quota headers, per key and model
     admission: Admission  # per-access-key rate limits
     shared: SharedState | None = None  # `shared_state:` configured
+    tracing: Tracing | None = None  # `tracing:` configured
     client: UpstreamClient = field(init=False)  # the request path's upstream connections
     draining: bool = False
     ready: bool = False

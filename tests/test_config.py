@@ -790,7 +790,10 @@ def test_shared_state_is_optional_and_takes_a_redis_url_and_a_bounded_timeout() 
     assert parse("log: {level: info}").shared_state is None
     cfg = parse('shared_state: {url: "redis://:hunter2@redis.infra:6379/2", timeout: 250ms}')
     assert cfg.shared_state is not None
-    assert (cfg.shared_state.url, cfg.shared_state.timeout) == ("redis://:hunter2@redis.infra:6379/2", 0.25)
+    assert (cfg.shared_state.url, cfg.shared_state.timeout) == (
+        "redis://:hunter2@redis.infra:6379/2",
+        0.25,
+    )
     assert "hunter2" not in repr(cfg.shared_state)
     assert parse('shared_state: {url: "redis://h:6379/0"}').shared_state.timeout == 0.5  # type: ignore[union-attr]
 
@@ -808,6 +811,112 @@ def test_shared_state_is_optional_and_takes_a_redis_url_and_a_bounded_timeout() 
     ],
 )
 def test_shared_state_problems_name_their_key_and_never_a_password(body: str, problem: str) -> None:
+    found = problems(body)
+    assert any(p.startswith(problem) for p in found), found
+    assert not any("hunter2" in p for p in found)
+
+
+# --------------------------------------------------------------------------- tracing
+
+
+def test_tracing_is_off_unless_configured() -> None:
+    assert parse("log: {level: info}").tracing is None
+    assert parse("tracing:").tracing is None
+
+
+def test_tracing_takes_endpoint_service_ratio_headers_and_timeout() -> None:
+    cfg = parse(
+        """
+        tracing:
+          endpoint: http://otel-collector:4318/v1/traces
+          service_name: checkout-sidecar
+          sample_ratio: 0.25
+          timeout: 2s
+          headers: {Authorization: "Bearer hunter2", X-Scope-OrgID: team-a}
+        """
+    )
+    t = cfg.tracing
+    assert t is not None
+    assert (t.endpoint, t.service_name, t.sample_ratio, t.timeout) == (
+        "http://otel-collector:4318/v1/traces", "checkout-sidecar", 0.25, 2.0)  # fmt: skip
+    assert t.headers == (
+        ("authorization", Secret("Bearer hunter2")),
+        ("x-scope-orgid", Secret("team-a")),
+    )
+    assert "hunter2" not in repr(t)
+    assert "hunter2" not in repr(cfg)
+
+
+def test_tracing_defaults_and_the_standard_path_for_a_bare_collector_url() -> None:
+    t = parse("tracing: {endpoint: 'https://collector.infra:4318'}").tracing
+    assert t is not None
+    assert t.endpoint == "https://collector.infra:4318/v1/traces"
+    assert (t.service_name, t.sample_ratio, t.headers, t.timeout) == (
+        "ai-gateway-sidecar", 1.0, (), 10.0)  # fmt: skip
+    slash = parse("tracing: {endpoint: 'http://c:4318/'}").tracing
+    assert slash is not None
+    assert slash.endpoint == "http://c:4318/v1/traces"
+    custom = parse("tracing: {endpoint: 'http://c:4318/otlp/v1/traces', sample_ratio: 0}").tracing
+    assert custom is not None
+    assert (custom.endpoint, custom.sample_ratio) == ("http://c:4318/otlp/v1/traces", 0.0)
+
+
+@pytest.mark.parametrize(
+    ("body", "problem"),
+    [
+        ("tracing: {}", "tracing.endpoint: required"),
+        ("tracing: http://c:4318", "tracing: expected a mapping"),
+        ("tracing: {endpoint: 'grpc://c:4317'}", "tracing.endpoint: expected an http(s) URL"),
+        (
+            "tracing: {endpoint: 'http://u:hunter2@c:4318'}",
+            "tracing.endpoint: expected an http(s) URL",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:port/v1/traces'}",
+            "tracing.endpoint: expected an http(s) URL",
+        ),
+        ("tracing: {endpoint: 4318}", "tracing.endpoint: expected an http(s) URL"),
+        (
+            "tracing: {endpoint: 'http://c:4318', sample_ratio: 1.5}",
+            "tracing.sample_ratio: expected a number from 0 to 1",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', sample_ratio: true}",
+            "tracing.sample_ratio: expected",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', service_name: ''}",
+            "tracing.service_name: expected",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', timeout: 0s}",
+            "tracing.timeout: expected a duration from 100ms to 60s",
+        ),
+        ("tracing: {endpoint: 'http://c:4318', timeout: 2m}", "tracing.timeout: expected"),
+        (
+            "tracing: {endpoint: 'http://c:4318', headers: [a]}",
+            "tracing.headers: expected a mapping",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', headers: {'bad name': x}}",
+            "tracing.headers: expected header names",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', headers: {a: 3}}",
+            "tracing.headers.a: expected a non-empty string",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', headers: {a: \"x\\nhunter2\"}}",
+            "tracing.headers.a: expected printable ASCII",
+        ),
+        (
+            "tracing: {endpoint: 'http://c:4318', headers: {a: \"${secrets.get('o', 'hunter2')}\"}}",
+            "tracing.headers.a: vault references are not read here",
+        ),
+        ("tracing: {endpoint: 'http://c:4318', exporter: grpc}", "tracing.exporter: unknown key"),
+    ],
+)
+def test_tracing_problems_name_their_key_and_never_a_header_value(body: str, problem: str) -> None:
     found = problems(body)
     assert any(p.startswith(problem) for p in found), found
     assert not any("hunter2" in p for p in found)

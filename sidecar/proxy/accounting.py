@@ -39,6 +39,8 @@ def account(state: State, ex: Exchange) -> None:
             # that left mid-answer may have been paid for upstream: its estimate stands.
             used = 0
         state.admission.settle(ex.ticket, used)
+    if ex.trace is not None:
+        _end_trace(ex, usage)
     if state.access_log.enabled:
         if ex.charges and usage is not None:
             usage = Usage(
@@ -76,3 +78,16 @@ def _logged_path(ex: Exchange) -> str:
         return request.path
     tokens = (ex.token.reveal(),) if ex.token else ()
     return f"{request.path}?{inbound.redact_query(query, tokens)}"
+
+
+def _end_trace(ex: Exchange, usage: Usage | None) -> None:
+    """The request's server span: what it came to, all its attempts' tokens counted."""
+    assert ex.trace is not None
+    c = ex.candidate
+    if ex.charges and usage is not None:
+        usage = Usage(usage.input_tokens + sum(u.input_tokens for _, u in ex.charges),
+                      usage.output_tokens + sum(u.output_tokens for _, u in ex.charges))  # fmt: skip
+    ex.trace.end(ex.status, request_model=c.model.requested if c and c.model else None,
+                 response_model=c.upstream_model if c else None, usage=usage,
+                 access_key=ex.access.name if ex.access else None,
+                 error="client_closed" if ex.status == CLIENT_CLOSED else None)  # fmt: skip

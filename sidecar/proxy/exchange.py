@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import time
 from dataclasses import dataclass, field
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
 
@@ -15,6 +15,9 @@ from sidecar.plan import Candidate
 from sidecar.runtime import AccessKey, Runtime
 from sidecar.secret import Secret
 from sidecar.usage import Usage
+
+if TYPE_CHECKING:
+    from sidecar.tracing import RequestTrace
 
 #: Status recorded (metrics, access log) when the caller disconnects first, as nginx does.
 CLIENT_CLOSED: Final = 499
@@ -45,6 +48,7 @@ class Exchange:
     resumed: bool = False  # a broken stream was continued from another candidate
     translated: str | None = None  # `caller->upstream` when the attempt was translated
     ticket: Ticket | None = None  # the access key's rate-limit count, settled when done
+    trace: RequestTrace | None = None  # `tracing:` on: this request's server span
 
     @property
     def transport(self) -> asyncio.Transport | None:

@@ -168,6 +168,10 @@ class Proxy:
         self, request: web.Request, fmt: str, explicit: str | None
     ) -> web.StreamResponse:
         ex = self._exchange(request, fmt, self.state.runtime)
+        tracing = self.state.tracing
+        if tracing is not None:
+            ex.trace = tracing.start_request(fmt, request.method, request.path, request.headers,
+                                             ex.request_id)  # fmt: skip
         self.inflight.enter(ex)
         try:
             try:
@@ -470,8 +474,16 @@ class Proxy:
         ex.translated = out.translation.label if out.translation else None
         metrics.key_selections(*key.labels).inc()
         url, headers = upstream.target(cand, prep, out)
+        span = None
+        if ex.trace is not None:
+            span = ex.trace.attempt(step.number, cand.provider.id, cand.upstream_model,
+                                    key.source.value, key.key_id, translated=ex.translated)  # fmt: skip
+            if span is not None:
+                span.inject(headers)
         res = await upstream.attempt(self.state, ex, cand, url, headers, out.body,
                                      max(0.001, step.budget), tracker)  # fmt: skip
+        if span is not None:
+            span.end(res.status, res.outcome.value)
         metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
         return res
 
@@ -500,6 +512,9 @@ class Proxy:
         if report.model_level and not verdict.final:
             self.state.oplog.info("next_model", request_id=ex.request_id, provider=key.provider,
                                   model=model, status=report.status)  # fmt: skip
+        if verdict.cooled_until is not None and ex.trace is not None:
+            ex.trace.event("key_cooling", provider=key.provider, key_source=key.source.value,
+                           key_id=key.key_id, model=model, outcome=report.outcome.value)  # fmt: skip
         if verdict.cooled_until is not None:
             self.state.oplog.info("key_cooling", provider=key.provider, source=key.source.value,
                                   key_id=key.key_id, model=model,
@@ -557,6 +572,8 @@ class Proxy:
                     await relay.end(ex, resp)
                     return resp  # metered as broken: its usage report may be what was lost
                 relay.interrupted(state, ex, brk.cause)
+                if ex.trace is not None:
+                    ex.trace.event("stream_broken", provider=ex.provider, cause=brk.cause)
                 outcome = _BREAK_OUTCOME.get(brk.cause, Outcome.SERVER_ERROR)
                 err = tracker.error
                 if err is not None and err.status not in ex.runtime.config.failover.on_status:
@@ -661,6 +678,9 @@ class Proxy:
             if res.tracker is not None:
                 ex.body_size = len(raw)  # what a broken continuation's input is estimated from
                 state.metrics.stream_resumptions.labels(provider, "ok").inc()
+                if ex.trace is not None:
+                    ex.trace.event("stream_resumed", provider=cand.provider.id,
+                                   key_id=cand.key.key_id, model=model)  # fmt: skip
                 state.oplog.info("stream_resumed", request_id=ex.request_id, provider=cand.provider.id,
                                  key_id=cand.key.key_id, model=model)  # fmt: skip
                 return res
