@@ -92,15 +92,18 @@ class Schedule:
 
 
 class _LoopDeadlines:
-    """A `Schedule` driven by one timer of its event loop."""
+    """A `Schedule` driven by one timer of its event loop.
 
-    __slots__ = ("__weakref__", "_armed", "_handle", "_loop", "schedule")
+    It keeps no handle of that timer: a timer superseded by an earlier one is left to fire
+    and is ignored then, so nothing here refers to the loop but weakly (the loop's timer
+    refers to this), and a closed loop is not kept alive."""
+
+    __slots__ = ("__weakref__", "_armed", "_loop", "schedule")
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
-        self._loop = loop
+        self._loop = weakref.ref(loop)
         self.schedule = Schedule()
         self._armed: float | None = None
-        self._handle: asyncio.TimerHandle | None = None
 
     def add(self, when: float, action: Callable[[], None]) -> Entry:
         entry = self.schedule.add(when, action)
@@ -109,16 +112,20 @@ class _LoopDeadlines:
         return entry
 
     def _arm(self, when: float) -> None:
-        if self._handle is not None:
-            self._handle.cancel()
-        self._armed = when
-        self._handle = self._loop.call_at(when, self._fire)
+        loop = self._loop()
+        if loop is not None:
+            self._armed = when
+            loop.call_at(when, self._fire, when)
 
-    def _fire(self) -> None:
-        armed = self._armed if self._armed is not None else 0.0
-        self._handle = self._armed = None
+    def _fire(self, when: float) -> None:
+        if when != self._armed:
+            return  # superseded by an earlier timer, which has run or will
+        self._armed = None
+        loop = self._loop()
+        if loop is None:
+            return
         # A loop may run a timer a hair before its time: the armed time counts as reached.
-        for action in self.schedule.due(max(self._loop.time(), armed)):
+        for action in self.schedule.due(max(loop.time(), when)):
             action()
         nxt = self.schedule.earliest()
         if nxt is not None:
@@ -128,13 +135,21 @@ class _LoopDeadlines:
 _LOOPS: weakref.WeakKeyDictionary[asyncio.AbstractEventLoop, _LoopDeadlines] = (
     weakref.WeakKeyDictionary()
 )
+#: The last loop asked for and its schedule: a server runs on one loop, so this is the answer
+#: nearly every time, without a weak-dictionary lookup. Held weakly, like `_LOOPS`.
+_last: tuple[weakref.ref[asyncio.AbstractEventLoop], _LoopDeadlines] | None = None
 
 
 def _for_running_loop() -> _LoopDeadlines:
+    global _last
     loop = asyncio.get_running_loop()
+    last = _last
+    if last is not None and last[0]() is loop:
+        return last[1]
     owner = _LOOPS.get(loop)
     if owner is None:
         owner = _LOOPS[loop] = _LoopDeadlines(loop)
+    _last = (weakref.ref(loop), owner)
     return owner
 
 

@@ -132,11 +132,12 @@ class _FastCounter(Collector):
         registry.register(self)
 
     def __call__(self, *labels: str) -> _CounterChild:
-        child = self._children.get(labels)
-        if child is None:
+        try:
+            return self._children[labels]
+        except KeyError:
             self._values.setdefault(labels, 0.0)
             child = self._children[labels] = _CounterChild(self._values, labels)
-        return child
+            return child
 
     def collect(self) -> Iterator[CounterMetricFamily]:
         family = CounterMetricFamily(self._name, self._doc, labels=self._labels)
@@ -166,11 +167,12 @@ class _FastHistogram(Collector):
         registry.register(self)
 
     def __call__(self, *labels: str) -> _HistogramChild:
-        child = self._children.get(labels)
-        if child is None:
+        try:
+            return self._children[labels]
+        except KeyError:
             counts, total = self._series.setdefault(labels, ([0] * (len(self._bounds) + 1), [0.0]))
             child = self._children[labels] = _HistogramChild(self._bounds, counts, total)
-        return child
+            return child
 
     def collect(self) -> Iterator[HistogramMetricFamily]:
         family = HistogramMetricFamily(self._name, self._doc, labels=self._labels)

@@ -164,3 +164,21 @@ def test_a_deadline_outside_a_task_is_refused() -> None:
     with pytest.raises(RuntimeError):
         coro.send(None)
     coro.close()
+
+
+def test_a_finished_loop_is_not_kept_alive_by_its_schedule() -> None:
+    import gc
+    import weakref
+
+    loop = asyncio.new_event_loop()
+
+    async def use() -> None:
+        with deadline(asyncio.get_running_loop().time() + 30):
+            await asyncio.sleep(0)
+
+    loop.run_until_complete(use())
+    loop.close()
+    gone = weakref.ref(loop)
+    del loop
+    gc.collect()
+    assert gone() is None

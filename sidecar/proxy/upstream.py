@@ -280,16 +280,19 @@ def _broken_before_content(tracker: StreamTracker) -> Result:
 def _forward_headers(incoming: CIMultiDictProxy[str], token: str) -> CIMultiDict[str]:
     """End-to-end request headers; never a credential, nor any header carrying the caller's token."""
     out: CIMultiDict[str] = CIMultiDict()
+    add = out.add
     connection = incoming.get("connection")
     # Headers named in `Connection` are hop-by-hop too (RFC 9110 §7.6.1).
-    named = {t.strip().lower() for t in connection.split(",")} if connection else ()
+    drop = (
+        _DROP_REQUEST | {t.strip().lower() for t in connection.split(",")}
+        if connection
+        else _DROP_REQUEST
+    )
     for name, value in incoming.items():
         lname = name.lower()
-        if lname in _DROP_REQUEST or lname in named or lname.startswith("x-sidecar-"):
+        if lname in drop or lname.startswith("x-sidecar-") or (token and token in value):
             continue
-        if token and token in value:
-            continue
-        out.add(name, value)
+        add(name, value)
     return out
 
 
