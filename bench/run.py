@@ -16,6 +16,9 @@ what saturates. Each server runs in its own process:
   With `--limits` the bench's access key has `rpm` and `tpm` limits far above
   what it sends, so every request is counted (on Redis with `--shared-state`,
   in the sidecar otherwise) and none is refused.
+- **tracing** (only with `--tracing`): the sidecars export OpenTelemetry traces
+  (`tracing:`, `sample_ratio: 1.0`) over OTLP/HTTP to the mock's `POST /v1/traces`,
+  a sink that counts and discards them (its CPU is in the `mock` column).
 
 For a non-streaming (`json`) and a streaming (`stream`) OpenAI chat completion
 of gpt-4o-mini — and, with `--mode xjson,xstream` or `all`, the same requests
@@ -41,7 +44,8 @@ they were hung up on.
 Exit status is non-zero only when wrk is missing, a server does not start or
 dies, a smoke request fails, or a run answers more than 1% of its requests
 with an error (with `--shared-state`: also when redis-server is missing or a
-sidecar does not link to it) — never because of a ratio, a latency or a memory
+sidecar does not link to it; with `--tracing`: when a sidecar exports nothing
+after the smoke requests) — never because of a ratio, a latency or a memory
 size (the issue's goals are printed beside the numbers). How to read the
 output: bench/README.md.
 """
@@ -111,6 +115,7 @@ _NAN: Final = float("nan")
 #: `--limits`: the access key's rpm and tpm, never reached (the largest a vault accepts)
 BENCH_RATE_LIMIT: Final = 1_000_000_000
 _REDIS_TIMEOUT: Final = "500ms"  # shared_state.timeout
+_TRACE_RATIO: Final = 1.0  # `--tracing`: tracing.sample_ratio, every request's spans exported
 _SHARED_STATE_UP: Final = re.compile(rb"^sidecar_shared_state_up(?:\{[^}]*\})? 1(?:\.0)?$", re.M)
 
 
@@ -271,6 +276,7 @@ class Target:
     admin_url: str | None = None
     translates: bool = False  # a sidecar: x-modes send it the Anthropic model
     redis: Server | None = None  # a sidecar with shared_state: its Redis, whose CPU it costs
+    traces_url: str | None = None  # a sidecar with tracing: the sink's counts (`/_mock/traces`)
 
 
 def is_stream(mode: str) -> bool:
@@ -455,16 +461,20 @@ def _sidecar_providers(modes: Sequence[str]) -> tuple[str, ...]:
 
 def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool,
                     providers: Sequence[str] = ("openai",),
-                    shared_state: str | None = None) -> str:  # fmt: skip
+                    shared_state: str | None = None,
+                    tracing: str | None = None) -> str:  # fmt: skip
     """Defaults everywhere (metrics, metering, access log on) but the ports and one key per
-    provider, each on the mock; `shared_state` (a redis:// URL): that section, set."""
+    provider, each on the mock; `shared_state` (a redis:// URL): that section, set;
+    `tracing` (an OTLP/HTTP traces URL): traces exported there, every request sampled."""
     shared = f'shared_state: {{url: "{shared_state}", timeout: {_REDIS_TIMEOUT}}}\n'
+    traced = f'tracing: {{endpoint: "{tracing}", sample_ratio: {_TRACE_RATIO}}}\n'
     return (
         f"listen: 127.0.0.1:{port}\n"
         f"admin_listen: 127.0.0.1:{admin}\n"
         "vault: {path: vault.json, private_key_file: sidecar.key}\n"
         + ("" if access_log else "log: {access_log: false}\n")
         + (shared if shared_state else "")
+        + (traced if tracing else "")
         + "providers:\n"
         + "".join(
             f"  - id: {provider}\n"
@@ -481,26 +491,35 @@ def _sidecar_config(port: int, admin: int, mock_port: int, *, access_log: bool,
 FEATURE_FILES: Final = {
     "--shared-state": Path("sidecar", "shared", "replicas.py"),
     "--limits": Path("sidecar", "ratelimits.py"),
+    "--tracing": Path("sidecar", "tracing.py"),
+}
+#: flag -> what a tree without its feature file predates
+FEATURE_NAMES: Final = {
+    "--shared-state": "shared_state",
+    "--limits": "access-key rate limits",
+    "--tracing": "tracing",
 }
 
 
 def check_tree(tree: Tree, modes: Sequence[str], *, shared_state: bool = False,
-               limits: bool = False) -> None:  # fmt: skip
+               limits: bool = False, tracing: bool = False) -> None:  # fmt: skip
     """Refuse what an older tree cannot do: x-modes need a sidecar that translates
     (sidecar/translate/), `--shared-state` one with shared_state (sidecar/shared/replicas.py),
-    `--limits` one with access-key rate limits (sidecar/ratelimits.py)."""
+    `--limits` one with access-key rate limits (sidecar/ratelimits.py), `--tracing` one that
+    exports traces (sidecar/tracing.py)."""
     asked = [m for m in modes if m in TRANSLATED]
     if asked and not (tree.path / "sidecar" / "translate" / "__init__.py").is_file():
         raise BenchError(f"--mode {','.join(asked)} needs a sidecar that translates formats; "
                          f"{tree.path} has no sidecar/translate/: measure it with "
                          "--mode json,stream (or both)")  # fmt: skip
-    flags = [f for f, on in (("--shared-state", shared_state), ("--limits", limits)) if on]
-    missing = [f for f in flags if not (tree.path / FEATURE_FILES[f]).is_file()]
+    asked_flags = (("--shared-state", shared_state), ("--limits", limits), ("--tracing", tracing))
+    missing = [f for f, on in asked_flags if on and not (tree.path / FEATURE_FILES[f]).is_file()]
     if missing:
         files = ", ".join(str(FEATURE_FILES[f]) for f in missing)
-        raise BenchError(f"{' and '.join(missing)}: {tree.path} predates shared_state and "
-                         f"access-key rate limits (no {files}): measure it without "
-                         f"{' and '.join(missing)}")  # fmt: skip
+        flags = " and ".join(missing)
+        raise BenchError(f"{flags}: {tree.path} predates "
+                         f"{' and '.join(FEATURE_NAMES[f] for f in missing)} (no {files}): "
+                         f"measure it without {flags}")  # fmt: skip
 
 
 def start_redis(fleet: Fleet, cores: Cores, workdir: Path) -> Server:
@@ -534,14 +553,45 @@ def _wait_shared_state_up(target: Target) -> None:
                      f"{_START_TIMEOUT:.0f} s:\n{target.proxy.tail() if target.proxy else ''}")  # fmt: skip
 
 
+def trace_counts(target: Target) -> dict[str, int] | None:
+    """What the mock's trace sink received from the sidecar `target` so far (requests, bytes,
+    too_large); None when it is not traced or the mock did not answer."""
+    if target.traces_url is None:
+        return None
+    try:
+        status, text = _http(target.traces_url)
+        counts = json.loads(text)["sources"].get(target.name) if status == 200 else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    zero = {"requests": 0, "bytes": 0, "too_large": 0}
+    return {**zero, **counts} if isinstance(counts, dict) else zero
+
+
+def wait_traces_exported(targets: dict[str, Target]) -> None:
+    """After the smoke requests, each traced sidecar must export to the sink (its batches
+    leave every second), so that no run measures a sidecar whose exports fail."""
+    for target in targets.values():
+        if target.traces_url is None:
+            continue
+        deadline = time.monotonic() + _START_TIMEOUT
+        while (counts := trace_counts(target)) is None or counts["requests"] < 1:
+            if time.monotonic() > deadline:
+                raise BenchError(f"{target.name}: exported no traces to the mock's /v1/traces "
+                                 f"within {_START_TIMEOUT:.0f} s of its smoke requests:\n"
+                                 f"{target.proxy.tail() if target.proxy else ''}")  # fmt: skip
+            time.sleep(0.1)
+
+
 def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, workdir: Path,
                 modes: Sequence[str] = MODE_SETS["both"], *, shared_state: bool = False,
-                limits: bool = False) -> dict[str, Target]:  # fmt: skip
+                limits: bool = False, tracing: bool = False) -> dict[str, Target]:  # fmt: skip
     """Start the mock and the proxies `names` need (and, first, Redis for `shared_state`);
-    wait until all of them answer."""
+    wait until all of them answer. `tracing`: the sidecars export to the mock's trace sink,
+    each under its own `?source=` (its name)."""
     here = Tree(REPO, sys.executable)  # the yardsticks (mock, pass-through) come from this checkout
     redis = start_redis(fleet, cores, workdir) if shared_state else None
     mock_port = _free_port()
+    mock_url = f"http://127.0.0.1:{mock_port}"
     mock = _spawn(fleet, "mock", [sys.executable, "-m", "sidecar", "mock-provider", "--listen",
                                   f"127.0.0.1:{mock_port}"], tree=here, workdir=workdir,
                   health_url=f"http://127.0.0.1:{mock_port}/_mock/health", prefix=cores.prefix(cores.load))  # fmt: skip
@@ -566,16 +616,19 @@ def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, wo
         port, admin = _free_port(), _free_port()
         access_log = name == "sidecar"
         config = workdir / f"{name}.yaml"
+        sink = f"{mock_url}/v1/traces?source={name}" if tracing else None
         config.write_text(_sidecar_config(port, admin, mock_port, access_log=access_log,
                                           providers=providers,
-                                          shared_state=redis.health_url if redis else None))  # fmt: skip
+                                          shared_state=redis.health_url if redis else None,
+                                          tracing=sink))  # fmt: skip
         log = workdir / f"{name}.access.log" if access_log else None
         proxy = _spawn(fleet, name, [tree.python, "-m", "sidecar", "serve", "--config",
                                      str(config)], tree=tree, workdir=workdir, prefix=cores.prefix(cores.server),
                        health_url=f"http://127.0.0.1:{admin}/readyz", stdout=log)  # fmt: skip
         targets[name] = Target(name, f"http://127.0.0.1:{port}{_PATH}", token, mock, proxy,
                                access_log=log, admin_url=f"http://127.0.0.1:{admin}",
-                               translates=True, redis=redis)  # fmt: skip
+                               translates=True, redis=redis,
+                               traces_url=f"{mock_url}/_mock/traces" if tracing else None)  # fmt: skip
     for server in fleet.servers:
         _wait_ready(server)
     for target in targets.values():
@@ -622,6 +675,7 @@ class Settings:
     modes: tuple[str, ...]
     shared_state: bool = False  # the sidecars' shared_state on a redis-server of the bench's own
     limits: bool = False  # the access key has rpm and tpm (BENCH_RATE_LIMIT, never reached)
+    tracing: bool = False  # the sidecars export traces (every request) to the mock's sink
     rate: int = DEFAULT_RATE  # the fixed-rate run's req/s; 0: no fixed-rate run
     streams: int = memory.DEFAULT_STREAMS  # streams held open to measure memory; 0: none
     quick: bool = False  # shorter calibration and hold (--quick)
@@ -641,10 +695,14 @@ class Settings:
         shared = ("shared_state on (a redis-server of the bench's; its CPU is the `redis` "
                   "column)" if self.shared_state else "shared_state off")  # fmt: skip
         if not self.limits:
-            return f"{shared}; access key without rate limits"
-        where = "on Redis" if self.shared_state else "in the sidecar"
-        return (f"{shared}; access key with rpm {BENCH_RATE_LIMIT} and tpm {BENCH_RATE_LIMIT} "
-                f"(never reached: every request counted {where})")  # fmt: skip
+            limits = "access key without rate limits"
+        else:
+            where = "on Redis" if self.shared_state else "in the sidecar"
+            limits = (f"access key with rpm {BENCH_RATE_LIMIT} and tpm {BENCH_RATE_LIMIT} "
+                      f"(never reached: every request counted {where})")  # fmt: skip
+        tracing = (f"tracing on (OTLP/HTTP to the mock's /v1/traces, sample_ratio "
+                   f"{_TRACE_RATIO}: every request)" if self.tracing else "tracing off")  # fmt: skip
+        return f"{shared}; {limits}; {tracing}"
 
 
 @dataclass(frozen=True, slots=True)
@@ -1032,11 +1090,14 @@ def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: in
             limited = _metric_sum(metrics, "sidecar_rate_limited_total")
         except OSError:
             counted, shared, limited = _NAN, "", _NAN
+        failed = _log_count(t, b"trace_export_failed")
+        traced = trace_line(trace_counts(t), failed) if t.traces_url else ""
         held = f", + {streams} held streams" if streams else ""
         print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke{held}); "
               f"sidecar_requests_total {counted:.0f}"
               + (f", access log {lines} lines" if lines is not None else ", access log off")
-              + shared + (f", sidecar_rate_limited_total {limited:.0f}" if limited else ""))  # fmt: skip
+              + shared + (f", sidecar_rate_limited_total {limited:.0f}" if limited else "")
+              + traced)  # fmt: skip
     redis = next((t.redis for t in targets.values() if t.redis is not None), None)
     if redis is not None:
         print_redis_sanity(redis, sum(completed[n] for n, t in targets.items() if t.redis))
@@ -1045,11 +1106,30 @@ def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: in
 def _link_losses(target: Target) -> int:
     """How often the sidecar fell back to local state (its `shared_state_unavailable` lines):
     while it was off the link, requests were counted locally and Redis did none of their work."""
+    return _log_count(target, b"shared_state_unavailable")
+
+
+def _log_count(target: Target, event: bytes) -> int:
+    """How often `event` occurs in the proxy's log (its stderr file)."""
     if target.proxy is None:
         return 0
     with contextlib.suppress(OSError), target.proxy.stderr.open("rb") as f:
-        return sum(line.count(b"shared_state_unavailable") for line in f)
+        return sum(line.count(event) for line in f)
     return 0
+
+
+def trace_line(counts: dict[str, int] | None, failed: int) -> str:
+    """The sanity line's part on tracing: what the sink received from the sidecar over the
+    whole bench, and its `trace_export_failed` log lines."""
+    if counts is None:
+        sink = "trace sink: no answer"
+    elif counts["requests"] == 0:
+        sink = "trace sink got NO OTLP export"
+    else:
+        sink = f"trace sink got {counts['requests']} OTLP exports ({counts['bytes']} bytes)"
+    if counts and counts["too_large"]:
+        sink += f", {counts['too_large']} refused as too large"
+    return f", {sink}, trace_export_failed logged {failed} time(s)"
 
 
 def print_redis_sanity(redis: Server, requests: int) -> None:
@@ -1108,14 +1188,17 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
         settings = dataclasses.replace(settings, streams=streams)
     if tree.path != REPO:
         print(f"# sidecar from {tree.path} ({tree.python}); mock and pass-through from {REPO}")
-    check_tree(tree, settings.modes, shared_state=settings.shared_state, limits=settings.limits)
+    check_tree(tree, settings.modes, shared_state=settings.shared_state, limits=settings.limits,
+               tracing=settings.tracing)  # fmt: skip
     with tempfile.TemporaryDirectory(prefix="sidecar-bench-") as tmp:
         try:
             targets = start_fleet(fleet, settings.targets, tree, cores, Path(tmp), settings.modes,
-                                  shared_state=settings.shared_state, limits=settings.limits)  # fmt: skip
+                                  shared_state=settings.shared_state, limits=settings.limits,
+                                  tracing=settings.tracing)  # fmt: skip
             smoked = smoke_modes(settings.modes)
             for target in targets.values():
                 smoke(target, smoked)
+            wait_traces_exported(targets)
             idle = proxy_rss(targets)
             results = measure(wrk, fleet, targets, settings, cores)
             parts = [time.monotonic()]
@@ -1191,6 +1274,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     p.add_argument("--limits", action="store_true",
                    help=f"give the access key rpm and tpm {BENCH_RATE_LIMIT} (never reached): "
                         "every request is counted, on Redis with --shared-state")  # fmt: skip
+    p.add_argument("--tracing", action="store_true",
+                   help="the sidecars export traces (sample_ratio 1.0) over OTLP/HTTP to a sink "
+                        "in the mock, which counts and discards them")  # fmt: skip
     p.add_argument("--no-pin", dest="pin", action="store_false",
                    help="do not pin processes to cores")  # fmt: skip
     p.add_argument("--rate", type=int, default=DEFAULT_RATE, metavar="N",
@@ -1212,7 +1298,8 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     if a.rate < 0 or a.streams < 0:
         p.error("--rate and --streams must not be negative (0 skips)")
     settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode,
-                        shared_state=a.shared_state, limits=a.limits, rate=a.rate,
+                        shared_state=a.shared_state, limits=a.limits, tracing=a.tracing,
+                        rate=a.rate,
                         streams=a.streams, quick=a.quick)  # fmt: skip
     return settings, a.tree, Cores.choose(a.pin)
 

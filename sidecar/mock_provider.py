@@ -178,8 +178,18 @@ Request bodies are any valid JSON (lone surrogate escapes and integers wider
 than 64 bits included), plain or gzip/deflate-encoded; a body that is not what
 its `Content-Encoding` says gets a 400.
 
-Test hooks: every request outside `/_mock/` is kept in a bounded log (the last
-1000), unknown paths included (they answer 404 `unknown_url`):
+An OTLP/HTTP trace sink, for the benchmark's `--tracing`: `POST /v1/traces`
+reads the body and discards it (spans are not decoded), counts the request and
+its bytes (as sent, compressed or not) under its `?source=` (empty when none;
+at most 1000 sources, later ones are counted under the empty one), and answers
+200 with an empty `application/x-protobuf` body (an empty
+ExportTraceServiceResponse: all accepted); a body over 16 MiB gets a 413,
+counted as `too_large`. `GET /_mock/traces` returns
+`{"sources": {"<source>": {"requests", "bytes", "too_large"}}}`.
+
+Test hooks: every request outside `/_mock/` and `/v1/traces` is kept in a
+bounded log (the last 1000), unknown paths included (they answer 404
+`unknown_url`):
 `GET /_mock/requests` returns `{"requests": [{method, path, raw_path, query,
 headers, body, key, format, auth, model}]}` with header names lower-cased
 (`path` decoded, `raw_path` as sent, query string included; `body` the request
@@ -189,7 +199,8 @@ else any other one sent; `auth` where `key` came from: `authorization`,
 the route's wire format, `openai` (Azure's routes too), `anthropic` or
 `gemini`, null on an unknown path; `model` the body's `model`, or the model or
 deployment of the path on Gemini and Azure deployment routes, else null),
-`DELETE /_mock/requests` clears it (and the `flaky-N`, `flap` and `quota-N` counts),
+`DELETE /_mock/requests` clears it (and the `flaky-N`, `flap` and `quota-N` counts and the
+trace sink's),
 `GET /_mock/health` answers 200.
 """
 
@@ -209,7 +220,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Awaitable, Callable, Iterable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import orjson
@@ -221,6 +232,7 @@ from sidecar.connections import raise_fd_limit
 __all__ = [
     "DEFAULT_LISTEN",
     "Directives",
+    "TraceCounts",
     "create_app",
     "gzip_padded",
     "masked_key",
@@ -231,6 +243,8 @@ __all__ = [
 DEFAULT_LISTEN = "127.0.0.1:8089"
 
 _LOG_SIZE = 1000
+_TRACES_MAX = 16 << 20  # `POST /v1/traces`: a larger body gets a 413
+_TRACES_CHUNK = 1 << 16
 _REPLY = "Hello from the mock provider."
 # Stream pieces concatenate back to _REPLY, as real token deltas do.
 _PIECE_RE = re.compile(r"\s*\S+")
@@ -377,10 +391,20 @@ def parse_directives(text: str) -> Directives:
     return _NONE if found == _NONE else found
 
 
+@dataclass(slots=True)
+class TraceCounts:
+    """What the trace sink received from one `?source=`: exports answered 200, their bytes,
+    and exports refused as too large."""
+
+    requests: int = 0
+    bytes: int = 0
+    too_large: int = 0
+
+
 class _State:
     """The app's request log and id counter."""
 
-    __slots__ = ("_n", "flaky_seen", "log", "quota_seen")
+    __slots__ = ("_n", "flaky_seen", "log", "quota_seen", "traces")
 
     def __init__(self) -> None:
         self.log: deque[dict[str, Any]] = deque(maxlen=_LOG_SIZE)
@@ -388,10 +412,17 @@ class _State:
         self.flaky_seen: dict[str, int] = {}  # `flaky-N`, `flap`: requests seen per key and model
         # `quota-N`: per key and model, when its window started and the requests in it
         self.quota_seen: dict[str, tuple[float, int]] = {}
+        self.traces: dict[str, TraceCounts] = {}  # `POST /v1/traces`, per `?source=`
 
     def next_id(self) -> int:
         self._n += 1
         return self._n
+
+    def trace_counts(self, source: str) -> TraceCounts:
+        """The counts of `source`; a source past the first `_LOG_SIZE` counts under ""."""
+        if source not in self.traces and len(self.traces) >= _LOG_SIZE:
+            source = ""
+        return self.traces.setdefault(source, TraceCounts())
 
 
 _STATE = web.AppKey("mock_provider_state", _State)
@@ -1819,6 +1850,39 @@ async def _unknown_route(request: web.Request) -> web.StreamResponse:
     return _error(_Format.OPENAI, 404, message, code="unknown_url")
 
 
+async def _body_size(request: web.Request, limit: int) -> int | None:
+    """Read the request's body and discard it: its size, or None once it exceeds `limit`."""
+    if (request.content_length or 0) > limit:
+        return None
+    size = 0
+    async for chunk in request.content.iter_chunked(_TRACES_CHUNK):
+        size += len(chunk)
+        if size > limit:
+            return None
+    return size
+
+
+async def _traces(request: web.Request) -> web.StreamResponse:
+    """`POST /v1/traces`, an OTLP/HTTP sink: counted, discarded, answered with an empty
+    (all-accepted) export response."""
+    counts = request.app[_STATE].trace_counts(request.query.get("source", ""))
+    try:
+        size = await _body_size(request, _TRACES_MAX)
+    except RequestPayloadError:
+        return web.Response(status=400, text="bad body\n")
+    if size is None:
+        counts.too_large += 1
+        return web.Response(status=413, text=f"over {_TRACES_MAX} bytes\n")
+    counts.requests += 1
+    counts.bytes += size
+    return web.Response(body=b"", content_type="application/x-protobuf")
+
+
+async def _traces_get(request: web.Request) -> web.StreamResponse:
+    traces = request.app[_STATE].traces
+    return _json({"sources": {k: asdict(v) for k, v in traces.items()}})
+
+
 async def _log_get(request: web.Request) -> web.StreamResponse:
     return _json({"requests": list(request.app[_STATE].log)})
 
@@ -1829,6 +1893,7 @@ async def _log_clear(request: web.Request) -> web.StreamResponse:
     state.log.clear()
     state.flaky_seen.clear()  # `flaky-N` and `flap` counts start again too
     state.quota_seen.clear()  # and `quota-N` windows
+    state.traces.clear()  # and what the trace sink received
     return _json({"cleared": cleared})
 
 
@@ -1876,8 +1941,10 @@ def create_app() -> web.Application:
     app.router.add_post(
         "/openai/v1/responses", _endpoint(azure, _responses, operation="Responses_Create")
     )
+    app.router.add_post("/v1/traces", _traces)
     app.router.add_route("*", "/v1/{tail:.*}", _unknown_route)
     app.router.add_get("/_mock/requests", _log_get, allow_head=False)
+    app.router.add_get("/_mock/traces", _traces_get, allow_head=False)
     app.router.add_delete("/_mock/requests", _log_clear)
     app.router.add_get("/_mock/health", _health)
     app.router.add_route("*", "/{tail:.*}", _unknown_route)  # logged too: where requests went

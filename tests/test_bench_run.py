@@ -1,5 +1,5 @@
 """bench/run.py's pure helpers: --mode parsing, what each target is sent, the sidecar's files
-with --shared-state and --limits, the fixed-rate run's pacing and report (bench/pace.py) and
+with --shared-state, --limits and --tracing, the fixed-rate run's pacing and report (bench/pace.py) and
 the memory report (bench/memory.py); no wrk. One in-process mock holds a few streams open
 through bench/memory.py's raw client."""
 
@@ -115,6 +115,18 @@ def test_the_sidecar_config_sets_shared_state_only_when_asked(tmp_path: Path) ->
     assert parse_config_text(plain, tmp_path / "sidecar.yaml").shared_state is None
 
 
+def test_the_sidecar_config_exports_traces_to_the_sink_only_when_asked(tmp_path: Path) -> None:
+    sink = "http://127.0.0.1:18081/v1/traces?source=sidecar-nolog"
+    text = run._sidecar_config(18080, 19090, 18081, access_log=False, tracing=sink)
+    cfg = parse_config_text(text, tmp_path / "sidecar.yaml")
+    assert cfg.tracing is not None
+    assert (cfg.tracing.endpoint, cfg.tracing.sample_ratio) == (sink, 1.0)
+    assert cfg.shared_state is None
+    plain = run._sidecar_config(18080, 19090, 18081, access_log=False)
+    assert "tracing" not in plain
+    assert parse_config_text(plain, tmp_path / "sidecar.yaml").tracing is None
+
+
 def _tree(root: Path, *files: str) -> run.Tree:
     for name in ("sidecar/__init__.py", "sidecar/translate/__init__.py", *files):
         (root / name).parent.mkdir(parents=True, exist_ok=True)
@@ -128,6 +140,7 @@ def _tree(root: Path, *files: str) -> run.Tree:
         ({"shared_state": True}, "--shared-state:"),
         ({"limits": True}, "--limits:"),
         ({"shared_state": True, "limits": True}, "--shared-state and --limits:"),
+        ({"tracing": True}, "--tracing: .* predates tracing \\(no sidecar/tracing.py\\)"),
     ],
 )
 def test_a_tree_from_before_shared_state_is_refused_these_flags(
@@ -141,9 +154,70 @@ def test_a_tree_from_before_shared_state_is_refused_these_flags(
 
 
 def test_a_tree_with_the_feature_files_is_measured_with_them(tmp_path: Path) -> None:
-    new = _tree(tmp_path, "sidecar/shared/replicas.py", "sidecar/ratelimits.py")
-    run.check_tree(new, ("json", "xstream"), shared_state=True, limits=True)
-    run.check_tree(run.Tree(run.REPO, "python"), ("json",), shared_state=True, limits=True)
+    new = _tree(tmp_path, "sidecar/shared/replicas.py", "sidecar/ratelimits.py",
+                "sidecar/tracing.py")  # fmt: skip
+    run.check_tree(new, ("json", "xstream"), shared_state=True, limits=True, tracing=True)
+    run.check_tree(run.Tree(run.REPO, "python"), ("json",), shared_state=True, limits=True,
+                   tracing=True)  # fmt: skip
+
+
+def test_a_tree_without_tracing_is_refused_only_tracing(tmp_path: Path) -> None:
+    old = _tree(tmp_path, "sidecar/shared/replicas.py", "sidecar/ratelimits.py")
+    run.check_tree(old, ("json",), shared_state=True, limits=True)
+    with pytest.raises(run.BenchError, match=r"^--tracing: ") as caught:
+        run.check_tree(old, ("json",), shared_state=True, limits=True, tracing=True)
+    assert "measure it without --tracing" in str(caught.value)
+
+
+def test_tracing_reaches_the_settings_and_the_first_line_and_headline_name_it() -> None:
+    plain, traced = run.parse_args([])[0], run.parse_args(["--tracing"])[0]
+    assert (plain.tracing, traced.tracing) == (False, True)
+    assert plain.features().endswith("; tracing off")
+    assert "; tracing on (" in traced.features()
+    assert "shared_state off; access key without rate limits" in traced.features()
+    assert run.processes(traced) == run.processes(plain)  # the sink's CPU is the mock's
+
+
+@pytest.mark.parametrize(
+    ("counts", "failed", "expected"),
+    [
+        ({"requests": 12, "bytes": 34567, "too_large": 0}, 0,
+         ", trace sink got 12 OTLP exports (34567 bytes), trace_export_failed logged 0 time(s)"),
+        ({"requests": 0, "bytes": 0, "too_large": 0}, 1,
+         ", trace sink got NO OTLP export, trace_export_failed logged 1 time(s)"),
+        ({"requests": 3, "bytes": 9, "too_large": 2}, 0,
+         ", trace sink got 3 OTLP exports (9 bytes), 2 refused as too large, "
+         "trace_export_failed logged 0 time(s)"),
+        (None, 0, ", trace sink: no answer, trace_export_failed logged 0 time(s)"),
+    ],
+)  # fmt: skip
+def test_the_sanity_line_shows_what_the_sink_got_and_export_failures(
+    counts: dict[str, int] | None, failed: int, expected: str
+) -> None:
+    assert run.trace_line(counts, failed) == expected
+
+
+async def test_trace_counts_are_read_per_sidecar_from_the_mock(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    server = await aiohttp_server(create_app())
+    url = str(server.make_url("/v1/traces"))
+    urls = (url + "?source=sidecar", url + "?source=sidecar", url + "?source=sidecar-nolog")
+    for sink in urls:
+        status, _ = await asyncio.to_thread(run._http, sink, b"\n\x01x")
+        assert status == 200
+    mock = _dummy_server()
+    traced = [run.Target(name, "", "", mock, traces_url=str(server.make_url("/_mock/traces")))
+              for name in ("sidecar", "sidecar-nolog", "sidecar-other")]  # fmt: skip
+    counts = [await asyncio.to_thread(run.trace_counts, t) for t in traced]
+    assert counts == [{"requests": 2, "bytes": 6, "too_large": 0},
+                      {"requests": 1, "bytes": 3, "too_large": 0},
+                      {"requests": 0, "bytes": 0, "too_large": 0}]  # fmt: skip
+    assert run.trace_counts(run.Target("sidecar", "", "", mock)) is None  # not traced
+
+
+def _dummy_server() -> run.Server:
+    return run.Server("mock", None, Path(os.devnull), "")  # type: ignore[arg-type]
 
 
 def test_the_flags_reach_the_settings_and_the_report_names_them() -> None:

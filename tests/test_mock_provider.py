@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import gzip
+import io
 import json
 import time
 from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
@@ -1677,3 +1678,49 @@ async def test_clearing_the_log_restarts_quota_counts(
     async with http.delete(server.make_url("/_mock/requests")):
         pass
     assert (await post(http, server, "/v1/chat/completions", body, **auth))[0] == 200
+
+
+# --------------------------------------------------------------------------- OTLP trace sink
+
+
+async def test_the_trace_sink_answers_an_empty_protobuf_and_counts_per_source(
+    http: aiohttp.ClientSession, server: TestServer
+) -> None:
+    proto = {"Content-Type": "application/x-protobuf"}
+    for source, body in (("a", b"\x0a\x03abc"), ("a", b"x" * 70_000), ("", b"")):
+        url = server.make_url("/v1/traces").with_query({"source": source} if source else {})
+        async with http.post(url, data=body, headers=proto) as resp:
+            assert resp.status == 200
+            assert resp.content_type == "application/x-protobuf"
+            assert await resp.read() == b""
+    async with http.get(server.make_url("/_mock/traces")) as resp:
+        assert await resp.json() == {"sources": {
+            "a": {"requests": 2, "bytes": 5 + 70_000, "too_large": 0},
+            "": {"requests": 1, "bytes": 0, "too_large": 0},
+        }}  # fmt: skip
+    async with http.get(server.make_url("/_mock/requests")) as resp:
+        assert (await resp.json())["requests"] == []  # exports are not provider requests
+    async with http.delete(server.make_url("/_mock/requests")) as resp:
+        assert resp.status == 200
+    async with http.get(server.make_url("/_mock/traces")) as resp:
+        assert await resp.json() == {"sources": {}}
+
+
+async def _chunks(total: int) -> AsyncIterator[bytes]:
+    piece = b"\0" * (1 << 20)
+    for start in range(0, total, len(piece)):
+        yield piece[: total - start]
+
+
+@pytest.mark.parametrize("chunked", [False, True], ids=["content-length", "chunked"])
+async def test_the_trace_sink_refuses_a_body_over_16_mib_with_413(
+    http: aiohttp.ClientSession, server: TestServer, chunked: bool
+) -> None:
+    size = (16 << 20) + 1
+    body = _chunks(size) if chunked else io.BytesIO(b"\0" * size)
+    headers = {} if chunked else {"Content-Length": str(size)}
+    url = server.make_url("/v1/traces").with_query({"source": "big"})
+    async with http.post(url, data=body, headers=headers) as resp:
+        assert resp.status == 413
+    async with http.get(server.make_url("/_mock/traces")) as resp:
+        assert (await resp.json())["sources"]["big"] == {"requests": 0, "bytes": 0, "too_large": 1}
