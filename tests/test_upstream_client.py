@@ -342,21 +342,118 @@ async def test_tls_upstream_with_a_trusted_ca(tmp_path: Path) -> None:
     trusting = UpstreamClient(ssl_context=ssl_mod.create_default_context(cafile=str(made.ca)))
     untrusting = UpstreamClient()
     loop = asyncio.get_running_loop()
-    real = loop.create_connection
+    real = loop.getaddrinfo
 
-    async def to_localhost(*args, **kwargs):  # type: ignore[no-untyped-def]
+    async def to_localhost(host, port, **kwargs):  # type: ignore[no-untyped-def]
         # the certificate names the Service: connect to 127.0.0.1, check the name
-        proto_factory, _host, p = args
-        return await real(proto_factory, "127.0.0.1", p, **kwargs)
+        return await real("127.0.0.1", port, **kwargs)
 
     try:
-        loop.create_connection = to_localhost  # type: ignore[method-assign]
+        loop.getaddrinfo = to_localhost  # type: ignore[method-assign]
         resp = await trusting.request("GET", URL(f"https://{name}:{port}/"), CIMultiDict(), b"")
         assert await _read(resp) == b"secure"
         with pytest.raises(aiohttp.ClientOSError):
             await untrusting.request("GET", URL(f"https://{name}:{port}/"), CIMultiDict(), b"")
     finally:
-        loop.create_connection = real  # type: ignore[method-assign]
+        loop.getaddrinfo = real  # type: ignore[method-assign]
         await trusting.close()
         await untrusting.close()
         await runner.cleanup()
+
+
+async def _raw_upstream(answer: Callable[[int], bytes]) -> tuple[asyncio.Server, URL, list[int]]:
+    """A socket server answering the n-th request of each connection with `answer(n)`,
+    recording the connection number of each request."""
+    seen: list[int] = []
+    count = [0]
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        count[0] += 1
+        conn = count[0]
+        n = 0
+        try:
+            while True:
+                head = await reader.readuntil(b"\r\n\r\n")
+                length = 0
+                for line in head.split(b"\r\n"):
+                    if line.lower().startswith(b"content-length:"):
+                        length = int(line.split(b":")[1])
+                await reader.readexactly(length)
+                seen.append(conn)
+                n += 1
+                out = answer(n)
+                writer.write(out)
+                await writer.drain()
+                if out.endswith(b"CLOSE"):
+                    writer.close()
+                    return
+        except (asyncio.IncompleteReadError, ConnectionError):
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    return server, URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/"), seen
+
+
+async def test_a_body_delimited_by_the_connection_closing_is_read_to_the_end(
+    client: UpstreamClient,
+) -> None:
+    # No Content-Length, not chunked: HTTP says the body runs until the connection closes.
+    server, url, _ = await _raw_upstream(
+        lambda n: b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\n\r\ndata: hello\n\nCLOSE"
+    )
+    try:
+        resp = await client.request("GET", url, CIMultiDict(), b"")
+        assert await _read(resp) == b"data: hello\n\nCLOSE"
+        assert client.idle_connections() == 0  # such a connection is never reused
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.mark.parametrize(("method", "retried"), [("GET", True), ("POST", False)])
+async def test_a_stale_kept_alive_connection_is_retried_for_a_get_but_never_for_a_post(
+    method: str, retried: bool
+) -> None:
+    # The first answer keeps the connection, then the upstream drops it without a word as
+    # the next request arrives: a GET is sent again on a new connection, a POST is not.
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok"
+    connections: list[int] = []
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(1)
+        first = len(connections) == 1  # the first connection: answer once, drop the next
+        try:
+            head = (await reader.readuntil(b"\r\n\r\n")).lower()
+            if b"content-length: " in head:
+                await reader.readexactly(int(head.split(b"content-length: ")[1].split(b"\r\n")[0]))
+            writer.write(ok)
+            await writer.drain()
+            if first:
+                await reader.readuntil(b"\r\n\r\n")  # the next request: dropped unanswered
+                writer.transport.abort()
+                return
+            await reader.read()  # until the client closes
+        except (asyncio.IncompleteReadError, ConnectionError):
+            pass
+        finally:
+            writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    url = URL(f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}/")
+    body = b"x" if method == "POST" else b""
+    client = UpstreamClient()
+    try:
+        resp = await client.request(method, url, CIMultiDict(), body)
+        assert await _read(resp) == b"ok"
+        if retried:
+            resp = await client.request(method, url, CIMultiDict(), body)
+            assert await _read(resp) == b"ok"
+            assert len(connections) == 2
+        else:
+            with pytest.raises(aiohttp.ClientError):
+                await client.request(method, url, CIMultiDict(), body)
+            assert len(connections) == 1
+    finally:
+        await client.close()
+        server.close()
+        await server.wait_closed()

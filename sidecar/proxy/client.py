@@ -25,10 +25,11 @@ import time
 from collections import deque
 from typing import Final
 
+import aiohappyeyeballs
 import aiohttp
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
-from aiohttp.http import SERVER_SOFTWARE
+from aiohttp.http import SERVER_SOFTWARE, RawResponseMessage
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -43,6 +44,12 @@ IDLE_PER_ORIGIN: Final = 128
 #: How many bytes of an answer are read from the socket before the reader waits.
 _READ_BUFSIZE: Final = 1 << 16
 _MAX_LINE: Final = 8190
+#: Methods sent once more on a new connection when a kept-alive one was closed under them.
+_IDEMPOTENT: Final = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+_HAPPY_EYEBALLS_S: Final = 0.25
+#: Upstream host addresses are kept this long (the hosts are the config's providers).
+_DNS_TTL_S: Final = 300.0
+_DNS_ENTRIES: Final = 256
 
 Origin = tuple[str, str, int]  # scheme, host, port
 
@@ -101,7 +108,10 @@ class UpstreamClient:
         self, *, keepalive: float = 30.0, ssl_context: ssl.SSLContext | None = None
     ) -> None:
         self._keepalive = keepalive
-        self._ssl = ssl_context
+        # Made now, at start: loading the system's CAs takes a tenth of a second, which the
+        # first https attempt would otherwise stall the event loop for.
+        self._tls = ssl_context if ssl_context is not None else _default_tls()
+        self._dns: dict[tuple[str, int], tuple[float, list[aiohappyeyeballs.AddrInfoType]]] = {}
         self._idle: dict[Origin, deque[tuple[ResponseHandler, float]]] = {}
         self._sweeper: asyncio.TimerHandle | None = None
         self._closed = False
@@ -112,7 +122,9 @@ class UpstreamClient:
         """Send `method url` with `headers` and `body`; the answer, its body still to read.
 
         Raises `aiohttp.ClientError` (the connection failed or broke, or the answer is not
-        HTTP) or `ValueError` (a header carries a line break: nothing is sent)."""
+        HTTP) or `ValueError` (a header carries a line break: nothing is sent). A request
+        that may be repeated (not POST nor PATCH) whose kept-alive connection turns out
+        closed by the upstream is sent once more, on a new connection, as aiohttp does."""
         if self._closed:
             raise aiohttp.ClientConnectionError("the upstream client is closed")
         head = _request_head(method, url, headers, body)
@@ -120,29 +132,16 @@ class UpstreamClient:
         host = url.raw_host or ""
         origin = (scheme, host, url.port or (443 if scheme == "https" else 80))
         protocol = self._take(origin)
+        reused = protocol is not None
         if protocol is None:  # (not `or`: a protocol with nothing queued is falsy)
             protocol = await self._connect(origin)
         try:
-            protocol.set_response_params(
-                skip_payload=method == "HEAD", read_bufsize=_READ_BUFSIZE,
-                max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
-            )  # fmt: skip
-            transport = protocol.transport
-            if transport is None:
-                raise aiohttp.ServerDisconnectedError()
-            transport.writelines((head, body)) if body else transport.write(head)
-            while True:
-                try:
-                    message, payload = await protocol.read()
-                except HttpProcessingError as exc:
-                    raise aiohttp.ClientPayloadError(
-                        f"the upstream's answer is not HTTP: {exc.message}"
-                    ) from None
-                if not 100 <= message.code <= 199 or message.code == 101:
-                    break  # an interim answer (100 Continue) is skipped
-        except BaseException:
-            protocol.close()  # half a request or an unread answer: never reused
-            raise
+            message, payload = await _exchange(protocol, method, head, body)
+        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
+            if not (reused and method in _IDEMPOTENT):
+                raise
+            protocol = await self._connect(origin)
+            message, payload = await _exchange(protocol, method, head, body)
         answer = UpstreamResponse(self, origin, protocol, message.code, message.headers, payload)
         if payload.is_eof():  # no body (204, HEAD, Content-Length: 0)
             answer.release()
@@ -165,12 +164,16 @@ class UpstreamClient:
     async def _connect(self, origin: Origin) -> ResponseHandler:
         scheme, host, port = origin
         loop = asyncio.get_running_loop()
-        tls: ssl.SSLContext | None = None
-        if scheme == "https":
-            tls = self._ssl or _default_tls()
+        tls = self._tls if scheme == "https" else None
         try:
+            infos = await self._addresses(loop, host.strip("[]"), port)
+            # IPv6 and IPv4 raced as aiohttp does, so a family that silently drops packets
+            # costs a quarter second, not the attempt's whole timeout.
+            sock = await aiohappyeyeballs.start_connection(
+                infos, happy_eyeballs_delay=_HAPPY_EYEBALLS_S, interleave=1
+            )
             transport, protocol = await loop.create_connection(
-                lambda: ResponseHandler(loop), host, port, ssl=tls,
+                lambda: ResponseHandler(loop), sock=sock, ssl=tls,
                 server_hostname=host.strip("[]") if tls is not None else None,
             )  # fmt: skip
         except OSError as exc:  # refused, unreachable, no such host, TLS failure
@@ -180,6 +183,24 @@ class UpstreamClient:
         if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         return protocol
+
+    async def _addresses(
+        self, loop: asyncio.AbstractEventLoop, host: str, port: int
+    ) -> list[aiohappyeyeballs.AddrInfoType]:
+        """`host`'s addresses, kept for a while: a burst of new connections resolves once."""
+        now = time.monotonic()
+        cached = self._dns.get((host, port))
+        if cached is not None and cached[0] > now:
+            return cached[1]
+        infos: list[aiohappyeyeballs.AddrInfoType] = list(
+            await loop.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        )
+        if not infos:
+            raise OSError(f"no address for {host}")
+        if len(self._dns) >= _DNS_ENTRIES:
+            self._dns.clear()
+        self._dns[(host, port)] = (now + _DNS_TTL_S, infos)
+        return infos
 
     def _keep(self, origin: Origin, protocol: ResponseHandler) -> None:
         idle = self._idle.get(origin)
@@ -219,6 +240,33 @@ class UpstreamClient:
         self._idle.clear()
 
 
+async def _exchange(
+    protocol: ResponseHandler, method: str, head: bytes, body: bytes
+) -> tuple[RawResponseMessage, StreamReader]:
+    """Write one request on `protocol` and read its answer's status line and headers."""
+    try:
+        protocol.set_response_params(
+            skip_payload=method == "HEAD", read_until_eof=True, read_bufsize=_READ_BUFSIZE,
+            max_line_size=_MAX_LINE, max_field_size=_MAX_LINE,
+        )  # fmt: skip
+        transport = protocol.transport
+        if transport is None:
+            raise aiohttp.ServerDisconnectedError()
+        transport.writelines((head, body)) if body else transport.write(head)
+        while True:
+            try:
+                message, payload = await protocol.read()
+            except HttpProcessingError as exc:
+                raise aiohttp.ClientPayloadError(
+                    f"the upstream's answer is not HTTP: {exc.message}"
+                ) from None
+            if not 100 <= message.code <= 199 or message.code == 101:
+                return message, payload  # an interim answer (100 Continue) is skipped
+    except BaseException:
+        protocol.close()  # half a request or an unread answer: never reused
+        raise
+
+
 def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes) -> bytes:
     """The request line and headers. A line break in any of them would split the request
     (a header smuggled to the upstream): refused before anything is sent."""
@@ -246,5 +294,7 @@ _TLS: list[ssl.SSLContext] = []
 def _default_tls() -> ssl.SSLContext:
     """The system's trusted CAs, certificate and host name checked (made once)."""
     if not _TLS:
-        _TLS.append(ssl.create_default_context())
+        ctx = ssl.create_default_context()
+        ctx.set_alpn_protocols(["http/1.1"])
+        _TLS.append(ctx)
     return _TLS[0]

@@ -255,7 +255,11 @@ async def relay_body(
     content = upstream.content
     loop = asyncio.get_running_loop()
     idle = ex.runtime.config.timeouts.stream_idle
-    resp = await open_stream(ex, upstream)
+    try:
+        resp = await open_stream(ex, upstream)
+    except BaseException:  # the caller's side failed first: the upstream's answer is not wanted
+        upstream.close()
+        raise
     try:
         if prefix:
             await send(ex, resp, prefix)
