@@ -9,7 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-from typing import Protocol
+from collections.abc import Callable
+from typing import Final, Protocol
 
 from sidecar.logs import OpLog
 from sidecar.metrics import Metrics
@@ -32,20 +33,38 @@ class Tracked(Protocol):
     streaming: bool  # its response headers were sent: cutting it breaks a stream
 
 
+#: Requests in flight at once that make a burst, after which memory is given back.
+BURST: Final = 256
+#: In flight at most this many again: the burst is over.
+_CALM: Final = BURST // 8
+#: How long after a burst ends memory is given back.
+_AFTER_BURST_S: Final = 1.0
+
+
 class InFlight:
-    def __init__(self) -> None:
+    def __init__(self, after_burst: Callable[[], object] | None = None) -> None:
         self._requests: dict[int, Tracked] = {}  # by id(): one entry per request being handled
         self._idle = asyncio.Event()
         self._idle.set()
+        self._peak = 0
+        self._after_burst = after_burst
 
     def enter(self, tracked: Tracked) -> None:
-        self._requests[id(tracked)] = tracked
+        requests = self._requests
+        requests[id(tracked)] = tracked
+        if len(requests) > self._peak:
+            self._peak = len(requests)
         self._idle.clear()
 
     def leave(self, tracked: Tracked) -> None:
-        self._requests.pop(id(tracked), None)
-        if not self._requests:
+        requests = self._requests
+        requests.pop(id(tracked), None)
+        if not requests:
             self._idle.set()
+        if self._peak >= BURST and len(requests) <= _CALM:  # a burst is over
+            self._peak = len(requests)
+            if self._after_burst is not None:
+                asyncio.get_running_loop().call_later(_AFTER_BURST_S, self._after_burst)
 
     def __len__(self) -> int:
         return len(self._requests)

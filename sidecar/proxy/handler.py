@@ -20,7 +20,7 @@ from typing import Any, Final
 import orjson
 from aiohttp import web
 
-from sidecar import inbound
+from sidecar import inbound, memory
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.failover import Attempt, Engine, Report, Stop, StopReason
 from sidecar.formats import Adapter, adapter_for
@@ -56,7 +56,8 @@ _BREAK_OUTCOME: Final = {
 class Proxy:
     def __init__(self, state: State) -> None:
         self.state = state
-        self.inflight = InFlight()  # what the shutdown drain waits for
+        # what the shutdown drain waits for; after a burst, memory is given back
+        self.inflight = InFlight(after_burst=memory.give_back)
 
     # ----------------------------------------------------------------- routes
 

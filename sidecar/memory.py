@@ -1,0 +1,35 @@
+"""Giving memory back to the system after a burst (docs/reference.md#memory).
+
+A thousand streams at once leave their buffers' memory free but still held by the C
+allocator, so the process stays as large as at the peak. Once such a burst is over
+(`sidecar.inflight`), glibc's `malloc_trim` hands the free pages back. Where there is no
+glibc (musl), nothing is done.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import gc
+from collections.abc import Callable
+
+
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim: Callable[[int], int] = libc.malloc_trim
+    except (OSError, AttributeError):
+        return None
+    return trim
+
+
+_TRIM = _malloc_trim()
+
+
+def give_back() -> bool:
+    """Return the allocator's free pages to the system; False where that cannot be done."""
+    gc.collect()  # a burst's connections lived long enough to reach the oldest generation
+    if _TRIM is None:
+        return False
+    _TRIM(0)
+    return True
