@@ -252,3 +252,11 @@ def test_a_body_of_many_tiny_gzip_members_is_refused_not_walked() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, timeout=60)  # a bound, not a timing
     ok = gzip.compress(b"{") + gzip.compress(b"}")
     assert inbound.decode_body(ok * 1, "gzip", 10) == b"{}"
+
+
+def test_fresh_request_ids_are_16_hex_digits_never_repeated_and_not_sequential() -> None:
+    ids = [inbound.new_request_id() for _ in range(20_000)]
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 16 and int(i, 16) >= 0 for i in ids)
+    gaps = {int(b, 16) - int(a, 16) for a, b in zip(ids, ids[1:], strict=False)}
+    assert len(gaps) > 1000  # no constant step that would count the requests in between
