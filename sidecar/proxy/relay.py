@@ -227,7 +227,11 @@ async def pump(
                     return None
                 out = tracker.feed(chunk)
                 if out:
-                    await send(ex, resp, out)
+                    writer = resp._payload_writer  # `send`'s own first test, inlined per chunk
+                    if writer is not None and writer.buffer_size + len(out) + 16 <= _DRAIN_AT:
+                        await resp.write(out)
+                    else:
+                        await send(ex, resp, out)
     except (ConnectionResetError, CallerStalled):  # a caller that went away, or took nothing
         return CALLER_GONE
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
