@@ -22,9 +22,14 @@ chunk the sidecar asked for itself (`strip_usage`), an in-band error or
 malformed event and everything after it, and — on a continuation stream
 (`splice=`) — the events a `Splice` rewrites so the caller sees one answer.
 
-Hot path: one `orjson.loads` per data event; a chunk made of whole
-`\\n\\n`-terminated events without `\\r` (the common case) is split in C and,
-when nothing is removed, returned as the very same object.
+Hot path: one `orjson.loads` per data event. A chunk that is one whole event
+(a live stream's) is read as it is; a chunk of whole events (`\\n\\n`-terminated
+without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up in C; only an event
+split across chunks is held and copied. A chunk relayed unchanged is returned as
+the very same object. Once a chat stream has started, its content events are only
+validated (the fast lane): what they mean for `text`, `resumable` and `finished`
+is read (parsed a second time) only if asked, which a stream that ends well never
+is. Nothing refers back to the tracker, so it is freed as soon as the proxy lets go of it.
 """
 
 from __future__ import annotations
@@ -59,11 +64,12 @@ MAX_EVENT: Final = 16 * 1024 * 1024
 _MAX_TEXT: Final = 1024 * 1024
 # At most this much of a stream's relayed events is kept unread (the fast lane) at a time.
 _MAX_RAW: Final = 1024 * 1024
+_LINE_ENDS: Final = b"\r\n"
 _DONE: Final = b"[DONE]"
 _DONE_EVENT: Final = b"data: [DONE]\n\n"
 _DONE_TAIL: Final = b"\n\ndata: [DONE]"
 _MESSAGE_STOP_EVENT: Final = b'event: message_stop\ndata: {"type":"message_stop"}\n\n'
-# What `_on_event` returns besides replacement bytes: keep the event as received.
+# What `_on_data` returns besides replacement bytes: keep the event as received.
 _KEEP: Final = None
 _DROP: Final = b""
 
@@ -125,6 +131,16 @@ class Shape(enum.Enum):
     OTHER = "other"
 
 
+# The members as module constants: on Python 3.11 `Shape.CHAT` is a slow attribute lookup (the
+# enum metaclass's hook, ~10x a global's), and the tracker reads them per event.
+_CHAT: Final = Shape.CHAT
+_COMPLETIONS: Final = Shape.COMPLETIONS
+_RESPONSES: Final = Shape.RESPONSES
+_MESSAGES: Final = Shape.MESSAGES
+_GEMINI: Final = Shape.GEMINI
+_OTHER: Final = Shape.OTHER
+
+
 def shape_for(fmt: str, path: str) -> Shape:
     """The stream shape of a request in format `fmt` (`openai`/`anthropic`/`gemini`) to `path`.
 
@@ -132,16 +148,16 @@ def shape_for(fmt: str, path: str) -> Shape:
     is not SSE — the caller of this function must not track such a stream as GEMINI."""
     if fmt == "openai":
         if path.endswith("/chat/completions"):
-            return Shape.CHAT
+            return _CHAT
         if path.endswith("/completions"):
-            return Shape.COMPLETIONS
+            return _COMPLETIONS
         if path.endswith("/responses"):
-            return Shape.RESPONSES
+            return _RESPONSES
     elif fmt == "anthropic" and path.endswith("/messages"):
-        return Shape.MESSAGES
+        return _MESSAGES
     elif fmt == "gemini" and ":streamGenerateContent" in path:
-        return Shape.GEMINI
-    return Shape.OTHER
+        return _GEMINI
+    return _OTHER
 
 
 @dataclass(frozen=True, slots=True)
@@ -239,12 +255,12 @@ def _anthropic_error(obj: dict[str, Any]) -> InbandError:
 
 def _event_data(event: bytes) -> bytes | None:
     """The joined `data:` values of one SSE event (terminator included or not); None without any."""
-    if event.startswith(b"data: "):
+    if event[:6] == b"data: ":
         # One `data:` line, alone or followed by nothing but its event's blank line.
         end = event.find(b"\n", 6)
         if end < 0:
             return event[6:]
-        if end == len(event) - 2 and event.endswith(b"\n\n"):
+        if end == len(event) - 2 and event[-1] == 0x0A:
             return event[6:end]
         if end == len(event) - 3 and event.endswith(b"\r\n\r\n"):
             return event[6 : end - 1]
@@ -256,9 +272,9 @@ def _event_data(event: bytes) -> bytes | None:
         if at == 0 or event[at - 1] == 0x0A:
             end = event.find(b"\n", at)
             value = event[at + 5 :] if end < 0 else event[at + 5 : end]
-            if value.endswith(b"\r"):
+            if value[-1:] == b"\r":
                 value = value[:-1]
-            return value[1:] if value.startswith(b" ") else value
+            return value[1:] if value[:1] == b" " else value
     parts = []
     for raw in event.split(b"\n"):
         line = raw[:-1] if raw.endswith(b"\r") else raw
@@ -374,12 +390,12 @@ class StreamTracker:
     ) -> None:
         self.shape = shape
         self._pre = pre
-        self._strip = strip_usage and shape in (Shape.CHAT, Shape.COMPLETIONS)
-        self._keep_text = keep_text and shape in (Shape.CHAT, Shape.MESSAGES)
+        self._strip = strip_usage and shape in (_CHAT, _COMPLETIONS)
+        self._keep_text = keep_text and shape in (_CHAT, _MESSAGES)
         self._splice = splice
         # Whole CHAT chunks may take the fast lane once content has started, when nothing
         # is rewritten.
-        self._laned = shape is Shape.CHAT and splice is None
+        self._laned = shape is _CHAT and splice is None
         self._max_event = max_event
         self.content_seen = False
         self.error: InbandError | None = None
@@ -410,19 +426,22 @@ class StreamTracker:
         self._stopped = False  # error or malformed: nothing more is forwarded
         self._through = False  # terminated (or OTHER started): forward unread
         self._cut = False
-        # An if-chain, not a dict: hashing an enum member is a Python-level call.
-        if shape is Shape.CHAT:
-            self._handle: Callable[[dict[str, Any]], bytes | None] = self._chat
-        elif shape is Shape.MESSAGES:
-            self._handle = self._messages
-        elif shape is Shape.COMPLETIONS:
-            self._handle = self._completions
-        elif shape is Shape.RESPONSES:
-            self._handle = self._responses
-        elif shape is Shape.GEMINI:
-            self._handle = self._gemini
+        # An if-chain, not a dict: hashing an enum member is a Python-level call. The plain
+        # function, not a bound method: that would be a reference cycle, and every tracker
+        # would then wait for the cyclic garbage collector to be freed.
+        cls = StreamTracker
+        if shape is _CHAT:
+            self._handle: Callable[[StreamTracker, dict[str, Any]], bytes | None] = cls._chat
+        elif shape is _MESSAGES:
+            self._handle = cls._messages
+        elif shape is _COMPLETIONS:
+            self._handle = cls._completions
+        elif shape is _RESPONSES:
+            self._handle = cls._responses
+        elif shape is _GEMINI:
+            self._handle = cls._gemini
         else:
-            self._handle = self._other
+            self._handle = cls._other
         if splice is not None:
             original = splice.original
             self._resumable = self._keep_text and original.resumable
@@ -492,7 +511,7 @@ class StreamTracker:
     def complete_on_eof(self) -> bytes | None:
         """At a clean upstream EOF: b"" if the stream is complete, the terminator to send if the
         answer finished without it, None if the stream is truncated (a break)."""
-        if self.terminated or self.shape is Shape.OTHER:
+        if self.terminated or self.shape is _OTHER:
             return b""
         return self.terminator()
 
@@ -504,11 +523,11 @@ class StreamTracker:
             return b""
         if not self.finished:
             return None
-        if self.shape is Shape.MESSAGES:
+        if self.shape is _MESSAGES:
             return _MESSAGE_STOP_EVENT
-        if self.shape in (Shape.CHAT, Shape.COMPLETIONS):
+        if self.shape in (_CHAT, _COMPLETIONS):
             return _DONE_EVENT
-        if self.shape is Shape.GEMINI:
+        if self.shape is _GEMINI:
             return b""  # a Gemini stream has no terminator
         return None
 
@@ -526,29 +545,71 @@ class StreamTracker:
                 chunk = bytes(self._held) + chunk
                 self._held.clear()
             return chunk
-        if (
-            not self._held
-            and chunk.endswith(b"\n\n")
-            and b"\r" not in chunk
-            and b"\n\n\n" not in chunk
-        ):
-            if self.content_seen and self._laned:
-                out = self._feed_fast(chunk)
-                if out is not None:
-                    return out
-            return self._feed_whole(chunk)
+        if not self._held and chunk[:6] == b"data: ":
+            # One whole single-line event, as a live stream sends them: `data: X\n\n`, or
+            # `data: X\r\n\r\n` (its first line end is the event's own). `partition` takes no
+            # argument parsing, unlike `find`.
+            line, _, rest = chunk.partition(b"\n")
+            if rest == b"\n":
+                return self._feed_one(chunk, line[6:])
+            if rest == b"\r\n" and line[-1:] == b"\r":
+                return self._feed_one(chunk, line[6:-1])
+        if not self._held:
+            if chunk[-2:] == b"\n\n" and b"\r" not in chunk:
+                if self.content_seen and self._laned:
+                    out = self._feed_fast(chunk)
+                    if out is not None:
+                        return out
+                return self._feed_whole(chunk, False)
+            if chunk[-4:] == b"\r\n\r\n" and chunk.count(b"\n") == chunk.count(b"\r\n"):
+                return self._feed_whole(chunk, True)  # Gemini's line ends
         return self._feed_split(chunk)
 
-    def _feed_fast(self, chunk: bytes) -> bytes | None:
-        """A run of whole, single-line `data:` events of a started chat stream, validated with
-        one parse in C and relayed as is (less a usage chunk the sidecar asked for); what
-        they mean for `text`, `resumable` and `finished` is read later, only if asked
-        (`_catch_up`). None: take the event-by-event path (an error, a comment or another
-        field, a malformed event)."""
-        if not chunk.startswith(b"data: ") or b'"error"' in chunk:
+    def _feed_one(self, chunk: bytes, data: bytes) -> bytes:
+        """A chunk that is one whole single-line `data:` event; `data` its value.
+
+        On a started chat stream (the fast lane) a content event without usage or error is
+        validated, counted and kept unread for `_catch_up`, as `_feed_fast` does."""
+        if self._laned and self.content_seen:
+            if data == _DONE:  # nothing to read before it: what the lane kept stays unread
+                self.events += 1
+                self.terminated = self._through = True
+                return chunk
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None  # the careful path below reads it again and finds it malformed
+            else:
+                if type(obj) is dict and "error" not in obj:
+                    self.events += 1
+                    usage = obj.get("usage")
+                    if type(usage) is dict:  # metered now; its choices are read in turn
+                        self.usage = openai_usage(usage)
+                        if self._strip and obj.get("choices") == []:
+                            return b""  # nothing in it to read later
+                    self._raw.append(data)
+                    self._raw_len += len(data)
+                    if self._raw_len > _MAX_RAW:
+                        self._catch_up()
+                    return chunk
+        if self._raw:
+            self._catch_up()
+        result = self._on_data(data)
+        if self._stopped:
+            return b""
+        return chunk if result is _KEEP else result
+
+    def _feed_fast(self, chunk: bytes, start: int = 0) -> bytes | None:
+        """A run of whole, single-line `data:` events of a started chat stream (`chunk` from
+        `start` on), validated with one parse each in C and relayed as is (less the usage
+        chunks the sidecar asked for); what they mean for `text`, `resumable` and `finished`
+        is read later, only if asked (`_catch_up`). The very `chunk` when that part of it is
+        relayed unchanged; None: take the event-by-event path (an in-band error, a comment or
+        another field, a malformed event)."""
+        if chunk[start : start + 6] != b"data: ":
             return None
-        body = chunk[6:-2]
-        done = body.endswith(b"[DONE]")
+        body = chunk[start + 6 : -2]
+        done = body[-6:] == _DONE
         if done:
             if body == _DONE:
                 body = b""
@@ -557,7 +618,7 @@ class StreamTracker:
             else:
                 return None
         count = 0
-        cut = -1
+        cuts: list[int] | None = None
         if body:
             pieces = body.split(b"\n\ndata: ")
             if body.count(b"\n") != 2 * len(pieces) - 2:
@@ -566,9 +627,10 @@ class StreamTracker:
                 objs = list(map(orjson.loads, pieces))  # each event one JSON value, parsed in C
             except orjson.JSONDecodeError:
                 return None
+            cuts = self._fast_usage(objs)
+            if cuts is None:
+                return None
             count = len(objs)
-            if body.count(b'"usage":') > body.count(b'"usage":null'):
-                cut = self._fast_usage(objs)
             self._raw.append(body)
             self._raw_len += len(body)
             if self._raw_len > _MAX_RAW:
@@ -576,21 +638,26 @@ class StreamTracker:
         self.events += count + done
         if done:
             self.terminated = self._through = True
-        if cut < 0:
+        if not cuts:
             return chunk
-        datas = pieces
-        del datas[cut]
+        datas = [piece for i, piece in enumerate(pieces) if i not in cuts]
         out = b"data: " + b"\n\ndata: ".join(datas) + b"\n\n" if datas else b""
         return out + _DONE_EVENT if done else out
 
-    def _fast_usage(self, objs: list[Any]) -> int:
-        """Meter the usage in a fast-lane chunk; the index of a usage-only chunk to cut, or -1."""
-        for i in range(len(objs) - 1, -1, -1):  # usage comes last
-            obj = objs[i]
-            if type(obj) is dict and type(obj.get("usage")) is dict:
-                self.usage = openai_usage(obj["usage"])
-                return i if self._strip and obj.get("choices") == [] else -1
-        return -1
+    def _fast_usage(self, objs: list[Any]) -> list[int] | None:
+        """Meter the usage in a fast-lane chunk: the indexes of the usage-only chunks to cut
+        (usually none), or None if an event is an in-band error."""
+        cuts: list[int] = []
+        for i, obj in enumerate(objs):
+            if type(obj) is dict:
+                if "error" in obj:
+                    return None
+                usage = obj.get("usage")
+                if type(usage) is dict:
+                    self.usage = openai_usage(usage)
+                    if self._strip and obj.get("choices") == []:
+                        cuts.append(i)
+        return cuts
 
     def _catch_up(self) -> None:
         """Read the events the fast lane relayed unread, in order, for their text and finish."""
@@ -619,29 +686,27 @@ class StreamTracker:
         self._scan = 0
         return out
 
-    def _feed_whole(self, chunk: bytes) -> bytes:
-        """A run of whole `\\n\\n`-terminated events: split in C, returned as is unless changed."""
+    def _feed_whole(self, chunk: bytes, crlf: bool) -> bytes:
+        """A run of whole events, returned as is unless changed: `\\n\\n`-terminated without
+        any `\\r`, or (`crlf`) `\\r\\n\\r\\n`-terminated with every line ended by `\\r\\n`.
+        From an empty line on (an event without a line), the rest goes the careful way."""
         if self._raw:
             self._catch_up()  # in order: what the fast lane relayed comes first
+        if self._laned and not self.content_seen and not crlf:
+            return self._feed_to_lane(chunk)
         out: list[bytes] | None = None
         kept = 0  # start of the part of `chunk` not yet copied to `out`
+        sep = b"\r\n\r\n" if crlf else b"\n\n"
+        step = len(sep)
         pos = 0
-        # Whether the fast lane may take the rest of the chunk once content starts in it.
-        lane = self._laned and not self.content_seen
-        for event in chunk.split(b"\n\n")[:-1]:
-            start, pos = pos, pos + len(event) + 2
+        for event in chunk.split(sep)[:-1]:  # split in C: every event is read
+            start, pos = pos, pos + len(event) + step
             if self._through:
                 break
-            if lane and self.content_seen:
-                lane = False
-                sub = chunk[start:]
-                rest = self._feed_fast(sub)
-                if rest is not None:
-                    if out is None and rest is sub:
-                        return chunk
-                    head = chunk[:start] if out is None else b"".join(out) + chunk[kept:start]
-                    return head + rest
-            result = self._on_event(event)
+            if not event or event[0] in _LINE_ENDS:
+                return self._careful_rest(chunk, start, out, kept)
+            data = _event_data(event)
+            result = _KEEP if data is None else self._on_data(data)
             if result is _KEEP and not self._stopped:
                 continue
             if out is None:
@@ -656,6 +721,54 @@ class StreamTracker:
             return chunk
         out.append(chunk[kept:])
         return b"".join(out)
+
+    def _feed_to_lane(self, chunk: bytes) -> bytes:
+        """`_feed_whole` of a chat stream before its content: events found one at a time,
+        up to the first content event; the fast lane takes the rest from there."""
+        out: list[bytes] | None = None
+        kept = 0
+        size = len(chunk)
+        pos = 0
+        while pos < size:
+            if self._through:
+                break
+            start = pos
+            if self.content_seen:
+                rest = self._feed_fast(chunk, start)
+                if rest is chunk:  # the rest as it came
+                    return chunk if out is None else b"".join(out) + chunk[kept:]
+                if rest is not None:
+                    head = chunk[:start] if out is None else b"".join(out) + chunk[kept:start]
+                    return head + rest
+                return self._careful_rest(chunk, start, out, kept)
+            if chunk[start] == 0x0A:
+                return self._careful_rest(chunk, start, out, kept)
+            end = chunk.find(b"\n\n", start)
+            pos = end + 2
+            data = _event_data(chunk[start:end])
+            result = _KEEP if data is None else self._on_data(data)
+            if result is _KEEP and not self._stopped:
+                continue
+            if out is None:
+                out = []
+            out.append(chunk[kept:start])
+            kept = pos
+            if self._stopped:
+                return b"".join(out)
+            if result:
+                out.append(result)
+        if out is None:
+            return chunk
+        out.append(chunk[kept:])
+        return b"".join(out)
+
+    def _careful_rest(self, chunk: bytes, start: int, out: list[bytes] | None, kept: int) -> bytes:
+        """What `_feed_whole` returns when the careful way takes `chunk[start:]`: the part
+        already read (`out`, then `chunk[kept:start]`) and what the rest gives."""
+        rest = self._feed_split(chunk[start:])
+        if out is None:
+            return chunk[:start] + rest
+        return b"".join(out) + chunk[kept:start] + rest
 
     def _feed_split(self, chunk: bytes) -> bytes:
         """The general case: events found line by line in what is held."""
@@ -674,7 +787,8 @@ class StreamTracker:
             if nl == line_start or (nl == line_start + 1 and held[line_start] == 0x0D):
                 event = bytes(held[start:pos])
                 start = pos
-                result = self._on_event(event)
+                data = _event_data(event)
+                result = _KEEP if data is None else self._on_data(data)
                 if self._stopped:
                     held.clear()
                     return b"".join(out)
@@ -693,17 +807,15 @@ class StreamTracker:
 
     # -- one event ---------------------------------------------------------------
 
-    def _on_event(self, event: bytes) -> bytes | None:
-        """Read one complete event; None to forward it as is, b"" to drop it, else its replacement.
-        Sets `_stopped` for an error or malformed event (then the result is ignored)."""
-        data = _event_data(event)
-        if data is None:
-            return _KEEP
+    def _on_data(self, data: bytes) -> bytes | None:
+        """Read one complete event's (joined) data; None to forward the event as is, b"" to
+        drop it, else its replacement. Sets `_stopped` for an error or malformed event (then
+        the result is ignored)."""
         self.events += 1
-        if self.shape is Shape.OTHER:
+        if self.shape is _OTHER:
             return self._other()
         if data == _DONE:
-            if self.shape in (Shape.CHAT, Shape.COMPLETIONS):
+            if self.shape in (_CHAT, _COMPLETIONS):
                 self.terminated = self._through = True
             return _KEEP
         try:
@@ -713,7 +825,7 @@ class StreamTracker:
             return _DROP
         if not isinstance(obj, dict):
             return _KEEP
-        return self._handle(obj)
+        return self._handle(self, obj)
 
     def _stop(self, error: InbandError) -> bytes:
         self.error = error

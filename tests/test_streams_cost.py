@@ -1,0 +1,264 @@
+"""sidecar.streams on its cheap paths: however a stream is cut into chunks, the tracker forwards
+the same bytes and ends in the same state, and it reads each event once, without keeping the
+tracker alive in a reference cycle."""
+
+from __future__ import annotations
+
+import gc
+import random
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import orjson
+import pytest
+
+from sidecar.streams import Shape, StreamTracker
+from tests.test_streams import (
+    CHAT_USAGE,
+    DONE,
+    chat_chunk,
+    chat_events,
+    completions_events,
+    gemini_events,
+    messages_events,
+    responses_events,
+    sse,
+)
+
+# --- streams, as providers send them and as a hostile upstream might ------------------------
+
+STREAMS: dict[str, tuple[Shape, Callable[[], list[bytes]]]] = {
+    "chat": (Shape.CHAT, chat_events),
+    "completions": (Shape.COMPLETIONS, completions_events),
+    "responses": (Shape.RESPONSES, responses_events),
+    "messages": (Shape.MESSAGES, messages_events),
+    "gemini": (Shape.GEMINI, gemini_events),
+}
+ERRORS = {
+    Shape.CHAT: sse({"error": {"message": "boom", "type": "server_error"}}),
+    Shape.COMPLETIONS: sse({"error": {"message": "boom", "type": "server_error"}}),
+    Shape.RESPONSES: sse({"type": "error", "code": "server_error", "message": "boom"}, "error"),
+    Shape.MESSAGES: sse({"type": "error", "error": {"type": "overloaded_error"}}, "error"),
+    Shape.GEMINI: b'data: {"error":{"code":503,"message":"x","status":"UNAVAILABLE"}}\r\n\r\n',
+}
+
+
+def variants(shape: Shape, events: list[bytes]) -> Iterator[tuple[str, bytes]]:
+    """The stream, and the same stream with what the careful path exists for."""
+    raw = b"".join(events)
+    mid = len(events) // 2
+    head, tail = b"".join(events[:mid]), b"".join(events[mid:])
+    lf = raw.replace(b"\r\n", b"\n")
+    yield "as sent", raw
+    yield "lf", lf
+    yield "crlf", lf.replace(b"\n", b"\r\n")
+    yield (
+        "mixed line ends",
+        b"".join(
+            e.replace(b"\r\n", b"\n").replace(b"\n", b"\r\n")
+            if i % 2
+            else e.replace(b"\r\n", b"\n")
+            for i, e in enumerate(events)
+        ),
+    )
+    yield "comments", b": keep-alive\n\n" + b"".join(e + b": c\n\n" for e in events)
+    yield "data without a space", raw.replace(b"data: ", b"data:")
+    yield "an empty line", head + b"\n" + tail
+    yield "an empty line first", b"\n" + raw
+    yield "multi-line data", b"".join(e.replace(b',"', b',\ndata: "', 1) for e in events)
+    yield "a lone cr", b"".join(e.replace(b',"', b',\r"', 1) for e in events)
+    yield "malformed", head + b'data: {"choices": [\n\n' + tail
+    yield "empty data", head + b"data: \n\n" + tail
+    yield "not an object", head + b"data: 5\n\ndata: []\n\n" + tail
+    yield "in-band error", head + ERRORS[shape] + tail
+    yield "cut", raw[:-7]
+    yield "junk after the end", raw + b"data: junk\n\n"
+    if shape is Shape.CHAT:
+        usage = sse(CHAT_USAGE)
+        yield "two usage chunks", raw.replace(DONE, usage + DONE)
+        yield "usage in the middle", head + usage + tail
+
+
+def chunkings(data: bytes, events: int) -> Iterator[list[bytes]]:
+    """Whole, event by event, cut at sampled offsets (every offset for `events` == 0)."""
+    yield [data]
+    yield [e + b"\n\n" for e in data.split(b"\n\n")[:-1]] + (
+        [] if data.endswith(b"\n\n") else [data.rpartition(b"\n\n")[2]]
+    )
+    step = 1 if events == 0 else 13
+    for i in range(1, len(data), step):
+        yield [data[:i], data[i:]]
+    rng = random.Random(len(data))
+    for _ in range(10):
+        cuts = sorted(rng.sample(range(1, len(data)), min(len(data) - 1, rng.randint(2, 20))))
+        yield [data[a:b] for a, b in zip([0, *cuts], [*cuts, len(data)], strict=True)]
+
+
+def outcome(shape: Shape, chunks: list[bytes], **kwargs: Any) -> dict[str, object]:
+    """Everything the proxy can see of a relayed stream."""
+    tracker = StreamTracker(shape, **kwargs)
+    out = b"".join(tracker.feed(c) for c in chunks) + tracker.finish()
+    error = tracker.error
+    return {
+        "out": out,
+        "error": None if error is None else (error.status, error.body, error.message),
+        "malformed": tracker.malformed,
+        "content_seen": tracker.content_seen,
+        "events": tracker.events,
+        "usage": tracker.usage,
+        "terminated": tracker.terminated,
+        "cut": tracker.cut,
+        "complete_on_eof": tracker.complete_on_eof(),
+        "terminator": tracker.terminator(),
+        "text": tracker.text,
+        "resumable": tracker.resumable,
+        "finished": tracker.finished,
+    }
+
+
+CASES = [
+    (name, shape, label, data)
+    for name, (shape, make) in STREAMS.items()
+    for label, data in variants(shape, make())
+]
+
+
+@pytest.mark.parametrize(("name", "shape", "label", "data"), CASES,
+                         ids=[f"{c[0]}-{c[2]}" for c in CASES])  # fmt: skip
+def test_any_chunking_gives_what_one_chunk_gives(
+    name: str, shape: Shape, label: str, data: bytes
+) -> None:
+    expected = outcome(shape, [data], strip_usage=True)
+    for chunks in chunkings(data, 1):
+        assert outcome(shape, chunks, strip_usage=True) == expected, (name, label, chunks)
+
+
+@pytest.mark.parametrize("name", ["chat", "gemini", "messages"])
+def test_every_split_point_of_a_real_stream(name: str) -> None:
+    shape, make = STREAMS[name]
+    data = b"".join(make())
+    expected = outcome(shape, [data], strip_usage=True)
+    assert expected["out"]
+    assert expected["complete_on_eof"] == b""
+    for chunks in chunkings(data, 0):
+        assert outcome(shape, chunks, strip_usage=True) == expected, chunks
+
+
+# --- the cheap paths relay what came, as it came --------------------------------------------
+
+
+def test_a_live_chat_stream_is_relayed_chunk_for_chunk() -> None:
+    events = chat_events(usage=False)
+    tracker = StreamTracker(Shape.CHAT)
+    for event in events:
+        assert tracker.feed(event) is event
+    assert tracker.terminated
+    assert tracker.text == "Hello from the mock provider."
+
+
+@pytest.mark.parametrize("how", ["whole", "events"])
+def test_a_gemini_stream_with_crlf_is_relayed_as_it_came(how: str) -> None:
+    events = gemini_events()
+    chunks = [b"".join(events)] if how == "whole" else events
+    tracker = StreamTracker(Shape.GEMINI)
+    for chunk in chunks:
+        assert tracker.feed(chunk) is chunk
+    assert tracker.finished
+    assert tracker.usage.output_tokens > 0
+
+
+# --- each event is read once ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("how", ["whole", "events", "pairs", "bytes"])
+@pytest.mark.parametrize("name", list(STREAMS))
+def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    shape, make = STREAMS[name]
+    events = make()
+    json_events = sum(1 for e in events if b"[DONE]" not in e)
+    data = b"".join(events)
+    if how == "whole":
+        chunks = [data]
+    elif how == "events":
+        chunks = events
+    elif how == "pairs":
+        chunks = [b"".join(events[i : i + 2]) for i in range(0, len(events), 2)]
+    else:
+        chunks = [data[i : i + 1] for i in range(len(data))]
+    parsed = 0
+    loads = orjson.loads
+
+    def counting(data: bytes | bytearray | memoryview | str) -> Any:
+        nonlocal parsed
+        parsed += 1
+        return loads(data)
+
+    monkeypatch.setattr(orjson, "loads", counting)  # the module sidecar.streams calls
+    tracker = StreamTracker(shape, strip_usage=True)
+    for chunk in chunks:
+        tracker.feed(chunk)
+    tracker.finish()
+    assert tracker.complete_on_eof() == b""
+    assert parsed == json_events
+
+
+def test_a_tracker_is_freed_without_the_cycle_collector() -> None:
+    gc.collect()
+    gc.disable()
+    try:
+        for shape, make in STREAMS.values():
+            tracker = StreamTracker(shape, strip_usage=True)
+            for event in make():
+                tracker.feed(event)
+            del tracker
+        assert gc.collect() == 0
+    finally:
+        gc.enable()
+
+
+# --- the fast lane reads what the careful path reads ----------------------------------------
+
+
+def content(text: str) -> bytes:
+    return sse(chat_chunk({"content": text}))
+
+
+@pytest.mark.parametrize("how", ["apart", "together"])
+def test_an_error_key_spelled_with_an_escape_stops_the_lane(how: str) -> None:
+    error = b'data: {"\\u0065rror": {"message": "boom", "type": "server_error"}}\n\n'
+    tracker = StreamTracker(Shape.CHAT)
+    assert tracker.feed(content("a")) == content("a")
+    chunks = [content("b"), error] if how == "apart" else [content("b") + error]
+    out = b"".join(tracker.feed(c) for c in chunks)
+    assert out == content("b")
+    assert tracker.error is not None
+    assert tracker.error.message == "boom"
+
+
+@pytest.mark.parametrize("how", ["apart", "together"])
+def test_usage_spelled_with_a_space_is_metered_in_the_lane(how: str) -> None:
+    usage = b'data: {"choices": [], "usage" : {"prompt_tokens": 3, "completion_tokens": 4}}\n\n'
+    tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+    tracker.feed(content("a"))
+    chunks = [content("b"), usage, DONE] if how == "apart" else [content("b") + usage + DONE]
+    out = b"".join(tracker.feed(c) for c in chunks)
+    assert out == content("b") + DONE
+    assert (tracker.usage.input_tokens, tracker.usage.output_tokens) == (3, 4)
+
+
+@pytest.mark.parametrize("how", ["apart", "together"])
+def test_an_empty_data_event_in_the_lane_is_malformed(how: str) -> None:
+    tracker = StreamTracker(Shape.CHAT)
+    tracker.feed(content("a"))
+    chunks = [content("b"), b"data: \n\n"] if how == "apart" else [content("b") + b"data: \n\n"]
+    assert b"".join(tracker.feed(c) for c in chunks) == content("b")
+    assert tracker.malformed
+
+
+def test_the_lane_strips_every_usage_chunk_the_sidecar_asked_for() -> None:
+    usage = sse(CHAT_USAGE)
+    data = content("a") + content("b") + usage + usage + DONE
+    for chunks in ([data], [content("a"), data[len(content("a")) :]]):
+        tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+        assert b"".join(tracker.feed(c) for c in chunks) == content("a") + content("b") + DONE
+        assert tracker.usage.output_tokens == 5
