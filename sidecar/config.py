@@ -27,6 +27,14 @@ from sidecar.secret import Secret
 DEFAULT_ON_STATUS: Final = (401, 403, 408, 409, 429, 500, 502, 503, 504, 529)
 
 _MALFORMED: Final = "malformed vault reference: expected ${secrets.get('NS', 'NAME')}"
+#: An HTTP field name (RFC 9110 token).
+_HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")
+#: Headers that say how a request is framed or how its connection is used: the sidecar sets
+#: these itself, and a provider's `headers:` must not contradict them.
+_FRAMING_HEADERS: Final = frozenset(
+    {"connection", "content-length", "expect", "keep-alive", "proxy-connection", "te", "trailer",
+     "transfer-encoding", "upgrade"}
+)  # fmt: skip
 _REF = re.compile(r"""\$\{\s*secrets\.get\(\s*(['"])([^'"]+)\1\s*,\s*(['"])([^'"]+)\3\s*\)\s*\}""")
 _ID = NAME
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
@@ -576,6 +584,11 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
         k: Template.parse(v) for k, v in _str_map(r, raw.get("headers"), f"{path}.headers").items()
     }
     for k, tmpl in headers.items():
+        if not _HEADER_NAME.fullmatch(k):
+            r.fail(f"{path}.headers.{k}", "expected a header name (letters, digits and !#$%&'*+-.^_`|~)")
+        elif k.lower() in _FRAMING_HEADERS:
+            r.fail(f"{path}.headers.{k}", "the sidecar frames each request itself: this header "
+                   "would contradict it on a kept-alive connection")  # fmt: skip
         if tmpl.malformed:
             r.fail(f"{path}.headers.{k}", _MALFORMED)
     models, model_prefill = _models(r, raw.get("models"), f"{path}.models")
@@ -636,8 +649,6 @@ def _shared_state(r: _Reader, data: Mapping[str, Any]) -> SharedStateConfig | No
     )
 
 
-#: Header names: RFC 9110 tokens.
-_HEADER_NAME = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]{1,128}$")
 _TRACING_MAX_HEADERS: Final = 32
 _SERVICE_NAME_MAX: Final = 128
 
@@ -690,7 +701,7 @@ def _tracing_headers(r: _Reader, raw: object) -> tuple[tuple[str, Secret], ...]:
         return ()
     out: list[tuple[str, Secret]] = []
     for name, value in raw.items():
-        if not isinstance(name, str) or not _HEADER_NAME.match(name):
+        if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
             r.fail("tracing.headers", "expected header names of letters, digits and -")
             continue
         path = f"tracing.headers.{name}"

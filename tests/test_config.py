@@ -920,3 +920,44 @@ def test_tracing_problems_name_their_key_and_never_a_header_value(body: str, pro
     found = problems(body)
     assert any(p.startswith(problem) for p in found), found
     assert not any("hunter2" in p for p in found)
+
+
+@pytest.mark.parametrize(
+    "name",
+    ["Transfer-Encoding", "content-length", "Connection", "Upgrade", "Expect", "TE", "Trailer",
+     "Keep-Alive", "proxy-connection", "bad name", "x:y", "x\u00e9"],
+)  # fmt: skip
+def test_a_provider_header_that_would_change_how_a_request_is_framed_is_refused(name: str) -> None:
+    text = f"""
+providers:
+  - id: openai
+    api_keys: [{{id: a, value: "${{secrets.get('a', 'b')}}"}}]
+    headers: {{"{name}": "x"}}
+"""
+    with pytest.raises(ConfigError) as exc:
+        parse_config_text(text, CFG)
+    assert any(p.startswith(f"providers[0].headers.{name}: ") for p in exc.value.problems)
+
+
+def test_ordinary_provider_headers_and_a_host_override_are_accepted() -> None:
+    text = """
+providers:
+  - id: openai
+    api_keys: [{id: a, value: "${secrets.get('a', 'b')}"}]
+    headers: {OpenAI-Organization: org-1, anthropic-beta: x, Host: api.example, x_y.z~1: v}
+"""
+    cfg = parse_config_text(text, CFG)
+    assert [k for k, _ in cfg.providers[0].headers] == [
+        "OpenAI-Organization", "anthropic-beta", "Host", "x_y.z~1"
+    ]
+
+
+def test_a_tracing_header_name_with_a_line_break_is_refused() -> None:
+    text = """
+tracing:
+  endpoint: http://127.0.0.1:4318/v1/traces
+  headers: {"x-a\\n": v}
+"""
+    with pytest.raises(ConfigError) as exc:
+        parse_config_text(text, CFG)
+    assert any(p.startswith("tracing.headers") for p in exc.value.problems)
