@@ -29,24 +29,25 @@ def account(state: State, ex: Exchange) -> None:
         state.billing.record(ex.runtime.prices, ex.access, earlier, spent)
     if usage is not None and c is not None:
         state.billing.record(ex.runtime.prices, ex.access, c, usage)
+    # What the whole request metered: the last attempt's usage and every earlier one's.
+    total = usage
+    if ex.charges and usage is not None:
+        total = Usage(
+            usage.input_tokens + sum(u.input_tokens for _, u in ex.charges),
+            usage.output_tokens + sum(u.output_tokens for _, u in ex.charges),
+        )
     if ex.ticket is not None:  # the rate-limit estimate, settled with what was metered
         used = None
-        if usage is not None:
-            used = usage.input_tokens + usage.output_tokens
-            used += sum(u.input_tokens + u.output_tokens for _, u in ex.charges)
+        if total is not None:
+            used = total.input_tokens + total.output_tokens
         elif c is None or (ex.status >= 400 and ex.status != CLIENT_CLOSED):
             # Nothing went upstream, or it answered with an error: no tokens spent. A caller
             # that left mid-answer may have been paid for upstream: its estimate stands.
             used = 0
         state.admission.settle(ex.ticket, used)
     if ex.trace is not None:
-        _end_trace(ex, usage)
+        _end_trace(ex, total)
     if state.access_log.enabled:
-        if ex.charges and usage is not None:
-            usage = Usage(
-                usage.input_tokens + sum(u.input_tokens for _, u in ex.charges),
-                usage.output_tokens + sum(u.output_tokens for _, u in ex.charges),
-            )
         state.access_log.write(
             {
                 "ts": time.time(),
@@ -65,8 +66,8 @@ def account(state: State, ex: Exchange) -> None:
                 "translated": ex.translated,
                 "duration_ms": round(duration * 1000, 3),
                 "overhead_ms": round(overhead * 1000, 3),
-                "input_tokens": usage.input_tokens if usage else None,
-                "output_tokens": usage.output_tokens if usage else None,
+                "input_tokens": total.input_tokens if total else None,
+                "output_tokens": total.output_tokens if total else None,
             }
         )
 
@@ -81,12 +82,9 @@ def _logged_path(ex: Exchange) -> str:
 
 
 def _end_trace(ex: Exchange, usage: Usage | None) -> None:
-    """The request's server span: what it came to, all its attempts' tokens counted."""
+    """The request's server span: what it came to, `usage` all its attempts' tokens."""
     assert ex.trace is not None
     c = ex.candidate
-    if ex.charges and usage is not None:
-        usage = Usage(usage.input_tokens + sum(u.input_tokens for _, u in ex.charges),
-                      usage.output_tokens + sum(u.output_tokens for _, u in ex.charges))  # fmt: skip
     ex.trace.end(ex.status, request_model=c.model.requested if c and c.model else None,
                  response_model=c.upstream_model if c else None, usage=usage,
                  access_key=ex.access.name if ex.access else None,
