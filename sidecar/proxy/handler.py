@@ -547,10 +547,12 @@ class Proxy:
         whole = False  # the answer arrived complete: its usage is what it reported
         resp: web.StreamResponse | None = None
         try:
-            resp = await relay.open_stream(ex, res.upstream)
+            resp = await relay.open_stream(ex, res.upstream, current.prefix)
+            first = True
             while True:
-                if current.prefix:
+                if current.prefix and not first:
                     await relay.send(ex, resp, current.prefix)
+                first = False
                 brk = None
                 if not current.complete:
                     assert current.upstream is not None

@@ -11,22 +11,20 @@ from typing import Any, Final
 
 import aiohttp
 from aiohttp import web
-from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.deadlines import deadline
 from sidecar.formats import Adapter, adapter_for
 from sidecar.plan import Candidate
+from sidecar.proxy import answer
 from sidecar.proxy.client import UpstreamResponse
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
-from sidecar.proxy.upstream import HOP_BY_HOP, Failed
+from sidecar.proxy.upstream import Failed
 from sidecar.secret import mask_key_fragments
 from sidecar.state import State
 from sidecar.streams import StreamTracker
 from sidecar.translate import Translation
 from sidecar.usage import Usage, usage_from_tail
 
-#: Response headers never relayed: aiohttp decompresses and re-frames the body.
-_DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 #: How much of an answer that cannot be translated is read for its error message.
 _UNREADABLE_HEAD: Final = 4096
 #: How much of the end of an answer relayed unread is kept to find its `usage`.
@@ -64,7 +62,7 @@ def _must_wait(ex: Exchange, size: int) -> bool:
 
 #: aiohttp's `StreamWriter.write` drains (and so may wait) once this many bytes were written
 #: since its last drain (its `LIMIT`; aiohttp is pinned in constraints.txt).
-_DRAIN_AT: Final = 0x10000
+_DRAIN_AT: Final = answer.DRAIN_AT
 
 
 class CallerStalled(Exception):
@@ -105,7 +103,7 @@ def respond(
     body: bytes,
     adapter: Adapter,
     translation: Translation | None = None,
-) -> web.Response:
+) -> web.StreamResponse:
     """A JSON answer read whole (its usage is metered from the body, in the caller's format)."""
     status = upstream.status
     ex.status = status
@@ -118,15 +116,14 @@ def respond(
         body = _translated(ex, translation, status, body)
         status = ex.status
     body = masked(status, body, ex.candidate)
-    headers = _headers(ex, upstream.headers)
-    if translation is not None:
-        headers["content-type"] = "application/json"
-    return web.Response(status=status, body=body, headers=headers)
+    content_type = None if translation is None else "application/json"
+    return answer.answer(ex.request, status, upstream.headers.items(), ex.sidecar_headers(),
+                         body, content_type)  # fmt: skip
 
 
 def respond_failed(
     ex: Exchange, cand: Candidate, failed: Failed, translation: Translation | None = None
-) -> web.Response:
+) -> web.StreamResponse:
     """The last failover-status answer, when every candidate failed."""
     status, failed_headers, failed_body = failed
     ex.candidate = cand
@@ -134,10 +131,10 @@ def respond_failed(
     if translation is not None:
         failed_body = translation.error(status, failed_body)
     body = masked(status, failed_body, cand)
-    headers = _headers(ex, failed_headers)
-    if translation is not None:  # the upstream's page, whatever it was, is now a JSON error
-        headers["content-type"] = "application/json"
-    return web.Response(status=status, body=body, headers=headers)
+    # Translated, the upstream's page, whatever it was, is now a JSON error.
+    content_type = None if translation is None else "application/json"
+    return answer.answer(ex.request, status, failed_headers.items(), ex.sidecar_headers(),
+                         body, content_type)  # fmt: skip
 
 
 async def respond_unreadable(
@@ -176,12 +173,18 @@ def _translated(ex: Exchange, translation: Translation, status: int, body: bytes
     return out
 
 
-async def open_stream(ex: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
-    """Send the response headers: from here on the caller has the first byte."""
+async def open_stream(ex: Exchange, upstream: UpstreamResponse, first: bytes = b"") -> web.StreamResponse:
+    """Send the response headers, with `first` (the events held so far) in the same write:
+    from here on the caller has the first byte."""
     ex.status = upstream.status
-    resp = web.StreamResponse(status=upstream.status, headers=_headers(ex, upstream.headers))
+    resp = answer.stream(ex.request, upstream.status, upstream.headers.items(),
+                         ex.sidecar_headers())  # fmt: skip
     await resp.prepare(ex.request)
     ex.streaming = True
+    if first:
+        await send(ex, resp, first)
+    elif isinstance(resp, answer.Stream):
+        resp.send_head()
     return resp
 
 
@@ -260,13 +263,11 @@ async def relay_body(
     loop = asyncio.get_running_loop()
     idle = ex.runtime.config.timeouts.stream_idle
     try:
-        resp = await open_stream(ex, upstream)
+        resp = await open_stream(ex, upstream, prefix)
     except BaseException:  # the caller's side failed first: the upstream's answer is not wanted
         upstream.close()
         raise
     try:
-        if prefix:
-            await send(ex, resp, prefix)
         with deadline(None) as timer:
             while True:
                 t = time.perf_counter()
@@ -310,16 +311,6 @@ def close_caller(ex: Exchange) -> None:
     transport = ex.request.transport
     if transport is not None:
         transport.close()
-
-
-def _headers(ex: Exchange, upstream: CIMultiDictProxy[str]) -> CIMultiDict[str]:
-    """The upstream's end-to-end response headers, then the sidecar's own."""
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in upstream.items():
-        if name.lower() not in _DROP_RESPONSE:
-            out.add(name, value)
-    out.update(ex.sidecar_headers())
-    return out
 
 
 def masked(status: int, body: bytes, cand: Candidate | None) -> bytes:
