@@ -11,7 +11,7 @@ import itertools
 import json
 import os
 import zlib
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from typing import Any, Final
 from urllib.parse import parse_qsl, quote, unquote
 
@@ -141,7 +141,7 @@ def model_names(data: Mapping[str, Any] | None, *, required: bool) -> list[str]:
     return names
 
 
-def rejected_header(names: list[str]) -> str:
+def rejected_header(names: Sequence[str]) -> str:
     """The `x-sidecar-rejected-models` value, cut at a name boundary with `,...`."""
     value = ",".join(names)
     if len(value) <= REJECTED_HEADER_MAX:

@@ -29,7 +29,8 @@ def _second(sec: int) -> str:
 
 
 def _iso(ts: float) -> str:
-    return f"{_second(int(ts))}.{int(ts % 1 * 1000):03d}Z"
+    sec = int(ts)
+    return "%s.%03dZ" % (_second(sec), (ts - sec) * 1000)  # noqa: UP031 (half the f-string's cost)
 
 
 class OpLog:
@@ -137,7 +138,7 @@ class AccessLog:
         if not self.enabled:
             return
         record["ts"] = _iso(record["ts"])
-        self._buf.append(orjson.dumps(record) + b"\n")
+        self._buf.append(orjson.dumps(record, option=orjson.OPT_APPEND_NEWLINE))
         if len(self._buf) >= 256:
             self.flush()
         elif self._handle is None:

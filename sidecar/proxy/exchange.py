@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass, field
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, Final
 
 from aiohttp import web
@@ -23,13 +23,10 @@ if TYPE_CHECKING:
 CLIENT_CLOSED: Final = 499
 
 
-@dataclass(slots=True)
 class Exchange:
-    request: web.Request
-    fmt: str
-    runtime: Runtime
-    started: float
-    request_id: str
+    """Not a dataclass: every field but the five set at the start is a class-level default
+    until the request sets it, so making one costs five assignments, not twenty-three."""
+
     access: AccessKey | None = None
     candidate: Candidate | None = None
     attempts: int = 0
@@ -37,8 +34,8 @@ class Exchange:
     status: int = 0
     usage: Usage | None = None
     #: usage of earlier attempts that also produced tokens (a stream resumed elsewhere)
-    charges: list[tuple[Candidate, Usage]] = field(default_factory=list)
-    rejected: list[str] = field(default_factory=list)
+    charges: tuple[tuple[Candidate, Usage], ...] = ()
+    rejected: Sequence[str] = ()
     overhead: float | None = None
     token: Secret | None = None  # the caller's credential as sent: stripped from the query
     #: the provider the request was resolved to, for refusals made before any key was chosen
@@ -49,6 +46,15 @@ class Exchange:
     translated: str | None = None  # `caller->upstream` when the attempt was translated
     ticket: Ticket | None = None  # the access key's rate-limit count, settled when done
     trace: RequestTrace | None = None  # `tracing:` on: this request's server span
+
+    def __init__(
+        self, request: web.Request, fmt: str, runtime: Runtime, started: float, request_id: str
+    ) -> None:
+        self.request = request
+        self.fmt = fmt
+        self.runtime = runtime
+        self.started = started
+        self.request_id = request_id
 
     @property
     def transport(self) -> asyncio.Transport | None:

@@ -605,7 +605,7 @@ class Proxy:
                 state.oplog.info("usage_estimated", request_id=ex.request_id,
                                  input_tokens=spent.input_tokens,
                                  output_tokens=spent.output_tokens)  # fmt: skip
-                ex.charges.append((cand, spent))  # each attempt is paid for
+                ex.charges = (*ex.charges, (cand, spent))  # each attempt is paid for
                 ex.resumed = True
                 current, tracker, cand = nxt, nxt.tracker, ex.candidate
         except (ConnectionResetError, relay.CallerStalled):  # the caller left, or took nothing
@@ -675,7 +675,7 @@ class Proxy:
                 res = await self._send(ex, step, prep, out, tracker)
             except asyncio.CancelledError:  # the caller left while a continuation was held
                 if tracker.events:  # that upstream had begun: it is paid for too
-                    ex.charges.append((cand, tracker.estimate(len(raw))))
+                    ex.charges = (*ex.charges, (cand, tracker.estimate(len(raw))))
                 ex.candidate = broken_cand  # the broken stream's own usage is its candidate's
                 raise
             if res.tracker is not None:
