@@ -326,7 +326,7 @@ class StreamTracker:
     received, minus what is removed (see the module docstring). An incomplete
     trailing event is held until it completes; one over `max_event` bytes
     (16 MiB by default) counts as malformed. After `error` or `malformed` is
-    set, nothing more is forwarded. After the shape's terminator everything is
+    set (`stopped`: either), nothing more is forwarded. After the shape's terminator everything is
     forwarded unread. `finish()` at EOF drops an incomplete trailing event (a
     cut) and returns the bytes still to forward (b"" unless translated).
 
@@ -364,8 +364,7 @@ class StreamTracker:
         "_resumable",
         "_scan",
         "_splice",
-        "_stopped",
-        "_strip",
+                "_strip",
         "_text",
         "_text_len",
         "_through",
@@ -374,6 +373,7 @@ class StreamTracker:
         "events",
         "malformed",
         "shape",
+        "stopped",
         "terminated",
         "usage",
     )
@@ -423,7 +423,7 @@ class StreamTracker:
         self._cache_read = 0
         self._held = bytearray()
         self._scan = 0
-        self._stopped = False  # error or malformed: nothing more is forwarded
+        self.stopped = False  # error or malformed: nothing more is forwarded
         self._through = False  # terminated (or OTHER started): forward unread
         self._cut = False
         # An if-chain, not a dict: hashing an enum member is a Python-level call. The plain
@@ -534,7 +534,7 @@ class StreamTracker:
     # -- relay -----------------------------------------------------------------
 
     def feed(self, chunk: bytes) -> bytes:
-        if self._stopped:
+        if self.stopped:
             return b""
         if self._pre is not None:
             chunk = self._pre.feed(chunk)
@@ -595,7 +595,7 @@ class StreamTracker:
         if self._raw:
             self._catch_up()
         result = self._on_data(data)
-        if self._stopped:
+        if self.stopped:
             return b""
         return chunk if result is _KEEP else result
 
@@ -707,13 +707,13 @@ class StreamTracker:
                 return self._careful_rest(chunk, start, out, kept)
             data = _event_data(event)
             result = _KEEP if data is None else self._on_data(data)
-            if result is _KEEP and not self._stopped:
+            if result is _KEEP and not self.stopped:
                 continue
             if out is None:
                 out = []
             out.append(chunk[kept:start])
             kept = pos
-            if self._stopped:
+            if self.stopped:
                 return b"".join(out)
             if result:
                 out.append(result)
@@ -747,13 +747,13 @@ class StreamTracker:
             pos = end + 2
             data = _event_data(chunk[start:end])
             result = _KEEP if data is None else self._on_data(data)
-            if result is _KEEP and not self._stopped:
+            if result is _KEEP and not self.stopped:
                 continue
             if out is None:
                 out = []
             out.append(chunk[kept:start])
             kept = pos
-            if self._stopped:
+            if self.stopped:
                 return b"".join(out)
             if result:
                 out.append(result)
@@ -789,7 +789,7 @@ class StreamTracker:
                 start = pos
                 data = _event_data(event)
                 result = _KEEP if data is None else self._on_data(data)
-                if self._stopped:
+                if self.stopped:
                     held.clear()
                     return b"".join(out)
                 out.append(event if result is _KEEP else result)
@@ -801,7 +801,7 @@ class StreamTracker:
         del held[:start]
         self._scan = pos - start
         if len(held) > self._max_event:
-            self.malformed = self._stopped = True
+            self.malformed = self.stopped = True
             held.clear()
         return b"".join(out)
 
@@ -809,7 +809,7 @@ class StreamTracker:
 
     def _on_data(self, data: bytes) -> bytes | None:
         """Read one complete event's (joined) data; None to forward the event as is, b"" to
-        drop it, else its replacement. Sets `_stopped` for an error or malformed event (then
+        drop it, else its replacement. Sets `stopped` for an error or malformed event (then
         the result is ignored)."""
         self.events += 1
         if self.shape is _OTHER:
@@ -821,7 +821,7 @@ class StreamTracker:
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
-            self.malformed = self._stopped = True
+            self.malformed = self.stopped = True
             return _DROP
         if not isinstance(obj, dict):
             return _KEEP
@@ -829,7 +829,7 @@ class StreamTracker:
 
     def _stop(self, error: InbandError) -> bytes:
         self.error = error
-        self._stopped = True
+        self.stopped = True
         return _DROP
 
     def _add_text(self, piece: str) -> None:

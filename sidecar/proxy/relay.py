@@ -200,35 +200,35 @@ async def pump(
     caller taking nothing. A clean end without the format's terminator is a break unless
     the answer had finished (then the terminator is added).
     """
-    content = upstream.content
-    loop = asyncio.get_running_loop()
+    # Per chunk, so what it calls is looked up once.
+    readany = upstream.content.readany
+    feed = tracker.feed
+    clock = asyncio.get_running_loop().time
+    perf = time.perf_counter
     idle = ex.runtime.config.timeouts.stream_idle
     try:
         with deadline(None) as timer:
+            reschedule = timer.reschedule
             while True:
-                if tracker.error is not None:  # also in the chunk that carried the first content
-                    return Break("inband_error", tracker.error.message)
-                if tracker.malformed:
-                    return Break("malformed")
-                t = time.perf_counter()
-                timer.reschedule(loop.time() + idle)
-                chunk = await content.readany()
-                ex.upstream_wait += time.perf_counter() - t
+                if tracker.stopped:  # also in the chunk that carried the first content
+                    return _stopped(tracker)
+                t = perf()
+                reschedule(clock() + idle)
+                chunk = await readany()
+                ex.upstream_wait += perf() - t
                 if not chunk:
                     tail = tracker.finish()
                     if tail:  # what a translation still held
                         await send(ex, resp, tail)
-                    if tracker.error is not None:
-                        return Break("inband_error", tracker.error.message)
-                    if tracker.malformed:
-                        return Break("malformed")
+                    if tracker.stopped:
+                        return _stopped(tracker)
                     done = tracker.complete_on_eof()
                     if done is None:
                         return Break("upstream_closed")
                     if done or tracker.cut:  # finished, then its tail was lost: the handler ends it
                         return Break("tail_lost")
                     return None
-                out = tracker.feed(chunk)
+                out = feed(chunk)
                 if out:
                     writer = resp._payload_writer  # `send`'s own first test, inlined per chunk
                     if writer is not None and writer.buffer_size + len(out) + 16 <= _DRAIN_AT:
@@ -246,6 +246,13 @@ async def pump(
         return Break("idle_timeout" if isinstance(exc, TimeoutError) else "upstream_closed")
     finally:
         upstream.release()
+
+
+def _stopped(tracker: StreamTracker) -> Break:
+    """Why a stream the tracker stopped forwarding broke: an in-band error or a malformed event."""
+    if tracker.error is not None:
+        return Break("inband_error", tracker.error.message)
+    return Break("malformed")
 
 
 async def relay_body(
