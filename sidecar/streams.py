@@ -364,7 +364,7 @@ class StreamTracker:
         "_resumable",
         "_scan",
         "_splice",
-                "_strip",
+        "_strip",
         "_text",
         "_text_len",
         "_through",

@@ -28,6 +28,8 @@ UPSTREAM = [
 ]
 OWN = {"x-sidecar-request-id": "r-1", "x-sidecar-provider": "openai"}
 BODY = b'{"answer": 42}'
+#: Opened by a test once it has read a stream's head that `send_head` sent alone.
+GATE: dict[str, asyncio.Event] = {}
 
 
 async def _handle(request: web.Request) -> web.StreamResponse:
@@ -41,19 +43,27 @@ async def _handle(request: web.Request) -> web.StreamResponse:
         return answer.answer(request, 404, [], {}, b"nope")
     if action == "split":
         return answer.answer(request, 200, [("X-Bad", "a\r\nX-Injected: 1")], {}, BODY)
-    resp = answer.stream(request, 200, [("Content-Type", "text/event-stream")], OWN)
+    if action == "closed":  # force_close() before the answer is prepared is kept
+        resp = answer.answer(request, 200, UPSTREAM, OWN, BODY)
+        resp.force_close()
+        return resp
+    typed = [] if action == "untyped" else [("Content-Type", "text/event-stream")]
+    resp = answer.stream(request, 200, typed, OWN)
     await resp.prepare(request)
-    if action == "head-first" and isinstance(resp, answer.Stream):
+    if action == "head-first":
+        assert isinstance(resp, answer.Stream)
         resp.send_head()
-        await asyncio.sleep(0.05)
-    for part in (b"data: 1\n\n", b"data: 2\n\n"):
-        await resp.write(part)
+        await asyncio.wait_for(GATE["open"].wait(), 5)
+    if action != "empty":
+        for part in (b"data: 1\n\n", b"data: 2\n\n"):
+            await resp.write(part)
     await resp.write_eof()
     return resp
 
 
 @pytest.fixture
 async def port() -> AsyncIterator[int]:
+    GATE["open"] = asyncio.Event()
     app = web.Application()
     app.router.add_route("*", "/{action}", _handle)
     runner = web.AppRunner(app, access_log=None)
@@ -181,11 +191,31 @@ async def test_a_stream_sends_its_head_with_the_first_chunk(port: int) -> None:
 async def test_send_head_sends_a_streams_head_before_any_chunk(port: int) -> None:
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
     writer.write(b"GET /head-first HTTP/1.1\r\nHost: x\r\n\r\n")
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    # The handler writes no chunk until the head has been read here.
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 2)
     assert head.startswith(b"HTTP/1.1 200 OK\r\n")
+    GATE["open"].set()
     rest = await asyncio.wait_for(reader.readuntil(b"0\r\n\r\n"), 5)
     writer.close()
     assert rest == b"9\r\ndata: 1\n\n\r\n9\r\ndata: 2\n\n\r\n0\r\n\r\n"
+
+
+async def test_a_stream_ended_before_any_chunk_still_sends_its_head(port: int) -> None:
+    raw = await _exchange(port, b"GET /empty HTTP/1.1\r\nHost: x\r\n\r\n")
+    line, headers, body = _head(raw)
+    assert line == "HTTP/1.1 200 OK"
+    assert ("Transfer-Encoding", "chunked") in headers
+    assert body == b"0\r\n\r\n"
+
+
+async def test_a_stream_without_a_content_type_gets_the_default(port: int) -> None:
+    _, headers, _ = _head(await _exchange(port, b"GET /untyped HTTP/1.1\r\nHost: x\r\n\r\n"))
+    assert ("Content-Type", "application/octet-stream") in headers
+
+
+async def test_force_close_before_the_answer_is_kept(port: int) -> None:
+    raw = await _exchange(port, b"GET /closed HTTP/1.1\r\nHost: x\r\n\r\n", wait_close=True)
+    assert ("Connection", "close") in _head(raw)[1]
 
 
 async def test_an_http10_stream_is_delimited_by_closing_the_connection(port: int) -> None:
@@ -203,3 +233,5 @@ def test_its_headers_read_as_a_mapping() -> None:
     assert resp.headers["X-Sidecar-Provider"] == "openai"
     assert resp.status == 200
     assert not resp.prepared
+    with pytest.raises(TypeError):  # built with its headers: a later change would be lost
+        resp.headers["X-Late"] = "1"  # type: ignore[index]

@@ -25,7 +25,7 @@ from aiohttp.helpers import rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_response import REASON_PHRASES
-from multidict import CIMultiDict
+from multidict import CIMultiDict, CIMultiDictProxy
 
 from sidecar.proxy.upstream import HOP_BY_HOP
 
@@ -71,17 +71,20 @@ def _pairs(
 
 
 def _head(
-    request: web.BaseRequest, status: int, pairs: _Pairs, seen: set[str], length: int | None
-) -> tuple[bytes, bool]:
-    """The serialised head and whether the connection is kept alive after it. `length`
-    None: chunked (HTTP/1.1 only)."""
-    keep_alive = request.keep_alive
+    request: web.BaseRequest,
+    status: int,
+    pairs: _Pairs,
+    seen: set[str],
+    length: int | None,
+    keep_alive: bool,
+) -> bytes:
+    """The serialised head. `length` None: chunked (HTTP/1.1 only)."""
     if length is None:
         pairs.append(("Transfer-Encoding", "chunked"))
     else:
-        if length and "content-type" not in seen:
-            pairs.append(("Content-Type", "application/octet-stream"))
         pairs.append(("Content-Length", str(length)))
+    if length != 0 and "content-type" not in seen:  # as aiohttp does for a body of any length
+        pairs.append(("Content-Type", "application/octet-stream"))
     if "date" not in seen:
         pairs.append(("Date", rfc822_formatted_time()))
     if "server" not in seen:
@@ -95,13 +98,14 @@ def _head(
         if keep_alive:
             pairs.append(("Connection", "keep-alive"))
         line = f"HTTP/{version[0]}.{version[1]} {status} {REASON_PHRASES.get(status, '')}"
-    return _serialize_headers(line, pairs), keep_alive  # type: ignore[arg-type]
+    return _serialize_headers(line, pairs)  # type: ignore[arg-type]
 
 
 class _Lean(web.StreamResponse):
     """What aiohttp reads of a response it did not prepare: `prepare`, `write_eof`,
-    `keep_alive`, `prepared`, `status` (the class defaults of `StreamResponse` cover the rest;
-    `headers` is built on demand)."""
+    `keep_alive`, `prepared`, `status` (the class defaults of `StreamResponse` cover the rest).
+    `headers` is a read-only copy: a header is set by building the response, not after.
+    No `on_response_prepare` signal is sent for it (the sidecar registers none)."""
 
     def __init__(self, status: int, pairs: _Pairs, seen: set[str]) -> None:
         # Not StreamResponse.__init__: its headers mapping is what this class does without.
@@ -112,8 +116,14 @@ class _Lean(web.StreamResponse):
         self._seen = seen
 
     @property  # type: ignore[override]
-    def _headers(self) -> CIMultiDict[str]:  # type: ignore[override]  # for anything that reads `headers`
-        return CIMultiDict(self._pairs)
+    def _headers(self) -> CIMultiDictProxy[str]:  # type: ignore[override]
+        return CIMultiDictProxy(CIMultiDict(self._pairs))
+
+    def _keep_alive_for(self, request: web.BaseRequest) -> bool:
+        """The caller's wish, unless `force_close()` was called."""
+        keep_alive = request.keep_alive and self._keep_alive is not False
+        self._keep_alive = keep_alive
+        return keep_alive
 
 
 class Answer(_Lean):
@@ -129,10 +139,11 @@ class Answer(_Lean):
         if self._payload_writer is not None:
             return self._payload_writer
         body = self._body
-        assert isinstance(body, bytes)
+        assert isinstance(body, (bytes, bytearray))
         writer = self._payload_writer = request._payload_writer
         self._req = request
-        head, self._keep_alive = _head(request, self._status, self._pairs, self._seen, len(body))
+        keep_alive = self._keep_alive_for(request)
+        head = _head(request, self._status, self._pairs, self._seen, len(body), keep_alive)
         writer.length = len(body)
         writer._headers_buf = head  # type: ignore[attr-defined]
         writer._headers_written = False  # type: ignore[attr-defined]
@@ -161,7 +172,8 @@ class Stream(_Lean):
             return self._payload_writer
         writer = self._payload_writer = request._payload_writer
         self._req = request
-        head, self._keep_alive = _head(request, self._status, self._pairs, self._seen, None)
+        keep_alive = self._keep_alive_for(request)
+        head = _head(request, self._status, self._pairs, self._seen, None, keep_alive)
         writer.enable_chunking()
         writer._headers_buf = head  # type: ignore[attr-defined]
         writer._headers_written = False  # type: ignore[attr-defined]

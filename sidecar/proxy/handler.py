@@ -547,12 +547,12 @@ class Proxy:
         whole = False  # the answer arrived complete: its usage is what it reported
         resp: web.StreamResponse | None = None
         try:
-            resp = await relay.open_stream(ex, res.upstream, current.prefix)
-            first = True
+            resp = await relay.open_stream(ex, res.upstream)
+            if not current.prefix:
+                relay.send_head(resp)
             while True:
-                if current.prefix and not first:
+                if current.prefix:  # the first time, with the held head in one write
                     await relay.send(ex, resp, current.prefix)
-                first = False
                 brk = None
                 if not current.complete:
                     assert current.upstream is not None

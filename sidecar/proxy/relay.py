@@ -74,6 +74,9 @@ async def send(ex: Exchange, resp: web.StreamResponse, data: bytes) -> None:
     """Write to the caller; a write that must wait for it to read waits at most `stream_idle`."""
     size = len(data) + 16  # + chunk framing
     writer = resp._payload_writer  # aiohttp's writer waits only past _DRAIN_AT since its last drain
+    head = getattr(writer, "_headers_buf", None)  # a head still held goes out with this write
+    if head:
+        size += len(head)
     if (writer is not None and writer.buffer_size + size <= _DRAIN_AT) or not _must_wait(ex, size):
         await resp.write(data)
         return
@@ -173,19 +176,21 @@ def _translated(ex: Exchange, translation: Translation, status: int, body: bytes
     return out
 
 
-async def open_stream(ex: Exchange, upstream: UpstreamResponse, first: bytes = b"") -> web.StreamResponse:
-    """Send the response headers, with `first` (the events held so far) in the same write:
-    from here on the caller has the first byte."""
+async def open_stream(ex: Exchange, upstream: UpstreamResponse) -> web.StreamResponse:
+    """Prepare the caller's response: its head is held, to go out with the first `send`
+    (the events held so far, in one write), or alone at `send_head`."""
     ex.status = upstream.status
     resp = answer.stream(ex.request, upstream.status, upstream.headers.items(),
                          ex.sidecar_headers())  # fmt: skip
     await resp.prepare(ex.request)
     ex.streaming = True
-    if first:
-        await send(ex, resp, first)
-    elif isinstance(resp, answer.Stream):
-        resp.send_head()
     return resp
+
+
+def send_head(resp: web.StreamResponse) -> None:
+    """Send a prepared response's head now, if it is still held."""
+    if isinstance(resp, answer.Stream):
+        resp.send_head()
 
 
 async def pump(
@@ -270,11 +275,15 @@ async def relay_body(
     loop = asyncio.get_running_loop()
     idle = ex.runtime.config.timeouts.stream_idle
     try:
-        resp = await open_stream(ex, upstream, prefix)
+        resp = await open_stream(ex, upstream)
     except BaseException:  # the caller's side failed first: the upstream's answer is not wanted
         upstream.close()
         raise
     try:
+        if prefix:
+            await send(ex, resp, prefix)
+        else:
+            send_head(resp)
         with deadline(None) as timer:
             while True:
                 t = time.perf_counter()
