@@ -58,7 +58,7 @@ def account(state: State, ex: Exchange) -> None:
                 "format": ex.fmt,
                 "provider": provider or None,
                 "model": c.upstream_model if c else None,
-                "key_source": c.key.source.value if c else None,
+                "key_source": c.key.labels[1] if c else None,  # the source's value, precomputed
                 "key_id": c.key.key_id if c else None,
                 "attempts": ex.attempts,
                 "status": ex.status,

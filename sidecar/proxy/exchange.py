@@ -75,7 +75,7 @@ class Exchange:
         if c is not None:
             h["x-sidecar-provider"] = c.provider.id
             h["x-sidecar-model"] = c.upstream_model or ""
-            h["x-sidecar-key-source"] = c.key.source.value
+            h["x-sidecar-key-source"] = c.key.labels[1]  # the source's value, precomputed
             h["x-sidecar-key-id"] = c.key.key_id
             h["x-sidecar-attempts"] = str(self.attempts)
             if self.translated:

@@ -485,7 +485,8 @@ class Proxy:
                                      max(0.001, step.budget), tracker)  # fmt: skip
         if span is not None:
             span.end(res.status, res.outcome.value)
-        metrics.upstream_attempts(*key.labels, res.outcome.value).inc()
+        # str(): the value, in C (an enum's `.value` is a Python-level property on 3.11)
+        metrics.upstream_attempts(*key.labels, str(res.outcome)).inc()
         return res
 
     @staticmethod
