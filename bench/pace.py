@@ -22,11 +22,12 @@ shows it. No I/O here: bench/run.py runs wrk.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Final
 
 DEFAULT_RATE: Final = 1000  # req/s offered to each target in the fixed-rate run
+DEFAULT_RATE_ROUNDS: Final = 3  # fixed-rate runs per target and mode (the median p99 counts)
 INTERVAL_MS: Final = 50.0  # the time between two requests of one connection, at the target rate
 TOLERANCE: Final = 0.02  # an achieved rate within 2% of the target needs no more calibration
 OFF_TARGET: Final = 0.05  # a run further than 5% from the target rate did not run at that rate
@@ -100,22 +101,29 @@ def calibrate(trial: Callable[[Pace], float], pace: Pace, runs: int) -> tuple[Pa
     return pace, rates
 
 
-def describe(pace: Pace, seconds: int, runs: int) -> str:
+def describe(pace: Pace, seconds: int, runs: int, rounds: int = 1) -> str:
     """The fixed-rate section's title."""
-    return (f"FIXED RATE {pace.rate:g} req/s offered to each target, one run of {seconds} s "
+    each = (f"one run of {seconds} s" if rounds == 1 else
+            f"{rounds} rounds of one {seconds} s run per target (the order alternating), the "
+            "run with the median p99 shown")  # fmt: skip
+    return (f"FIXED RATE {pace.rate:g} req/s offered to each target, {each} "
             f"(paced closed loop, not wrk2: {pace.connections} connections, each waiting a "
             f"calibrated delay after an answer, ≈ one request per {pace.interval_ms:.0f} ms; "
             f"up to {runs} calibration run(s) of {CALIBRATION_SECONDS} s first)")  # fmt: skip
 
 
-def added_p99_line(mode: str, sidecar: str, rate: float, sidecar_p99: float,
-                   base_p99: float, *, reached: bool = True, width: int = 8) -> str:  # fmt: skip
+def added_p99_line(mode: str, sidecar: str, rate: float, added_ms: float, *,
+                   rounds: Sequence[float] = (), reached: bool = True, width: int = 8) -> str:  # fmt: skip
     """`added p99 at N req/s: sidecar MINUS pass-through = X ms`, the issue's goal beside it
-    (never judged: a benchmark prints, it does not fail). `reached`: whether both runs achieved
-    the rate (within `OFF_TARGET`); when not, the line says the difference is not one at N
-    req/s."""
+    (never judged: a benchmark prints, it does not fail). `added_ms`: the median over the
+    rounds of each round's difference, `rounds` those differences (shown when more than one).
+    `reached`: whether every run achieved the rate (within `OFF_TARGET`); when not, the line
+    says the difference is not one at N req/s."""
     line = (f"  {mode:<{width}}added p99 at {rate:g} req/s: {sidecar} {_MINUS} pass-through = "
-            f"{sidecar_p99 - base_p99:.2f} ms (issue goal ≤ {ADDED_P99_GOAL_MS:g} ms)")  # fmt: skip
+            f"{added_ms:.2f} ms")  # fmt: skip
+    if len(rounds) > 1:
+        line += f" (median of {', '.join(f'{r:.2f}' for r in rounds)})"
+    line += f" (issue goal ≤ {ADDED_P99_GOAL_MS:g} ms)"
     if not reached:
         line += (f"; NOT at {rate:g} req/s: a target fell more than {OFF_TARGET:.0%} short of "
                  "it (see `off by`), so these p99s include queueing at saturation")  # fmt: skip

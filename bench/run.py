@@ -82,6 +82,7 @@ from bench import memory
 from bench.pace import (
     CALIBRATION_SECONDS,
     DEFAULT_RATE,
+    DEFAULT_RATE_ROUNDS,
     OFF_TARGET,
     Pace,
     added_p99_line,
@@ -677,6 +678,7 @@ class Settings:
     limits: bool = False  # the access key has rpm and tpm (BENCH_RATE_LIMIT, never reached)
     tracing: bool = False  # the sidecars export traces (every request) to the mock's sink
     rate: int = DEFAULT_RATE  # the fixed-rate run's req/s; 0: no fixed-rate run
+    rate_rounds: int = DEFAULT_RATE_ROUNDS  # fixed-rate runs per target and mode
     streams: int = memory.DEFAULT_STREAMS  # streams held open to measure memory; 0: none
     quick: bool = False  # shorter calibration and hold (--quick)
 
@@ -821,7 +823,8 @@ class Results:
     samples: dict[tuple[str, str], list[Sample]] = field(default_factory=dict)  # (mode, target)
     loads: list[str] = field(default_factory=list)  # load average before each round
     completed: Counter[str] = field(default_factory=Counter)  # target -> all requests wrk completed
-    fixed: dict[tuple[str, str], tuple[Pace, Sample]] = field(default_factory=dict)  # fixed rate
+    #: fixed rate: (mode, target) -> each round's run, with the pace it ran at
+    fixed: dict[tuple[str, str], list[tuple[Pace, Sample]]] = field(default_factory=dict)
 
     def of(self, mode: str, target: str) -> list[Sample]:
         return self.samples.get((mode, target), [])
@@ -871,27 +874,36 @@ def fixed_rate_plan(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...
 
 def measure_fixed_rate(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settings,
                        cores: Cores, results: Results) -> None:  # fmt: skip
-    """Offer each target `settings.rate` req/s: calibrate wrk's pacing on it, then one run of
-    `settings.duration` seconds."""
+    """Offer each target `settings.rate` req/s for `settings.duration` seconds, in
+    `settings.rate_rounds` rounds whose target order alternates: a p99 is one slow moment
+    away from another, so no single run is the answer. wrk's pacing is calibrated on each
+    target and mode in the first round and kept."""
     modes, names = fixed_rate_plan(settings)
-    for mode in modes:
-        for name in names:
-            target = targets[name]
+    paces: dict[tuple[str, str], Pace] = {}
+    for r in range(settings.rate_rounds):
+        for mode in modes:
+            for name in names if r % 2 == 0 else names[::-1]:
+                target = targets[name]
 
-            def trial(p: Pace, target: Target = target, mode: str = mode) -> float:
-                s = run_wrk(wrk, fleet, target, mode, CALIBRATION_SECONDS, settings, cores, p)
-                results.completed[target.name] += s.requests
-                return s.rps
+                def trial(p: Pace, target: Target = target, mode: str = mode) -> float:
+                    s = run_wrk(wrk, fleet, target, mode, CALIBRATION_SECONDS, settings, cores, p)
+                    results.completed[target.name] += s.requests
+                    return s.rps
 
-            start = Pace.start(settings.rate, settings.threads)
-            paced, rates = calibrate(trial, start, settings.calibrations)
-            s = run_wrk(wrk, fleet, target, mode, settings.duration, settings, cores, paced)
-            results.completed[name] += s.requests
-            results.fixed[(mode, name)] = (paced, s)
-            print(f"  fixed {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>6.0f} req/s (calibration "
-                  f"{', '.join(f'{r:.0f}' for r in rates)}; delay {paced.delay_ms:.2f} ms)  p99 "
-                  f"{s.p99_ms:.2f} ms" + (f"  errors {s.errors}" if s.errors else ""),
-                  file=sys.stderr, flush=True)  # fmt: skip
+                paced = paces.get((mode, name))
+                note = ""
+                if paced is None:
+                    start = Pace.start(settings.rate, settings.threads)
+                    paced, rates = calibrate(trial, start, settings.calibrations)
+                    paces[(mode, name)] = paced
+                    note = f"calibration {', '.join(f'{x:.0f}' for x in rates)}; "
+                s = run_wrk(wrk, fleet, target, mode, settings.duration, settings, cores, paced)
+                results.completed[name] += s.requests
+                results.fixed.setdefault((mode, name), []).append((paced, s))
+                print(f"  fixed {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>6.0f} req/s ({note}delay "
+                      f"{paced.delay_ms:.2f} ms)  p99 {s.p99_ms:.2f} ms  round "
+                      f"{r + 1}/{settings.rate_rounds}" + (f"  errors {s.errors}" if s.errors else ""),
+                      file=sys.stderr, flush=True)  # fmt: skip
 
 
 def memory_targets(targets: dict[str, Target]) -> list[tuple[Target, Server]]:
@@ -1041,29 +1053,42 @@ def print_headline(results: Results, settings: Settings) -> None:
                   f"{', '.join(_UNTRANSLATED[m] for m in xs)}, when measured)")  # fmt: skip
 
 
+def _median_run(runs: list[tuple[Pace, Sample]]) -> tuple[Pace, Sample]:
+    """The run with the median p99 (the lower middle one of an even number)."""
+    return sorted(runs, key=lambda run: run[1].p99_ms)[(len(runs) - 1) // 2]
+
+
 def fixed_rate_lines(results: Results, settings: Settings) -> list[str]:
-    """The fixed-rate section: achieved rate, latency and the proxy's CPU per target and mode,
-    then `added p99 at N req/s: sidecar MINUS pass-through = X ms` per mode and sidecar."""
+    """The fixed-rate section: per target and mode the run with the median p99 (rate,
+    latency, the proxy's CPU) and every round's p99, then `added p99 at N req/s: sidecar
+    MINUS pass-through = X ms`: the median of the rounds' differences, per mode and sidecar."""
     modes, names = fixed_rate_plan(settings)
-    runs = [(m, n, *results.fixed[(m, n)]) for m in modes for n in names if (m, n) in results.fixed]
+    runs = [(m, n, results.fixed[(m, n)]) for m in modes for n in names if results.fixed.get((m, n))]
     if not runs:
         return []
-    lines = [describe(runs[0][2], settings.duration, settings.calibrations),
+    rounds = max(len(rs) for _, _, rs in runs)
+    lines = [describe(runs[0][2][0][0], settings.duration, settings.calibrations, rounds),
              f"{'mode':<{_MODE_WIDTH}}{'target':<15}{'req/s':>7}{'off by':>8}{'p50 ms':>8}"
-             f"{'p99 ms':>8}{'max ms':>8}  │ proxy CPU ms/req  % of a core  │ delay ms"]  # fmt: skip
-    for mode, name, paced, s in runs:
-        lines.append(f"{mode:<{_MODE_WIDTH}}{name:<15}{s.rps:>7.0f}{paced.off_by(s.rps):>+8.1%}"
-                     f"{s.p50_ms:>8.2f}{s.p99_ms:>8.2f}{s.max_ms:>8.2f}  │ "
-                     f"{_num(s.ms_per_request('proxy'), 16)}{_num(s.core_percent('proxy'), 13, '.0f')}"
-                     f"  │ {paced.delay_ms:>8.2f}")  # fmt: skip
+             f"{'p99 ms':>8}{'max ms':>8}  │ proxy CPU ms/req  % of a core  │ delay ms"
+             + ("  │ p99 ms by round" if rounds > 1 else "")]  # fmt: skip
+    for mode, name, rs in runs:
+        paced, s = _median_run(rs)
+        line = (f"{mode:<{_MODE_WIDTH}}{name:<15}{s.rps:>7.0f}{paced.off_by(s.rps):>+8.1%}"
+                f"{s.p50_ms:>8.2f}{s.p99_ms:>8.2f}{s.max_ms:>8.2f}  │ "
+                f"{_num(s.ms_per_request('proxy'), 16)}{_num(s.core_percent('proxy'), 13, '.0f')}"
+                f"  │ {paced.delay_ms:>8.2f}")  # fmt: skip
+        if rounds > 1:
+            line += "  │ " + " ".join(f"{r.p99_ms:.2f}" for _, r in rs)
+        lines.append(line)
     for mode in modes:
         base = results.fixed.get((mode, "pass-through"))
         for name in names:
             side = results.fixed.get((mode, name))
             if base and side and name != "pass-through":
-                reached = all(p.on_target(s.rps, OFF_TARGET) for p, s in (base, side))
-                lines.append(added_p99_line(mode, name, settings.rate, side[1].p99_ms,
-                                            base[1].p99_ms, reached=reached, width=_MODE_WIDTH))  # fmt: skip
+                diffs = [b.p99_ms - a.p99_ms for (_, a), (_, b) in zip(base, side, strict=False)]
+                reached = all(p.on_target(s.rps, OFF_TARGET) for p, s in (*base, *side))
+                lines.append(added_p99_line(mode, name, settings.rate, statistics.median(diffs),
+                                            rounds=diffs, reached=reached, width=_MODE_WIDTH))  # fmt: skip
     return lines
 
 
@@ -1164,7 +1189,8 @@ def _count_lines(path: Path) -> int:
 def failures(results: Results) -> list[str]:
     runs = [(f"{name} {mode}", s) for (mode, name), ss in sorted(results.samples.items())
             for s in ss] + [(f"{name} {mode} at a fixed rate", s)
-                            for (mode, name), (_, s) in sorted(results.fixed.items())]  # fmt: skip
+                            for (mode, name), rs in sorted(results.fixed.items())
+                            for _, s in rs]  # fmt: skip
     return [f"{what}: {s.error_rate:.1%} of requests failed: {s.errors}"
             for what, s in runs if s.error_rate > MAX_ERROR_RATE]  # fmt: skip
 
@@ -1282,6 +1308,9 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     p.add_argument("--rate", type=int, default=DEFAULT_RATE, metavar="N",
                    help="the fixed-rate run: N req/s offered to pass-through and sidecar in json "
                         f"and stream; 0 skips it ({DEFAULT_RATE})")  # fmt: skip
+    p.add_argument("--rate-rounds", type=int, default=DEFAULT_RATE_ROUNDS, metavar="N",
+                   help="fixed-rate runs per target and mode, the order alternating; the median "
+                        f"p99 is reported ({DEFAULT_RATE_ROUNDS})")  # fmt: skip
     p.add_argument("--streams", type=int, default=memory.DEFAULT_STREAMS, metavar="N",
                    help="memory: N streams held open through each proxy at once; 0 skips them "
                         f"(the idle RSS is still shown) ({memory.DEFAULT_STREAMS})")  # fmt: skip
@@ -1290,16 +1319,18 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
                         "fixed-rate run, streams held 1 s (about 50 s)")  # fmt: skip
     a = p.parse_args(argv)
     if a.quick:
-        a.duration, a.warmup, a.rounds = 2, 1, 1
+        a.duration, a.warmup, a.rounds, a.rate_rounds = 2, 1, 1, 1
     if a.duration < 1 or a.warmup < 0 or a.connections < 1 or a.rounds < 1 or a.threads < 1:
         p.error("--duration at least 1; --rounds, --connections and --threads at least 1")
     if a.threads > a.connections:
         p.error("--threads must not exceed --connections")
+    if a.rate_rounds < 1:
+        p.error("--rate-rounds at least 1")
     if a.rate < 0 or a.streams < 0:
         p.error("--rate and --streams must not be negative (0 skips)")
     settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode,
                         shared_state=a.shared_state, limits=a.limits, tracing=a.tracing,
-                        rate=a.rate,
+                        rate=a.rate, rate_rounds=a.rate_rounds,
                         streams=a.streams, quick=a.quick)  # fmt: skip
     return settings, a.tree, Cores.choose(a.pin)
 

@@ -313,13 +313,15 @@ def test_the_pace_reaches_chat_lua_in_its_environment() -> None:
 
 
 def test_the_added_p99_line_names_the_rate_and_never_judges() -> None:
-    line = added_p99_line("json", "sidecar", 1000, 2.45, 1.75)
+    line = added_p99_line("json", "sidecar", 1000, 0.70)
     assert f"added p99 at 1000 req/s: sidecar {MINUS} pass-through = 0.70 ms" in line
     assert "goal ≤ 2 ms" in line
-    worse = added_p99_line("stream", "sidecar", 1000, 9.0, 1.0, reached=False)
+    worse = added_p99_line("stream", "sidecar", 1000, 8.0, reached=False)
     assert "= 8.00 ms" in worse
     assert "NOT at 1000 req/s" in worse
     assert "NOT" not in line
+    rounds = added_p99_line("json", "sidecar", 1000, 0.5, rounds=[0.5, -1.0, 4.25])
+    assert "= 0.50 ms (median of 0.50, -1.00, 4.25)" in rounds
 
 
 def _sample(rps: float, p99_ms: float, errors: dict[str, int] | None = None) -> run.Sample:
@@ -331,10 +333,10 @@ def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() ->
     settings = run.parse_args(["--duration", "5"])[0]
     results = run.Results()
     pace = Pace(1000, 50, 2, 48.0)
-    results.fixed = {("json", "pass-through"): (pace, _sample(998, 1.5)),
-                     ("json", "sidecar"): (pace, _sample(1004, 2.0)),
-                     ("stream", "pass-through"): (pace, _sample(1000, 3.0)),
-                     ("stream", "sidecar"): (pace, _sample(900, 9.0))}  # fmt: skip
+    results.fixed = {("json", "pass-through"): [(pace, _sample(998, 1.5))],
+                     ("json", "sidecar"): [(pace, _sample(1004, 2.0))],
+                     ("stream", "pass-through"): [(pace, _sample(1000, 3.0))],
+                     ("stream", "sidecar"): [(pace, _sample(900, 9.0))]}  # fmt: skip
     text = "\n".join(run.fixed_rate_lines(results, settings))
     assert text.startswith("FIXED RATE 1000 req/s offered to each target, one run of 5 s")
     assert "50 connections" in text
@@ -342,7 +344,30 @@ def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() ->
     assert f"stream  added p99 at 1000 req/s: sidecar {MINUS} pass-through = 6.00 ms" in text
     assert "-10.0%" in text  # the stream sidecar's achieved rate, off by
     assert text.count("NOT at 1000 req/s") == 1  # only the stream pair missed the rate
+    assert "by round" not in text
     assert run.fixed_rate_lines(run.Results(), settings) == []
+
+
+def test_fixed_rate_rounds_report_the_median_run_and_the_median_difference() -> None:
+    settings = run.parse_args(["--duration", "5"])[0]
+    assert settings.rate_rounds == 3
+    results = run.Results()
+    pace = Pace(1000, 50, 2, 48.0)
+    results.fixed = {
+        ("json", "pass-through"): [(pace, _sample(1000, p)) for p in (2.0, 9.0, 3.0)],
+        ("json", "sidecar"): [(pace, _sample(1000, p)) for p in (2.5, 4.0, 13.0)],
+    }
+    text = "\n".join(run.fixed_rate_lines(results, settings))
+    assert "3 rounds of one 5 s run per target" in text
+    # Each row is the run with the median p99, every round's p99 beside it.
+    rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("json ")}
+    assert rows["pass-through"].split()[5] == "3.00"
+    assert rows["pass-through"].endswith("│ 2.00 9.00 3.00")
+    assert rows["sidecar"].split()[5] == "4.00"
+    # Added p99: the median of each round's difference (0.50, -5.00, 10.00), not of the medians.
+    assert f"sidecar {MINUS} pass-through = 0.50 ms (median of 0.50, -5.00, 10.00)" in text
+    assert run.parse_args(["--quick"])[0].rate_rounds == 1
+    assert run.parse_args(["--rate-rounds", "5"])[0].rate_rounds == 5
 
 
 def test_the_fixed_rate_run_covers_json_and_stream_of_the_proxies_asked_for() -> None:
@@ -356,8 +381,8 @@ def test_the_fixed_rate_run_covers_json_and_stream_of_the_proxies_asked_for() ->
 
 def test_errors_at_the_fixed_rate_fail_the_run_like_any_other() -> None:
     results = run.Results()
-    results.fixed[("json", "sidecar")] = (Pace(1000, 50, 2, 48.0),
-                                          _sample(1000, 2.0, {"status": 400}))  # fmt: skip
+    results.fixed[("json", "sidecar")] = [(Pace(1000, 50, 2, 48.0),
+                                           _sample(1000, 2.0, {"status": 400}))]  # fmt: skip
     assert run.failures(results) == [
         "sidecar json at a fixed rate: 8.0% of requests failed: {'status': 400}"
     ]
