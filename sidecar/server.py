@@ -131,6 +131,7 @@ async def _shared_ctx(app: web.Application) -> AsyncIterator[None]:
 
 async def _client_ctx(app: web.Application) -> AsyncIterator[None]:
     state = app[STATE]
+    state.loop = asyncio.get_running_loop()
     state.client = UpstreamClient(keepalive=_UPSTREAM_KEEPALIVE_S)
     yield
     await state.client.close()

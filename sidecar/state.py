@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING
 
@@ -36,6 +37,8 @@ class State:
     shared: SharedState | None = None  # `shared_state:` configured
     tracing: Tracing | None = None  # `tracing:` configured
     client: UpstreamClient = field(init=False)  # the request path's upstream connections
+    #: the event loop it serves on (set with `client`): asyncio's own lookup is a system call
+    loop: asyncio.AbstractEventLoop = field(init=False)
     draining: bool = False
     ready: bool = False
 

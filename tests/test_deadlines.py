@@ -72,6 +72,25 @@ async def test_a_deadline_that_passes_raises_timeout_error() -> None:
     assert loop.time() - started < 2
 
 
+async def test_a_deadline_given_its_loop_never_asks_asyncio_for_it(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # On Python 3.11 asking (get_running_loop, current_task()) is a getpid() system call.
+    loop = asyncio.get_running_loop()
+
+    def asked() -> None:
+        raise AssertionError("the running loop was looked up")
+
+    monkeypatch.setattr(asyncio, "get_running_loop", asked)
+    started = loop.time()
+    with pytest.raises(TimeoutError), deadline(loop.time() + 0.05, loop):
+        await asyncio.sleep(5)
+    assert loop.time() - started < 2
+    with deadline(None, loop) as d:
+        d.reschedule(loop.time() + 30)
+        await asyncio.sleep(0)
+
+
 async def test_nothing_happens_when_the_block_ends_in_time() -> None:
     loop = asyncio.get_running_loop()
     with deadline(loop.time() + 0.05):

@@ -48,9 +48,16 @@ class Exchange:
     trace: RequestTrace | None = None  # `tracing:` on: this request's server span
 
     def __init__(
-        self, request: web.Request, fmt: str, runtime: Runtime, started: float, request_id: str
+        self,
+        request: web.Request,
+        fmt: str,
+        runtime: Runtime,
+        started: float,
+        request_id: str,
+        loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.request = request
+        self.loop = loop  # the running loop, known without asking asyncio (a system call)
         self.fmt = fmt
         self.runtime = runtime
         self.started = started

@@ -163,7 +163,7 @@ class Proxy:
 
     def _exchange(self, request: web.Request, fmt: str, runtime: Runtime) -> Exchange:
         rid = inbound.clean_request_id(request.headers.get("x-request-id"))
-        return Exchange(request, fmt, runtime, time.perf_counter(), rid)
+        return Exchange(request, fmt, runtime, time.perf_counter(), rid, self.state.loop)
 
     async def _handle(
         self, request: web.Request, fmt: str, explicit: str | None

@@ -208,11 +208,11 @@ async def pump(
     # Per chunk, so what it calls is looked up once.
     readany = upstream.content.readany
     feed = tracker.feed
-    clock = asyncio.get_running_loop().time
+    clock = ex.loop.time
     perf = time.perf_counter
     idle = ex.runtime.config.timeouts.stream_idle
     try:
-        with deadline(None) as timer:
+        with deadline(None, ex.loop) as timer:
             reschedule = timer.reschedule
             while True:
                 if tracker.stopped:  # also in the chunk that carried the first content
@@ -272,7 +272,7 @@ async def relay_body(
     A break ends the caller's connection without the body's end, so the client sees it."""
     usage_tail = bytearray(prefix[-_USAGE_TAIL:])
     content = upstream.content
-    loop = asyncio.get_running_loop()
+    loop = ex.loop
     idle = ex.runtime.config.timeouts.stream_idle
     try:
         resp = await open_stream(ex, upstream)
@@ -284,7 +284,7 @@ async def relay_body(
             await send(ex, resp, prefix)
         else:
             send_head(resp)
-        with deadline(None) as timer:
+        with deadline(None, loop) as timer:
             while True:
                 t = time.perf_counter()
                 timer.reschedule(loop.time() + idle)

@@ -143,11 +143,11 @@ async def attempt(
     ends = sent + budget  # perf_counter clock
     upstream: UpstreamResponse | None = None
     failover = False
-    loop = asyncio.get_running_loop()
+    loop = ex.loop
     idle = timeouts.stream_idle
     limit = timeouts.first_token if tracker is not None else timeouts.per_request
     try:
-        with deadline(loop.time() + min(limit, budget)) as timer:
+        with deadline(loop.time() + min(limit, budget), loop) as timer:
             upstream = await state.client.request(ex.request.method, url, headers, body)
             ttfb = time.perf_counter() - sent
             state.metrics.upstream_ttfb(key.provider).observe(ttfb)
