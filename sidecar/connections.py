@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import resource
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from http import HTTPStatus
 from typing import Any
@@ -21,6 +21,8 @@ from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 from aiohttp.web_request import BaseRequest
 
+from sidecar import dispatch
+from sidecar.dispatch import Handler
 from sidecar.logs import OpLog
 
 #: A body timer a little later than `timeouts.client_body`, so the handler's own 408 wins.
@@ -46,9 +48,13 @@ class GuardedServer(web.Server):
     """
 
     def __init__(
-        self, plain: web.Server, limits: Callable[[], ConnectionLimits], oplog: OpLog
+        self,
+        plain: web.Server,
+        limits: Callable[[], ConnectionLimits],
+        oplog: OpLog,
+        handler: Handler | None = None,
     ) -> None:
-        super().__init__(plain.request_handler, request_factory=plain.request_factory,
+        super().__init__(handler or plain.request_handler, request_factory=plain.request_factory,
                          handler_cancellation=plain.handler_cancellation, loop=plain._loop,
                          **plain._kwargs)  # fmt: skip
         self._limits = limits  # read per connection: a reload applies to new connections
@@ -194,21 +200,29 @@ class _GuardedHandler(RequestHandler):
 
 
 class GuardedRunner(web.AppRunner):
-    """An AppRunner whose server is a `GuardedServer`."""
+    """An AppRunner whose server is a `GuardedServer`; `direct` routes (static POST paths)
+    skip the router (`sidecar.dispatch`)."""
 
     def __init__(
         self,
         app: web.Application,
         limits: Callable[[], ConnectionLimits],
         oplog: OpLog,
+        *,
+        direct: Iterable[web.AbstractRoute] = (),
         **kwargs: Any,
     ) -> None:
         super().__init__(app, **kwargs)
         self._limits = limits
         self._oplog = oplog
+        self._direct = tuple(direct)
 
     async def _make_server(self) -> web.Server:
-        return GuardedServer(await super()._make_server(), self._limits, self._oplog)
+        plain = await super()._make_server()
+        handler = None
+        if self._direct:
+            handler = dispatch.direct(self.app, self._direct, plain.request_handler)
+        return GuardedServer(plain, self._limits, self._oplog, handler)
 
 
 def raise_fd_limit() -> int:

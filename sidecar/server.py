@@ -41,6 +41,8 @@ from sidecar.tracing import Tracing
 
 _RELOADER: web.AppKey[Reloader] = web.AppKey("sidecar_reloader", Reloader)
 INFLIGHT: web.AppKey[InFlight] = web.AppKey("sidecar_inflight", InFlight)
+#: The static POST routes served ahead of the router (`sidecar.dispatch`).
+DIRECT_ROUTES: web.AppKey[list[web.AbstractRoute]] = web.AppKey("sidecar_direct_routes", list)
 
 #: After the drain deadline: how long cut requests get to unwind (and account), and the
 #: shortest budget for flushing spend and closing; the exit stays within grace + 1 s.
@@ -180,11 +182,12 @@ def build_proxy_app(state: State, config_path: Path) -> web.Application:
     proxy = Proxy(state)
     app[INFLIGHT] = proxy.inflight
     r = app.router
+    direct = app[DIRECT_ROUTES] = []  # served ahead of the router (sidecar.dispatch)
     for path in ("/v1/chat/completions", "/v1/completions", "/v1/embeddings", "/v1/responses"):
-        r.add_post(path, proxy.openai)
+        direct.append(r.add_post(path, proxy.openai))
     for path in ("/v1/messages", "/v1/messages/count_tokens"):
-        r.add_post(path, proxy.anthropic)
-    r.add_post("/v1/responses/input_tokens", proxy.openai)
+        direct.append(r.add_post(path, proxy.anthropic))
+    direct.append(r.add_post("/v1/responses/input_tokens", proxy.openai))
     r.add_get("/v1/models", proxy.models)
     r.add_get("/v1/models/{model:.+}", proxy.models)
     r.add_get("/v1/responses", proxy.websocket)
@@ -278,8 +281,11 @@ async def start(
     # auto_decompress=False: the handler decodes request bodies itself, bounded (inbound.decode_body).
     # shutdown_timeout: `Running.stop` drains with its own deadline first; this only bounds
     # aiohttp's wait for handlers that were already cut.
-    proxy_runner = GuardedRunner(build_proxy_app(state, config_path), lambda: _proxy_limits(state),
-                                  state.oplog, handler_cancellation=True, shutdown_timeout=_UNWIND_S,
+    proxy_app = build_proxy_app(state, config_path)
+    direct: list[web.AbstractRoute] = proxy_app[DIRECT_ROUTES]
+    proxy_runner = GuardedRunner(proxy_app, lambda: _proxy_limits(state), state.oplog,
+                                  direct=direct,
+                                  handler_cancellation=True, shutdown_timeout=_UNWIND_S,
                                   access_log=None, handle_signals=False, auto_decompress=False)  # fmt: skip
     admin_runner = GuardedRunner(build_admin_app(state), lambda: _admin_limits(state), state.oplog,
                                   access_log=None, shutdown_timeout=_UNWIND_S, handle_signals=False)  # fmt: skip
