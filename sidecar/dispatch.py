@@ -9,6 +9,9 @@ once (frozen, its app set), so `request.match_info` and `request.app` read as th
 would. Anything else (another method, a query string, a percent-escape, an
 `Expect: 100-continue` aiohttp must answer first) goes to the application's own
 dispatch, unchanged. The sidecar's app has no middlewares, so nothing is skipped.
+
+A route's match info is one object shared by all its requests: handlers only read it
+(`match_info.route`, `request.app`), as the sidecar's do; none may write to it.
 """
 
 from __future__ import annotations
@@ -30,9 +33,11 @@ def direct(app: web.Application, routes: Iterable[web.AbstractRoute], fallback: 
         raise ValueError("direct dispatch would skip the application's middlewares")
     table: dict[str, tuple[web.UrlMappingMatchInfo, RouteHandler]] = {}
     for route in routes:
-        if route.method != hdrs.METH_POST or route.resource is None:
+        if route.method != hdrs.METH_POST or not isinstance(route.resource, web.PlainResource):
             raise ValueError(f"not a POST route of a static path: {route!r}")
         path = route.resource.canonical
+        if path in table:
+            raise ValueError(f"two direct routes for {path}")
         match = web.UrlMappingMatchInfo({}, route)
         match.add_app(app)
         match.freeze()

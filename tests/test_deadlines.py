@@ -4,6 +4,7 @@ context manager on a real event loop."""
 from __future__ import annotations
 
 import asyncio
+from typing import Any
 
 import pytest
 
@@ -82,6 +83,14 @@ async def test_a_deadline_given_its_loop_never_asks_asyncio_for_it(
         raise AssertionError("the running loop was looked up")
 
     monkeypatch.setattr(asyncio, "get_running_loop", asked)
+    current_task = asyncio.current_task
+
+    def current(loop: asyncio.AbstractEventLoop | None = None) -> asyncio.Task[Any] | None:
+        if loop is None:  # without its loop, C looks the loop up (and calls getpid)
+            asked()
+        return current_task(loop)
+
+    monkeypatch.setattr(asyncio, "current_task", current)
     started = loop.time()
     with pytest.raises(TimeoutError), deadline(loop.time() + 0.05, loop):
         await asyncio.sleep(5)

@@ -13,6 +13,8 @@ import pytest
 from aiohttp import web
 
 from sidecar.dispatch import direct
+from sidecar.server import DIRECT_ROUTES
+from tests.harness import Env
 
 SEEN: list[str] = []
 ROUTED: list[str] = []  # paths aiohttp's router resolved
@@ -124,6 +126,42 @@ def test_an_app_with_middlewares_is_refused() -> None:
 
 def test_only_static_post_routes_can_be_direct() -> None:
     app = web.Application()
-    route = app.router.add_get("/x", _chat)
     with pytest.raises(ValueError, match="POST"):
-        direct(app, [route], _chat)  # type: ignore[arg-type]
+        direct(app, [app.router.add_get("/x", _chat)], _chat)  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="static path"):
+        direct(app, [app.router.add_post("/y/{id}", _chat)], _chat)  # type: ignore[arg-type]
+    other = web.Application()
+    twice = [app.router.add_post("/z", _chat), other.router.add_post("/z", _other)]
+    with pytest.raises(ValueError, match="two direct routes"):
+        direct(app, twice, _chat)  # type: ignore[arg-type]
+
+
+async def test_the_sidecar_serves_its_static_post_routes_directly(env: Env, token: str) -> None:
+    # The production wiring: build_proxy_app lists the routes, start() hands them to the
+    # runner, and a chat completion reaches its handler without the router.
+    env.write_config("providers:\n  - id: openai\n    base_url: UPSTREAM\n"
+                     f"    api_keys: [{{id: k, value: \"{env.secret('openai', 'k', 'sk-k')}\"}}]\n")  # fmt: skip
+    sidecar = await env.start()
+    try:
+        app = sidecar.running.proxy_runner.app
+        direct_paths = {r.resource.canonical for r in app[DIRECT_ROUTES] if r.resource is not None}
+        assert {"/v1/chat/completions", "/v1/messages", "/v1/responses"} <= direct_paths
+        walked: list[str] = []
+        resolve = app.router.resolve
+
+        async def counted(request: web.Request) -> Any:
+            walked.append(request.path)
+            return await resolve(request)
+
+        app.router.resolve = counted  # type: ignore[method-assign]
+        async with sidecar.openai(token) as client:
+            chat = await client.chat.completions.create(
+                model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
+            )
+            assert chat.choices[0].message.content
+            assert walked == []
+            models = await client.models.list()  # a GET: the router's
+            assert models.data
+            assert walked == ["/v1/models"]
+    finally:
+        await sidecar.stop()

@@ -226,6 +226,7 @@ class Proxy:
             raise ProxyError(ErrorCode.REQUEST_TOO_LARGE, f"request body over {limit} bytes")
         if request.content_length is not None and request.content.is_eof():
             # Already all here (the usual case): taken as it is, with no timer and no copy.
+            # (request.read() would now give b"": this is the body's only reader.)
             return self._decoded(request, request.content.read_nowait(), limit)
         try:
             async with asyncio.timeout(wait):
