@@ -117,14 +117,15 @@ def added_p99_line(mode: str, sidecar: str, rate: float, added_ms: float, *,
     """`added p99 at N req/s: sidecar MINUS pass-through = X ms`, the issue's goal beside it
     (never judged: a benchmark prints, it does not fail). `added_ms`: the median over the
     rounds of each round's difference, `rounds` those differences (shown when more than one).
-    `reached`: whether every run achieved the rate (within `OFF_TARGET`); when not, the line
-    says the difference is not one at N req/s."""
+    `reached`: whether every run achieved the rate (within `OFF_TARGET`, either way); when not,
+    the line says the difference is not one at N req/s."""
     line = (f"  {mode:<{width}}added p99 at {rate:g} req/s: {sidecar} {_MINUS} pass-through = "
             f"{added_ms:.2f} ms")  # fmt: skip
     if len(rounds) > 1:
         line += f" (median of {', '.join(f'{r:.2f}' for r in rounds)})"
     line += f" (issue goal ≤ {ADDED_P99_GOAL_MS:g} ms)"
     if not reached:
-        line += (f"; NOT at {rate:g} req/s: a target fell more than {OFF_TARGET:.0%} short of "
-                 "it (see `off by`), so these p99s include queueing at saturation")  # fmt: skip
+        line += (f"; NOT at {rate:g} req/s: a run was more than {OFF_TARGET:.0%} off it (see "
+                 "`off by`): below it, its p99 includes queueing at saturation; above it, it "
+                 "carried more load than asked")  # fmt: skip
     return line
