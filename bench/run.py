@@ -1115,8 +1115,9 @@ def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: in
             limited = _metric_sum(metrics, "sidecar_rate_limited_total")
         except OSError:
             counted, shared, limited = _NAN, "", _NAN
-        failed = _log_count(t, b"trace_export_failed")
-        traced = trace_line(trace_counts(t), failed) if t.traces_url else ""
+        traced = ""
+        if t.traces_url:  # the proxy's whole log is read only when it traced
+            traced = trace_line(trace_counts(t), _log_count(t, b"trace_export_failed"))
         held = f", + {streams} held streams" if streams else ""
         print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke{held}); "
               f"sidecar_requests_total {counted:.0f}"

@@ -27,8 +27,11 @@ from sidecar.secret import Secret
 DEFAULT_ON_STATUS: Final = (401, 403, 408, 409, 429, 500, 502, 503, 504, 529)
 
 _MALFORMED: Final = "malformed vault reference: expected ${secrets.get('NS', 'NAME')}"
-#: An HTTP field name (RFC 9110 token).
+#: An HTTP field name (RFC 9110 token), and how an error message says it.
 _HEADER_NAME: Final = re.compile(r"[!#$%&'*+\-.^_`|~0-9A-Za-z]{1,128}")
+_HEADER_NAME_RULE: Final = "letters, digits and !#$%&'*+-.^_`|~"
+#: `tracing.service_name` when unset, and the instrumentation scope of the sidecar's spans.
+DEFAULT_SERVICE_NAME: Final = "ai-gateway-sidecar"
 #: Headers that say how a request is framed or how its connection is used: the sidecar sets
 #: these itself, and a provider's `headers:` must not contradict them.
 _FRAMING_HEADERS: Final = frozenset(
@@ -208,7 +211,7 @@ class TracingConfig:
 
     #: the collector's OTLP/HTTP traces URL; one given without a path gets `/v1/traces`
     endpoint: str
-    service_name: str = "ai-gateway-sidecar"
+    service_name: str = DEFAULT_SERVICE_NAME
     #: share of new traces kept; a caller's `traceparent` decides for its own trace
     sample_ratio: float = 1.0
     #: sent with every export (a collector's token may be one): never shown
@@ -585,7 +588,7 @@ def _provider(r: _Reader, raw: object, i: int) -> ProviderConfig | None:
     }
     for k, tmpl in headers.items():
         if not _HEADER_NAME.fullmatch(k):
-            r.fail(f"{path}.headers.{k}", "expected a header name (letters, digits and !#$%&'*+-.^_`|~)")
+            r.fail(f"{path}.headers.{k}", f"expected a header name ({_HEADER_NAME_RULE})")
         elif k.lower() in _FRAMING_HEADERS:
             r.fail(f"{path}.headers.{k}", "the sidecar frames each request itself: this header "
                    "would contradict it on a kept-alive connection")  # fmt: skip
@@ -702,7 +705,7 @@ def _tracing_headers(r: _Reader, raw: object) -> tuple[tuple[str, Secret], ...]:
     out: list[tuple[str, Secret]] = []
     for name, value in raw.items():
         if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
-            r.fail("tracing.headers", "expected header names of letters, digits and -")
+            r.fail("tracing.headers", f"expected header names of {_HEADER_NAME_RULE}")
             continue
         path = f"tracing.headers.{name}"
         if not isinstance(value, str) or not value:
@@ -727,7 +730,7 @@ def _tracing(r: _Reader, data: Mapping[str, Any]) -> TracingConfig | None:
     endpoint = r.get(raw, "endpoint", "tracing.endpoint", _otlp_url, "")
     headers = _tracing_headers(r, raw.get("headers"))
     service = r.get(raw, "service_name", "tracing.service_name", _service_name,
-                    "ai-gateway-sidecar")  # fmt: skip
+                    DEFAULT_SERVICE_NAME)  # fmt: skip
     ratio = r.get(raw, "sample_ratio", "tracing.sample_ratio", _ratio, 1.0)
     timeout = r.get(raw, "timeout", "tracing.timeout", _export_timeout, 10.0)
     if not endpoint:

@@ -689,51 +689,23 @@ class StreamTracker:
     def _feed_whole(self, chunk: bytes, crlf: bool) -> bytes:
         """A run of whole events, returned as is unless changed: `\\n\\n`-terminated without
         any `\\r`, or (`crlf`) `\\r\\n\\r\\n`-terminated with every line ended by `\\r\\n`.
-        From an empty line on (an event without a line), the rest goes the careful way."""
+        Events are found one at a time: on a chat stream before its content, the fast lane
+        takes the rest from the first content event on. From an empty line on (an event
+        without a line), the rest goes the careful way."""
         if self._raw:
             self._catch_up()  # in order: what the fast lane relayed comes first
-        if self._laned and not self.content_seen and not crlf:
-            return self._feed_to_lane(chunk)
+        lane = self._laned and not self.content_seen and not crlf
         out: list[bytes] | None = None
         kept = 0  # start of the part of `chunk` not yet copied to `out`
         sep = b"\r\n\r\n" if crlf else b"\n\n"
         step = len(sep)
-        pos = 0
-        for event in chunk.split(sep)[:-1]:  # split in C: every event is read
-            start, pos = pos, pos + len(event) + step
-            if self._through:
-                break
-            if not event or event[0] in _LINE_ENDS:
-                return self._careful_rest(chunk, start, out, kept)
-            data = _event_data(event)
-            result = _KEEP if data is None else self._on_data(data)
-            if result is _KEEP and not self.stopped:
-                continue
-            if out is None:
-                out = []
-            out.append(chunk[kept:start])
-            kept = pos
-            if self.stopped:
-                return b"".join(out)
-            if result:
-                out.append(result)
-        if out is None:
-            return chunk
-        out.append(chunk[kept:])
-        return b"".join(out)
-
-    def _feed_to_lane(self, chunk: bytes) -> bytes:
-        """`_feed_whole` of a chat stream before its content: events found one at a time,
-        up to the first content event; the fast lane takes the rest from there."""
-        out: list[bytes] | None = None
-        kept = 0
         size = len(chunk)
         pos = 0
         while pos < size:
             if self._through:
                 break
             start = pos
-            if self.content_seen:
+            if lane and self.content_seen:
                 rest = self._feed_fast(chunk, start)
                 if rest is chunk:  # the rest as it came
                     return chunk if out is None else b"".join(out) + chunk[kept:]
@@ -741,10 +713,10 @@ class StreamTracker:
                     head = chunk[:start] if out is None else b"".join(out) + chunk[kept:start]
                     return head + rest
                 return self._careful_rest(chunk, start, out, kept)
-            if chunk[start] == 0x0A:
+            if chunk[start] in _LINE_ENDS:
                 return self._careful_rest(chunk, start, out, kept)
-            end = chunk.find(b"\n\n", start)
-            pos = end + 2
+            end = chunk.find(sep, start)
+            pos = end + step
             data = _event_data(chunk[start:end])
             result = _KEEP if data is None else self._on_data(data)
             if result is _KEEP and not self.stopped:

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, Any, Final, Protocol
 from urllib.parse import urlsplit
 
 from sidecar import __version__
-from sidecar.config import Config, TracingConfig
+from sidecar.config import DEFAULT_SERVICE_NAME, Config, TracingConfig
 from sidecar.logs import OpLog
 
 if TYPE_CHECKING:
@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from opentelemetry.trace import Span, Tracer
 
 #: Instrumentation scope of every span.
-SCOPE: Final = "ai-gateway-sidecar"
+SCOPE: Final = DEFAULT_SERVICE_NAME
 #: Longest string attribute value (the SDK cuts longer ones too).
 MAX_VALUE: Final = 256
 #: Spans held for export; past it new spans are dropped (the request never waits).
@@ -174,7 +174,6 @@ class Tracing:
         oplog: OpLog,
     ) -> None:
         from opentelemetry.context import Context
-        from opentelemetry.propagators.textmap import DefaultGetter
         from opentelemetry.trace import SpanKind, Status, StatusCode, set_span_in_context
         from opentelemetry.trace.propagation.tracecontext import TraceContextTextMapPropagator
 
@@ -183,7 +182,6 @@ class Tracing:
         self._oplog = oplog
         self.tracer: Tracer = provider.get_tracer(SCOPE, __version__)
         self._propagator: TextMapPropagator = TraceContextTextMapPropagator()
-        self._getter = DefaultGetter()
         self._root: Context = Context()
         self._set_span = set_span_in_context
         self._server, self._client = SpanKind.SERVER, SpanKind.CLIENT
@@ -191,10 +189,10 @@ class Tracing:
         self._failed = False  # a failure to trace was logged: once
 
     @classmethod
-    def from_config(cls, config: Config | TracingConfig | None, oplog: OpLog) -> Tracing | None:
+    def from_config(cls, config: Config | None, oplog: OpLog) -> Tracing | None:
         """None when tracing is off (nothing is imported); else a tracer exporting over
         OTLP/HTTP through a bounded batch processor."""
-        tcfg = config.tracing if isinstance(config, Config) else config
+        tcfg = config.tracing if config is not None else None
         if tcfg is None:
             return None
         from opentelemetry.exporter.otlp.proto.http.trace_exporter import OTLPSpanExporter
@@ -202,7 +200,8 @@ class Tracing:
 
         headers = {name: value.reveal() for name, value in tcfg.headers} or None
         otlp = OTLPSpanExporter(endpoint=tcfg.endpoint, headers=headers, timeout=tcfg.timeout)
-        exporter = LoggedExporter(otlp, oplog, _endpoint_host(tcfg.endpoint))
+        host = _endpoint_host(tcfg.endpoint)  # never the path or query: they may carry a token
+        exporter = LoggedExporter(otlp, oplog, host)
         processor = BatchSpanProcessor(
             exporter,  # type: ignore[arg-type]  # duck-typed: export, shutdown, force_flush
             max_queue_size=MAX_QUEUE,
@@ -214,7 +213,7 @@ class Tracing:
         # says once; they carry no more than it does.
         logging.getLogger("opentelemetry").setLevel(logging.CRITICAL)
         tracing = cls(tcfg, make_provider(tcfg, processor), oplog)
-        oplog.info("tracing_on", endpoint=_endpoint_host(tcfg.endpoint),
+        oplog.info("tracing_on", endpoint=host,
                    service_name=tcfg.service_name, sample_ratio=tcfg.sample_ratio)  # fmt: skip
         return tracing
 
@@ -231,7 +230,7 @@ class Tracing:
         try:
             context = self._root
             if "traceparent" in headers:
-                context = self._propagator.extract(headers, context, self._getter)  # type: ignore[arg-type]
+                context = self._propagator.extract(headers, context)  # type: ignore[arg-type]
             operation = operation_of(path)
             attributes: dict[str, str | int] = {
                 "http.request.method": printable(method, 16),
@@ -387,8 +386,9 @@ class RequestTrace:
                 same = (last.provider, last.key_id, last.model) == (provider, key_id, model)
                 self.span.add_event("retry" if same else "failover", last.summary(
                     provider=provider, key_id=key_id, model=model))  # fmt: skip
-            if translated is not None and self.span.is_recording():
-                self.span.add_event("translated", {"sidecar.translation": cut(translated, 64),
+            translation = cut(translated, 64) if translated is not None else None
+            if translation is not None and self.span.is_recording():
+                self.span.add_event("translated", {"sidecar.translation": translation,
                                                    "sidecar.attempt": number})  # fmt: skip
             if self._context is None:
                 self._context = tracing._set_span(self.span)
@@ -403,8 +403,8 @@ class RequestTrace:
                 attributes["gen_ai.operation.name"] = self.operation
             if model is not None:
                 attributes["gen_ai.request.model"] = cut(model)
-            if translated is not None:
-                attributes["sidecar.translation"] = cut(translated, 64)
+            if translation is not None:
+                attributes["sidecar.translation"] = translation
             name = self.operation or "attempt"
             if model:
                 name = f"{name} {model}"

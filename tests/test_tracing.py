@@ -3,7 +3,6 @@ driven through the RequestTrace / AttemptTrace API into the SDK's in-memory expo
 
 from __future__ import annotations
 
-import io
 import subprocess
 import sys
 import threading
@@ -11,7 +10,6 @@ import time
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import orjson
 import pytest
 from opentelemetry.sdk.trace import ReadableSpan
 from opentelemetry.sdk.trace.export import (
@@ -37,7 +35,7 @@ from sidecar.tracing import (
     route_of,
     traceparent,
 )
-from tests.harness import REPO, subprocess_env
+from tests.harness import REPO, LogSink, subprocess_env
 
 CALLER_TRACE = 0x4BF92F3577B34DA6A3CE929D0E0E4736
 CALLER_SPAN = 0x00F067AA0BA902B7
@@ -45,14 +43,9 @@ CALLER_PARENT = f"00-{CALLER_TRACE:032x}-{CALLER_SPAN:016x}-01"
 CFG = TracingConfig("http://127.0.0.1:1/v1/traces", "test-sidecar")
 
 
-class Log(io.StringIO):
-    def events(self) -> list[dict[str, object]]:
-        return [orjson.loads(line) for line in self.getvalue().splitlines()]
-
-
 @pytest.fixture
-def log() -> Log:
-    return Log()
+def log() -> LogSink:
+    return LogSink()
 
 
 @pytest.fixture
@@ -61,7 +54,7 @@ def exported() -> InMemorySpanExporter:
 
 
 @pytest.fixture
-def tracing(exported: InMemorySpanExporter, log: Log) -> Iterator[Tracing]:
+def tracing(exported: InMemorySpanExporter, log: LogSink) -> Iterator[Tracing]:
     t = Tracing(CFG, make_provider(CFG, SimpleSpanProcessor(exported)), OpLog("debug", log))
     yield t
     t._provider.shutdown()
@@ -418,7 +411,7 @@ class _Exploding(dict[str, str]):
         raise RuntimeError("boom")
 
 
-def test_tracing_never_raises_into_the_request_and_says_so_once(tracing: Tracing, log: Log) -> None:
+def test_tracing_never_raises_into_the_request_and_says_so_once(tracing: Tracing, log: LogSink) -> None:
     assert tracing.start_request("openai", "POST", "/v1/chat/completions", _Exploding()) is None
     assert tracing.start_request("openai", "POST", "/v1/chat/completions", _Exploding()) is None
     trace = start(tracing)
@@ -426,7 +419,7 @@ def test_tracing_never_raises_into_the_request_and_says_so_once(tracing: Tracing
     assert attempt is not None
     attempt.inject(None)  # type: ignore[arg-type]
     trace.end(200, usage=object())  # type: ignore[arg-type]
-    failures = [e for e in log.events() if e["event"] == "tracing_failed"]
+    failures = [e for e in log.records() if e["event"] == "tracing_failed"]
     assert failures == [{**failures[0], "level": "error", "error": "RuntimeError"}]
 
 
@@ -455,7 +448,7 @@ class _Collector:
         return True
 
 
-def test_a_failing_collector_is_logged_once_and_its_recovery_too(log: Log) -> None:
+def test_a_failing_collector_is_logged_once_and_its_recovery_too(log: LogSink) -> None:
     failing = SpanExportResult.FAILURE
     inner = _Collector([failing, None, failing, SpanExportResult.SUCCESS, SpanExportResult.SUCCESS])  # type: ignore[list-item]
     exporter = LoggedExporter(inner, OpLog("debug", log), "collector:4318")  # type: ignore[arg-type]
@@ -467,12 +460,12 @@ def test_a_failing_collector_is_logged_once_and_its_recovery_too(log: Log) -> No
         SpanExportResult.SUCCESS,
         SpanExportResult.SUCCESS,
     ]
-    events = [(e["event"], e.get("error")) for e in log.events()]
+    events = [(e["event"], e.get("error")) for e in log.records()]
     assert events == [("trace_export_failed", None), ("trace_export_recovered", None)]
     assert '"endpoint":"collector:4318"' in log.getvalue()
 
 
-async def test_close_flushes_the_batch_and_is_bounded_by_its_deadline(log: Log) -> None:
+async def test_close_flushes_the_batch_and_is_bounded_by_its_deadline(log: LogSink) -> None:
     inner = _Collector([])
     processor = BatchSpanProcessor(inner, schedule_delay_millis=60_000)  # type: ignore[arg-type]
     tracing = Tracing(CFG, make_provider(CFG, processor), OpLog("debug", log))
@@ -487,11 +480,11 @@ async def test_close_flushes_the_batch_and_is_bounded_by_its_deadline(log: Log) 
     await blocking.close(0.2)
     assert time.monotonic() - began < 1.0
     stuck.set()
-    assert [e["event"] for e in log.events()] == ["trace_flush_incomplete"]
+    assert [e["event"] for e in log.records()] == ["trace_flush_incomplete"]
 
 
 async def test_from_config_builds_a_batch_exporter_to_the_endpoint(
-    tmp_path: Path, log: Log
+    tmp_path: Path, log: LogSink
 ) -> None:
     cfg = parse_config_text(
         "tracing: {endpoint: 'http://127.0.0.1:9/v1/traces', sample_ratio: 0.5, "
@@ -506,7 +499,7 @@ async def test_from_config_builds_a_batch_exporter_to_the_endpoint(
     assert isinstance(processor, BatchSpanProcessor)
     assert isinstance(processor.span_exporter, LoggedExporter)
     await tracing.close(2.0)
-    (on,) = log.events()
+    (on,) = log.records()
     assert (on["event"], on["endpoint"], on["sample_ratio"]) == ("tracing_on", "127.0.0.1:9", 0.5)
     assert "hunter2" not in log.getvalue()
     assert tracing.config.headers == (("authorization", Secret("Bearer hunter2")),)  # type: ignore[union-attr]

@@ -11,7 +11,7 @@ its drain and its keep-alive rules. aiohttp is pinned in constraints.txt: this m
 its writer's fields (`_headers_buf`, `_headers_written`) and its C header serialiser, which
 refuses a CR or LF in any name or value as it did before.
 
-Responses that must have no body (to HEAD, 1xx, 204, 304) and HTTP/1.0 streams keep
+Responses that must have no body (aiohttp's own rule: HEAD, 1xx, 204, 304) and HTTP/1.0 streams keep
 `web.Response`/`web.StreamResponse` (`answer()`, `stream()` pick).
 """
 
@@ -21,7 +21,8 @@ from collections.abc import Iterable
 from typing import Any, Final
 
 from aiohttp import web
-from aiohttp.helpers import rfc822_formatted_time
+from aiohttp.abc import AbstractStreamWriter
+from aiohttp.helpers import must_be_empty_body, rfc822_formatted_time
 from aiohttp.http import SERVER_SOFTWARE, HttpVersion11
 from aiohttp.http_writer import _serialize_headers
 from aiohttp.web_response import REASON_PHRASES
@@ -73,6 +74,7 @@ def _pairs(
 def _head(
     request: web.BaseRequest,
     status: int,
+    reason: str,
     pairs: _Pairs,
     seen: set[str],
     length: int | None,
@@ -93,11 +95,11 @@ def _head(
     if version == HttpVersion11:
         if not keep_alive:
             pairs.append(("Connection", "close"))
-        line = f"HTTP/1.1 {status} {REASON_PHRASES.get(status, '')}"
+        line = f"HTTP/1.1 {status} {reason}"
     else:
         if keep_alive:
             pairs.append(("Connection", "keep-alive"))
-        line = f"HTTP/{version[0]}.{version[1]} {status} {REASON_PHRASES.get(status, '')}"
+        line = f"HTTP/{version[0]}.{version[1]} {status} {reason}"
     return _serialize_headers(line, pairs)  # type: ignore[arg-type]
 
 
@@ -119,11 +121,27 @@ class _Lean(web.StreamResponse):
     def _headers(self) -> CIMultiDictProxy[str]:  # type: ignore[override]
         return CIMultiDictProxy(CIMultiDict(self._pairs))
 
-    def _keep_alive_for(self, request: web.BaseRequest) -> bool:
-        """The caller's wish, unless `force_close()` was called."""
-        keep_alive = request.keep_alive and self._keep_alive is not False
-        self._keep_alive = keep_alive
-        return keep_alive
+    async def prepare(self, request: web.BaseRequest) -> Any:
+        if self._eof_sent:
+            return None
+        if self._payload_writer is not None:
+            return self._payload_writer
+        return self._begin(request)
+
+    def _begin(self, request: web.BaseRequest) -> AbstractStreamWriter:
+        raise NotImplementedError
+
+    def _hold_head(self, request: web.BaseRequest, length: int | None) -> AbstractStreamWriter:
+        """Take the request's writer and leave the serialised head in it, to go out with the
+        body (`length` None: chunked). Keep-alive is the caller's wish unless `force_close()`
+        was called."""
+        writer = self._payload_writer = request._payload_writer
+        self._req = request
+        keep_alive = self._keep_alive = request.keep_alive and self._keep_alive is not False
+        writer._headers_buf = _head(request, self._status, self._reason, self._pairs,  # type: ignore[attr-defined]
+                                    self._seen, length, keep_alive)  # fmt: skip
+        writer._headers_written = False  # type: ignore[attr-defined]
+        return writer
 
 
 class Answer(_Lean):
@@ -133,20 +151,11 @@ class Answer(_Lean):
         super().__init__(status, pairs, seen)
         self._body = body
 
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        if self._eof_sent:
-            return None
-        if self._payload_writer is not None:
-            return self._payload_writer
+    def _begin(self, request: web.BaseRequest) -> AbstractStreamWriter:
         body = self._body
         assert isinstance(body, (bytes, bytearray))
-        writer = self._payload_writer = request._payload_writer
-        self._req = request
-        keep_alive = self._keep_alive_for(request)
-        head = _head(request, self._status, self._pairs, self._seen, len(body), keep_alive)
+        writer = self._hold_head(request, len(body))
         writer.length = len(body)
-        writer._headers_buf = head  # type: ignore[attr-defined]
-        writer._headers_written = False  # type: ignore[attr-defined]
         return writer
 
     async def write_eof(self, data: bytes = b"") -> None:
@@ -165,18 +174,9 @@ class Stream(_Lean):
     """A chunked answer. Its head is held until the first `write`, and goes out in the same
     write as that first chunk (one system call, one packet); `send_head` sends it alone."""
 
-    async def prepare(self, request: web.BaseRequest) -> Any:
-        if self._eof_sent:
-            return None
-        if self._payload_writer is not None:
-            return self._payload_writer
-        writer = self._payload_writer = request._payload_writer
-        self._req = request
-        keep_alive = self._keep_alive_for(request)
-        head = _head(request, self._status, self._pairs, self._seen, None, keep_alive)
+    def _begin(self, request: web.BaseRequest) -> AbstractStreamWriter:
+        writer = self._hold_head(request, None)
         writer.enable_chunking()
-        writer._headers_buf = head  # type: ignore[attr-defined]
-        writer._headers_written = False  # type: ignore[attr-defined]
         return writer
 
     def send_head(self) -> None:
@@ -206,10 +206,6 @@ class Stream(_Lean):
             await writer.drain()
 
 
-def _bodiless(request: web.BaseRequest, status: int) -> bool:
-    return request.method == "HEAD" or status < 200 or status in (204, 304)
-
-
 def answer(
     request: web.BaseRequest,
     status: int,
@@ -221,7 +217,7 @@ def answer(
     """A relayed answer read whole: the upstream's end-to-end headers (`content_type`
     replaces its Content-Type), then the sidecar's own (`own`, lower-case names)."""
     pairs, seen = _pairs(upstream, own, content_type)
-    if _bodiless(request, status):
+    if must_be_empty_body(request.method, status):
         return web.Response(status=status, body=body, headers=CIMultiDict(pairs))
     return Answer(status, pairs, seen, body)
 
@@ -231,6 +227,6 @@ def stream(
 ) -> web.StreamResponse:
     """A relayed answer sent as it arrives (chunked; HTTP/1.0: until the connection closes)."""
     pairs, seen = _pairs(upstream, own, None)
-    if _bodiless(request, status) or request.version != HttpVersion11:
+    if must_be_empty_body(request.method, status) or request.version != HttpVersion11:
         return web.StreamResponse(status=status, headers=CIMultiDict(pairs))
     return Stream(status, pairs, seen)
