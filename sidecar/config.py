@@ -209,8 +209,9 @@ class SharedStateConfig:
 class TracingConfig:
     """`tracing:`: OTLP/HTTP trace export (docs/reference.md#traces); absent, nothing is traced."""
 
-    #: the collector's OTLP/HTTP traces URL; one given without a path gets `/v1/traces`
-    endpoint: str
+    #: the collector's OTLP/HTTP traces URL; one given without a path gets `/v1/traces`. Not
+    #: in the repr: its query may carry a token (logs show only its host and port)
+    endpoint: str = field(repr=False)
     service_name: str = DEFAULT_SERVICE_NAME
     #: share of new traces kept; a caller's `traceparent` decides for its own trace
     sample_ratio: float = 1.0

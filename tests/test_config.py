@@ -847,6 +847,15 @@ def test_tracing_takes_endpoint_service_ratio_headers_and_timeout() -> None:
     assert "hunter2" not in repr(cfg)
 
 
+def test_a_tracing_endpoint_is_not_in_the_config_repr() -> None:
+    # Some collectors take their token in the URL's query.
+    cfg = parse("tracing: {endpoint: 'https://otel.example/v1/traces?token=hunter2'}")
+    assert cfg.tracing is not None
+    assert cfg.tracing.endpoint.endswith("?token=hunter2")
+    assert "hunter2" not in repr(cfg.tracing)
+    assert "hunter2" not in repr(cfg)
+
+
 def test_tracing_defaults_and_the_standard_path_for_a_bare_collector_url() -> None:
     t = parse("tracing: {endpoint: 'https://collector.infra:4318'}").tracing
     assert t is not None
