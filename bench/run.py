@@ -409,8 +409,8 @@ def _answers(url: str) -> bool:
     return _http(url)[0] == 200
 
 
-def _wait_ready(server: Server) -> None:
-    deadline = time.monotonic() + _START_TIMEOUT
+def _wait_ready(server: Server, timeout: float = _START_TIMEOUT) -> None:
+    deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if server.proc.poll() is not None:
             raise BenchError(f"{server.name} exited with status {server.proc.returncode}:\n"
@@ -419,7 +419,7 @@ def _wait_ready(server: Server) -> None:
             if _answers(server.health_url):
                 return
         time.sleep(0.05)
-    raise BenchError(f"{server.name} did not become ready within {_START_TIMEOUT:.0f} s:\n"
+    raise BenchError(f"{server.name} did not become ready within {timeout:.0f} s:\n"
                      f"{server.tail()}")  # fmt: skip
 
 
@@ -585,10 +585,12 @@ def wait_traces_exported(targets: dict[str, Target]) -> None:
 
 def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, workdir: Path,
                 modes: Sequence[str] = MODE_SETS["both"], *, shared_state: bool = False,
-                limits: bool = False, tracing: bool = False) -> dict[str, Target]:  # fmt: skip
+                limits: bool = False, tracing: bool = False, wrap: Sequence[str] = (),
+                start_timeout: float = _START_TIMEOUT) -> dict[str, Target]:  # fmt: skip
     """Start the mock and the proxies `names` need (and, first, Redis for `shared_state`);
     wait until all of them answer. `tracing`: the sidecars export to the mock's trace sink,
-    each under its own `?source=` (its name)."""
+    each under its own `?source=` (its name). `wrap`: a command each proxy runs under (say,
+    valgrind), given `start_timeout` seconds to answer."""
     here = Tree(REPO, sys.executable)  # the yardsticks (mock, pass-through) come from this checkout
     redis = start_redis(fleet, cores, workdir) if shared_state else None
     mock_port = _free_port()
@@ -602,7 +604,7 @@ def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, wo
                                    _UPSTREAM_KEY, mock)  # fmt: skip
     if "pass-through" in names:
         port = _free_port()
-        proxy = _spawn(fleet, "pass-through", [sys.executable, "-m", "bench.passthrough",
+        proxy = _spawn(fleet, "pass-through", [*wrap, sys.executable, "-m", "bench.passthrough",
                                                "--listen", f"127.0.0.1:{port}", "--upstream",
                                                f"http://127.0.0.1:{mock_port}"],
                        tree=here, workdir=workdir, prefix=cores.prefix(cores.server),
@@ -623,7 +625,7 @@ def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, wo
                                           shared_state=redis.health_url if redis else None,
                                           tracing=sink))  # fmt: skip
         log = workdir / f"{name}.access.log" if access_log else None
-        proxy = _spawn(fleet, name, [tree.python, "-m", "sidecar", "serve", "--config",
+        proxy = _spawn(fleet, name, [*wrap, tree.python, "-m", "sidecar", "serve", "--config",
                                      str(config)], tree=tree, workdir=workdir, prefix=cores.prefix(cores.server),
                        health_url=f"http://127.0.0.1:{admin}/readyz", stdout=log)  # fmt: skip
         targets[name] = Target(name, f"http://127.0.0.1:{port}{_PATH}", token, mock, proxy,
@@ -631,7 +633,7 @@ def start_fleet(fleet: Fleet, names: Sequence[str], tree: Tree, cores: Cores, wo
                                translates=True, redis=redis,
                                traces_url=f"{mock_url}/_mock/traces" if tracing else None)  # fmt: skip
     for server in fleet.servers:
-        _wait_ready(server)
+        _wait_ready(server, start_timeout)
     for target in targets.values():
         if target.redis is not None:
             _wait_shared_state_up(target)
@@ -1273,7 +1275,7 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(expanded))
 
 
-def _interrupt(signum: int, frame: FrameType | None) -> None:
+def interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -1339,7 +1341,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
 def main(argv: Sequence[str] | None = None) -> int:
     settings, tree_path, cores = parse_args(argv)
     fleet = Fleet()
-    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the run like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends the run like Ctrl-C
     try:
         return bench(settings, Tree.at(tree_path), cores, fleet)
     except BenchError as exc:
