@@ -26,6 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Final, Literal
 
+import msgspec
 import orjson
 
 Format = Literal["openai", "anthropic", "gemini"]
@@ -52,6 +53,31 @@ def _loads(data: bytes | bytearray | memoryview) -> Any:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
         return None
+
+
+class _Usage(msgspec.Struct):
+    usage: Any = None
+
+
+class _UsageMetadata(msgspec.Struct):
+    usageMetadata: Any = None  # (the field's JSON name)
+
+
+_read_usage: Final = msgspec.json.Decoder(_Usage).decode
+_read_usage_metadata: Final = msgspec.json.Decoder(_UsageMetadata).decode
+
+
+def _top_level(body: bytes, gemini: bool) -> Any:
+    """The body's top-level `usage` (`usageMetadata`), or None. msgspec builds nothing else of
+    the body (an answer's text, choices, ids); a body it does not read (not an object, nested
+    deeper than it goes, a key it cannot decode) is parsed whole by orjson."""
+    try:
+        if gemini:
+            return _read_usage_metadata(body).usageMetadata
+        return _read_usage(body).usage
+    except (ValueError, RecursionError):
+        obj = _loads(body)
+        return obj.get("usageMetadata" if gemini else "usage") if isinstance(obj, dict) else None
 
 
 def openai_usage(usage: dict[str, Any]) -> Usage:
@@ -93,10 +119,7 @@ def usage_from_body(fmt: str, body: bytes) -> Usage | None:
         return _gemini_from_body(body)
     if _USAGE not in body:
         return None
-    obj = _loads(body)
-    if not isinstance(obj, dict):
-        return None
-    usage = obj.get("usage")
+    usage = _top_level(body, gemini=False)
     if not isinstance(usage, dict):
         return None
     if fmt == "openai":
@@ -109,8 +132,7 @@ def usage_from_body(fmt: str, body: bytes) -> Usage | None:
 def _gemini_from_body(body: bytes) -> Usage | None:
     if _USAGE_METADATA not in body:
         return None
-    obj = _loads(body)
-    usage = obj.get("usageMetadata") if isinstance(obj, dict) else None
+    usage = _top_level(body, gemini=True)
     return gemini_usage(usage) if isinstance(usage, dict) else None
 
 

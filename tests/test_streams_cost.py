@@ -12,6 +12,7 @@ from typing import Any
 import orjson
 import pytest
 
+from sidecar import streams
 from sidecar.streams import Shape, StreamTracker
 from tests.test_streams import (
     CHAT_USAGE,
@@ -185,21 +186,30 @@ def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.Monk
         chunks = [b"".join(events[i : i + 2]) for i in range(0, len(events), 2)]
     else:
         chunks = [data[i : i + 1] for i in range(len(data))]
-    parsed = 0
-    loads = orjson.loads
+    parsed: list[bytes] = []
+    loads, read_event = orjson.loads, streams._read_event
 
-    def counting(data: bytes | bytearray | memoryview | str) -> Any:
-        nonlocal parsed
-        parsed += 1
+    def counting(data: Any) -> Any:
+        parsed.append(bytes(data))
         return loads(data)
 
+    def counting_lane(data: bytes) -> Any:
+        parsed.append(data)
+        return read_event(data)
+
     monkeypatch.setattr(orjson, "loads", counting)  # the module sidecar.streams calls
+    monkeypatch.setattr(streams, "_read_event", counting_lane)  # the fast lane's parse
     tracker = StreamTracker(shape, strip_usage=True)
     for chunk in chunks:
         tracker.feed(chunk)
     tracker.finish()
     assert tracker.complete_on_eof() == b""
-    assert parsed == json_events
+    # Each event once; on the fast lane, the usage chunk the sidecar strips is read once more
+    # for its `choices` (the lane's parse reads only `error` and `usage`).
+    again = [data for data in set(parsed) if parsed.count(data) > 1]
+    laned = shape is Shape.CHAT and how != "bytes"
+    assert again == ([orjson.dumps(CHAT_USAGE)] if laned else [])
+    assert len(parsed) == json_events + laned
 
 
 def test_a_tracker_is_freed_without_the_cycle_collector() -> None:
@@ -262,3 +272,90 @@ def test_the_lane_strips_every_usage_chunk_the_sidecar_asked_for() -> None:
         tracker = StreamTracker(Shape.CHAT, strip_usage=True)
         assert b"".join(tracker.feed(c) for c in chunks) == content("a") + content("b") + DONE
         assert tracker.usage.output_tokens == 5
+
+
+# --- what the lane's parse (msgspec) accepts is what the careful path (orjson) accepts ---------
+
+_CONTENT = content("x")  # a lane event to change, as `variants` would not
+_ODD_EVENTS = {
+    # msgspec skips strings it does not read without checking their UTF-8; orjson checks
+    "invalid utf-8": _CONTENT.replace(b'"x"', b'"\xff"'),
+    "an encoded surrogate": _CONTENT.replace(b'"x"', b'"\xed\xa0\x80"'),
+    "an overlong encoding": _CONTENT.replace(b'"x"', b'"\xc0\xaf"'),
+    "valid utf-8": _CONTENT.replace(b'"x"', "\"h\u00e9llo \u4e16\u754c\"".encode()),
+    # valid JSON that orjson refuses: the standard parser reads it, on both paths
+    "a number out of range": _CONTENT.replace(b'"created":', b'"created":1e999,"c":'),
+    "an int of 5000 digits": _CONTENT.replace(b'"created":', b'"created":' + b"9" * 5000 + b',"c":'),
+    "an escaped lone surrogate": _CONTENT.replace(b'"x"', b'"\\ud800"'),
+    # deeper than msgspec reads, not than orjson: the careful path reads it
+    "deep nesting": _CONTENT.replace(b'"id":', b'"deep":' + b"[" * 900 + b"]" * 900 + b',"id":'),
+    "too deep for any": _CONTENT.replace(b'"id":', b'"deep":' + b"[" * 1100 + b"]" * 1100 + b',"id":'),
+    # a line break inside the data: JSON to msgspec, but SSE ends the data at the line
+    "a line break in the data": _CONTENT.replace(b',"', b',\n"', 1),
+    "not an object": b"data: [1, 2]\n\n",
+    "not json": b"data: {nope}\n\n",
+    "NaN": _CONTENT.replace(b'"created":', b'"created":NaN,"c":'),
+}
+
+
+@pytest.mark.parametrize("label", list(_ODD_EVENTS))
+def test_the_lane_and_the_careful_path_agree_on_an_odd_event(label: str) -> None:
+    """The same stream as whole events (the fast lane reads the odd one) and cut one byte at a
+    time (the careful path does): the same bytes out, the same verdict."""
+    odd = _ODD_EVENTS[label]
+    data = content("a") + content("b") + odd + content("c") + DONE
+    lane = outcome(Shape.CHAT, [content("a"), content("b"), odd, content("c"), DONE])
+    together = outcome(Shape.CHAT, [content("a"), data[len(content("a")) :]])
+    careful = outcome(Shape.CHAT, [data[i : i + 1] for i in range(len(data))])
+    assert lane == careful
+    assert together == careful
+
+
+@pytest.mark.parametrize(
+    ("label", "relayed"),
+    [("invalid utf-8", False), ("an encoded surrogate", False), ("a number out of range", True),
+     ("an int of 5000 digits", True), ("an escaped lone surrogate", True), ("deep nesting", True),
+     ("too deep for any", False), ("a line break in the data", False), ("NaN", False),
+     ("not an object", True), ("valid utf-8", True)],
+)  # fmt: skip
+def test_an_odd_event_is_relayed_only_if_it_is_json(label: str, relayed: bool) -> None:
+    odd = _ODD_EVENTS[label]
+    tracker = StreamTracker(Shape.CHAT)
+    out = b"".join(tracker.feed(c) for c in (content("a"), content("b"), odd, content("c")))
+    if relayed:
+        assert out == content("a") + content("b") + odd + content("c")
+        assert not tracker.malformed
+    else:
+        assert out == content("a") + content("b")
+        assert tracker.malformed
+
+
+def test_text_read_later_includes_an_event_only_the_standard_parser_reads() -> None:
+    odd = _ODD_EVENTS["a number out of range"].replace(b'"x"', b'"y"')
+    tracker = StreamTracker(Shape.CHAT)
+    for chunk in (content("a"), content("b") + odd + content("c")):
+        tracker.feed(chunk)
+    assert tracker.text == "abyc"
+    assert tracker.resumable
+
+
+def test_mutated_events_get_one_verdict_whichever_path_reads_them() -> None:
+    """Random edits of a lane event (bytes that matter to JSON, UTF-8 and SSE): the lane and the
+    careful path relay the same bytes and stop for the same reasons."""
+    rng = random.Random(1405)
+    alphabet = b'{}[]",:\\0123456789.eE+-truefalsn \t\r\n\x01\x7f\xff\xc3\xa9\xed\xa0\x80'
+    base = content("h\u00e9") + sse(CHAT_USAGE)
+    for _ in range(300):
+        event = bytearray(base)
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(6, len(event) - 2)
+            if rng.random() < 0.5:
+                del event[at]
+            else:
+                event.insert(at, rng.choice(alphabet))
+        odd = bytes(event)
+        data = content("a") + content("b") + odd + DONE
+        lane = outcome(Shape.CHAT, [content("a"), data[len(content("a")) :]], strip_usage=True)
+        careful = outcome(Shape.CHAT, [data[i : i + 7] for i in range(0, len(data), 7)],
+                          strip_usage=True)  # fmt: skip
+        assert lane == careful, odd

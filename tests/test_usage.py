@@ -212,6 +212,39 @@ def test_body_unknown_format() -> None:
     assert usage_from_body("gemini", b'{"usage": {"prompt_tokens": 1}}') is None
 
 
+_USED = b'"usage": {"prompt_tokens": 7, "completion_tokens": 3}'
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        # only the top-level `usage` counts, wherever it sits among the other keys
+        (b'{"choices": [{"usage": {"prompt_tokens": 99}}], ' + _USED + b"}", Usage(7, 3)),
+        (b'{"choices": [{"usage": {"prompt_tokens": 99}}]}', None),
+        # a repeated key: the last one wins, as with any JSON parser here
+        (b'{"usage": null, ' + _USED + b"}", Usage(7, 3)),
+        (b"{" + _USED + b', "usage": null}', None),
+        # a key spelled with an escape is not looked for: no parse without the plain bytes
+        (b'{"\\u0075sage": {"prompt_tokens": 7, "completion_tokens": 3}}', None),
+        # nested deeper than msgspec reads: orjson reads the whole body
+        (b'{"deep": ' + b"[" * 900 + b"]" * 900 + b", " + _USED + b"}", Usage(7, 3)),
+        # text that is not UTF-8 elsewhere in the answer does not hide what was used
+        (b'{"choices": [{"text": "\xff"}], ' + _USED + b"}", Usage(7, 3)),
+        (b"[" + _USED.join([b"{", b"}"]) + b"]", None),
+    ],
+)  # fmt: skip
+def test_body_usage_is_the_top_level_key(body: bytes, expected: Usage | None) -> None:
+    assert usage_from_body("openai", body) == expected
+
+
+def test_gemini_body_usage_metadata_is_the_top_level_key() -> None:
+    meta = b'"usageMetadata": {"promptTokenCount": 4, "candidatesTokenCount": 2}'
+    body = b'{"candidates": [{"usageMetadata": {"promptTokenCount": 99}}], ' + meta + b"}"
+    assert usage_from_body("gemini", body) == Usage(4, 2)
+    assert usage_from_body("gemini", b'{"candidates": []}') is None
+    assert usage_from_body("gemini", b"[{" + meta + b"}]") is None
+
+
 # -- request bodies -----------------------------------------------------------
 
 
