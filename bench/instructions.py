@@ -4,8 +4,8 @@ CPU time per request (`python -m bench.run`) is what a request costs, but on a s
 virtual machine it moves with the host: the same CPU-bound loop can take 270 ms in one
 second and 410 ms in the next, so two 5 s runs of the same code differ by 20% or more.
 An instruction count does not move with the machine's speed. This part runs the
-pass-through and the sidecar exactly as `bench.run` does (same processes, config, mock,
-wrk script), each inside `valgrind --tool=callgrind`, and counts the instructions each
+pass-through and the sidecar as `bench.run` does (same processes, config, mock, wrk
+script; wrk -t1), each inside `valgrind --tool=callgrind`, and counts the instructions each
 proxy process executes per completed request:
 
 1. both proxies start under callgrind (tens of seconds: valgrind runs them ~50x slower);
@@ -74,7 +74,8 @@ def total_instructions(dump: str) -> int | None:
 
 def latest_dump(workdir: Path, pid: int) -> Path | None:
     """The newest dump callgrind wrote for `pid` (`callgrind.<pid>`, `callgrind.<pid>.N`)."""
-    dumps = [p for p in workdir.glob(f"callgrind.{pid}*") if p.is_file()]
+    name = f"callgrind.{pid}"
+    dumps = [p for p in workdir.glob(f"{name}*") if p.name == name or p.name.startswith(name + ".")]
     return max(dumps, key=lambda p: p.stat().st_mtime_ns) if dumps else None
 
 
@@ -97,9 +98,22 @@ def report(counts: list[Count], seconds: int, connections: int, warmup: int) -> 
 
 
 def _control(tool: str, flag: str, pid: int) -> None:
-    done = subprocess.run([tool, flag, str(pid)], capture_output=True, timeout=_DUMP_TIMEOUT)
-    if done.returncode != 0:
-        raise run.BenchError(f"{tool} {flag} {pid} failed: {done.stderr.decode(errors='replace')}")
+    """`callgrind_control --zero|--dump PID`. It exits 0 even when it found no such callgrind
+    run, so what it printed is checked too."""
+    try:
+        done = subprocess.run([tool, flag, str(pid)], capture_output=True, timeout=_DUMP_TIMEOUT)
+    except subprocess.TimeoutExpired:
+        raise run.BenchError(
+            f"{tool} {flag} {pid} did not finish in {_DUMP_TIMEOUT:.0f} s"
+        ) from None
+    said = (done.stdout + done.stderr).decode(errors="replace")
+    if done.returncode != 0 or not control_worked(said):
+        raise run.BenchError(f"{tool} {flag} {pid} failed: {said.strip()}")
+
+
+def control_worked(output: str) -> bool:
+    """Whether `callgrind_control` reached the process: it says so only in words."""
+    return "not detected" not in output and "No active callgrind runs" not in output
 
 
 def measure(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet) -> list[Count]:
@@ -107,38 +121,45 @@ def measure(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet) -> list[
     if valgrind is None or control is None:
         raise run.BenchError("valgrind is missing: install it (Debian/Ubuntu: `sudo apt-get "
                              "install -y valgrind`) and run again")  # fmt: skip
+    counts: list[Count] = []
+    with tempfile.TemporaryDirectory(prefix="sidecar-instr-") as tmp:
+        try:
+            _count(args, tree, fleet, Path(tmp), valgrind, control, counts)
+        finally:
+            fleet.stop()  # while its directory is still there: callgrind dumps once more on exit
+    return counts
+
+
+def _count(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet, workdir: Path,
+           valgrind: str, control: str, counts: list[Count]) -> None:  # fmt: skip
     wrk = run.find_wrk()
     cores = run.Cores.choose(pin=True)
     settings = run.Settings(args.seconds, args.warmup, args.connections, 1, 1, TARGETS, args.mode)
-    counts: list[Count] = []
-    with tempfile.TemporaryDirectory(prefix="sidecar-instr-") as tmp:
-        workdir = Path(tmp)
-        wrap = [valgrind, "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"]
-        targets = run.start_fleet(fleet, TARGETS, tree, cores, workdir, args.mode, wrap=wrap,
-                                  start_timeout=_START_TIMEOUT)  # fmt: skip
-        for mode in args.mode:
-            for name in TARGETS:
-                target = targets[name]
-                assert target.proxy is not None
-                pid = target.proxy.proc.pid
-                print(f"  {mode:<8}{name:<15}warm-up {args.warmup} s, then {args.seconds} s",
-                      file=sys.stderr, flush=True)  # fmt: skip
-                if args.warmup:
-                    run.run_wrk(wrk, fleet, target, mode, args.warmup, settings, cores)
-                _control(control, "--zero", pid)
-                sample = run.run_wrk(wrk, fleet, target, mode, args.seconds, settings, cores)
-                _control(control, "--dump", pid)
-                dump = latest_dump(workdir, pid)
-                total = None
-                if dump is not None:
-                    total = total_instructions(dump.read_text())
-                    dump.unlink()  # the next count is read from the next dump
-                if total is None:
-                    raise run.BenchError(f"{name}: callgrind wrote no count for process {pid}")
-                if sample.error_rate > run.MAX_ERROR_RATE:
-                    raise run.BenchError(f"{name} {mode}: wrk saw errors {sample.errors}")
-                counts.append(Count(mode, name, sample.requests, total))
-    return counts
+    wrap = [valgrind, "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"]
+    targets = run.start_fleet(fleet, TARGETS, tree, cores, workdir, args.mode, wrap=wrap,
+                              start_timeout=_START_TIMEOUT)  # fmt: skip
+    for mode in args.mode:
+        for name in TARGETS:
+            target = targets[name]
+            assert target.proxy is not None
+            pid = target.proxy.proc.pid
+            print(f"  {mode:<8}{name:<15}warm-up {args.warmup} s, then {args.seconds} s",
+                  file=sys.stderr, flush=True)  # fmt: skip
+            if args.warmup:
+                run.run_wrk(wrk, fleet, target, mode, args.warmup, settings, cores)
+            _control(control, "--zero", pid)
+            sample = run.run_wrk(wrk, fleet, target, mode, args.seconds, settings, cores)
+            _control(control, "--dump", pid)
+            dump = latest_dump(workdir, pid)
+            total = None
+            if dump is not None:
+                total = total_instructions(dump.read_text())
+                dump.unlink()  # the next count is read from the next dump
+            if total is None:
+                raise run.BenchError(f"{name}: callgrind wrote no count for process {pid}")
+            if sample.error_rate > run.MAX_ERROR_RATE:
+                raise run.BenchError(f"{name} {mode}: wrk saw errors {sample.errors}")
+            counts.append(Count(mode, name, sample.requests, total))
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

@@ -22,7 +22,8 @@ chunk the sidecar asked for itself (`strip_usage`), an in-band error or
 malformed event and everything after it, and — on a continuation stream
 (`splice=`) — the events a `Splice` rewrites so the caller sees one answer.
 
-Hot path: one parse per data event. A chunk that is one whole event
+Hot path: one parse per data event. (Bytes are searched with `find`, not `in`: on Python
+3.11 `x in some_bytes` first tries `x` as an integer, and builds and drops a TypeError.) A chunk that is one whole event
 (a live stream's) is read as it is; a chunk of whole events (`\\n\\n`-terminated
 without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up in C; only an event
 split across chunks is held and copied. A chunk relayed unchanged is returned as
@@ -31,15 +32,17 @@ validated (the fast lane): what they mean for `text`, `resumable` and `finished`
 is read (parsed a second time) only if asked, which a stream that ends well never
 is. Nothing refers back to the tracker, so it is freed as soon as the proxy lets go of it.
 
-The fast lane's parse builds no Python objects but the two fields it reads (`_lane_event`,
-msgspec: the whole event is still checked to be one JSON object), about a quarter of what
-orjson's full parse costs; every other event is parsed with orjson.
+The fast lane's parse (`_lane_event`, msgspec) builds no Python objects but the two fields
+it reads, for about half of what orjson's full parse costs; it passes one JSON object in
+valid UTF-8, else the event goes the careful way (see `_lane_event` for the one kind of
+number the two parsers judge differently). Every other event is parsed with orjson.
+
+A data value with a bare CR in it is malformed: an SSE parser ends the line there.
 """
 
 from __future__ import annotations
 
 import enum
-import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -72,8 +75,6 @@ _MAX_TEXT: Final = 1024 * 1024
 # At most this much of a stream's relayed events is kept unread (the fast lane) at a time.
 _MAX_RAW: Final = 1024 * 1024
 _LINE_ENDS: Final = b"\r\n"
-# Below Python's limit on turning digits into an int (4,300): a longer number is a float.
-_MAX_INT_DIGITS: Final = 4000
 _DONE: Final = b"[DONE]"
 _DONE_EVENT: Final = b"data: [DONE]\n\n"
 _DONE_TAIL: Final = b"\n\ndata: [DONE]"
@@ -161,46 +162,27 @@ def _utf8(data: bytes) -> bool:
 
 def _lane_event(data: bytes) -> _Event | None:
     """One chat event read for the fast lane; None unless it is one JSON object in valid UTF-8
-    (then `_parse` decides). Whatever this accepts, `_parse` accepts too."""
+    without a bare CR (then the careful path decides).
+
+    What this accepts orjson accepts too, but for one kind of number: one out of a double's
+    range (`1e999`, or an integer of 309 digits) is valid JSON, which msgspec skips unread and
+    orjson refuses. No JSON encoder writes one; finding it would cost every event a scan of
+    its bytes. Such an event is relayed here, and malformed to the careful path."""
     try:
         event = _read_event(data)
     except _NOT_AN_EVENT:
         return None
-    return event if _utf8(data) else None
-
-
-def _parse(data: bytes) -> Any:
-    """An event's JSON value; ValueError if it is not JSON in valid UTF-8 (`malformed`).
-
-    orjson first. What it refuses that is still JSON goes to the standard parser: a number
-    out of a double's range (`1e999`, or more digits than Python turns into an int), an
-    escaped lone surrogate, nesting deeper than orjson reads. So the careful path and the
-    fast lane (`_lane_event`) agree on what is malformed."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        if not _utf8(data):
-            raise
-    try:
-        return json.loads(data, parse_constant=_no_constant, parse_int=_any_int)
-    except RecursionError:
-        raise ValueError("nested too deep") from None
-
-
-def _no_constant(name: str) -> Any:
-    raise ValueError(f"{name} is not JSON")
-
-
-def _any_int(digits: str) -> int | float:
-    return int(digits) if len(digits) <= _MAX_INT_DIGITS else float(digits)
+    if not (data.isascii() or _utf8(data)) or data.find(b"\r") >= 0:
+        return None  # (`isascii` first: no call; a bare CR is malformed, `_on_data`)
+    return event
 
 
 def _reread(data: bytes) -> Any:
-    """A fast-lane event parsed in full (for its text and finish); None if it cannot be
-    (it was validated when it was relayed)."""
+    """A fast-lane event parsed in full (for its text and finish): orjson accepted it when it
+    was relayed (`_lane_event`); None if it does not now."""
     try:
-        return _parse(data)
-    except ValueError:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
         return None
 
 
@@ -372,6 +354,12 @@ def _event_data(event: bytes) -> bytes | None:
             value = line[5:]
             parts.append(value[1:] if value.startswith(b" ") else value)
     return b"\n".join(parts) if parts else None
+
+
+def _key(value: object) -> object:
+    """A choice's index or an event's type, as a set or dict key: a list or an object sent
+    there (unhashable) is no index or type at all."""
+    return value if value is None or type(value) in (int, str) else None
 
 
 def _serialise(obj: dict[str, Any], named: bool) -> bytes:
@@ -645,7 +633,7 @@ class StreamTracker:
             if rest == b"\r\n" and line[-1:] == b"\r":
                 return self._feed_one(chunk, line[6:-1])
         if not self._held:
-            if chunk[-2:] == b"\n\n" and b"\r" not in chunk:
+            if chunk[-2:] == b"\n\n" and chunk.find(b"\r") < 0:
                 if self.content_seen and self._laned:
                     out = self._feed_fast(chunk)
                     if out is not None:
@@ -707,9 +695,9 @@ class StreamTracker:
         cuts: list[int] | None = None
         if body:
             pieces = body.split(b"\n\ndata: ")
-            if b"\n" in b"".join(pieces):  # (memchr: `body.count` is a byte-by-byte loop)
+            if b"".join(pieces).find(b"\n") >= 0:  # (memchr: `count` loops byte by byte)
                 return None  # comments, other fields, multi-line data
-            if not _utf8(body):  # (the separators are ASCII: checked once for all events)
+            if not (body.isascii() or _utf8(body)):  # (separators are ASCII: once for all)
                 return None
             try:
                 events = list(map(_read_event, pieces))  # each event one JSON object
@@ -755,6 +743,7 @@ class StreamTracker:
         if not self._raw:
             return
         raw, self._raw, self._raw_len = self._raw, [], 0
+        usage = self.usage  # metered in order when relayed: reading again must not rewind it
         for body in raw:
             for data in body.split(b"\n\ndata: "):
                 obj = _reread(data)  # validated when it was relayed
@@ -762,6 +751,7 @@ class StreamTracker:
                     self._chat(obj)
                 else:  # (cannot happen: whatever the lane relays is a JSON object)
                     self._resumable = False
+        self.usage = usage
 
     def finish(self) -> bytes:
         """At upstream EOF: the bytes still to forward (what the translator owed), after which
@@ -883,9 +873,12 @@ class StreamTracker:
             if self.shape in (_CHAT, _COMPLETIONS):
                 self.terminated = self._through = True
             return _KEEP
+        if data.find(b"\r") >= 0:  # a line end to a caller's SSE parser: it would get a cut value
+            self.malformed = self.stopped = True
+            return _DROP
         try:
-            obj = _parse(data)
-        except ValueError:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
             self.malformed = self.stopped = True
             return _DROP
         if not isinstance(obj, dict):
@@ -947,7 +940,7 @@ class StreamTracker:
                         or delta.get("refusal")
                         or delta.get("reasoning_content")
                     )
-            index = choice.get("index", 0)
+            index = _key(choice.get("index", 0))
             if choice.get("finish_reason") is not None:
                 content = True
                 self._choice_finished(index)
@@ -986,13 +979,14 @@ class StreamTracker:
         for choice in choices:
             if not isinstance(choice, dict):
                 continue
+            index = _key(choice.get("index", 0))
             if choice.get("finish_reason") is not None:
                 self.content_seen = True
-                self._choice_finished(choice.get("index", 0))
+                self._choice_finished(index)
             else:
                 if choice.get("text"):
                     self.content_seen = True
-                self._choice_open(choice.get("index", 0))
+                self._choice_open(index)
         return _KEEP
 
     def _choice_finished(self, index: object) -> None:
@@ -1005,7 +999,7 @@ class StreamTracker:
             self._open_choices.add(index)
 
     def _responses(self, obj: dict[str, Any]) -> bytes | None:
-        kind = obj.get("type")
+        kind = _key(obj.get("type"))
         error = obj.get("error")
         if kind in ("error", "response.failed"):
             return self._stop(_responses_error(obj))
@@ -1024,7 +1018,7 @@ class StreamTracker:
         return _KEEP
 
     def _messages(self, obj: dict[str, Any]) -> bytes | None:
-        kind = obj.get("type")
+        kind = _key(obj.get("type"))
         if kind == "error":
             return self._stop(_anthropic_error(obj))
         result: bytes | None = _KEEP
@@ -1095,7 +1089,7 @@ class StreamTracker:
         return _KEEP
 
     def _gemini_candidate(self, candidate: dict[str, Any]) -> None:
-        index = candidate.get("index", 0)
+        index = _key(candidate.get("index", 0))
         content = candidate.get("content")
         parts = content.get("parts") if type(content) is dict else None
         if type(parts) is list and not self.content_seen:

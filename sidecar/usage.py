@@ -41,9 +41,15 @@ class Usage:
     output_tokens: int = 0
 
 
+#: More tokens than this in one answer is garbage (and would overflow what is billed).
+MAX_TOKENS: Final = 10**12
+
+
 def token_count(value: object) -> int:
-    # bool is an int subclass; a `true` token count is garbage, not 1.
-    if type(value) is int and value > 0:
+    # bool is an int subclass; a `true` token count is garbage, not 1. So is a number beyond
+    # any answer (orjson reads an integer wider than 64 bits as a float, msgspec as an int:
+    # both count 0).
+    if type(value) is int and 0 < value <= MAX_TOKENS:
         return value
     return 0
 
@@ -117,7 +123,7 @@ def usage_from_body(fmt: str, body: bytes) -> Usage | None:
     """
     if fmt == "gemini":
         return _gemini_from_body(body)
-    if _USAGE not in body:
+    if body.find(_USAGE) < 0:  # (`find`: `in` first tries `_USAGE` as an int, and raises)
         return None
     usage = _top_level(body, gemini=False)
     if not isinstance(usage, dict):
@@ -130,7 +136,7 @@ def usage_from_body(fmt: str, body: bytes) -> Usage | None:
 
 
 def _gemini_from_body(body: bytes) -> Usage | None:
-    if _USAGE_METADATA not in body:
+    if body.find(_USAGE_METADATA) < 0:
         return None
     usage = _top_level(body, gemini=True)
     return gemini_usage(usage) if isinstance(usage, dict) else None

@@ -47,8 +47,8 @@ def test_a_dump_without_a_count_has_no_total(text: str) -> None:
 def test_the_newest_dump_of_the_process_is_read(tmp_path: Path) -> None:
     assert instructions.latest_dump(tmp_path, 4242) is None
     first, second = tmp_path / "callgrind.4242", tmp_path / "callgrind.4242.1"
-    other = tmp_path / "callgrind.999"
-    for n, path in enumerate((first, second, other)):
+    other, longer = tmp_path / "callgrind.999", tmp_path / "callgrind.42421"
+    for n, path in enumerate((first, second, other, longer)):
         path.write_text(_DUMP)
         os.utime(path, ns=(n * 10**9, n * 10**9))
     assert instructions.latest_dump(tmp_path, 4242) == second
@@ -91,3 +91,17 @@ def test_the_defaults_count_both_modes() -> None:
         5,
         8,
     )
+
+
+@pytest.mark.parametrize(
+    ("output", "worked"),
+    [
+        ("PID 4242: python3 -m bench.passthrough\nsending command zero to pid 4242\n  OK.\n", True),
+        ("Error: Callgrind task with PID/Name 4242 not detected.\n", False),
+        ("No active callgrind runs detected.\n", False),
+    ],
+)
+def test_callgrind_control_is_believed_only_when_it_reached_the_process(
+    output: str, worked: bool
+) -> None:
+    assert instructions.control_worked(output) is worked

@@ -283,13 +283,17 @@ _ODD_EVENTS = {
     "an encoded surrogate": _CONTENT.replace(b'"x"', b'"\xed\xa0\x80"'),
     "an overlong encoding": _CONTENT.replace(b'"x"', b'"\xc0\xaf"'),
     "valid utf-8": _CONTENT.replace(b'"x"', "\"h\u00e9llo \u4e16\u754c\"".encode()),
-    # valid JSON that orjson refuses: the standard parser reads it, on both paths
-    "a number out of range": _CONTENT.replace(b'"created":', b'"created":1e999,"c":'),
-    "an int of 5000 digits": _CONTENT.replace(b'"created":', b'"created":' + b"9" * 5000 + b',"c":'),
+    # orjson refuses it, and so does msgspec
     "an escaped lone surrogate": _CONTENT.replace(b'"x"', b'"\\ud800"'),
+    "a number near the limit": _CONTENT.replace(b'"created":', b'"created":1.5e308,"c":'),
+    "a long number in a string": _CONTENT.replace(b'"x"', b'"e100 ' + b"7" * 300 + b'"'),
     # deeper than msgspec reads, not than orjson: the careful path reads it
-    "deep nesting": _CONTENT.replace(b'"id":', b'"deep":' + b"[" * 900 + b"]" * 900 + b',"id":'),
+    "deeper than msgspec reads": _CONTENT.replace(
+        b'"id":', b'"deep":' + b"[" * 1010 + b"]" * 1010 + b',"id":'
+    ),
     "too deep for any": _CONTENT.replace(b'"id":', b'"deep":' + b"[" * 1100 + b"]" * 1100 + b',"id":'),
+    # a bare CR ends the line for a caller's SSE parser: it would get `{...,` only
+    "a bare cr in the data": _CONTENT.replace(b',"', b',\r"', 1),
     # a line break inside the data: JSON to msgspec, but SSE ends the data at the line
     "a line break in the data": _CONTENT.replace(b',"', b',\n"', 1),
     "not an object": b"data: [1, 2]\n\n",
@@ -313,10 +317,12 @@ def test_the_lane_and_the_careful_path_agree_on_an_odd_event(label: str) -> None
 
 @pytest.mark.parametrize(
     ("label", "relayed"),
-    [("invalid utf-8", False), ("an encoded surrogate", False), ("a number out of range", True),
-     ("an int of 5000 digits", True), ("an escaped lone surrogate", True), ("deep nesting", True),
-     ("too deep for any", False), ("a line break in the data", False), ("NaN", False),
-     ("not an object", True), ("valid utf-8", True)],
+    [("invalid utf-8", False), ("an encoded surrogate", False),
+     ("an escaped lone surrogate", False), ("a number near the limit", True),
+     ("a long number in a string", True), ("deeper than msgspec reads", True),
+     ("too deep for any", False), ("a line break in the data", False),
+     ("a bare cr in the data", False), ("NaN", False), ("not an object", True),
+     ("valid utf-8", True)],
 )  # fmt: skip
 def test_an_odd_event_is_relayed_only_if_it_is_json(label: str, relayed: bool) -> None:
     odd = _ODD_EVENTS[label]
@@ -330,13 +336,78 @@ def test_an_odd_event_is_relayed_only_if_it_is_json(label: str, relayed: bool) -
         assert tracker.malformed
 
 
-def test_text_read_later_includes_an_event_only_the_standard_parser_reads() -> None:
-    odd = _ODD_EVENTS["a number out of range"].replace(b'"x"', b'"y"')
+_OUT_OF_RANGE = {
+    "an exponent": _CONTENT.replace(b'"created":', b'"created":1e999,"c":'),
+    "a two-digit exponent": _CONTENT.replace(b'"created":', b'"created":1' + b"0" * 250 + b'e99,"c":'),
+    "an int of 400 digits": _CONTENT.replace(b'"created":', b'"created":' + b"9" * 400 + b',"c":'),
+}
+
+
+@pytest.mark.parametrize("label", list(_OUT_OF_RANGE))
+def test_a_number_out_of_a_doubles_range_is_relayed_by_the_lane_only(label: str) -> None:
+    """The one known difference (`_lane_event`): valid JSON to msgspec, which skips it, and an
+    error to orjson. The lane relays the event and cannot read it again later (so the stream
+    is no longer resumed); the careful path finds it malformed. Nothing raises."""
+    odd = _OUT_OF_RANGE[label]
+    events = [content("a"), content("b"), odd, content("c"), DONE]
+    lane = outcome(Shape.CHAT, events)
+    assert lane["out"] == b"".join(events)
+    assert not lane["malformed"]
+    assert lane["resumable"] is False
+    data = b"".join(events)
+    careful = outcome(Shape.CHAT, [data[i : i + 1] for i in range(len(data))])
+    assert careful["out"] == content("a") + content("b")
+    assert careful["malformed"]
+
+
+def test_text_read_later_includes_an_event_the_careful_way_read() -> None:
+    odd = _ODD_EVENTS["a long number in a string"]
     tracker = StreamTracker(Shape.CHAT)
     for chunk in (content("a"), content("b") + odd + content("c")):
         tracker.feed(chunk)
-    assert tracker.text == "abyc"
+    assert tracker.text == "ab" + "e100 " + "7" * 300 + "c"
     assert tracker.resumable
+
+
+@pytest.mark.parametrize("how", ["apart", "together"])
+def test_reading_the_lane_later_does_not_rewind_the_usage(how: str) -> None:
+    """Usage is metered as the events are relayed; the text read later must not set it back
+    to an earlier event's."""
+    early = sse({**chat_chunk({"content": "b"}), "usage": {"prompt_tokens": 1, "completion_tokens": 2}})
+    late = sse({"choices": [], "usage": {"prompt_tokens": 1, "completion_tokens": 50}})
+    tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+    tracker.feed(content("a"))
+    chunks = [early, late] if how == "apart" else [early + late]
+    assert b"".join(tracker.feed(c) for c in chunks) == early
+    assert tracker.usage.output_tokens == 50
+    assert tracker.resumable
+    assert tracker.text == "ab"
+    assert tracker.usage.output_tokens == 50
+
+
+@pytest.mark.parametrize(
+    ("shape", "event"),
+    [
+        (Shape.CHAT, {"choices": [{"index": [], "delta": {"content": "x"}}]}),
+        (Shape.CHAT, {"choices": [{"index": {}, "delta": {}, "finish_reason": "stop"}]}),
+        (Shape.COMPLETIONS, {"choices": [{"index": [1], "text": "x"}]}),
+        (Shape.RESPONSES, {"type": ["response.completed"]}),
+        (Shape.MESSAGES, {"type": {"a": 1}}),
+        (Shape.GEMINI, {"candidates": [{"index": {}, "content": {"parts": [{"text": "x"}]}}]}),
+    ],
+)
+def test_an_unhashable_index_or_type_is_no_index_and_raises_nothing(
+    shape: Shape, event: dict[str, Any]
+) -> None:
+    tracker = StreamTracker(shape)
+    line_end = b"\r\n\r\n" if shape is Shape.GEMINI else b"\n\n"
+    data = b"data: " + orjson.dumps(event) + line_end
+    assert tracker.feed(data) == data
+    for chunk in (data, data[:9], data[9:]):
+        tracker.feed(chunk)
+    tracker.finish()
+    assert not tracker.malformed
+    (tracker.text, tracker.resumable, tracker.finished, tracker.complete_on_eof())
 
 
 def test_mutated_events_get_one_verdict_whichever_path_reads_them() -> None:

@@ -227,7 +227,12 @@ _USED = b'"usage": {"prompt_tokens": 7, "completion_tokens": 3}'
         # a key spelled with an escape is not looked for: no parse without the plain bytes
         (b'{"\\u0075sage": {"prompt_tokens": 7, "completion_tokens": 3}}', None),
         # nested deeper than msgspec reads: orjson reads the whole body
-        (b'{"deep": ' + b"[" * 900 + b"]" * 900 + b", " + _USED + b"}", Usage(7, 3)),
+        (b'{"deep": ' + b"[" * 1010 + b"]" * 1010 + b", " + _USED + b"}", Usage(7, 3)),
+        # a count no answer has is garbage, however it is read (orjson: a float; msgspec: an int)
+        (b'{"usage": {"prompt_tokens": 18446744073709551616, "completion_tokens": 3}}',
+         Usage(0, 3)),
+        (b'{"usage": {"prompt_tokens": 1000000000001, "completion_tokens": 1000000000000}}',
+         Usage(0, 10**12)),
         # text that is not UTF-8 elsewhere in the answer does not hide what was used
         (b'{"choices": [{"text": "\xff"}], ' + _USED + b"}", Usage(7, 3)),
         (b"[" + _USED.join([b"{", b"}"]) + b"]", None),
