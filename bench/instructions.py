@@ -42,6 +42,9 @@ from bench import run
 TARGETS: Final = ("pass-through", "sidecar")
 _START_TIMEOUT: Final = 300.0  # under valgrind a proxy takes tens of seconds to start
 _DUMP_TIMEOUT: Final = 60.0
+#: At most this many instructions between zeroing the counters and a dump taken at once: a
+#: zero that did not happen shows the start and the warm-up (billions).
+_ZEROED_MAX: Final = 200_000_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -148,18 +151,27 @@ def _count(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet, workdir: 
             if args.warmup:
                 run.run_wrk(wrk, fleet, target, mode, args.warmup, settings, cores)
             _control(control, "--zero", pid)
+            # callgrind_control says OK whatever happened: a dump at once shows the zero
+            if _dumped(control, workdir, pid, name) > _ZEROED_MAX:
+                raise run.BenchError(f"{name}: callgrind did not zero its counters")
             sample = run.run_wrk(wrk, fleet, target, mode, args.seconds, settings, cores)
-            _control(control, "--dump", pid)
-            dump = latest_dump(workdir, pid)
-            total = None
-            if dump is not None:
-                total = total_instructions(dump.read_text())
-                dump.unlink()  # the next count is read from the next dump
-            if total is None:
-                raise run.BenchError(f"{name}: callgrind wrote no count for process {pid}")
+            total = _dumped(control, workdir, pid, name)
             if sample.error_rate > run.MAX_ERROR_RATE:
                 raise run.BenchError(f"{name} {mode}: wrk saw errors {sample.errors}")
             counts.append(Count(mode, name, sample.requests, total))
+
+
+def _dumped(control: str, workdir: Path, pid: int, name: str) -> int:
+    """Dump `pid`'s counters and read the instructions since the last zero or dump."""
+    _control(control, "--dump", pid)
+    dump = latest_dump(workdir, pid)
+    total = None
+    if dump is not None:
+        total = total_instructions(dump.read_text())
+        dump.unlink()  # the next count is read from the next dump
+    if total is None:
+        raise run.BenchError(f"{name}: callgrind wrote no count for process {pid}")
+    return total
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:

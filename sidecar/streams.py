@@ -43,6 +43,7 @@ A data value with a bare CR in it is malformed: an SSE parser ends the line ther
 from __future__ import annotations
 
 import enum
+import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -164,9 +165,9 @@ def _lane_event(data: bytes) -> _Event | None:
     """One chat event read for the fast lane; None unless it is one JSON object in valid UTF-8
     without a bare CR (then the careful path decides).
 
-    What this accepts orjson accepts too, but for one kind of number: one out of a double's
-    range (`1e999`, or an integer of 309 digits) is valid JSON, which msgspec skips unread and
-    orjson refuses. No JSON encoder writes one; finding it would cost every event a scan of
+    What this accepts orjson accepts too, but for one kind of number: one that rounds to
+    infinity as a double (`1e999`, or an integer of more than 308 digits) is valid JSON, which
+    msgspec skips unread and orjson refuses. No JSON encoder writes one; finding it would cost every event a scan of
     its bytes. Such an event is relayed here, and malformed to the careful path."""
     try:
         event = _read_event(data)
@@ -272,6 +273,28 @@ def error_event(
     return b"data: " + orjson.dumps({"error": error}) + b"\n\n"
 
 
+def _dumps(obj: object, fallback: object) -> bytes:
+    """An upstream's object written back. orjson reads 1,024 levels of nesting but writes 254:
+    deeper, the standard library writes it; deeper than it can, `fallback` is written."""
+    try:
+        return orjson.dumps(obj)
+    except TypeError:
+        pass
+    try:
+        return json.dumps(obj, separators=(",", ":")).encode()
+    except (RecursionError, ValueError, TypeError):
+        return orjson.dumps(fallback)
+
+
+def _error_body(error: dict[str, Any], message: object, anthropic: bool = False) -> bytes:
+    """`{"error": error}` (Anthropic: with `"type": "error"`), or one with its message only."""
+    text = message if isinstance(message, str) else ""
+    if anthropic:
+        return _dumps({"type": "error", "error": error},
+                      {"type": "error", "error": {"type": "api_error", "message": text}})  # fmt: skip
+    return _dumps({"error": error}, {"error": {"message": text}})
+
+
 def _gemini_error(error: dict[str, Any]) -> InbandError:
     code = error.get("code")
     if type(code) is int and 400 <= code <= 599:
@@ -281,7 +304,7 @@ def _gemini_error(error: dict[str, Any]) -> InbandError:
         status = gemini_http_status(rpc) if isinstance(rpc, str) else 500
     message = error.get("message")
     return InbandError(
-        status, orjson.dumps({"error": error}), message if isinstance(message, str) else ""
+        status, _error_body(error, message), message if isinstance(message, str) else ""
     )
 
 
@@ -289,7 +312,7 @@ def _openai_error(error: dict[str, Any]) -> InbandError:
     message = error.get("message")
     return InbandError(
         openai_error_status(error),
-        orjson.dumps({"error": error}),
+        _error_body(error, message),
         message if isinstance(message, str) else "",
     )
 
@@ -320,7 +343,7 @@ def _anthropic_error(obj: dict[str, Any]) -> InbandError:
     message = error.get("message")
     return InbandError(
         _ANTHROPIC_STATUS.get(kind, 500) if isinstance(kind, str) else 500,
-        orjson.dumps({"type": "error", "error": error}),
+        _error_body(error, message, anthropic=True),
         message if isinstance(message, str) else "",
     )
 
@@ -333,7 +356,8 @@ def _event_data(event: bytes) -> bytes | None:
         if end < 0:
             return event[6:]
         if end == len(event) - 2 and event[-1] == 0x0A:
-            return event[6:end]
+            value = event[6:end]
+            return value[:-1] if value[-1:] == b"\r" else value  # (a CRLF line, then LF)
         if end == len(event) - 3 and event.endswith(b"\r\n\r\n"):
             return event[6 : end - 1]
     n = event.count(b"data:")
@@ -359,11 +383,11 @@ def _event_data(event: bytes) -> bytes | None:
 def _key(value: object) -> object:
     """A choice's index or an event's type, as a set or dict key: a list or an object sent
     there (unhashable) is no index or type at all."""
-    return value if value is None or type(value) in (int, str) else None
+    return None if type(value) in (list, dict) else value
 
 
 def _serialise(obj: dict[str, Any], named: bool) -> bytes:
-    data = orjson.dumps(obj)
+    data = _dumps(obj, {"type": obj.get("type")} if named else {})
     if named:
         return b"event: " + str(obj.get("type")).encode() + b"\ndata: " + data + b"\n\n"
     return b"data: " + data + b"\n\n"
@@ -629,7 +653,8 @@ class StreamTracker:
             # argument parsing, unlike `find`.
             line, _, rest = chunk.partition(b"\n")
             if rest == b"\n":
-                return self._feed_one(chunk, line[6:])
+                data = line[6:]
+                return self._feed_one(chunk, data[:-1] if data[-1:] == b"\r" else data)
             if rest == b"\r\n" and line[-1:] == b"\r":
                 return self._feed_one(chunk, line[6:-1])
         if not self._held:
@@ -800,7 +825,8 @@ class StreamTracker:
                 return self._careful_rest(chunk, start, out, kept)
             end = chunk.find(sep, start)
             pos = end + step
-            data = _event_data(chunk[start:end])
+            # A CRLF event keeps its last line's end: a CR before it is then the data's own.
+            data = _event_data(chunk[start : end + 2] if crlf else chunk[start:end])
             result = _KEEP if data is None else self._on_data(data)
             if result is _KEEP and not self.stopped:
                 continue

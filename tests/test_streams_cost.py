@@ -294,6 +294,13 @@ _ODD_EVENTS = {
     "too deep for any": _CONTENT.replace(b'"id":', b'"deep":' + b"[" * 1100 + b"]" * 1100 + b',"id":'),
     # a bare CR ends the line for a caller's SSE parser: it would get `{...,` only
     "a bare cr in the data": _CONTENT.replace(b',"', b',\r"', 1),
+    "a cr before a crlf line end": _CONTENT.replace(b"\n\n", b"\r\r\n\r\n"),
+    "a cr before a crlf line end, no space": _CONTENT.replace(b"\n\n", b"\r\r\n\r\n").replace(
+        b"data: ", b"data:"
+    ),
+    # line ends may mix: a CRLF data line, then an LF blank line
+    "a crlf line then an lf one": _CONTENT.replace(b"\n\n", b"\r\n\n"),
+    "crlf line ends": _CONTENT.replace(b"\n\n", b"\r\n\r\n"),
     # a line break inside the data: JSON to msgspec, but SSE ends the data at the line
     "a line break in the data": _CONTENT.replace(b',"', b',\n"', 1),
     "not an object": b"data: [1, 2]\n\n",
@@ -321,7 +328,9 @@ def test_the_lane_and_the_careful_path_agree_on_an_odd_event(label: str) -> None
      ("an escaped lone surrogate", False), ("a number near the limit", True),
      ("a long number in a string", True), ("deeper than msgspec reads", True),
      ("too deep for any", False), ("a line break in the data", False),
-     ("a bare cr in the data", False), ("NaN", False), ("not an object", True),
+     ("a bare cr in the data", False), ("a cr before a crlf line end", False),
+     ("a cr before a crlf line end, no space", False), ("a crlf line then an lf one", True),
+     ("crlf line ends", True), ("NaN", False), ("not an object", True),
      ("valid utf-8", True)],
 )  # fmt: skip
 def test_an_odd_event_is_relayed_only_if_it_is_json(label: str, relayed: bool) -> None:
@@ -430,3 +439,42 @@ def test_mutated_events_get_one_verdict_whichever_path_reads_them() -> None:
         careful = outcome(Shape.CHAT, [data[i : i + 7] for i in range(0, len(data), 7)],
                           strip_usage=True)  # fmt: skip
         assert lane == careful, odd
+
+
+_DEEP = b"[" * 300 + b"]" * 300  # orjson reads 1,024 levels but writes 254
+
+
+@pytest.mark.parametrize(
+    ("shape", "event"),
+    [
+        (Shape.CHAT, b'data: {"error": {"message": "m", "x": ' + _DEEP + b"}}\n\n"),
+        (Shape.COMPLETIONS, b'data: {"error": {"message": "m", "x": ' + _DEEP + b"}}\n\n"),
+        (Shape.RESPONSES, b'event: error\ndata: {"type": "error", "message": "m", "x": '
+         + _DEEP + b"}\n\n"),
+        (Shape.MESSAGES, b'event: error\ndata: {"type": "error", "error": {"type": '
+         b'"overloaded_error", "message": "m", "x": ' + _DEEP + b"}}\n\n"),
+        (Shape.GEMINI, b'data: {"error": {"code": 503, "message": "m", "x": ' + _DEEP
+         + b"}}\r\n\r\n"),
+        (Shape.CHAT, b'data: {"error": {"message": "m", "x": ' + b"[" * 1000 + b"]" * 1000
+         + b"}}\n\n"),
+    ],
+)  # fmt: skip
+def test_an_in_band_error_nested_deeper_than_orjson_writes_is_still_an_error(
+    shape: Shape, event: bytes
+) -> None:
+    tracker = StreamTracker(shape)
+    assert tracker.feed(event) == b""
+    assert tracker.error is not None
+    assert tracker.error.message == "m"
+    body = orjson.loads(tracker.error.body)
+    assert body["error"]["message"] == "m"
+
+
+def test_an_index_that_is_a_float_or_a_bool_still_names_its_choice() -> None:
+    for index in (0.0, False):
+        finish = sse({"choices": [{"index": index, "delta": {}, "finish_reason": "stop"}]})
+        tracker = StreamTracker(Shape.CHAT)
+        for chunk in (content("a"), finish):
+            tracker.feed(chunk)
+        assert tracker.finished
+        assert tracker.complete_on_eof() == DONE
