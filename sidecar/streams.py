@@ -23,8 +23,8 @@ malformed event and everything after it, and — on a continuation stream
 (`splice=`) — the events a `Splice` rewrites so the caller sees one answer.
 
 Hot path: one parse per data event. (Bytes are searched with `find`, not `in`: on Python
-3.11 `x in some_bytes` first tries `x` as an integer, and builds and drops a TypeError.) A chunk that is one whole event
-(a live stream's) is read as it is; a chunk of whole events (`\\n\\n`-terminated
+3.11 `x in some_bytes` first tries `x` as an integer, and builds and drops a TypeError.)
+A chunk that is one whole event (a live stream's) is read as it is; a chunk of whole events (`\\n\\n`-terminated
 without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up in C; only an event
 split across chunks is held and copied. A chunk relayed unchanged is returned as
 the very same object. Once a chat stream has started, its content events are only
@@ -167,8 +167,9 @@ def _lane_event(data: bytes) -> _Event | None:
 
     What this accepts orjson accepts too, but for one kind of number: one that rounds to
     infinity as a double (`1e999`, or an integer of more than 308 digits) is valid JSON, which
-    msgspec skips unread and orjson refuses. No JSON encoder writes one; finding it would cost every event a scan of
-    its bytes. Such an event is relayed here, and malformed to the careful path."""
+    msgspec skips unread and orjson refuses. No JSON encoder writes one; finding it would cost
+    every event a scan of its bytes. Such an event is relayed here, and malformed to the
+    careful path."""
     try:
         event = _read_event(data)
     except _NOT_AN_EVENT:
