@@ -24,9 +24,9 @@ malformed event and everything after it, and — on a continuation stream
 
 Hot path: one parse per data event. (Bytes are searched with `find`, not `in`: on Python
 3.11 `x in some_bytes` first tries `x` as an integer, and builds and drops a TypeError.)
-A chunk that is one whole event (a live stream's) is read as it is; a chunk of whole events (`\\n\\n`-terminated
-without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up in C; only an event
-split across chunks is held and copied. A chunk relayed unchanged is returned as
+A chunk that is one whole event (a live stream's) is read as it is; a chunk of whole
+events (`\\n\\n`-terminated without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up
+in C; only an event split across chunks is held and copied. A chunk relayed unchanged is returned as
 the very same object. Once a chat stream has started, its content events are only
 validated (the fast lane): what they mean for `text`, `resumable` and `finished`
 is read (parsed a second time) only if asked, which a stream that ends well never
