@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -124,20 +123,19 @@ def measure(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet) -> list[
     if valgrind is None or control is None:
         raise run.BenchError("valgrind is missing: install it (Debian/Ubuntu: `sudo apt-get "
                              "install -y valgrind`) and run again")  # fmt: skip
-    counts: list[Count] = []
     with tempfile.TemporaryDirectory(prefix="sidecar-instr-") as tmp:
         try:
-            _count(args, tree, fleet, Path(tmp), valgrind, control, counts)
+            return _count(args, tree, fleet, Path(tmp), valgrind, control)
         finally:
             fleet.stop()  # while its directory is still there: callgrind dumps once more on exit
-    return counts
 
 
 def _count(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet, workdir: Path,
-           valgrind: str, control: str, counts: list[Count]) -> None:  # fmt: skip
+           valgrind: str, control: str) -> list[Count]:  # fmt: skip
     wrk = run.find_wrk()
     cores = run.Cores.choose(pin=True)
     settings = run.Settings(args.seconds, args.warmup, args.connections, 1, 1, TARGETS, args.mode)
+    counts: list[Count] = []
     wrap = [valgrind, "--tool=callgrind", f"--callgrind-out-file={workdir}/callgrind.%p"]
     targets = run.start_fleet(fleet, TARGETS, tree, cores, workdir, args.mode, wrap=wrap,
                               start_timeout=_START_TIMEOUT)  # fmt: skip
@@ -159,6 +157,7 @@ def _count(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet, workdir: 
             if sample.error_rate > run.MAX_ERROR_RATE:
                 raise run.BenchError(f"{name} {mode}: wrk saw errors {sample.errors}")
             counts.append(Count(mode, name, sample.requests, total))
+    return counts
 
 
 def _dumped(control: str, workdir: Path, pid: int, name: str) -> int:
@@ -202,20 +201,12 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    fleet = run.Fleet()
-    previous = signal.signal(signal.SIGTERM, run.interrupt)
+    return run.guarded(lambda fleet: _measure_and_report(args, fleet))
+
+
+def _measure_and_report(args: argparse.Namespace, fleet: run.Fleet) -> int:
     started = time.monotonic()
-    try:
-        counts = measure(args, run.Tree.at(args.tree), fleet)
-    except run.BenchError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
-    finally:
-        fleet.stop()
-        signal.signal(signal.SIGTERM, previous)
+    counts = measure(args, run.Tree.at(args.tree), fleet)
     print("\n".join(report(counts, args.seconds, args.connections, args.warmup)))
     print(f"# {time.monotonic() - started:.0f} s in all")
     return 0

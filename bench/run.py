@@ -1275,7 +1275,7 @@ def parse_modes(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(expanded))
 
 
-def interrupt(signum: int, frame: FrameType | None) -> None:
+def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
@@ -1338,12 +1338,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     return settings, a.tree, Cores.choose(a.pin)
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    settings, tree_path, cores = parse_args(argv)
+def guarded(work: Callable[[Fleet], int]) -> int:
+    """Run `work` with a fleet that is stopped on any exit; a BenchError or an interrupt
+    (Ctrl-C, SIGTERM) becomes a message and an exit status."""
     fleet = Fleet()
-    previous = signal.signal(signal.SIGTERM, interrupt)  # SIGTERM ends the run like Ctrl-C
+    previous = signal.signal(signal.SIGTERM, _interrupt)  # SIGTERM ends the run like Ctrl-C
     try:
-        return bench(settings, Tree.at(tree_path), cores, fleet)
+        return work(fleet)
     except BenchError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
@@ -1353,6 +1354,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         fleet.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    settings, tree_path, cores = parse_args(argv)
+    return guarded(lambda fleet: bench(settings, Tree.at(tree_path), cores, fleet))
 
 
 if __name__ == "__main__":

@@ -43,7 +43,6 @@ A data value with a bare CR in it is malformed: an SSE parser ends the line ther
 from __future__ import annotations
 
 import enum
-import json
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,8 +51,10 @@ from typing import Any, Final, Protocol
 import msgspec
 import orjson
 
+from sidecar.errors import ProxyError
 from sidecar.formats.gemini import error_object as gemini_error_object
 from sidecar.formats.gemini import http_status as gemini_http_status
+from sidecar.inbound import dump_json
 from sidecar.translate.openai import openai_error_status
 from sidecar.usage import Usage, gemini_usage, openai_usage, token_count
 
@@ -275,15 +276,12 @@ def error_event(
 
 
 def _dumps(obj: object, fallback: object) -> bytes:
-    """An upstream's object written back. orjson reads 1,024 levels of nesting but writes 254:
-    deeper, the standard library writes it; deeper than it can, `fallback` is written."""
+    """An upstream's object written back (`dump_json`: orjson reads 1,024 levels of nesting
+    but writes 254, the standard library the rest); nested deeper than either writes,
+    `fallback` is written instead."""
     try:
-        return orjson.dumps(obj)
-    except TypeError:
-        pass
-    try:
-        return json.dumps(obj, separators=(",", ":")).encode()
-    except (RecursionError, ValueError, TypeError):
+        return dump_json(obj)
+    except ProxyError:
         return orjson.dumps(fallback)
 
 
