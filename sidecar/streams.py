@@ -189,8 +189,24 @@ def _reread(data: bytes) -> Any:
         return None
 
 
+class _Choices(msgspec.Struct):
+    """An event's `choices`, unread (the last of repeated keys, as orjson keeps)."""
+
+    choices: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+_read_choices: Final = msgspec.json.Decoder(_Choices).decode
+
+
 def _only_usage(data: bytes) -> bool:
-    """A usage chunk with `choices: []`: the one the sidecar asked for, to strip."""
+    """A usage chunk with `choices: []`: the one the sidecar asked for, to strip. Its bytes
+    are exactly `[]` as OpenAI writes them; any other spelling is parsed in full."""
+    try:
+        choices = _read_choices(data).choices
+    except _NOT_AN_EVENT:
+        choices = _UNSET
+    if choices is not _UNSET and bytes(choices) == b"[]":
+        return True
     obj = _reread(data)
     return type(obj) is dict and obj.get("choices") == []
 
@@ -740,8 +756,9 @@ class StreamTracker:
             self.terminated = self._through = True
         if not cuts:
             return chunk
-        datas = [piece for i, piece in enumerate(pieces) if i not in cuts]
-        out = b"data: " + b"\n\ndata: ".join(datas) + b"\n\n" if datas else b""
+        for i in reversed(cuts):  # (ascending)
+            del pieces[i]
+        out = b"data: " + b"\n\ndata: ".join(pieces) + b"\n\n" if pieces else b""
         return out + _DONE_EVENT if done else out
 
     def _fast_usage(self, events: list[_Event], pieces: list[bytes]) -> list[int] | None:

@@ -187,7 +187,7 @@ def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.Monk
     else:
         chunks = [data[i : i + 1] for i in range(len(data))]
     parsed: list[bytes] = []
-    loads, read_event = orjson.loads, streams._read_event
+    loads, read_event, read_choices = orjson.loads, streams._read_event, streams._read_choices
 
     def counting(data: Any) -> Any:
         parsed.append(bytes(data))
@@ -198,7 +198,12 @@ def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.Monk
         return read_event(data)
 
     monkeypatch.setattr(orjson, "loads", counting)  # the module sidecar.streams calls
+    def counting_choices(data: bytes) -> Any:
+        parsed.append(data)
+        return read_choices(data)
+
     monkeypatch.setattr(streams, "_read_event", counting_lane)  # the fast lane's parse
+    monkeypatch.setattr(streams, "_read_choices", counting_choices)  # a usage chunk's `choices`
     tracker = StreamTracker(shape, strip_usage=True)
     for chunk in chunks:
         tracker.feed(chunk)
@@ -272,6 +277,33 @@ def test_the_lane_strips_every_usage_chunk_the_sidecar_asked_for() -> None:
         tracker = StreamTracker(Shape.CHAT, strip_usage=True)
         assert b"".join(tracker.feed(c) for c in chunks) == content("a") + content("b") + DONE
         assert tracker.usage.output_tokens == 5
+
+
+_USAGE_SPELLINGS = {
+    # (the event's JSON after `data: `, whether it is the usage chunk to strip)
+    "as openai writes it": (b'{"choices":[],"usage":' + orjson.dumps(CHAT_USAGE["usage"]) + b"}", True),
+    "spaces in the list": (b'{"choices": [ ],"usage":{"completion_tokens":5}}', True),
+    "the last of repeated keys is empty": (
+        b'{"choices":[{"index":0,"delta":{"content":"x"}}],"choices":[],"usage":{}}', True),
+    "the last of repeated keys has content": (
+        b'{"choices":[],"choices":[{"index":0,"delta":{"content":"x"}}],"usage":{}}', False),
+    "no choices": (b'{"usage":{"completion_tokens":5}}', False),
+    "choices null": (b'{"choices":null,"usage":{"completion_tokens":5}}', False),
+    "an escaped key": (b'{"ch\\u006fices":[],"usage":{"completion_tokens":5}}', True),
+}  # fmt: skip
+
+
+@pytest.mark.parametrize("label", list(_USAGE_SPELLINGS))
+def test_a_usage_chunk_is_stripped_alike_on_both_paths(label: str) -> None:
+    event, stripped = _USAGE_SPELLINGS[label]
+    usage = b"data: " + event + b"\n\n"
+    lane = content("a") + content("b") + usage + DONE  # content first: the lane reads it
+    careful = usage + content("a") + DONE  # before any content: the careful path reads it
+    for data, kept in ((lane, content("a") + content("b") + DONE), (careful, content("a") + DONE)):
+        for chunks in ([data], [e + b"\n\n" for e in data.split(b"\n\n")[:-1]]):
+            tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+            out = b"".join(tracker.feed(c) for c in chunks) + tracker.finish()
+            assert out == (kept if stripped else data), (label, chunks)
 
 
 # --- what the lane's parse (msgspec) accepts is what the careful path (orjson) accepts ---------
