@@ -24,6 +24,7 @@ from aiohttp.web_request import BaseRequest
 from sidecar import dispatch
 from sidecar.dispatch import Handler
 from sidecar.logs import OpLog
+from sidecar.request_loop import InlineRequests
 
 #: A body timer a little later than `timeouts.client_body`, so the handler's own 408 wins.
 _BODY_SLACK_S = 1.0
@@ -103,8 +104,9 @@ class _Refuse(asyncio.Protocol):
         transport.close()
 
 
-class _GuardedHandler(RequestHandler):
-    """One caller connection with deadlines aiohttp does not have.
+class _GuardedHandler(InlineRequests):
+    """One caller connection with deadlines aiohttp does not have, whose requests are
+    handled in its own task (`sidecar.request_loop`).
 
     - `client_header`: from the connect (or, on a kept-alive connection, the first
       byte of the next request) until that request's headers are complete;
