@@ -128,9 +128,9 @@ class Billing:
         model = cand.upstream_model or ""
         label = self._metrics.model_label(model)
         if usage.input_tokens:
-            self._metrics.tokens(provider, label, "input").inc(usage.input_tokens)
+            self._metrics.tokens.inc((provider, label, "input"), usage.input_tokens)
         if usage.output_tokens:
-            self._metrics.tokens(provider, label, "output").inc(usage.output_tokens)
+            self._metrics.tokens.inc((provider, label, "output"), usage.output_tokens)
         if cand.key.source is not KeySource.MANAGED or access is None or self.recorder is None:
             return
         _, known = prices.price_for(provider, model)

@@ -18,12 +18,12 @@ def _samples(text: str, name: str) -> dict[tuple[tuple[str, str], ...], float]:
 
 def test_counters_and_histograms_render_exact_values() -> None:
     m = Metrics()
-    m.requests("openai", "openai", "200").inc()
-    m.requests("openai", "openai", "200").inc()
-    m.requests("anthropic", "anthropic", "429").inc()
-    m.tokens("openai", "gpt-4o-mini", "input").inc(7)
+    m.requests.inc(("openai", "openai", "200"))
+    m.requests.inc(("openai", "openai", "200"))
+    m.requests.inc(("anthropic", "anthropic", "429"))
+    m.tokens.inc(("openai", "gpt-4o-mini", "input"), 7)
     for v in (0.00005, 0.0003, 0.0003, 5.0):  # below the first bucket, a middle one twice, past the last
-        m.overhead("openai").observe(v)
+        m.overhead.observe(("openai",), v)
     text = m.render().decode()
 
     assert _samples(text, "sidecar_requests_total") == {

@@ -20,9 +20,9 @@ def account(state: State, ex: Exchange) -> None:
     overhead = ex.overhead if ex.overhead is not None else duration - ex.upstream_wait
     provider = ex.provider
     m = state.metrics
-    m.requests(ex.fmt, provider, _STATUS.get(ex.status) or str(ex.status)).inc()
-    m.request_duration(ex.fmt, provider).observe(duration)
-    m.overhead(ex.fmt).observe(overhead)
+    m.requests.inc((ex.fmt, provider, _STATUS.get(ex.status) or str(ex.status)))
+    m.request_duration.observe((ex.fmt, provider), duration)
+    m.overhead.observe((ex.fmt,), overhead)
     c = ex.candidate
     usage = ex.usage
     for earlier, spent in ex.charges:  # every attempt that produced tokens is paid for

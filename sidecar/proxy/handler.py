@@ -468,13 +468,13 @@ class Proxy:
         cand = step.candidate
         key = cand.key
         if step.failover_from is not None:  # counted only when another attempt really follows
-            metrics.failovers(*step.failover_from).inc()
+            metrics.failovers.inc(step.failover_from)
         if step.wait:
             await asyncio.sleep(step.wait)
         ex.attempts = step.number
         ex.candidate = cand
         ex.translated = out.translation.label if out.translation else None
-        metrics.key_selections(*key.labels).inc()
+        metrics.key_selections.inc(key.labels)
         url, headers = upstream.target(cand, prep, out)
         span = None
         if ex.trace is not None:
@@ -487,7 +487,7 @@ class Proxy:
         if span is not None:
             span.end(res.status, res.outcome.value)
         # str(): the value, in C (an enum's `.value` is a Python-level property on 3.11)
-        metrics.upstream_attempts(*key.labels, str(res.outcome)).inc()
+        metrics.upstream_attempts.inc((*key.labels, str(res.outcome)))
         return res
 
     @staticmethod

@@ -150,7 +150,7 @@ async def attempt(
         with deadline(loop.time() + min(limit, budget), loop) as timer:
             upstream = await state.client.request(ex.request.method, url, headers, body)
             ttfb = time.perf_counter() - sent
-            state.metrics.upstream_ttfb(key.provider).observe(ttfb)
+            state.metrics.upstream_ttfb.observe((key.provider,), ttfb)
             status = upstream.status
             if key.source is not KeySource.PASSTHROUGH:  # a caller's own key keeps no state
                 _note_quota(state, cand, upstream.headers, status)
