@@ -21,16 +21,21 @@ from sidecar.runtime import AccessKey, Provider, Runtime
 from sidecar.secret import Secret
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, init=False)
 class Candidate:
     provider: Provider
     model: ResolvedModel | None  # None: explicit route without a model in the body
     key: ProviderKey
+    #: The model name sent upstream (None: the body names none); a field, not a property:
+    #: it is read eight times per request.
+    upstream_model: str | None
 
-    @property
-    def upstream_model(self) -> str | None:
-        """The model name sent upstream (None: the body names none)."""
-        return self.model.upstream if self.model else None
+    def __init__(self, provider: Provider, model: ResolvedModel | None, key: ProviderKey) -> None:
+        set_field = object.__setattr__  # (frozen)
+        set_field(self, "provider", provider)
+        set_field(self, "model", model)
+        set_field(self, "key", key)
+        set_field(self, "upstream_model", model.upstream if model else None)
 
 
 @dataclass(slots=True)
