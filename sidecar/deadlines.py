@@ -181,7 +181,8 @@ class Deadline:
         return self
 
     def reschedule(self, when: float | None) -> None:
-        """Move the deadline (None: none). Later is a number changed; earlier re-files it."""
+        """Move the deadline (None: none). Later is a number changed; earlier re-files it.
+        Once it has expired, or its block has ended, nothing."""
         if self._expired:
             return
         entry = self._entry
@@ -201,8 +202,11 @@ class Deadline:
         if self._entry is not None:
             self._owner.schedule.cancel(self._entry)
             self._entry = None
+        # Over: a `reschedule` after the block must not arm it again (it would cancel the task
+        # later, in whatever it runs by then: on a caller's connection, its next request).
+        expired, self._expired = self._expired, True
         if (
-            self._expired
+            expired
             and self._task.uncancel() <= self._cancelling
             and exc_type is asyncio.CancelledError
         ):

@@ -14,16 +14,22 @@ is awaited in the connection's task. Everything else (the keep-alive timer, pipe
 lingering over an unread body, a malformed request's error answer, premature disconnects) is
 aiohttp's code as it was.
 
-What this gives up is the fresh copy of context variables per request: a context variable set
-by one request's handler would still be set for the next request on the same connection. The
-sidecar's handlers set none (tracing builds its span contexts without attaching them), and a
-deadline cancels the connection's task, not a request's, which `sidecar.deadlines` already
-undoes with `uncancel()`.
+What this gives up is a fresh task per request, and with it two things:
 
-The copy runs only if the installed aiohttp's loop is, byte for byte, the one it was copied
-from (the SHA-256 of its source, `COPIED_FROM`); under any other aiohttp the connection keeps
-aiohttp's own loop. tests/test_request_loop.py fails when the pinned aiohttp's loop changes, so
-the copy is taken again with the upgrade.
+- A fresh copy of context variables: one set by a request's handler would still be set for
+  the next request on the same connection. The sidecar's handlers set none (tracing builds
+  its span contexts without attaching them).
+- A clean cancellation state. A deadline now cancels the connection's task, which
+  `sidecar.deadlines` undoes with `uncancel()` as `asyncio.timeout` does. A handler that
+  left a cancellation behind (one still pending, or one it swallowed without `uncancel()`)
+  would hand it to the next request, so the loop checks the task's `cancelling()` count
+  after each request and closes the connection if it moved (the second change).
+
+The copy runs only if the installed aiohttp's request loop and the methods it works with
+(`_handle_request`, `connection_lost`, `shutdown`) are, byte for byte, the ones it was copied
+beside (the SHA-256 of their source, `COPIED_FROM`); under any other aiohttp the connection
+keeps aiohttp's own loop. tests/test_request_loop.py fails when the pinned aiohttp changes
+them, and compares the copy with aiohttp's loop, so the copy is taken again with an upgrade.
 """
 
 from __future__ import annotations
@@ -38,23 +44,28 @@ from aiohttp.helpers import ceil_timeout
 from aiohttp.http import StreamWriter
 from aiohttp.web_protocol import _PAYLOAD_ACCESS_ERROR, ERROR, RequestHandler, _ErrInfo
 
-__all__ = ["COPIED_FROM", "InlineRequests", "inline"]
+__all__ = ["COPIED_FROM", "DEPENDS_ON", "InlineRequests", "inline", "source_digest"]
 
-#: SHA-256 of aiohttp 3.14.5's `RequestHandler.start` source (dedented), the loop copied below.
-COPIED_FROM: Final = "861cf19d1d08c05cf5008488a6eebb1a428fad5009959bae8358cfc2578e7769"
+#: What the copy depends on in aiohttp: the loop copied below, and the methods that run or
+#: cancel the connection's task around it.
+DEPENDS_ON: Final = ("start", "_handle_request", "connection_lost", "shutdown")
+#: SHA-256 of those methods' sources (dedented, in that order) in aiohttp 3.14.5.
+COPIED_FROM: Final = "c92da0a8a9b34ed5a0709ed00e372851f2d1fd6eb7642e5d16bc5c4f34027bc6"
 
 
-def _source_digest() -> str | None:
-    """SHA-256 of the installed aiohttp's request loop; None if its source cannot be read."""
+def source_digest() -> str | None:
+    """SHA-256 of the installed aiohttp's `DEPENDS_ON`; None if their source cannot be read."""
+    digest = hashlib.sha256()
     try:
-        source = textwrap.dedent(inspect.getsource(RequestHandler.start))
+        for name in DEPENDS_ON:
+            digest.update(textwrap.dedent(inspect.getsource(getattr(RequestHandler, name))).encode())
     except (OSError, TypeError):
         return None
-    return hashlib.sha256(source.encode()).hexdigest()
+    return digest.hexdigest()
 
 
 #: Whether `InlineRequests` runs its copy of the loop (else aiohttp's own).
-inline: Final = _source_digest() == COPIED_FROM
+inline: Final = source_digest() == COPIED_FROM
 
 
 class InlineRequests(RequestHandler):
@@ -74,6 +85,8 @@ class InlineRequests(RequestHandler):
         resp = None
         assert self._request_factory is not None
         assert self._request_handler is not None
+        task = asyncio.current_task(loop)  # Changed: the task every request's handler runs in
+        assert task is not None
 
         while not self._force_close:
             if not self._messages:
@@ -119,10 +132,16 @@ class InlineRequests(RequestHandler):
             try:
                 # Changed: aiohttp runs this in a new task (a fresh copy of the context
                 # variables per request); here it runs in the connection's task.
+                cancels = task.cancelling()
                 try:
                     resp, reset = await self._handle_request(request, start, request_handler)
                 except ConnectionError:
                     self.log_debug("Ignored premature client disconnection")
+                    break
+                # Changed: a cancellation the handler left on the task (still pending, or
+                # swallowed without `uncancel()`) must not reach the next request.
+                if task.cancelling() != cancels:
+                    self.force_close()
                     break
 
                 if reset:
