@@ -107,6 +107,16 @@ async def test_nothing_happens_when_the_block_ends_in_time() -> None:
     await asyncio.sleep(0.1)  # its time passes after the block: the task is not cancelled
 
 
+async def test_moving_it_after_the_block_ended_arms_nothing() -> None:
+    # A late reschedule must not cancel the task in whatever it runs next (on a caller's
+    # connection: its next request).
+    loop = asyncio.get_running_loop()
+    with deadline(loop.time() + 10, loop) as d:
+        pass
+    d.reschedule(loop.time() + 0.01)
+    await asyncio.sleep(0.1)  # cancelled here if the deadline were armed again
+
+
 async def test_moving_it_later_keeps_the_block_running() -> None:
     loop = asyncio.get_running_loop()
     with deadline(loop.time() + 0.05) as d:
