@@ -175,7 +175,8 @@ class Deadline:
             raise RuntimeError("a deadline needs a running task")
         self._task = task
         self._cancelling = task.cancelling()
-        self._owner = _for_loop(loop)
+        last = _last  # `_for_loop`'s own first test, without the call
+        self._owner = last[1] if last is not None and last[0]() is loop else _for_loop(loop)
         if self._when is not None:
             self._entry = self._owner.add(self._when, self._expire)
         return self
@@ -218,5 +219,5 @@ class Deadline:
         self._task.cancel()
 
 
-def deadline(when: float | None, loop: asyncio.AbstractEventLoop | None = None) -> Deadline:
-    return Deadline(when, loop)
+#: `deadline(when, loop=None)`: the class itself, not a function returning one (a call fewer).
+deadline: Final = Deadline
