@@ -172,7 +172,7 @@ class Cores:
                 f"{self.load} (the mock moves to core {self.server} for `direct`)")  # fmt: skip
 
 
-def _pin(pid: int, cpu: int | None) -> None:
+def pin(pid: int, cpu: int | None) -> None:
     """Move every thread of `pid` to `cpu` (affinity is per thread on Linux)."""
     if cpu is None:
         return
@@ -763,7 +763,7 @@ def _cpu_deltas(before: dict[str, float | None], after: dict[str, float | None],
     return out
 
 
-def _parse_wrk(stdout: str, stderr: str) -> dict[str, float]:
+def parse_wrk(stdout: str, stderr: str) -> dict[str, float]:
     for line in stdout.splitlines():
         if line.startswith(_RESULT_MARK):
             parsed: dict[str, float] = json.loads(line[len(_RESULT_MARK) :])
@@ -777,7 +777,7 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
     of every process over the run."""
     direct = target.proxy is None
     if direct:
-        _pin(target.mock.proc.pid, cores.server)
+        pin(target.mock.proc.pid, cores.server)
     threads, connections = (pace.threads, pace.connections) if pace else (settings.threads,
                                                                          settings.connections)  # fmt: skip
     argv = [*cores.prefix(cores.load), wrk, "-t", str(threads), "-c", str(connections),
@@ -802,9 +802,9 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
         after = _cpu_snapshot(fleet)
     finally:
         if direct:
-            _pin(target.mock.proc.pid, cores.load)
+            pin(target.mock.proc.pid, cores.load)
     fleet.check_alive()
-    result = _parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
+    result = parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
     errors = {k: int(result[k]) for k in ("connect", "read", "write", "status", "timeout")}
     return Sample(
         requests=int(result["requests"]),
