@@ -15,7 +15,7 @@ range. Its rounds agree to within a few percent.
   instruction count's (`bench.instructions`).
 - `--against PATH`: the sidecar of another checkout and this one's, each with a mock of its
   own. Two processes of the same kind suffer alike, so this is the fair way to tell whether
-  a change made the sidecar cheaper in CPU time, to about 1%.
+  a change made the sidecar cheaper in CPU time, to within a few percent.
 
     python -m bench.paired [--mode json,stream] [--rounds 8] [--seconds 3] [--tree PATH]
     python -m bench.paired --against ../before-the-change
@@ -85,18 +85,22 @@ def _load_both(wrk: str, pair: tuple[run.Target, run.Target], mode: str, seconds
         procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env))  # fmt: skip
     done: list[int] = []
-    for target, proc in zip(pair, procs, strict=True):
-        try:
-            out, err = proc.communicate(timeout=seconds + 60)
-        except subprocess.TimeoutExpired:
-            for p in procs:
-                p.kill()
-            raise run.BenchError(f"wrk did not finish within {seconds + 60} s") from None
-        result = run.parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
-        errors = sum(int(result[k]) for k in ("connect", "read", "write", "status", "timeout"))
-        done.append(int(result["requests"]))
-        if done[-1] == 0 or errors > run.MAX_ERROR_RATE * done[-1]:
-            raise run.BenchError(f"{target.name} {mode}: {done[-1]} requests, {errors} errors")
+    try:
+        for target, proc in zip(pair, procs, strict=True):
+            try:
+                out, err = proc.communicate(timeout=seconds + 60)
+            except subprocess.TimeoutExpired:
+                raise run.BenchError(f"wrk did not finish within {seconds + 60} s") from None
+            result = run.parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
+            errors = sum(int(result[k]) for k in ("connect", "read", "write", "status", "timeout"))
+            done.append(int(result["requests"]))
+            if done[-1] == 0 or errors > run.MAX_ERROR_RATE * done[-1]:
+                raise run.BenchError(f"{target.name} {mode}: {done[-1]} requests, {errors} errors")
+    finally:  # neither wrk outlives a failed round
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
     time.sleep(0.2)  # the last answers' CPU
     base, sidecar = ((_cpu(t) - b) * 1000 / n for t, b, n in zip(pair, before, done, strict=True))
     return base, sidecar
@@ -113,6 +117,9 @@ def _cpu(target: run.Target) -> float:
 def measure(args: argparse.Namespace, tree: run.Tree, fleet: run.Fleet) -> list[Round]:
     wrk = run.find_wrk()
     cores = run.Cores.choose(pin=True)
+    if cores.server is None:
+        raise run.BenchError("two proxies on one core, the load on the other: this needs two "
+                             "cores and taskset (util-linux)")  # fmt: skip
     rounds: list[Round] = []
     with tempfile.TemporaryDirectory(prefix="sidecar-paired-") as tmp:
         try:

@@ -28,7 +28,7 @@ class Candidate:
     key: ProviderKey
     #: The model name sent upstream (None: the body names none); a field, not a property:
     #: it is read eight times per request.
-    upstream_model: str | None
+    upstream_model: str | None = field(init=False)  # (`dataclasses.replace` recomputes it)
 
     def __init__(self, provider: Provider, model: ResolvedModel | None, key: ProviderKey) -> None:
         set_field = object.__setattr__  # (frozen)

@@ -40,9 +40,16 @@ import inspect
 import textwrap
 from typing import Final
 
-from aiohttp.helpers import ceil_timeout
-from aiohttp.http import StreamWriter
-from aiohttp.web_protocol import _PAYLOAD_ACCESS_ERROR, ERROR, RequestHandler, _ErrInfo
+from aiohttp.web_protocol import RequestHandler
+
+try:  # what the copy uses of aiohttp's internals; another aiohttp may not have them
+    from aiohttp.helpers import ceil_timeout
+    from aiohttp.http import StreamWriter
+    from aiohttp.web_protocol import _PAYLOAD_ACCESS_ERROR, ERROR, _ErrInfo
+except ImportError:
+    _importable = False
+else:
+    _importable = True
 
 __all__ = ["COPIED_FROM", "DEPENDS_ON", "InlineRequests", "inline", "source_digest"]
 
@@ -59,13 +66,14 @@ def source_digest() -> str | None:
     try:
         for name in DEPENDS_ON:
             digest.update(textwrap.dedent(inspect.getsource(getattr(RequestHandler, name))).encode())
-    except (OSError, TypeError):
+    except (AttributeError, OSError, TypeError):  # a method gone, or no source to read
         return None
     return digest.hexdigest()
 
 
-#: Whether `InlineRequests` runs its copy of the loop (else aiohttp's own).
-inline: Final = source_digest() == COPIED_FROM
+#: Whether `InlineRequests` runs its copy of the loop (else aiohttp's own); the `listening`
+#: log line says which (`request_loop`).
+inline: Final = _importable and source_digest() == COPIED_FROM
 
 
 class InlineRequests(RequestHandler):

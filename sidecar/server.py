@@ -22,6 +22,7 @@ from typing import Final
 
 from aiohttp import web
 
+from sidecar import request_loop
 from sidecar.admin import build_admin_app
 from sidecar.admission import Admission
 from sidecar.billing import Billing
@@ -307,7 +308,8 @@ async def start(
     )
     state.ready = True
     state.oplog.log("info", "listening", always=True, proxy=f"{cfg.listen.host}:{running.proxy_port}",
-                     admin=f"{cfg.admin_listen.host}:{running.admin_port}")  # fmt: skip
+                     admin=f"{cfg.admin_listen.host}:{running.admin_port}",
+                     request_loop="inline" if request_loop.inline else "aiohttp")  # fmt: skip
     _check_fd_limit(state)
     return running
 

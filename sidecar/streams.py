@@ -200,7 +200,9 @@ _read_choices: Final = msgspec.json.Decoder(_Choices).decode
 
 def _only_usage(data: bytes) -> bool:
     """A usage chunk with `choices: []`: the one the sidecar asked for, to strip. Its bytes
-    are exactly `[]` as OpenAI writes them; any other spelling is parsed in full."""
+    are exactly `[]` as OpenAI writes them; any other spelling is parsed in full. (An event
+    the lane accepted with a number out of a double's range elsewhere, see `_lane_event`, is
+    then stripped, where orjson alone would have kept it.)"""
     try:
         choices = _read_choices(data).choices
     except _NOT_AN_EVENT:

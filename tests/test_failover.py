@@ -74,6 +74,15 @@ def stop(eng: Engine) -> StopReason:
 # -- answers ---------------------------------------------------------------------
 
 
+def test_a_candidates_upstream_model_follows_its_model() -> None:
+    c = cand("k1", "gpt-4o-mini")
+    assert c.upstream_model == "gpt-4o-mini"
+    other = replace(c, model=ResolvedModel("gpt-4o", PROVIDER, "gpt-4o-2024"))
+    assert other.upstream_model == "gpt-4o-2024"
+    assert replace(c, model=None).upstream_model is None
+    assert replace(c, key=key("k2")) == Candidate(PROVIDER, c.model, key("k2"))
+
+
 def test_a_success_is_final_and_nothing_follows() -> None:
     eng, health, _ = engine([cand("k1", "a"), cand("k2", "a")])
     first = attempt(eng)

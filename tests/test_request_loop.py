@@ -264,3 +264,9 @@ def _cancel_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
     monkeypatch.setattr(request_loop.InlineRequests, "_handle_request", counting)
     return counts
+
+
+async def test_the_listening_line_says_which_loop_runs(env: Env, sidecars: list[Sidecar]) -> None:
+    await _boot(env, sidecars, "{per_request: 5s}", "c")
+    (line,) = [r for r in env.oplog.records() if r.get("event") == "listening"]
+    assert line["request_loop"] == "inline"
