@@ -30,7 +30,6 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -201,15 +200,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run.guarded(lambda fleet: _measure_and_report(args, fleet))
-
-
-def _measure_and_report(args: argparse.Namespace, fleet: run.Fleet) -> int:
-    started = time.monotonic()
-    counts = measure(args, run.Tree.at(args.tree), fleet)
-    print("\n".join(report(counts, args.seconds, args.connections, args.warmup)))
-    print(f"# {time.monotonic() - started:.0f} s in all")
-    return 0
+    return run.guarded_report(lambda fleet: report(measure(args, run.Tree.at(args.tree), fleet),
+                                                   args.seconds, args.connections, args.warmup))  # fmt: skip
 
 
 if __name__ == "__main__":

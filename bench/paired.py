@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import os
 import statistics
 import subprocess
 import sys
@@ -77,11 +76,7 @@ def _load_both(wrk: str, pair: tuple[run.Target, run.Target], mode: str, seconds
     before = [_cpu(target) for target in pair]
     procs: list[subprocess.Popen[bytes]] = []
     for target in pair:
-        env = {**os.environ, "BENCH_TOKEN": target.token,
-               "BENCH_STREAM": "1" if run.is_stream(mode) else "0",
-               "BENCH_MODEL": run.request_model(mode, target)}  # fmt: skip
-        argv = [*cores.prefix(cores.load), wrk, "-t1", "-c", str(connections), "-d", f"{seconds}s",
-                "--timeout", "10s", "-s", str(run.LUA), target.url]  # fmt: skip
+        argv, env = run.wrk_command(wrk, target, mode, seconds, 1, connections, cores)
         procs.append(subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env=env))  # fmt: skip
     done: list[int] = []
@@ -92,7 +87,7 @@ def _load_both(wrk: str, pair: tuple[run.Target, run.Target], mode: str, seconds
             except subprocess.TimeoutExpired:
                 raise run.BenchError(f"wrk did not finish within {seconds + 60} s") from None
             result = run.parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
-            errors = sum(int(result[k]) for k in ("connect", "read", "write", "status", "timeout"))
+            errors = sum(run.wrk_errors(result).values())
             done.append(int(result["requests"]))
             if done[-1] == 0 or errors > run.MAX_ERROR_RATE * done[-1]:
                 raise run.BenchError(f"{target.name} {mode}: {done[-1]} requests, {errors} errors")
@@ -176,16 +171,9 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(argv)
-    return run.guarded(lambda fleet: _measure_and_report(args, fleet))
-
-
-def _measure_and_report(args: argparse.Namespace, fleet: run.Fleet) -> int:
-    started = time.monotonic()
-    rounds = measure(args, run.Tree.at(args.tree), fleet)
     base = "pass-through" if args.against is None else "before"
-    print("\n".join(report(rounds, args.seconds, args.connections, base)))
-    print(f"# {time.monotonic() - started:.0f} s in all")
-    return 0
+    return run.guarded_report(lambda fleet: report(measure(args, run.Tree.at(args.tree), fleet),
+                                                   args.seconds, args.connections, base))  # fmt: skip
 
 
 if __name__ == "__main__":

@@ -771,6 +771,28 @@ def parse_wrk(stdout: str, stderr: str) -> dict[str, float]:
     raise BenchError(f"wrk printed no result line:\n{stdout[-1500:]}\n{stderr[-1500:]}")
 
 
+def wrk_command(wrk: str, target: Target, mode: str, seconds: int, threads: int,
+                connections: int, cores: Cores,
+                extra_env: dict[str, str] | None = None) -> tuple[list[str], dict[str, str]]:  # fmt: skip
+    """wrk's command line (on the load core) and environment to load `target` in `mode`."""
+    argv = [*cores.prefix(cores.load), wrk, "-t", str(threads), "-c", str(connections),
+            "-d", f"{seconds}s", "--timeout", "10s", "-s", str(LUA), target.url]  # fmt: skip
+    env = {
+        **os.environ,
+        "BENCH_TOKEN": target.token,
+        "BENCH_STREAM": "1" if is_stream(mode) else "0",
+        "BENCH_MODEL": request_model(mode, target),
+        **(extra_env or {}),
+    }
+    return argv, env
+
+
+def wrk_errors(result: dict[str, float]) -> dict[str, int]:
+    """The kinds of error a wrk run saw (connect, read, write, status, timeout), counted."""
+    errors = {k: int(result[k]) for k in ("connect", "read", "write", "status", "timeout")}
+    return {k: v for k, v in errors.items() if v}
+
+
 def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
             settings: Settings, cores: Cores, pace: Pace | None = None) -> Sample:  # fmt: skip
     """Load `target` with wrk for `seconds` (flat out, or at `pace`'s fixed rate); CPU deltas
@@ -780,15 +802,8 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
         pin(target.mock.proc.pid, cores.server)
     threads, connections = (pace.threads, pace.connections) if pace else (settings.threads,
                                                                          settings.connections)  # fmt: skip
-    argv = [*cores.prefix(cores.load), wrk, "-t", str(threads), "-c", str(connections),
-            "-d", f"{seconds}s", "--timeout", "10s", "-s", str(LUA), target.url]  # fmt: skip
-    env = {
-        **os.environ,
-        "BENCH_TOKEN": target.token,
-        "BENCH_STREAM": "1" if is_stream(mode) else "0",
-        "BENCH_MODEL": request_model(mode, target),
-        **(pace.env() if pace else {}),
-    }
+    argv, env = wrk_command(wrk, target, mode, seconds, threads, connections, cores,
+                            pace.env() if pace else None)  # fmt: skip
     try:
         before = _cpu_snapshot(fleet)
         fleet.wrk = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
@@ -805,11 +820,10 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
             pin(target.mock.proc.pid, cores.load)
     fleet.check_alive()
     result = parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
-    errors = {k: int(result[k]) for k in ("connect", "read", "write", "status", "timeout")}
     return Sample(
         requests=int(result["requests"]),
         seconds=result["duration_us"] / 1e6,
-        errors={k: v for k, v in errors.items() if v},
+        errors=wrk_errors(result),
         p50_ms=result["p50_us"] / 1000,
         p99_ms=result["p99_us"] / 1000,
         cpu=_cpu_deltas(before, after, target),
@@ -1354,6 +1368,19 @@ def guarded(work: Callable[[Fleet], int]) -> int:
     finally:
         fleet.stop()
         signal.signal(signal.SIGTERM, previous)
+
+
+def guarded_report(work: Callable[[Fleet], list[str]]) -> int:
+    """`guarded`, for a tool that measures and then prints a report: the lines `work`
+    returns, then how long it all took."""
+    started = time.monotonic()
+
+    def measured(fleet: Fleet) -> int:
+        print("\n".join(work(fleet)))
+        print(f"# {time.monotonic() - started:.0f} s in all")
+        return 0
+
+    return guarded(measured)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -145,6 +145,21 @@ class Sidecar:
         self.running.state.access_log.flush()
 
 
+async def start_with_timeouts(env: Env, sidecars: list[Sidecar], timeouts: str, *,
+                              key: str = "sk-upstream-1", app: str = "app") -> tuple[Sidecar, str]:  # fmt: skip
+    """A sidecar with one OpenAI key (`key`, whose name the mock reads) and `timeouts:` as
+    given, appended to `sidecars`; with a new access key named `app`, returned."""
+    ref = env.secret("openai", "k1", key)
+    token = env.access_key(app)
+    env.write_config(
+        f"timeouts: {timeouts}\nproviders:\n  - id: openai\n    base_url: UPSTREAM\n"
+        f'    api_keys: [{{id: k1, value: "{ref}"}}]\n'
+    )
+    sc = await env.start()
+    sidecars.append(sc)
+    return sc, token
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

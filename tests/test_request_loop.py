@@ -21,7 +21,7 @@ from aiohttp.web_protocol import RequestHandler
 from sidecar import request_loop
 from sidecar.connections import ConnectionLimits, GuardedRunner
 from sidecar.logs import OpLog
-from tests.harness import Env, Sidecar, _read_response, metric_value
+from tests.harness import Env, Sidecar, _read_response, metric_value, start_with_timeouts
 
 WAIT = 10.0
 
@@ -188,18 +188,6 @@ async def test_a_cancellation_left_by_a_handler_closes_its_connection(
         writer.close()
 
 
-async def _boot(env: Env, sidecars: list[Sidecar], timeouts: str, app: str) -> tuple[Sidecar, str]:
-    ref = env.secret("openai", "k1", "sk-upstream-1")
-    token = env.access_key(app)
-    env.write_config(
-        f"timeouts: {timeouts}\nproviders:\n  - id: openai\n    base_url: UPSTREAM\n"
-        f'    api_keys: [{{id: k1, value: "{ref}"}}]\n'
-    )
-    sc = await env.start()
-    sidecars.append(sc)
-    return sc, token
-
-
 def _chat(token: str, model: str, stream: bool = False) -> tuple[bytes, bytes]:
     head = (b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
             b"authorization: Bearer " + token.encode() + b"\r\n")  # fmt: skip
@@ -216,7 +204,8 @@ async def test_a_connection_answers_on_after_deadlines_cut_its_requests(
     # Each deadline cancels the task the request runs in: now the connection's own. The next
     # request on the same connection must not inherit that cancellation.
     counts = _cancel_counts(monkeypatch)
-    sc, token = await _boot(env, sidecars, "{per_request: 300ms, total: 5s, stream_idle: 300ms}", "a")
+    sc, token = await start_with_timeouts(
+        env, sidecars, "{per_request: 300ms, total: 5s, stream_idle: 300ms}", app="a")
     reader, writer = await asyncio.open_connection("127.0.0.1", sc.running.proxy_port)
     try:
         for _ in range(2):  # (a cancellation left counted on the task would show the second time)
@@ -237,7 +226,7 @@ async def test_a_connection_answers_on_after_deadlines_cut_its_requests(
         text = await m.text()
     assert metric_value(text, "sidecar_upstream_attempts_total", outcome="timeout") == 2
     assert metric_value(text, "sidecar_stream_interruptions_total", cause="idle_timeout") == 2
-    sc2, token2 = await _boot(env, sidecars, "{per_request: 5s, total: 400ms}", "b")
+    sc2, token2 = await start_with_timeouts(env, sidecars, "{per_request: 5s, total: 400ms}", app="b")
     reader, writer = await asyncio.open_connection("127.0.0.1", sc2.running.proxy_port)
     try:
         for _ in range(2):
@@ -267,6 +256,6 @@ def _cancel_counts(monkeypatch: pytest.MonkeyPatch) -> list[int]:
 
 
 async def test_the_listening_line_says_which_loop_runs(env: Env, sidecars: list[Sidecar]) -> None:
-    await _boot(env, sidecars, "{per_request: 5s}", "c")
+    await start_with_timeouts(env, sidecars, "{per_request: 5s}", app="c")
     (line,) = [r for r in env.oplog.records() if r.get("event") == "listening"]
     assert line["request_loop"] == "inline"

@@ -5,26 +5,15 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from tests.harness import Env, Sidecar, metric_value
-
-
-async def _boot(env: Env, sidecars: list[Sidecar], key: str, timeouts: str) -> tuple[Sidecar, str]:
-    ref = env.secret("openai", "k1", key)
-    token = env.access_key("app")
-    env.write_config(
-        f"timeouts: {timeouts}\nproviders:\n  - id: openai\n    base_url: UPSTREAM\n"
-        f'    api_keys: [{{id: k1, value: "{ref}"}}]\n'
-    )
-    sc = await env.start()
-    sidecars.append(sc)
-    return sc, token
+from tests.harness import Env, Sidecar, metric_value, start_with_timeouts
 
 
 async def test_slow_headers_within_per_request_succeed_even_if_longer_than_stream_idle(
     env: Env, sidecars: list[Sidecar]
 ) -> None:
     # headers after 600 ms: past stream_idle (200 ms) but within per_request (5 s)
-    sc, token = await _boot(env, sidecars, "sk-slow-600", "{per_request: 5s, stream_idle: 200ms}")
+    sc, token = await start_with_timeouts(env, sidecars, "{per_request: 5s, stream_idle: 200ms}",
+                                       key="sk-slow-600")
     async with sc.openai(token) as client:
         raw = await client.chat.completions.with_raw_response.create(
             model="gpt-4o-mini", messages=[{"role": "user", "content": "hi"}]
@@ -33,7 +22,8 @@ async def test_slow_headers_within_per_request_succeed_even_if_longer_than_strea
 
 
 async def test_slow_headers_past_per_request_time_out(env: Env, sidecars: list[Sidecar]) -> None:
-    sc, token = await _boot(env, sidecars, "sk-slow-2000", "{per_request: 200ms, total: 5s}")
+    sc, token = await start_with_timeouts(env, sidecars, "{per_request: 200ms, total: 5s}",
+                                       key="sk-slow-2000")
     async with aiohttp.ClientSession() as http:
         async with http.post(sc.url + "/v1/chat/completions", headers={"authorization": f"Bearer {token}"},
                              json={"model": "gpt-4o-mini", "messages": []}) as r:  # fmt: skip
@@ -53,7 +43,7 @@ async def test_slow_headers_past_per_request_time_out(env: Env, sidecars: list[S
 async def test_a_stream_idle_past_stream_idle_is_cut(
     env: Env, sidecars: list[Sidecar], timeouts: str
 ) -> None:
-    sc, token = await _boot(env, sidecars, "sk-stall-1500", timeouts)
+    sc, token = await start_with_timeouts(env, sidecars, timeouts, key="sk-stall-1500")
     async with aiohttp.ClientSession() as http:
         async with http.post(sc.url + "/v1/chat/completions", headers={"authorization": f"Bearer {token}"},
                              json={"model": "gpt-4o-mini", "stream": True, "messages": []}) as r:  # fmt: skip
