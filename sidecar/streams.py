@@ -56,7 +56,7 @@ from sidecar.formats.gemini import error_object as gemini_error_object
 from sidecar.formats.gemini import http_status as gemini_http_status
 from sidecar.inbound import dump_json
 from sidecar.translate.openai import openai_error_status
-from sidecar.usage import Usage, gemini_usage, openai_usage, token_count
+from sidecar.usage import Usage, gemini_usage, loads_or_none, openai_usage, token_count
 
 __all__ = [
     "MAX_EVENT",
@@ -180,15 +180,6 @@ def _lane_event(data: bytes) -> _Event | None:
     return event
 
 
-def _reread(data: bytes) -> Any:
-    """A fast-lane event parsed in full (for its text and finish): orjson accepted it when it
-    was relayed (`_lane_event`); None if it does not now."""
-    try:
-        return orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return None
-
-
 class _Choices(msgspec.Struct):
     """An event's `choices`, unread (the last of repeated keys, as orjson keeps)."""
 
@@ -209,7 +200,7 @@ def _only_usage(data: bytes) -> bool:
         choices = _UNSET
     if choices is not _UNSET and bytes(choices) == b"[]":
         return True
-    obj = _reread(data)
+    obj = loads_or_none(data)
     return type(obj) is dict and obj.get("choices") == []
 
 
@@ -789,7 +780,7 @@ class StreamTracker:
         usage = self.usage  # metered in order when relayed: reading again must not rewind it
         for body in raw:
             for data in body.split(b"\n\ndata: "):
-                obj = _reread(data)  # validated when it was relayed
+                obj = loads_or_none(data)  # validated when it was relayed (`_lane_event`)
                 if type(obj) is dict:
                     self._chat(obj)
                 else:  # (cannot happen: whatever the lane relays is a JSON object)

@@ -54,7 +54,8 @@ def token_count(value: object) -> int:
     return 0
 
 
-def _loads(data: bytes | bytearray | memoryview) -> Any:
+def loads_or_none(data: bytes | bytearray | memoryview) -> Any:
+    """`data` parsed by orjson; None if it is not JSON."""
     try:
         return orjson.loads(data)
     except orjson.JSONDecodeError:
@@ -82,7 +83,7 @@ def _top_level(body: bytes, gemini: bool) -> Any:
             return _read_usage_metadata(body).usageMetadata
         return _read_usage(body).usage
     except (ValueError, RecursionError):
-        obj = _loads(body)
+        obj = loads_or_none(body)
         return obj.get("usageMetadata" if gemini else "usage") if isinstance(obj, dict) else None
 
 
