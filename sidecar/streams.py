@@ -27,15 +27,18 @@ Hot path: one parse per data event. (Bytes are searched with `find`, not `in`: o
 A chunk that is one whole event (a live stream's) is read as it is; a chunk of whole
 events (`\\n\\n`-terminated without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up
 in C; only an event split across chunks is held and copied. A chunk relayed unchanged is returned as
-the very same object. Once a chat stream has started, its content events are only
-validated (the fast lane): what they mean for `text`, `resumable` and `finished`
-is read (parsed a second time) only if asked, which a stream that ends well never
-is. Nothing refers back to the tracker, so it is freed as soon as the proxy lets go of it.
+the very same object. A chat stream's events are only validated (the fast lane), and
+before its first content also read for whether they are content: what they mean for
+`text`, `resumable` and `finished` is read (parsed a second time) only if asked, which
+a stream that ends well never is. Nothing refers back to the tracker, so it is freed as
+soon as the proxy lets go of it.
 
 The fast lane's parse (`_lane_event`, msgspec) builds no Python objects but the two fields
-it reads, for about half of what orjson's full parse costs; it passes one JSON object in
-valid UTF-8, else the event goes the careful way (see `_lane_event` for the one kind of
-number the two parsers judge differently). Every other event is parsed with orjson.
+it reads, for about half of what orjson's full parse costs (before the first content,
+`_lane_opening` also builds each choice's `finish_reason` and the delta's content
+fields); it passes one JSON object in valid UTF-8, else the event goes the careful way
+(see `_lane_event` for the one kind of number the two parsers judge differently). Every
+other event is parsed with orjson.
 
 A data value with a bare CR in it is malformed: an SSE parser ends the line there.
 """
@@ -178,6 +181,80 @@ def _lane_event(data: bytes) -> _Event | None:
     if not (data.isascii() or _utf8(data)) or data.find(b"\r") >= 0:
         return None  # (`isascii` first: no call; a bare CR is malformed, `_on_data`)
     return event
+
+
+class _Delta(msgspec.Struct):
+    """What of a chat choice's `delta` makes it content (`StreamTracker._chat`): its text, or
+    content of another kind (`NOT_TEXT`)."""
+
+    content: Any = None
+    tool_calls: Any = None
+    function_call: Any = None
+    refusal: Any = None
+    reasoning_content: Any = None
+
+
+class _Choice(msgspec.Struct):
+    delta: _Delta | None = None
+    finish_reason: Any = None
+
+
+class _Opening(msgspec.Struct):
+    """A chat event before the stream's first content, as the fast lane reads it: `_Event`'s
+    fields, and what of its `choices` tells whether it is content. A `choices`, choice or
+    `delta` of another type than `_chat` reads is a decode error: the careful path decides."""
+
+    error: Any = msgspec.UNSET
+    usage: Any = None
+    choices: list[_Choice] | None = None
+
+
+_read_opening: Final = msgspec.json.Decoder(_Opening).decode
+
+
+def _lane_opening(data: bytes) -> _Opening | None:
+    """`_lane_event` for an event before the first content: None for the careful path. The
+    same one difference: an event with a number out of a double's range is read here (and
+    may be content), and malformed to the careful path."""
+    try:
+        event = _read_opening(data)
+    except _NOT_AN_EVENT:
+        return None
+    if not (data.isascii() or _utf8(data)) or data.find(b"\r") >= 0:
+        return None
+    return event
+
+
+def _is_content(event: _Opening) -> bool:
+    """Whether `_chat` would find content in the event: a choice with a `finish_reason`, with
+    text, or with content of another kind."""
+    for choice in event.choices or ():
+        if choice.finish_reason is not None:
+            return True
+        delta = choice.delta
+        if delta is not None and (
+            delta.content
+            or delta.tool_calls
+            or delta.function_call
+            or delta.refusal
+            or delta.reasoning_content
+        ):
+            return True
+    return False
+
+
+def _read_openings(pieces: list[bytes]) -> tuple[list[Any], bool]:
+    """`_feed_fast`'s events before the first content: read as `_Opening`s up to the first
+    content event, and the rest as `_Event`s; and whether there was content. Raises what the
+    decoders raise."""
+    events: list[Any] = []
+    for i, piece in enumerate(pieces):
+        event = _read_opening(piece)
+        events.append(event)
+        if event.error is _UNSET and _is_content(event):
+            events += map(_read_event, pieces[i + 1 :])
+            return events, True
+    return events, False
 
 
 class _Choices(msgspec.Struct):
@@ -679,21 +756,26 @@ class StreamTracker:
     def _feed_one(self, chunk: bytes, data: bytes) -> bytes:
         """A chunk that is one whole single-line `data:` event; `data` its value.
 
-        On a started chat stream (the fast lane) a content event without usage or error is
-        validated, counted and kept unread for `_catch_up`, as `_feed_fast` does."""
-        if self._laned and self.content_seen:
+        On a chat stream (the fast lane) an event without an error is validated, metered,
+        counted and kept unread for `_catch_up`, as `_feed_fast` does; before the first content
+        it is also read for whether it is content (`_Opening`)."""
+        if self._laned:
             if data == _DONE:  # nothing to read before it: what the lane kept stays unread
                 self.events += 1
                 self.terminated = self._through = True
                 return chunk
-            event = _lane_event(data)  # None: the careful path below reads it (malformed?)
+            # None: the careful path below reads it (malformed?)
+            opening = None if self.content_seen else _lane_opening(data)
+            event = opening if opening is not None or not self.content_seen else _lane_event(data)
             if event is not None and event.error is _UNSET:
                 self.events += 1
                 usage = event.usage
                 if type(usage) is dict:  # metered now; its choices are read in turn
                     self.usage = openai_usage(usage)
                     if self._strip and _only_usage(data):
-                        return b""  # nothing in it to read later
+                        return b""  # nothing in it to read later (no content: `choices: []`)
+                if opening is not None and _is_content(opening):
+                    self.content_seen = True
                 self._raw.append(data)
                 self._raw_len += len(data)
                 if self._raw_len > _MAX_RAW:
@@ -707,12 +789,13 @@ class StreamTracker:
         return chunk if result is _KEEP else result
 
     def _feed_fast(self, chunk: bytes, start: int = 0) -> bytes | None:
-        """A run of whole, single-line `data:` events of a started chat stream (`chunk` from
-        `start` on), validated with one parse each (`_lane_event`) and relayed as is (less the usage
-        chunks the sidecar asked for); what they mean for `text`, `resumable` and `finished`
+        """A run of whole, single-line `data:` events of a chat stream (`chunk` from `start`
+        on), validated with one parse each (`_lane_event`; before the first content
+        `_lane_opening`, which also tells content) and relayed as is (less the usage chunks
+        the sidecar asked for); what they mean for `text`, `resumable` and `finished`
         is read later, only if asked (`_catch_up`). The very `chunk` when that part of it is
         relayed unchanged; None: take the event-by-event path (an in-band error, a comment or
-        another field, a malformed event)."""
+        another field, a malformed event), nothing read yet."""
         if chunk[start : start + 6] != b"data: ":
             return None
         body = chunk[start + 6 : -2]
@@ -732,13 +815,18 @@ class StreamTracker:
                 return None  # comments, other fields, multi-line data
             if not (body.isascii() or _utf8(body)):  # (separators are ASCII: once for all)
                 return None
+            opened = self.content_seen
             try:
-                events = list(map(_read_event, pieces))  # each event one JSON object
+                if opened:
+                    events: list[Any] = list(map(_read_event, pieces))  # each one JSON object
+                else:
+                    events, opened = _read_openings(pieces)
             except _NOT_AN_EVENT:
                 return None
             cuts = self._fast_usage(events, pieces)
             if cuts is None:
                 return None
+            self.content_seen = opened
             count = len(events)
             self._raw.append(body)
             self._raw_len += len(body)
@@ -754,7 +842,7 @@ class StreamTracker:
         out = b"data: " + b"\n\ndata: ".join(pieces) + b"\n\n" if pieces else b""
         return out + _DONE_EVENT if done else out
 
-    def _fast_usage(self, events: list[_Event], pieces: list[bytes]) -> list[int] | None:
+    def _fast_usage(self, events: list[Any], pieces: list[bytes]) -> list[int] | None:
         """Meter the usage in a fast-lane chunk: the indexes of the usage-only chunks to cut
         (usually none), or None if an event is an in-band error. Each question is asked of
         all events at once, in C."""
@@ -806,12 +894,12 @@ class StreamTracker:
     def _feed_whole(self, chunk: bytes, crlf: bool) -> bytes:
         """A run of whole events, returned as is unless changed: `\\n\\n`-terminated without
         any `\\r`, or (`crlf`) `\\r\\n\\r\\n`-terminated with every line ended by `\\r\\n`.
-        Events are found one at a time: on a chat stream before its content, the fast lane
-        takes the rest from the first content event on. From an empty line on (an event
-        without a line), the rest goes the careful way."""
-        if self._raw:
-            self._catch_up()  # in order: what the fast lane relayed comes first
+        Events are found one at a time. On a chat stream before its content, the fast lane
+        is tried on the whole chunk first; if it cannot take it, the events are read one at a
+        time and the lane takes the rest from the first content event on. From an empty line
+        on (an event without a line), the rest goes the careful way."""
         lane = self._laned and not self.content_seen and not crlf
+        tried = False  # the lane, on the chunk from its start
         out: list[bytes] | None = None
         kept = 0  # start of the part of `chunk` not yet copied to `out`
         sep = b"\r\n\r\n" if crlf else b"\n\n"
@@ -822,18 +910,22 @@ class StreamTracker:
             if self._through:
                 break
             start = pos
-            if lane and self.content_seen:
+            if lane and (self.content_seen or not tried):
+                tried = True
                 rest = self._feed_fast(chunk, start)
                 if rest is chunk:  # the rest as it came
                     return chunk if out is None else b"".join(out) + chunk[kept:]
                 if rest is not None:
                     head = chunk[:start] if out is None else b"".join(out) + chunk[kept:start]
                     return head + rest
-                return self._careful_rest(chunk, start, out, kept)
+                if self.content_seen:
+                    return self._careful_rest(chunk, start, out, kept)
             if chunk[start] in _LINE_ENDS:
                 return self._careful_rest(chunk, start, out, kept)
             end = chunk.find(sep, start)
             pos = end + step
+            if self._raw:
+                self._catch_up()  # in order: what the fast lane relayed comes first
             # A CRLF event keeps its last line's end: a CR before it is then the data's own.
             data = _event_data(chunk[start : end + 2] if crlf else chunk[start:end])
             result = _KEEP if data is None else self._on_data(data)

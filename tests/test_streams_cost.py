@@ -17,6 +17,7 @@ from sidecar.streams import Shape, StreamTracker
 from tests.test_streams import (
     CHAT_USAGE,
     DONE,
+    PIECES,
     chat_chunk,
     chat_events,
     completions_events,
@@ -188,6 +189,7 @@ def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.Monk
         chunks = [data[i : i + 1] for i in range(len(data))]
     parsed: list[bytes] = []
     loads, read_event, read_choices = orjson.loads, streams._read_event, streams._read_choices
+    read_opening = streams._read_opening
 
     def counting(data: Any) -> Any:
         parsed.append(bytes(data))
@@ -202,7 +204,12 @@ def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.Monk
         parsed.append(data)
         return read_choices(data)
 
+    def counting_opening(data: bytes) -> Any:
+        parsed.append(data)
+        return read_opening(data)
+
     monkeypatch.setattr(streams, "_read_event", counting_lane)  # the fast lane's parse
+    monkeypatch.setattr(streams, "_read_opening", counting_opening)  # ... before any content
     monkeypatch.setattr(streams, "_read_choices", counting_choices)  # a usage chunk's `choices`
     tracker = StreamTracker(shape, strip_usage=True)
     for chunk in chunks:
@@ -471,6 +478,187 @@ def test_mutated_events_get_one_verdict_whichever_path_reads_them() -> None:
         careful = outcome(Shape.CHAT, [data[i : i + 7] for i in range(0, len(data), 7)],
                           strip_usage=True)  # fmt: skip
         assert lane == careful, odd
+
+
+# --- before the first content the lane also tells content, as `_chat` does ------------------
+
+
+def opening(choices: object, **fields: object) -> bytes:
+    return sse({"id": "chatcmpl-1", "object": "chat.completion.chunk", "choices": choices, **fields})
+
+
+def delta_of(delta: object, finish: object = None) -> bytes:
+    return opening([{"index": 0, "delta": delta, "finish_reason": finish}])
+
+
+_OPENINGS = {
+    # (the event before any content, whether `_chat` finds content in it)
+    "the role": (delta_of({"role": "assistant", "content": ""}), False),
+    "the role, no content key": (delta_of({"role": "assistant"}), False),
+    "text": (delta_of({"content": "hi"}), True),
+    "text that is not ascii": (delta_of({"content": "h\u00e9llo \u4e16\u754c"}), True),
+    "a tool call": (delta_of({"tool_calls": [{"index": 0, "id": "c", "function": {}}]}), True),
+    "no tool calls": (delta_of({"content": "", "tool_calls": []}), False),
+    "a function call": (delta_of({"function_call": {"name": "f"}}), True),
+    "an empty function call": (delta_of({"function_call": {}}), False),
+    "a refusal": (delta_of({"refusal": "no"}), True),
+    "an empty refusal": (delta_of({"refusal": ""}), False),
+    "reasoning": (delta_of({"reasoning_content": "hmm"}), True),
+    "a finish reason": (delta_of({}, "stop"), True),
+    "a finish reason that is not a string": (delta_of({}, 0), True),
+    "content zero": (delta_of({"content": 0}), False),
+    "content one": (delta_of({"content": 1}), True),
+    "content false": (delta_of({"content": False}), False),
+    "content true": (delta_of({"content": True}), True),
+    "content an empty list": (delta_of({"content": []}), False),
+    "content a list": (delta_of({"content": [1]}), True),
+    "content an object": (delta_of({"content": {"a": 1}}), True),
+    "a null delta": (delta_of(None), False),
+    "a delta that is a string": (delta_of("hi"), False),
+    "a delta that is a list": (delta_of(["hi"]), False),
+    "no delta": (opening([{"index": 0}]), False),
+    "a null choice": (opening([None, {"index": 1, "delta": {"content": ""}}]), False),
+    "a choice that is a number, then text": (opening([5, {"delta": {"content": "x"}}]), True),
+    "text in the second choice": (
+        opening([{"index": 0, "delta": {}}, {"index": 1, "delta": {"content": "x"}}]), True),
+    "choices null": (opening(None), False),
+    "choices an object": (opening({"delta": {"content": "x"}}), False),
+    "choices a string": (opening("x"), False),
+    "no choices": (sse({"id": "chatcmpl-1"}), False),
+    "usage, no choices": (opening([], usage={"prompt_tokens": 3, "completion_tokens": 0}), False),
+    "usage that is not an object": (opening([], usage=5), False),
+    "an error that is null": (delta_of({"content": "x"})[:-3] + b',"error":null}\n\n', True),
+    "an error": (opening([], error={"message": "boom", "type": "server_error"}), False),
+    "the last of repeated contents is empty": (
+        b'data: {"choices":[{"delta":{"content":"a","content":""}}]}\n\n', False),
+    "the last of repeated contents is text": (
+        b'data: {"choices":[{"delta":{"content":"","content":"a"}}]}\n\n', True),
+    "the last of repeated deltas is null": (
+        b'data: {"choices":[{"delta":{"content":"a"},"delta":null}]}\n\n', False),
+    "an escaped key": (b'data: {"choices":[{"delta":{"\\u0063ontent":"a"}}]}\n\n', True),
+    "a long number": (delta_of({"content": ""})[:-3] + b',"n":' + b"9" * 40 + b"}\n\n", False),
+    "a comment line": (b": hello\n\n", False),
+    "an event name": (b"event: x\n" + delta_of({"content": "x"}), True),
+    "not json": (b"data: {nope}\n\n", False),
+    "not an object": (b"data: [1]\n\n", False),
+}  # fmt: skip
+
+
+def _seen_after_each(chunks: list[bytes], ends: list[int]) -> list[bool]:
+    """`content_seen` after the chunk that ends at each of `ends` (offsets in the stream)."""
+    tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+    seen, at = [], 0
+    for chunk in chunks:
+        tracker.feed(chunk)
+        at += len(chunk)
+        if at in ends:
+            seen.append(tracker.content_seen)
+    return seen
+
+
+@pytest.mark.parametrize("label", list(_OPENINGS))
+def test_before_any_content_the_lane_finds_content_where_the_careful_path_does(label: str) -> None:
+    """An odd event first, then the role, text and the end; fed an event a chunk (the lane
+    reads each), whole (the lane reads the chunk), and in cuts of 7 bytes or each event in two
+    (the careful path): the same bytes out, the same verdicts, and content seen after the same
+    events."""
+    odd, is_content = _OPENINGS[label]
+    events = [odd, delta_of({"role": "assistant", "content": ""}), content("a"), DONE]
+    data = b"".join(events)
+    ends = [sum(map(len, events[: i + 1])) for i in range(len(events))]
+    cuts = [data[i : i + 7] for i in range(0, len(data), 7)]
+    careful = outcome(Shape.CHAT, cuts, strip_usage=True)
+    for chunks in (events, [data], [odd, data[len(odd) :]]):
+        assert outcome(Shape.CHAT, chunks, strip_usage=True) == careful, chunks
+    halves = [half for e in events for half in (e[:7], e[7:])]  # the careful path, by event
+    seen = _seen_after_each(events, ends)
+    assert seen == _seen_after_each(halves, ends)
+    stopped = careful["malformed"] or careful["error"] is not None
+    assert seen[0] is (is_content and not stopped)
+
+
+def test_usage_before_any_content_is_stripped_by_the_lane() -> None:
+    usage = sse(CHAT_USAGE)
+    events = [delta_of({"role": "assistant", "content": ""}), usage, content("a"), DONE]
+    for chunks in (events, [b"".join(events)]):
+        tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+        out = b"".join(tracker.feed(c) for c in chunks) + tracker.finish()
+        assert out == events[0] + content("a") + DONE
+        assert tracker.usage.output_tokens == 5
+        assert tracker.text == "a"
+        assert tracker.finished is False  # no finish_reason came
+
+
+def test_the_lane_reads_the_opening_once_and_the_careful_path_never() -> None:
+    """A whole chat stream (as the mock sends it, one chunk): no event is parsed by orjson
+    while it is relayed; asked later, `text` reads them all (once)."""
+    events = chat_events()
+    tracker = StreamTracker(Shape.CHAT, strip_usage=True)
+    data = b"".join(events)
+    calls: list[bytes] = []
+    real = orjson.loads
+
+    def counting(data: Any) -> Any:
+        calls.append(bytes(data))
+        return real(data)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(orjson, "loads", counting)
+        assert tracker.feed(data) == data.replace(sse(CHAT_USAGE), b"")
+        assert tracker.content_seen
+        assert tracker.terminated
+        assert calls == []
+        assert tracker.text == "".join(PIECES)
+    assert len(calls) == len(events) - 1  # every event but [DONE] (the chunk kept whole)
+
+
+@pytest.mark.parametrize("label", list(_OUT_OF_RANGE))
+def test_a_number_out_of_a_doubles_range_in_the_opening_is_relayed_by_the_lane_only(
+    label: str,
+) -> None:
+    """`_lane_event`'s one known difference, before the first content as after it: the lane
+    relays the event; the careful path finds it malformed."""
+    odd = _OUT_OF_RANGE[label]
+    events = [odd, content("b"), DONE]
+    lane = outcome(Shape.CHAT, events)
+    assert lane["out"] == b"".join(events)
+    assert not lane["malformed"]
+    data = b"".join(events)
+    careful = outcome(Shape.CHAT, [data[i : i + 1] for i in range(len(data))])
+    assert careful["out"] == b""
+    assert careful["malformed"]
+
+
+def test_mutated_openings_get_one_verdict_whichever_path_reads_them() -> None:
+    """Random edits of events before any content (bytes that matter to JSON, UTF-8 and SSE):
+    the lane and the careful path relay the same bytes, stop for the same reasons and see the
+    content start after the same chunk."""
+    rng = random.Random(1406)
+    alphabet = b'{}[]",:\\0123456789.eE+-truefalsn \t\r\n\x01\x7f\xff\xc3\xa9\xed\xa0\x80'
+    bases = [
+        delta_of({"role": "assistant", "content": ""}),
+        delta_of({"content": "", "tool_calls": [{"index": 0, "function": {"name": "f"}}]}),
+        delta_of({"refusal": None, "content": "h\u00e9"}, None),
+        opening([{"index": 0, "delta": {}, "finish_reason": "stop"}], usage=CHAT_USAGE["usage"]),
+    ]
+    for _ in range(400):
+        event = bytearray(rng.choice(bases))
+        for _ in range(rng.randint(1, 3)):
+            at = rng.randrange(6, len(event) - 2)
+            if rng.random() < 0.5:
+                del event[at]
+            else:
+                event.insert(at, rng.choice(alphabet))
+        odd = bytes(event)
+        events = [odd, content("b"), DONE]
+        data = b"".join(events)
+        careful = outcome(Shape.CHAT, [data[i : i + 7] for i in range(0, len(data), 7)],
+                          strip_usage=True)  # fmt: skip
+        for chunks in ([data], events):
+            assert outcome(Shape.CHAT, chunks, strip_usage=True) == careful, odd
+        ends = [len(odd), len(odd) + len(content("b")), len(data)]
+        halves = [half for e in events for half in (e[:7], e[7:])]
+        assert _seen_after_each(events, ends) == _seen_after_each(halves, ends), odd
 
 
 _DEEP = b"[" * 300 + b"]" * 300  # orjson reads 1,024 levels but writes 254
