@@ -595,7 +595,7 @@ class StreamTracker:
         self.usage = Usage()
         self.events = 0
         self._resumable = self._keep_text
-        # CHAT chunks relayed by the fast lane (`_feed_fast`), not yet read event by event.
+        # The data of the CHAT events the fast lane relayed, not yet read (`_catch_up`).
         self._raw: list[bytes] = []
         self._raw_len = 0
         self._text: list[str] = []
@@ -796,20 +796,24 @@ class StreamTracker:
         is read later, only if asked (`_catch_up`). The very `chunk` when that part of it is
         relayed unchanged; None: take the event-by-event path (an in-band error, a comment or
         another field, a malformed event), nothing read yet."""
-        if chunk[start : start + 6] != b"data: ":
+        first = start + 6  # the first event's data
+        if chunk[start:first] != b"data: ":
             return None
-        body = chunk[start + 6 : -2]
-        done = body[-6:] == _DONE
+        end = len(chunk) - 2  # the last event's data ends there (`\n\n`)
+        done = chunk.endswith(_DONE, first, end)
         if done:
-            if body == _DONE:
-                body = b""
-            elif body.endswith(_DONE_TAIL):
-                body = body[: -len(_DONE_TAIL)]
+            if end - first == len(_DONE):
+                end = first  # `data: [DONE]` alone
+            elif chunk.endswith(_DONE_TAIL, first, end):
+                end -= len(_DONE_TAIL)
             else:
                 return None
+        elif end <= first:
+            return None  # an empty data event: malformed, the careful path says
         count = 0
         cuts: list[int] | None = None
-        if body:
+        if end > first:
+            body = chunk[first:end]
             pieces = body.split(b"\n\ndata: ")
             if b"".join(pieces).find(b"\n") >= 0:  # (memchr: `count` loops byte by byte)
                 return None  # comments, other fields, multi-line data
@@ -828,7 +832,7 @@ class StreamTracker:
                 return None
             self.content_seen = opened
             count = len(events)
-            self._raw.append(body)
+            self._raw += pieces
             self._raw_len += len(body)
             if self._raw_len > _MAX_RAW:
                 self._catch_up()  # bounded: read what is kept, then keep nothing
@@ -866,13 +870,12 @@ class StreamTracker:
             return
         raw, self._raw, self._raw_len = self._raw, [], 0
         usage = self.usage  # metered in order when relayed: reading again must not rewind it
-        for body in raw:
-            for data in body.split(b"\n\ndata: "):
-                obj = loads_or_none(data)  # validated when it was relayed (`_lane_event`)
-                if type(obj) is dict:
-                    self._chat(obj)
-                else:  # (cannot happen: whatever the lane relays is a JSON object)
-                    self._resumable = False
+        for data in raw:
+            obj = loads_or_none(data)  # validated when it was relayed (`_lane_event`)
+            if type(obj) is dict:
+                self._chat(obj)
+            else:  # (cannot happen: whatever the lane relays is a JSON object)
+                self._resumable = False
         self.usage = usage
 
     def finish(self) -> bytes:
