@@ -308,6 +308,20 @@ async def raw_stream(sc: Sidecar, token: str, body: dict[str, Any]) -> bytes:
         return await r.read()
 
 
+@pytest.mark.parametrize("gap", [0.0, 0.05])  # one chunk, or each piece alone
+async def test_a_preamble_in_pieces_is_relayed_whole_once_content_comes(
+    senv: Env, sidecars: list[Sidecar], script: Script, gap: float
+) -> None:
+    """What came before the first content (comments, the role) is held, then relayed in
+    order with it, every piece of it."""
+    sc, token = await start(senv, sidecars)
+    pieces = [b": warming up\n\n", ROLE, b": still\n\n", chunk("Hi")]
+    tail = [chunk(None, "stop"), DONE]
+    script.queue.append([step for piece in pieces for step in (piece, gap)] + tail)
+    body = {"model": "gpt-4o-mini", "messages": MSG, "stream": True}
+    assert await raw_stream(sc, token, body) == b"".join(pieces + tail)
+
+
 async def access_line(env: Env) -> dict[str, Any]:
     for _ in range(40):  # the access log is written in batches
         lines = [r for r in env.access.records() if r["path"] == "/v1/chat/completions"]

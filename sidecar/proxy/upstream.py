@@ -243,7 +243,10 @@ async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
     breaks, or sends what is not SSE, fails over like a dropped connection. A stream
     that ends complete without content (an empty answer) is an answer.
     """
-    held = bytearray()
+    # What to relay once content comes: the first chunk's output as it is (usually all there
+    # is), anything more copied after it.
+    first = b""
+    more: bytearray | None = None
     content = upstream.content
     status = upstream.status
     while not tracker.content_seen:
@@ -255,17 +258,25 @@ async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
                 if done is not None:  # complete and empty: that is the answer
                     upstream.release()
                     return Result(Outcome.OK, status, upstream=upstream,
-                                  prefix=bytes(held + tail + done), tracker=tracker,
+                                  prefix=b"".join((more or first, tail, done)), tracker=tracker,
                                   complete=True)  # fmt: skip
             upstream.release()
             return _broken_before_content(tracker)
-        held += tracker.feed(chunk)
+        out = tracker.feed(chunk)
+        if more is not None:
+            more += out
+        elif not first:
+            first = out
+        elif out:
+            more = bytearray(first)
+            more += out
         if (tracker.error is not None or tracker.malformed) and not tracker.content_seen:
             upstream.release()
             return _broken_before_content(tracker)
-        if len(held) > _HOLD_LIMIT:
+        if len(more or first) > _HOLD_LIMIT:
             break  # a preamble this long: relay it as it is
-    return Result(Outcome.OK, status, upstream=upstream, prefix=bytes(held), tracker=tracker)
+    prefix = first if more is None else bytes(more)
+    return Result(Outcome.OK, status, upstream=upstream, prefix=prefix, tracker=tracker)
 
 
 def _broken_before_content(tracker: StreamTracker) -> Result:
