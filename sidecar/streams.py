@@ -27,11 +27,12 @@ Hot path: one parse per data event. (Bytes are searched with `find`, not `in`: o
 A chunk that is one whole event (a live stream's) is read as it is; a chunk of whole
 events (`\\n\\n`-terminated without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is cut up
 in C; only an event split across chunks is held and copied. A chunk relayed unchanged is returned as
-the very same object. A chat stream's events are only validated (the fast lane), and
+the very same object. A chat stream's whole events are only validated (the fast lane), and
 before its first content also read for whether they are content: what they mean for
-`text`, `resumable` and `finished` is read (parsed a second time) only if asked, which
-a stream that ends well never is. Nothing refers back to the tracker, so it is freed as
-soon as the proxy lets go of it.
+`text`, `resumable` and `finished` is read (parsed a second time) only if asked: when a
+stream breaks or ends without `[DONE]`, and once per 1 MiB kept unread (`_MAX_RAW`). A
+stream that ends well within that is parsed once. Nothing refers back to the tracker,
+so it is freed as soon as the proxy lets go of it.
 
 The fast lane's parse (`_lane_event`, msgspec) builds no Python objects but the two fields
 it reads, for about half of what orjson's full parse costs (before the first content,
@@ -77,8 +78,10 @@ __all__ = [
 MAX_EVENT: Final = 16 * 1024 * 1024
 # Beyond this much relayed text a stream is no longer resumed (the prefill would be huge).
 _MAX_TEXT: Final = 1024 * 1024
-# At most this much of a stream's relayed events is kept unread (the fast lane) at a time.
+# At most this much of a stream's relayed events is kept unread (the fast lane) at a time,
+# counted with what each kept event costs besides its bytes (an object and a list slot).
 _MAX_RAW: Final = 1024 * 1024
+_RAW_ENTRY: Final = 64
 _LINE_ENDS: Final = b"\r\n"
 _DONE: Final = b"[DONE]"
 _DONE_EVENT: Final = b"data: [DONE]\n\n"
@@ -580,7 +583,7 @@ class StreamTracker:
         self._strip = strip_usage and shape in (_CHAT, _COMPLETIONS)
         self._keep_text = keep_text and shape in (_CHAT, _MESSAGES)
         self._splice = splice
-        # Whole CHAT chunks may take the fast lane once content has started, when nothing
+        # CHAT events may take the fast lane (before the first content too), when nothing
         # is rewritten.
         self._laned = shape is _CHAT and splice is None
         self._max_event = max_event
@@ -777,7 +780,7 @@ class StreamTracker:
                 if opening is not None and _is_content(opening):
                     self.content_seen = True
                 self._raw.append(data)
-                self._raw_len += len(data)
+                self._raw_len += len(data) + _RAW_ENTRY
                 if self._raw_len > _MAX_RAW:
                     self._catch_up()
                 return chunk
@@ -790,8 +793,9 @@ class StreamTracker:
 
     def _feed_fast(self, chunk: bytes, start: int = 0) -> bytes | None:
         """A run of whole, single-line `data:` events of a chat stream (`chunk` from `start`
-        on), validated with one parse each (`_lane_event`; before the first content
-        `_lane_opening`, which also tells content) and relayed as is (less the usage chunks
+        on), validated with one parse each (`_read_event`; before the first content
+        `_read_opening`, which also tells content; UTF-8 and line ends checked once for the
+        whole run) and relayed as is (less the usage chunks
         the sidecar asked for); what they mean for `text`, `resumable` and `finished`
         is read later, only if asked (`_catch_up`). The very `chunk` when that part of it is
         relayed unchanged; None: take the event-by-event path (an in-band error, a comment or
@@ -804,10 +808,10 @@ class StreamTracker:
         if done:
             if end - first == len(_DONE):
                 end = first  # `data: [DONE]` alone
-            elif chunk.endswith(_DONE_TAIL, first, end):
+            elif chunk.endswith(_DONE_TAIL, first, end) and end - len(_DONE_TAIL) > first:
                 end -= len(_DONE_TAIL)
             else:
-                return None
+                return None  # (an empty data event before it: the careful path's to judge)
         elif end <= first:
             return None  # an empty data event: malformed, the careful path says
         count = 0
@@ -833,7 +837,7 @@ class StreamTracker:
             self.content_seen = opened
             count = len(events)
             self._raw += pieces
-            self._raw_len += len(body)
+            self._raw_len += len(body) + _RAW_ENTRY * count
             if self._raw_len > _MAX_RAW:
                 self._catch_up()  # bounded: read what is kept, then keep nothing
         self.events += count + done

@@ -278,6 +278,51 @@ def test_an_empty_data_event_in_the_lane_is_malformed(how: str) -> None:
     assert tracker.malformed
 
 
+_EMPTY_THEN_DONE = b"data: \n\n" + DONE
+
+
+@pytest.mark.parametrize(
+    "chunks",
+    [
+        [_EMPTY_THEN_DONE],
+        [sse(chat_chunk({"role": "assistant", "content": ""})), _EMPTY_THEN_DONE],
+        [sse(chat_chunk({"role": "assistant", "content": ""})) + _EMPTY_THEN_DONE],
+        [content("a") + _EMPTY_THEN_DONE],
+        [content("a"), _EMPTY_THEN_DONE],
+        [content("a"), content("b") + _EMPTY_THEN_DONE],
+    ],
+)
+def test_an_empty_data_event_before_done_is_malformed_on_every_path(chunks: list[bytes]) -> None:
+    data = b"".join(chunks)
+    careful = outcome(Shape.CHAT, [data[i : i + 5] for i in range(0, len(data), 5)])
+    assert careful["malformed"]
+    assert outcome(Shape.CHAT, chunks) == careful
+
+
+@pytest.mark.parametrize("how", ["one chunk", "an event a chunk"])
+def test_many_small_events_kept_unread_are_read_before_they_pile_up(
+    how: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The lane's bound on what it keeps unread counts each kept event's own cost, not only
+    its bytes: 20,000 events of 2 bytes (40 kB) are read, and let go, before the stream ends."""
+    loads = orjson.loads
+    read: list[int] = []
+
+    def counting(data: Any) -> Any:
+        read.append(1)
+        return loads(data)
+
+    tracker = StreamTracker(Shape.CHAT)
+    tracker.feed(content("a"))
+    monkeypatch.setattr(orjson, "loads", counting)
+    events = [b"data: {}\n\n"] * 20_000
+    for chunk in [b"".join(events)] if how == "one chunk" else events:
+        tracker.feed(chunk)
+    assert len(read) >= 10_000  # read on the way (without the count of objects: none)
+    assert tracker.content_seen
+    assert not tracker.malformed
+
+
 def test_the_lane_strips_every_usage_chunk_the_sidecar_asked_for() -> None:
     usage = sse(CHAT_USAGE)
     data = content("a") + content("b") + usage + usage + DONE
