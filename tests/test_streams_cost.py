@@ -707,6 +707,43 @@ def test_mutated_openings_get_one_verdict_whichever_path_reads_them() -> None:
         assert _seen_after_each(events, ends) == _seen_after_each(halves, ends), odd
 
 
+_KINDS: dict[str, bytes] = {
+    "role": delta_of({"role": "assistant", "content": ""}),
+    "text": content("x"),
+    "empty text": delta_of({"content": ""}),
+    "tool call": delta_of({"tool_calls": [{"index": 0, "function": {"arguments": "{}"}}]}),
+    "finish": delta_of({}, "stop"),
+    "usage": sse(CHAT_USAGE),
+    "done": DONE,
+    "empty data": b"data: \n\n",
+    "comment": b": ping\n\n",
+    "error": opening([], error={"message": "boom", "type": "server_error"}),
+    "not json": b"data: {nope}\n\n",
+    "named": b"event: x\n" + content("y"),
+    "crlf": content("z").replace(b"\n", b"\r\n"),
+}
+
+
+def test_random_streams_get_one_verdict_however_they_are_chunked() -> None:
+    """Streams of random event kinds, in chunks cut at random event boundaries (the lane
+    reads what it can) and in cuts of 5 bytes (the careful path): one outcome, and content
+    seen after the same events."""
+    rng = random.Random(1407)
+    names = list(_KINDS)
+    for _ in range(400):
+        events = [_KINDS[rng.choice(names)] for _ in range(rng.randint(1, 8))]
+        data = b"".join(events)
+        bounds = sorted(rng.sample(range(1, len(events)), rng.randint(0, len(events) - 1)))
+        chunks = [b"".join(events[a:b]) for a, b in zip([0, *bounds], [*bounds, len(events)], strict=True)]
+        strip = rng.random() < 0.5
+        careful = outcome(Shape.CHAT, [data[i : i + 5] for i in range(0, len(data), 5)],
+                          strip_usage=strip)  # fmt: skip
+        assert outcome(Shape.CHAT, chunks, strip_usage=strip) == careful, chunks
+        ends = [sum(map(len, events[: i + 1])) for i in range(len(events))]
+        halves = [half for e in events for half in (e[:5], e[5:])]
+        assert _seen_after_each(events, ends) == _seen_after_each(halves, ends), events
+
+
 _DEEP = b"[" * 300 + b"]" * 300  # orjson reads 1,024 levels but writes 254
 
 
