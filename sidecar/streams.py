@@ -30,8 +30,9 @@ in C; only an event split across chunks is held and copied. A chunk relayed unch
 the very same object. A chat stream's whole events are only validated (the fast lane), and
 before its first content also read for whether they are content: what they mean for
 `text`, `resumable` and `finished` is read (parsed a second time) only if asked: when a
-stream breaks or ends without `[DONE]`, and once per 1 MiB kept unread (`_MAX_RAW`). A
-stream that ends well within that is parsed once. Nothing refers back to the tracker,
+stream breaks or ends without `[DONE]`, or once 1 MiB is kept unread (`_MAX_RAW`); a
+stream that long then goes the careful way, each later event parsed once. A stream that
+ends well within that is parsed once. Nothing refers back to the tracker,
 so it is freed as soon as the proxy lets go of it.
 
 The fast lane's parse (`_lane_event`, msgspec) builds no Python objects but the two fields
@@ -78,8 +79,9 @@ __all__ = [
 MAX_EVENT: Final = 16 * 1024 * 1024
 # Beyond this much relayed text a stream is no longer resumed (the prefill would be huge).
 _MAX_TEXT: Final = 1024 * 1024
-# At most this much of a stream's relayed events is kept unread (the fast lane) at a time,
-# counted with what each kept event costs besides its bytes (an object and a list slot).
+# At most this much of a stream's relayed events is kept unread (the fast lane), counted
+# with what each kept event costs besides its bytes (an object and a list slot); then they
+# are read and the stream leaves the lane (`_leave_lane`).
 _MAX_RAW: Final = 1024 * 1024
 _RAW_ENTRY: Final = 64
 _LINE_ENDS: Final = b"\r\n"
@@ -782,7 +784,7 @@ class StreamTracker:
                 self._raw.append(data)
                 self._raw_len += len(data) + _RAW_ENTRY
                 if self._raw_len > _MAX_RAW:
-                    self._catch_up()
+                    self._leave_lane()
                 return chunk
         if self._raw:
             self._catch_up()
@@ -839,7 +841,7 @@ class StreamTracker:
             self._raw += pieces
             self._raw_len += len(body) + _RAW_ENTRY * count
             if self._raw_len > _MAX_RAW:
-                self._catch_up()  # bounded: read what is kept, then keep nothing
+                self._leave_lane()
         self.events += count + done
         if done:
             self.terminated = self._through = True
@@ -867,6 +869,14 @@ class StreamTracker:
                 if self._strip and _only_usage(pieces[i]):
                     cuts.append(i)
         return cuts
+
+    def _leave_lane(self) -> None:
+        """A long stream: what the lane kept reaches `_MAX_RAW`. It is read now (bounded), and
+        the rest of the stream goes the careful way, each event parsed once: kept by the lane
+        and read again later, it would be parsed twice (about 30k instructions an event
+        against 25k)."""
+        self._catch_up()
+        self._laned = False
 
     def _catch_up(self) -> None:
         """Read the events the fast lane relayed unread, in order, for their text and finish."""

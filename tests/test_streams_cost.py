@@ -4,6 +4,7 @@ tracker alive in a reference cycle."""
 
 from __future__ import annotations
 
+import collections
 import gc
 import random
 from collections.abc import Callable, Iterator
@@ -321,6 +322,34 @@ def test_many_small_events_kept_unread_are_read_before_they_pile_up(
     assert len(read) >= 10_000  # read on the way (without the count of objects: none)
     assert tracker.content_seen
     assert not tracker.malformed
+
+
+def test_a_long_stream_leaves_the_lane_and_parses_each_later_event_once(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Past what the lane keeps unread (1 MiB), what it kept is read, and the rest of the
+    stream goes the careful way: each later event is parsed once, not kept and read again."""
+    parsed: list[bytes] = []
+    loads, read_event = orjson.loads, streams._read_event
+
+    def counting(data: Any) -> Any:
+        parsed.append(bytes(data))
+        return loads(data)
+
+    def counting_lane(data: bytes) -> Any:
+        parsed.append(data)
+        return read_event(data)
+
+    monkeypatch.setattr(orjson, "loads", counting)
+    monkeypatch.setattr(streams, "_read_event", counting_lane)
+    events = [content(f"w{i} ") for i in range(8000)]  # about 1.6 MiB
+    tracker = StreamTracker(Shape.CHAT)
+    for event in events:
+        assert tracker.feed(event) is event
+    assert tracker.text == "".join(f"w{i} " for i in range(8000))
+    times = collections.Counter(parsed)
+    assert all(times[e[6:-2]] == 1 for e in events[-2000:])
+    assert all(times[events[i][6:-2]] == 2 for i in (1, 100, 1000))  # kept, then read
 
 
 def test_the_lane_strips_every_usage_chunk_the_sidecar_asked_for() -> None:
