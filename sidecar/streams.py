@@ -29,9 +29,11 @@ events (`\\n\\n`-terminated without `\\r`, or with Gemini's `\\r\\n\\r\\n`) is c
 in C; only an event split across chunks is held and copied. A chunk relayed unchanged is returned as
 the very same object. A chat stream's whole events are only validated (the fast lane), and
 before its first content also read for whether they are content: what they mean for
-`text`, `resumable` and `finished` is read (parsed a second time) only if asked: when a
-stream breaks or ends without `[DONE]`, or once 1 MiB is kept unread (`_MAX_RAW`); a
-stream that long then goes the careful way, each later event parsed once. A stream that
+`text`, `resumable` and `finished` is read (parsed a second time) only when needed: when
+a stream breaks or ends without `[DONE]`; before an event the careful path reads (one
+split across chunks, a comment, another field), to keep the order; and once the lane
+has kept about 1 MiB over the stream (`_MAX_RAW`), after which the stream goes the
+careful way, each later event parsed once. A stream of whole single-line events that
 ends well within that is parsed once. Nothing refers back to the tracker,
 so it is freed as soon as the proxy lets go of it.
 
@@ -79,9 +81,11 @@ __all__ = [
 MAX_EVENT: Final = 16 * 1024 * 1024
 # Beyond this much relayed text a stream is no longer resumed (the prefill would be huge).
 _MAX_TEXT: Final = 1024 * 1024
-# At most this much of a stream's relayed events is kept unread (the fast lane), counted
-# with what each kept event costs besides its bytes (an object and a list slot); then they
-# are read and the stream leaves the lane (`_leave_lane`).
+# What the fast lane keeps unread over a whole stream, counted with what each kept event
+# costs besides its bytes (an object and a list slot): past it, what it still holds is read
+# and the stream leaves the lane (`_leave_lane`). Not reset when kept events are read
+# earlier (a careful read first reads them, in order): so at most this much of a stream is
+# ever parsed twice, and at most this much is held unread at a time.
 _MAX_RAW: Final = 1024 * 1024
 _RAW_ENTRY: Final = 64
 _LINE_ENDS: Final = b"\r\n"
@@ -178,7 +182,7 @@ def _lane_event(data: bytes) -> _Event | None:
     infinity as a double (`1e999`, or an integer of more than 308 digits) is valid JSON, which
     msgspec skips unread and orjson refuses. No JSON encoder writes one; finding it would cost
     every event a scan of its bytes. Such an event is relayed here, and malformed to the
-    careful path."""
+    careful path (which also reads every event of a stream past `_MAX_RAW`)."""
     try:
         event = _read_event(data)
     except _NOT_AN_EVENT:
@@ -544,6 +548,7 @@ class StreamTracker:
         "_held",
         "_input",
         "_keep_text",
+        "_kept",
         "_laned",
         "_max_event",
         "_next_index",
@@ -552,7 +557,6 @@ class StreamTracker:
         "_open_text",
         "_pre",
         "_raw",
-        "_raw_len",
         "_resumable",
         "_scan",
         "_splice",
@@ -586,7 +590,7 @@ class StreamTracker:
         self._keep_text = keep_text and shape in (_CHAT, _MESSAGES)
         self._splice = splice
         # CHAT events may take the fast lane (before the first content too), when nothing
-        # is rewritten.
+        # is rewritten; a long stream leaves it (`_leave_lane`).
         self._laned = shape is _CHAT and splice is None
         self._max_event = max_event
         self.content_seen = False
@@ -602,7 +606,7 @@ class StreamTracker:
         self._resumable = self._keep_text
         # The data of the CHAT events the fast lane relayed, not yet read (`_catch_up`).
         self._raw: list[bytes] = []
-        self._raw_len = 0
+        self._kept = 0  # what the lane has kept over the whole stream (`_MAX_RAW`)
         self._text: list[str] = []
         self._text_len = 0
         # MESSAGES: the block open now (started, not stopped), whether it is text, the next index.
@@ -782,8 +786,8 @@ class StreamTracker:
                 if opening is not None and _is_content(opening):
                     self.content_seen = True
                 self._raw.append(data)
-                self._raw_len += len(data) + _RAW_ENTRY
-                if self._raw_len > _MAX_RAW:
+                self._kept += len(data) + _RAW_ENTRY
+                if self._kept > _MAX_RAW:
                     self._leave_lane()
                 return chunk
         if self._raw:
@@ -839,8 +843,8 @@ class StreamTracker:
             self.content_seen = opened
             count = len(events)
             self._raw += pieces
-            self._raw_len += len(body) + _RAW_ENTRY * count
-            if self._raw_len > _MAX_RAW:
+            self._kept += len(body) + _RAW_ENTRY * count
+            if self._kept > _MAX_RAW:
                 self._leave_lane()
         self.events += count + done
         if done:
@@ -871,10 +875,10 @@ class StreamTracker:
         return cuts
 
     def _leave_lane(self) -> None:
-        """A long stream: what the lane kept reaches `_MAX_RAW`. It is read now (bounded), and
-        the rest of the stream goes the careful way, each event parsed once: kept by the lane
-        and read again later, it would be parsed twice (about 30k instructions an event
-        against 25k)."""
+        """A long stream: what the lane kept has passed `_MAX_RAW`. What it still holds is
+        read now, and the rest of the stream goes the careful way, each event parsed once:
+        kept by the lane and read again later, it would be parsed twice (about 30k
+        instructions an event against 25k)."""
         self._catch_up()
         self._laned = False
 
@@ -882,7 +886,7 @@ class StreamTracker:
         """Read the events the fast lane relayed unread, in order, for their text and finish."""
         if not self._raw:
             return
-        raw, self._raw, self._raw_len = self._raw, [], 0
+        raw, self._raw = self._raw, []
         usage = self.usage  # metered in order when relayed: reading again must not rewind it
         for data in raw:
             obj = loads_or_none(data)  # validated when it was relayed (`_lane_event`)

@@ -324,11 +324,14 @@ def test_many_small_events_kept_unread_are_read_before_they_pile_up(
     assert not tracker.malformed
 
 
+@pytest.mark.parametrize("split_every", [0, 500])
 def test_a_long_stream_leaves_the_lane_and_parses_each_later_event_once(
-    monkeypatch: pytest.MonkeyPatch,
+    monkeypatch: pytest.MonkeyPatch, split_every: int
 ) -> None:
-    """Past what the lane keeps unread (1 MiB), what it kept is read, and the rest of the
-    stream goes the careful way: each later event is parsed once, not kept and read again."""
+    """Past 1 MiB kept by the lane over the stream, what it kept is read, and the rest of
+    the stream goes the careful way: each later event is parsed once, not kept and read
+    again. Also when now and then an event comes split (the careful path reads it, and what
+    the lane kept before it first)."""
     parsed: list[bytes] = []
     loads, read_event = orjson.loads, streams._read_event
 
@@ -344,8 +347,11 @@ def test_a_long_stream_leaves_the_lane_and_parses_each_later_event_once(
     monkeypatch.setattr(streams, "_read_event", counting_lane)
     events = [content(f"w{i} ") for i in range(8000)]  # about 1.6 MiB
     tracker = StreamTracker(Shape.CHAT)
-    for event in events:
-        assert tracker.feed(event) is event
+    for i, event in enumerate(events):
+        if split_every and i % split_every == split_every - 1:
+            assert tracker.feed(event[:10]) + tracker.feed(event[10:]) == event
+        else:
+            assert tracker.feed(event) is event
     assert tracker.text == "".join(f"w{i} " for i in range(8000))
     times = collections.Counter(parsed)
     assert all(times[e[6:-2]] == 1 for e in events[-2000:])
