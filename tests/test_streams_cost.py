@@ -8,7 +8,7 @@ import collections
 import gc
 import random
 from collections.abc import Callable, Iterator
-from typing import Any
+from typing import Any, Final
 
 import orjson
 import pytest
@@ -173,6 +173,26 @@ def test_a_gemini_stream_with_crlf_is_relayed_as_it_came(how: str) -> None:
 # --- each event is read once ---------------------------------------------------------------
 
 
+def count_parses(monkeypatch: pytest.MonkeyPatch, *lane: str) -> list[bytes]:
+    """What the tracker parses, in order: with orjson (the careful path, and reading later
+    what the lane kept), and with each of sidecar.streams' msgspec decoders named in `lane`
+    (`_read_event`, `_read_opening`, `_read_choices`)."""
+    parsed: list[bytes] = []
+
+    def counted(parse: Callable[[Any], Any]) -> Callable[[Any], Any]:
+        def counting(data: Any) -> Any:
+            parsed.append(bytes(data))
+            return parse(data)
+
+        return counting
+
+    monkeypatch.setattr(orjson, "loads", counted(orjson.loads))  # the module streams calls
+    for name in lane:
+        monkeypatch.setattr(streams, name, counted(getattr(streams, name)))
+    return parsed
+
+
+
 @pytest.mark.parametrize("how", ["whole", "events", "pairs", "bytes"])
 @pytest.mark.parametrize("name", list(STREAMS))
 def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.MonkeyPatch) -> None:
@@ -188,30 +208,8 @@ def test_each_event_is_parsed_once(name: str, how: str, monkeypatch: pytest.Monk
         chunks = [b"".join(events[i : i + 2]) for i in range(0, len(events), 2)]
     else:
         chunks = [data[i : i + 1] for i in range(len(data))]
-    parsed: list[bytes] = []
-    loads, read_event, read_choices = orjson.loads, streams._read_event, streams._read_choices
-    read_opening = streams._read_opening
-
-    def counting(data: Any) -> Any:
-        parsed.append(bytes(data))
-        return loads(data)
-
-    def counting_lane(data: bytes) -> Any:
-        parsed.append(data)
-        return read_event(data)
-
-    monkeypatch.setattr(orjson, "loads", counting)  # the module sidecar.streams calls
-    def counting_choices(data: bytes) -> Any:
-        parsed.append(data)
-        return read_choices(data)
-
-    def counting_opening(data: bytes) -> Any:
-        parsed.append(data)
-        return read_opening(data)
-
-    monkeypatch.setattr(streams, "_read_event", counting_lane)  # the fast lane's parse
-    monkeypatch.setattr(streams, "_read_opening", counting_opening)  # ... before any content
-    monkeypatch.setattr(streams, "_read_choices", counting_choices)  # a usage chunk's `choices`
+    # The lane's parse, the same before any content, and a usage chunk's `choices`.
+    parsed = count_parses(monkeypatch, "_read_event", "_read_opening", "_read_choices")
     tracker = StreamTracker(shape, strip_usage=True)
     for chunk in chunks:
         tracker.feed(chunk)
@@ -306,16 +304,9 @@ def test_many_small_events_kept_unread_are_read_before_they_pile_up(
 ) -> None:
     """The lane's bound on what it keeps unread counts each kept event's own cost, not only
     its bytes: 20,000 events of 2 bytes (40 kB) are read, and let go, before the stream ends."""
-    loads = orjson.loads
-    read: list[int] = []
-
-    def counting(data: Any) -> Any:
-        read.append(1)
-        return loads(data)
-
     tracker = StreamTracker(Shape.CHAT)
     tracker.feed(content("a"))
-    monkeypatch.setattr(orjson, "loads", counting)
+    read = count_parses(monkeypatch)  # orjson only: reading what the lane kept
     events = [b"data: {}\n\n"] * 20_000
     for chunk in [b"".join(events)] if how == "one chunk" else events:
         tracker.feed(chunk)
@@ -332,19 +323,7 @@ def test_a_long_stream_leaves_the_lane_and_parses_each_later_event_once(
     the stream goes the careful way: each later event is parsed once, not kept and read
     again. Also when now and then an event comes split (the careful path reads it, and what
     the lane kept before it first)."""
-    parsed: list[bytes] = []
-    loads, read_event = orjson.loads, streams._read_event
-
-    def counting(data: Any) -> Any:
-        parsed.append(bytes(data))
-        return loads(data)
-
-    def counting_lane(data: bytes) -> Any:
-        parsed.append(data)
-        return read_event(data)
-
-    monkeypatch.setattr(orjson, "loads", counting)
-    monkeypatch.setattr(streams, "_read_event", counting_lane)
+    parsed = count_parses(monkeypatch, "_read_event")
     events = [content(f"w{i} ") for i in range(8000)]  # about 1.6 MiB
     tracker = StreamTracker(Shape.CHAT)
     for i, event in enumerate(events):
@@ -539,21 +518,29 @@ def test_an_unhashable_index_or_type_is_no_index_and_raises_nothing(
     (tracker.text, tracker.resumable, tracker.finished, tracker.complete_on_eof())
 
 
+#: Bytes that matter to JSON, UTF-8 and SSE.
+_ALPHABET: Final = b'{}[]",:\\0123456789.eE+-truefalsn \t\r\n\x01\x7f\xff\xc3\xa9\xed\xa0\x80'
+
+
+def mutated(rng: random.Random, event: bytes) -> bytes:
+    """`event` with one to three bytes deleted or inserted, after its `data: `."""
+    out = bytearray(event)
+    for _ in range(rng.randint(1, 3)):
+        at = rng.randrange(6, len(out) - 2)
+        if rng.random() < 0.5:
+            del out[at]
+        else:
+            out.insert(at, rng.choice(_ALPHABET))
+    return bytes(out)
+
+
 def test_mutated_events_get_one_verdict_whichever_path_reads_them() -> None:
     """Random edits of a lane event (bytes that matter to JSON, UTF-8 and SSE): the lane and the
     careful path relay the same bytes and stop for the same reasons."""
     rng = random.Random(1405)
-    alphabet = b'{}[]",:\\0123456789.eE+-truefalsn \t\r\n\x01\x7f\xff\xc3\xa9\xed\xa0\x80'
     base = content("h\u00e9") + sse(CHAT_USAGE)
     for _ in range(300):
-        event = bytearray(base)
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(6, len(event) - 2)
-            if rng.random() < 0.5:
-                del event[at]
-            else:
-                event.insert(at, rng.choice(alphabet))
-        odd = bytes(event)
+        odd = mutated(rng, base)
         data = content("a") + content("b") + odd + DONE
         lane = outcome(Shape.CHAT, [content("a"), data[len(content("a")) :]], strip_usage=True)
         careful = outcome(Shape.CHAT, [data[i : i + 7] for i in range(0, len(data), 7)],
@@ -670,26 +657,20 @@ def test_usage_before_any_content_is_stripped_by_the_lane() -> None:
         assert tracker.finished is False  # no finish_reason came
 
 
-def test_the_lane_reads_the_opening_once_and_the_careful_path_never() -> None:
+def test_the_lane_reads_the_opening_once_and_the_careful_path_never(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     """A whole chat stream (as the mock sends it, one chunk): no event is parsed by orjson
     while it is relayed; asked later, `text` reads them all (once)."""
     events = chat_events()
     tracker = StreamTracker(Shape.CHAT, strip_usage=True)
     data = b"".join(events)
-    calls: list[bytes] = []
-    real = orjson.loads
-
-    def counting(data: Any) -> Any:
-        calls.append(bytes(data))
-        return real(data)
-
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setattr(orjson, "loads", counting)
-        assert tracker.feed(data) == data.replace(sse(CHAT_USAGE), b"")
-        assert tracker.content_seen
-        assert tracker.terminated
-        assert calls == []
-        assert tracker.text == "".join(PIECES)
+    calls = count_parses(monkeypatch)  # orjson only
+    assert tracker.feed(data) == data.replace(sse(CHAT_USAGE), b"")
+    assert tracker.content_seen
+    assert tracker.terminated
+    assert calls == []
+    assert tracker.text == "".join(PIECES)
     assert len(calls) == len(events) - 1  # every event but [DONE] (the chunk kept whole)
 
 
@@ -715,7 +696,6 @@ def test_mutated_openings_get_one_verdict_whichever_path_reads_them() -> None:
     the lane and the careful path relay the same bytes, stop for the same reasons and see the
     content start after the same chunk."""
     rng = random.Random(1406)
-    alphabet = b'{}[]",:\\0123456789.eE+-truefalsn \t\r\n\x01\x7f\xff\xc3\xa9\xed\xa0\x80'
     bases = [
         delta_of({"role": "assistant", "content": ""}),
         delta_of({"content": "", "tool_calls": [{"index": 0, "function": {"name": "f"}}]}),
@@ -723,14 +703,7 @@ def test_mutated_openings_get_one_verdict_whichever_path_reads_them() -> None:
         opening([{"index": 0, "delta": {}, "finish_reason": "stop"}], usage=CHAT_USAGE["usage"]),
     ]
     for _ in range(400):
-        event = bytearray(rng.choice(bases))
-        for _ in range(rng.randint(1, 3)):
-            at = rng.randrange(6, len(event) - 2)
-            if rng.random() < 0.5:
-                del event[at]
-            else:
-                event.insert(at, rng.choice(alphabet))
-        odd = bytes(event)
+        odd = mutated(rng, rng.choice(bases))
         events = [odd, content("b"), DONE]
         data = b"".join(events)
         careful = outcome(Shape.CHAT, [data[i : i + 7] for i in range(0, len(data), 7)],
