@@ -39,7 +39,7 @@ so it is freed as soon as the proxy lets go of it.
 
 The fast lane's parse (`_lane_event`, msgspec) builds no Python objects but the two fields
 it reads, for about half of what orjson's full parse costs (before the first content,
-`_lane_opening` also builds each choice's `finish_reason` and the delta's content
+`_read_opening` also builds each choice's `finish_reason` and the delta's content
 fields); it passes one JSON object in valid UTF-8, else the event goes the careful way
 (see `_lane_event` for the one kind of number the two parsers judge differently). Every
 other event is parsed with orjson.
@@ -53,7 +53,7 @@ import enum
 import operator
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Final, Protocol
+from typing import Any, Final, Protocol, TypeVar
 
 import msgspec
 import orjson
@@ -160,6 +160,7 @@ _NOT_AN_EVENT: Final = (ValueError, RecursionError)
 _ERROR_OF: Final = operator.attrgetter("error")
 _USAGE_OF: Final = operator.attrgetter("usage")
 _UNSET: Final = msgspec.UNSET
+_T = TypeVar("_T")
 
 
 def _utf8(data: bytes) -> bool:
@@ -172,24 +173,6 @@ def _utf8(data: bytes) -> bool:
     except UnicodeDecodeError:
         return False
     return True
-
-
-def _lane_event(data: bytes) -> _Event | None:
-    """One chat event read for the fast lane; None unless it is one JSON object in valid UTF-8
-    without a bare CR (then the careful path decides).
-
-    What this accepts orjson accepts too, but for one kind of number: one that rounds to
-    infinity as a double (`1e999`, or an integer of more than 308 digits) is valid JSON, which
-    msgspec skips unread and orjson refuses. No JSON encoder writes one; finding it would cost
-    every event a scan of its bytes. Such an event is relayed here, and malformed to the
-    careful path (which also reads every event of a stream past `_MAX_RAW`)."""
-    try:
-        event = _read_event(data)
-    except _NOT_AN_EVENT:
-        return None
-    if not (data.isascii() or _utf8(data)) or data.find(b"\r") >= 0:
-        return None  # (`isascii` first: no call; a bare CR is malformed, `_on_data`)
-    return event
 
 
 class _Delta(msgspec.Struct):
@@ -221,16 +204,22 @@ class _Opening(msgspec.Struct):
 _read_opening: Final = msgspec.json.Decoder(_Opening).decode
 
 
-def _lane_opening(data: bytes) -> _Opening | None:
-    """`_lane_event` for an event before the first content: None for the careful path. The
-    same one difference: an event with a number out of a double's range is read here (and
-    may be content), and malformed to the careful path."""
+def _lane_event(decode: Callable[[bytes], _T], data: bytes) -> _T | None:
+    """One chat event read for the fast lane with `decode` (`_read_event`; before the first
+    content `_read_opening`, which also tells content); None unless it is one JSON object in
+    valid UTF-8 without a bare CR (then the careful path decides).
+
+    What this accepts orjson accepts too, but for one kind of number: one that rounds to
+    infinity as a double (`1e999`, or an integer of more than 308 digits) is valid JSON, which
+    msgspec skips unread and orjson refuses. No JSON encoder writes one; finding it would cost
+    every event a scan of its bytes. Such an event is relayed here, and malformed to the
+    careful path (which also reads every event of a stream past `_MAX_RAW`)."""
     try:
-        event = _read_opening(data)
+        event = decode(data)
     except _NOT_AN_EVENT:
         return None
     if not (data.isascii() or _utf8(data)) or data.find(b"\r") >= 0:
-        return None
+        return None  # (`isascii` first: no call; a bare CR is malformed, `_on_data`)
     return event
 
 
@@ -774,8 +763,11 @@ class StreamTracker:
                 self.terminated = self._through = True
                 return chunk
             # None: the careful path below reads it (malformed?)
-            opening = None if self.content_seen else _lane_opening(data)
-            event = opening if opening is not None or not self.content_seen else _lane_event(data)
+            if self.content_seen:
+                opening = None
+                event: _Event | _Opening | None = _lane_event(_read_event, data)
+            else:
+                event = opening = _lane_event(_read_opening, data)
             if event is not None and event.error is _UNSET:
                 self.events += 1
                 usage = event.usage
