@@ -553,16 +553,17 @@ class Proxy:
             if not current.prefix:
                 relay.send_head(resp)
             while True:
-                if current.prefix:  # the first time, with the held head in one write
-                    await relay.send(ex, resp, current.prefix)
-                brk = None
-                if not current.complete:
+                # What was held goes out with the held head in one write, and with the
+                # caller's end too when the upstream's end came with it.
+                if current.complete:
+                    brk: bytes | relay.Break = current.prefix
+                else:
                     assert current.upstream is not None
-                    brk = await relay.pump(ex, resp, current.upstream, tracker)
-                if brk is None:  # the whole answer
+                    brk = await relay.pump(ex, resp, current.upstream, tracker, current.prefix)
+                if not isinstance(brk, relay.Break):  # the whole answer; these its last bytes
                     whole = True
                     engine.report(Report(Outcome.OK, 200, final=True))
-                    await relay.end(ex, resp)
+                    await relay.end(ex, resp, brk)
                     return resp
                 if brk.caller_gone:
                     ex.status = CLIENT_CLOSED

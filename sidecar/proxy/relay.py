@@ -70,25 +70,29 @@ class CallerStalled(Exception):
     closed, nothing more is written to it)."""
 
 
+def _size(resp: web.StreamResponse, data: bytes) -> int:
+    """What writing `data` adds to the caller's buffer: with chunk framing and a held head."""
+    head = getattr(resp._payload_writer, "_headers_buf", None)  # it goes out with this write
+    return len(data) + 16 + (len(head) if head else 0)
+
+
 async def send(ex: Exchange, resp: web.StreamResponse, data: bytes) -> None:
     """Write to the caller; a write that must wait for it to read waits at most `stream_idle`."""
-    size = len(data) + 16  # + chunk framing
+    size = _size(resp, data)
     writer = resp._payload_writer  # aiohttp's writer waits only past _DRAIN_AT since its last drain
-    head = getattr(writer, "_headers_buf", None)  # a head still held goes out with this write
-    if head:
-        size += len(head)
     if (writer is not None and writer.buffer_size + size <= _DRAIN_AT) or not _must_wait(ex, size):
         await resp.write(data)
         return
     await _bounded(ex, resp.write(data))
 
 
-async def end(ex: Exchange, resp: web.StreamResponse) -> None:
-    """End the caller's response (it waits for what is buffered to drain), within `stream_idle`."""
-    if not _must_wait(ex, 16):
-        await resp.write_eof()
+async def end(ex: Exchange, resp: web.StreamResponse, data: bytes = b"") -> None:
+    """End the caller's response, `data` its last bytes, in one write with the end (it waits
+    for what is buffered to drain), within `stream_idle`."""
+    if not _must_wait(ex, _size(resp, data)):
+        await resp.write_eof(data)
         return
-    await _bounded(ex, resp.write_eof())
+    await _bounded(ex, resp.write_eof(data))
 
 
 async def _bounded(ex: Exchange, write: Coroutine[Any, Any, None]) -> None:
@@ -198,15 +202,20 @@ async def pump(
     resp: web.StreamResponse,
     upstream: UpstreamResponse,
     tracker: StreamTracker,
-) -> Break | None:
-    """Relay a started SSE stream until it ends (None) or breaks (why).
+    out: bytes = b"",
+) -> Break | bytes:
+    """Relay a started SSE stream, `out` what was read of it and not yet written, until it
+    ends or breaks (why). At its end, what came with the upstream's end is returned unwritten:
+    the caller's end goes out with it, in one write (`end`).
 
     `stream_idle` bounds every gap, a deadline moved on per chunk, which also covers a
     caller taking nothing. A clean end without the format's terminator is a break unless
     the answer had finished (then the terminator is added).
     """
     # Per chunk, so what it calls is looked up once.
-    readany = upstream.content.readany
+    content = upstream.content
+    readany = content.readany
+    at_eof = content.at_eof
     feed = tracker.feed
     clock = ex.loop.time
     perf = time.perf_counter
@@ -216,30 +225,36 @@ async def pump(
             reschedule = timer.reschedule
             while True:
                 if tracker.stopped:  # also in the chunk that carried the first content
-                    return _stopped(tracker)
-                t = perf()
-                reschedule(clock() + idle)
-                chunk = await readany()
-                ex.upstream_wait += perf() - t
-                if not chunk:
-                    tail = tracker.finish()
-                    if tail:  # what a translation still held
-                        await send(ex, resp, tail)
-                    if tracker.stopped:
-                        return _stopped(tracker)
-                    done = tracker.complete_on_eof()
-                    if done is None:
-                        return Break("upstream_closed")
-                    if done or tracker.cut:  # finished, then its tail was lost: the handler ends it
-                        return Break("tail_lost")
-                    return None
-                out = feed(chunk)
-                if out:
-                    writer = resp._payload_writer  # `send`'s own first test, inlined per chunk
-                    if writer is not None and writer.buffer_size + len(out) + 16 <= _DRAIN_AT:
-                        await resp.write(out)
-                    else:
+                    if out:
                         await send(ex, resp, out)
+                    return _stopped(tracker)
+                if not at_eof():
+                    if out:
+                        writer = resp._payload_writer  # `send`'s own first test, inlined
+                        if writer is not None and writer.buffer_size + len(out) + 16 <= _DRAIN_AT:
+                            await resp.write(out)
+                        else:
+                            await send(ex, resp, out)
+                    t = perf()
+                    reschedule(clock() + idle)
+                    chunk = await readany()
+                    ex.upstream_wait += perf() - t
+                    if chunk:
+                        out = feed(chunk)
+                        continue
+                    out = b""
+                # The upstream's end: what a translation still held comes out now.
+                out += tracker.finish()
+                if tracker.stopped:
+                    if out:
+                        await send(ex, resp, out)
+                    return _stopped(tracker)
+                done = tracker.complete_on_eof()
+                if done is None or done or tracker.cut:  # truncated, or finished and then
+                    if out:  # its tail was lost (the handler ends that one)
+                        await send(ex, resp, out)
+                    return Break("upstream_closed" if done is None else "tail_lost")
+                return out
     except (ConnectionResetError, CallerStalled):  # a caller that went away, or took nothing
         return CALLER_GONE
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
