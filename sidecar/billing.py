@@ -21,7 +21,7 @@ from typing import Any
 
 from sidecar.config import Config, LedgerConfig
 from sidecar.errors import ErrorCode, ProxyError
-from sidecar.keys import KeySource
+from sidecar.keys import SOURCE_MANAGED
 from sidecar.ledger import Ledger, LedgerUnavailable, SpendRecorder, open_ledger
 from sidecar.ledger.urls import redact_url
 from sidecar.logs import OpLog
@@ -131,7 +131,7 @@ class Billing:
             self._metrics.tokens.inc((provider, label, "input"), usage.input_tokens)
         if usage.output_tokens:
             self._metrics.tokens.inc((provider, label, "output"), usage.output_tokens)
-        if cand.key.source is not KeySource.MANAGED or access is None or self.recorder is None:
+        if cand.key.source is not SOURCE_MANAGED or access is None or self.recorder is None:
             return
         _, known = prices.price_for(provider, model)
         if not known and model not in self._warned:

@@ -22,10 +22,11 @@ import random
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Final
 
 from sidecar.config import Failover
 from sidecar.health import KeyHealth, Outcome, same_candidate_wait
-from sidecar.keys import KeySource
+from sidecar.keys import SOURCE_PASSTHROUGH
 from sidecar.plan import Candidate
 
 
@@ -34,6 +35,9 @@ class StopReason(enum.StrEnum):
     EXHAUSTED = "exhausted"  # no candidate left to try
     MAX_ATTEMPTS = "max_attempts"  # `failover.max_attempts` reached
     TIMED_OUT = "timed_out"  # `timeouts.total` passed
+
+
+_ANSWERED: Final = StopReason.ANSWERED  # (read per request: see `sidecar.keys.SOURCE_POLICY`)
 
 
 @dataclass(slots=True)  # not frozen: built per attempt, and frozen init is slower
@@ -168,7 +172,7 @@ class Engine:
         assert cand is not None, "report() without an attempt"
         model = cand.upstream_model or ""
         # A caller's own (passthrough) key keeps no shared health.
-        tracked = cand.key.source is not KeySource.PASSTHROUGH
+        tracked = cand.key.source is not SOURCE_PASSTHROUGH
         cooldown = self._policy.cooldown
         if report.model_level and not report.final and self._another_model_follows(model):
             self._gone_models.add(model)  # every key would get the same answer for this model
@@ -177,7 +181,7 @@ class Engine:
             if tracked:
                 self._health.record(cand.key.health_id, report.outcome, cooldown, model=model,
                                     status=report.status)  # fmt: skip
-            self._stop = Stop(StopReason.ANSWERED)
+            self._stop = Stop(_ANSWERED)
             return Verdict(final=True)
         if report.unsuitable:
             # This provider's model refuses; its other keys would too (another provider's
@@ -236,7 +240,7 @@ class Engine:
         return self._stop
 
     def _cooling(self, cand: Candidate) -> bool:
-        if cand.key.source is KeySource.PASSTHROUGH:
+        if cand.key.source is SOURCE_PASSTHROUGH:
             return False
         model = cand.upstream_model or ""
         return self._health.cooling_until(cand.key.health_id, model) is not None

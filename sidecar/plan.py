@@ -14,7 +14,14 @@ from dataclasses import dataclass, field
 from sidecar.catalog import CATALOG_LISTED
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.health import KeyHealth
-from sidecar.keys import CALLER_KEY_ID, KeySelection, KeySource, ProviderKey, select_keys
+from sidecar.keys import (
+    CALLER_KEY_ID,
+    SOURCE_MANAGED,
+    SOURCE_PASSTHROUGH,
+    KeySelection,
+    ProviderKey,
+    select_keys,
+)
 from sidecar.models import ResolvedModel, model_allowed
 from sidecar.quota import QuotaBook
 from sidecar.runtime import AccessKey, Provider, Runtime
@@ -150,9 +157,9 @@ def build_plan(
         if pid not in selections:
             if passthrough_key is not None:
                 pk = ProviderKey(
-                    pid, KeySource.PASSTHROUGH, CALLER_KEY_ID, passthrough_key, f"{pid}:caller"
+                    pid, SOURCE_PASSTHROUGH, CALLER_KEY_ID, passthrough_key, f"{pid}:caller"
                 )
-                selections[pid] = KeySelection(KeySource.PASSTHROUGH, (pk,))
+                selections[pid] = KeySelection(SOURCE_PASSTHROUGH, (pk,))
             else:
                 assert access is not None
                 selections[pid] = select_keys(access, t.provider)
@@ -161,7 +168,7 @@ def build_plan(
             missing = missing or pid
             continue
         model = t.model.upstream if t.model is not None else ""
-        if sel.source is KeySource.PASSTHROUGH:
+        if sel.source is SOURCE_PASSTHROUGH:
             usable: Sequence[ProviderKey] = sel.keys  # the caller's own key: its failures are not shared state
         else:  # cooling is per key and model: a key rate-limited on one model serves the others
             usable = [k for k in sel.keys if health.cooling_until(k.health_id, model) is None]
@@ -172,7 +179,7 @@ def build_plan(
             continue
         if quota is not None and len(usable) > 1:
             usable = quota.order(usable, model, _health_id)
-        if sel.source is KeySource.MANAGED:
+        if sel.source is SOURCE_MANAGED:
             plan.managed_providers.add(pid)
         plan.candidates.extend(Candidate(t.provider, t.model, k) for k in usable)
 

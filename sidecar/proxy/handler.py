@@ -24,7 +24,13 @@ from sidecar import inbound, memory
 from sidecar.errors import ErrorCode, ProxyError
 from sidecar.failover import Attempt, Engine, Report, Stop, StopReason
 from sidecar.formats import Adapter, adapter_for
-from sidecar.health import Outcome, classify_status, is_model_level_error, is_quota_exhausted
+from sidecar.health import (
+    OUTCOME_OK,
+    Outcome,
+    classify_status,
+    is_model_level_error,
+    is_quota_exhausted,
+)
 from sidecar.inflight import InFlight
 from sidecar.models import ResolvedModel, fallbacks_for
 from sidecar.plan import Candidate, Plan, Target, build_plan, listable_models, resolve_targets
@@ -562,7 +568,7 @@ class Proxy:
                     brk = await relay.pump(ex, resp, current.upstream, tracker, current.prefix)
                 if not isinstance(brk, relay.Break):  # the whole answer; these its last bytes
                     whole = True
-                    engine.report(Report(Outcome.OK, 200, final=True))
+                    engine.report(Report(OUTCOME_OK, 200, final=True))
                     await relay.end(ex, resp, brk)
                     return resp
                 if brk.caller_gone:
@@ -572,7 +578,7 @@ class Proxy:
                 if end is not None:  # the answer had finished: only what followed it broke
                     state.oplog.info("stream_tail_lost", request_id=ex.request_id,
                                      provider=ex.provider, cause=brk.cause)  # fmt: skip
-                    engine.report(Report(Outcome.OK, 200, final=True))
+                    engine.report(Report(OUTCOME_OK, 200, final=True))
                     if end:
                         await relay.send(ex, resp, end)
                     await relay.end(ex, resp)
@@ -670,7 +676,7 @@ class Proxy:
                 try:
                     outs[k] = outbound.build(route, cand, raw, continued, adapter)
                 except ProxyError:  # the continuation cannot be carried to its format
-                    self._report(ex, engine, cand, Report(Outcome.OK, 400, unsuitable=True))
+                    self._report(ex, engine, cand, Report(OUTCOME_OK, 400, unsuitable=True))
                     continue
             out = outs[k]
             tracker = _tracker(shape, out, cand, Splice(shape, broken, trimmed))

@@ -22,13 +22,14 @@ from yarl import URL
 from sidecar import inbound
 from sidecar.deadlines import deadline
 from sidecar.health import (
+    OUTCOME_OK,
     Outcome,
     answer_status,
     classify_status,
     is_quota_exhausted,
     retry_after_of,
 )
-from sidecar.keys import KeySource
+from sidecar.keys import SOURCE_PASSTHROUGH
 from sidecar.plan import Candidate
 from sidecar.proxy.client import UpstreamResponse
 from sidecar.proxy.exchange import Exchange
@@ -112,7 +113,7 @@ def target(cand: Candidate, prep: Prepared, out: Outbound) -> tuple[URL, CIMulti
         headers = translated_headers(prep.headers, out.chat_headers)
     for name, secret in p.headers:
         headers[name] = secret.reveal()
-    auth = auth_header(p.auth if cand.key.source is not KeySource.PASSTHROUGH else _caller_auth(p.auth),
+    auth = auth_header(p.auth if cand.key.source is not SOURCE_PASSTHROUGH else _caller_auth(p.auth),
                        cand.key.secret)  # fmt: skip
     if auth is not None:
         headers[auth[0]] = auth[1]
@@ -152,7 +153,7 @@ async def attempt(
             ttfb = time.perf_counter() - sent
             state.metrics.upstream_ttfb.observe((key.provider,), ttfb)
             status = upstream.status
-            if key.source is not KeySource.PASSTHROUGH:  # a caller's own key keeps no state
+            if key.source is not SOURCE_PASSTHROUGH:  # a caller's own key keeps no state
                 _note_quota(state, cand, upstream.headers, status)
             failover = status in cfg.failover.on_status
             ctype = upstream.headers.get("content-type", "")
@@ -257,7 +258,7 @@ async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
                 done = tracker.complete_on_eof()
                 if done is not None:  # complete and empty: that is the answer
                     upstream.release()
-                    return Result(Outcome.OK, status, upstream=upstream,
+                    return Result(OUTCOME_OK, status, upstream=upstream,
                                   prefix=b"".join((more or first, tail, done)), tracker=tracker,
                                   complete=True)  # fmt: skip
             upstream.release()
@@ -276,7 +277,7 @@ async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
         if len(more or first) > _HOLD_LIMIT:
             break  # a preamble this long: relay it as it is
     prefix = first if more is None else bytes(more)
-    return Result(Outcome.OK, status, upstream=upstream, prefix=prefix, tracker=tracker)
+    return Result(OUTCOME_OK, status, upstream=upstream, prefix=prefix, tracker=tracker)
 
 
 def _broken_before_content(tracker: StreamTracker) -> Result:
