@@ -5,7 +5,7 @@ On Python 3.11 reading a member through its enum class (`Outcome.OK`) goes throu
 metaclass's `__getattr__` hook, about twenty times the cost of a global's lookup: the
 request path reads members from module constants instead (`sidecar.health.OUTCOME_OK`, ...).
 Counted here by watching every attribute read on an enum class while real requests (JSON
-and a stream) go through a sidecar to the mock.
+and streams, with every kind of provider key) go through a sidecar to the mock.
 """
 
 from __future__ import annotations
@@ -18,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from sidecar.health import Outcome, classify_status
 from tests.harness import Env, Sidecar
-from tests.test_proxy_e2e import boot, providers_yaml
+from tests.test_credits_e2e import ATTACHED_OPENAI, start
 
 _SIDECAR = str(Path(__file__).resolve().parents[1] / "sidecar")
 _MOCK = str(Path(_SIDECAR) / "mock_provider.py")
@@ -47,16 +48,33 @@ def enum_reads(monkeypatch: pytest.MonkeyPatch) -> Counter[str]:
 async def test_a_request_reads_no_enum_member_through_its_class(
     env: Env, sidecars: list[Sidecar], enum_reads: Counter[str]
 ) -> None:
-    token = env.access_key("app")
-    sc = await boot(env, sidecars, providers_yaml(env, openai=[("k1", "sk-upstream-1")]))
-    async with sc.openai(token) as client:
-        # Warm: whatever is read once (imports, first use of a route) is not per request.
-        await client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
-        enum_reads["watching"] = 1
-        for _ in range(3):
-            await client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
-            stream = await client.chat.completions.create(model="gpt-4o-mini", messages=MSG,
-                                                          stream=True)  # fmt: skip
-            assert [c async for c in stream]
-        del enum_reads["watching"]
+    # Every key source: a policy key (openai), a key attached to the access key (openai),
+    # the operator's managed pool (anthropic), JSON and streams.
+    policy = env.access_key("app")
+    attached = env.access_key("team")
+    env.attach("team", "openai", "team-key", ATTACHED_OPENAI)
+    paying = env.access_key("paying", credits=1000)
+    sc = await start(env, sidecars, openai_policy=True)
+
+    async def requests() -> None:
+        for token in (policy, attached):
+            async with sc.openai(token) as client:
+                await client.chat.completions.create(model="gpt-4o-mini", messages=MSG)
+                stream = await client.chat.completions.create(model="gpt-4o-mini", messages=MSG,
+                                                              stream=True)  # fmt: skip
+                assert [c async for c in stream]
+        async with sc.anthropic(paying) as claude:
+            await claude.messages.create(model="claude-haiku-4-5", max_tokens=16, messages=MSG)
+            async with claude.messages.stream(model="claude-haiku-4-5", max_tokens=16,
+                                              messages=MSG) as events:  # fmt: skip
+                await events.get_final_message()
+
+    await requests()  # whatever is read once (imports, a route's first use) is not per request
+    enum_reads["watching"] = 1
+    await requests()
+    assert classify_status(500) is Outcome.SERVER_ERROR  # read through its class: counted
+    del enum_reads["watching"]
+    control = [where for where in enum_reads if where.endswith(" Outcome.SERVER_ERROR")]
+    assert len(control) == 1, dict(enum_reads)  # the count sees reads
+    del enum_reads[control[0]]
     assert dict(enum_reads) == {}

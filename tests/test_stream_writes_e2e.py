@@ -2,9 +2,10 @@
 write as the bytes that came with it.
 
 The upstream here is a raw socket server that writes the HTTP answer in exactly the pieces
-given (one `write` each), so what the sidecar reads at once is known. The caller's side is
-watched by recording each call that writes to it (`answer.Stream.write` and `write_eof`,
-still doing their work); what the caller receives is read with raw HTTP.
+given (one `write` each), so what the sidecar reads at once is known; before its next piece
+it waits until the sidecar has written what the last one carried. Each write the sidecar
+makes to the caller's socket is recorded (aiohttp's `StreamWriter._write` and
+`_writelines`, still doing their work); what the caller receives is read with raw HTTP.
 """
 
 from __future__ import annotations
@@ -12,19 +13,21 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import orjson
 import pytest
+from aiohttp.http_writer import StreamWriter
 
-from sidecar.proxy import answer
 from tests.harness import Env, Sidecar, make_env, raw_request
 from tests.test_proxy_e2e import boot, keys_yaml
 from tests.test_stream_faults_e2e import DONE, ROLE, chunk
 
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 _END = b"0\r\n\r\n"
+#: A step: wait until the sidecar has written to the caller once more.
+WRITTEN = "written"
 
 
 def framed(*events: bytes) -> bytes:
@@ -32,12 +35,26 @@ def framed(*events: bytes) -> bytes:
     return b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events)
 
 
-class RawUpstream:
-    """Answers each request with the next list of steps: bytes written in one `write`, or a
-    float to sleep."""
+class Writes(list[bytes]):
+    """What the sidecar wrote to callers, one item per write; `more` is set at each."""
 
     def __init__(self) -> None:
-        self.queue: list[list[bytes | float]] = []
+        super().__init__()
+        self.more = asyncio.Event()
+
+    def body(self, i: int) -> bytes:
+        """Write `i` without the response head, if it carried it."""
+        data = self[i]
+        return data.partition(b"\r\n\r\n")[2] if data.startswith(b"HTTP/1.1 200 OK\r\n") else data
+
+
+class RawUpstream:
+    """Answers each request with the next list of steps: bytes written in one `write`, or
+    `WRITTEN`: wait until the sidecar wrote to its caller."""
+
+    def __init__(self, writes: Writes) -> None:
+        self.queue: list[list[bytes | str]] = []
+        self.writes = writes
         self.server: asyncio.Server | None = None
         self.port = 0
 
@@ -48,40 +65,43 @@ class RawUpstream:
                 length = re.search(rb"(?i)\r\ncontent-length: *(\d+)", head)
                 await reader.readexactly(int(length[1]) if length else 0)
                 for step in self.queue.pop(0):
-                    if isinstance(step, float):
-                        await asyncio.sleep(step)
+                    if step == WRITTEN:
+                        self.writes.more.clear()
+                        await asyncio.wait_for(self.writes.more.wait(), 5)
                     else:
+                        assert isinstance(step, bytes)
                         writer.write(step)
         writer.close()
 
 
 @pytest.fixture
-async def upstream() -> AsyncIterator[RawUpstream]:
-    up = RawUpstream()
+def writes(monkeypatch: pytest.MonkeyPatch) -> Writes:
+    seen = Writes()
+    write, writelines = StreamWriter._write, StreamWriter._writelines
+
+    def spy_write(self: StreamWriter, data: Any) -> None:
+        seen.append(bytes(data))
+        seen.more.set()
+        write(self, data)
+
+    def spy_writelines(self: StreamWriter, chunks: Iterable[Any]) -> None:
+        chunks = [bytes(c) for c in chunks]
+        seen.append(b"".join(chunks))
+        seen.more.set()
+        writelines(self, chunks)
+
+    monkeypatch.setattr(StreamWriter, "_write", spy_write)
+    monkeypatch.setattr(StreamWriter, "_writelines", spy_writelines)
+    return seen
+
+
+@pytest.fixture
+async def upstream(writes: Writes) -> AsyncIterator[RawUpstream]:
+    up = RawUpstream(writes)
     up.server = await asyncio.start_server(up.serve, "127.0.0.1", 0)
     up.port = up.server.sockets[0].getsockname()[1]
     yield up
     up.server.close()
-
-
-@pytest.fixture
-def writes(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, bytes]]:
-    """Each write to a caller's stream, in order: ("write", data) or ("end", data)."""
-    seen: list[tuple[str, bytes]] = []
-    write, end = answer.Stream.write, answer.Stream.write_eof
-
-    async def spy_write(self: answer.Stream, data: Any) -> None:
-        seen.append(("write", bytes(data)))
-        await write(self, data)
-
-    async def spy_end(self: answer.Stream, data: bytes = b"") -> None:
-        if not self._eof_sent:
-            seen.append(("end", bytes(data)))
-        await end(self, data)
-
-    monkeypatch.setattr(answer.Stream, "write", spy_write)
-    monkeypatch.setattr(answer.Stream, "write_eof", spy_end)
-    return seen
 
 
 async def _sidecar(tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar]) -> tuple[Sidecar, str]:
@@ -108,44 +128,49 @@ async def _stream(sc: Sidecar, token: str) -> bytes:
 EVENTS = [ROLE, chunk("Hel"), chunk("lo"), chunk(finish="stop"), DONE]
 
 
-async def test_a_stream_that_came_whole_is_written_in_one_piece_with_its_end(
-    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: list[tuple[str, bytes]]
+async def test_a_stream_that_came_whole_is_written_in_one_piece_with_its_head_and_end(
+    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: Writes
 ) -> None:
     sc, token = await _sidecar(tmp_path, upstream, sidecars)
     upstream.queue.append([_HEAD + framed(*EVENTS) + _END])
     assert await _stream(sc, token) == b"".join(EVENTS)
-    assert writes == [("end", b"".join(EVENTS))]
+    assert len(writes) == 1
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")
+    assert writes.body(0) == framed(b"".join(EVENTS)) + _END
 
 
 async def test_the_last_events_of_a_live_stream_go_out_with_its_end(
-    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: list[tuple[str, bytes]]
+    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: Writes
 ) -> None:
     sc, token = await _sidecar(tmp_path, upstream, sidecars)
-    upstream.queue.append([_HEAD + framed(ROLE, chunk("Hel")), 0.05, framed(chunk("lo")), 0.05,
-                           framed(chunk(finish="stop"), DONE) + _END])  # fmt: skip
+    upstream.queue.append([_HEAD + framed(ROLE, chunk("Hel")), WRITTEN, framed(chunk("lo")),
+                           WRITTEN, framed(chunk(finish="stop"), DONE) + _END])  # fmt: skip
     assert await _stream(sc, token) == b"".join(EVENTS)
-    assert writes == [
-        ("write", ROLE + chunk("Hel")),
-        ("write", chunk("lo")),
-        ("end", chunk(finish="stop") + DONE),
+    assert len(writes) == 3
+    assert writes[0].startswith(b"HTTP/1.1 200 OK\r\n")  # the head with the first content
+    assert [writes.body(i) for i in range(3)] == [
+        framed(ROLE + chunk("Hel")),
+        framed(chunk("lo")),
+        framed(chunk(finish="stop") + DONE) + _END,
     ]
 
 
 async def test_an_end_that_comes_alone_ends_the_stream_alone(
-    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: list[tuple[str, bytes]]
+    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: Writes
 ) -> None:
     sc, token = await _sidecar(tmp_path, upstream, sidecars)
-    upstream.queue.append([_HEAD + framed(*EVENTS), 0.05, _END])
+    upstream.queue.append([_HEAD + framed(*EVENTS), WRITTEN, _END])
     assert await _stream(sc, token) == b"".join(EVENTS)
-    assert writes == [("write", b"".join(EVENTS)), ("end", b"")]
+    assert [writes.body(i) for i in range(len(writes))] == [framed(b"".join(EVENTS)), _END]
 
 
-async def test_a_finished_stream_without_its_terminator_gets_it_in_the_end(
-    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: list[tuple[str, bytes]]
+async def test_a_finished_stream_without_its_terminator_gets_it_before_the_end(
+    tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar], writes: Writes
 ) -> None:
     # Its tail was lost (no `[DONE]`): relayed as it came, then the terminator, then the end.
     sc, token = await _sidecar(tmp_path, upstream, sidecars)
     upstream.queue.append([_HEAD + framed(*EVENTS[:-1]) + _END])
     assert await _stream(sc, token) == b"".join(EVENTS)
-    assert writes == [("write", b"".join(EVENTS[:-1])), ("write", DONE), ("end", b"")]
-
+    assert [writes.body(i) for i in range(len(writes))] == [
+        framed(b"".join(EVENTS[:-1])), framed(DONE), _END,
+    ]

@@ -567,9 +567,14 @@ class Proxy:
                     assert current.upstream is not None
                     brk = await relay.pump(ex, resp, current.upstream, tracker, current.prefix)
                 if not isinstance(brk, relay.Break):  # the whole answer; these its last bytes
+                    # As when they went apart from the end: the answer counts as whole once
+                    # the caller took its last events, whatever becomes of the end alone.
+                    if brk:
+                        await relay.end(ex, resp, brk)
                     whole = True
                     engine.report(Report(OUTCOME_OK, 200, final=True))
-                    await relay.end(ex, resp, brk)
+                    if not brk:
+                        await relay.end(ex, resp)
                     return resp
                 if brk.caller_gone:
                     ex.status = CLIENT_CLOSED

@@ -231,7 +231,7 @@ async def pump(
                 if not at_eof():
                     if out:
                         writer = resp._payload_writer  # `send`'s own first test, inlined
-                        if writer is not None and writer.buffer_size + len(out) + 16 <= _DRAIN_AT:
+                        if writer is not None and writer.buffer_size + _size(resp, out) <= _DRAIN_AT:
                             await resp.write(out)
                         else:
                             await send(ex, resp, out)
