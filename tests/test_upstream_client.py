@@ -126,6 +126,16 @@ async def test_a_configured_host_header_replaces_the_url_s(
     assert "Content-Length" not in seen  # a GET without a body says nothing of one
 
 
+def test_the_head_has_the_given_headers_in_order_and_a_default_only_where_none_was_given() -> None:
+    headers = CIMultiDict([("user-agent", "me/1"), ("ACCEPT-ENCODING", "br"), ("X-Two", "a"),
+                           ("X-Two", "b"), ("X-Uni", "h\u00e9")])  # fmt: skip
+    head = client_module._request_head("POST", URL("http://h.example:81/p?q=1"), headers, b"abc")
+    assert head == (
+        b"POST /p?q=1 HTTP/1.1\r\nHost: h.example:81\r\nuser-agent: me/1\r\nACCEPT-ENCODING: br\r\n"
+        b"X-Two: a\r\nX-Two: b\r\nX-Uni: h\xc3\xa9\r\nAccept: */*\r\nContent-Length: 3\r\n\r\n"
+    )
+
+
 @pytest.mark.parametrize(("name", "value"), [("X-Evil", "a\r\nX-Injected: 1"), ("X-Evil", "a\nb"),
                                         ("X-Evil\r\nX-Injected", "1"), ("X-Evil", "a\rb")])  # fmt: skip
 async def test_a_line_break_in_a_header_is_refused_before_anything_is_sent(

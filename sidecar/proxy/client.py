@@ -36,8 +36,10 @@ from multidict import CIMultiDict, CIMultiDictProxy
 from yarl import URL
 
 #: Headers the request always carries unless given (what aiohttp's client adds).
-_DEFAULTS: Final = (*ClientRequest.DEFAULT_HEADERS.items(), ("User-Agent", SERVER_SOFTWARE))
-_DEFAULT_NAMES: Final = tuple(name.lower() for name, _ in _DEFAULTS)
+_DEFAULTS: Final = tuple(
+    (str(name), value, name.lower())
+    for name, value in (*ClientRequest.DEFAULT_HEADERS.items(), ("User-Agent", SERVER_SOFTWARE))
+)
 #: Idle connections kept per origin; more are closed when released (a burst of streams
 #: must not leave a thousand sockets and their buffers behind).
 IDLE_PER_ORIGIN: Final = 128
@@ -271,18 +273,23 @@ def _request_head(method: str, url: URL, headers: CIMultiDict[str], body: bytes)
     """The request line and headers. A line break in any of them would split the request
     (a header smuggled to the upstream): refused before anything is sent."""
     host = headers.get("Host")  # a provider's own (config), as aiohttp lets it override
-    lines = [f"{method} {url.raw_path_qs} HTTP/1.1\r\nHost: {host or url.host_port_subcomponent}\r\n"]
-    lines.extend(
-        f"{name}: {value}\r\n" for name, value in headers.items() if host is None or name.lower() != "host"
-    )
-    for (name, value), lname in zip(_DEFAULTS, _DEFAULT_NAMES, strict=True):
+    # Joined from pieces, not formatted line by line: a header name is an `istr`, which an
+    # f-string formats the slow way (a str subclass).
+    authority = host or url.host_port_subcomponent or ""  # (an upstream URL always has a host)
+    parts = [method, " ", url.raw_path_qs, " HTTP/1.1\r\nHost: ", authority]
+    for name, value in headers.items():
+        if host is None or name.lower() != "host":
+            parts += ("\r\n", name, ": ", value)
+    for name, value, lname in _DEFAULTS:
         if lname not in headers:
-            lines.append(f"{name}: {value}\r\n")
+            parts += ("\r\n", name, ": ", value)
     if body or method in ("POST", "PUT", "PATCH"):
-        lines.append(f"Content-Length: {len(body)}\r\n")
-    lines.append("\r\n")
-    text = "".join(lines)
-    breaks = len(lines) + 1  # each line's CRLF, and the one inside the first
+        parts += ("\r\n", "Content-Length", ": ", str(len(body)))
+    parts.append("\r\n\r\n")
+    text = "".join(parts)
+    # CRLFs: the request line's, one before each header line after Host (four parts each),
+    # and the two that end the head.
+    breaks = 1 + (len(parts) - 6) // 4 + 2
     if text.count("\n") != breaks or text.count("\r") != breaks:
         raise ValueError("a request header carries a line break")
     return text.encode("utf-8", "surrogateescape")  # bytes a caller sent go on as they came
