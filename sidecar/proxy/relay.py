@@ -220,6 +220,7 @@ async def pump(
     clock = ex.loop.time
     perf = time.perf_counter
     idle = ex.runtime.config.timeouts.stream_idle
+    wrote = False
     try:
         with deadline(None, ex.loop) as timer:
             reschedule = timer.reschedule
@@ -230,11 +231,16 @@ async def pump(
                     return _stopped(tracker)
                 if not at_eof():
                     if out:
-                        writer = resp._payload_writer  # `send`'s own first test, inlined
-                        if writer is not None and writer.buffer_size + _size(resp, out) <= _DRAIN_AT:
+                        writer = resp._payload_writer  # `send`'s own first test, inlined, but
+                        if (  # for the first write: a head still held goes with it (`send`)
+                            wrote
+                            and writer is not None
+                            and writer.buffer_size + len(out) + 16 <= _DRAIN_AT
+                        ):
                             await resp.write(out)
                         else:
                             await send(ex, resp, out)
+                        wrote = True
                     t = perf()
                     reschedule(clock() + idle)
                     chunk = await readany()
