@@ -20,9 +20,8 @@ import orjson
 import pytest
 from aiohttp.http_writer import StreamWriter
 
-from tests.harness import Env, Sidecar, make_env, raw_request
-from tests.test_proxy_e2e import boot, keys_yaml
-from tests.test_stream_faults_e2e import DONE, ROLE, chunk
+from tests.harness import Sidecar, make_env, raw_request
+from tests.test_stream_faults_e2e import DONE, ROLE, chunk, start
 
 _HEAD = b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
 _END = b"0\r\n\r\n"
@@ -105,14 +104,7 @@ async def upstream(writes: Writes) -> AsyncIterator[RawUpstream]:
 
 
 async def _sidecar(tmp_path: Any, upstream: RawUpstream, sidecars: list[Sidecar]) -> tuple[Sidecar, str]:
-    env: Env = make_env(tmp_path, f"http://127.0.0.1:{upstream.port}/v1")
-    token = env.access_key("app")
-    sc = await boot(env, sidecars, (
-        "timeouts: {first_token: 2s, stream_idle: 2s, per_request: 5s}\n"
-        "providers:\n  - id: openai\n    base_url: UPSTREAM\n"
-        f"    api_keys: {keys_yaml(env, 'openai', [('one', 'sk-one-SECRETVALUE1234')])}\n"
-    ))  # fmt: skip
-    return sc, token
+    return await start(make_env(tmp_path, f"http://127.0.0.1:{upstream.port}/v1"), sidecars)
 
 
 async def _stream(sc: Sidecar, token: str) -> bytes:

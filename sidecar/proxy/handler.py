@@ -562,20 +562,21 @@ class Proxy:
                 # What was held goes out with the held head in one write, and with the
                 # caller's end too when the upstream's end came with it.
                 if current.complete:
-                    brk: bytes | relay.Break = current.prefix
+                    got: bytes | relay.Break = current.prefix
                 else:
                     assert current.upstream is not None
-                    brk = await relay.pump(ex, resp, current.upstream, tracker, current.prefix)
-                if not isinstance(brk, relay.Break):  # the whole answer; these its last bytes
+                    got = await relay.pump(ex, resp, current.upstream, tracker, current.prefix)
+                if not isinstance(got, relay.Break):  # the whole answer; `got` its last bytes
                     # As when they went apart from the end: the answer counts as whole once
                     # the caller took its last events, whatever becomes of the end alone.
-                    if brk:
-                        await relay.end(ex, resp, brk)
+                    if got:
+                        await relay.end(ex, resp, got)
                     whole = True
                     engine.report(Report(OUTCOME_OK, 200, final=True))
-                    if not brk:
+                    if not got:
                         await relay.end(ex, resp)
                     return resp
+                brk = got
                 if brk.caller_gone:
                     ex.status = CLIENT_CLOSED
                     return resp
