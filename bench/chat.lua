@@ -5,18 +5,22 @@
 -- BENCH_MODEL   the model asked for (default gpt-4o-mini; claude-haiku-4-5 for the
 --               sidecar in the xjson/xstream modes, which it translates to Anthropic)
 --
--- The fixed-rate run (bench/pace.py) paces the connections; without BENCH_DELAY_MS there is
--- no `delay()` and wrk runs flat out as before:
--- BENCH_DELAY_MS     ms each connection waits after an answer (a fraction: spread over the
---                    requests, since wrk truncates what `delay()` returns to whole ms)
--- BENCH_INTERVAL_MS  the target time between two requests of a connection; the connections
--- BENCH_CONNECTIONS  start at evenly spread moments of it (wrk -c and -t, to number them),
--- BENCH_THREADS      so that requests arrive spread out, not in bursts of -c
+-- The fixed-rate run (bench/pace.py) paces the requests; without BENCH_RATE there is no
+-- `delay()` and wrk runs flat out:
+-- BENCH_RATE     the requests per second to send, all of wrk's threads together
+-- BENCH_THREADS  wrk -t: each thread sends BENCH_RATE / BENCH_THREADS of them
+-- Each thread keeps a timetable, one request every `threads * 1000 / rate` ms (the threads
+-- offset from each other by a share of that), read on the monotonic clock (LuaJIT's ffi:
+-- `clock_gettime`). Before each request wrk asks `delay()`, which books the thread's next
+-- free time and waits for it. So the rate is the one asked for whatever the answers take,
+-- as long as a connection is free when a request is due and the server keeps up.
 --
 -- The path comes from the URL on wrk's command line. No `response()` hook: defining one
 -- makes wrk buffer and hand every body to Lua, which would slow the load generator down.
--- At the end one line `BENCH-RESULT {json}` carries what bench/run.py reads
--- (times in microseconds; p50/p99 from the same histogram `wrk --latency` prints).
+-- At the end two lines carry what bench/run.py reads: `BENCH-RESULT {json}` (times in
+-- microseconds; p50/p99 from the same histogram `wrk --latency` prints) and
+-- `BENCH-LATENCY v:c v:c ...`, every latency recorded (µs) with how many requests took it,
+-- so that the runs of one measurement can be added together (bench/latency.py).
 
 local token = os.getenv("BENCH_TOKEN") or ""
 local stream = os.getenv("BENCH_STREAM") == "1"
@@ -30,12 +34,22 @@ wrk.body = '{"model":"' .. model .. '","messages":[{"role":"user",'
   .. '"content":"Say hello to the benchmark, please."}]'
   .. (stream and ',"stream":true' or '') .. '}'
 
-local pace_delay = tonumber(os.getenv("BENCH_DELAY_MS") or "")
-if pace_delay then
-  local interval = tonumber(os.getenv("BENCH_INTERVAL_MS") or "") or pace_delay
-  local connections = tonumber(os.getenv("BENCH_CONNECTIONS") or "") or 1
+local rate = tonumber(os.getenv("BENCH_RATE") or "")
+if rate and rate > 0 then
+  local ffi = require("ffi")
+  ffi.cdef([[
+    struct bench_timespec { long tv_sec; long tv_nsec; };
+    int clock_gettime(int clock, struct bench_timespec *now);
+  ]])
+  local CLOCK_MONOTONIC = 1
+  local clock = ffi.new("struct bench_timespec")
+  local function now_ms()
+    ffi.C.clock_gettime(CLOCK_MONOTONIC, clock)
+    return tonumber(clock.tv_sec) * 1000 + tonumber(clock.tv_nsec) / 1e6
+  end
+
   local threads = tonumber(os.getenv("BENCH_THREADS") or "") or 1
-  local per_thread = math.floor(connections / threads)
+  local every = threads * 1000 / rate -- ms between two requests of one thread
   local numbered = 0
 
   -- Runs in the main state, once per thread: `thread_id` becomes a global of that thread's state.
@@ -44,18 +58,18 @@ if pace_delay then
     numbered = numbered + 1
   end
 
-  local started = 0 -- connections of this thread given their start so far
-  local carry = 0 -- the fractions of a ms not waited yet
+  local due = nil -- when this thread's next request is due (ms, monotonic)
   function delay()
-    if started < per_thread then -- each connection's first call, as it connects: its start
-      local k = started * threads + (thread_id or 0)
-      started = started + 1
-      return math.floor(k * interval / connections)
+    local now = now_ms()
+    if due == nil then -- the thread's first request: the threads' timetables interleave
+      due = now + (thread_id or 0) * every / threads
     end
-    carry = carry + pace_delay
-    local whole = math.floor(carry)
-    carry = carry - whole
-    return whole
+    local wait = due - now
+    due = due + every -- booked: a request that is late (the server stalled) goes at once
+    if wait <= 0 then
+      return 0
+    end
+    return math.floor(wait + 0.5) -- wrk waits whole ms; the timetable keeps the rate exact
   end
 end
 
@@ -68,4 +82,10 @@ function done(summary, latency, requests)
     summary.requests, summary.duration, summary.bytes,
     e.connect, e.read, e.write, e.status, e.timeout,
     latency:percentile(50), latency:percentile(99), latency.mean, latency.max))
+  local pairs_ = {}
+  for i = 1, #latency do
+    local value, count = latency(i)
+    pairs_[i] = string.format("%.0f:%.0f", value, count)
+  end
+  io.write("BENCH-LATENCY " .. table.concat(pairs_, " ") .. "\n")
 end

@@ -1,115 +1,82 @@
-"""Fixed-rate runs of `make bench`: wrk paced by its Lua `delay()` hook (bench/chat.lua).
+"""Fixed-rate runs of `make bench`: wrk paced by a timetable in its Lua `delay()` hook.
 
 wrk is closed-loop: a connection sends its next request when the previous
 answer is complete. With `delay()` defined, it first waits that many
-milliseconds. `C` connections that each wait `d` ms after an answer that took
-`L` ms send `C * 1000 / (d + L + t)` requests per second, `t` being wrk's own
-timer slack. `Pace` starts from a guess of `L + t`, and `adjusted` takes the
-rate a short calibration run achieved to find the `d` that makes the rest of
-the cycle add up to the target interval (`C * 1000 / rate` ms). The
-connections start at evenly spread moments of one interval (bench/chat.lua),
-so the requests arrive spread out, not in bursts of `C`.
+milliseconds. bench/chat.lua's `delay()` books each request a time on a
+timetable of its wrk thread (one request every `threads * 1000 / rate` ms, on
+the monotonic clock) and waits until then, so the requests go out at the rate
+asked for, evenly spread, whatever the answers take: no calibration, and the
+same offered load for every target. `connections` are enough that one is
+nearly always free when a request is due (50 at 1,000 req/s: at a few ms an
+answer, a handful are busy at once).
 
-This is not wrk2's open loop: a request is never sent while the previous one
-of its connection is still out, so a stall longer than the interval delays
-the requests behind it instead of adding them to the latency histogram
-(coordinated omission). At 1,000 req/s on 50 connections the interval is
-50 ms against answers of a few ms, so that only matters for stalls of tens
-of milliseconds; the achieved rate is reported, so a run where it happened
-shows it. No I/O here: bench/run.py runs wrk.
+This is not wrk2's open loop: a request due while every connection of its
+thread is busy waits for one, and its latency is counted from when it was
+sent, not from when it was due (coordinated omission). A request that falls
+behind the timetable goes out as soon as a connection is free, so the rate
+over the run stays the one asked for unless the server cannot keep up, which
+the achieved rate then shows. No I/O here: bench/run.py runs wrk.
 """
 
 from __future__ import annotations
 
-import dataclasses
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
 DEFAULT_RATE: Final = 1000  # req/s offered to each target in the fixed-rate run
-DEFAULT_RATE_ROUNDS: Final = 3  # fixed-rate runs per target and mode (the median p99 counts)
-INTERVAL_MS: Final = 50.0  # the time between two requests of one connection, at the target rate
-TOLERANCE: Final = 0.02  # an achieved rate within 2% of the target needs no more calibration
+DEFAULT_RATE_ROUNDS: Final = 5  # fixed-rate rounds per target and mode (the median p99 counts)
+INTERVAL_MS: Final = 50.0  # connections: enough for one request per 50 ms each at the rate
 OFF_TARGET: Final = 0.05  # a run further than 5% from the target rate did not run at that rate
-CALIBRATION_SECONDS: Final = 1  # one calibration run
 ADDED_P99_GOAL_MS: Final = 2.0  # issue 14: sidecar p99 minus pass-through p99 at 1,000 req/s
 _MINUS: Final = "\u2212"  # the report's minus sign, as in `sidecar − pass-through`  # noqa: RUF003
-_CYCLE_GUESS_MS: Final = 1.0  # latency + wrk's timer slack, before any calibration
 
 
 @dataclass(frozen=True, slots=True)
 class Pace:
-    """What wrk is told for a fixed rate: `connections` over `threads`, each waiting
-    `delay_ms` after an answer before its next request."""
+    """What wrk is told for a fixed rate: `rate` req/s over `connections` and `threads`."""
 
     rate: float  # req/s offered, all connections together
     connections: int  # a multiple of `threads`: wrk gives each thread connections ÷ threads
     threads: int
-    delay_ms: float
 
     @classmethod
     def start(cls, rate: float, threads: int) -> Pace:
-        """About one request per `INTERVAL_MS` per connection, before any calibration."""
+        """Connections for about one request per `INTERVAL_MS` each."""
         if rate <= 0 or threads < 1:
             raise ValueError("a fixed rate needs rate > 0 and at least one thread")
         per_thread = max(1, round(rate * INTERVAL_MS / 1000 / threads))
-        pace = cls(rate, per_thread * threads, threads, 0.0)
-        return dataclasses.replace(pace, delay_ms=max(0.0, pace.interval_ms - _CYCLE_GUESS_MS))
+        return cls(rate, per_thread * threads, threads)
 
     @property
     def interval_ms(self) -> float:
-        """Each connection's time from one request to its next, at the target rate."""
-        return self.connections * 1000 / self.rate
+        """The time between two requests of one wrk thread."""
+        return self.threads * 1000 / self.rate
 
     def off_by(self, achieved: float) -> float:
         """`achieved` req/s relative to the target: -0.03 is 3% short."""
         return achieved / self.rate - 1
 
-    def on_target(self, achieved: float, tolerance: float = TOLERANCE) -> bool:
+    def on_target(self, achieved: float, tolerance: float = OFF_TARGET) -> bool:
         return abs(self.off_by(achieved)) <= tolerance
 
-    def adjusted(self, achieved: float) -> Pace:
-        """The delay under which a run that achieved `achieved` req/s would have hit the target,
-        the rest of each cycle (the answer's latency, wrk's timer slack) staying what it was.
-        Zero when the rest alone exceeds the interval: the target is out of reach."""
-        if achieved <= 0:
-            return self
-        rest = self.connections * 1000 / achieved - self.delay_ms
-        return dataclasses.replace(self, delay_ms=max(0.0, self.interval_ms - rest))
-
     def env(self) -> dict[str, str]:
-        """What bench/chat.lua reads to pace its connections."""
-        return {
-            "BENCH_DELAY_MS": f"{self.delay_ms:.4f}",
-            "BENCH_INTERVAL_MS": f"{self.interval_ms:.4f}",
-            "BENCH_CONNECTIONS": str(self.connections),
-            "BENCH_THREADS": str(self.threads),
-        }
+        """What bench/chat.lua reads to pace its requests."""
+        return {"BENCH_RATE": f"{self.rate:g}", "BENCH_THREADS": str(self.threads)}
 
 
-def calibrate(trial: Callable[[Pace], float], pace: Pace, runs: int) -> tuple[Pace, list[float]]:
-    """Run `trial` (a short wrk run: achieved req/s) at most `runs` times, adjusting the delay
-    after each run that missed the target. Returns the pace to measure with (the last
-    adjustment, unverified when every run missed) and the rates the trials achieved."""
-    rates: list[float] = []
-    for _ in range(runs):
-        achieved = trial(pace)
-        rates.append(achieved)
-        if pace.on_target(achieved):
-            break
-        pace = pace.adjusted(achieved)
-    return pace, rates
-
-
-def describe(pace: Pace, seconds: int, runs: int, rounds: int = 1) -> str:
+def describe(pace: Pace, seconds: int, rounds: int = 1, slices: int = 1) -> str:
     """The fixed-rate section's title."""
-    each = (f"one run of {seconds} s" if rounds == 1 else
-            f"{rounds} rounds of one {seconds} s run per target (the order alternating), the "
-            "run with the median p99 shown")  # fmt: skip
-    return (f"FIXED RATE {pace.rate:g} req/s offered to each target, {each} "
-            f"(paced closed loop, not wrk2: {pace.connections} connections, each waiting a "
-            f"calibrated delay after an answer, ≈ one request per {pace.interval_ms:.0f} ms; "
-            f"up to {runs} calibration run(s) of {CALIBRATION_SECONDS} s first)")  # fmt: skip
+    run = f"{seconds} s" if slices == 1 else f"{seconds} s in {slices} slices"
+    each = (f"one run of {run}" if rounds == 1 else
+            f"{rounds} rounds of {run} per target, the p99 of each round's requests; the round "
+            "with the median p99 shown")  # fmt: skip
+    if slices > 1:
+        each += ("; the targets' slices alternate, so a slow moment of the machine falls on "
+                 "both")  # fmt: skip
+    return (f"FIXED RATE {pace.rate:g} req/s offered to each target, {each} (a timetable, "
+            f"not wrk2's open loop: {pace.connections} connections on {pace.threads} wrk "
+            f"threads, each thread sending one request every {pace.interval_ms:g} ms)")
 
 
 def added_p99_line(mode: str, sidecar: str, rate: float, added_ms: float, *,

@@ -27,16 +27,18 @@ config then gains an `anthropic` provider on the mock; direct and
 pass-through, which cannot translate, get the gpt-4o-mini request, so the
 ratio is the cost of translation on top of the sidecar's own) — wrk holds
 `--connections` keep-alive connections busy for `--duration` seconds per
-target; targets alternate within a round, the starting target rotating from
-round to round, and the tables show the median over `--rounds`. The headline
+target and round, in `--slices` slices (1 s each by default) that alternate
+between the targets, so that the machine's changes of speed fall on all of
+them alike; the tables show the median over `--rounds`. The headline
 is each proxy's CPU time per completed request (user + system time from
 /proc/<pid>/stat over the run, divided by wrk's completed requests) and the
 ratio sidecar ÷ pass-through of that number.
 
 Then two more parts (bench/pace.py, bench/memory.py): a fixed-rate run, in which
 the pass-through and the sidecars are each offered `--rate` req/s (1,000) in json
-and stream by wrk paced with its Lua `delay()` (closed loop, calibrated per target
-to the rate) and the sidecar's added p99 over the pass-through is printed; and
+and stream by wrk paced with its Lua `delay()` (a timetable on the monotonic clock,
+in the same alternating slices) and the sidecar's added p99 over the pass-through is
+printed; and
 memory, each proxy's resident set idle, after the load, with `--streams` (1,000)
 streams held open through it by a raw asyncio client, and a few seconds after
 they were hung up on.
@@ -78,17 +80,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from bench import memory
-from bench.pace import (
-    CALIBRATION_SECONDS,
-    DEFAULT_RATE,
-    DEFAULT_RATE_ROUNDS,
-    OFF_TARGET,
-    Pace,
-    added_p99_line,
-    calibrate,
-    describe,
-)
+from bench import latency, memory
+from bench.pace import DEFAULT_RATE, DEFAULT_RATE_ROUNDS, OFF_TARGET, Pace, added_p99_line, describe
 
 REPO: Final = Path(__file__).resolve().parents[1]
 LUA: Final = Path(__file__).resolve().parent / "chat.lua"
@@ -192,15 +185,26 @@ def _load_average() -> str:
         return "-"
 
 
-def _machine_busy_seconds() -> float | None:
-    """CPU time the whole machine spent busy (Linux), summed over cores."""
+def _machine_ticks() -> list[int] | None:
+    """The whole machine's CPU time by kind (Linux's /proc/stat `cpu` line), summed over cores."""
     try:
         with open("/proc/stat") as f:
-            ticks = [int(v) for v in f.readline().split()[1:]]
+            return [int(v) for v in f.readline().split()[1:]]
     except (OSError, ValueError):
+        return None
+
+
+def _machine_busy_seconds(ticks: list[int] | None) -> float | None:
+    """CPU time the whole machine spent busy, summed over cores (the host's steal included)."""
+    if ticks is None:
         return None
     idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)  # idle + iowait
     return (sum(ticks[:8]) - idle) / _CLK_TCK  # guest time is already inside user
+
+
+def _stolen_seconds(ticks: list[int] | None) -> float | None:
+    """CPU time the hypervisor gave to others while this machine's vCPUs wanted to run."""
+    return ticks[7] / _CLK_TCK if ticks is not None and len(ticks) > 7 else None
 
 
 def _children_cpu_seconds() -> float:
@@ -682,12 +686,17 @@ class Settings:
     rate: int = DEFAULT_RATE  # the fixed-rate run's req/s; 0: no fixed-rate run
     rate_rounds: int = DEFAULT_RATE_ROUNDS  # fixed-rate runs per target and mode
     streams: int = memory.DEFAULT_STREAMS  # streams held open to measure memory; 0: none
-    quick: bool = False  # shorter calibration and hold (--quick)
+    quick: bool = False  # a shorter hold (--quick)
+    slices: int = 0  # wrk runs a measured run is cut into (0: one a second of --duration)
 
     @property
-    def calibrations(self) -> int:
-        """Calibration runs before each fixed-rate run, at most."""
-        return 1 if self.quick else 2
+    def slice_count(self) -> int:
+        """How many wrk runs, alternating between the targets, make one measured run."""
+        return self.slices or self.duration
+
+    @property
+    def slice_seconds(self) -> int:
+        return self.duration // self.slice_count
 
     @property
     def hold_seconds(self) -> float:
@@ -718,8 +727,9 @@ class Sample:
     errors: dict[str, int]
     p50_ms: float
     p99_ms: float
-    cpu: dict[str, float]  # "proxy", "mock", "wrk", "redis", "other" -> CPU seconds in the run
+    cpu: dict[str, float]  # "proxy", "mock", "wrk", "redis", "other", "steal" -> CPU s in the run
     max_ms: float = _NAN
+    histogram: latency.Histogram = field(default_factory=dict)  # µs -> requests: all of them
 
     @property
     def rps(self) -> float:
@@ -737,10 +747,45 @@ class Sample:
         return self.cpu[who] / self.seconds * 100 if who in self.cpu and self.seconds else _NAN
 
 
+def combined(parts: Sequence[Sample]) -> Sample:
+    """One measured run made of several wrk runs (slices): requests, seconds, errors and CPU
+    seconds added up, and the latency percentiles of all their requests together (from their
+    histograms; the median of the parts' own when a part has none)."""
+    if len(parts) == 1:
+        return parts[0]
+    errors: Counter[str] = Counter()
+    cpu: Counter[str] = Counter()
+    for part in parts:
+        errors.update(part.errors)
+        cpu.update(part.cpu)
+    shared = set.intersection(*(set(part.cpu) for part in parts))  # measured in every slice
+    if all(part.histogram for part in parts):
+        histogram = latency.added(part.histogram for part in parts)
+        p50 = latency.percentile(histogram, 50) / 1000
+        p99 = latency.percentile(histogram, 99) / 1000
+        top = latency.maximum(histogram) / 1000
+    else:
+        histogram = {}
+        p50, p99 = _median(p.p50_ms for p in parts), _median(p.p99_ms for p in parts)
+        top = max(p.max_ms for p in parts)
+    return Sample(
+        requests=sum(p.requests for p in parts),
+        seconds=sum(p.seconds for p in parts),
+        errors=dict(errors),
+        p50_ms=p50,
+        p99_ms=p99,
+        cpu={k: v for k, v in cpu.items() if k in shared},
+        max_ms=top,
+        histogram=histogram,
+    )
+
+
 def _cpu_snapshot(fleet: Fleet) -> dict[str, float | None]:
     snap: dict[str, float | None] = {s.name: s.cpu_seconds() for s in fleet.servers}
     snap["wrk"] = _children_cpu_seconds()
-    snap["machine"] = _machine_busy_seconds()
+    ticks = _machine_ticks()
+    snap["machine"] = _machine_busy_seconds(ticks)
+    snap["steal"] = _stolen_seconds(ticks)
     return snap
 
 
@@ -757,9 +802,11 @@ def _cpu_deltas(before: dict[str, float | None], after: dict[str, float | None],
     if target.redis is not None and target.redis.name in delta:
         out["redis"] = delta[target.redis.name]
     if "machine" in delta:
-        # Everything not ours (idle servers of other targets count as ours).
-        ours = sum(v for k, v in delta.items() if k != "machine")
+        # Everything not ours (idle servers of other targets count as ours; so does the steal).
+        ours = sum(v for k, v in delta.items() if k not in ("machine", "steal"))
         out["other"] = max(0.0, delta["machine"] - ours)
+    if "steal" in delta:
+        out["steal"] = delta["steal"]
     return out
 
 
@@ -769,6 +816,17 @@ def parse_wrk(stdout: str, stderr: str) -> dict[str, float]:
             parsed: dict[str, float] = json.loads(line[len(_RESULT_MARK) :])
             return parsed
     raise BenchError(f"wrk printed no result line:\n{stdout[-1500:]}\n{stderr[-1500:]}")
+
+
+def parse_latency(stdout: str) -> dict[int, int]:
+    """The run's latency histogram (bench/chat.lua's `BENCH-LATENCY` line); empty without one."""
+    for line in stdout.splitlines():
+        if line.startswith(latency.MARK):
+            try:
+                return latency.parse(line)
+            except ValueError as exc:
+                raise BenchError(f"wrk printed a malformed latency line: {exc}") from None
+    return {}
 
 
 def wrk_command(wrk: str, target: Target, mode: str, seconds: int, threads: int,
@@ -819,7 +877,8 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
         if direct:
             pin(target.mock.proc.pid, cores.load)
     fleet.check_alive()
-    result = parse_wrk(out.decode(errors="replace"), err.decode(errors="replace"))
+    text = out.decode(errors="replace")
+    result = parse_wrk(text, err.decode(errors="replace"))
     return Sample(
         requests=int(result["requests"]),
         seconds=result["duration_us"] / 1e6,
@@ -828,6 +887,7 @@ def run_wrk(wrk: str, fleet: Fleet, target: Target, mode: str, seconds: int,
         p99_ms=result["p99_us"] / 1000,
         cpu=_cpu_deltas(before, after, target),
         max_ms=result.get("max_us", _NAN) / 1000,
+        histogram=parse_latency(text),
     )
 
 
@@ -851,6 +911,28 @@ def _rotated(names: Sequence[str], i: int) -> list[str]:
     return [*names[k:], *names[:k]]
 
 
+def slice_orders(names: Sequence[str], slices: int, start: int = 0) -> list[list[str]]:
+    """The order of the targets in each slice of a round: `names` rotated by `start`, then
+    reversed every other slice (A B, B A, A B, ...), so that a drift of the machine's speed
+    over the round falls on every target about alike."""
+    order = _rotated(names, start)
+    return [order if k % 2 == 0 else order[::-1] for k in range(slices)]
+
+
+def run_sliced(wrk: str, fleet: Fleet, targets: dict[str, Target], names: Sequence[str],
+               mode: str, settings: Settings, cores: Cores, start: int,
+               pace: Pace | None = None) -> dict[str, Sample]:  # fmt: skip
+    """One measured run of each of `names`: `settings.slice_count` wrk runs of
+    `settings.slice_seconds` each, the targets alternating (`slice_orders`), added up."""
+    parts: dict[str, list[Sample]] = {name: [] for name in names}
+    for order in slice_orders(names, settings.slice_count, start):
+        for name in order:
+            part = run_wrk(wrk, fleet, targets[name], mode, settings.slice_seconds, settings,
+                           cores, pace)  # fmt: skip
+            parts[name].append(part)
+    return {name: combined(ss) for name, ss in parts.items()}
+
+
 def measure(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settings,
             cores: Cores) -> Results:  # fmt: skip
     results = Results()
@@ -864,8 +946,9 @@ def measure(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settin
         results.loads.append(load)
         print(f"round {i + 1}/{settings.rounds} (load average {load})", file=sys.stderr, flush=True)
         for mode in settings.modes:
+            runs = run_sliced(wrk, fleet, targets, settings.targets, mode, settings, cores, i)
             for name in _rotated(settings.targets, i):
-                s = run_wrk(wrk, fleet, targets[name], mode, settings.duration, settings, cores)
+                s = runs[name]
                 results.samples.setdefault((mode, name), []).append(s)
                 results.completed[name] += s.requests
                 proxy = "proxy" if targets[name].proxy is not None else "mock"
@@ -891,35 +974,24 @@ def fixed_rate_plan(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...
 def measure_fixed_rate(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settings,
                        cores: Cores, results: Results) -> None:  # fmt: skip
     """Offer each target `settings.rate` req/s for `settings.duration` seconds, in
-    `settings.rate_rounds` rounds whose target order alternates: a p99 is one slow moment
-    away from another, so no single run is the answer. wrk's pacing is calibrated on each
-    target and mode in the first round and kept."""
+    `settings.rate_rounds` rounds, each round's run cut into slices that alternate between
+    the targets (`run_sliced`): a p99 is one slow moment away from another, so no single run
+    is the answer, and a slow moment should fall on both targets."""
     modes, names = fixed_rate_plan(settings)
-    paces: dict[tuple[str, str], Pace] = {}
+    if not names:
+        return
+    pace = Pace.start(settings.rate, settings.threads)
     for r in range(settings.rate_rounds):
         for mode in modes:
-            for name in names if r % 2 == 0 else names[::-1]:
-                target = targets[name]
-
-                def trial(p: Pace, target: Target = target, mode: str = mode) -> float:
-                    s = run_wrk(wrk, fleet, target, mode, CALIBRATION_SECONDS, settings, cores, p)
-                    results.completed[target.name] += s.requests
-                    return s.rps
-
-                paced = paces.get((mode, name))
-                note = ""
-                if paced is None:
-                    start = Pace.start(settings.rate, settings.threads)
-                    paced, rates = calibrate(trial, start, settings.calibrations)
-                    paces[(mode, name)] = paced
-                    note = f"calibration {', '.join(f'{x:.0f}' for x in rates)}; "
-                s = run_wrk(wrk, fleet, target, mode, settings.duration, settings, cores, paced)
+            runs = run_sliced(wrk, fleet, targets, names, mode, settings, cores, r, pace)
+            for name in names:
+                s = runs[name]
                 results.completed[name] += s.requests
-                results.fixed.setdefault((mode, name), []).append((paced, s))
-                print(f"  fixed {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>6.0f} req/s ({note}delay "
-                      f"{paced.delay_ms:.2f} ms)  p99 {s.p99_ms:.2f} ms  round "
-                      f"{r + 1}/{settings.rate_rounds}" + (f"  errors {s.errors}" if s.errors else ""),
-                      file=sys.stderr, flush=True)  # fmt: skip
+                results.fixed.setdefault((mode, name), []).append((pace, s))
+                print(f"  fixed {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>6.0f} req/s  p99 "
+                      f"{s.p99_ms:.2f} ms  round {r + 1}/{settings.rate_rounds}"
+                      + (f"  errors {s.errors}" if s.errors else ""), file=sys.stderr,
+                      flush=True)  # fmt: skip
 
 
 def memory_targets(targets: dict[str, Target]) -> list[tuple[Target, Server]]:
@@ -1083,16 +1155,16 @@ def fixed_rate_lines(results: Results, settings: Settings) -> list[str]:
     if not runs:
         return []
     rounds = max(len(rs) for _, _, rs in runs)
-    lines = [describe(runs[0][2][0][0], settings.duration, settings.calibrations, rounds),
+    lines = [describe(runs[0][2][0][0], settings.duration, rounds, settings.slice_count),
              f"{'mode':<{_MODE_WIDTH}}{'target':<15}{'req/s':>7}{'off by':>8}{'p50 ms':>8}"
-             f"{'p99 ms':>8}{'max ms':>8}  │ proxy CPU ms/req  % of a core  │ delay ms"
+             f"{'p99 ms':>8}{'max ms':>8}  │ proxy CPU ms/req  % of a core  stolen"
              + ("  │ p99 ms by round" if rounds > 1 else "")]  # fmt: skip
     for mode, name, rs in runs:
         paced, s = _median_run(rs)
         line = (f"{mode:<{_MODE_WIDTH}}{name:<15}{s.rps:>7.0f}{paced.off_by(s.rps):>+8.1%}"
                 f"{s.p50_ms:>8.2f}{s.p99_ms:>8.2f}{s.max_ms:>8.2f}  │ "
                 f"{_num(s.ms_per_request('proxy'), 16)}{_num(s.core_percent('proxy'), 13, '.0f')}"
-                f"  │ {paced.delay_ms:>8.2f}")  # fmt: skip
+                f"{_num(s.core_percent('steal'), 8, '.1f')}")
         if rounds > 1:
             line += "  │ " + " ".join(f"{r.p99_ms:.2f}" for _, r in rs)
         lines.append(line)
@@ -1221,9 +1293,12 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
     started = time.monotonic()
     nofile = memory.raise_nofile()  # before any server starts: they inherit it
     streams = memory.stream_cap(settings.streams, nofile)
+    sliced = (f" in {settings.slice_count} slices of {settings.slice_seconds} s alternating "
+              "between the targets" if settings.slice_count > 1 else "")  # fmt: skip
     print(f"# {os.cpu_count()} CPUs, load average {_load_average()}; wrk -t{settings.threads} "
           f"-c{settings.connections}, {settings.rounds} round(s) of {settings.duration:g} s per "
-          f"target and mode after {settings.warmup:g} s warm-up; {cores.describe()}")  # fmt: skip
+          f"target and mode{sliced} after {settings.warmup:g} s warm-up; "
+          f"{cores.describe()}")  # fmt: skip
     print(f"# {settings.features()}")
     if streams < settings.streams:
         print(f"# open-files limit {nofile}: {streams} streams held open instead of "
@@ -1331,14 +1406,20 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     p.add_argument("--streams", type=int, default=memory.DEFAULT_STREAMS, metavar="N",
                    help="memory: N streams held open through each proxy at once; 0 skips them "
                         f"(the idle RSS is still shown) ({memory.DEFAULT_STREAMS})")  # fmt: skip
+    p.add_argument("--slices", type=int, default=0, metavar="N",
+                   help="cut each target's --duration into N wrk runs that alternate between "
+                        "the targets; N must divide --duration; 1: one run per target, back to "
+                        "back (default: one slice a second)")  # fmt: skip
     p.add_argument("--quick", action="store_true",
-                   help="a smoke run: 1 round of 2 s after 1 s warm-up, 1 calibration per "
-                        "fixed-rate run, streams held 1 s (about 50 s)")  # fmt: skip
+                   help="a smoke run: 1 round of 2 s after 1 s warm-up, one fixed-rate round, "
+                        "streams held 1 s (about 40 s)")  # fmt: skip
     a = p.parse_args(argv)
     if a.quick:
         a.duration, a.warmup, a.rounds, a.rate_rounds = 2, 1, 1, 1
     if a.duration < 1 or a.warmup < 0 or a.connections < 1 or a.rounds < 1 or a.threads < 1:
         p.error("--duration at least 1; --rounds, --connections and --threads at least 1")
+    if a.slices < 0 or (a.slices and a.duration % a.slices):
+        p.error("--slices must divide --duration (wrk runs whole seconds)")
     if a.threads > a.connections:
         p.error("--threads must not exceed --connections")
     if a.rate_rounds < 1:
@@ -1348,7 +1429,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
     settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode,
                         shared_state=a.shared_state, limits=a.limits, tracing=a.tracing,
                         rate=a.rate, rate_rounds=a.rate_rounds,
-                        streams=a.streams, quick=a.quick)  # fmt: skip
+                        streams=a.streams, quick=a.quick, slices=a.slices)  # fmt: skip
     return settings, a.tree, Cores.choose(a.pin)
 
 

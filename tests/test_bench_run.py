@@ -1,6 +1,7 @@
 """bench/run.py's pure helpers: --mode parsing, what each target is sent, the sidecar's files
-with --shared-state, --limits and --tracing, the fixed-rate run's pacing and report (bench/pace.py) and
-the memory report (bench/memory.py); no wrk. One in-process mock holds a few streams open
+with --shared-state, --limits and --tracing, slices and their latency histograms
+(bench/latency.py), the fixed-rate run's pacing and report (bench/pace.py) and the memory
+report (bench/memory.py); no wrk. One in-process mock holds a few streams open
 through bench/memory.py's raw client."""
 
 from __future__ import annotations
@@ -8,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -19,8 +21,8 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench import memory, run
-from bench.pace import Pace, added_p99_line, calibrate
+from bench import latency, memory, run
+from bench.pace import Pace, added_p99_line
 from sidecar.cli import main as cli_main
 from sidecar.config import parse_config_text
 from sidecar.mock_provider import create_app
@@ -248,68 +250,148 @@ def test_redis_info_replies_are_read_into_calls_per_command() -> None:
     assert run._redis_address("redis://127.0.0.1:6399/0") == ("127.0.0.1", 6399)
 
 
+# --------------------------------------------------------------------------- slices and latency
+
+
+def test_wrk_latency_lines_are_read_and_garbage_is_refused() -> None:
+    assert latency.parse("BENCH-LATENCY 812:3 815:1 812:2") == {812: 5, 815: 1}
+    assert latency.parse("BENCH-LATENCY ") == {}
+    for bad in ("BENCH-LATENCY 812", "BENCH-LATENCY a:1", "BENCH-LATENCY 1:-2", "1:2:3"):
+        with pytest.raises(ValueError, match="pair"):
+            latency.parse(bad)
+    stdout = 'Running 1s test\nBENCH-RESULT {"requests": 3}\nBENCH-LATENCY 900:2 1200:1\n'
+    assert run.parse_latency(stdout) == {900: 2, 1200: 1}
+    assert run.parse_latency("BENCH-RESULT {}\n") == {}  # none: the parts' own percentiles count
+    with pytest.raises(run.BenchError, match="malformed latency"):
+        run.parse_latency("BENCH-LATENCY 900:x\n")
+
+
+def test_percentiles_follow_wrks_own_rule() -> None:
+    # wrk: the smallest latency whose requests, with all faster ones, reach round(p% of n + 0.5)
+    hundred = {v: 1 for v in range(1, 101)}
+    assert latency.percentile(hundred, 50) == 51.0
+    assert latency.percentile(hundred, 99) == 100.0
+    assert latency.percentile(hundred, 100) == 100.0
+    tail = {1000: 98, 5000: 1, 9000: 1}
+    assert latency.percentile(tail, 50) == 1000.0
+    assert latency.percentile(tail, 97) == 1000.0  # rank round(97.5) = 98
+    assert latency.percentile(tail, 98) == 5000.0  # rank round(98.5) = 99 (C rounds halves up)
+    assert latency.percentile(tail, 99) == 9000.0  # rank round(99.5) = 100: the slowest one
+    assert latency.maximum(tail) == 9000.0
+    assert latency.percentile({}, 99) != latency.percentile({}, 99)  # NaN
+    assert latency.added([{1: 2, 3: 1}, {3: 4}, {}]) == {1: 2, 3: 5}
+
+
+def _part(requests: int, histogram: dict[int, int], **cpu: float) -> run.Sample:
+    p99 = latency.percentile(histogram, 99) / 1000 if histogram else 1.0
+    return run.Sample(requests=requests, seconds=1.0, errors={}, p50_ms=0.5, p99_ms=p99,
+                      cpu=cpu, max_ms=p99, histogram=histogram)  # fmt: skip
+
+
+def test_slices_add_up_to_one_run_with_the_percentiles_of_all_its_requests() -> None:
+    slow = _part(100, {1000: 99, 20000: 1}, proxy=0.05, wrk=0.01, other=0.02)
+    fast = _part(100, {1000: 100}, proxy=0.03, wrk=0.01)
+    assert (slow.p99_ms, fast.p99_ms) == (20.0, 1.0)
+    both = run.combined([slow, dataclasses.replace(fast, errors={"status": 2})])
+    assert (both.requests, both.seconds, both.errors) == (200, 2.0, {"status": 2})
+    assert both.cpu == pytest.approx({"proxy": 0.08, "wrk": 0.02})  # `other`: not in every slice
+    assert both.ms_per_request("proxy") == pytest.approx(0.4)
+    # 200 requests, one of them slow: the p99 is 1 ms, not the median of 20 and 1 (10.5)
+    assert (both.p50_ms, both.p99_ms, both.max_ms) == (1.0, 1.0, 20.0)
+    assert run.combined([slow]) is slow
+    # A part without a histogram: the median of the parts' own percentiles, the largest max.
+    bare = run.combined([slow, dataclasses.replace(fast, histogram={})])
+    assert (bare.p99_ms, bare.max_ms, bare.histogram) == (10.5, 20.0, {})
+
+
+def test_a_runs_cpu_is_split_into_the_targets_the_rest_and_the_hosts_steal() -> None:
+    mock = run.Server("mock", None, Path("m"), "")  # type: ignore[arg-type]
+    proxy = run.Server("sidecar", None, Path("s"), "")  # type: ignore[arg-type]
+    target = run.Target("sidecar", "u", "t", mock=mock, proxy=proxy)
+    before = {"mock": 1.0, "sidecar": 2.0, "wrk": 0.5, "machine": 10.0, "steal": 3.0}
+    after = {"mock": 1.4, "sidecar": 2.9, "wrk": 0.6, "machine": 11.8, "steal": 3.25}
+    cpu = run._cpu_deltas(before, after, target)  # type: ignore[arg-type]
+    # other: the machine's busy time (the steal inside it) less ours: 1.8 - 1.4
+    assert cpu == pytest.approx({"wrk": 0.1, "mock": 0.4, "proxy": 0.9, "other": 0.4, "steal": 0.25})
+    assert run._stolen_seconds([1, 2, 3, 4, 5, 6, 7, 250]) == 250 / run._CLK_TCK
+    assert run._stolen_seconds([1, 2, 3, 4]) is None  # a kernel without the column
+    assert run._machine_busy_seconds(None) is None
+
+
+def test_the_targets_alternate_from_slice_to_slice() -> None:
+    orders = run.slice_orders(["direct", "pass-through", "sidecar"], 4, start=1)
+    assert orders == [["pass-through", "sidecar", "direct"], ["direct", "sidecar", "pass-through"],
+                      ["pass-through", "sidecar", "direct"], ["direct", "sidecar", "pass-through"]]  # fmt: skip
+    assert run.slice_orders(["a", "b"], 1) == [["a", "b"]]
+
+
+def test_a_sliced_run_loads_each_target_in_turn_and_adds_its_slices(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    settings = run.parse_args(["--duration", "6", "--slices", "3"])[0]
+    assert (settings.slice_count, settings.slice_seconds) == (3, 2)
+    calls: list[tuple[str, int]] = []
+
+    def fake_wrk(wrk: str, fleet: object, target: run.Target, mode: str, seconds: int,
+                 settings: object, cores: object, pace: object = None) -> run.Sample:  # fmt: skip
+        calls.append((target.name, seconds))
+        return _part(10 * len(calls), {len(calls) * 100: 10 * len(calls)}, proxy=0.001 * len(calls))
+
+    monkeypatch.setattr(run, "run_wrk", fake_wrk)
+    targets = {n: run.Target(n, "u", "t", mock=None) for n in ("pass-through", "sidecar")}  # type: ignore[arg-type]
+    out = run.run_sliced("wrk", None, targets, ["pass-through", "sidecar"], "json", settings,  # type: ignore[arg-type]
+                         None, 0)  # type: ignore[arg-type]  # fmt: skip
+    assert calls == [("pass-through", 2), ("sidecar", 2), ("sidecar", 2), ("pass-through", 2),
+                     ("pass-through", 2), ("sidecar", 2)]  # fmt: skip
+    pt, sc = out["pass-through"], out["sidecar"]
+    assert (pt.requests, sc.requests) == (10 + 40 + 50, 20 + 30 + 60)
+    assert pt.cpu["proxy"] == pytest.approx(0.001 * (1 + 4 + 5))
+    assert pt.histogram == {100: 10, 400: 40, 500: 50}
+    assert pt.seconds == 3.0
+
+
+@pytest.mark.parametrize("argv", [["--duration", "5", "--slices", "2"], ["--slices", "-1"]])
+def test_slices_must_cut_the_duration_into_whole_seconds(argv: list[str]) -> None:
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        run.parse_args(argv)
+
+
+def test_by_default_a_run_is_cut_into_slices_of_one_second() -> None:
+    default = run.parse_args([])[0]
+    assert (default.duration, default.slice_count, default.slice_seconds) == (5, 5, 1)
+    whole = run.parse_args(["--slices", "1"])[0]
+    assert (whole.slice_count, whole.slice_seconds) == (1, 5)
+
+
 # --------------------------------------------------------------------------- the fixed-rate run
 
 
-def test_a_fixed_rate_starts_with_one_request_per_50_ms_per_connection() -> None:
+def test_a_fixed_rate_has_connections_for_one_request_per_50_ms_each() -> None:
     p = Pace.start(1000, 2)
-    assert (p.connections, p.threads, p.interval_ms) == (50, 2, 50.0)
-    assert p.delay_ms == 49.0  # the interval less a guessed 1 ms answer
+    assert (p.connections, p.threads) == (50, 2)
+    assert p.interval_ms == 2.0  # each wrk thread sends one request every 2 ms: 1,000 req/s
     odd = Pace.start(700, 4)
     assert odd.connections % 4 == 0  # wrk gives each thread connections ÷ threads
-    assert odd.interval_ms == pytest.approx(odd.connections * 1000 / 700)
+    assert odd.interval_ms == pytest.approx(4000 / 700)
     assert Pace.start(10, 2).connections == 2  # never fewer than one per thread
     with pytest.raises(ValueError, match="rate > 0"):
         Pace.start(0, 2)
-
-
-def _closed_loop(rest_ms: float) -> Callable[[Pace], float]:
-    """A target whose answers and wrk's timer take `rest_ms` of every cycle: the rate it gives."""
-    return lambda p: p.connections * 1000 / (p.delay_ms + rest_ms)
-
-
-def test_one_calibration_finds_the_delay_of_a_steady_target() -> None:
-    start = Pace.start(1000, 2)
-    achieved = _closed_loop(3.5)(start)
-    assert not start.on_target(achieved)  # 49 + 3.5 ms per cycle: 952 req/s, 4.8% short
-    fixed = start.adjusted(achieved)
-    assert fixed.delay_ms == pytest.approx(46.5)
-    assert _closed_loop(3.5)(fixed) == pytest.approx(1000)
-    assert fixed.off_by(980) == pytest.approx(-0.02)
-    assert fixed.on_target(1015)
-    assert not fixed.on_target(1025)
-
-
-def test_an_unreachable_rate_calibrates_to_no_delay_at_all() -> None:
-    start = Pace.start(1000, 2)
-    assert start.adjusted(400).delay_ms == 0.0  # 125 ms a cycle without waiting: flat out
-    assert start.adjusted(0).delay_ms == start.delay_ms  # nothing completed: nothing learnt
-
-
-def test_calibration_stops_once_on_target_and_runs_at_most_as_often_as_allowed() -> None:
-    trials: list[float] = []
-
-    def trial(p: Pace) -> float:
-        trials.append(p.delay_ms)
-        return _closed_loop(3.0)(p)  # 961 req/s at first: 3.9% short
-
-    paced, rates = calibrate(trial, Pace.start(1000, 2), runs=3)
-    assert len(trials) == 2  # the first missed, the second hit
-    assert rates[1] == pytest.approx(1000)
-    assert paced.delay_ms == pytest.approx(47.0)
-    trials.clear()
-    once, rates = calibrate(trial, Pace.start(1000, 2), runs=1)
-    assert len(trials) == len(rates) == 1
-    assert once.delay_ms == pytest.approx(47.0)  # adjusted after the last run, unverified
+    assert p.off_by(980) == pytest.approx(-0.02)
+    assert p.on_target(1049)
+    assert not p.on_target(1051)
+    assert not p.on_target(949)
 
 
 def test_the_pace_reaches_chat_lua_in_its_environment() -> None:
-    env = Pace(1000, 50, 2, 46.25).env()
-    assert env == {"BENCH_DELAY_MS": "46.2500", "BENCH_INTERVAL_MS": "50.0000",
-                   "BENCH_CONNECTIONS": "50", "BENCH_THREADS": "2"}  # fmt: skip
+    env = Pace(1000, 50, 2).env()
+    assert env == {"BENCH_RATE": "1000", "BENCH_THREADS": "2"}
+    assert Pace(250.5, 12, 3).env()["BENCH_RATE"] == "250.5"
     lua = run.LUA.read_text()
     assert all(f'os.getenv("{name}")' in lua for name in env)
     assert "function delay()" in lua
+    assert "BENCH_DELAY_MS" not in lua  # no calibrated delay any more: a timetable
+    assert 'io.write("BENCH-LATENCY "' in lua
+    assert latency.MARK == "BENCH-LATENCY "
 
 
 def test_the_added_p99_line_names_the_rate_and_never_judges() -> None:
@@ -328,18 +410,23 @@ def _sample(rps: float, p99_ms: float, errors: dict[str, int] | None = None) -> 
     return run.Sample(requests=int(rps * 5), seconds=5.0, errors=errors or {}, p50_ms=p99_ms / 2,
                       p99_ms=p99_ms, cpu={"proxy": rps * 5 * 0.0002}, max_ms=p99_ms * 2)  # fmt: skip
 
+PACE = Pace(1000, 50, 2)
+
 
 def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() -> None:
-    settings = run.parse_args(["--duration", "5"])[0]
+    settings = run.parse_args(["--duration", "5", "--slices", "1"])[0]
     results = run.Results()
-    pace = Pace(1000, 50, 2, 48.0)
+    pace = PACE
     results.fixed = {("json", "pass-through"): [(pace, _sample(998, 1.5))],
                      ("json", "sidecar"): [(pace, _sample(1004, 2.0))],
                      ("stream", "pass-through"): [(pace, _sample(1000, 3.0))],
                      ("stream", "sidecar"): [(pace, _sample(900, 9.0))]}  # fmt: skip
     text = "\n".join(run.fixed_rate_lines(results, settings))
     assert text.startswith("FIXED RATE 1000 req/s offered to each target, one run of 5 s")
-    assert "50 connections" in text
+    assert "50 connections on 2 wrk threads, each thread sending one request every 2 ms" in text
+    assert "% of a core  stolen" in text  # the host's steal during each run, beside the proxy's CPU
+    assert "slices" not in text.splitlines()[0]
+    assert "delay" not in text
     assert f"json    added p99 at 1000 req/s: sidecar {MINUS} pass-through = 0.50 ms" in text
     assert f"stream  added p99 at 1000 req/s: sidecar {MINUS} pass-through = 6.00 ms" in text
     assert "-10.0%" in text  # the stream sidecar's achieved rate, off by
@@ -350,15 +437,16 @@ def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() ->
 
 def test_fixed_rate_rounds_report_the_median_run_and_the_median_difference() -> None:
     settings = run.parse_args(["--duration", "5"])[0]
-    assert settings.rate_rounds == 3
+    assert settings.rate_rounds == 5
     results = run.Results()
-    pace = Pace(1000, 50, 2, 48.0)
+    pace = PACE
     results.fixed = {
         ("json", "pass-through"): [(pace, _sample(1000, p)) for p in (2.0, 9.0, 3.0)],
         ("json", "sidecar"): [(pace, _sample(1000, p)) for p in (2.5, 4.0, 13.0)],
     }
     text = "\n".join(run.fixed_rate_lines(results, settings))
-    assert "3 rounds of one 5 s run per target" in text
+    assert "3 rounds of 5 s in 5 slices per target, the p99 of each round's requests" in text
+    assert "the targets' slices alternate" in text
     # Each row is the run with the median p99, every round's p99 beside it.
     rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("json ")}
     assert rows["pass-through"].split()[5] == "3.00"
@@ -381,8 +469,7 @@ def test_the_fixed_rate_run_covers_json_and_stream_of_the_proxies_asked_for() ->
 
 def test_errors_at_the_fixed_rate_fail_the_run_like_any_other() -> None:
     results = run.Results()
-    results.fixed[("json", "sidecar")] = [(Pace(1000, 50, 2, 48.0),
-                                           _sample(1000, 2.0, {"status": 400}))]  # fmt: skip
+    results.fixed[("json", "sidecar")] = [(PACE, _sample(1000, 2.0, {"status": 400}))]
     assert run.failures(results) == [
         "sidecar json at a fixed rate: 8.0% of requests failed: {'status': 400}"
     ]
@@ -396,8 +483,8 @@ def test_negative_rates_and_stream_counts_are_refused(argv: list[str]) -> None:
 
 def test_quick_keeps_the_new_parts_short() -> None:
     quick, full = run.parse_args(["--quick"])[0], run.parse_args([])[0]
-    assert (quick.calibrations, quick.hold_seconds) == (1, 1.0)
-    assert (full.calibrations, full.hold_seconds) == (2, 2.0)
+    assert (quick.rate_rounds, quick.hold_seconds, quick.slice_count) == (1, 1.0, 2)
+    assert (full.rate_rounds, full.hold_seconds, full.slice_count) == (5, 2.0, 5)
     assert (full.rate, full.streams) == (1000, 1000)
     assert run.parse_args(["--streams", "0"])[0].streams == 0
 
