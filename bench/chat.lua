@@ -9,10 +9,11 @@
 -- `delay()` and wrk runs flat out:
 -- BENCH_RATE     the requests per second to send, all of wrk's threads together
 -- BENCH_THREADS  wrk -t: each thread sends BENCH_RATE / BENCH_THREADS of them
--- Each thread keeps a timetable, one request every `threads * 1000 / rate` ms (the threads
--- offset from each other by a share of that), read on the monotonic clock (LuaJIT's ffi:
--- `clock_gettime`). Before each request wrk asks `delay()`, which books the thread's next
--- free time and waits for it. So the rate is the one asked for whatever the answers take,
+-- Each thread keeps a timetable, one request every `threads * 1000 / rate` ms, read on the
+-- monotonic clock (LuaJIT's ffi: `clock_gettime`); the timetables start from one moment,
+-- offset from each other by a share of that step, so that the threads' requests interleave.
+-- Before each request wrk asks `delay()`, which books the thread's next free time and waits
+-- for it. So the rate is the one asked for whatever the answers take,
 -- as long as a connection is free when a request is due and the server keeps up.
 --
 -- The path comes from the URL on wrk's command line. No `response()` hook: defining one
@@ -51,10 +52,15 @@ if rate and rate > 0 then
   local threads = tonumber(os.getenv("BENCH_THREADS") or "") or 1
   local every = threads * 1000 / rate -- ms between two requests of one thread
   local numbered = 0
+  local start = nil
 
-  -- Runs in the main state, once per thread: `thread_id` becomes a global of that thread's state.
+  -- Runs in the main state, once per thread before it starts: `thread_id` and `epoch` become
+  -- globals of that thread's state. `epoch`: one moment for all, a little ahead (the threads
+  -- still have to start and connect; a thread later than that catches up at once).
   function setup(thread)
+    start = start or now_ms() + 5
     thread:set("thread_id", numbered)
+    thread:set("epoch", start)
     numbered = numbered + 1
   end
 
@@ -62,7 +68,7 @@ if rate and rate > 0 then
   function delay()
     local now = now_ms()
     if due == nil then -- the thread's first request: the threads' timetables interleave
-      due = now + (thread_id or 0) * every / threads
+      due = (epoch or now) + (thread_id or 0) * every / threads
     end
     local wait = due - now
     due = due + every -- booked: a request that is late (the server stalled) goes at once

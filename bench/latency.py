@@ -41,9 +41,10 @@ def added(histograms: Iterable[Histogram]) -> dict[int, int]:
 
 
 def percentile(histogram: Histogram, p: float) -> float:
-    """The `p`-th percentile in µs, by wrk's own rule (`stats_percentile`): the smallest
-    latency whose requests, with all faster ones, reach the rank `round(p% of n + 0.5)`.
-    NaN for an empty histogram."""
+    """The `p`-th percentile in µs (0 < p < 100), by wrk's own rule (`stats_percentile`): the
+    smallest latency whose requests, with all faster ones, reach the rank
+    `round(p% of n + 0.5)`. NaN for an empty histogram; the largest latency for p = 100
+    (where wrk's rank is out of reach and it answers 0)."""
     n = sum(histogram.values())
     if n <= 0:
         return math.nan

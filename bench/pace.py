@@ -26,7 +26,7 @@ from typing import Final
 
 DEFAULT_RATE: Final = 1000  # req/s offered to each target in the fixed-rate run
 DEFAULT_RATE_ROUNDS: Final = 5  # fixed-rate rounds per target and mode (the median p99 counts)
-INTERVAL_MS: Final = 50.0  # connections: enough for one request per 50 ms each at the rate
+PER_CONNECTION_MS: Final = 50.0  # connections: enough for one request per 50 ms each
 OFF_TARGET: Final = 0.05  # a run further than 5% from the target rate did not run at that rate
 ADDED_P99_GOAL_MS: Final = 2.0  # issue 14: sidecar p99 minus pass-through p99 at 1,000 req/s
 _MINUS: Final = "\u2212"  # the report's minus sign, as in `sidecar − pass-through`  # noqa: RUF003
@@ -42,15 +42,15 @@ class Pace:
 
     @classmethod
     def start(cls, rate: float, threads: int) -> Pace:
-        """Connections for about one request per `INTERVAL_MS` each."""
+        """Connections for about one request per `PER_CONNECTION_MS` each."""
         if rate <= 0 or threads < 1:
             raise ValueError("a fixed rate needs rate > 0 and at least one thread")
-        per_thread = max(1, round(rate * INTERVAL_MS / 1000 / threads))
+        per_thread = max(1, round(rate * PER_CONNECTION_MS / 1000 / threads))
         return cls(rate, per_thread * threads, threads)
 
     @property
-    def interval_ms(self) -> float:
-        """The time between two requests of one wrk thread."""
+    def every_ms(self) -> float:
+        """The time between two requests of one wrk thread (its timetable's step)."""
         return self.threads * 1000 / self.rate
 
     def off_by(self, achieved: float) -> float:
@@ -65,18 +65,14 @@ class Pace:
         return {"BENCH_RATE": f"{self.rate:g}", "BENCH_THREADS": str(self.threads)}
 
 
-def describe(pace: Pace, seconds: int, rounds: int = 1, slices: int = 1) -> str:
+def describe(pace: Pace, seconds: int, rounds: int = 1) -> str:
     """The fixed-rate section's title."""
-    run = f"{seconds} s" if slices == 1 else f"{seconds} s in {slices} slices"
-    each = (f"one run of {run}" if rounds == 1 else
-            f"{rounds} rounds of {run} per target, the p99 of each round's requests; the round "
-            "with the median p99 shown")  # fmt: skip
-    if slices > 1:
-        each += ("; the targets' slices alternate, so a slow moment of the machine falls on "
-                 "both")  # fmt: skip
+    each = (f"one run of {seconds} s" if rounds == 1 else
+            f"{rounds} rounds of one {seconds} s run per target (the order alternating), the "
+            "run with the median p99 shown")  # fmt: skip
     return (f"FIXED RATE {pace.rate:g} req/s offered to each target, {each} (a timetable, "
             f"not wrk2's open loop: {pace.connections} connections on {pace.threads} wrk "
-            f"threads, each thread sending one request every {pace.interval_ms:g} ms)")
+            f"threads, each thread sending one request every {pace.every_ms:g} ms)")  # fmt: skip
 
 
 def added_p99_line(mode: str, sidecar: str, rate: float, added_ms: float, *,

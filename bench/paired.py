@@ -1,8 +1,8 @@
 """CPU time per request of two proxies loaded at the same moment: a ratio without the host's drift.
 
-`make bench` loads one proxy, then the other, a few seconds apart. On a shared virtual
-machine the host's speed moves from one second to the next, so the two runs of a round
-often see different machines and the round's ratio moves by ±20%. Here two proxies are
+`make bench` loads one proxy, then the other, taking turns second by second. On a shared
+virtual machine the host's speed moves from one second to the next, so the two proxies'
+seconds still see different machines and a round's ratio moves by several percent. Here two proxies are
 loaded at once, by one wrk each, for `--seconds`, both on the same core (the mocks and the
 wrks on the other), so whatever the host does in that moment it does to both. Each round
 gives each one's CPU ms per completed request (user + system time from /proc/<pid>/stat, as

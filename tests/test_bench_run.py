@@ -261,7 +261,8 @@ def test_wrk_latency_lines_are_read_and_garbage_is_refused() -> None:
             latency.parse(bad)
     stdout = 'Running 1s test\nBENCH-RESULT {"requests": 3}\nBENCH-LATENCY 900:2 1200:1\n'
     assert run.parse_latency(stdout) == {900: 2, 1200: 1}
-    assert run.parse_latency("BENCH-RESULT {}\n") == {}  # none: the parts' own percentiles count
+    assert run.parse_latency("BENCH-RESULT {}\nBENCH-LATENCY \n") == {}  # completed nothing
+    assert run.parse_latency("BENCH-RESULT {}\n") is None  # none: the parts' own percentiles count
     with pytest.raises(run.BenchError, match="malformed latency"):
         run.parse_latency("BENCH-LATENCY 900:x\n")
 
@@ -271,7 +272,7 @@ def test_percentiles_follow_wrks_own_rule() -> None:
     hundred = {v: 1 for v in range(1, 101)}
     assert latency.percentile(hundred, 50) == 51.0
     assert latency.percentile(hundred, 99) == 100.0
-    assert latency.percentile(hundred, 100) == 100.0
+    assert latency.percentile(hundred, 100) == 100.0  # (wrk: 0) the largest
     tail = {1000: 98, 5000: 1, 9000: 1}
     assert latency.percentile(tail, 50) == 1000.0
     assert latency.percentile(tail, 97) == 1000.0  # rank round(97.5) = 98
@@ -299,9 +300,15 @@ def test_slices_add_up_to_one_run_with_the_percentiles_of_all_its_requests() -> 
     # 200 requests, one of them slow: the p99 is 1 ms, not the median of 20 and 1 (10.5)
     assert (both.p50_ms, both.p99_ms, both.max_ms) == (1.0, 1.0, 20.0)
     assert run.combined([slow]) is slow
-    # A part without a histogram: the median of the parts' own percentiles, the largest max.
-    bare = run.combined([slow, dataclasses.replace(fast, histogram={})])
-    assert (bare.p99_ms, bare.max_ms, bare.histogram) == (10.5, 20.0, {})
+    # A slice that completed nothing (wrk says p99 0 for it) adds nothing, not a low p99.
+    stalled = run.Sample(requests=0, seconds=1.0, errors={"timeout": 3}, p50_ms=0.0, p99_ms=0.0,
+                         cpu={"proxy": 0.01}, max_ms=0.0, histogram={})  # fmt: skip
+    with_stall = run.combined([slow, stalled])
+    assert (with_stall.requests, with_stall.p99_ms, with_stall.max_ms) == (100, 20.0, 20.0)
+    assert with_stall.errors == {"timeout": 3}
+    # A part that printed no histogram: the median of the parts' own percentiles, the largest max.
+    bare = run.combined([slow, dataclasses.replace(fast, histogram=None)])
+    assert (bare.p99_ms, bare.max_ms, bare.histogram) == (10.5, 20.0, None)
 
 
 def test_a_runs_cpu_is_split_into_the_targets_the_rest_and_the_hosts_steal() -> None:
@@ -311,8 +318,8 @@ def test_a_runs_cpu_is_split_into_the_targets_the_rest_and_the_hosts_steal() -> 
     before = {"mock": 1.0, "sidecar": 2.0, "wrk": 0.5, "machine": 10.0, "steal": 3.0}
     after = {"mock": 1.4, "sidecar": 2.9, "wrk": 0.6, "machine": 11.8, "steal": 3.25}
     cpu = run._cpu_deltas(before, after, target)  # type: ignore[arg-type]
-    # other: the machine's busy time (the steal inside it) less ours: 1.8 - 1.4
-    assert cpu == pytest.approx({"wrk": 0.1, "mock": 0.4, "proxy": 0.9, "other": 0.4, "steal": 0.25})
+    # other: the machine's busy time less the host's steal (inside it) and ours: 1.8 - 0.25 - 1.4
+    assert cpu == pytest.approx({"wrk": 0.1, "mock": 0.4, "proxy": 0.9, "other": 0.15, "steal": 0.25})
     assert run._stolen_seconds([1, 2, 3, 4, 5, 6, 7, 250]) == 250 / run._CLK_TCK
     assert run._stolen_seconds([1, 2, 3, 4]) is None  # a kernel without the column
     assert run._machine_busy_seconds(None) is None
@@ -350,6 +357,36 @@ def test_a_sliced_run_loads_each_target_in_turn_and_adds_its_slices(
     assert pt.seconds == 3.0
 
 
+def test_rounds_slice_the_cpu_runs_but_not_the_fixed_rate_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = run.parse_args(["--duration", "2", "--rounds", "2", "--rate-rounds", "2",
+                               "--mode", "json", "--targets", "pass-through,sidecar"])[0]  # fmt: skip
+    calls: list[tuple[str, int, bool]] = []
+
+    def fake_wrk(wrk: str, fleet: object, target: run.Target, mode: str, seconds: int,
+                 settings: object, cores: object, pace: object = None) -> run.Sample:  # fmt: skip
+        calls.append((target.name, seconds, pace is not None))
+        return _part(100, {1000: 100}, proxy=0.02)
+
+    monkeypatch.setattr(run, "run_wrk", fake_wrk)
+    targets = {n: run.Target(n, "u", "t", mock=None, proxy=object())  # type: ignore[arg-type]
+               for n in ("pass-through", "sidecar")}  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()):
+        results = run.measure("wrk", None, targets, settings, None)  # type: ignore[arg-type]
+    warm = [("pass-through", 1, False), ("sidecar", 1, False)]
+    pt, sc = ("pass-through", 1, False), ("sidecar", 1, False)
+    assert calls == [*warm, pt, sc, sc, pt, sc, pt, pt, sc]  # round 2 starts from the sidecar
+    assert [s.requests for s in results.of("json", "sidecar")] == [200, 200]  # 2 slices a round
+    assert results.completed == {"pass-through": 500, "sidecar": 500}
+    calls.clear()
+    with contextlib.redirect_stderr(io.StringIO()):
+        run.measure_fixed_rate("wrk", None, targets, settings, None, results)  # type: ignore[arg-type]
+    # One whole run per target and round (a new run's first requests are not in its p99).
+    assert calls == [("pass-through", 2, True), ("sidecar", 2, True),
+                     ("sidecar", 2, True), ("pass-through", 2, True)]  # fmt: skip
+    assert [s.requests for _, s in results.fixed[("json", "sidecar")]] == [100, 100]
+    assert results.completed == {"pass-through": 700, "sidecar": 700}
+
+
 @pytest.mark.parametrize("argv", [["--duration", "5", "--slices", "2"], ["--slices", "-1"]])
 def test_slices_must_cut_the_duration_into_whole_seconds(argv: list[str]) -> None:
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
@@ -369,10 +406,10 @@ def test_by_default_a_run_is_cut_into_slices_of_one_second() -> None:
 def test_a_fixed_rate_has_connections_for_one_request_per_50_ms_each() -> None:
     p = Pace.start(1000, 2)
     assert (p.connections, p.threads) == (50, 2)
-    assert p.interval_ms == 2.0  # each wrk thread sends one request every 2 ms: 1,000 req/s
+    assert p.every_ms == 2.0  # each wrk thread sends one request every 2 ms: 1,000 req/s
     odd = Pace.start(700, 4)
     assert odd.connections % 4 == 0  # wrk gives each thread connections ÷ threads
-    assert odd.interval_ms == pytest.approx(4000 / 700)
+    assert odd.every_ms == pytest.approx(4000 / 700)
     assert Pace.start(10, 2).connections == 2  # never fewer than one per thread
     with pytest.raises(ValueError, match="rate > 0"):
         Pace.start(0, 2)
@@ -414,7 +451,7 @@ PACE = Pace(1000, 50, 2)
 
 
 def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() -> None:
-    settings = run.parse_args(["--duration", "5", "--slices", "1"])[0]
+    settings = run.parse_args(["--duration", "5"])[0]
     results = run.Results()
     pace = PACE
     results.fixed = {("json", "pass-through"): [(pace, _sample(998, 1.5))],
@@ -425,7 +462,7 @@ def test_the_fixed_rate_section_reports_each_run_and_the_added_p99_per_mode() ->
     assert text.startswith("FIXED RATE 1000 req/s offered to each target, one run of 5 s")
     assert "50 connections on 2 wrk threads, each thread sending one request every 2 ms" in text
     assert "% of a core  stolen" in text  # the host's steal during each run, beside the proxy's CPU
-    assert "slices" not in text.splitlines()[0]
+    assert "slices" not in text.splitlines()[0]  # fixed-rate runs are whole
     assert "delay" not in text
     assert f"json    added p99 at 1000 req/s: sidecar {MINUS} pass-through = 0.50 ms" in text
     assert f"stream  added p99 at 1000 req/s: sidecar {MINUS} pass-through = 6.00 ms" in text
@@ -445,8 +482,7 @@ def test_fixed_rate_rounds_report_the_median_run_and_the_median_difference() -> 
         ("json", "sidecar"): [(pace, _sample(1000, p)) for p in (2.5, 4.0, 13.0)],
     }
     text = "\n".join(run.fixed_rate_lines(results, settings))
-    assert "3 rounds of 5 s in 5 slices per target, the p99 of each round's requests" in text
-    assert "the targets' slices alternate" in text
+    assert "3 rounds of one 5 s run per target (the order alternating)" in text
     # Each row is the run with the median p99, every round's p99 beside it.
     rows = {line.split()[1]: line for line in text.splitlines() if line.startswith("json ")}
     assert rows["pass-through"].split()[5] == "3.00"
