@@ -34,11 +34,12 @@ is each proxy's CPU time per completed request (user + system time from
 /proc/<pid>/stat over the run, divided by wrk's completed requests) and the
 ratio sidecar ÷ pass-through of that number.
 
-Then two more parts (bench/pace.py, bench/memory.py): a fixed-rate run, in which
+Then three more parts (bench/pace.py, bench/live.py, bench/memory.py): a fixed-rate run, in which
 the pass-through and the sidecars are each offered `--rate` req/s (1,000) in json
-and stream by wrk paced with its Lua `delay()` (a timetable on the monotonic clock,
-in the same alternating slices) and the sidecar's added p99 over the pass-through is
-printed; and
+and stream by wrk paced with its Lua `delay()` (a timetable on the monotonic clock;
+one run per target and round, the order alternating) and the sidecar's added p99 over
+the pass-through is printed; live streams, each proxy's CPU per event relayed on `--live` (100) streams
+whose events arrive one at a time; and
 memory, each proxy's resident set idle, after the load, with `--streams` (1,000)
 streams held open through it by a raw asyncio client, and a few seconds after
 they were hung up on.
@@ -80,7 +81,7 @@ from pathlib import Path
 from types import FrameType
 from typing import Final
 
-from bench import latency, memory
+from bench import latency, live, memory
 from bench.pace import DEFAULT_RATE, DEFAULT_RATE_ROUNDS, OFF_TARGET, Pace, added_p99_line, describe
 
 REPO: Final = Path(__file__).resolve().parents[1]
@@ -688,6 +689,17 @@ class Settings:
     streams: int = memory.DEFAULT_STREAMS  # streams held open to measure memory; 0: none
     quick: bool = False  # a shorter hold (--quick)
     slices: int = 0  # wrk runs a measured run is cut into (0: one a second of --duration)
+    live_streams: int = live.DEFAULT_STREAMS  # live streams held through each proxy; 0: none
+
+    @property
+    def live_seconds(self) -> float:
+        """Each window in which the live streams' events and a proxy's CPU are counted."""
+        return 1.5 if self.quick else 3.0
+
+    @property
+    def live_rounds(self) -> int:
+        """Windows per proxy, the proxies taking turns."""
+        return 1 if self.quick else 2
 
     @property
     def slice_count(self) -> int:
@@ -1034,6 +1046,29 @@ def measure_memory(fleet: Fleet, targets: dict[str, Target], settings: Settings,
     return rows
 
 
+def measure_live(fleet: Fleet, targets: dict[str, Target],
+                 settings: Settings) -> list[tuple[str, live.Relayed]]:  # fmt: skip
+    """Per proxy: CPU per event relayed on `settings.live_streams` live streams (bench/live.py),
+    in `settings.live_rounds` windows, the proxies taking turns (the order alternating)."""
+    proxies = memory_targets(targets)
+    if settings.live_streams <= 0 or not proxies:
+        return []
+    runs: dict[str, list[live.Relayed]] = {t.name: [] for t, _ in proxies}
+    for r in range(settings.live_rounds):
+        for target, proxy in proxies if r % 2 == 0 else proxies[::-1]:
+            host, port = _host_port(target.url)
+            request = memory.stream_request(host, port, _PATH, target.token, live.model())
+            relayed = asyncio.run(live.relay_streams(host, port, request, settings.live_streams,
+                                                     proxy.cpu_seconds,
+                                                     seconds=settings.live_seconds))  # fmt: skip
+            fleet.check_alive()
+            runs[target.name].append(relayed)
+            print(f"  live {target.name:<14}{relayed.events_per_second:.0f} events/s  "
+                  f"{relayed.us_per_event:.1f} µs/event  {relayed.opened} of "
+                  f"{relayed.requested} open", file=sys.stderr, flush=True)  # fmt: skip
+    return [(name, live.added(rs)) for name, rs in runs.items()]
+
+
 def _host_port(url: str) -> tuple[str, int]:
     """Host and port of `http://host:port/...`."""
     host, _, port = url.removeprefix("http://").partition("/")[0].rpartition(":")
@@ -1193,10 +1228,11 @@ def _metric_sum(metrics: bytes, name: str) -> float:
 
 
 def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: int,
-                 streams: int = 0) -> None:  # fmt: skip
+                 streams: int = 0, live_streams: int = 0) -> None:  # fmt: skip
     """Evidence that the sidecar's features were on: access log lines, request counter, and
     with shared_state the link to Redis and the commands Redis ran. `streams`: the streams
-    each proxy was sent to measure memory (counted by the sidecar too)."""
+    each proxy was sent to measure memory, `live_streams` the live streams (all windows);
+    the sidecar counts those too."""
     for t in targets.values():
         if t.admin_url is None:
             continue
@@ -1212,7 +1248,8 @@ def print_sanity(targets: dict[str, Target], completed: Counter[str], smoked: in
         traced = ""
         if t.traces_url:  # the proxy's whole log is read only when it traced
             traced = trace_line(trace_counts(t), _log_count(t, b"trace_export_failed"))
-        held = f", + {streams} held streams" if streams else ""
+        held = (f", + {streams} held streams" if streams else "") + (
+            f", + {live_streams} live streams" if live_streams else "")
         print(f"# {t.name}: wrk completed {completed[t.name]} requests (+ {smoked} smoke{held}); "
               f"sidecar_requests_total {counted:.0f}"
               + (f", access log {lines} lines" if lines is not None else ", access log off")
@@ -1328,16 +1365,21 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
             parts = [time.monotonic()]
             measure_fixed_rate(wrk, fleet, targets, settings, cores, results)
             parts.append(time.monotonic())
+            relayed = measure_live(fleet, targets, settings)
+            parts.append(time.monotonic())
             rows = measure_memory(fleet, targets, settings, idle)
             parts.append(time.monotonic())
             print_tables(results, settings)
             print_headline(results, settings)
             for lines in (fixed_rate_lines(results, settings),
+                          live.live_lines(relayed, settings.live_streams, live.DRIP_MS,
+                                          settings.live_seconds, settings.live_rounds),
                           memory.memory_lines(rows, settings.streams, memory.AFTER_SECONDS)):  # fmt: skip
                 if lines:
                     print("\n" + "\n".join(lines))
             print()
-            print_sanity(targets, results.completed, len(smoked), settings.streams)
+            print_sanity(targets, results.completed, len(smoked), settings.streams,
+                         settings.live_streams * settings.live_rounds if relayed else 0)  # fmt: skip
         finally:
             fleet.stop()
     busy = _median(s.core_percent("other") for ss in results.samples.values() for s in ss)
@@ -1346,7 +1388,7 @@ def bench(settings: Settings, tree: Tree, cores: Cores, fleet: Fleet) -> int:
               "CPU ms/req is inflated and noisy under contention; rerun at a quiet moment")  # fmt: skip
     print(f"# load average before each round: {'; '.join(results.loads)}; "
           f"{time.monotonic() - started:.0f} s in all (fixed rate {parts[1] - parts[0]:.0f} s, "
-          f"memory {parts[2] - parts[1]:.0f} s)")  # fmt: skip
+          f"live streams {parts[2] - parts[1]:.0f} s, memory {parts[3] - parts[2]:.0f} s)")  # fmt: skip
     problems = failures(results)
     for problem in problems:
         print(f"error: {problem}", file=sys.stderr)
@@ -1416,6 +1458,10 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
                    help="cut each target's --duration into N wrk runs that alternate between "
                         "the targets; N must divide --duration; 1: one run per target, back to "
                         "back (default: one slice a second)")  # fmt: skip
+    p.add_argument("--live", type=int, default=live.DEFAULT_STREAMS, metavar="N",
+                   help="live streams: N streams held open through each proxy, each sent an event "
+                        f"every {live.DRIP_MS} ms; the CPU per event relayed is reported; 0 skips "
+                        f"them ({live.DEFAULT_STREAMS})")  # fmt: skip
     p.add_argument("--quick", action="store_true",
                    help="a smoke run: 1 round of 2 s after 1 s warm-up, one fixed-rate round, "
                         "streams held 1 s (about 45 s)")  # fmt: skip
@@ -1430,12 +1476,13 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Settings, Path | None, Cores
         p.error("--threads must not exceed --connections")
     if a.rate_rounds < 1:
         p.error("--rate-rounds at least 1")
-    if a.rate < 0 or a.streams < 0:
-        p.error("--rate and --streams must not be negative (0 skips)")
+    if a.rate < 0 or a.streams < 0 or a.live < 0:
+        p.error("--rate, --live and --streams must not be negative (0 skips)")
     settings = Settings(a.duration, a.warmup, a.connections, a.threads, a.rounds, a.targets, a.mode,
                         shared_state=a.shared_state, limits=a.limits, tracing=a.tracing,
                         rate=a.rate, rate_rounds=a.rate_rounds,
-                        streams=a.streams, quick=a.quick, slices=a.slices)  # fmt: skip
+                        streams=a.streams, quick=a.quick, slices=a.slices,
+                        live_streams=a.live)  # fmt: skip
     return settings, a.tree, Cores.choose(a.pin)
 
 

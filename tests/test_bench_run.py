@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,7 @@ import pytest
 from aiohttp import web
 from aiohttp.test_utils import TestServer
 
-from bench import latency, memory, run
+from bench import latency, live, memory, run
 from bench.pace import Pace, added_p99_line
 from sidecar.cli import main as cli_main
 from sidecar.config import parse_config_text
@@ -621,3 +622,75 @@ async def test_streams_are_held_open_through_a_server_and_hung_up_on(
     bad = await memory.hold_streams(host, port, refused, 3, lambda: None, hold_seconds=0)
     assert (bad.opened, bad.errors) == (0, {"HTTP 503": 3})
     assert bad.summary() == f"0 of 3 open in {bad.open_seconds:.1f} s (failed: HTTP 503 3)"
+
+
+# --------------------------------------------------------------------------- live streams
+
+
+def test_event_ends_are_counted_across_reads_and_never_in_the_chunked_framing() -> None:
+    counter = live.EventCounter()
+    body = b"1a\r\ndata: {\"a\":1}\n\n\r\n1a\r\ndata: {\"b\":2}\n\n\r\n"
+    for i in range(len(body)):  # every split point, the `\n\n` of an event split too
+        counter = live.EventCounter()
+        counter.feed(body[:i])
+        counter.feed(b"")
+        counter.feed(body[i:])
+        assert counter.count == 2, i
+    one_by_one = live.EventCounter()
+    for byte in body:
+        one_by_one.feed(bytes([byte]))
+    assert one_by_one.count == 2
+    three = live.EventCounter()
+    three.feed(b"data: x\n\n\n\ndata: y\n")  # an empty event's end counts too: what SSE says
+    three.feed(b"\n")
+    assert three.count == 3
+
+
+async def test_live_streams_are_read_event_by_event_and_the_proxys_cpu_counted(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    server = await aiohttp_server(create_app())
+    host, port = str(server.host), int(server.port or 0)
+    request = memory.stream_request(host, port, "/v1/chat/completions", "k", live.model(10))
+    readings = iter([7.0, 7.25])  # the proxy's CPU seconds before and after the window
+
+    relayed = await live.relay_streams(host, port, request, 5, lambda: next(readings),
+                                       seconds=0.3, warm=0.05)  # fmt: skip
+    assert (relayed.requested, relayed.opened, relayed.errors) == (5, 5, {})
+    assert relayed.events > 0  # five streams, an event every 10 ms each, read for 0.3 s
+    assert relayed.cpu_seconds == 0.25
+    assert relayed.us_per_event == pytest.approx(0.25 / relayed.events * 1e6)
+    assert relayed.seconds >= 0.3
+    refused = memory.stream_request(host, port, "/v1/chat/completions", "k", "m-fail-503")
+    bad = await live.relay_streams(host, port, refused, 3, lambda: None, seconds=0, warm=0)
+    assert (bad.opened, bad.events, bad.errors) == (0, 0, {"HTTP 503": 3})
+    assert bad.cpu_seconds is None
+    assert bad.us_per_event != bad.us_per_event  # NaN: nothing to divide
+
+
+def test_the_live_section_puts_each_sidecar_beside_the_pass_through() -> None:
+    pt = live.added([live.Relayed(100, 100, 7500, 3.0, 0.6), live.Relayed(100, 100, 7400, 3.0, 0.6)])
+    assert (pt.requested, pt.events, pt.seconds, pt.cpu_seconds) == (200, 14900, 6.0, 1.2)
+    sc = live.Relayed(200, 199, 14800, 6.0, 1.48, Counter({"timeout": 1}))
+    lines = live.live_lines([("pass-through", pt), ("sidecar", sc)], 100, 40, 3.0, 2)
+    assert lines[0].startswith("LIVE STREAMS 100 streams held open through each proxy, each sent "
+                               "one event every 40 ms by the mock (2,500 events/s)")  # fmt: skip
+    assert "over 2 window(s) of 3 s" in lines[0]
+    rows = {line.split()[0]: line.split() for line in lines[2:4]}
+    assert rows["pass-through"][1:4] == ["2483", "80.5", "20"]
+    assert rows["sidecar"][1:4] == ["2467", "100.0", "25"]
+    assert lines[3].endswith("199 of 200 open (failed: timeout 1)")
+    assert lines[4] == "  sidecar ÷ pass-through: 1.24x per event relayed (+19.5 µs)"
+    assert live.live_lines([], 100, 40, 3.0, 2) == []
+    unknown = live.added([live.Relayed(1, 1, 10, 1.0, None)])
+    assert unknown.cpu_seconds is None
+
+
+def test_live_streams_are_asked_for_by_count_and_can_be_skipped() -> None:
+    default, none = run.parse_args([])[0], run.parse_args(["--live", "0"])[0]
+    assert (default.live_streams, default.live_rounds, default.live_seconds) == (100, 2, 3.0)
+    assert run.parse_args(["--quick"])[0].live_rounds == 1
+    targets = {"sidecar": run.Target("sidecar", "http://127.0.0.1:1/v1", "t", mock=None, proxy=object())}  # type: ignore[arg-type]
+    assert run.measure_live(None, targets, none) == []  # type: ignore[arg-type]
+    with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
+        run.parse_args(["--live", "-1"])
