@@ -29,7 +29,9 @@ _OPEN_TIMEOUT: Final = 10.0  # one stream: connect and its head
 _OPEN_DEADLINE: Final = 30.0  # all of them
 _CLOSE_TIMEOUT: Final = 5.0
 _READ: Final = 1 << 16
-_EVENT_END: Final = b"\n\n"  # an SSE event's end; never part of the chunked framing (`\r\n`)
+_EVENT_END: Final = b"\n\n"  # an SSE event's end, as the mock writes it (`\n` line ends)
+_ENDED: Final = "ended early"  # a stream the proxy ended (or broke) before the bench hung up
+_LAST_CHUNK: Final = b"\r\n0\r\n\r\n"  # a chunked body's end: the previous chunk's, then `0`
 
 
 def model(drip_ms: int = DRIP_MS) -> str:
@@ -65,19 +67,24 @@ class Relayed:
 
 
 class EventCounter:
-    """Counts SSE event ends in a body read in pieces, an end split across two reads too."""
+    """Counts SSE event ends (`\\n\\n`) in a body read in pieces, an end split across two reads
+    too. Good for the mock's events (one line each, whole in their chunk of the chunked
+    framing, whose own line ends are `\\r\\n`); not a general SSE parser."""
 
-    __slots__ = ("_last", "count")
+    __slots__ = ("_tail", "count")
 
     def __init__(self) -> None:
         self.count = 0
-        self._last = b""
+        self._tail = b""  # the last bytes fed: an event's end or the body's, split across reads
 
-    def feed(self, data: bytes) -> None:
+    def feed(self, data: bytes) -> bool:
+        """Count the events ended in `data`; True when it ends the chunked body (its last chunk,
+        `0`): the proxy ended the stream, and the connection stays open for the next request."""
         if not data:
-            return
-        self.count += (self._last + data[:1]).count(_EVENT_END) + data.count(_EVENT_END)
-        self._last = data[-1:]
+            return False
+        self.count += (self._tail[-1:] + data[:1]).count(_EVENT_END) + data.count(_EVENT_END)
+        self._tail = (self._tail + data)[-len(_LAST_CHUNK) :]
+        return self._tail == _LAST_CHUNK
 
 
 async def _open(host: str, port: int, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -95,20 +102,36 @@ async def _open(host: str, port: int, request: bytes) -> tuple[asyncio.StreamRea
     return reader, writer
 
 
-async def _read_all(reader: asyncio.StreamReader, counter: EventCounter) -> None:
-    while data := await reader.read(_READ):
-        counter.feed(data)
+async def _read_all(reader: asyncio.StreamReader, counter: EventCounter, relayed: Relayed,
+                    closing: asyncio.Event) -> None:  # fmt: skip
+    """Read a stream to its end, counting its events; one the proxy ended or broke before the
+    bench hung up (`closing`) is counted in `relayed.errors`."""
+    try:
+        while data := await reader.read(_READ):
+            if counter.feed(data):
+                break
+    except OSError as exc:
+        if not closing.is_set():
+            relayed.errors[describe_error(exc)] += 1
+        return
+    if not closing.is_set():
+        relayed.errors[_ENDED] += 1
 
 
 async def relay_streams(host: str, port: int, request: bytes, count: int,
                         cpu: Callable[[], float | None], *, seconds: float,
-                        warm: float = WARM_SECONDS) -> Relayed:  # fmt: skip
-    """Open `count` streams, read all they send; after `warm` seconds, count the events and
-    the proxy's CPU time (`cpu()`, seconds) over `seconds`; then hang up on all of them."""
+                        warm: float = WARM_SECONDS, concurrency: int = 100) -> Relayed:  # fmt: skip
+    """Open `count` streams (`concurrency` at a time), read all they send; after `warm`
+    seconds, count the events and the proxy's CPU time (`cpu()`, seconds) over `seconds`;
+    then hang up on all of them. Streams that failed to open, or that the proxy ended before
+    the hang-up, are counted in `errors` by kind."""
     relayed = Relayed(count)
-    counter = EventCounter()
+    if count <= 0:
+        return relayed
+    counters: list[EventCounter] = []  # one a stream: a read's bytes are its stream's only
+    closing = asyncio.Event()
     streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    gate = asyncio.Semaphore(100)
+    gate = asyncio.Semaphore(concurrency)
 
     async def one() -> None:
         async with gate:
@@ -129,15 +152,18 @@ async def relay_streams(host: str, port: int, request: bytes, count: int,
             relayed.errors[f"not open within {_OPEN_DEADLINE:.0f} s"] += len(pending)
         relayed.opened = len(streams)
         # (a head and its first event may have come in one read: counting starts after `warm`)
-        readers = [asyncio.create_task(_read_all(r, counter)) for r, _ in streams]
+        counters = [EventCounter() for _ in streams]
+        readers = [asyncio.create_task(_read_all(r, c, relayed, closing))
+                   for (r, _), c in zip(streams, counters, strict=True)]  # fmt: skip
         await asyncio.sleep(warm)
-        events, before, started = counter.count, cpu(), time.monotonic()
+        events, before, started = sum(c.count for c in counters), cpu(), time.monotonic()
         await asyncio.sleep(seconds)
-        relayed.events, after = counter.count - events, cpu()
+        relayed.events, after = sum(c.count for c in counters) - events, cpu()
         relayed.seconds = time.monotonic() - started
         if before is not None and after is not None:
             relayed.cpu_seconds = after - before
     finally:
+        closing.set()
         for task in (*opening, *readers):
             task.cancel()
         for _, writer in streams:
@@ -179,7 +205,8 @@ def live_lines(rows: list[tuple[str, Relayed]], streams: int, drip_ms: int, seco
                      f"{r.core_percent:>13.0f}  {opened}")  # fmt: skip
     base = dict(rows).get("pass-through")
     for name, r in rows:
-        if base is not None and name.startswith("sidecar") and base.us_per_event > 0:
+        measured = r.us_per_event == r.us_per_event  # (NaN: no CPU reading, or no event)
+        if base is not None and name.startswith("sidecar") and base.us_per_event > 0 and measured:
             ratio = r.us_per_event / base.us_per_event
             lines.append(f"  {name} ÷ pass-through: {ratio:.2f}x per event relayed "
                          f"({r.us_per_event - base.us_per_event:+.1f} µs)")  # fmt: skip

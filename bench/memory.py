@@ -193,7 +193,7 @@ class MemoryRow:
 
     target: str
     idle: int | None  # after start and the smoke requests
-    before: int | None  # after every wrk run, just before the streams
+    before: int | None  # after every wrk run and the live streams, just before the streams
     hold: Hold | None = None  # None: no streams (--streams 0)
     after: int | None = None  # AFTER_SECONDS after the hang-up
 

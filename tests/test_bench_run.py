@@ -628,14 +628,16 @@ async def test_streams_are_held_open_through_a_server_and_hung_up_on(
 
 
 def test_event_ends_are_counted_across_reads_and_never_in_the_chunked_framing() -> None:
+    events = [b'data: {"a":1}\n\n', b'data: {"b":2}\n\n']
+    body = b"".join(b"%x\r\n%b\r\n" % (len(e), e) for e in events) + b"0\r\n\r\n"
     counter = live.EventCounter()
-    body = b"1a\r\ndata: {\"a\":1}\n\n\r\n1a\r\ndata: {\"b\":2}\n\n\r\n"
     for i in range(len(body)):  # every split point, the `\n\n` of an event split too
         counter = live.EventCounter()
-        counter.feed(body[:i])
-        counter.feed(b"")
-        counter.feed(body[i:])
+        assert not counter.feed(body[:i])
+        assert not counter.feed(b"")
+        assert counter.feed(body[i:])  # the body's end (its last chunk, `0`), split or not
         assert counter.count == 2, i
+    assert not live.EventCounter().feed(body[:-1])  # not yet the end
     one_by_one = live.EventCounter()
     for byte in body:
         one_by_one.feed(bytes([byte]))
@@ -657,7 +659,12 @@ async def test_live_streams_are_read_event_by_event_and_the_proxys_cpu_counted(
     relayed = await live.relay_streams(host, port, request, 5, lambda: next(readings),
                                        seconds=0.3, warm=0.05)  # fmt: skip
     assert (relayed.requested, relayed.opened, relayed.errors) == (5, 5, {})
-    assert relayed.events > 0  # five streams, an event every 10 ms each, read for 0.3 s
+    # Five streams, an event every 10 ms each: never more than were sent in the window
+    # (counting reads, or an event twice, would be), and some.
+    assert 0 < relayed.events <= 5 * (relayed.seconds / 0.010 + 2)
+    ours = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith(  # type: ignore[union-attr]
+        ("_read_all", "relay_streams"))]  # fmt: skip
+    assert ours == []  # every reader and opener gone (the test server's own tasks may linger)
     assert relayed.cpu_seconds == 0.25
     assert relayed.us_per_event == pytest.approx(0.25 / relayed.events * 1e6)
     assert relayed.seconds >= 0.3
@@ -666,6 +673,36 @@ async def test_live_streams_are_read_event_by_event_and_the_proxys_cpu_counted(
     assert (bad.opened, bad.events, bad.errors) == (0, 0, {"HTTP 503": 3})
     assert bad.cpu_seconds is None
     assert bad.us_per_event != bad.us_per_event  # NaN: nothing to divide
+    assert (await live.relay_streams(host, port, request, 0, lambda: 1.0, seconds=9)).opened == 0
+
+
+async def test_a_live_stream_the_proxy_ends_is_reported_not_hidden(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    async def short(request: web.Request) -> web.StreamResponse:
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        await resp.write(b'data: {"a":1}\n\n')
+        if request.headers.get("Authorization") == "Bearer cut":
+            assert request.transport is not None
+            request.transport.abort()  # broken mid-stream, no end
+            return resp
+        await resp.write(b'data: {"b":2}\n\n')
+        return resp  # ended cleanly, but before the bench hung up
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", short)
+    server = await aiohttp_server(app)
+    host, port = str(server.host), int(server.port or 0)
+    ended = memory.stream_request(host, port, "/v1/chat/completions", "k", live.model())
+    relayed = await live.relay_streams(host, port, ended, 3, lambda: 1.0, seconds=0.1, warm=0.1)
+    assert (relayed.opened, dict(relayed.errors)) == (3, {"ended early": 3})
+    cut = memory.stream_request(host, port, "/v1/chat/completions", "cut", live.model())
+    broken = await live.relay_streams(host, port, cut, 2, lambda: 1.0, seconds=0.1, warm=0.1)
+    assert broken.opened == 2
+    assert sum(broken.errors.values()) == 2  # whether seen as an end or a reset
+    lines = live.live_lines([("sidecar", relayed)], 3, 40, 0.1, 1)
+    assert lines[2].endswith("3 of 3 open (failed: ended early 3)")
 
 
 def test_the_live_section_puts_each_sidecar_beside_the_pass_through() -> None:
@@ -690,7 +727,35 @@ def test_live_streams_are_asked_for_by_count_and_can_be_skipped() -> None:
     default, none = run.parse_args([])[0], run.parse_args(["--live", "0"])[0]
     assert (default.live_streams, default.live_rounds, default.live_seconds) == (100, 2, 3.0)
     assert run.parse_args(["--quick"])[0].live_rounds == 1
-    targets = {"sidecar": run.Target("sidecar", "http://127.0.0.1:1/v1", "t", mock=None, proxy=object())}  # type: ignore[arg-type]
-    assert run.measure_live(None, targets, none) == []  # type: ignore[arg-type]
+    targets = {n: run.Target(n, f"http://127.0.0.1:{i + 1}/v1", "t", mock=None,  # type: ignore[arg-type]
+                             proxy=run.Server(n, None, Path(n), ""))  # type: ignore[arg-type]
+               for i, n in enumerate(("pass-through", "sidecar"))}  # fmt: skip
+    assert run.measure_live(None, targets, none, run.Cores()) == []  # type: ignore[arg-type]
+
+
+def test_live_windows_take_turns_and_read_each_proxys_cpu(monkeypatch: pytest.MonkeyPatch) -> None:
+    settings = run.parse_args([])[0]
+    calls: list[tuple[int, Any]] = []
+
+    async def fake(host: str, port: int, request: bytes, count: int, cpu: Any, *,
+                   seconds: float) -> live.Relayed:  # fmt: skip
+        calls.append((port, cpu))
+        return live.Relayed(count, count, 100 * port, seconds, 0.01 * port)
+
+    class Fleet:
+        def check_alive(self) -> None:
+            pass
+
+    monkeypatch.setattr(live, "relay_streams", fake)
+    servers = {n: run.Server(n, None, Path(n), "") for n in ("pass-through", "sidecar")}  # type: ignore[arg-type]
+    targets = {n: run.Target(n, f"http://127.0.0.1:{i + 1}/v1", "t", mock=None, proxy=servers[n])  # type: ignore[arg-type]
+               for i, n in enumerate(servers)}  # fmt: skip
+    with contextlib.redirect_stderr(io.StringIO()):
+        rows = run.measure_live(Fleet(), targets, settings, run.Cores())  # type: ignore[arg-type]
+    assert [port for port, _ in calls] == [1, 2, 2, 1]  # the proxies take turns, ABBA
+    assert [cpu.__self__ for _, cpu in calls] == [servers["pass-through"], servers["sidecar"],
+                                                  servers["sidecar"], servers["pass-through"]]  # fmt: skip
+    assert dict(rows)["sidecar"].events == 400
+    assert dict(rows)["sidecar"].requested == 200
     with pytest.raises(SystemExit), contextlib.redirect_stderr(io.StringIO()):
         run.parse_args(["--live", "-1"])
