@@ -13,21 +13,17 @@ event. No wrk: the events' pace is the mock's.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import time
 from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Final
 
-from bench.memory import StreamRefused, describe_error, status_of
+from bench.memory import Stream, close_streams, describe_error, open_streams
 
 DEFAULT_STREAMS: Final = 100  # streams held open through each proxy at once
 DRIP_MS: Final = 40  # the mock sends each of them one event every 40 ms
 WARM_SECONDS: Final = 1.0  # after every stream is open, before the window
-_OPEN_TIMEOUT: Final = 10.0  # one stream: connect and its head
-_OPEN_DEADLINE: Final = 30.0  # all of them
-_CLOSE_TIMEOUT: Final = 5.0
 _READ: Final = 1 << 16
 _EVENT_END: Final = b"\n\n"  # an SSE event's end, as the mock writes it (`\n` line ends)
 _ENDED: Final = "ended early"  # a stream the proxy ended (or broke) before the bench hung up
@@ -87,21 +83,6 @@ class EventCounter:
         return self._tail == _LAST_CHUNK
 
 
-async def _open(host: str, port: int, request: bytes) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
-    """Connect, send `request`, read a 200 head; the connection is closed on any failure."""
-    reader, writer = await asyncio.open_connection(host, port)
-    try:
-        writer.write(request)
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = status_of(head)
-        if status != 200:
-            raise StreamRefused(f"HTTP {status}")
-    except BaseException:
-        writer.close()
-        raise
-    return reader, writer
-
-
 async def _read_all(reader: asyncio.StreamReader, counter: EventCounter, relayed: Relayed,
                     closing: asyncio.Event) -> None:  # fmt: skip
     """Read a stream to its end, counting its events; one the proxy ended or broke before the
@@ -128,31 +109,15 @@ async def relay_streams(host: str, port: int, request: bytes, count: int,
     relayed = Relayed(count)
     if count <= 0:
         return relayed
-    counters: list[EventCounter] = []  # one a stream: a read's bytes are its stream's only
     closing = asyncio.Event()
-    streams: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one() -> None:
-        async with gate:
-            try:
-                streams.append(await asyncio.wait_for(_open(host, port, request), _OPEN_TIMEOUT))
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    StreamRefused) as exc:  # fmt: skip
-                relayed.errors[describe_error(exc)] += 1
-
-    opening = [asyncio.create_task(one()) for _ in range(count)]
+    streams: list[Stream] = []
     readers: list[asyncio.Task[None]] = []
     try:
-        _, pending = await asyncio.wait(opening, timeout=_OPEN_DEADLINE)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if pending:
-            relayed.errors[f"not open within {_OPEN_DEADLINE:.0f} s"] += len(pending)
+        streams = await open_streams(host, port, request, count, relayed.errors,
+                                     first_event=False, concurrency=concurrency)  # fmt: skip
         relayed.opened = len(streams)
         # (a head and its first event may have come in one read: counting starts after `warm`)
-        counters = [EventCounter() for _ in streams]
+        counters = [EventCounter() for _ in streams]  # one a stream: a read is its stream's only
         readers = [asyncio.create_task(_read_all(r, c, relayed, closing))
                    for (r, _), c in zip(streams, counters, strict=True)]  # fmt: skip
         await asyncio.sleep(warm)
@@ -164,13 +129,10 @@ async def relay_streams(host: str, port: int, request: bytes, count: int,
             relayed.cpu_seconds = after - before
     finally:
         closing.set()
-        for task in (*opening, *readers):
+        for task in readers:
             task.cancel()
-        for _, writer in streams:
-            writer.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*readers, *(w.wait_closed() for _, w in streams),
-                                                  return_exceptions=True), _CLOSE_TIMEOUT)  # fmt: skip
+        await asyncio.gather(*readers, return_exceptions=True)
+        await close_streams([writer for _, writer in streams])
     return relayed
 
 

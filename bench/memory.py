@@ -99,9 +99,10 @@ def describe_error(exc: BaseException) -> str:
     return type(exc).__name__
 
 
-async def _open_stream(host: str, port: int, request: bytes) -> asyncio.StreamWriter:
-    """Connect, send `request`, and wait for a 200 head and the first event of the stream;
-    the connection is closed again on any failure (cancellation included)."""
+async def open_stream(host: str, port: int, request: bytes, *,
+                      first_event: bool = False) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:  # fmt: skip
+    """Connect, send `request`, and wait for a 200 head (and with `first_event`, the stream's
+    first event); the connection is closed again on any failure (cancellation included)."""
     reader, writer = await asyncio.open_connection(host, port)
     try:
         writer.write(request)
@@ -109,11 +110,12 @@ async def _open_stream(host: str, port: int, request: bytes) -> asyncio.StreamWr
         status = status_of(head)
         if status != 200:
             raise StreamRefused(f"HTTP {status}")
-        await reader.readuntil(b"\n\n")  # the first event: relayed end to end
+        if first_event:
+            await reader.readuntil(b"\n\n")  # relayed end to end
     except BaseException:
         writer.close()
         raise
-    return writer
+    return reader, writer
 
 
 @dataclass(slots=True)
@@ -134,6 +136,51 @@ class Hold:
         return text
 
 
+Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
+
+
+async def open_streams(host: str, port: int, request: bytes, count: int, errors: Counter[str], *,
+                       first_event: bool, concurrency: int = 100) -> list[Stream]:  # fmt: skip
+    """Open `count` streams (`concurrency` at a time, all within `_OPEN_DEADLINE`): those that
+    opened; the others are counted in `errors` by kind. Interrupted, it closes what it opened."""
+    streams: list[Stream] = []
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            try:
+                streams.append(await asyncio.wait_for(
+                    open_stream(host, port, request, first_event=first_event), _OPEN_TIMEOUT))  # fmt: skip
+            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
+                    StreamRefused) as exc:  # fmt: skip
+                errors[describe_error(exc)] += 1
+
+    tasks = [asyncio.create_task(one()) for _ in range(count)]
+    try:
+        _, pending = await asyncio.wait(tasks, timeout=_OPEN_DEADLINE) if tasks else ((), ())
+        for task in pending:
+            task.cancel()
+        await asyncio.gather(*pending, return_exceptions=True)
+        if pending:
+            errors[f"not open within {_OPEN_DEADLINE:.0f} s"] += len(pending)
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        for _, writer in streams:
+            writer.close()
+        raise
+    return streams
+
+
+async def close_streams(writers: list[asyncio.StreamWriter]) -> None:
+    """Hang up on every stream, waiting for the closes at most `_CLOSE_TIMEOUT`."""
+    for writer in writers:
+        writer.close()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(asyncio.gather(*(w.wait_closed() for w in writers),
+                                              return_exceptions=True), _CLOSE_TIMEOUT)  # fmt: skip
+
+
 async def hold_streams(host: str, port: int, request: bytes, count: int,
                        sample: Callable[[], int | None], *, hold_seconds: float,
                        concurrency: int = 100) -> Hold:  # fmt: skip
@@ -141,26 +188,11 @@ async def hold_streams(host: str, port: int, request: bytes, count: int,
     `sample()` (an RSS in KiB) is read every quarter second, then hang up on all of them."""
     hold = Hold(count)
     writers: list[asyncio.StreamWriter] = []
-    gate = asyncio.Semaphore(concurrency)
-
-    async def one() -> None:
-        async with gate:
-            try:
-                writers.append(await asyncio.wait_for(_open_stream(host, port, request),
-                                                      _OPEN_TIMEOUT))  # fmt: skip
-            except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError,
-                    StreamRefused) as exc:  # fmt: skip
-                hold.errors[describe_error(exc)] += 1
-
     started = time.monotonic()
-    tasks = [asyncio.create_task(one()) for _ in range(count)]
     try:
-        _, pending = await asyncio.wait(tasks, timeout=_OPEN_DEADLINE)
-        for task in pending:
-            task.cancel()
-        await asyncio.gather(*pending, return_exceptions=True)
-        if pending:
-            hold.errors[f"not open within {_OPEN_DEADLINE:.0f} s"] += len(pending)
+        streams = await open_streams(host, port, request, count, hold.errors, first_event=True,
+                                     concurrency=concurrency)  # fmt: skip
+        writers = [writer for _, writer in streams]
         hold.open_seconds = time.monotonic() - started
         hold.opened = len(writers)
         end = time.monotonic() + hold_seconds
@@ -170,13 +202,7 @@ async def hold_streams(host: str, port: int, request: bytes, count: int,
                 break
             await asyncio.sleep(_SAMPLE_EVERY)
     finally:
-        for task in tasks:
-            task.cancel()
-        for writer in writers:
-            writer.close()
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(asyncio.gather(*(w.wait_closed() for w in writers),
-                                                  return_exceptions=True), _CLOSE_TIMEOUT)  # fmt: skip
+        await close_streams(writers)
     return hold
 
 
