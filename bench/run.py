@@ -990,20 +990,19 @@ def fixed_rate_plan(settings: Settings) -> tuple[tuple[str, ...], tuple[str, ...
 def measure_fixed_rate(wrk: str, fleet: Fleet, targets: dict[str, Target], settings: Settings,
                        cores: Cores, results: Results) -> None:  # fmt: skip
     """Offer each target `settings.rate` req/s for `settings.duration` seconds, in
-    `settings.rate_rounds` rounds whose target order rotates: a p99 is one slow moment away
+    `settings.rate_rounds` rounds whose target order alternates: a p99 is one slow moment away
     from another, so no single run is the answer. Each run is one wrk run, not slices: every
     wrk run opens its connections anew, and at 1,000 req/s the 50 first requests of a 1 s
     slice would be 5% of it, inside the p99 being measured."""
     modes, names = fixed_rate_plan(settings)
     if not names:
         return
-    whole = dataclasses.replace(settings, slices=1)
     pace = Pace.start(settings.rate, settings.threads)
     for r in range(settings.rate_rounds):
         for mode in modes:
-            runs = run_sliced(wrk, fleet, targets, names, mode, whole, cores, r, pace)
-            for name in names:
-                s = runs[name]
+            for name in names if r % 2 == 0 else names[::-1]:
+                s = run_wrk(wrk, fleet, targets[name], mode, settings.duration, settings, cores,
+                            pace)  # fmt: skip
                 results.completed[name] += s.requests
                 results.fixed.setdefault((mode, name), []).append((pace, s))
                 print(f"  fixed {mode:<{_MODE_WIDTH}}{name:<14}{s.rps:>6.0f} req/s  p99 "

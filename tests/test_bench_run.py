@@ -11,6 +11,7 @@ import asyncio
 import contextlib
 import dataclasses
 import io
+import itertools
 import json
 import os
 from collections import Counter
@@ -663,7 +664,7 @@ async def test_live_streams_are_read_event_by_event_and_the_proxys_cpu_counted(
     # (counting reads, or an event twice, would be), and some.
     assert 0 < relayed.events <= 5 * (relayed.seconds / 0.010 + 2)
     ours = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith(  # type: ignore[union-attr]
-        ("_read_all", "relay_streams"))]  # fmt: skip
+        ("_read_all", "relay_streams", "open_streams"))]  # fmt: skip
     assert ours == []  # every reader and opener gone (the test server's own tasks may linger)
     assert relayed.cpu_seconds == 0.25
     assert relayed.us_per_event == pytest.approx(0.25 / relayed.events * 1e6)
@@ -674,6 +675,56 @@ async def test_live_streams_are_read_event_by_event_and_the_proxys_cpu_counted(
     assert bad.cpu_seconds is None
     assert bad.us_per_event != bad.us_per_event  # NaN: nothing to divide
     assert (await live.relay_streams(host, port, request, 0, lambda: 1.0, seconds=9)).opened == 0
+
+
+async def test_streams_opened_before_an_interruption_are_hung_up_on(
+    aiohttp_server: Callable[..., Awaitable[TestServer]],
+) -> None:
+    answered = 0
+    ended: list[int] = []
+    all_asked, streaming, both_ended = asyncio.Event(), asyncio.Event(), asyncio.Event()
+
+    async def some(request: web.Request) -> web.StreamResponse:
+        nonlocal answered
+        answered += 1
+        if answered == 4:
+            all_asked.set()
+        if answered > 2:
+            await asyncio.sleep(30)  # never answers: its opener is still waiting
+        mine = answered
+        resp = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+        await resp.prepare(request)
+        try:
+            for sent in itertools.count():
+                await resp.write(b'data: {"a":1}\n\n')
+                if sent == 3 and mine == 2:
+                    streaming.set()
+                await asyncio.sleep(0.02)
+        finally:  # a write that failed, or the handler cancelled: the caller has gone
+            ended.append(mine)
+            if len(ended) == 2:
+                both_ended.set()
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/chat/completions", some)
+    server = await aiohttp_server(app)
+    host, port = str(server.host), int(server.port or 0)
+    request = memory.stream_request(host, port, "/v1/chat/completions", "k", live.model())
+    holding = asyncio.create_task(memory.hold_streams(host, port, request, 4, lambda: None,
+                                                      hold_seconds=30))  # fmt: skip
+    async with asyncio.timeout(5):  # two streams open and streaming, two still opening
+        await all_asked.wait()
+        await streaming.wait()
+    holding.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await holding
+    async with asyncio.timeout(5):  # both hung up on: their next write fails
+        await both_ended.wait()
+    assert sorted(ended) == [1, 2]
+    leftover = [t for t in asyncio.all_tasks() if t.get_coro().__qualname__.startswith(  # type: ignore[union-attr]
+        "open_streams")]  # fmt: skip
+    assert leftover == []
 
 
 async def test_a_live_stream_the_proxy_ends_is_reported_not_hidden(
