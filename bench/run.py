@@ -936,15 +936,14 @@ def slice_orders(names: Sequence[str], slices: int, start: int = 0) -> list[list
 
 
 def run_sliced(wrk: str, fleet: Fleet, targets: dict[str, Target], names: Sequence[str],
-               mode: str, settings: Settings, cores: Cores, start: int,
-               pace: Pace | None = None) -> dict[str, Sample]:  # fmt: skip
+               mode: str, settings: Settings, cores: Cores, start: int) -> dict[str, Sample]:  # fmt: skip
     """One measured run of each of `names`: `settings.slice_count` wrk runs of
     `settings.slice_seconds` each, the targets alternating (`slice_orders`), added up."""
     parts: dict[str, list[Sample]] = {name: [] for name in names}
     for order in slice_orders(names, settings.slice_count, start):
         for name in order:
             part = run_wrk(wrk, fleet, targets[name], mode, settings.slice_seconds, settings,
-                           cores, pace)  # fmt: skip
+                           cores)  # fmt: skip
             parts[name].append(part)
     return {name: combined(ss) for name, ss in parts.items()}
 

@@ -224,43 +224,38 @@ async def pump(
     try:
         with deadline(None, ex.loop) as timer:
             reschedule = timer.reschedule
-            while True:
-                if tracker.stopped:  # also in the chunk that carried the first content
-                    if out:
+            # (also stopped by the chunk that carried the first content)
+            while not tracker.stopped:
+                if at_eof():
+                    # The upstream's end: what a translation still held comes out now.
+                    out += tracker.finish()
+                    break
+                if out:
+                    writer = resp._payload_writer  # `send`'s own first test, inlined, but
+                    if (  # for the first write: a head still held goes with it (`send`)
+                        wrote
+                        and writer is not None
+                        and writer.buffer_size + len(out) + 16 <= _DRAIN_AT
+                    ):
+                        await resp.write(out)
+                    else:
                         await send(ex, resp, out)
-                    return _stopped(tracker)
-                if not at_eof():
-                    if out:
-                        writer = resp._payload_writer  # `send`'s own first test, inlined, but
-                        if (  # for the first write: a head still held goes with it (`send`)
-                            wrote
-                            and writer is not None
-                            and writer.buffer_size + len(out) + 16 <= _DRAIN_AT
-                        ):
-                            await resp.write(out)
-                        else:
-                            await send(ex, resp, out)
-                        wrote = True
-                    t = perf()
-                    reschedule(clock() + idle)
-                    chunk = await readany()
-                    ex.upstream_wait += perf() - t
-                    if chunk:
-                        out = feed(chunk)
-                        continue
-                    out = b""
-                # The upstream's end: what a translation still held comes out now.
-                out += tracker.finish()
+                    wrote = True
+                t = perf()
+                reschedule(clock() + idle)
+                chunk = await readany()
+                ex.upstream_wait += perf() - t
+                out = feed(chunk) if chunk else b""
+            # Stopped (an in-band error, a malformed event), truncated, or finished and then
+            # its tail lost (the handler ends that one): what was read goes out, then why.
+            done = None if tracker.stopped else tracker.complete_on_eof()
+            if done is None or done or tracker.cut:
+                if out:
+                    await send(ex, resp, out)
                 if tracker.stopped:
-                    if out:
-                        await send(ex, resp, out)
                     return _stopped(tracker)
-                done = tracker.complete_on_eof()
-                if done is None or done or tracker.cut:  # truncated, or finished and then
-                    if out:  # its tail was lost (the handler ends that one)
-                        await send(ex, resp, out)
-                    return Break("upstream_closed" if done is None else "tail_lost")
-                return out
+                return Break("upstream_closed" if done is None else "tail_lost")
+            return out
     except (ConnectionResetError, CallerStalled):  # a caller that went away, or took nothing
         return CALLER_GONE
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
