@@ -12,13 +12,13 @@ from typing import Any, Final
 import aiohttp
 from aiohttp import web
 
-from sidecar.deadlines import deadline
+from sidecar.deadlines import Deadline, deadline
 from sidecar.formats import Adapter, adapter_for
 from sidecar.plan import Candidate
 from sidecar.proxy import answer
 from sidecar.proxy.client import UpstreamResponse
 from sidecar.proxy.exchange import CLIENT_CLOSED, Exchange
-from sidecar.proxy.upstream import Failed
+from sidecar.proxy.upstream import MASKED, Failed
 from sidecar.secret import mask_key_fragments
 from sidecar.state import State
 from sidecar.streams import StreamTracker
@@ -88,20 +88,80 @@ async def send(ex: Exchange, resp: web.StreamResponse, data: bytes) -> None:
 
 async def end(ex: Exchange, resp: web.StreamResponse, data: bytes = b"") -> None:
     """End the caller's response, `data` its last bytes, in one write with the end (it waits
-    for what is buffered to drain), within `stream_idle`."""
-    if not _must_wait(ex, _size(resp, data)):
+    for what is buffered to drain). A whole answer's body goes out in that write too: up to
+    8 MiB, which a caller may take slowly, but not take nothing of for `stream_idle`."""
+    body = resp._body  # a whole answer's (`answer.Answer`, `web.Response`); else None
+    size = _size(resp, data) + (len(body) if isinstance(body, bytes) else 0)
+    if not _must_wait(ex, size):
         await resp.write_eof(data)
         return
     await _bounded(ex, resp.write_eof(data))
 
 
 async def _bounded(ex: Exchange, write: Coroutine[Any, Any, None]) -> None:
+    """Await `write`, which waits for the caller to read; a caller that takes nothing for
+    `stream_idle` is let go (`CallerStalled`, its connection closed)."""
+    idle = ex.runtime.config.timeouts.stream_idle
     try:
-        async with asyncio.timeout(ex.runtime.config.timeouts.stream_idle):
-            await write
+        await while_taking(ex.loop, ex.request.transport, idle, write)
     except TimeoutError:
         close_caller(ex)
         raise CallerStalled from None
+
+
+async def while_taking(
+    loop: asyncio.AbstractEventLoop,
+    transport: asyncio.WriteTransport | None,
+    idle: float,
+    write: Coroutine[Any, Any, None],
+) -> None:
+    """Await `write`, which waits for the peer to read what `transport` holds. TimeoutError
+    once the peer took nothing for `idle`; a peer that keeps taking bytes, however slowly,
+    is waited for (a whole answer of several MiB may take longer than `idle`)."""
+    with deadline(loop.time() + idle, loop) as timer:
+        watch = None if transport is None else _Taking(loop, transport, timer, idle)
+        try:
+            await write
+        finally:
+            if watch is not None:
+                watch.stop()
+
+
+class _Taking:
+    """Moves a write's deadline `idle` on from each look (every quarter of `idle`) that finds
+    the caller took bytes since the last one: the transport's buffer got smaller (nothing
+    else writes to it meanwhile). So a caller is let go between `idle` and 1.25 times `idle`
+    after it stopped reading."""
+
+    __slots__ = ("_every", "_handle", "_idle", "_last", "_loop", "_timer", "_transport")
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        transport: asyncio.WriteTransport,
+        timer: Deadline,
+        idle: float,
+    ) -> None:
+        self._loop = loop
+        self._transport = transport
+        self._timer = timer
+        self._idle = idle
+        self._every = idle / 4
+        self._last: int | None = None  # the buffer's size at the last look
+        self._handle = loop.call_later(self._every, self._look)
+
+    def _look(self) -> None:
+        transport = self._transport
+        if transport.is_closing():
+            return
+        size = transport.get_write_buffer_size()
+        if self._last is not None and size < self._last:
+            self._timer.reschedule(self._loop.time() + self._idle)
+        self._last = size
+        self._handle = self._loop.call_later(self._every, self._look)
+
+    def stop(self) -> None:
+        self._handle.cancel()
 
 
 def respond(
@@ -347,7 +407,7 @@ def close_caller(ex: Exchange) -> None:
 
 def masked(status: int, body: bytes, cand: Candidate | None) -> bytes:
     """Auth-error wording may quote part of the provider key: mask it before relaying."""
-    if status not in (401, 403) or not body:
+    if status not in MASKED or not body:
         return body
     secrets = [cand.key.secret] if cand is not None and cand.key.secret is not None else []
     return mask_key_fragments(body, secrets)

@@ -51,6 +51,9 @@ _DROP_REQUEST: Final = (
     HOP_BY_HOP | SENSITIVE_HEADERS | {"accept-encoding", "expect", "content-encoding"}
 )
 _FAILED_BODY_LIMIT: Final = 1 << 20
+#: Answers whose body is masked before it is relayed (an auth error may quote the key), so
+#: read whole (up to `_FAILED_BODY_LIMIT`, the rest dropped) whatever their media type.
+MASKED: Final = frozenset({401, 403})
 #: A successful JSON answer is read whole (for metering, and so a body that breaks can
 #: still fail over) up to this size; a larger one is relayed as it arrives.
 _READ_WHOLE_LIMIT: Final = 8 << 20
@@ -156,8 +159,11 @@ async def attempt(
             if key.source is not SOURCE_PASSTHROUGH:  # a caller's own key keeps no state
                 _note_quota(state, cand, upstream.headers, status)
             failover = status in cfg.failover.on_status
+            # An auth error may quote the key: read (bounded), to be masked (`relay.masked`),
+            # whatever its media type; never relayed as it arrives.
+            held = failover or status in MASKED
             ctype = upstream.headers.get("content-type", "")
-            if not failover and "json" not in ctype:
+            if not held and "json" not in ctype:
                 if tracker is not None and status < 300 and "text/event-stream" in ctype:
                     res = await _hold(upstream, tracker)
                     ex.upstream_wait += time.perf_counter() - sent
@@ -167,9 +173,9 @@ async def attempt(
             # The body is still before the caller's first byte: timeouts.total bounds it too.
             timer.reschedule(loop.time() + min(idle, max(0.001, ends - time.perf_counter())))
             answer, whole = await _read_body_of(
-                upstream, _FAILED_BODY_LIMIT if failover else _READ_WHOLE_LIMIT
+                upstream, _FAILED_BODY_LIMIT if held else _READ_WHOLE_LIMIT
             )
-            if not whole and not failover:  # too large to hold: relay it as it arrives
+            if not whole and not held:  # too large to hold: relay it as it arrives
                 ex.upstream_wait += time.perf_counter() - sent
                 return Result(classify_status(status), status, upstream=upstream, prefix=answer)
     except asyncio.CancelledError:  # the caller left: stop the upstream's generation too
