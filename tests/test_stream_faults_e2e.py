@@ -35,7 +35,10 @@ class Script:
         self.done = 0  # handlers that have returned
 
     async def handle(self, request: web.Request) -> web.StreamResponse:
-        self.requests.append(await request.json())
+        try:
+            self.requests.append(await request.json())
+        except RecursionError:  # a body nested deeper than the json module reads
+            self.requests.append({"model": "(too deep to read)"})
         steps = self.queue.pop(0) if self.queue else []
         resp = web.StreamResponse(headers={"content-type": "text/event-stream"})
         try:
@@ -364,6 +367,33 @@ async def test_a_failed_resume_leaves_the_usage_with_the_candidate_that_produced
     line = await access_line(senv)
     assert line["model"] == "gpt-4o-mini"
     assert line["output_tokens"] >= 2
+
+
+async def test_a_body_too_deep_to_write_again_ends_a_broken_stream_with_an_error_event(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    """Nested about 1,000 deep, the request body is read and forwarded as it came, but a
+    continuation (the body with the prefill) cannot be written: the broken stream ends
+    with the in-band error, in a well-formed response."""
+    sc, token = await start(senv, sidecars, retries=0)
+    script.queue.append([ROLE + chunk("Hello"), 0.05, "close"])
+    script.queue.append([ROLE + chunk(" world"), chunk(None, "stop"), DONE])
+    deep = b"[" * 1000 + b"]" * 1000
+    # Nothing for the sidecar to rewrite (no `models`, usage asked for): it goes as it came.
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True,
+                         "stream_options": {"include_usage": True}})[:-1] + b',"metadata":' + deep + b"}"  # fmt: skip
+    async with aiohttp.ClientSession() as s, s.post(
+        sc.url + "/v1/chat/completions", data=body,
+        headers={"Authorization": f"Bearer {token}", "Content-Type": "application/json"},
+    ) as r:  # fmt: skip
+        assert r.status == 200
+        out = await r.read()  # a malformed chunked body would raise here
+    assert out.startswith(ROLE + chunk("Hello"))
+    assert b'"stream_interrupted"' in out
+    assert b"cannot be continued elsewhere" in out
+    assert len(script.requests) == 1  # no continuation was sent
+    line = await access_line(senv)
+    assert line["status"] == 200
 
 
 async def test_a_caller_leaving_during_a_held_continuation_pays_for_both_attempts(

@@ -662,17 +662,22 @@ class Proxy:
         broken_cand = ex.candidate
         body = None
         accept: Callable[[Candidate], bool] | None = _takes_prefill
+        raw = b""
         if cfg.failover.resume and broken.resumable and data is not None:
             text = broken.text
             body = prefill_body(shape, data, text)
             if body is None and not text.strip() and isinstance(data.get("messages"), list):
                 body, accept = (data, text), None  # nothing to continue: the whole answer again
+            if body is not None:
+                try:
+                    raw = inbound.dump_json(body[0])
+                except ProxyError:  # nested deeper than can be written again (it went as it came)
+                    body = None
         if body is None:
             state.metrics.stream_resumptions.labels(provider, "not_resumable").inc()
             await _end_with_error(ex, resp, shape, brk, "it cannot be continued elsewhere")
             return None
         continued, trimmed = body
-        raw = inbound.dump_json(continued)
         outs: dict[tuple[str, str | None], Outbound] = {}
         while isinstance(step := engine.next(accept=accept), Attempt):
             cand = step.candidate
