@@ -467,3 +467,21 @@ async def test_a_stale_kept_alive_connection_is_retried_for_a_get_but_never_for_
         await client.close()
         server.close()
         await server.wait_closed()
+
+
+async def test_a_switch_of_protocols_nobody_asked_for_is_a_broken_answer(
+    client: UpstreamClient,
+) -> None:
+    # The client never asks for an upgrade: a 101 is not an answer to relay to the caller
+    # (its status line would reach them as a relayed answer), and the connection is not kept.
+    server, url, _ = await _raw_upstream(
+        lambda n: b"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n"
+        b"Connection: Upgrade\r\n\r\nCLOSE"
+    )
+    try:
+        with pytest.raises(aiohttp.ClientPayloadError):
+            await client.request("POST", url, CIMultiDict(), b"{}")
+        assert client.idle_connections() == 0
+    finally:
+        server.close()
+        await server.wait_closed()

@@ -262,7 +262,9 @@ async def _exchange(
                 raise aiohttp.ClientPayloadError(
                     f"the upstream's answer is not HTTP: {exc.message}"
                 ) from None
-            if not 100 <= message.code <= 199 or message.code == 101:
+            if message.code == 101:  # never asked for (no `Upgrade` is sent): not HTTP now
+                raise aiohttp.ClientPayloadError("the upstream switched protocols unasked")
+            if not 100 <= message.code <= 199:
                 return message, payload  # an interim answer (100 Continue) is skipped
     except BaseException:
         protocol.close()  # half a request or an unread answer: never reused
