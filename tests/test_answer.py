@@ -39,6 +39,10 @@ async def _handle(request: web.Request) -> web.StreamResponse:
     if action == "translated":
         return answer.answer(request, 200, [("Content-Type", "text/plain")], OWN, BODY,
                              "application/json")  # fmt: skip
+    if action == "named":  # headers the upstream's Connection names are hop-by-hop too
+        named = [("Connection", "keep-alive, X-Hop, x-other"), ("X-Hop", "1"), ("X-Kept", "2"),
+                 ("X-Other", "3"), ("Content-Type", "application/json")]  # fmt: skip
+        return answer.answer(request, 200, named, OWN, BODY)
     if action == "bare":
         return answer.answer(request, 404, [], {}, b"nope")
     if action == "split":
@@ -235,3 +239,14 @@ def test_its_headers_read_as_a_mapping() -> None:
     assert not resp.prepared
     with pytest.raises(TypeError):  # built with its headers: a later change would be lost
         resp.headers["X-Late"] = "1"  # type: ignore[index]
+
+
+async def test_headers_the_upstreams_connection_names_are_not_relayed(port: int) -> None:
+    raw = await _exchange(port, b"POST /named HTTP/1.1\r\nHost: x\r\nContent-Length: 0\r\n\r\n")
+    _, headers, body = _head(raw)
+    assert body == BODY
+    names = _names(headers)
+    assert "x-hop" not in names
+    assert "x-other" not in names
+    assert ("X-Kept", "2") in headers
+    assert "connection" not in names

@@ -38,6 +38,8 @@ DROP_RESPONSE: Final = HOP_BY_HOP | {"content-encoding", "set-cookie"}
 #: aiohttp's writer waits for the caller to read once this many bytes were written since
 #: it last did (its `LIMIT`); `Stream.write` keeps the same rule.
 DRAIN_AT: Final = 0x10000
+#: What a `Connection` header says besides naming hop-by-hop headers.
+_CONNECTION_OPTIONS: Final = frozenset({"", "close", "keep-alive"})
 #: Headers the sidecar adds when the upstream's answer has none of its own.
 _DEFAULTED: Final = frozenset({"date", "server", "content-type"})
 
@@ -55,15 +57,23 @@ def _pairs(
     with the lower-cased names of `_DEFAULTED` present."""
     out = _Pairs()
     seen: set[str] = set()
+    named = ""  # the upstream's `Connection`: the headers it names are hop-by-hop too
     for name, value in upstream:
         low = name.lower()
         if low in DROP_RESPONSE or low in own:
+            if low == "connection":
+                named += "," + value
             continue
         if low in _DEFAULTED:
             if low == "content-type" and content_type is not None:
                 continue
             seen.add(low)
         out.append((name, value))
+    if named:
+        hop = {t.strip().lower() for t in named.split(",")} - _CONNECTION_OPTIONS
+        if hop:  # RFC 9110 §7.6.1
+            out[:] = [pair for pair in out if pair[0].lower() not in hop]
+            seen -= hop
     if content_type is not None:
         out.append(("Content-Type", content_type))
         seen.add("content-type")
