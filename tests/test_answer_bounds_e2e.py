@@ -47,7 +47,7 @@ async def _caller(port: int, rcvbuf: int) -> socket.socket:
 
 
 async def _boot_huge(env: Env, sidecars: list[Sidecar]) -> Sidecar:
-    return await boot(env, sidecars, "timeouts: {stream_idle: 500ms}\n"
+    return await boot(env, sidecars, "timeouts: {stream_idle: 1s}\n"
                       + providers_yaml(env, openai=[("k1", "sk-openai-1")]))  # fmt: skip
 
 
@@ -127,3 +127,56 @@ async def test_an_auth_error_that_is_not_json_is_relayed_masked(
     leaked = "SECRETVALUE" in text or re.search(r"\bsk-", text) is not None
     assert not leaked, "a key fragment is relayed"
     assert text.endswith(". Find your key in the dashboard.\n")
+
+
+# --------------------------------------------------------------------------- a body relayed as it arrives
+
+
+@pytest.fixture
+async def plain(aiohttp_server: Callable[..., Any]) -> str:
+    """An upstream whose chat answer is 64 MiB of text/plain, sent as the reader takes it:
+    neither JSON nor SSE, so the sidecar relays it as it arrives."""
+
+    async def answer(request: web.Request) -> web.StreamResponse:
+        await request.read()
+        resp = web.StreamResponse(headers={"content-type": "text/plain"})
+        await resp.prepare(request)
+        piece = b"x" * (1 << 20)
+        try:
+            for _ in range(64):
+                await resp.write(piece)
+            await resp.write_eof()
+        except ConnectionError:
+            pass
+        return resp
+
+    app = web.Application()
+    app.router.add_post("/v1/{tail:.*}", answer)
+    server: TestServer = await aiohttp_server(app)
+    return str(server.make_url("/v1"))
+
+
+async def test_a_caller_that_stops_taking_a_relayed_body_is_a_caller_gone_not_a_break(
+    tmp_path: Any, sidecars: list[Sidecar], http: aiohttp.ClientSession, plain: str
+) -> None:
+    """Not the upstream's fault: no `idle_timeout` interruption is counted against it, and
+    the access log and metrics say 499."""
+    env = make_env(tmp_path, plain)
+    token = env.access_key("app")
+    sc = await boot(env, sidecars, "timeouts: {stream_idle: 1s}\n"
+                    + providers_yaml(env, openai=[("k1", "sk-openai-1")]))  # fmt: skip
+    loop = asyncio.get_running_loop()
+    s = await _caller(sc.running.proxy_port, 4096)
+    try:
+        await loop.sock_sendall(s, _request(token, chat()))
+        for _ in range(100):
+            await asyncio.sleep(0.1)
+            m = await metrics_text(http, sc)
+            if metric_value(m, "sidecar_requests_total") >= 1:
+                break
+        else:
+            raise AssertionError("a caller that took nothing held the relayed body")
+    finally:
+        s.close()
+    assert metric_value(m, "sidecar_requests_total", status="499") == 1
+    assert metric_value(m, "sidecar_stream_interruptions_total") == 0

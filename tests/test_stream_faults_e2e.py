@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import struct
 from typing import Any
 
 import aiohttp
@@ -255,6 +256,31 @@ async def test_a_caller_that_reads_nothing_is_let_go_after_stream_idle(
             raise AssertionError("a caller that reads nothing held the stream past stream_idle")
     finally:
         s.close()
+
+
+async def test_a_caller_that_resets_while_its_stream_waits_for_it_is_a_499_not_a_500(
+    senv: Env, sidecars: list[Sidecar], script: Script, http: Any
+) -> None:
+    """A reset from the caller while the sidecar's write waits for it to read (aiohttp wakes
+    that wait with a plain ConnectionError) is a caller that left, not a sidecar failure."""
+    sc, token = await start(senv, sidecars, stream_idle="20s")
+    big = chunk("x" * 60000)
+    script.queue.append([ROLE + chunk("Hello"), *([big] * 400), chunk(None, "stop"), DONE])
+    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", sc.running.proxy_port))
+    s.sendall(post_bytes(token, body))
+    await asyncio.sleep(1.0)  # the sidecar's buffer for this caller fills: its write waits
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    s.close()  # with linger 0: a reset
+    for _ in range(50):
+        await asyncio.sleep(0.1)
+        m = await metrics_text(http, sc)
+        if metric_value(m, "sidecar_requests_total") >= 1:
+            break
+    assert metric_value(m, "sidecar_requests_total", status="499") == 1
+    assert metric_value(m, "sidecar_requests_total", status="500") == 0
 
 
 async def test_a_caller_leaving_during_the_first_token_hold_stops_the_upstream(

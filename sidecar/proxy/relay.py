@@ -91,7 +91,7 @@ async def end(ex: Exchange, resp: web.StreamResponse, data: bytes = b"") -> None
     for what is buffered to drain). A whole answer's body goes out in that write too: up to
     8 MiB, which a caller may take slowly, but not take nothing of for `stream_idle`."""
     body = resp._body  # a whole answer's (`answer.Answer`, `web.Response`); else None
-    size = _size(resp, data) + (len(body) if isinstance(body, bytes) else 0)
+    size = _size(resp, data) + (len(body) if isinstance(body, (bytes, bytearray)) else 0)
     if not _must_wait(ex, size):
         await resp.write_eof(data)
         return
@@ -148,7 +148,8 @@ class _Taking:
         self._idle = idle
         self._every = idle / 4
         self._last: int | None = None  # the buffer's size at the last look
-        self._handle = loop.call_later(self._every, self._look)
+        # The first look once the write is under way (it fills the buffer first).
+        self._handle: asyncio.Handle = loop.call_soon(self._look)
 
     def _look(self) -> None:
         transport = self._transport
@@ -376,6 +377,9 @@ async def relay_body(
         ex.status = CLIENT_CLOSED
     except (aiohttp.ClientPayloadError, aiohttp.ClientConnectionError, TimeoutError) as exc:
         if ex.caller_gone:
+            ex.status = CLIENT_CLOSED
+        elif isinstance(exc, TimeoutError) and _must_wait(ex, 0):
+            close_caller(ex)  # the timer ran out while the caller took nothing (as in `pump`)
             ex.status = CLIENT_CLOSED
         else:
             interrupted(
