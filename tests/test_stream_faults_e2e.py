@@ -234,11 +234,9 @@ async def test_events_that_are_not_one_json_value_each_break_the_stream(
 # -- bounds --------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("first_token", ["1s", "3s"])  # aiohttp's read timer, or the relay's own
-async def test_a_caller_that_reads_nothing_is_let_go_after_stream_idle(
-    senv: Env, sidecars: list[Sidecar], script: Script, http: Any, first_token: str
-) -> None:
-    sc, token = await start(senv, sidecars, first_token=first_token, stream_idle="2s")
+def _big_stream_for_a_small_reader(sc: Sidecar, token: str, script: Script) -> socket.socket:
+    """A stream of about 24 MB asked for by a caller whose receive buffer is small: the
+    sidecar's buffer for it fills once the caller reads nothing."""
     big = chunk("x" * 60000)
     script.queue.append([ROLE + chunk("Hello"), *([big] * 400), chunk(None, "stop"), DONE])
     body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
@@ -246,6 +244,15 @@ async def test_a_caller_that_reads_nothing_is_let_go_after_stream_idle(
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.connect(("127.0.0.1", sc.running.proxy_port))
     s.sendall(post_bytes(token, body))
+    return s
+
+
+@pytest.mark.parametrize("first_token", ["1s", "3s"])  # aiohttp's read timer, or the relay's own
+async def test_a_caller_that_reads_nothing_is_let_go_after_stream_idle(
+    senv: Env, sidecars: list[Sidecar], script: Script, http: Any, first_token: str
+) -> None:
+    sc, token = await start(senv, sidecars, first_token=first_token, stream_idle="2s")
+    s = _big_stream_for_a_small_reader(sc, token, script)
     try:
         for _ in range(100):  # the request must end within a few stream_idle, reading nothing
             await asyncio.sleep(0.1)
@@ -264,13 +271,7 @@ async def test_a_caller_that_resets_while_its_stream_waits_for_it_is_a_499_not_a
     """A reset from the caller while the sidecar's write waits for it to read (aiohttp wakes
     that wait with a plain ConnectionError) is a caller that left, not a sidecar failure."""
     sc, token = await start(senv, sidecars, stream_idle="20s")
-    big = chunk("x" * 60000)
-    script.queue.append([ROLE + chunk("Hello"), *([big] * 400), chunk(None, "stop"), DONE])
-    body = orjson.dumps({"model": "gpt-4o-mini", "messages": MSG, "stream": True})
-    s = socket.socket()
-    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
-    s.connect(("127.0.0.1", sc.running.proxy_port))
-    s.sendall(post_bytes(token, body))
+    s = _big_stream_for_a_small_reader(sc, token, script)
     await asyncio.sleep(1.0)  # the sidecar's buffer for this caller fills: its write waits
     s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
     s.close()  # with linger 0: a reset
