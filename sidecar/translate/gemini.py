@@ -537,7 +537,11 @@ def _schema_to_json(schema: Any, path: str, depth: int = 0) -> dict[str, Any]:
         elif key not in ("nullable", "propertyOrdering"):
             out[key] = value
     order = fields.get("propertyOrdering")
-    if isinstance(order, list) and "properties" in out:
+    if order is not None and (
+        not isinstance(order, list) or not all(isinstance(name, str) for name in order)
+    ):
+        raise Unsupported(f"{path}.propertyOrdering", "expected a list of property names")
+    if order is not None and "properties" in out:
         props = out["properties"]
         ranked = [name for name in order if name in props]
         ranked += [name for name in props if name not in ranked]
