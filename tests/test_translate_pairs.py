@@ -602,3 +602,50 @@ def test_a_200_that_is_not_an_answer_is_not_translated_into_one(caller: str, ups
 def test_an_answer_with_a_null_error_field_is_still_an_answer(caller: str) -> None:
     doc = {**answer("openai", tool=False), "error": None}
     assert Translation(caller, "openai").response(orjson.dumps(doc), "m") is not None
+
+
+# -- found by review: odd input is a clear refusal or a malformed event, never a crash ----------
+
+
+@pytest.mark.parametrize("entry", [{"x": 1}, ["a"], 3, None])
+@pytest.mark.parametrize(("where", "upstream"), [("tool", "openai"), ("tool", "anthropic"),
+                                                 ("response", "openai")])  # fmt: skip
+def test_a_property_ordering_that_is_not_names_is_refused_not_a_crash(
+    entry: Any, where: str, upstream: str
+) -> None:
+    schema = {"type": "OBJECT", "properties": {"a": {"type": "STRING"}},
+              "propertyOrdering": ["a", entry]}  # fmt: skip
+    body: dict[str, Any] = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}]}
+    if where == "tool":
+        body["tools"] = [{"functionDeclarations": [{"name": "f", "parameters": schema}]}]
+    else:
+        body["generationConfig"] = {"responseMimeType": "application/json",
+                                    "responseSchema": schema}  # fmt: skip
+    with pytest.raises(Unsupported) as info:
+        Translation("gemini", upstream).request(body, MODEL[upstream], False)
+    assert "propertyOrdering" in info.value.field
+
+
+@pytest.mark.parametrize("caller", ["anthropic", "gemini"])
+@pytest.mark.parametrize("usage", [{"prompt_tokens": "7", "completion_tokens": 2},
+                                   {"prompt_tokens": "abc", "completion_tokens": 2},
+                                   {"prompt_tokens": 7, "completion_tokens": [2]}])  # fmt: skip
+@pytest.mark.parametrize("end", ["done", "eof"])
+def test_a_usage_the_translation_cannot_read_is_malformed_not_a_crash(
+    caller: str, usage: dict[str, Any], end: str
+) -> None:
+    """The usage is read when the answer ends: at `[DONE]`, or at EOF after the finish. What
+    cannot be read as a number makes the stream malformed for the caller (its tracker then
+    decides); it never raises out of the translator."""
+    raw = upstream_stream("openai")
+    events = [(None, e) for e in sse_data_objects(raw)]
+    events.append((None, {"id": "x", "object": "chat.completion.chunk", "choices": [], "usage": usage}))
+    tr = Translation(caller, "openai").stream(MODEL["openai"])
+    out = tr.feed(sse(events))
+    out += tr.feed(b"data: [DONE]\n\n") if end == "done" else tr.finish()
+    assert out.endswith(b"data: {malformed\n\n") or read_stream(caller, out)[4]
+
+
+def sse_data_objects(raw: bytes) -> list[Any]:
+    """The JSON objects of an OpenAI stream, without its usage chunk and `[DONE]`."""
+    return [obj for name, obj in events_of(raw) if isinstance(obj, dict) and obj.get("choices")]

@@ -38,6 +38,9 @@ _MAX_EVENT: Final = 16 * 1024 * 1024
 #: What a malformed upstream event becomes: a data line no parser accepts, so the caller's
 #: stream tracker sees it as malformed and fails over or resumes.
 _MALFORMED: Final = b"data: {malformed\n\n"
+#: What reading an upstream's event (or the end it makes) can raise when the event is not
+#: what its format says: the event is malformed.
+_UNREADABLE: Final = (Unsupported, KeyError, TypeError, ValueError, AttributeError, RecursionError)
 _DONE: Final = b"data: [DONE]\n\n"
 
 
@@ -79,7 +82,7 @@ class Translation:
         try:
             pivot = _MODULES[self.upstream].response_to_pivot(doc)
             return orjson.dumps(_MODULES[self.caller].response_from_pivot(pivot, model))
-        except (Unsupported, KeyError, TypeError, ValueError, AttributeError, RecursionError):
+        except _UNREADABLE:
             return None  # not an answer this translation can read
 
     def error(self, status: int, body: bytes) -> bytes:
@@ -243,7 +246,7 @@ class SseTranslator:
         finish reason but lost its terminator (OpenAI's `[DONE]`) is ended for the caller."""
         self._held.clear()
         if self._finished and not self._ended and not self._stopped:
-            return self._emit([None])
+            return self._end()
         return b""
 
     def _event(self, raw: bytes) -> bytes:
@@ -259,7 +262,7 @@ class SseTranslator:
             return b""  # a comment or a keep-alive
         data = b"\n".join(datas)
         if data.strip() == b"[DONE]":
-            return self._emit([None])
+            return self._end()
         try:
             obj = orjson.loads(data)
         except orjson.JSONDecodeError:
@@ -269,8 +272,17 @@ class SseTranslator:
             return _MALFORMED
         try:
             return self._emit(self._to.event(name, obj))
-        except (Unsupported, KeyError, TypeError, ValueError, AttributeError, RecursionError):
+        except _UNREADABLE:
             self._stopped = True  # an event this translation cannot read: malformed
+            return _MALFORMED
+
+    def _end(self) -> bytes:
+        """The caller's end of the answer; what it says (the usage kept from earlier events)
+        is read only now, so what cannot be read makes the stream malformed here."""
+        try:
+            return self._emit([None])
+        except _UNREADABLE:
+            self._stopped = True
             return _MALFORMED
 
     def _emit(self, pivots: list[Pivot | None]) -> bytes:
