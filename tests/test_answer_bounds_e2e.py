@@ -83,7 +83,8 @@ async def refusing(aiohttp_server: Callable[..., Any]) -> dict[str, Any]:
 
     async def refuse(request: web.Request) -> web.Response:
         key = request.headers.get("authorization", "").removeprefix("Bearer ")
-        body = f"Incorrect API key provided: {key}. Find your key in the dashboard.\n"
+        pad = " " * spec.get("pad", 0)  # where in the body the key comes
+        body = f"Incorrect API key provided:{pad} {key}. Find your key in the dashboard.\n"
         return web.Response(status=spec["status"], body=body.encode(),
                             headers={"content-type": spec["ctype"]})  # fmt: skip
 
@@ -180,3 +181,26 @@ async def test_a_caller_that_stops_taking_a_relayed_body_is_a_caller_gone_not_a_
         s.close()
     assert metric_value(m, "sidecar_requests_total", status="499") == 1
     assert metric_value(m, "sidecar_stream_interruptions_total") == 0
+
+
+async def test_a_translated_auth_error_is_masked_before_it_is_cut_short(
+    tmp_path: Any, sidecars: list[Sidecar], http: aiohttp.ClientSession, refusing: dict[str, Any]
+) -> None:
+    """Translation keeps only the start of an error that is not JSON (about 500 bytes). A key
+    without a known prefix that straddles that cut must not come out in part."""
+    key = "Zq81mNw0Lr5Tx2YpK7vB3cD9eF4gH6jQ"  # no `sk-`-like prefix: masked as the key itself
+    refusing.update(status=401, ctype="text/plain", pad=470)
+    env = make_env(tmp_path, refusing["url"])
+    token = env.access_key("app")
+    sc = await boot(env, sidecars, "failover: {on_status: [429, 503]}\n"
+                    + providers_yaml(env, openai=[("k1", key)]))  # fmt: skip
+    doc = {"model": "gpt-4o-mini", "max_tokens": 16, "messages": [{"role": "user", "content": "hi"}]}
+    got, headers, body = await send(http, sc.url + "/v1/messages", token=token, json=doc,
+                                    anthropic=True)  # fmt: skip
+    assert got == 401
+    assert headers.get("x-sidecar-translated") == "anthropic->openai"
+    text = body.decode()  # never printed: it may hold what must not be there
+    assert "Incorrect API key provided" in text
+    pieces = [key[i : i + 6] for i in range(len(key) - 5)]
+    leaked = any(piece in text for piece in pieces)
+    assert not leaked, "a piece of the key is relayed"

@@ -196,9 +196,9 @@ def respond_failed(
     status, failed_headers, failed_body = failed
     ex.candidate = cand
     ex.status = status
+    body = masked(status, failed_body, cand)  # before a translation keeps only its start
     if translation is not None:
-        failed_body = translation.error(status, failed_body)
-    body = masked(status, failed_body, cand)
+        body = masked(status, translation.error(status, body), cand)
     # Translated, the upstream's page, whatever it was, is now a JSON error.
     content_type = None if translation is None else "application/json"
     return answer.answer(ex.request, status, failed_headers.items(), ex.sidecar_headers(),
@@ -223,6 +223,7 @@ async def respond_unreadable(
     if status < 300:
         status, head = 502, b"the upstream's answer could not be translated"
     ex.status = status
+    head = masked(status, head, ex.candidate)  # before a translation keeps only its start
     body = masked(status, translation.error(status, head), ex.candidate)
     return web.Response(status=status, body=body, content_type="application/json",
                         headers=ex.sidecar_headers())  # fmt: skip
@@ -231,8 +232,8 @@ async def respond_unreadable(
 def _translated(ex: Exchange, translation: Translation, status: int, body: bytes) -> bytes:
     """An upstream's answer or error in the caller's format; an answer that cannot be read
     as one becomes the caller's 502."""
-    if status >= 300:
-        return translation.error(status, body)
+    if status >= 300:  # masked before a translation keeps only its start (and after)
+        return translation.error(status, masked(status, body, ex.candidate))
     model = ex.candidate.upstream_model if ex.candidate else None
     out = translation.response(body, model or "")
     if out is None:
