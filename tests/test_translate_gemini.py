@@ -1656,3 +1656,44 @@ def test_from_pivot_ignores_malformed_tool_call_deltas() -> None:
     [(_, data)] = translator.chunk(None)
     parts = data["candidates"][0]["content"]["parts"]
     assert [part["functionCall"]["name"] for part in parts] == ["f"]
+
+
+# -- found by review: what some OpenAI-compatible upstreams send ------------------------------
+
+
+def _calls_of(translator: FromPivot) -> list[dict[str, Any]]:
+    translator.chunk(pivot_chunk({}, "tool_calls"))
+    [(_, data)] = translator.chunk(None)
+    return [part["functionCall"] for part in data["candidates"][0]["content"]["parts"]]
+
+
+def test_from_pivot_tool_call_deltas_without_an_index_continue_the_latest_call() -> None:
+    """Some OpenAI-compatible upstreams omit `index`: a new `id` (or, without one, a new
+    `name`) starts a call; a delta with neither continues the latest."""
+    translator = FromPivot("m")
+    for call in ({"id": "c1", "function": {"name": "f", "arguments": ""}},
+                 {"function": {"arguments": '{"a":'}}, {"function": {"arguments": "1}"}},
+                 {"id": "c2", "function": {"name": "g", "arguments": "{}"}},
+                 {"function": {"name": "h", "arguments": '{"b":'}}, {"function": {"arguments": "2}"}}):  # fmt: skip
+        assert translator.chunk(pivot_chunk({"tool_calls": [call]})) == []
+    assert _calls_of(translator) == [
+        {"name": "f", "args": {"a": 1}, "id": "c1"},
+        {"name": "g", "args": {}, "id": "c2"},
+        {"name": "h", "args": {"b": 2}},
+    ]
+
+
+def test_from_pivot_a_refusal_is_the_answers_text() -> None:
+    translator = FromPivot("m")
+    events = translator.chunk(pivot_chunk({"role": "assistant", "refusal": "I cannot "}))
+    events += translator.chunk(pivot_chunk({"refusal": "help with that."}, "stop"))
+    events += translator.chunk(None)
+    parts = [p for _, data in events for p in data["candidates"][0]["content"]["parts"]]
+    assert "".join(p["text"] for p in parts) == "I cannot help with that."
+
+
+def test_response_from_pivot_a_refusal_is_the_answers_text() -> None:
+    pivot = {"id": "x", "model": "m", "choices": [{"index": 0, "finish_reason": "stop", "message": {
+        "role": "assistant", "content": None, "refusal": "I cannot help with that."}}]}  # fmt: skip
+    doc = response_from_pivot(pivot, "m")
+    assert doc["candidates"][0]["content"]["parts"] == [{"text": "I cannot help with that."}]

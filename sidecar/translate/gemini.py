@@ -1029,6 +1029,9 @@ def response_from_pivot(pivot: Pivot, model: str) -> dict[str, Any]:
     message = choice.get("message") or {}
     parts: list[Pivot] = []
     text = _pivot_text(message.get("content"), "choices[0].message.content")
+    refusal = message.get("refusal")
+    if not text and isinstance(refusal, str):
+        text = refusal  # what the model said, refusing (Gemini has no field of its own for it)
     if text:
         parts.append({"text": text})
     cut = choice.get("finish_reason") == "length"
@@ -1252,6 +1255,7 @@ class FromPivot:
         self._model = model
         self._id = ""
         self._calls: dict[int, _Call] = {}
+        self._latest: int | None = None  # the call the last tool-call delta went to
         self._argument_bytes = 0
         self._finish: str | None = None
         self._usage: Any = None
@@ -1276,9 +1280,10 @@ class FromPivot:
                 continue
             delta = choice.get("delta")
             delta = delta if isinstance(delta, dict) else {}
-            text = delta.get("content")
-            if isinstance(text, str) and text:
-                events.append((None, self._body([{"text": text}])))
+            for key in ("content", "refusal"):  # a refusal is what the model said
+                text = delta.get(key)
+                if isinstance(text, str) and text:
+                    events.append((None, self._body([{"text": text}])))
             calls = delta.get("tool_calls")
             for call in calls if isinstance(calls, list) else []:
                 refusal = self._add_call(call)
@@ -1295,7 +1300,8 @@ class FromPivot:
             return None
         index = call.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
-            index = len(self._calls)
+            index = self._unindexed(call)
+        self._latest = index
         known = self._calls.get(index)
         if known is None:
             if len(self._calls) >= _MAX_CALLS:
@@ -1315,6 +1321,23 @@ class FromPivot:
                 return _too_large(f"function call arguments over {_MAX_ARGUMENT_BYTES} bytes")
             known.pieces.append(arguments)
         return None
+
+    def _unindexed(self, call: dict[str, Any]) -> int:
+        """Which call a delta without an `index` belongs to (some OpenAI-compatible upstreams
+        omit it): a new `id` (or, without one, a new `name`) starts a call, and a delta with
+        neither continues the latest one."""
+        latest = self._calls.get(self._latest) if self._latest is not None else None
+        function = call.get("function")
+        name = function.get("name") if isinstance(function, dict) else None
+        given = call.get("id")
+        if (
+            latest is None
+            or (given and given != latest.id)
+            or (not given and name and name != latest.name)
+        ):
+            return max(self._calls, default=-1) + 1
+        assert self._latest is not None
+        return self._latest
 
     def _final(self) -> Event:
         parts: list[Pivot] = []
