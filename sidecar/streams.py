@@ -498,6 +498,10 @@ class Translator(Protocol):
     an event the tracker reads as malformed or as an in-band error.
     """
 
+    #: The upstream sent content that the caller's format holds back for now (a Gemini
+    #: caller gets function calls whole, at the end): the stream has started all the same.
+    content_held: bool
+
     def feed(self, chunk: bytes) -> bytes: ...
 
     def finish(self) -> bytes: ...
@@ -724,6 +728,8 @@ class StreamTracker:
         if self._pre is not None:
             chunk = self._pre.feed(chunk)
             if not chunk:
+                if not self.content_seen and self._pre.content_held:
+                    self.content_seen = True  # content, though the caller gets it later
                 return b""
         if self._through:
             if self._held:

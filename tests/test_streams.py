@@ -1145,6 +1145,7 @@ class LinesToChat:
         self.held = b""
         self.fed: list[bytes] = []
         self.tail = tail
+        self.content_held = False
 
     def feed(self, chunk: bytes) -> bytes:
         self.fed.append(chunk)

@@ -649,3 +649,22 @@ def test_a_usage_the_translation_cannot_read_is_malformed_not_a_crash(
 def sse_data_objects(raw: bytes) -> list[Any]:
     """The JSON objects of an OpenAI stream, without its usage chunk and `[DONE]`."""
     return [obj for name, obj in events_of(raw) if isinstance(obj, dict) and obj.get("choices")]
+
+
+def test_a_tool_call_the_callers_format_holds_back_still_ends_the_first_token_hold() -> None:
+    """A Gemini caller gets function calls whole, at the end; the upstream's first tool-call
+    delta is still its first content, so the first-token hold ends there (a long call is
+    not a timeout)."""
+    from sidecar.streams import Shape, StreamTracker
+
+    tracker = StreamTracker(Shape.GEMINI, pre=Translation("gemini", "openai").stream(MODEL["openai"]))
+    role = {"id": "x", "object": "chat.completion.chunk", "choices": [
+        {"index": 0, "delta": {"role": "assistant", "content": ""}, "finish_reason": None}]}  # fmt: skip
+    assert tracker.feed(sse([(None, role)])) == b""
+    assert not tracker.started  # an empty preamble is not content
+    call = {"id": "x", "object": "chat.completion.chunk", "choices": [{"index": 0, "delta": {
+        "tool_calls": [{"index": 0, "id": "c1", "type": "function",
+                        "function": {"name": "write_file", "arguments": "{\"pa"}}]},
+        "finish_reason": None}]}  # fmt: skip
+    assert tracker.feed(sse([(None, call)])) == b""  # held until the end, as Gemini sends calls
+    assert tracker.started

@@ -182,6 +182,20 @@ def _gives_finish(chunk: Pivot) -> bool:
     )
 
 
+def _gives_content(chunk: Pivot) -> bool:
+    """Whether a pivot chunk carries content: text, a refusal or a tool call."""
+    choices = chunk.get("choices")
+    if not isinstance(choices, list):
+        return False
+    for choice in choices:
+        delta = choice.get("delta") if isinstance(choice, dict) else None
+        if isinstance(delta, dict) and (
+            delta.get("content") or delta.get("refusal") or delta.get("tool_calls")
+        ):
+            return True
+    return False
+
+
 def translation(caller: str, upstream: str) -> Translation | None:
     """The translation an attempt needs, or None when both speak the same format."""
     return None if caller == upstream else Translation(caller, upstream)
@@ -196,7 +210,8 @@ class SseTranslator:
     `StreamTracker` reads what comes out, so the failover rules apply to it unchanged.
     """
 
-    __slots__ = ("_ended", "_finished", "_from", "_held", "_named", "_scan", "_stopped", "_to")
+    __slots__ = ("_ended", "_finished", "_from", "_held", "_named", "_scan", "_stopped", "_to",
+                 "content_held")  # fmt: skip
 
     def __init__(self, to_pivot: StreamToPivot, from_pivot: StreamFromPivot, caller: str) -> None:
         self._to = to_pivot
@@ -207,6 +222,9 @@ class SseTranslator:
         self._stopped = False
         self._finished = False  # the upstream's answer gave its finish reason
         self._ended = False  # the caller's end of the answer was written
+        #: The upstream sent content that the caller's format holds back for now: a Gemini
+        #: caller gets function calls whole, in the last chunk. (Its first-token hold ends.)
+        self.content_held = False
 
     def feed(self, chunk: bytes) -> bytes:
         if self._stopped:
@@ -294,8 +312,11 @@ class SseTranslator:
                 self._ended = True
             elif not self._finished and _gives_finish(pivot):
                 self._finished = True
-            for event in self._from.chunk(pivot):
+            events = self._from.chunk(pivot)
+            for event in events:
                 out += self._frame(event)
+            if not events and not self.content_held and pivot is not None:
+                self.content_held = _gives_content(pivot)
             if pivot is None and not self._named and isinstance(self._from, openai.FromPivot):
                 out += _DONE
         return bytes(out)
