@@ -41,6 +41,9 @@ class Provider:
     keyless: KeySelection | None  # for `auth: none`
     #: whether a model continues a partial assistant message (stream resumption)
     prefill: bool = False
+    #: the `headers` whose values come from the config alone, not the vault: all a
+    #: passthrough caller's request gets (it sends its own key, never the operator's)
+    open_headers: tuple[tuple[str, Secret], ...] = ()
     model_prefill: Mapping[str, bool] = field(default_factory=dict)
 
     #: where its requests go and how (`sidecar.upstreams`), derived once from the fields above
@@ -153,11 +156,15 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
         if p.disabled:
             continue
         headers: list[tuple[str, Secret]] = []
+        open_headers: list[tuple[str, Secret]] = []
         for name, tmpl in p.headers:
             try:
                 headers.append((name, tmpl.render(resolve)))
             except KeyError as exc:
                 problems.append(f"providers[{i}].headers.{name}: {exc.args[0]} is not in the vault")
+                continue
+            if not tmpl.refs:
+                open_headers.append(headers[-1])
         keyless = None
         if p.auth == "none":
             keyless = KeySelection(
@@ -173,6 +180,7 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             configured=True,
             models=frozenset(p.models),
             headers=tuple(headers),
+            open_headers=tuple(open_headers),
             query=urlencode(p.query_params),
             policy_keys=keys(p.id, KeySource.POLICY, p.api_keys, f"providers[{i}].api_keys"),
             managed_keys=keys(

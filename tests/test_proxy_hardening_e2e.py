@@ -41,6 +41,31 @@ async def test_one_passthrough_callers_failures_do_not_lock_out_another(
                 assert r.headers["x-sidecar-key-source"] == "passthrough"
 
 
+async def test_a_passthrough_caller_never_gets_the_providers_vault_headers(
+    env: Env, sidecars: list[Sidecar], mock_server: TestServer
+) -> None:
+    """A provider's `headers:` may carry the operator's key (Azure's `api-key` with `auth:
+    none`). A passthrough caller sends its own key: the vault's header values are not
+    added to its request (else any caller would use the operator's key); literal ones are."""
+    ref = env.secret("azure", "key", "AZURE-OPERATOR-SECRET")
+    sc = await _boot(env, sidecars, "passthrough: true\nproviders:\n  - id: openai\n"
+                     f"    base_url: UPSTREAM\n    headers: {{x-operator-key: \"{ref}\", "
+                     "x-plain: hello}\n")  # fmt: skip
+    chat = {"model": "gpt-4o-mini", "messages": [{"role": "user", "content": "hi"}]}
+    async with aiohttp.ClientSession() as http, http.post(
+        sc.url + "/v1/chat/completions", json=chat,
+        headers={"authorization": "Bearer sk-caller-good"},
+    ) as r:  # fmt: skip
+        assert r.status == 200
+        assert r.headers["x-sidecar-key-source"] == "passthrough"
+    [seen] = await _mock_log(mock_server)
+    sent = seen["headers"]  # never printed: it may hold what must not be there
+    leaked = "x-operator-key" in sent
+    assert not leaked, "the operator's vault header went with a caller's key"
+    assert sent["x-plain"] == "hello"
+    assert sent["authorization"] == "Bearer sk-caller-good"
+
+
 async def test_model_failover_in_a_stream_never_shows_the_added_usage_chunk(
     env: Env, sidecars: list[Sidecar]
 ) -> None:

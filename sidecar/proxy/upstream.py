@@ -114,10 +114,10 @@ def target(cand: Candidate, prep: Prepared, out: Outbound) -> tuple[URL, CIMulti
         headers = prep.headers.copy()
     else:
         headers = translated_headers(prep.headers, out.chat_headers)
-    for name, secret in p.headers:
+    operators = cand.key.source is not SOURCE_PASSTHROUGH  # else the caller's own key
+    for name, secret in p.headers if operators else p.open_headers:  # never the vault's to a caller
         headers[name] = secret.reveal()
-    auth = auth_header(p.auth if cand.key.source is not SOURCE_PASSTHROUGH else _caller_auth(p.auth),
-                       cand.key.secret)  # fmt: skip
+    auth = auth_header(p.auth if operators else _caller_auth(p.auth), cand.key.secret)
     if auth is not None:
         headers[auth[0]] = auth[1]
     return url, headers
