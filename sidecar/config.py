@@ -8,6 +8,7 @@ unresolved `Template`s here; `runtime.build_runtime` resolves them.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -42,6 +43,9 @@ _REF = re.compile(r"""\$\{\s*secrets\.get\(\s*(['"])([^'"]+)\1\s*,\s*(['"])([^'"
 _ID = NAME
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h)?\s*$")
 _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
+#: The longest duration a setting may have: a year (366 days). Longer, or infinite, would
+#: overflow the clock times the sidecar shows (a cooldown's end in `/keys`).
+_MAX_DURATION_S: Final = 366 * 86400.0
 
 
 # --------------------------------------------------------------------------- values
@@ -282,16 +286,21 @@ class Config:
 
 
 def parse_duration(value: object) -> float:
-    """`250ms`, `30s`, `5m`, `1h` or a bare number of seconds → seconds."""
+    """`250ms`, `30s`, `5m`, `1h` or a bare number of seconds → seconds; at most a year
+    (`_MAX_DURATION_S`). Not NaN: it passes every comparison, and a NaN deadline never fires."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 250ms, 30s or 5m")
     if isinstance(value, int | float):
         if value < 0:
             raise ValueError("expected a non-negative duration")
-        return float(value)
-    if isinstance(value, str) and (m := _DURATION.match(value)):
-        return float(m.group(1)) * _UNITS[m.group(2)]
-    raise ValueError("expected a duration like 250ms, 30s or 5m")
+        seconds = float(value)
+    elif isinstance(value, str) and (m := _DURATION.match(value)):
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    else:
+        raise ValueError("expected a duration like 250ms, 30s or 5m")
+    if not seconds <= _MAX_DURATION_S:  # (also NaN)
+        raise ValueError("expected a duration of at most a year (8784h)")
+    return seconds
 
 
 def parse_host_port(value: object) -> HostPort:
@@ -403,8 +412,8 @@ def _reload_interval(v: object) -> float:
 
 
 def _non_neg_number(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or v < 0:
-        raise ValueError("expected a non-negative number")
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
+        raise ValueError("expected a non-negative number")  # (not NaN, not infinite)
     return float(v)
 
 

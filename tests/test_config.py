@@ -179,6 +179,23 @@ def test_bad_durations(raw: object) -> None:
         parse_duration(raw)
 
 
+@pytest.mark.parametrize("raw", [float("nan"), float("inf"), 1e308 * 10, "9" * 400 + "s",
+                                 366 * 86400 + 1, "8785h"])  # fmt: skip
+def test_durations_that_are_not_finite_or_over_a_year_are_refused(raw: object) -> None:
+    """NaN passes every `<` check and would disable the timers it set; infinity or a
+    century overflows the clocks the sidecar shows (`/keys`)."""
+    with pytest.raises(ValueError, match="duration"):
+        parse_duration(raw)
+
+
+@pytest.mark.parametrize("doc", ["timeouts: {per_request: .nan}", "reload_interval: .nan",
+                                 "failover: {cooldown: {auth_failed: .inf}}",
+                                 "shutdown_grace: .nan", "timeouts: {stream_idle: .inf}"])  # fmt: skip
+def test_yaml_nan_and_infinity_are_refused_as_durations(doc: str) -> None:
+    with pytest.raises(ConfigError):
+        parse(doc)
+
+
 def test_durations_in_yaml() -> None:
     c = parse(
         """
@@ -325,6 +342,8 @@ def test_config_error_message_lists_every_problem_and_the_file() -> None:
             "prices: {gpt-x: {input: -1, output: 1}}",
             "prices.gpt-x.input: expected a non-negative number",
         ),
+        ("prices: {gpt-x: {input: .nan, output: 1}}", "prices.gpt-x.input: expected a"),
+        ("prices: {gpt-x: {input: 1, output: .inf}}", "prices.gpt-x.output: expected a"),
         ("[1, 2]", "(top level): expected a mapping"),
     ],
 )
