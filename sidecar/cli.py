@@ -24,6 +24,7 @@ from sidecar.errors import ConfigError, UserError, VaultError, problems_text
 from sidecar.names import NAME_RULE, is_name
 from sidecar.secret import Secret
 from sidecar.vault import (
+    MAX_CREDITS_USD,
     MAX_RATE_LIMIT,
     add_access_key,
     attach_key,
@@ -74,8 +75,10 @@ def _usd(value: str) -> float:
         amount = float(value)
     except ValueError:
         raise argparse.ArgumentTypeError(f"expected an amount in USD, got {value!r}") from None
-    if amount < 0 or amount != amount or amount == float("inf"):
-        raise argparse.ArgumentTypeError("expected a non-negative amount in USD")
+    if not 0 <= amount <= MAX_CREDITS_USD:  # (also NaN)
+        raise argparse.ArgumentTypeError(
+            f"expected an amount in USD from 0 to {MAX_CREDITS_USD:.0f}"
+        )
     return amount
 
 

@@ -33,6 +33,10 @@ ACCESS_KEY_PREFIX: Final = "sk-sc-"
 #: the largest `rpm` / `tpm` an access key may have; absent (None) means unlimited
 MAX_RATE_LIMIT: Final = 1_000_000_000
 
+#: The most credits an access key may hold (USD): counted in micro-USD, that still fits the
+#: ledger's 64-bit integers (a larger number would overflow and take the vault down).
+MAX_CREDITS_USD: Final = 1e12
+
 
 # --------------------------------------------------------------------------- slots
 
@@ -203,9 +207,11 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
         )
         credits = e.get("credits_usd", 0)
         _expect(
-            isinstance(credits, int | float) and not isinstance(credits, bool),
+            isinstance(credits, int | float)
+            and not isinstance(credits, bool)
+            and 0 <= credits <= MAX_CREDITS_USD,
             f"{w}.credits_usd",
-            "a number",
+            f"a number from 0 to {MAX_CREDITS_USD:.0f}",
         )
         attached: list[AttachedEntry] = []
         att_raw = e.get("attached", [])

@@ -364,6 +364,11 @@ def test_set_credits(dep: Deployment) -> None:
     assert_one_error_line(
         cli("access-key", "set-credits", "--vault", str(dep.vault), "ghost", "1"), "ghost"
     )
+    # More than the ledger can count (micro-USD in 64 bits): refused, the vault unchanged.
+    for amount in ("1e308", "1e13"):
+        result = cli("access-key", "set-credits", "--vault", str(dep.vault), "checkout", amount)
+        assert result.code == 2, result.err
+    assert dep.raw()["access_keys"]["checkout"]["credits_usd"] == 7.25
 
 
 # --------------------------------------------------------------------------- rate limits

@@ -172,6 +172,14 @@ def test_document_round_trips(vault: Path, sealer: Sealer, opener: Opener) -> No
             lambda d: d.update(access_keys={"k": {"hash": "sha256:0", "credits_usd": "lots"}}),
             "access_keys.k.credits_usd",
         ),
+        (  # would overflow when counted in micro-USD, and take the vault down with it
+            lambda d: d.update(access_keys={"k": {"hash": "sha256:0", "credits_usd": 1e308}}),
+            "access_keys.k.credits_usd",
+        ),
+        (
+            lambda d: d.update(access_keys={"k": {"hash": "sha256:0", "credits_usd": -1}}),
+            "access_keys.k.credits_usd",
+        ),
         (
             lambda d: d.update(
                 access_keys={
