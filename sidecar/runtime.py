@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import NamedTuple
+from typing import Final, NamedTuple
 from urllib.parse import urlencode
 
 from sidecar.catalog import BUILTIN_PROVIDERS, Auth, Format
@@ -105,6 +105,16 @@ class Runtime:
         return next((a for a in self.access_keys.values() if a.name == name), None)
 
 
+#: A key or header value with a CR or LF would split every request's head (the upstream
+#: client refuses to send it): the version is refused instead, naming where, not the value.
+_LINE_BREAK: Final = "the value has a line break"
+
+
+def _line_break(secret: Secret) -> bool:
+    value = secret.reveal()
+    return value.find("\r") >= 0 or value.find("\n") >= 0
+
+
 def _health_id(provider: str, secret: Secret | None) -> str:
     return f"{provider}:{secret.fingerprint() if secret else NO_KEY_ID}"
 
@@ -139,6 +149,9 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
             except KeyError as exc:
                 problems.append(f"{path}[{j}].value: {exc.args[0]} is not in the vault")
                 continue
+            if _line_break(secret):
+                problems.append(f"{path}[{j}].value: {_LINE_BREAK}")
+                continue
             out.append(make_key(pid, source, k.id, secret))
         return tuple(out)
 
@@ -162,6 +175,10 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
                 headers.append((name, tmpl.render(resolve)))
             except KeyError as exc:
                 problems.append(f"providers[{i}].headers.{name}: {exc.args[0]} is not in the vault")
+                continue
+            if _line_break(headers[-1][1]):
+                problems.append(f"providers[{i}].headers.{name}: {_LINE_BREAK}")
+                headers.pop()
                 continue
             if not tmpl.refs:
                 open_headers.append(headers[-1])
@@ -195,6 +212,9 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
     for rec in vault.access_keys:
         attached: dict[str, list[ProviderKey]] = {}
         for a in rec.attached:  # already newest first
+            if _line_break(a.secret):
+                problems.append(f"access_keys.{rec.name}.attached.{a.id}: {_LINE_BREAK}")
+                continue
             attached.setdefault(a.provider, []).append(
                 make_key(a.provider, KeySource.ATTACHED, a.id, a.secret)
             )

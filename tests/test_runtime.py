@@ -262,3 +262,19 @@ def test_no_secret_in_any_repr(runtime: Runtime) -> None:
         for text in (repr(obj), str(obj), f"{obj}", f"{obj!r}"):
             for v in values:
                 assert v not in text, f"{type(obj).__name__} shows a secret"
+
+
+def test_a_line_break_in_a_key_or_header_value_is_a_problem_not_a_500_per_request() -> None:
+    """Such a value would split every request's head: the client refuses to send it, so
+    every request to that provider would fail. Refused with the version instead, by path,
+    without the value."""
+    broken = dict(SECRETS)
+    broken[("openai", "backup")] = Secret("sk-backup\r\nX-Injected: 1")
+    broken[("azure", "key")] = Secret("azure-key\nmore")
+    _, problems = build_runtime(config(), opened_vault(broken))
+    assert sorted(problems) == sorted(
+        [
+            "providers[0].api_keys[1].value: the value has a line break",
+            "providers[2].headers.api-key: the value has a line break",
+        ]
+    )
