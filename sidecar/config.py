@@ -196,7 +196,7 @@ class Failover:
 
 @dataclass(frozen=True, slots=True)
 class LedgerConfig:
-    url: str
+    url: str = field(repr=False)  # a Redis URL may hold a password
     on_unavailable: Literal["fail_closed", "fail_open"] = "fail_closed"
 
 

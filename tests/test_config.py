@@ -989,3 +989,10 @@ tracing:
     with pytest.raises(ConfigError) as exc:
         parse_config_text(text, CFG)
     assert any(p.startswith("tracing.headers") for p in exc.value.problems)
+
+
+def test_a_redis_ledger_url_with_a_password_is_not_in_any_repr() -> None:
+    cfg = parse('ledger: {url: "redis://:hunter2@redis.infra:6379/3"}')
+    assert cfg.ledger.url == "redis://:hunter2@redis.infra:6379/3"
+    shown = "hunter2" in repr(cfg.ledger) or "hunter2" in repr(cfg)
+    assert not shown
