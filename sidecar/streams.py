@@ -499,7 +499,7 @@ class Translator(Protocol):
     """
 
     #: The upstream sent content that the caller's format holds back for now (a Gemini
-    #: caller gets function calls whole, at the end): the stream has started all the same.
+    #: caller gets function calls whole, at the end): the upstream is answering.
     content_held: bool
 
     def feed(self, chunk: bytes) -> bytes: ...
@@ -643,6 +643,14 @@ class StreamTracker:
     # -- public state --------------------------------------------------------
 
     @property
+    def content_held(self) -> bool:
+        """The upstream sent content that a translation holds back from the caller for now
+        (a Gemini caller's function calls, sent whole at the end): not `content_seen`, as
+        nothing reached the caller yet, but the upstream is answering (`proxy.upstream._hold`
+        then waits for it per `stream_idle`, not `first_token`)."""
+        return self._pre is not None and self._pre.content_held
+
+    @property
     def started(self) -> bool:
         """A content event has been relayed to the caller: always, on a continuation."""
         return self.content_seen or self._splice is not None
@@ -728,8 +736,6 @@ class StreamTracker:
         if self._pre is not None:
             chunk = self._pre.feed(chunk)
             if not chunk:
-                if not self.content_seen and self._pre.content_held:
-                    self.content_seen = True  # content, though the caller gets it later
                 return b""
         if self._through:
             if self._held:

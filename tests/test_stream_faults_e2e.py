@@ -482,3 +482,54 @@ async def test_a_caller_that_takes_nothing_is_let_go_even_when_the_upstream_fini
             raise AssertionError("a caller that took nothing held the request past stream_idle")
     finally:
         s.close()
+
+
+# -- a Gemini caller's function calls, held back until complete --------------------------------
+
+
+def tool_delta(arguments: str, name: str | None = None) -> bytes:
+    function: dict[str, str] = {"arguments": arguments}
+    call: dict[str, Any] = {"index": 0, "function": function}
+    if name is not None:
+        function["name"] = name
+        call.update(id="call_1", type="function")
+    choice = {"index": 0, "delta": {"tool_calls": [call]}, "finish_reason": None}
+    return b"data: " + orjson.dumps({"id": "x", "object": "chat.completion.chunk", "model": "m",
+                                     "choices": [choice]}) + b"\n\n"  # fmt: skip
+
+
+async def gemini_stream(sc: Sidecar, token: str, models: list[str]) -> tuple[int, bytes]:
+    body = {"contents": [{"role": "user", "parts": [{"text": "hi"}]}], "models": models}
+    async with aiohttp.ClientSession() as s, s.post(
+        sc.url + f"/v1beta/models/{models[0]}:streamGenerateContent?alt=sse", json=body,
+        headers={"x-goog-api-key": token},
+    ) as r:  # fmt: skip
+        return r.status, await r.read()
+
+
+async def test_a_gemini_callers_function_call_slower_than_first_token_is_an_answer(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    """Gemini callers get a function call whole, at the end: an upstream that takes longer
+    than `first_token` to stream one is answering, not timing out."""
+    sc, token = await start(senv, sidecars, first_token="1s", stream_idle="3s", retries=0)
+    script.queue.append([ROLE, tool_delta("", "write_file"), 0.6, tool_delta('{"path": '), 0.6,
+                         tool_delta('"a.txt"}'), chunk(None, "tool_calls"), DONE])  # fmt: skip
+    status, raw = await gemini_stream(sc, token, ["gpt-4o-mini"])
+    assert status == 200, raw[:300]
+    assert b'"functionCall":{"name":"write_file","args":{"path":"a.txt"}' in raw
+    assert len(script.requests) == 1
+
+
+async def test_a_gemini_callers_function_call_cut_short_still_fails_over(
+    senv: Env, sidecars: list[Sidecar], script: Script
+) -> None:
+    """Nothing of a held function call reached the caller: a break fails over."""
+    sc, token = await start(senv, sidecars, first_token="2s", stream_idle="2s", retries=0)
+    script.queue.append([ROLE, tool_delta("", "write_file"), 0.1, tool_delta('{"pa'), "close"])
+    script.queue.append([ROLE + chunk("Hello"), chunk(None, "stop"), DONE])
+    status, raw = await gemini_stream(sc, token, ["gpt-4o-mini", "gpt-4o"])
+    assert status == 200
+    assert b'"text":"Hello"' in raw
+    assert b"error" not in raw
+    assert [r["model"] for r in script.requests] == ["gpt-4o-mini", "gpt-4o"]

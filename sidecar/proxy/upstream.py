@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Final
 
@@ -165,7 +166,12 @@ async def attempt(
             ctype = upstream.headers.get("content-type", "")
             if not held and "json" not in ctype:
                 if tracker is not None and status < 300 and "text/event-stream" in ctype:
-                    res = await _hold(upstream, tracker)
+
+                    def answering() -> None:  # content held back from the caller: per gap now
+                        left = max(0.001, ends - time.perf_counter())
+                        timer.reschedule(loop.time() + min(idle, left))
+
+                    res = await _hold(upstream, tracker, answering)
                     ex.upstream_wait += time.perf_counter() - sent
                     return res
                 ex.upstream_wait += ttfb  # other media: relayed as it arrives
@@ -243,12 +249,17 @@ def failed_result(status: int, headers: CIMultiDictProxy[str], body: bytes) -> R
     return res
 
 
-async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
+async def _hold(
+    upstream: UpstreamResponse, tracker: StreamTracker, answering: Callable[[], None]
+) -> Result:
     """Read a 2xx stream until its first content event (within the caller's timer).
 
     Before it, an in-band error fails over like the same HTTP error, and a stream that
     breaks, or sends what is not SSE, fails over like a dropped connection. A stream
-    that ends complete without content (an empty answer) is an answer.
+    that ends complete without content (an empty answer) is an answer. Content that the
+    caller's format holds back (a Gemini caller's function calls, sent whole at the end)
+    keeps the hold, so that the attempt can still fail over, but the upstream is answering:
+    `answering()` is called after each of its chunks (the timer then bounds each gap).
     """
     # What to relay once content comes: the first chunk's output as it is (usually all there
     # is), anything more copied after it.
@@ -270,6 +281,8 @@ async def _hold(upstream: UpstreamResponse, tracker: StreamTracker) -> Result:
             upstream.release()
             return _broken_before_content(tracker)
         out = tracker.feed(chunk)
+        if tracker.content_held:
+            answering()
         if more is not None:
             more += out
         elif not first:

@@ -189,8 +189,13 @@ def _gives_content(chunk: Pivot) -> bool:
         return False
     for choice in choices:
         delta = choice.get("delta") if isinstance(choice, dict) else None
-        if isinstance(delta, dict) and (
-            delta.get("content") or delta.get("refusal") or delta.get("tool_calls")
+        if not isinstance(delta, dict):
+            continue
+        calls = delta.get("tool_calls")
+        if (
+            delta.get("content")
+            or delta.get("refusal")
+            or (isinstance(calls, list) and any(isinstance(c, dict) for c in calls))
         ):
             return True
     return False
