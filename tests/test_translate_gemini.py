@@ -1697,3 +1697,35 @@ def test_response_from_pivot_a_refusal_is_the_answers_text() -> None:
         "role": "assistant", "content": None, "refusal": "I cannot help with that."}}]}  # fmt: skip
     doc = response_from_pivot(pivot, "m")
     assert doc["candidates"][0]["content"]["parts"] == [{"text": "I cannot help with that."}]
+
+
+@pytest.mark.parametrize(
+    ("deltas", "want"),
+    [
+        (  # calls interleaved by id
+            [{"id": "A", "function": {"name": "f", "arguments": ""}},
+             {"id": "B", "function": {"name": "g", "arguments": ""}},
+             {"id": "A", "function": {"arguments": '{"a":1}'}},
+             {"id": "B", "function": {"arguments": '{"b":2}'}}],
+            [{"name": "f", "args": {"a": 1}, "id": "A"}, {"name": "g", "args": {"b": 2}, "id": "B"}],
+        ),
+        (  # the id, then the name, in deltas of their own
+            [{"id": "A"}, {"function": {"name": "f"}}, {"function": {"arguments": "{}"}}],
+            [{"name": "f", "args": {}, "id": "A"}],
+        ),
+        (  # indexed and unindexed calls in one answer never share a slot
+            [{"index": 0, "id": "A", "function": {"name": "f", "arguments": "{}"}},
+             {"id": "B", "function": {"name": "g", "arguments": "{}"}},
+             {"index": 1, "id": "C", "function": {"name": "h", "arguments": "{}"}}],
+            [{"name": "f", "args": {}, "id": "A"}, {"name": "h", "args": {}, "id": "C"},
+             {"name": "g", "args": {}, "id": "B"}],
+        ),
+    ],
+)  # fmt: skip
+def test_from_pivot_unindexed_tool_call_deltas_find_their_call(
+    deltas: list[dict[str, Any]], want: list[dict[str, Any]]
+) -> None:
+    translator = FromPivot("m")
+    for call in deltas:
+        assert translator.chunk(pivot_chunk({"tool_calls": [call]})) == []
+    assert _calls_of(translator) == want

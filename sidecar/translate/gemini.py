@@ -123,6 +123,9 @@ _MAX_SCHEMA_DEPTH = 64
 _MAX_CALLS = 128
 #: and this many bytes of arguments over all of them.
 _MAX_ARGUMENT_BYTES = 16 * 1024 * 1024
+#: Where the calls of deltas without an `index` are numbered from (`FromPivot._unindexed`):
+#: past any index an upstream would send.
+_UNINDEXED = 1 << 40
 _TOO_DEEP = "nested too deeply"
 
 
@@ -1256,6 +1259,7 @@ class FromPivot:
         self._id = ""
         self._calls: dict[int, _Call] = {}
         self._latest: int | None = None  # the call the last tool-call delta went to
+        self._unindexed_calls = 0
         self._argument_bytes = 0
         self._finish: str | None = None
         self._usage: Any = None
@@ -1298,6 +1302,8 @@ class FromPivot:
         """Adds a tool call delta; a pivot error when the answer's calls pass a cap."""
         if not isinstance(call, dict):
             return None
+        if not isinstance(call.get("function"), dict) and not call.get("id"):
+            return None  # nothing in it to keep
         index = call.get("index")
         if not isinstance(index, int) or isinstance(index, bool):
             index = self._unindexed(call)
@@ -1324,18 +1330,25 @@ class FromPivot:
 
     def _unindexed(self, call: dict[str, Any]) -> int:
         """Which call a delta without an `index` belongs to (some OpenAI-compatible upstreams
-        omit it): a new `id` (or, without one, a new `name`) starts a call, and a delta with
-        neither continues the latest one."""
+        omit it): the call with its `id` if one was seen; else a new `id` (or, without one,
+        a new `name` where the latest call has one) starts a call, and a delta with neither
+        continues the latest. Such calls are numbered after any `index` an upstream could
+        send (`_UNINDEXED`), so the two never share a slot."""
+        given = call.get("id")
+        if isinstance(given, str) and given:
+            for index, known in self._calls.items():
+                if known.id == given:
+                    return index
         latest = self._calls.get(self._latest) if self._latest is not None else None
         function = call.get("function")
         name = function.get("name") if isinstance(function, dict) else None
-        given = call.get("id")
         if (
             latest is None
             or (given and given != latest.id)
-            or (not given and name and name != latest.name)
+            or (not given and name and latest.name and name != latest.name)
         ):
-            return max(self._calls, default=-1) + 1
+            self._unindexed_calls += 1
+            return _UNINDEXED + self._unindexed_calls
         assert self._latest is not None
         return self._latest
 
