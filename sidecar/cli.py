@@ -77,7 +77,7 @@ def _usd(value: str) -> float:
         raise argparse.ArgumentTypeError(f"expected an amount in USD, got {value!r}") from None
     if not 0 <= amount <= MAX_CREDITS_USD:  # (also NaN)
         raise argparse.ArgumentTypeError(
-            f"expected an amount in USD from 0 to {MAX_CREDITS_USD:.0f}"
+            f"expected an amount in USD from 0 to {MAX_CREDITS_USD:g}"
         )
     return amount
 
@@ -160,6 +160,8 @@ def _read_stdin_secret(what: str) -> Secret:
         value = sys.stdin.read().strip()
     if not value:
         raise UserError(f"no {what} on standard input")
+    if value.find("\r") >= 0 or value.find("\n") >= 0:  # it would split a request's head
+        raise UserError(f"the {what} on standard input has a line break inside it")
     return Secret(value)
 
 

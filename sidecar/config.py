@@ -8,7 +8,6 @@ unresolved `Template`s here; `runtime.build_runtime` resolves them.
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
@@ -46,6 +45,8 @@ _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 #: The longest duration a setting may have: a year (366 days). Longer, or infinite, would
 #: overflow the clock times the sidecar shows (a cooldown's end in `/keys`).
 _MAX_DURATION_S: Final = 366 * 86400.0
+#: The highest price (USD per million tokens) a model may have.
+_MAX_PRICE: Final = 1_000_000.0
 
 
 # --------------------------------------------------------------------------- values
@@ -291,8 +292,8 @@ def parse_duration(value: object) -> float:
     if isinstance(value, bool):
         raise ValueError("expected a duration like 250ms, 30s or 5m")
     if isinstance(value, int | float):
-        if value < 0:
-            raise ValueError("expected a non-negative duration")
+        if not 0 <= value <= _MAX_DURATION_S:  # (also NaN, and an integer too large for a float)
+            raise ValueError("expected a non-negative duration of at most a year (8784h)")
         seconds = float(value)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
@@ -411,9 +412,11 @@ def _reload_interval(v: object) -> float:
     return seconds
 
 
-def _non_neg_number(v: object) -> float:
-    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v < math.inf:
-        raise ValueError("expected a non-negative number")  # (not NaN, not infinite)
+def _price(v: object) -> float:
+    """USD per million tokens: a number from 0 to `_MAX_PRICE` (not NaN, not infinite: a
+    request's cost, in micro-USD, must fit the ledger's 64-bit integers)."""
+    if isinstance(v, bool) or not isinstance(v, int | float) or not 0 <= v <= _MAX_PRICE:
+        raise ValueError(f"expected a non-negative number of at most {_MAX_PRICE:.0f}")
     return float(v)
 
 
@@ -888,8 +891,8 @@ def parse_config(data: object, path: Path) -> Config:
             continue
         r.unknown(price, pp, {"input", "output"})
         prices[str(model)] = PriceConfig(
-            input=r.get(price, "input", f"{pp}.input", _non_neg_number, 0.0),
-            output=r.get(price, "output", f"{pp}.output", _non_neg_number, 0.0),
+            input=r.get(price, "input", f"{pp}.input", _price, 0.0),
+            output=r.get(price, "output", f"{pp}.output", _price, 0.0),
         )
 
     lc = r.section(data, "log", "log", {"level", "access_log"})

@@ -33,9 +33,10 @@ ACCESS_KEY_PREFIX: Final = "sk-sc-"
 #: the largest `rpm` / `tpm` an access key may have; absent (None) means unlimited
 MAX_RATE_LIMIT: Final = 1_000_000_000
 
-#: The most credits an access key may hold (USD): counted in micro-USD, that still fits the
-#: ledger's 64-bit integers (a larger number would overflow and take the vault down).
-MAX_CREDITS_USD: Final = 1e12
+#: The most credits an access key may hold (USD): any amount in practice. A grant is
+#: counted in micro-USD; near the largest float that count overflows (an infinite or
+#: 1e308 grant used to take the vault down).
+MAX_CREDITS_USD: Final = 1e300
 
 
 # --------------------------------------------------------------------------- slots
@@ -211,7 +212,7 @@ def parse_vault(data: bytes, source: str = "vault") -> VaultDoc:
             and not isinstance(credits, bool)
             and 0 <= credits <= MAX_CREDITS_USD,
             f"{w}.credits_usd",
-            f"a number from 0 to {MAX_CREDITS_USD:.0f}",
+            f"a number from 0 to {MAX_CREDITS_USD:g}",
         )
         attached: list[AttachedEntry] = []
         att_raw = e.get("attached", [])

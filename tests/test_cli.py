@@ -267,6 +267,18 @@ def test_secret_set_with_empty_stdin_is_a_user_error(dep: Deployment, stdin: str
     assert dep.vault.read_bytes() == before
 
 
+@pytest.mark.parametrize("stdin", ["sk-a\nsk-b", "sk-a\r\nX-Injected: 1\n", "sk-a\rb"])
+def test_a_secret_with_a_line_break_inside_is_a_user_error(dep: Deployment, stdin: str) -> None:
+    """It would split every request's head: the sidecar would refuse the vault. Refused
+    here, without the value in the message."""
+    before = dep.vault.read_bytes()
+    result = cli("secret", "set", "--vault", str(dep.vault), "ns", "name", stdin=stdin)
+    assert_one_error_line(result, "line break")
+    shown = "sk-a" in result.err or "sk-a" in result.out
+    assert not shown
+    assert dep.vault.read_bytes() == before
+
+
 def test_secret_set_replaces_a_value(dep: Deployment) -> None:
     dep.ok(
         "secret", "set", "--vault", str(dep.vault), "openai", "primary", stdin="sk-replaced-0001"
@@ -364,8 +376,8 @@ def test_set_credits(dep: Deployment) -> None:
     assert_one_error_line(
         cli("access-key", "set-credits", "--vault", str(dep.vault), "ghost", "1"), "ghost"
     )
-    # More than the ledger can count (micro-USD in 64 bits): refused, the vault unchanged.
-    for amount in ("1e308", "1e13"):
+    # More than can be counted in micro-USD: refused, the vault unchanged.
+    for amount in ("1e308", "1e301", "inf", "nan"):
         result = cli("access-key", "set-credits", "--vault", str(dep.vault), "checkout", amount)
         assert result.code == 2, result.err
     assert dep.raw()["access_keys"]["checkout"]["credits_usd"] == 7.25
