@@ -46,7 +46,7 @@ _UNITS: Final = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 #: overflow the clock times the sidecar shows (a cooldown's end in `/keys`).
 _MAX_DURATION_S: Final = 366 * 86400.0
 #: The highest price (USD per million tokens) a model may have.
-_MAX_PRICE: Final = 1_000_000.0
+_MAX_PRICE: Final = 1_000_000_000.0
 
 
 # --------------------------------------------------------------------------- values

@@ -344,7 +344,7 @@ def test_config_error_message_lists_every_problem_and_the_file() -> None:
         ),
         ("prices: {gpt-x: {input: .nan, output: 1}}", "prices.gpt-x.input: expected a"),
         ("prices: {gpt-x: {input: " + "9" * 400 + ", output: 1}}", "prices.gpt-x.input: expected a"),
-        ("prices: {gpt-x: {input: 1, output: 1000001}}", "prices.gpt-x.output: expected a"),
+        ("prices: {gpt-x: {input: 1, output: 1000000001}}", "prices.gpt-x.output: expected a"),
         ("timeouts: {total: " + "9" * 400 + "}", "timeouts.total: expected a"),
         ("prices: {gpt-x: {input: 1, output: .inf}}", "prices.gpt-x.output: expected a"),
         ("[1, 2]", "(top level): expected a mapping"),
