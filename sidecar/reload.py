@@ -94,6 +94,9 @@ class Reloader:
         self._stat: tuple[object, ...] = ()
         self._content = ""
         self._refused = False  # the last version tried was refused: SIGHUP retries it
+        #: Files a refused version names that the running one does not (its config moved
+        #: to a vault not there yet): watched too, so that their arrival is noticed.
+        self._pending: list[Path] = []
         self._lock = asyncio.Lock()
         self._woken = asyncio.Event()
 
@@ -102,7 +105,15 @@ class Reloader:
         self._woken.set()
 
     def _paths(self, config: Config) -> list[Path]:
-        return watched_paths(self.config_path, config)
+        paths = watched_paths(self.config_path, config)
+        return paths + [p for p in self._pending if p not in paths]
+
+    def _refused_paths(self) -> list[Path]:
+        """The files the config on disk names, when it can be read (else none)."""
+        try:
+            return watched_paths(self.config_path, load_config(self.config_path))
+        except (ConfigError, OSError, ValueError):
+            return []
 
     def mark_loaded(self, signature: FileSignature) -> None:
         self._stat, self._content = signature
@@ -123,8 +134,13 @@ class Reloader:
                 runtime = await asyncio.to_thread(load_runtime, self.config_path)
                 self.state.billing.configure(runtime.config)
             except (ConfigError, VaultError, ValueError) as exc:
-                self._content = content  # do not retry the same bad version every poll
                 self._refused = True
+                self._pending = await asyncio.to_thread(self._refused_paths)
+                paths = self._paths(self.state.runtime.config)
+                if len(paths) != len(stat):  # it names other files: their state now
+                    self._stat = await asyncio.to_thread(_stat_signature, paths)
+                    content = await asyncio.to_thread(_content_signature, paths)
+                self._content = content  # do not retry the same bad version every poll
                 self.state.metrics.reload_error()
                 problems = list(exc.problems) if isinstance(exc, ConfigError) else [str(exc)]
                 self.state.oplog.error("reload_refused", reason=reason, problems=problems,
@@ -132,6 +148,7 @@ class Reloader:
                 return False
             self._content = content
             self._refused = False
+            self._pending = []
             self.state.runtime = runtime
             self.state.health.forget_except(list(runtime.key_labels))
             self.state.quota.forget_except(list(runtime.key_labels))

@@ -592,3 +592,22 @@ async def test_sighup_retries_a_refused_version(app_env: tuple[Env, str], tmp_pa
         assert await reloads(admin, "ok") == 2
     finally:
         proc.stop()
+
+
+async def test_a_version_refused_for_a_vault_not_there_yet_is_loaded_once_it_is(
+    app_env: tuple[Env, str], sidecars: list[Sidecar]
+) -> None:
+    """The config moves to a vault file that does not exist yet: refused. Polling watches
+    the files the refused version names too, so the vault arriving is noticed."""
+    env, token = app_env
+    sc = await start(env, sidecars)
+    env.config.write_text(env.config.read_text().replace("path: vault.json", "path: vault2.json"))
+    await until(lambda: reloads(sc.admin_url, "error"), lambda n: n == 1)
+    assert key_of(await chat(sc.url, token)) == ("policy", "pol")  # the last good version
+    moved = env.dir / "vault2.json.tmp"
+    shutil.copyfile(env.dir / "vault.json", moved)
+    edit_config = env.config.read_text().replace("id: pol,", "id: moved,")
+    env.config.write_text(edit_config)  # (a second, also refused, version: still no vault)
+    await until(lambda: reloads(sc.admin_url, "error"), lambda n: n == 2)
+    os.replace(moved, env.dir / "vault2.json")  # only the vault changes now
+    await until(lambda: chat(sc.url, token), lambda h: key_of(h) == ("policy", "moved"))
