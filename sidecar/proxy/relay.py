@@ -180,10 +180,11 @@ def respond(
         # translated was still paid for.
         meter = adapter if translation is None else adapter_for(translation.upstream)
         ex.usage = meter.usage_from_body(body)
+    # Masked as the upstream sent it: a translation keeps only the start of an error.
+    body = masked(status, body, ex.candidate)
     if translation is not None:
         body = _translated(ex, translation, status, body)
         status = ex.status
-    body = masked(status, body, ex.candidate)
     content_type = None if translation is None else "application/json"
     return answer.answer(ex.request, status, upstream.headers.items(), ex.sidecar_headers(),
                          body, content_type)  # fmt: skip
@@ -198,7 +199,7 @@ def respond_failed(
     ex.status = status
     body = masked(status, failed_body, cand)  # before a translation keeps only its start
     if translation is not None:
-        body = masked(status, translation.error(status, body), cand)
+        body = translation.error(status, body)
     # Translated, the upstream's page, whatever it was, is now a JSON error.
     content_type = None if translation is None else "application/json"
     return answer.answer(ex.request, status, failed_headers.items(), ex.sidecar_headers(),
@@ -224,7 +225,7 @@ async def respond_unreadable(
         status, head = 502, b"the upstream's answer could not be translated"
     ex.status = status
     head = masked(status, head, ex.candidate)  # before a translation keeps only its start
-    body = masked(status, translation.error(status, head), ex.candidate)
+    body = translation.error(status, head)
     return web.Response(status=status, body=body, content_type="application/json",
                         headers=ex.sidecar_headers())  # fmt: skip
 
@@ -232,8 +233,8 @@ async def respond_unreadable(
 def _translated(ex: Exchange, translation: Translation, status: int, body: bytes) -> bytes:
     """An upstream's answer or error in the caller's format; an answer that cannot be read
     as one becomes the caller's 502."""
-    if status >= 300:  # masked before a translation keeps only its start (and after)
-        return translation.error(status, masked(status, body, ex.candidate))
+    if status >= 300:
+        return translation.error(status, body)
     model = ex.candidate.upstream_model if ex.candidate else None
     out = translation.response(body, model or "")
     if out is None:

@@ -281,7 +281,7 @@ async def _hold(
             upstream.release()
             return _broken_before_content(tracker)
         out = tracker.feed(chunk)
-        if tracker.content_held:
+        if not out and tracker.content_held:  # (only a translation holds content back)
             answering()
         if more is not None:
             more += out
