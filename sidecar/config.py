@@ -291,17 +291,16 @@ def parse_duration(value: object) -> float:
     (`_MAX_DURATION_S`). Not NaN: it passes every comparison, and a NaN deadline never fires."""
     if isinstance(value, bool):
         raise ValueError("expected a duration like 250ms, 30s or 5m")
+    seconds: int | float
     if isinstance(value, int | float):
-        if not 0 <= value <= _MAX_DURATION_S:  # (also NaN, and an integer too large for a float)
-            raise ValueError("expected a non-negative duration of at most a year (8784h)")
-        seconds = float(value)
+        seconds = value  # (compared before `float()`: an integer may be too large for one)
     elif isinstance(value, str) and (m := _DURATION.match(value)):
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
     else:
         raise ValueError("expected a duration like 250ms, 30s or 5m")
-    if not seconds <= _MAX_DURATION_S:  # (also NaN)
-        raise ValueError("expected a duration of at most a year (8784h)")
-    return seconds
+    if not 0 <= seconds <= _MAX_DURATION_S:  # (also NaN)
+        raise ValueError("expected a non-negative duration of at most a year (8784h)")
+    return float(seconds)
 
 
 def parse_host_port(value: object) -> HostPort:

@@ -172,16 +172,16 @@ def build_runtime(config: Config, vault: OpenedVault) -> tuple[Runtime, list[str
         open_headers: list[tuple[str, Secret]] = []
         for name, tmpl in p.headers:
             try:
-                headers.append((name, tmpl.render(resolve)))
+                value = tmpl.render(resolve)
             except KeyError as exc:
                 problems.append(f"providers[{i}].headers.{name}: {exc.args[0]} is not in the vault")
                 continue
-            if _line_break(headers[-1][1]):
+            if _line_break(value):
                 problems.append(f"providers[{i}].headers.{name}: {_LINE_BREAK}")
-                headers.pop()
                 continue
+            headers.append((name, value))
             if not tmpl.refs:
-                open_headers.append(headers[-1])
+                open_headers.append((name, value))
         keyless = None
         if p.auth == "none":
             keyless = KeySelection(

@@ -228,7 +228,8 @@ class SseTranslator:
         self._finished = False  # the upstream's answer gave its finish reason
         self._ended = False  # the caller's end of the answer was written
         #: The upstream sent content that the caller's format holds back for now: a Gemini
-        #: caller gets function calls whole, in the last chunk. (Its first-token hold ends.)
+        #: caller gets function calls whole, in the last chunk. (Its first-token hold then
+        #: waits per gap: `proxy.upstream._hold`.)
         self.content_held = False
 
     def feed(self, chunk: bytes) -> bytes:
